@@ -1,0 +1,20 @@
+"""fs_mllm: certified robustness for Hugging Face multimodal LLMs through feature-space smoothing."""
+
+from .certify import Certificate, PredictionCertificate, certify_features, certify_prediction
+from .config import FSConfig
+from .smoothing import smooth_features
+from .stats import certified_radius, fcsb, score_lower_bound
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Certificate",
+    "FSConfig",
+    "PredictionCertificate",
+    "certified_radius",
+    "certify_features",
+    "certify_prediction",
+    "fcsb",
+    "score_lower_bound",
+    "smooth_features",
+]

@@ -1,0 +1,76 @@
+"""Evaluation for fs_mllm: VQA accuracy, caption metrics, robustness metrics and eval datasets.
+
+Plain functions first; the same metrics are also shipped as `evaluate` metric modules
+(:func:`load_metric`) so they load offline next to other `evaluate` metrics.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .caption import caption_metrics, java_available, simple_tokenize
+from .datasets import (
+    OFFLINE_EVAL_NAME,
+    load_eval_dataset,
+    load_offline_eval,
+    load_offline_photo,
+    normalize_eval_columns,
+)
+from .robustness import (
+    attack_success,
+    attack_success_rate,
+    certified_curve,
+    feature_cosine_similarity,
+    normalize_text,
+    plot_accuracy_vs_budget,
+    plot_certified_curve,
+    summary_table,
+    targeted_success,
+)
+from .vqa import normalize_vqa_answer, vqa_accuracy, vqa_score, vqa_scores
+
+METRIC_MODULES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metric_modules")
+METRIC_NAMES = ("vqa_accuracy", "robust_caption")
+
+
+def metric_module_path(name: str) -> str:
+    """Folder of a shipped `evaluate` metric module, for ``evaluate.load(path)``."""
+    if name not in METRIC_NAMES:
+        raise ValueError(f"name must be one of {METRIC_NAMES}, got {name!r}")
+    return os.path.join(METRIC_MODULES_DIR, name)
+
+
+def load_metric(name: str, **kwargs: Any) -> Any:
+    """``evaluate.load`` of a shipped metric module; works offline because the script is local."""
+    import evaluate
+
+    return evaluate.load(metric_module_path(name), **kwargs)
+
+
+__all__ = [
+    "METRIC_NAMES",
+    "OFFLINE_EVAL_NAME",
+    "attack_success",
+    "attack_success_rate",
+    "caption_metrics",
+    "certified_curve",
+    "feature_cosine_similarity",
+    "java_available",
+    "load_eval_dataset",
+    "load_metric",
+    "load_offline_eval",
+    "load_offline_photo",
+    "metric_module_path",
+    "normalize_eval_columns",
+    "normalize_text",
+    "normalize_vqa_answer",
+    "plot_accuracy_vs_budget",
+    "plot_certified_curve",
+    "simple_tokenize",
+    "summary_table",
+    "targeted_success",
+    "vqa_accuracy",
+    "vqa_score",
+    "vqa_scores",
+]

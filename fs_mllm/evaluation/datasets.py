@@ -1,0 +1,286 @@
+"""Evaluation datasets: the shipped offline eval set and a loader that normalises other sets.
+
+Every loader returns a :class:`datasets.Dataset` in one of two canonical shapes, so evaluation
+code never branches on where the data came from:
+
+* ``task="vqa"`` (VQAv2 shape): ``image`` (``datasets.Image()``), ``question`` (str), ``answers``
+  (list of str, usually 10 human answers), ``question_id`` (int), ``image_id`` (int).
+* ``task="caption"`` (COCO shape): ``image`` (``datasets.Image()``), ``captions`` (list of str),
+  ``image_id`` (int).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Any, Sequence
+
+import datasets
+import numpy as np
+from PIL import Image as PILImage
+
+from fs_mllm.data import OFFLINE_EVAL_ANNOTATIONS
+
+__all__ = [
+    "OFFLINE_EVAL_NAME",
+    "load_offline_eval",
+    "load_offline_photo",
+    "load_eval_dataset",
+    "normalize_eval_columns",
+    "VQA_FEATURES",
+    "CAPTION_FEATURES",
+]
+
+OFFLINE_EVAL_NAME = "fs-offline-eval"
+_TASKS = ("vqa", "caption")
+
+# datasets >= 4 has List; 3.x spells a variable-length list Sequence.
+_List = getattr(datasets, "List", None) or datasets.Sequence
+
+VQA_FEATURES = datasets.Features({
+    "image": datasets.Image(),
+    "question": datasets.Value("string"),
+    "answers": _List(datasets.Value("string")),
+    "question_id": datasets.Value("int64"),
+    "image_id": datasets.Value("int64"),
+})
+CAPTION_FEATURES = datasets.Features({
+    "image": datasets.Image(),
+    "captions": _List(datasets.Value("string")),
+    "image_id": datasets.Value("int64"),
+})
+
+# Accepted source column names, first match wins.
+_IMAGE_COLS = ("image", "img", "picture", "image_path", "file_name")
+_QUESTION_COLS = ("question", "query")
+_ANSWER_COLS = ("answers", "answer", "multiple_choice_answer", "label")
+_CAPTION_COLS = ("captions", "caption", "sentences", "references", "text")
+_QID_COLS = ("question_id", "qid", "id")
+_IID_COLS = ("image_id", "cocoid", "img_id", "id")
+
+
+def _check_task(task: str) -> str:
+    if task not in _TASKS:
+        raise ValueError(f"task must be one of {_TASKS}, got {task!r}")
+    return task
+
+
+def _read_annotations() -> list[dict[str, Any]]:
+    with open(OFFLINE_EVAL_ANNOTATIONS, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_offline_photo(source: dict[str, Any]) -> PILImage.Image:
+    """Load one shipped photo as an RGB PIL image from the package that distributes it.
+
+    ``source`` is the ``source`` field of an annotation record, e.g.
+    ``{"package": "skimage", "name": "astronaut"}``. Grey-scale and binary images are converted to
+    RGB because multimodal processors expect three channels.
+    """
+    package, name = source.get("package"), source.get("name")
+    if package == "skimage":
+        import skimage.data
+
+        loader = getattr(skimage.data, str(name), None)
+        if loader is None:
+            raise ValueError(f"source: skimage.data has no image {name!r}")
+        array = loader()
+        if isinstance(array, tuple):  # stereo pairs: (left, right, disparity)
+            array = array[int(source.get("index", 0))]
+    elif package == "sklearn":
+        from sklearn.datasets import load_sample_image
+
+        array = load_sample_image(str(name))
+    elif package == "matplotlib":
+        import matplotlib.cbook
+
+        with matplotlib.cbook.get_sample_data(str(name)) as fh:
+            return PILImage.open(io.BytesIO(fh.read())).convert("RGB")
+    else:
+        raise ValueError(f"source: unknown package {package!r} (expected skimage, sklearn or matplotlib)")
+    array = np.asarray(array)
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    return PILImage.fromarray(array).convert("RGB")
+
+
+def _png_bytes(image: PILImage.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def load_offline_eval(task: str = "vqa") -> datasets.Dataset:
+    """The shipped real-photo eval set (``"fs-offline-eval"``) in the canonical VQA or caption shape.
+
+    Works with no network: photos come from scikit-image, scikit-learn and matplotlib, annotations
+    (written for this project; see ``fs_mllm/data/offline_eval/README.md``) from the package.
+    """
+    _check_task(task)
+    records = _read_annotations()
+    # Encode each photo once (lossless PNG, fast setting); letting datasets encode PIL objects
+    # would re-encode a photo for every question asked about it.
+    images = {r["image_id"]: {"bytes": _png_bytes(load_offline_photo(r["source"])), "path": None} for r in records}
+    if task == "caption":
+        data = {
+            "image": [images[r["image_id"]] for r in records],
+            "captions": [list(r["captions"]) for r in records],
+            "image_id": [r["image_id"] for r in records],
+        }
+        return datasets.Dataset.from_dict(data, features=CAPTION_FEATURES)
+    rows = [(r["image_id"], q) for r in records for q in r["questions"]]
+    data = {
+        "image": [images[iid] for iid, _ in rows],
+        "question": [q["question"] for _, q in rows],
+        "answers": [list(q["answers"]) for _, q in rows],
+        "question_id": [q["question_id"] for _, q in rows],
+        "image_id": [iid for iid, _ in rows],
+    }
+    return datasets.Dataset.from_dict(data, features=VQA_FEATURES)
+
+
+def _first(columns: Sequence[str], candidates: Sequence[str]) -> str | None:
+    for c in candidates:
+        if c in columns:
+            return c
+    return None
+
+
+def _missing(task: str, what: str, candidates: Sequence[str], columns: Sequence[str]) -> ValueError:
+    expected = {"vqa": "image, question, answers (question_id, image_id optional)",
+                "caption": "image, captions (image_id optional)"}[task]
+    return ValueError(
+        f"dataset for task={task!r} has no {what} column (looked for {list(candidates)}); expected columns: "
+        f"{expected}; found columns: {list(columns)}"
+    )
+
+
+def _text_list(value: Any, keys: Sequence[str], column: str) -> list[str]:
+    """Turn a str / list of str / list of dicts (VQAv2 ``answer``, Karpathy ``raw``) into list[str]."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        # a columnar struct, e.g. {"answer": [...], "answer_id": [...]} from a Hub dataset
+        for k in keys:
+            if k in value:
+                return _text_list(value[k], keys, column)
+        raise ValueError(f"column {column!r}: dict entries need one of the keys {list(keys)}, got {list(value)}")
+    out: list[str] = []
+    for item in value:
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, dict):
+            key = _first(list(item), keys)
+            if key is None:
+                raise ValueError(f"column {column!r}: dict entries need one of the keys {list(keys)}, got {list(item)}")
+            out.append(str(item[key]))
+        else:
+            out.append(str(item))
+    return out
+
+
+def _ids(ds: datasets.Dataset, candidates: Sequence[str], exclude: Sequence[str] = ()) -> list[int]:
+    col = _first([c for c in ds.column_names if c not in exclude], candidates)
+    if col is None:
+        return list(range(len(ds)))
+    values = ds[col]
+    try:
+        return [int(v) for v in values]
+    except (TypeError, ValueError):
+        # non-numeric ids (e.g. file names): stable integer ids by first appearance
+        mapping: dict[Any, int] = {}
+        return [mapping.setdefault(v, len(mapping)) for v in values]
+
+
+def normalize_eval_columns(ds: datasets.Dataset, task: str) -> datasets.Dataset:
+    """Rename/convert a dataset's columns to the canonical VQA or caption shape (see module doc).
+
+    Accepts e.g. ``answers`` as a list of str or VQAv2 list of ``{"answer": ...}`` dicts, a single
+    ``answer`` str, and ``captions`` / ``caption`` / Karpathy-style ``sentences`` (dicts with ``raw``).
+    Columns outside the canonical shape are dropped. Raises ValueError listing expected columns.
+    """
+    _check_task(task)
+    if not isinstance(ds, datasets.Dataset):
+        raise ValueError(f"ds must be a datasets.Dataset, got {type(ds).__name__}")
+    cols = ds.column_names
+    image_col = _first(cols, _IMAGE_COLS)
+    if image_col is None:
+        raise _missing(task, "image", _IMAGE_COLS, cols)
+    out = ds.select_columns([image_col])
+    if image_col != "image":
+        out = out.rename_column(image_col, "image")
+    if not isinstance(out.features["image"], datasets.Image):
+        out = out.cast_column("image", datasets.Image())  # e.g. a column of file paths
+    if task == "vqa":
+        q_col = _first(cols, _QUESTION_COLS)
+        if q_col is None:
+            raise _missing(task, "question", _QUESTION_COLS, cols)
+        a_col = _first(cols, _ANSWER_COLS)
+        if a_col is None:
+            raise _missing(task, "answers", _ANSWER_COLS, cols)
+        answers = [_text_list(v, ("answer", "text"), a_col) for v in ds[a_col]]
+        if any(len(a) == 0 for a in answers):
+            raise ValueError(f"column {a_col!r}: every question needs at least one answer")
+        qids = _ids(ds, _QID_COLS)
+        iids = _ids(ds, _IID_COLS, exclude=("id",))
+        out = out.add_column("question", [str(q) for q in ds[q_col]])
+        out = out.add_column("answers", answers)
+        out = out.add_column("question_id", qids)
+        out = out.add_column("image_id", iids)
+        return out.cast(VQA_FEATURES)
+    c_col = _first(cols, _CAPTION_COLS)
+    if c_col is None:
+        raise _missing(task, "captions", _CAPTION_COLS, cols)
+    captions = [_text_list(v, ("raw", "caption", "text", "sentence"), c_col) for v in ds[c_col]]
+    if any(len(c) == 0 for c in captions):
+        raise ValueError(f"column {c_col!r}: every image needs at least one reference caption")
+    out = out.add_column("captions", captions)
+    out = out.add_column("image_id", _ids(ds, _IID_COLS))
+    return out.cast(CAPTION_FEATURES)
+
+
+def _pick_split(obj: datasets.Dataset | datasets.DatasetDict, split: str | None, where: str) -> datasets.Dataset:
+    if isinstance(obj, datasets.Dataset):
+        return obj
+    if split is not None and split in obj:
+        return obj[split]
+    if split is None and len(obj) == 1:
+        return next(iter(obj.values()))
+    if len(obj) == 1 and split is not None:
+        # imagefolder without split folders names its only split "train"
+        only = next(iter(obj))
+        if only == "train":
+            return obj[only]
+    raise ValueError(f"split {split!r} not found in {where}; available splits: {list(obj)}")
+
+
+def load_eval_dataset(name_or_path: str = OFFLINE_EVAL_NAME, task: str = "vqa", split: str | None = "validation",
+                      **load_kwargs: Any) -> datasets.Dataset:
+    """Load an evaluation set from anywhere and return it in the canonical shape for ``task``.
+
+    ``name_or_path`` is ``"fs-offline-eval"`` (the shipped set, always offline), a local folder
+    (a ``save_to_disk`` dataset, or an imagefolder with ``metadata.jsonl``), or a Hub dataset id
+    loaded with ``datasets.load_dataset`` (needs the Hub or its local cache). ``load_kwargs`` go to
+    ``datasets.load_dataset`` (e.g. ``name=`` for a config).
+    """
+    _check_task(task)
+    if not isinstance(name_or_path, str) or not name_or_path:
+        raise ValueError(f"name_or_path must be a non-empty str, got {name_or_path!r}")
+    if name_or_path == OFFLINE_EVAL_NAME:
+        return load_offline_eval(task)
+    if os.path.isdir(name_or_path):
+        saved_markers = ("dataset_info.json", "state.json", "dataset_dict.json")
+        if any(os.path.exists(os.path.join(name_or_path, m)) for m in saved_markers):
+            obj = datasets.load_from_disk(name_or_path)
+        else:
+            obj = datasets.load_dataset("imagefolder", data_dir=name_or_path, **load_kwargs)
+        ds = _pick_split(obj, split, name_or_path)
+    elif os.path.exists(name_or_path):
+        raise ValueError(f"name_or_path {name_or_path!r} is a file; pass a folder, a Hub id or {OFFLINE_EVAL_NAME!r}")
+    else:
+        ds = datasets.load_dataset(name_or_path, split=split, **load_kwargs)
+        ds = _pick_split(ds, split, name_or_path)
+    return normalize_eval_columns(ds, task)

@@ -1,0 +1,149 @@
+"""The Monte-Carlo engine of feature-space smoothing, shared by patching, certification and attacks.
+
+An encoder maps a batch (B, ...) to features (B, ...). The engine draws noisy copies of the whole batch
+from a seeded float32 generator, one copy at a time (so the noise does not depend on chunk_size),
+encodes ``chunk_size`` copies per call, normalises the features (per image, or per visual token) and
+hands them on chunk by chunk, so callers keep running sums and memory does not grow with n.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, NamedTuple, Optional, Union
+
+import torch
+
+from .config import FSConfig, NORMALIZE_MODES, check_choice, check_chunk_size, check_n
+
+Encoder = Callable[[torch.Tensor], torch.Tensor]
+NoiseStd = Union[float, torch.Tensor]
+
+DEFAULT_CHUNK_SIZE = 32
+
+
+class NoisyChunk(NamedTuple):
+    unit: torch.Tensor  # (k, B, ...) float32 unit features of k noisy copies
+    norms: torch.Tensor  # (k, B) global, (k, B, ..., T) token: feature norms before normalising
+    dtype: torch.dtype  # the encoder's output dtype
+
+
+class SmoothedMean(NamedTuple):
+    mean_unit: torch.Tensor  # Monte-Carlo estimate of F(x), float32, norm <= 1
+    mean_norm: torch.Tensor  # mean feature norm (per image, or per token)
+    dtype: torch.dtype  # the encoder's output dtype
+
+
+def check_images(images: torch.Tensor, name: str = "images") -> None:
+    """Images are [0,1] pixels at the model's input resolution, batch first."""
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of [0,1] pixels with a batch dimension, got {type(images).__name__}")
+    if images.ndim < 2:
+        raise ValueError(f"{name} must have a batch dimension first, got shape {tuple(images.shape)}")
+    if not torch.isfinite(images).all():
+        raise ValueError(f"{name} contain NaN or Inf; pass finite [0,1] pixels")
+    if images.min() < 0 or images.max() > 1:
+        raise ValueError(
+            f"{name} must lie in [0, 1] (pixels before mean/std normalisation), got range "
+            f"[{images.min().item():.3g}, {images.max().item():.3g}]; divide uint8 images by 255"
+        )
+
+
+def unit_features(features: torch.Tensor, normalize: str = "global", batch_dims: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 unit features and their norms: one unit vector per image (global) or per token (token).
+
+    The first ``batch_dims`` axes index images; in token mode the last axis is the feature axis.
+    Zero or non-finite features make the direction undefined, so they are an error, not a silent NaN.
+    """
+    check_choice(normalize, "normalize", NORMALIZE_MODES)
+    features = features.float()
+    if not torch.isfinite(features).all():
+        raise ValueError("encoder returned NaN or Inf features; check the encoder and the input images")
+    if normalize == "global":
+        norms = features.flatten(batch_dims).norm(dim=-1)
+        shaped = norms.reshape(norms.shape + (1,) * (features.ndim - batch_dims))
+    else:
+        if features.ndim < batch_dims + 1:
+            raise ValueError("normalize='token' needs features of shape (batch, ..., dim)")
+        norms = features.norm(dim=-1)
+        shaped = norms.unsqueeze(-1)
+    if (norms == 0).any():
+        raise ValueError("encoder returned an all-zero feature vector; its direction (and so the smoothing) is undefined")
+    return features / shaped, norms
+
+
+def iter_noisy_unit_features(
+    encode: Encoder,
+    x: torch.Tensor,
+    noise_std: NoiseStd,
+    n: int,
+    *,
+    seed: int = 0,
+    chunk_size: Optional[int] = None,
+    normalize: str = "global",
+) -> Iterator[NoisyChunk]:
+    """Yield NoisyChunk(unit features (k, B, ...), norms, dtype) for chunks of k noisy copies, n in all.
+
+    ``noise_std`` is a float or a tensor broadcastable to one batch (e.g. (C, 1, 1) per-channel std in
+    a normalised pixel space). Noise is float32 from a torch.Generator seeded with ``seed`` on x's device;
+    the noisy input is cast back to x's dtype just before the encoder.
+    """
+    check_n(n)
+    chunk_size = check_chunk_size(chunk_size) or DEFAULT_CHUNK_SIZE
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    base = x.float()
+    std = noise_std.to(device=x.device, dtype=torch.float32) if isinstance(noise_std, torch.Tensor) else float(noise_std)
+    done = 0
+    while done < n:
+        k = min(chunk_size, n - done)
+        noise = torch.stack([torch.randn(x.shape, generator=generator, device=x.device) for _ in range(k)])
+        noisy = base.unsqueeze(0) + noise * std
+        features = encode(noisy.reshape((k * x.shape[0],) + x.shape[1:]).to(x.dtype))
+        features = features.reshape((k, x.shape[0]) + features.shape[1:])
+        yield NoisyChunk(*unit_features(features, normalize, batch_dims=2), features.dtype)
+        done += k
+
+
+def smoothed_mean(
+    encode: Encoder,
+    x: torch.Tensor,
+    noise_std: NoiseStd,
+    n: int,
+    *,
+    seed: int = 0,
+    chunk_size: Optional[int] = None,
+    normalize: str = "global",
+) -> SmoothedMean:
+    """Monte-Carlo estimate of F(x) = E f(x + e) (float32, norm <= 1) and the mean feature norm.
+
+    Kept as running sums over chunks. The mean norm is per image (global) or per token (token).
+    """
+    direction_sum = None
+    norm_sum = None
+    for unit, norms, dtype in iter_noisy_unit_features(encode, x, noise_std, n, seed=seed, chunk_size=chunk_size, normalize=normalize):
+        direction_sum = unit.sum(0) if direction_sum is None else direction_sum + unit.sum(0)
+        norm_sum = norms.sum(0) if norm_sum is None else norm_sum + norms.sum(0)
+    return SmoothedMean(direction_sum / n, norm_sum / n, dtype)
+
+
+def rescale_direction(mean_unit: torch.Tensor, mean_norm: torch.Tensor, normalize: str) -> torch.Tensor:
+    """The decoder gets the direction of F's estimate at the feature scale it expects (cosine is scale-free)."""
+    direction, _ = unit_features(mean_unit, normalize, batch_dims=1)
+    if normalize == "global":
+        return direction * mean_norm.reshape(mean_norm.shape + (1,) * (direction.ndim - 1))
+    return direction * mean_norm.unsqueeze(-1)
+
+
+def smooth_features(encoder: Encoder, images: torch.Tensor, config: Optional[FSConfig] = None) -> torch.Tensor:
+    """Smoothed features of a batch of [0,1] images for any ``encoder(images) -> features``.
+
+    Returns the direction of the Monte-Carlo mean of unit-normalised features over
+    ``config.n_samples`` Gaussian copies (std ``config.sigma``), rescaled to the mean feature norm,
+    in the encoder's output dtype.
+    """
+    config = config or FSConfig()
+    check_images(images)
+    with torch.inference_mode():
+        mean = smoothed_mean(
+            encoder, images, config.sigma, config.n_samples,
+            seed=config.seed, chunk_size=config.chunk_size, normalize=config.normalize,
+        )
+    return rescale_direction(mean.mean_unit, mean.mean_norm, config.normalize).to(mean.dtype)

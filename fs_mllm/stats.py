@@ -1,0 +1,167 @@
+"""The statistics of the certificate, in one module: FCSB, certified radius and sound lower bounds.
+
+Phi and Phi^-1 come from scipy.stats.norm for floats and numpy arrays, and from torch.special for
+tensors (same functions), so every formula works on all three.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import numpy as np
+import torch
+from scipy.stats import norm
+
+from .config import BOUND_METHODS, check_alpha, check_choice, check_sigma
+
+ArrayLike = Union[float, np.ndarray, torch.Tensor]
+
+NO_GUARANTEE = -1.0
+
+
+def _phi(x):
+    return torch.special.ndtr(x) if isinstance(x, torch.Tensor) else norm.cdf(x)
+
+
+def _phi_inv(p):
+    return torch.special.ndtri(p) if isinstance(p, torch.Tensor) else norm.ppf(p)
+
+
+def _as_values(value: ArrayLike, name: str):
+    if isinstance(value, torch.Tensor):
+        return value.double()
+    array = np.asarray(value, dtype=np.float64)
+    return array
+
+
+def _check_unit_interval(values, name: str) -> None:
+    v = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values
+    if not np.all(np.isfinite(v)) or np.any(v < 0) or np.any(v > 1):
+        raise ValueError(f"{name} must lie in [0, 1] (a robustness score), got values outside it")
+
+
+def _finish(result, like):
+    """Return a Python float for scalar inputs, else the array/tensor type of the input."""
+    if isinstance(result, torch.Tensor):
+        return result.to(like.dtype) if isinstance(like, torch.Tensor) and like.is_floating_point() else result
+    result = np.asarray(result)
+    return float(result) if result.ndim == 0 else result
+
+
+def fcsb(score: ArrayLike, radius: ArrayLike, sigma: float) -> ArrayLike:
+    """Feature Cosine Similarity Bound: 2*Phi(Phi^-1(score) - radius/sigma) - 1, or -1.0 (no guarantee) where negative.
+
+    For every x' with ||x' - x||_2 <= radius, cos(F(x'), F(x)) >= fcsb(S(x), radius, sigma).
+    """
+    sigma = check_sigma(sigma)
+    s = _as_values(score, "score")
+    r = _as_values(radius, "radius")
+    _check_unit_interval(s, "score")
+    r_np = r.detach().cpu().numpy() if isinstance(r, torch.Tensor) else r
+    if not np.all(np.isfinite(r_np)) or np.any(r_np < 0):
+        raise ValueError(f"radius must be finite and >= 0 (an l2 distance in [0,1] pixel space), got {radius!r}")
+    if isinstance(s, torch.Tensor) or isinstance(r, torch.Tensor):
+        s = s if isinstance(s, torch.Tensor) else torch.as_tensor(s)
+        r = r if isinstance(r, torch.Tensor) else torch.as_tensor(r, device=s.device)
+        bound = 2 * _phi(_phi_inv(s) - r.to(s.device) / sigma) - 1
+        bound = torch.where(bound >= 0, bound, torch.full_like(bound, NO_GUARANTEE))
+    else:
+        with np.errstate(invalid="ignore"):
+            bound = 2 * _phi(_phi_inv(s) - r / sigma) - 1
+        bound = np.where(bound >= 0, bound, NO_GUARANTEE)
+    return _finish(bound, score)
+
+
+def certified_radius(score: ArrayLike, sigma: float, threshold: float = 0.0) -> ArrayLike:
+    """Largest l2 radius at which the FCSB still guarantees a cosine of at least ``threshold``.
+
+    R = sigma * (Phi^-1(score) - Phi^-1((1 + threshold) / 2)), 0.0 where negative.
+    """
+    sigma = check_sigma(sigma)
+    threshold = float(threshold)
+    if not (-1.0 <= threshold < 1.0):
+        raise ValueError(f"threshold must lie in [-1, 1) (a cosine similarity), got {threshold!r}")
+    s = _as_values(score, "score")
+    _check_unit_interval(s, "score")
+    offset = float(norm.ppf((1.0 + threshold) / 2.0))
+    if isinstance(s, torch.Tensor):
+        radius = torch.clamp(sigma * (_phi_inv(s) - offset), min=0.0)
+    else:
+        radius = np.maximum(sigma * (_phi_inv(s) - offset), 0.0)
+    return _finish(radius, score)
+
+
+def score_lower_bound(samples: ArrayLike, alpha: float, method: str = "bernstein") -> ArrayLike:
+    """One-sided (1 - alpha) lower confidence bound on the mean of i.i.d. samples in [0, 1].
+
+    Samples lie along the last axis; leading axes are independent problems (one bound each).
+    hoeffding: mean - sqrt(ln(1/alpha) / (2n)).
+    bernstein: empirical Bernstein (Maurer & Pontil 2009, Thm 4),
+        mean - sqrt(2 V ln(2/alpha) / n) - 7 ln(2/alpha) / (3 (n - 1)), V the unbiased sample variance.
+    betting: a one-sided betting confidence sequence (Waudby-Smith & Ramdas 2023) with predictable
+        plug-in bets that do not depend on the tested mean, so the rejected set is an interval and a
+        bisection finds its end; valid by Ville's inequality.
+    The result is clipped to [0, 1].
+    """
+    alpha = check_alpha(alpha)
+    check_choice(method, "method", BOUND_METHODS)
+    is_tensor = isinstance(samples, torch.Tensor)
+    x = samples.detach().double().cpu().numpy() if is_tensor else np.asarray(samples, dtype=np.float64)
+    if x.ndim == 0:
+        raise ValueError("samples must be a sequence of scores in [0, 1], got a scalar")
+    n = x.shape[-1]
+    if n < 2:
+        raise ValueError(f"samples must hold at least 2 scores along the last axis, got {n}")
+    _check_unit_interval(x, "samples")
+    mean = x.mean(axis=-1)
+    if method == "hoeffding":
+        lower = mean - math.sqrt(math.log(1.0 / alpha) / (2.0 * n))
+    elif method == "bernstein":
+        var = x.var(axis=-1, ddof=1)
+        log_term = math.log(2.0 / alpha)
+        lower = mean - np.sqrt(2.0 * var * log_term / n) - 7.0 * log_term / (3.0 * (n - 1))
+    else:
+        lower = _betting_lower_bound(x, alpha)
+    lower = np.clip(lower, 0.0, 1.0)
+    if is_tensor:
+        return torch.as_tensor(lower, dtype=samples.dtype if samples.is_floating_point() else torch.float64)
+    return float(lower) if np.ndim(lower) == 0 else lower
+
+
+_BET_CAP = 0.9  # bets in [0, 0.9] keep 1 + lam * (x - m) >= 0.1 > 0 for every x, m in [0, 1]
+
+
+def _betting_bets(x: np.ndarray, alpha: float) -> np.ndarray:
+    """Predictable plug-in bets (WSR 2023, eq. 26), using only samples before each step."""
+    n = x.shape[-1]
+    t = np.arange(1, n + 1, dtype=np.float64)
+    cumsum = np.cumsum(x, axis=-1)
+    mu_hat = (0.5 + cumsum) / (t + 1)
+    sq_dev = np.cumsum((x - mu_hat) ** 2, axis=-1)
+    var_hat = (0.25 + sq_dev) / (t + 1)
+    prev_var = np.concatenate([np.full(x.shape[:-1] + (1,), 0.25), var_hat[..., :-1]], axis=-1)
+    lam = np.sqrt(2.0 * math.log(1.0 / alpha) / (prev_var * t * np.log1p(t)))
+    return np.minimum(lam, _BET_CAP)
+
+
+def _betting_lower_bound(x: np.ndarray, alpha: float, iterations: int = 50) -> np.ndarray:
+    """Smallest m whose capital process never reaches 1/alpha; bisection returns a point below it."""
+    lam = _betting_bets(x, alpha)
+    log_threshold = math.log(1.0 / alpha)
+
+    def rejected(m: np.ndarray) -> np.ndarray:
+        log_capital = np.cumsum(np.log1p(lam * (x - m[..., None])), axis=-1)
+        return log_capital.max(axis=-1) >= log_threshold
+
+    lo = np.zeros(x.shape[:-1])  # the bound we return; m = 0 is never "rejected away" since 0 <= mean
+    hi = x.mean(axis=-1)  # the capital for m = mean cannot grow reliably; only m below it can be rejected
+    hi_rejected = rejected(hi)
+    lo = np.where(hi_rejected, hi, lo)
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        mid_rejected = rejected(mid)
+        lo = np.where(mid_rejected, mid, lo)
+        hi = np.where(mid_rejected, hi, mid)
+    # every m <= lo is rejected (capital is decreasing in m), so the true mean exceeds lo w.p. >= 1 - alpha
+    return lo

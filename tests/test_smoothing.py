@@ -1,0 +1,128 @@
+"""The Monte-Carlo engine: determinism, chunking invariance, bounded memory, dtypes and bad input."""
+
+import pytest
+import torch
+
+from fs_mllm import FSConfig, certify_features, smooth_features
+from fs_mllm.smoothing import smoothed_mean
+
+
+class RecordingEncoder(torch.nn.Module):
+    """A small nonlinear encoder (B, 3, 4, 4) -> (B, 6, 5) that records the batch sizes it sees."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 64), torch.nn.Tanh(), torch.nn.Linear(64, 30))
+        self.batch_sizes = []
+
+    def forward(self, x):
+        self.batch_sizes.append(x.shape[0])
+        return self.net(x.float()).reshape(x.shape[0], 6, 5).to(x.dtype)
+
+
+@pytest.fixture
+def images():
+    return torch.rand(3, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+
+
+def test_same_seed_same_result_other_seed_other_result(images):
+    encoder = RecordingEncoder()
+    a = smooth_features(encoder, images, FSConfig(sigma=0.25, n_samples=16, seed=1))
+    b = smooth_features(encoder, images, FSConfig(sigma=0.25, n_samples=16, seed=1))
+    c = smooth_features(encoder, images, FSConfig(sigma=0.25, n_samples=16, seed=2))
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    assert a.shape == (3, 6, 5)
+
+
+def test_chunk_size_does_not_change_the_result(images):
+    encoder = RecordingEncoder()
+    one = smooth_features(encoder, images, FSConfig(sigma=0.25, n_samples=64, chunk_size=1))
+    many = smooth_features(encoder, images, FSConfig(sigma=0.25, n_samples=64, chunk_size=64))
+    odd = smooth_features(encoder, images, FSConfig(sigma=0.25, n_samples=64, chunk_size=7))
+    torch.testing.assert_close(one, many, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(one, odd, atol=1e-5, rtol=1e-5)
+    c1 = certify_features(encoder, images, 0.25, n=64, chunk_size=1)
+    c64 = certify_features(encoder, images, 0.25, n=64, chunk_size=64)
+    for a, b in zip(c1, c64):
+        assert a.score_lower == pytest.approx(b.score_lower, abs=1e-6)
+
+
+def test_encoder_batches_never_exceed_chunk_size_whatever_n(images):
+    """Peak memory is set by chunk_size, not by n: the engine never encodes more than chunk_size copies at once."""
+    for n in (10, 1000):
+        encoder = RecordingEncoder()
+        certify_features(encoder, images, 0.25, n=n, chunk_size=8)
+        noisy_batches = encoder.batch_sizes[1:]  # the first call encodes the clean images
+        assert max(noisy_batches) == 8 * images.shape[0]
+        assert sum(noisy_batches) == n * images.shape[0]
+
+
+def test_running_mean_equals_the_mean_of_unit_features(images):
+    encoder = RecordingEncoder()
+    result = smoothed_mean(encoder, images, 0.3, 12, seed=5, chunk_size=5)
+    gen = torch.Generator().manual_seed(5)
+    noise = torch.stack([torch.randn(images.shape, generator=gen) for _ in range(12)])
+    feats = encoder((images.unsqueeze(0) + 0.3 * noise).reshape(-1, 3, 4, 4)).reshape(12, 3, -1)
+    unit = feats / feats.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(result.mean_unit.flatten(1), unit.mean(0), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(result.mean_norm, feats.norm(dim=-1).mean(0), atol=1e-5, rtol=1e-5)
+
+
+def test_tiny_sigma_keeps_the_direction_large_sigma_changes_it(images):
+    encoder = RecordingEncoder()
+    base = encoder(images).flatten(1)
+    tiny = smooth_features(encoder, images, FSConfig(sigma=1e-4, n_samples=32)).flatten(1)
+    large = smooth_features(encoder, images, FSConfig(sigma=2.0, n_samples=32)).flatten(1)
+    assert torch.nn.functional.cosine_similarity(tiny, base).min() > 0.9999
+    assert torch.nn.functional.cosine_similarity(large, base).min() < 0.99
+    # rescaled to the encoder's feature scale
+    torch.testing.assert_close(tiny.norm(dim=-1), base.norm(dim=-1), rtol=1e-3, atol=1e-4)
+
+
+def test_token_mode_normalises_each_token(images):
+    encoder = RecordingEncoder()
+    out = smooth_features(encoder, images, FSConfig(sigma=1e-4, n_samples=8, normalize="token"))
+    torch.testing.assert_close(out.norm(dim=-1), encoder(images).norm(dim=-1), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_encoders(images, dtype):
+    encoder = RecordingEncoder()
+    out = smooth_features(encoder, images.to(dtype), FSConfig(sigma=1e-3, n_samples=8))
+    assert out.dtype == dtype
+    ref = smooth_features(encoder, images, FSConfig(sigma=1e-3, n_samples=8))
+    assert torch.nn.functional.cosine_similarity(out.float().flatten(1), ref.flatten(1)).min() > 0.99
+
+
+def test_bad_input_gets_a_clear_error(images):
+    encoder = RecordingEncoder()
+    with pytest.raises(ValueError, match="images"):
+        smooth_features(encoder, images * 2)
+    with pytest.raises(ValueError, match="NaN"):
+        smooth_features(encoder, images.masked_fill(images > 0.5, float("nan")))
+    with pytest.raises(ValueError, match="zero"):
+        smooth_features(lambda x: torch.zeros(x.shape[0], 4), images)
+    with pytest.raises(ValueError, match="NaN"):
+        smooth_features(lambda x: torch.full((x.shape[0], 4), float("nan")), images)
+    for kwargs, parameter in [
+        ({"sigma": 0}, "sigma"), ({"sigma": -1}, "sigma"), ({"sigma": float("nan")}, "sigma"),
+        ({"n_samples": 1}, "n_samples"), ({"alpha": 1.5}, "alpha"), ({"alpha": 0}, "alpha"),
+        ({"normalize": "patch"}, "normalize"), ({"method": "t-test"}, "method"), ({"chunk_size": 0}, "chunk_size"),
+    ]:
+        with pytest.raises(ValueError, match=parameter):
+            FSConfig(**kwargs)
+    with pytest.raises(ValueError, match="n"):
+        certify_features(encoder, images, 0.25, n=1)
+    with pytest.raises(ValueError, match="alpha"):
+        certify_features(encoder, images, 0.25, alpha=1.0)
+
+
+def test_config_json_round_trip():
+    import json
+
+    config = FSConfig(sigma=0.5, n_samples=4, chunk_size=2, seed=3, normalize="token", alpha=0.01, method="betting")
+    assert FSConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ValueError, match="unknown FSConfig fields"):
+        FSConfig.from_dict({"sigma": 0.1, "noise": 2})

@@ -1,0 +1,147 @@
+"""The certificate's formulas against scipy, and the soundness of the lower confidence bounds."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import binom, norm
+
+from fs_mllm import certified_radius, fcsb, score_lower_bound
+
+SCORES = [0.5, 0.5001, 0.6, 0.75, 0.8, 0.9, 0.99, 0.999999, 1.0]
+RADII = [0.0, 0.01, 0.1, 0.125, 0.25, 0.5, 1.0]
+
+
+def reference_fcsb(score, radius, sigma):
+    value = 2 * norm.cdf(norm.ppf(score) - radius / sigma) - 1
+    return value if value >= 0 else -1.0
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.25, 0.5])
+def test_fcsb_matches_scipy_on_floats_arrays_and_tensors(sigma):
+    for s in SCORES:
+        for r in RADII:
+            expected = reference_fcsb(s, r, sigma)
+            assert fcsb(s, r, sigma) == pytest.approx(expected, abs=1e-12)
+    grid_s, grid_r = np.meshgrid(SCORES, RADII)
+    expected = np.vectorize(reference_fcsb)(grid_s, grid_r, sigma)
+    np.testing.assert_allclose(fcsb(grid_s, grid_r, sigma), expected, atol=1e-12)
+    tensor = fcsb(torch.tensor(grid_s), torch.tensor(grid_r), sigma)
+    assert isinstance(tensor, torch.Tensor)
+    np.testing.assert_allclose(tensor.numpy(), expected, atol=1e-9)
+
+
+def test_fcsb_edges():
+    assert fcsb(0.5, 0.0, 0.25) == 0.0  # 2 * 0.5 - 1
+    assert fcsb(0.8, 0.0, 0.25) == pytest.approx(0.6)  # radius 0 gives 2S - 1 = <F(x), f(x)>
+    assert fcsb(1.0, 0.3, 0.25) == 1.0  # a constant encoder is certified everywhere
+    assert fcsb(0.5, 0.01, 0.25) == -1.0  # below zero means no guarantee, reported as -1
+    assert fcsb(0.3, 0.0, 0.25) == -1.0
+    values = [fcsb(0.9, r, 0.25) for r in np.linspace(0, 0.4, 20)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # monotone in the radius
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 0.9, -0.5])
+def test_certified_radius_matches_scipy_and_inverts_fcsb(threshold):
+    sigma = 0.25
+    for s in SCORES[:-1]:
+        expected = max(sigma * (norm.ppf(s) - norm.ppf((1 + threshold) / 2)), 0.0)
+        radius = certified_radius(s, sigma, threshold)
+        assert radius == pytest.approx(expected, abs=1e-12)
+        if radius > 0 and threshold >= 0:
+            assert fcsb(s, radius, sigma) == pytest.approx(threshold, abs=1e-9)
+    assert certified_radius(0.5, sigma) == 0.0
+    t = certified_radius(torch.tensor([0.5, 0.9]), sigma, threshold)
+    assert isinstance(t, torch.Tensor) and t.shape == (2,)
+
+
+@pytest.mark.parametrize(
+    "call, parameter",
+    [
+        (lambda: fcsb(1.2, 0.1, 0.25), "score"),
+        (lambda: fcsb(float("nan"), 0.1, 0.25), "score"),
+        (lambda: fcsb(0.8, -0.1, 0.25), "radius"),
+        (lambda: fcsb(0.8, 0.1, 0.0), "sigma"),
+        (lambda: fcsb(0.8, 0.1, float("inf")), "sigma"),
+        (lambda: certified_radius(0.8, -1.0), "sigma"),
+        (lambda: certified_radius(0.8, 0.25, 1.0), "threshold"),
+        (lambda: score_lower_bound([0.5, 1.5], 0.01), "samples"),
+        (lambda: score_lower_bound([0.5], 0.01), "samples"),
+        (lambda: score_lower_bound([0.5, 0.6], 0.0), "alpha"),
+        (lambda: score_lower_bound([0.5, 0.6], 1.0), "alpha"),
+        (lambda: score_lower_bound([0.5, 0.6], 0.01, "chernoff"), "method"),
+    ],
+)
+def test_bad_input_names_the_parameter(call, parameter):
+    with pytest.raises(ValueError, match=parameter):
+        call()
+
+
+def test_bounds_follow_their_formulas():
+    rng = np.random.default_rng(0)
+    x = rng.beta(8, 2, size=500)
+    alpha, n = 0.01, 500
+    hoeffding = x.mean() - math.sqrt(math.log(1 / alpha) / (2 * n))
+    log_term = math.log(2 / alpha)
+    bernstein = x.mean() - math.sqrt(2 * x.var(ddof=1) * log_term / n) - 7 * log_term / (3 * (n - 1))
+    assert score_lower_bound(x, alpha, "hoeffding") == pytest.approx(hoeffding)
+    assert score_lower_bound(x, alpha, "bernstein") == pytest.approx(bernstein)
+    betting = score_lower_bound(x, alpha, "betting")
+    assert 0.0 <= betting < x.mean()
+    t = score_lower_bound(torch.tensor(x), alpha, "bernstein")
+    assert isinstance(t, torch.Tensor) and float(t) == pytest.approx(bernstein)
+
+
+def test_bounds_are_batched_along_leading_axes():
+    rng = np.random.default_rng(1)
+    x = rng.beta(8, 2, size=(3, 4, 200))
+    for method in ("hoeffding", "bernstein", "betting"):
+        batched = score_lower_bound(x, 0.05, method)
+        assert batched.shape == (3, 4)
+        assert batched[2, 1] == pytest.approx(score_lower_bound(x[2, 1], 0.05, method))
+
+
+# Distributions on [0, 1] with known means; the last ones concentrate near 1 like real robustness scores.
+DISTRIBUTIONS = {
+    "beta(8,2)": (lambda rng, size: rng.beta(8, 2, size), 0.8),
+    "arcsine": (lambda rng, size: rng.beta(0.5, 0.5, size), 0.5),
+    "bernoulli(0.9)": (lambda rng, size: (rng.random(size) < 0.9).astype(float), 0.9),
+    "atom at 1 + uniform": (lambda rng, size: np.where(rng.random(size) < 0.95, 1.0, rng.random(size)), 0.975),
+    "beta(200,10)": (lambda rng, size: rng.beta(200, 10, size), 200 / 210),
+}
+
+
+def failure_count(bound, sampler, mean, reps, n, alpha, seed):
+    rng = np.random.default_rng(seed)
+    lower = bound(sampler(rng, (reps, n)), alpha)
+    return int(np.sum(lower > mean))
+
+
+def allowed_failures(reps, alpha):
+    # the 1 - 1e-4 quantile of Binomial(reps, alpha): a sound bound passes this check with prob > 0.9999
+    return int(binom.ppf(1 - 1e-4, reps, alpha))
+
+
+@pytest.mark.parametrize("method", ["hoeffding", "bernstein", "betting"])
+@pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
+def test_lower_bound_fails_at_most_alpha_of_the_time(method, name):
+    sampler, mean = DISTRIBUTIONS[name]
+    reps, n, alpha = 2000, 100, 0.05
+    failures = failure_count(lambda x, a: score_lower_bound(x, a, method), sampler, mean, reps, n, alpha, seed=7)
+    assert failures <= allowed_failures(reps, alpha), f"{method} on {name}: {failures} failures of {reps}"
+
+
+def test_the_soundness_check_catches_an_unsound_bound():
+    """The check above can fail: the plain sample mean, used as a 'bound', is caught."""
+    sampler, mean = DISTRIBUTIONS["beta(8,2)"]
+    reps, n, alpha = 2000, 100, 0.05
+    naive = lambda x, a: x.mean(axis=-1)  # noqa: E731
+    assert failure_count(naive, sampler, mean, reps, n, alpha, seed=7) > allowed_failures(reps, alpha)
+
+
+def test_bernstein_and_betting_are_tighter_than_hoeffding_on_concentrated_scores():
+    rng = np.random.default_rng(3)
+    x = rng.beta(200, 10, size=1000)
+    h, b, w = (score_lower_bound(x, 0.001, m) for m in ("hoeffding", "bernstein", "betting"))
+    assert h < b and h < w
