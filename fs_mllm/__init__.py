@@ -2,6 +2,7 @@
 
 from .certify import Certificate, PredictionCertificate, certify_features, certify_prediction
 from .config import FSConfig
+from .patching import ModelCertificate, certify_model, get_fs_state, is_patched, patch_model, unpatch_model
 from .smoothing import smooth_features
 from .stats import certified_radius, fcsb, score_lower_bound
 
@@ -10,11 +11,17 @@ __version__ = "0.1.0"
 __all__ = [
     "Certificate",
     "FSConfig",
+    "ModelCertificate",
     "PredictionCertificate",
     "certified_radius",
     "certify_features",
+    "certify_model",
     "certify_prediction",
     "fcsb",
+    "get_fs_state",
+    "is_patched",
+    "patch_model",
     "score_lower_bound",
     "smooth_features",
+    "unpatch_model",
 ]
