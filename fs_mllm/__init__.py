@@ -1,5 +1,6 @@
 """fs_mllm: certified robustness for Hugging Face multimodal LLMs through feature-space smoothing."""
 
+from .attacks import AttackConfig, AttackResult, attack
 from .certify import Certificate, PredictionCertificate, certify_features, certify_prediction
 from .config import FSConfig
 from .patching import ModelCertificate, certify_model, get_fs_state, is_patched, patch_model, unpatch_model
@@ -9,6 +10,9 @@ from .stats import certified_radius, fcsb, score_lower_bound
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttackConfig",
+    "AttackResult",
+    "attack",
     "Certificate",
     "FSConfig",
     "ModelCertificate",

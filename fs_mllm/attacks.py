@@ -1,0 +1,548 @@
+"""White-box PGD attacks on the full multimodal pipeline, adaptive to feature-space smoothing.
+
+Attacks act on [0,1] pixels at the processor's resolution (DESIGN.md section 6). Every step goes
+through the family adapter's differentiable normalisation (and Qwen2-VL patch flattening) into the
+model's own image-feature function, so a patched model is attacked *through its smoothed path*.
+
+Objectives (all written as a loss the attack minimises):
+
+- ``feature``: cosine between the adversarial and the clean image features that feed the decoder
+  (flattened per image, the certificate's global mode).
+- ``untargeted``: minus the language-model loss of the clean answer/caption (so the answer is pushed away).
+- ``targeted``: the language-model loss of ``target_text`` (e.g. "a photo of a dog").
+
+Why the attack must be adaptive. A patched model averages unit features over Gaussian copies of the
+image. Attacking the unpatched encoder and replaying the result (a transfer attack), or differentiating
+through one fixed noise draw, measures the attacker's luck with one noise sample, not the smoothed
+encoder F(x) = E f(x + e) the certificate speaks about, and so overstates robustness (Athalye et al.
+2018, "Obfuscated gradients"). Here the gradient is the Monte-Carlo estimate of grad E_e[loss]
+(expectation over transformation, EOT): ``eot_samples`` independent forwards of the smoothed path, each
+with its own noise seed, fresh noise at every step. Their gradients are accumulated over chunks of
+``eot_chunk_size`` forwards, so memory holds at most ``eot_chunk_size`` activation graphs, never
+``eot_samples`` of them (the sum of chunk gradients equals the gradient of the mean loss exactly).
+Each EOT forward itself averages the patch's ``n_samples`` noisy copies (what is deployed);
+``smoothing_samples`` raises that count during the attack, which aims the gradient at the exact F
+rather than at its n0-sample estimate (on tiny models this mattered more than more EOT samples).
+
+The patched image-feature function is differentiable (``fs_mllm.patching`` runs no ``no_grad``), so the
+attack reuses it; only the noise seed is changed per EOT forward, by swapping the patch's FSConfig for
+the duration of one forward (:func:`noise_seed`), and restored afterwards.
+
+Projections live in one place (:func:`project`): after every step delta is projected onto the l2 or
+linf ball of radius eps and x + delta is clamped to [0, 1] (clamping only shrinks |delta| per pixel,
+so the ball constraint still holds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import adapters as _adapters  # noqa: F401  (registers every family)
+from .adapters.base import FamilyAdapter, get_adapter, unwrap_model
+from .patching import get_fs_state, is_patched, resolve_mean_std
+from .smoothing import check_images
+
+NORMS = ("l2", "linf")
+OBJECTIVES = ("feature", "untargeted", "targeted")
+
+__all__ = [
+    "AttackConfig",
+    "AttackResult",
+    "StepRecord",
+    "attack",
+    "build_text_inputs",
+    "eot_gradient",
+    "generate_text",
+    "image_features",
+    "make_objective",
+    "noise_seed",
+    "project",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration
+# ---------------------------------------------------------------------------------------------
+
+def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _positive_float(value: Any, name: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a positive number, got {value!r}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return number
+
+
+@dataclass
+class AttackConfig:
+    """One PGD attack, validated on construction (JSON-serialisable via ``to_dict``).
+
+    norm: "l2" or "linf" ball in [0,1] pixel space. eps: its radius. steps: PGD iterations.
+    step_size: per-step move (None = 2.5 * eps / steps, Madry et al.). random_start: start at a random
+    point of the ball. objective: "feature" | "untargeted" | "targeted" (needs ``target_text``).
+    eot_samples: noisy forwards averaged per gradient on a patched model (ignored, i.e. 1, on an
+    unpatched deterministic model). eot_chunk_size: forwards per backward (memory knob; None = all).
+    smoothing_samples: noisy copies inside each smoothed forward during the attack (None = the patch's
+    n_samples, i.e. attack what is deployed; larger = a gradient of the exact smoothed encoder F).
+    seed: seeds the random start and the per-step noise. record_steps: keep a StepRecord per step.
+    """
+
+    norm: str = "l2"
+    eps: float = 0.5
+    steps: int = 10
+    step_size: Optional[float] = None
+    random_start: bool = True
+    objective: str = "feature"
+    target_text: Optional[str] = None
+    eot_samples: int = 1
+    eot_chunk_size: Optional[int] = None
+    smoothing_samples: Optional[int] = None
+    seed: int = 0
+    record_steps: bool = False
+
+    def __post_init__(self) -> None:
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {list(NORMS)}, got {self.norm!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {self.objective!r}")
+        self.eps = _positive_float(self.eps, "eps")
+        self.steps = _positive_int(self.steps, "steps")
+        self.step_size = 2.5 * self.eps / self.steps if self.step_size is None else _positive_float(self.step_size, "step_size")
+        self.eot_samples = _positive_int(self.eot_samples, "eot_samples")
+        if self.eot_chunk_size is not None:
+            self.eot_chunk_size = _positive_int(self.eot_chunk_size, "eot_chunk_size")
+        if self.smoothing_samples is not None:
+            self.smoothing_samples = _positive_int(self.smoothing_samples, "smoothing_samples", minimum=2)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.objective == "targeted":
+            if not isinstance(self.target_text, str) or not self.target_text.strip():
+                raise ValueError(
+                    f"target_text must be a non-empty string for objective='targeted' (what the model should say), "
+                    f"got {self.target_text!r}"
+                )
+        elif self.target_text is not None and not isinstance(self.target_text, str):
+            raise ValueError(f"target_text must be a string or None, got {type(self.target_text).__name__}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class StepRecord:
+    """What one PGD step did: mean loss before the step, per-image ||delta|| after projection, pixel range."""
+
+    step: int
+    loss: float
+    delta_norm: list[float]
+    pixel_min: float
+    pixel_max: float
+
+
+@dataclass
+class AttackResult:
+    """Adversarial [0,1] images (B, ..., 3, H, W), per-image FCS clean vs adversarial, optional step records.
+
+    ``fcs`` is measured on the features the decoder receives from ``model`` as given (smoothed, with
+    the patch's own seed, when it is patched), so it is what the deployed pipeline sees.
+    """
+
+    adv_images: torch.Tensor
+    clean_images: torch.Tensor
+    fcs: list[float]
+    delta_norm: list[float]
+    final_loss: float
+    config: AttackConfig
+    steps: list[StepRecord] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# the one place for projections
+# ---------------------------------------------------------------------------------------------
+
+def _per_image_norm(delta: torch.Tensor, norm: str) -> torch.Tensor:
+    flat = delta.flatten(1)
+    return flat.norm(dim=1) if norm == "l2" else flat.abs().amax(dim=1)
+
+
+def _expand(per_image: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return per_image.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+def project(delta: torch.Tensor, images: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
+    """Project delta onto the ``norm`` ball of radius eps, then make images + delta lie in [0, 1].
+
+    The clamp shrinks |delta| pixel by pixel, so after it the ball constraint still holds.
+    """
+    if norm == "l2":
+        norms = _per_image_norm(delta, "l2")
+        delta = delta * _expand(torch.clamp(eps / norms.clamp_min(1e-12), max=1.0), delta)
+    else:
+        delta = delta.clamp(-eps, eps)
+    return (images + delta).clamp(0.0, 1.0) - images
+
+
+def _random_start(images: torch.Tensor, config: AttackConfig, generator: torch.Generator) -> torch.Tensor:
+    if not config.random_start:
+        return torch.zeros_like(images)
+    if config.norm == "linf":
+        delta = (torch.rand(images.shape, generator=generator, device=images.device) * 2 - 1) * config.eps
+    else:
+        direction = torch.randn(images.shape, generator=generator, device=images.device)
+        direction = direction / _expand(direction.flatten(1).norm(dim=1).clamp_min(1e-12), direction)
+        radius = torch.rand(images.shape[0], generator=generator, device=images.device) * config.eps
+        delta = direction * _expand(radius, direction)
+    return project(delta, images, config.norm, config.eps)
+
+
+def _ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
+    """Steepest-descent direction of unit size in the attack norm (the caller subtracts it)."""
+    if norm == "linf":
+        return grad.sign()
+    return grad / _expand(grad.flatten(1).norm(dim=1).clamp_min(1e-12), grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# the model's (possibly smoothed) feature path and text path
+# ---------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def noise_seed(model: nn.Module, seed: Optional[int], n_samples: Optional[int] = None) -> Iterator[None]:
+    """Within the block, a patched model draws its smoothing noise from ``seed`` (and, when given,
+    averages ``n_samples`` noisy copies per forward); the patch's own config is restored afterwards.
+
+    Each EOT forward needs fresh, independent noise; the patch reads its FSConfig on every call, so
+    swapping that config for one forward is enough. No-op for an unpatched model.
+    """
+    if (seed is None and n_samples is None) or not is_patched(model):
+        yield
+        return
+    state = get_fs_state(model)
+    previous = state.config
+    changes = {}
+    if seed is not None:
+        changes["seed"] = int(seed)
+    if n_samples is not None:
+        changes["n_samples"] = int(n_samples)
+    state.config = previous.replace(**changes)
+    try:
+        yield
+    finally:
+        state.config = previous
+
+
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for parameter in model.parameters():
+        if parameter.device.type != "meta":
+            dtype = parameter.dtype if parameter.is_floating_point() else torch.float32
+            return parameter.device, dtype
+    return torch.device("cpu"), torch.float32
+
+
+def _image_inputs(model: nn.Module, adapter: FamilyAdapter, images01: torch.Tensor, mean: torch.Tensor,
+                  std: torch.Tensor, image_kwargs: Mapping[str, Any]) -> dict:
+    device, dtype = _model_device_dtype(model)
+    inputs = adapter.pixels_to_model_inputs(unwrap_model(model), images01.to(device).float(), mean, std, **image_kwargs)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return inputs
+
+
+def image_features(model: nn.Module, images01: torch.Tensor, image_mean: Any = None, image_std: Any = None,
+                   processor: Any = None, **image_kwargs: Any) -> torch.Tensor:
+    """Features (B, T, D) that feed the decoder for [0,1] images, differentiably, through the model's own
+    image-feature function (the smoothed one when the model is patched)."""
+    adapter = get_adapter(model)
+    mean, std = _resolve_mean_std(model, adapter, processor, image_mean, image_std)
+    return _features(model, adapter, _image_inputs(model, adapter, images01, mean, std, image_kwargs), images01.shape[0])
+
+
+def _features(model: nn.Module, adapter: FamilyAdapter, inputs: Mapping[str, Any], count: int) -> torch.Tensor:
+    owner = adapter.feature_owner(unwrap_model(model))
+    function = getattr(owner, adapter.feature_function)
+    names = set(inspect.signature(function).parameters)
+    kwargs = {k: v for k, v in inputs.items() if k in names}
+    output = function(**kwargs, return_dict=True)
+    return adapter.extract_features(output, count)
+
+
+def _resolve_mean_std(model: nn.Module, adapter: FamilyAdapter, processor: Any, image_mean: Any, image_std: Any):
+    """A patched model's own mean/std win (the noise scale was set with them); else processor/explicit/saved."""
+    if image_mean is None and is_patched(model):
+        state = get_fs_state(model)
+        return state.image_mean, state.image_std
+    return resolve_mean_std(model, adapter, processor, image_mean, image_std)
+
+
+def _tokenizer_of(processor_or_tokenizer: Any) -> Any:
+    tokenizer = getattr(processor_or_tokenizer, "tokenizer", processor_or_tokenizer)
+    if tokenizer is None or not callable(tokenizer):
+        raise ValueError("processor_or_tokenizer must be a transformers processor or tokenizer (needed for text objectives)")
+    return tokenizer
+
+
+def _to_pil(image01: torch.Tensor):
+    from PIL import Image
+
+    array = (image01.detach().float().clamp(0, 1).cpu().permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(array)
+
+
+_TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+
+
+def _prompt_rows(processor: Any, images01: torch.Tensor, prompts: Union[Sequence[str], Mapping[str, Any]]) -> list[dict]:
+    """Per-example dict of 1-D token tensors (input_ids, attention_mask, ...) with the image tokens in place."""
+    batch = images01.shape[0]
+    if isinstance(prompts, Mapping):
+        if "input_ids" not in prompts:
+            raise ValueError("prompts given as a dict must hold input_ids (with the image tokens in place)")
+        ids = torch.as_tensor(prompts["input_ids"])
+        if ids.ndim != 2 or ids.shape[0] != batch:
+            raise ValueError(f"prompts['input_ids'] must be (B={batch}, L), got {tuple(ids.shape)}")
+        mask = torch.as_tensor(prompts.get("attention_mask", torch.ones_like(ids))).bool()
+        rows = []
+        for i in range(batch):
+            rows.append({k: torch.as_tensor(prompts[k])[i][mask[i]] for k in _TOKEN_KEYS if k in prompts})
+            rows[-1].setdefault("attention_mask", torch.ones_like(rows[-1]["input_ids"]))
+        return rows
+    if isinstance(prompts, str) or len(prompts) != batch:
+        raise ValueError(f"prompts must be a list of {batch} strings (one per image) or a dict of token inputs")
+    if getattr(processor, "image_processor", None) is None:
+        raise ValueError("string prompts need a multimodal processor (with image_processor) to place the image tokens; "
+                         "pass the model's processor or a dict of token inputs")
+    rows = []
+    for image, prompt in zip(images01, prompts):
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompts must be strings, got {type(prompt).__name__}")
+        encoded = processor(text=[prompt], images=[_to_pil(image.reshape((-1,) + tuple(image.shape[-3:]))[0])], return_tensors="pt")
+        rows.append({k: torch.as_tensor(encoded[k])[0] for k in _TOKEN_KEYS if k in encoded})
+    return rows
+
+
+def build_text_inputs(processor_or_tokenizer: Any, images01: torch.Tensor, prompts: Union[Sequence[str], Mapping[str, Any]],
+                      continuations: Optional[Sequence[str]] = None) -> dict:
+    """Token inputs for prompt (+ continuation) per image, right-padded, with ``labels`` on the continuation.
+
+    ``prompts`` are strings (the processor places the image tokens) or a dict of token inputs that
+    already hold them. A continuation that tokenises to nothing is an error (its loss is undefined).
+    """
+    rows = _prompt_rows(processor_or_tokenizer, images01, prompts)
+    tokenizer = _tokenizer_of(processor_or_tokenizer) if continuations is not None else None
+    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    pad = 0 if pad is None else int(pad)
+    labels = []
+    for i, row in enumerate(rows):
+        length = row["input_ids"].shape[0]
+        label = torch.full((length,), -100, dtype=torch.long)
+        if continuations is not None:
+            ids = tokenizer(continuations[i], add_special_tokens=False)["input_ids"]
+            ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+            if ids.numel() == 0:
+                raise ValueError(f"text {continuations[i]!r} tokenises to nothing; its loss (the attack objective) is undefined")
+            row["input_ids"] = torch.cat([row["input_ids"].long(), ids])
+            row["attention_mask"] = torch.cat([row["attention_mask"].long(), torch.ones_like(ids)])
+            for key in ("token_type_ids", "mm_token_type_ids"):
+                if key in row:
+                    row[key] = torch.cat([row[key].long(), torch.zeros_like(ids)])
+            label = torch.cat([label, ids])
+        labels.append(label)
+    width = max(r["input_ids"].shape[0] for r in rows)
+    out: dict[str, torch.Tensor] = {}
+    for key in rows[0]:
+        fill = pad if key == "input_ids" else 0
+        out[key] = torch.stack([torch.nn.functional.pad(r[key].long(), (0, width - r[key].shape[0]), value=fill) for r in rows])
+    out["labels"] = torch.stack([torch.nn.functional.pad(l, (0, width - l.shape[0]), value=-100) for l in labels])
+    return out
+
+
+def _sequence_loss(model: nn.Module, text_inputs: Mapping[str, torch.Tensor], image_inputs: Mapping[str, Any]) -> torch.Tensor:
+    """Per-example mean cross-entropy of the labelled (continuation) tokens, (B,)."""
+    device, _ = _model_device_dtype(model)
+    inputs = {k: v.to(device) for k, v in text_inputs.items() if k != "labels"}
+    forward_names = set(inspect.signature(unwrap_model(model).forward).parameters)
+    extra = {k: v for k, v in image_inputs.items() if k in forward_names}
+    logits = model(**inputs, **extra).logits.float()
+    labels = text_inputs["labels"].to(device)
+    shifted_logits, shifted_labels = logits[:, :-1], labels[:, 1:]
+    token_loss = torch.nn.functional.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1), ignore_index=-100, reduction="none"
+    ).reshape(shifted_labels.shape)
+    counted = (shifted_labels != -100).float()
+    return (token_loss * counted).sum(1) / counted.sum(1).clamp_min(1.0)
+
+
+@torch.no_grad()
+def generate_text(model: nn.Module, processor_or_tokenizer: Any, images01: torch.Tensor,
+                  prompts: Union[Sequence[str], Mapping[str, Any]], max_new_tokens: int = 20,
+                  image_mean: Any = None, image_std: Any = None, **image_kwargs: Any) -> list[str]:
+    """Greedy answers for [0,1] images (one generate per image, so no padding side matters)."""
+    adapter = get_adapter(model)
+    mean, std = _resolve_mean_std(model, adapter, processor_or_tokenizer, image_mean, image_std)
+    text = build_text_inputs(processor_or_tokenizer, images01, prompts)
+    tokenizer = _tokenizer_of(processor_or_tokenizer)
+    device, _ = _model_device_dtype(model)
+    forward_names = set(inspect.signature(unwrap_model(model).forward).parameters)
+    outputs = []
+    for i in range(images01.shape[0]):
+        keep = text["attention_mask"][i].bool()
+        row = {k: v[i][keep].unsqueeze(0).to(device) for k, v in text.items() if k != "labels"}
+        row_kwargs = {k: torch.as_tensor(v)[i:i + 1] for k, v in image_kwargs.items() if v is not None}
+        images = _image_inputs(model, adapter, images01[i:i + 1], mean, std, row_kwargs)
+        images = {k: v for k, v in images.items() if k in forward_names}
+        generated = model.generate(**row, **images, max_new_tokens=max_new_tokens, do_sample=False)
+        outputs.append(tokenizer.decode(generated[0, row["input_ids"].shape[1]:], skip_special_tokens=True))
+    return outputs
+
+
+# ---------------------------------------------------------------------------------------------
+# objective, EOT gradient, PGD loop
+# ---------------------------------------------------------------------------------------------
+
+Objective = Callable[[torch.Tensor], torch.Tensor]  # adversarial [0,1] images -> per-image loss (B,)
+
+
+def make_objective(model: nn.Module, processor_or_tokenizer: Any, images01: torch.Tensor,
+                   prompts: Union[Sequence[str], Mapping[str, Any], None], config: AttackConfig,
+                   answers: Optional[Sequence[str]] = None, image_mean: Any = None, image_std: Any = None,
+                   **image_kwargs: Any) -> tuple[Objective, torch.Tensor]:
+    """The per-image loss the attack minimises, and the clean features (B, T, D) it starts from.
+
+    feature: cos(flat F(x'), flat F(x)); untargeted: -CE(answer); targeted: CE(target_text).
+    For ``untargeted`` without ``answers`` the model's clean greedy answer is the one pushed away.
+    """
+    adapter = get_adapter(model)
+    mean, std = _resolve_mean_std(model, adapter, processor_or_tokenizer, image_mean, image_std)
+    batch = images01.shape[0]
+    with torch.no_grad(), noise_seed(model, None, config.smoothing_samples):
+        clean = _features(model, adapter, _image_inputs(model, adapter, images01, mean, std, image_kwargs), batch).float()
+
+    if config.objective == "feature":
+        reference = clean.flatten(1)
+
+        def feature_loss(adv: torch.Tensor) -> torch.Tensor:
+            features = _features(model, adapter, _image_inputs(model, adapter, adv, mean, std, image_kwargs), batch)
+            return torch.nn.functional.cosine_similarity(features.float().flatten(1), reference, dim=1)
+
+        return feature_loss, clean
+
+    if prompts is None:
+        raise ValueError(f"objective={config.objective!r} needs prompts (the question or caption instruction)")
+    if config.objective == "targeted":
+        ids = _tokenizer_of(processor_or_tokenizer)(config.target_text, add_special_tokens=False)["input_ids"]
+        if len(ids) == 0:
+            raise ValueError(f"target_text {config.target_text!r} tokenises to nothing with this tokenizer; "
+                             "the targeted loss is undefined, pick a text the tokenizer can encode")
+        continuations = [config.target_text] * batch
+        sign = 1.0
+    else:
+        if answers is None:
+            answers = generate_text(model, processor_or_tokenizer, images01, prompts, image_mean=mean, image_std=std, **image_kwargs)
+        if isinstance(answers, str) or len(answers) != batch:
+            raise ValueError(f"answers must be a list of {batch} strings (the clean answer per image)")
+        continuations = list(answers)
+        sign = -1.0
+    text = build_text_inputs(processor_or_tokenizer, images01, prompts, continuations)
+
+    def text_loss(adv: torch.Tensor) -> torch.Tensor:
+        return sign * _sequence_loss(model, text, _image_inputs(model, adapter, adv, mean, std, image_kwargs))
+
+    return text_loss, clean
+
+
+def _step_seeds(config: AttackConfig, step: int) -> list[int]:
+    """One independent noise seed per EOT forward, fresh at every step."""
+    state = np.random.SeedSequence([config.seed, step]).generate_state(config.eot_samples, dtype=np.uint32)
+    return [int(s) for s in state]
+
+
+def eot_gradient(model: nn.Module, objective: Objective, adv_images: torch.Tensor, config: AttackConfig,
+                 step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean loss over EOT samples per image (B,), its gradient w.r.t. the images), chunk by chunk.
+
+    A patched model runs ``eot_samples`` forwards, each with its own noise seed; a backward runs after
+    every ``eot_chunk_size`` forwards and gradients accumulate, so at most that many graphs are alive.
+    An unpatched model is deterministic, so one forward is the exact gradient.
+    """
+    samples = config.eot_samples if is_patched(model) else 1
+    seeds = _step_seeds(config, step)[:samples]
+    chunk = min(config.eot_chunk_size or samples, samples)
+    grad = torch.zeros_like(adv_images, dtype=torch.float32)
+    loss_sum = torch.zeros(adv_images.shape[0], dtype=torch.float32, device=adv_images.device)
+    for start in range(0, samples, chunk):
+        leaf = adv_images.detach().float().clone().requires_grad_(True)
+        total = None
+        for seed in seeds[start:start + chunk]:
+            with noise_seed(model, seed, config.smoothing_samples):
+                loss = objective(leaf).float()
+            loss_sum += loss.detach().to(loss_sum.device)
+            total = loss.sum() / samples if total is None else total + loss.sum() / samples
+        (gradient,) = torch.autograd.grad(total, leaf)
+        grad += gradient
+    return loss_sum / samples, grad
+
+
+def attack(model: nn.Module, processor_or_tokenizer: Any, images01: torch.Tensor,
+           prompts: Union[Sequence[str], Mapping[str, Any], None], config: AttackConfig,
+           answers: Optional[Sequence[str]] = None, image_mean: Any = None, image_std: Any = None,
+           progress: Optional[Callable[[int, float], None]] = None, **image_kwargs: Any) -> AttackResult:
+    """PGD on [0,1] images (B, ..., 3, H, W) at processor resolution against ``model`` (patched or not).
+
+    ``prompts``: one string per image (the processor places the image tokens), a dict of token inputs,
+    or None for the feature objective. ``answers``: clean answers for ``untargeted``. ``image_kwargs``:
+    per-image family kwargs (e.g. ``image_sizes``). Gradients are EOT averages on a patched model.
+    Returns the adversarial images and the per-image FCS of the features the decoder receives.
+    """
+    if not isinstance(config, AttackConfig):
+        raise ValueError(f"config must be an fs_mllm.attacks.AttackConfig, got {type(config).__name__}")
+    check_images(images01, "images01")
+    if images01.ndim < 4 or images01.shape[-3] != 3:
+        raise ValueError(f"images01 must be (B, ..., 3, H, W) [0,1] pixels, got shape {tuple(images01.shape)}")
+    adapter = get_adapter(model)
+    mean, std = _resolve_mean_std(model, adapter, processor_or_tokenizer, image_mean, image_std)
+    clean_images = images01.detach().float()
+    objective, clean_features = make_objective(model, processor_or_tokenizer, clean_images, prompts, config, answers,
+                                               mean, std, **image_kwargs)
+    generator = torch.Generator(device=clean_images.device).manual_seed(config.seed)
+    delta = _random_start(clean_images, config, generator)
+    records: list[StepRecord] = []
+    loss = torch.zeros(clean_images.shape[0])
+    was_training = model.training
+    model.eval()
+    try:
+        for step in range(config.steps):
+            loss, grad = eot_gradient(model, objective, clean_images + delta, config, step)
+            delta = project(delta - config.step_size * _ascent_direction(grad, config.norm), clean_images, config.norm, config.eps)
+            if config.record_steps:
+                adv = clean_images + delta
+                records.append(StepRecord(step, float(loss.mean()), _per_image_norm(delta, config.norm).tolist(),
+                                          float(adv.min()), float(adv.max())))
+            if progress is not None:
+                progress(step, float(loss.mean()))
+        adv_images = (clean_images + delta).detach()
+        with torch.no_grad():  # FCS as deployed: the model's own path and seed for both images
+            count = adv_images.shape[0]
+            adv_features = _features(model, adapter, _image_inputs(model, adapter, adv_images, mean, std, image_kwargs), count)
+            if config.smoothing_samples is not None and is_patched(model):
+                clean_features = _features(model, adapter, _image_inputs(model, adapter, clean_images, mean, std, image_kwargs), count)
+            final_loss = float(objective(adv_images).mean())
+    finally:
+        model.train(was_training)
+    fcs = torch.nn.functional.cosine_similarity(adv_features.float().flatten(1), clean_features.float().flatten(1), dim=1)
+    return AttackResult(adv_images, clean_images, fcs.cpu().tolist(), _per_image_norm(delta, config.norm).cpu().tolist(),
+                        final_loss, config, records)

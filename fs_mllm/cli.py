@@ -1,0 +1,346 @@
+"""The ``fs-mllm`` command: demo, certify, attack, eval and train-gsb, each a thin layer.
+
+``demo`` and ``certify`` live here (they only call the library); ``attack``, ``eval`` and
+``train-gsb`` hand their arguments to the recipe scripts in ``recipes/`` (one argument parser each,
+shared by the script and the command), so the command and the scripts never drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+DEFAULT_MODEL = "fs-mini-llava"
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = {"attack": "attack_pipeline", "eval-vqa": "eval_vqa", "eval-caption": "eval_caption", "train-gsb": "train_gsb"}
+
+
+# ---------------------------------------------------------------------------------------------
+# shared pieces
+# ---------------------------------------------------------------------------------------------
+
+def load_model(name_or_path: str, dtype: str = "float32"):
+    """(model, processor): the embedded ``fs-mini-llava``, or any HF image-text-to-text model id/folder."""
+    import torch
+
+    torch_dtype = getattr(torch, dtype)
+    if name_or_path == DEFAULT_MODEL:
+        from .models import load_mini_llava
+
+        return load_mini_llava(dtype=torch_dtype)
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=torch_dtype).eval()
+    return model, AutoProcessor.from_pretrained(name_or_path)
+
+
+def processor_size(processor: Any) -> int:
+    """Square input resolution of the processor (crop size, else size)."""
+    image_processor = getattr(processor, "image_processor", processor)
+    for key in ("crop_size", "size"):
+        size = getattr(image_processor, key, None)
+        if size is not None and not isinstance(size, int):
+            size = dict(size).get("height") or dict(size).get("shortest_edge")
+        if size:
+            return int(size)
+    raise ValueError("could not read the input resolution from the processor; pass --size")
+
+
+def to_tensor01(image: Any, size: int):
+    """A PIL/array image as a (3, size, size) float tensor in [0,1] (bilinear, antialiased)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(np.asarray(image))
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    tensor = torch.from_numpy(array).permute(2, 0, 1)[None]
+    return F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True)[0].clamp(0, 1)
+
+
+def load_images(folder: Optional[str], size: int, limit: Optional[int] = None):
+    """[0,1] images (B, 3, size, size) and their names: a folder of images, or the project's real offline photos."""
+    import torch
+    from PIL import Image
+
+    if folder is None:
+        from .evaluation import load_offline_eval
+
+        photos = load_offline_eval("caption")
+        names = [f"offline-photo-{i}" for i in photos["image_id"]]
+        images = list(photos["image"])
+    else:
+        paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".webp"})
+        if not paths:
+            raise ValueError(f"--images: no .png/.jpg/.jpeg/.bmp/.webp files in {folder}")
+        names = [p.name for p in paths]
+        images = [Image.open(p) for p in paths]
+    if limit is not None:
+        names, images = names[:limit], images[:limit]
+    return torch.stack([to_tensor01(image, size) for image in images]), names
+
+
+def write_report(out_dir: Path, title: str, markdown_table: str, extra: Sequence[str] = ()) -> Path:
+    path = out_dir / "report.md"
+    path.write_text("\n\n".join([f"# {title}", markdown_table, *extra]) + "\n", encoding="utf-8")
+    return path
+
+
+def positive_radii(text: str) -> list[float]:
+    try:
+        radii = [float(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"radii must be comma-separated numbers, got {text!r}") from None
+    if not radii or any(r < 0 for r in radii):
+        raise argparse.ArgumentTypeError(f"radii must be non-negative l2 radii, got {text!r}")
+    return radii
+
+
+# ---------------------------------------------------------------------------------------------
+# certify
+# ---------------------------------------------------------------------------------------------
+
+def certify_images(model, images01, sigma: float, n: int, alpha: float, method: str, booster=None, processor=None):
+    """Certificates of the features feeding the decoder of ``model`` smoothed at ``sigma`` (booster optional)."""
+    from .patching import certify_model, is_patched, patch_model, unpatch_model
+
+    was_patched = is_patched(model)
+    if not was_patched:
+        patch_model(model, sigma=sigma, booster=booster, processor=processor)
+    try:
+        return certify_model(model, images01, n=n, alpha=alpha, method=method)
+    finally:
+        if not was_patched:
+            unpatch_model(model)
+
+
+def run_certify(args: argparse.Namespace) -> dict:
+    from tqdm.auto import tqdm
+
+    from .evaluation import certified_curve, plot_certified_curve, summary_table
+
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, processor = load_model(args.model)
+    booster = load_booster(args.booster)
+    size = args.size or processor_size(processor)
+    images, names = load_images(args.images, size, args.limit)
+    certificates = []
+    for i in tqdm(range(len(names)), desc="certifying", unit="image"):
+        certificates += certify_images(model, images[i:i + 1], args.sigma, args.n, args.alpha, args.method, booster, processor)
+    rows = []
+    with open(out_dir / "certificates.jsonl", "w", encoding="utf-8") as f:
+        for name, cert in zip(names, certificates):
+            record = {"image": name, **{k: v for k, v in cert.to_dict().items() if not k.startswith("token_")}}
+            record.update({f"fcsb@{r:g}": float(cert.fcsb(r)) for r in args.radii})
+            f.write(json.dumps(record) + "\n")
+            rows.append({"image": name, "S mean": cert.score_mean, "S lower": cert.score_lower,
+                         **{f"FCSB@{r:g}": float(cert.fcsb(r)) for r in args.radii}})
+    curve = certified_curve([c.score_lower for c in certificates], args.sigma)
+    plot = plot_certified_curve({"FS" if booster is None else "FS+GSB": curve}, out_dir / "certified_curve.png", threshold=0.5,
+                                title=f"{args.model}, sigma={args.sigma}, n={args.n}, alpha={args.alpha}")
+    markdown, table = summary_table(rows)
+    (out_dir / "summary.json").write_text(json.dumps({"settings": vars(args), "table": table, "curve": curve}, indent=2, default=str))
+    write_report(out_dir, f"Certified features of {args.model}", markdown, [f"![certified curve]({Path(plot).name})",
+                 CERTIFICATE_MEANING.format(sigma=args.sigma, alpha=args.alpha)])
+    print(markdown)
+    print(f"\nwrote {out_dir}/certificates.jsonl, certified_curve.png, report.md")
+    return {"certificates": certificates, "curve": curve}
+
+
+CERTIFICATE_MEANING = (
+    "Each FCSB@r is a lower bound on cos(F(x'), F(x)) for every x' within l2 distance r of the image "
+    "(in [0,1] pixel space), for the exact smoothed encoder F at sigma={sigma}; it holds per image with "
+    "probability >= 1 - {alpha} over the certification noise. -1 means no guarantee."
+)
+
+
+def load_booster(path: Optional[str]):
+    if path is None:
+        return None
+    from .gsb import GaussianSmoothnessBooster
+
+    return GaussianSmoothnessBooster.from_pretrained(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+# ---------------------------------------------------------------------------------------------
+
+def run_demo(args: argparse.Namespace) -> dict:
+    """Clean and attacked VQA accuracy of the base and the smoothed model, and certified FCSB, on real weights."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .attacks import AttackConfig, attack, generate_text
+    from .evaluation import certified_curve, plot_accuracy_vs_budget, plot_certified_curve, summary_table
+    from .models.mini_llava import build_prompt
+    from .patching import certify_model, patch_model, unpatch_model
+    from .synthetic import make_dataset, vqa_match
+
+    torch.manual_seed(0)
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, processor = load_model(DEFAULT_MODEL)
+    size = processor_size(processor)
+    examples = make_dataset(args.examples, split="heldout", size=size)
+    images = torch.stack([to_tensor01(e.image, size) for e in examples])
+    questions = [e.qa[0][0] for e in examples]
+    answers = [e.qa[0][1] for e in examples]
+    prompts = [build_prompt(q) for q in questions]
+    photos, _ = load_images(None, size, args.photos)
+
+    def accuracy(outputs: list[str]) -> float:
+        return sum(vqa_match(o, a) for o, a in zip(outputs, answers)) / len(outputs)
+
+    config = AttackConfig(norm="l2", eps=args.eps, steps=args.steps, objective="untargeted",
+                          eot_samples=args.eot_samples, eot_chunk_size=1)
+    rows, curves, budget_acc = [], {}, {}
+    for variant in ("base", "FS"):
+        if variant == "FS":
+            patch_model(model, sigma=args.sigma, n_samples=args.n_samples, processor=processor)
+        with tqdm(total=3, desc=f"{variant}", unit="stage") as bar:
+            clean = generate_text(model, processor, images, prompts, max_new_tokens=args.max_new_tokens)
+            bar.update()
+            adv = attack(model, processor, images, prompts, config, answers=[a[0] for a in answers])
+            attacked = generate_text(model, processor, adv.adv_images, prompts, max_new_tokens=args.max_new_tokens)
+            bar.update()
+            if variant == "base":
+                patch_model(model, sigma=args.sigma, n_samples=args.n_samples, processor=processor)
+            certificates = certify_model(model, photos, n=args.certify_n, alpha=args.alpha)
+            if variant == "base":
+                unpatch_model(model)
+            bar.update()
+        clean_acc, attacked_acc = accuracy(clean), accuracy(attacked)
+        flipped = sum(vqa_match(c, a) and not vqa_match(t, a) for c, t, a in zip(clean, attacked, answers))
+        correct = sum(vqa_match(c, a) for c, a in zip(clean, answers))
+        s_low = [c.score_lower for c in certificates]
+        curves[variant] = certified_curve(s_low, args.sigma)
+        budget_acc[variant] = [clean_acc, attacked_acc]
+        rows.append({
+            "model": variant,
+            "clean acc": clean_acc,
+            f"attacked acc (l2 eps={args.eps:g})": attacked_acc,
+            "attack success": flipped / correct if correct else float("nan"),
+            "FCS clean vs adv": sum(adv.fcs) / len(adv.fcs),
+            f"FCSB@{args.sigma / 4:g}": _mean_fcsb(certificates, args.sigma / 4) if variant == "FS" else None,
+            f"FCSB@{args.sigma / 2:g}": _mean_fcsb(certificates, args.sigma / 2) if variant == "FS" else None,
+        })
+    unpatch_model(model)
+    markdown, table = summary_table(rows)
+    plot_certified_curve({"FS": curves["FS"]}, out_dir / "certified_curve.png", threshold=0.5,
+                         title=f"fs-mini-llava features, sigma={args.sigma}, n={args.certify_n}")
+    plot_accuracy_vs_budget([0.0, args.eps], budget_acc, out_dir / "accuracy_vs_budget.png",
+                            title="VQA accuracy on held-out synthetic questions")
+    (out_dir / "summary.json").write_text(json.dumps({"settings": vars(args), "table": table, "curves": curves}, indent=2, default=str))
+    notes = [
+        f"Model: fs-mini-llava (real DINOv2 ViT-S/14 + SmolLM2-135M-Instruct, projector trained by the project), "
+        f"{len(examples)} held-out synthetic questions, {photos.shape[0]} real photos certified.",
+        f"Attack: untargeted PGD, l2 eps={args.eps}, {args.steps} steps; against FS it is adaptive "
+        f"(EOT over {args.eot_samples} noisy forwards per step). Attack success = fraction of correctly answered "
+        "questions whose answer the attack made wrong.",
+        "FCSB columns: mean certified lower bound on the cosine between smoothed features of a real photo and of "
+        "any image within that l2 radius. " + CERTIFICATE_MEANING.format(sigma=args.sigma, alpha=args.alpha),
+        "![certified curve](certified_curve.png)", "![accuracy vs budget](accuracy_vs_budget.png)",
+    ]
+    write_report(out_dir, "fs-mllm demo", markdown, notes)
+    print(markdown)
+    print(f"\nwrote {out_dir}/report.md, certified_curve.png, accuracy_vs_budget.png, summary.json")
+    return {"rows": rows, "curves": curves}
+
+
+def _mean_fcsb(certificates, radius: float) -> float:
+    return sum(float(c.fcsb(radius)) for c in certificates) / len(certificates)
+
+
+# ---------------------------------------------------------------------------------------------
+# recipes
+# ---------------------------------------------------------------------------------------------
+
+def load_recipe(name: str):
+    """Import a recipe script from ``recipes/`` (present in a source checkout / editable install)."""
+    path = RECIPES_DIR / f"{RECIPES[name]}.py"
+    if not path.exists():
+        raise SystemExit(f"fs-mllm {name}: recipe {path} not found; install fs_mllm from a source checkout (pip install -e .)")
+    spec = importlib.util.spec_from_file_location(f"fs_mllm_recipe_{RECIPES[name]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fs-mllm",
+        description="Certified robustness for multimodal LLMs through feature-space smoothing (FS + FCSB + GSB).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="certify and attack the embedded offline model fs-mini-llava (minutes on a CPU)",
+                          description=run_demo.__doc__)
+    demo.add_argument("--sigma", type=float, default=0.25, help="smoothing noise std in [0,1] pixel space (default 0.25)")
+    demo.add_argument("--n-samples", type=int, default=8, help="noisy copies averaged inside generate() (default 8)")
+    demo.add_argument("--examples", type=int, default=8, help="held-out synthetic questions to answer and attack (default 8)")
+    demo.add_argument("--photos", type=int, default=6, help="real offline photos to certify (default 6)")
+    demo.add_argument("--certify-n", type=int, default=200, help="Monte-Carlo samples per certificate (default 200)")
+    demo.add_argument("--alpha", type=float, default=0.001, help="certificate failure probability (default 0.001)")
+    demo.add_argument("--eps", type=float, default=1.0, help="l2 attack budget in [0,1] pixel space (default 1.0)")
+    demo.add_argument("--steps", type=int, default=5, help="PGD steps (default 5)")
+    demo.add_argument("--eot-samples", type=int, default=2, help="noisy forwards per gradient against FS (default 2)")
+    demo.add_argument("--max-new-tokens", type=int, default=6, help="answer length (default 6)")
+    demo.add_argument("--output-dir", default="fs_mllm_outputs/demo", help="where the report and plots go")
+    demo.set_defaults(run=run_demo)
+
+    cert = sub.add_parser("certify", help="certify the features feeding the decoder, per image (FCSB curve + report)",
+                          description="Certify the smoothed image features of a model on a folder of images "
+                                      "(default: the real offline photos).")
+    cert.add_argument("--model", default=DEFAULT_MODEL, help=f"model id or local folder (default {DEFAULT_MODEL})")
+    cert.add_argument("--images", default=None, help="folder of images (default: the project's real offline photos)")
+    cert.add_argument("--limit", type=int, default=None, help="certify only the first N images")
+    cert.add_argument("--size", type=int, default=None, help="input resolution (default: the processor's)")
+    cert.add_argument("--sigma", type=float, default=0.25, help="noise std in [0,1] pixel space (default 0.25)")
+    cert.add_argument("--n", type=int, default=1000, help="Monte-Carlo samples per image (default 1000)")
+    cert.add_argument("--alpha", type=float, default=0.001, help="failure probability per certificate (default 0.001)")
+    cert.add_argument("--method", default="bernstein", choices=["hoeffding", "bernstein", "betting"],
+                      help="lower confidence bound on the robustness score (default bernstein)")
+    cert.add_argument("--radii", type=positive_radii, default=[0.0625, 0.125, 0.25],
+                      help="comma-separated l2 radii to report FCSB at (default 0.0625,0.125,0.25)")
+    cert.add_argument("--booster", default=None, help="folder of a trained GaussianSmoothnessBooster (gsb.safetensors)")
+    cert.add_argument("--output-dir", default="fs_mllm_outputs/certify", help="where results go")
+    cert.set_defaults(run=run_certify)
+
+    for name, recipe_help in (("attack", "PGD attacks on the full pipeline (recipes/attack_pipeline.py)"),
+                              ("eval-vqa", "VQA robustness evaluation (recipes/eval_vqa.py)"),
+                              ("eval-caption", "captioning robustness evaluation (recipes/eval_caption.py)"),
+                              ("train-gsb", "train a Gaussian Smoothness Booster (recipes/train_gsb.py)")):
+        recipe = sub.add_parser(name, help=recipe_help, add_help=False,
+                                description=f"{recipe_help}; `fs-mllm {name} --help` lists the recipe's options.")
+        recipe.set_defaults(recipe=name)
+    eval_alias = sub.add_parser("eval", help="alias: `fs-mllm eval vqa|caption ...`", add_help=False)
+    eval_alias.set_defaults(recipe="eval")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Any:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    recipe = getattr(args, "recipe", None)
+    if recipe is None:
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return args.run(args)
+    if recipe == "eval":
+        if not rest or rest[0] not in ("vqa", "caption"):
+            parser.error("usage: fs-mllm eval {vqa,caption} [options]")
+        recipe, rest = f"eval-{rest[0]}", rest[1:]
+    return load_recipe(recipe).main(rest)
+
+
+if __name__ == "__main__":
+    main()
