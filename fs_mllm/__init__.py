@@ -3,6 +3,7 @@
 from .attacks import AttackConfig, AttackResult, attack
 from .certify import Certificate, PredictionCertificate, certify_features, certify_prediction
 from .config import FSConfig
+from .gsb import GaussianSmoothnessBooster, GSBConfig, boosted_encoder
 from .patching import ModelCertificate, certify_model, get_fs_state, is_patched, patch_model, unpatch_model
 from .smoothing import smooth_features
 from .stats import certified_radius, fcsb, score_lower_bound
@@ -13,8 +14,11 @@ __all__ = [
     "AttackConfig",
     "AttackResult",
     "attack",
+    "boosted_encoder",
     "Certificate",
     "FSConfig",
+    "GSBConfig",
+    "GaussianSmoothnessBooster",
     "ModelCertificate",
     "PredictionCertificate",
     "certified_radius",

@@ -1,0 +1,359 @@
+"""Gaussian Smoothness Booster (GSB): raise the Gaussian robustness score S(x) of a frozen encoder.
+
+FCSB grows with S(x) = E (1 + cos(f(x+e), f(x))) / 2, so a small trainable front end (pixel-space
+denoiser) and back end (feature-space mapper) around the frozen vision tower buy a much stronger
+certificate without touching the MLLM. The certificate is then about the *boosted* encoder
+f_b(x) = unit(map(g(denoise(x, sigma)), sigma)) built by :func:`boosted_encoder`.
+
+Booster protocol (shared with ``fs_mllm.patching``):
+- ``denoise(pixels01 (N,3,H,W), sigma) -> pixels`` in [0,1] pixel space, before the vision tower;
+- ``map_features(features, sigma) -> features`` on each noisy sample's image features (last dim =
+  feature dim), before normalisation;
+- ``check_compatible(feature_dim, sigma)`` raises ValueError when the booster was trained for another
+  encoder (feature size) or sigma range.
+
+Weights are saved as ``gsb.safetensors`` + ``gsb_config.json`` (never pickle).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .config import check_sigma
+
+WEIGHTS_NAME = "gsb.safetensors"
+CONFIG_NAME = "gsb_config.json"
+FORMAT_VERSION = 1
+SIGMA_TOLERANCE = 1e-6
+
+SigmaLike = Union[float, torch.Tensor]
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+@dataclass
+class GSBConfig:
+    """Architecture and provenance of a booster.
+
+    feature_dim: last dim of the image features the mapper sees (must match the encoder).
+    sigma_min/sigma_max: the noise range (std in [0,1] pixel space) it was trained for.
+    use_denoiser/use_mapper: which parts exist. denoiser_channels/depth: DnCNN width/conv layers.
+    mapper_hidden/mapper_layers: the residual MLP. sigma_embed_dim: size of the FiLM sigma embedding.
+    encoder_id: free text naming the encoder and feature layout it was trained for (provenance).
+    image_size: resolution the denoiser was trained at (informational; it is fully convolutional).
+    extra: free JSON-serialisable metadata (training set, steps, measured figures).
+    """
+
+    feature_dim: int
+    sigma_min: float = 0.125
+    sigma_max: float = 0.5
+    use_denoiser: bool = True
+    use_mapper: bool = True
+    image_channels: int = 3
+    denoiser_channels: int = 32
+    denoiser_depth: int = 8
+    denoiser_downscale: int = 2
+    mapper_hidden: int = 512
+    mapper_layers: int = 2
+    sigma_embed_dim: int = 64
+    encoder_id: str = ""
+    image_size: Optional[int] = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _positive_int(self.feature_dim, "feature_dim")
+        self.sigma_min = check_sigma(self.sigma_min, "sigma_min")
+        self.sigma_max = check_sigma(self.sigma_max, "sigma_max")
+        if self.sigma_min > self.sigma_max:
+            raise ValueError(f"sigma_min ({self.sigma_min}) must be <= sigma_max ({self.sigma_max})")
+        if not (self.use_denoiser or self.use_mapper):
+            raise ValueError("use_denoiser and use_mapper are both False: a booster needs at least one part")
+        _positive_int(self.image_channels, "image_channels")
+        _positive_int(self.denoiser_channels, "denoiser_channels")
+        if isinstance(self.denoiser_depth, bool) or not isinstance(self.denoiser_depth, int) or self.denoiser_depth < 2:
+            raise ValueError(f"denoiser_depth must be an integer >= 2 (conv layers), got {self.denoiser_depth!r}")
+        _positive_int(self.denoiser_downscale, "denoiser_downscale")
+        _positive_int(self.mapper_hidden, "mapper_hidden")
+        _positive_int(self.mapper_layers, "mapper_layers")
+        _positive_int(self.sigma_embed_dim, "sigma_embed_dim")
+        if self.image_size is not None:
+            _positive_int(self.image_size, "image_size")
+        if not isinstance(self.encoder_id, str):
+            raise ValueError(f"encoder_id must be a string, got {self.encoder_id!r}")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"extra must be a dict of JSON-serialisable metadata, got {type(self.extra).__name__}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GSBConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown GSBConfig fields {unknown}; expected a subset of {sorted(known)}")
+        return cls(**data)
+
+
+class SigmaEmbedding(nn.Module):
+    """Embed the noise level (scaled by sigma_max so sigma=0 is a valid, 'no noise' input)."""
+
+    def __init__(self, dim: int, sigma_max: float) -> None:
+        super().__init__()
+        self.sigma_max = sigma_max
+        self.net = nn.Sequential(nn.Linear(3, dim), nn.SiLU(), nn.Linear(dim, dim), nn.SiLU())
+
+    def forward(self, sigma: torch.Tensor) -> torch.Tensor:
+        s = (sigma.float() / self.sigma_max).reshape(-1, 1)
+        return self.net(torch.cat([s, s * s, torch.sqrt(s.clamp_min(0))], dim=-1))
+
+
+class FiLM(nn.Module):
+    """Feature-wise affine modulation h * (1 + gamma(s)) + beta(s), starting at the identity."""
+
+    def __init__(self, embed_dim: int, channels: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(embed_dim, 2 * channels)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, channel_dim: int) -> torch.Tensor:
+        gamma, beta = self.proj(emb).chunk(2, dim=-1)  # (B, C) each
+        shape = [1] * h.ndim
+        shape[0] = h.shape[0]
+        shape[channel_dim] = h.shape[channel_dim]
+        return h * (1 + gamma.reshape(shape)) + beta.reshape(shape)
+
+
+class SigmaDenoiser(nn.Module):
+    """Sigma-conditioned DnCNN/FFDNet in [0,1] pixel space: D(y, s) = y - s * eps_hat(y, s).
+
+    It predicts the unit-variance noise, so it is exactly the identity at s = 0 and (zero final layer)
+    starts as the identity for every s. Convolutions run on a pixel-unshuffled copy (FFDNet), which
+    makes it cheap next to the vision tower.
+    """
+
+    def __init__(self, channels: int, width: int, depth: int, embed_dim: int, sigma_max: float, downscale: int = 1) -> None:
+        super().__init__()
+        self.embed = SigmaEmbedding(embed_dim, sigma_max)
+        self.downscale = downscale
+        packed = channels * downscale * downscale
+        self.inp = nn.Conv2d(packed + 1, width, 3, padding=1)
+        self.body = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in range(depth - 2))
+        self.films = nn.ModuleList(FiLM(embed_dim, width) for _ in range(depth - 2))
+        self.out = nn.Conv2d(width, packed, 3, padding=1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        self.sigma_max = sigma_max
+
+    def forward(self, y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        k = self.downscale
+        if y.shape[2] % k or y.shape[3] % k:
+            raise ValueError(f"image height/width {tuple(y.shape[2:])} must be divisible by denoiser_downscale={k}")
+        sigma = sigma.to(device=y.device, dtype=torch.float32).reshape(-1).expand(y.shape[0])
+        emb = self.embed(sigma)
+        s = sigma.reshape(-1, 1, 1, 1)
+        scale = torch.rsqrt(0.25 + s * s)  # keep the input variance ~1 across noise levels
+        packed = F.pixel_unshuffle((y - 0.5) * scale, k) if k > 1 else (y - 0.5) * scale
+        level = (s / self.sigma_max).expand(-1, 1, packed.shape[2], packed.shape[3])
+        h = F.relu(self.inp(torch.cat([packed, level], dim=1)))
+        for conv, film in zip(self.body, self.films):
+            h = F.relu(film(conv(h), emb, channel_dim=1))
+        eps = self.out(h)
+        if k > 1:
+            eps = F.pixel_shuffle(eps, k)
+        return y - s * eps
+
+
+class FeatureMapper(nn.Module):
+    """Residual, sigma-aware feature map z_m = z + M(z, s) applied to each token (last dim).
+
+    M normalises z (LayerNorm without affine), runs an MLP with FiLM(sigma) after each hidden layer, and
+    scales its zero-initialised output by the token's RMS, so it starts as the identity and its
+    correction is relative to the feature scale.
+    """
+
+    def __init__(self, dim: int, hidden: int, layers: int, embed_dim: int, sigma_max: float) -> None:
+        super().__init__()
+        self.embed = SigmaEmbedding(embed_dim, sigma_max)
+        dims = [dim] + [hidden] * layers
+        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.films = nn.ModuleList(FiLM(embed_dim, hidden) for _ in range(layers))
+        self.out = nn.Linear(hidden, dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def residual(self, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """M(z, s) for z of shape (B, ..., D) and sigma of shape (B,) or ()."""
+        batch = z.shape[0] if z.ndim >= 2 else 1
+        sigma = sigma.to(device=z.device, dtype=torch.float32).reshape(-1).expand(batch)
+        emb = self.embed(sigma)  # (B, E)
+        zb = z.float().reshape(batch, -1, z.shape[-1])  # (B, T, D)
+        rms = zb.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+        h = F.layer_norm(zb, (zb.shape[-1],))
+        for linear, film in zip(self.linears, self.films):
+            h = F.gelu(film(linear(h), emb.unsqueeze(1), channel_dim=2))
+        return (self.out(h) * rms).reshape(z.shape)
+
+    def forward(self, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return z.float() + self.residual(z, sigma)
+
+
+class GaussianSmoothnessBooster(nn.Module):
+    """Denoiser (pixels) + mapper (features) around a frozen encoder; implements the booster protocol."""
+
+    def __init__(self, config: GSBConfig) -> None:
+        super().__init__()
+        if not isinstance(config, GSBConfig):
+            raise ValueError(f"config must be a GSBConfig, got {type(config).__name__}")
+        self.config = config
+        c = config
+        self.denoiser = (
+            SigmaDenoiser(c.image_channels, c.denoiser_channels, c.denoiser_depth, c.sigma_embed_dim, c.sigma_max, c.denoiser_downscale)
+            if c.use_denoiser else None
+        )
+        self.mapper = (
+            FeatureMapper(c.feature_dim, c.mapper_hidden, c.mapper_layers, c.sigma_embed_dim, c.sigma_max)
+            if c.use_mapper else None
+        )
+
+    # ---- protocol -------------------------------------------------------------------------
+    def check_compatible(self, feature_dim: int, sigma: float) -> None:
+        """Refuse an encoder with another feature size, or a sigma outside the trained range."""
+        if isinstance(feature_dim, bool) or not isinstance(feature_dim, int):
+            raise ValueError(f"feature_dim must be an integer, got {feature_dim!r}")
+        if feature_dim != self.config.feature_dim:
+            raise ValueError(
+                f"feature_dim mismatch: this booster was trained for features of size {self.config.feature_dim} "
+                f"(encoder {self.config.encoder_id or 'unspecified'}), got {feature_dim}; train a booster for this encoder"
+            )
+        sigma = check_sigma(sigma)
+        lo, hi = self.config.sigma_min, self.config.sigma_max
+        if sigma < lo - SIGMA_TOLERANCE or sigma > hi + SIGMA_TOLERANCE:
+            raise ValueError(
+                f"sigma={sigma} is outside the range [{lo}, {hi}] this booster was trained for; "
+                f"use a sigma in that range or train a booster for it"
+            )
+
+    def denoise(self, pixels01: torch.Tensor, sigma: SigmaLike) -> torch.Tensor:
+        """Denoise [0,1] pixels (N, C, H, W) at noise level sigma (float or per-image (N,) tensor)."""
+        if not isinstance(pixels01, torch.Tensor) or pixels01.ndim != 4:
+            got = tuple(pixels01.shape) if isinstance(pixels01, torch.Tensor) else type(pixels01).__name__
+            raise ValueError(f"pixels01 must be a (N, C, H, W) tensor of [0,1] pixels, got {got}")
+        if self.denoiser is None:
+            return pixels01
+        if pixels01.shape[1] != self.config.image_channels:
+            raise ValueError(f"pixels01 has {pixels01.shape[1]} channels, the denoiser expects {self.config.image_channels}")
+        param = next(self.denoiser.parameters())
+        out = self.denoiser(pixels01.to(device=param.device, dtype=torch.float32), self._sigma_tensor(sigma, param.device))
+        return out.to(device=pixels01.device, dtype=pixels01.dtype)
+
+    def map_features(self, features: torch.Tensor, sigma: SigmaLike) -> torch.Tensor:
+        """Apply z + M(z, sigma) to image features (..., feature_dim); keeps shape, device and dtype."""
+        if not isinstance(features, torch.Tensor) or features.ndim < 1:
+            raise ValueError("features must be a tensor whose last dim is the feature dim")
+        if features.shape[-1] != self.config.feature_dim:
+            raise ValueError(
+                f"features have last dim {features.shape[-1]}, this booster was trained for feature_dim="
+                f"{self.config.feature_dim} (encoder {self.config.encoder_id or 'unspecified'})"
+            )
+        if self.mapper is None:
+            return features
+        param = next(self.mapper.parameters())
+        z = features.to(device=param.device)
+        if z.ndim == 1:
+            z = z.unsqueeze(0)
+        out = self.mapper(z, self._sigma_tensor(sigma, param.device))
+        return out.reshape(features.shape).to(device=features.device, dtype=features.dtype)
+
+    def forward(self, pixels01: torch.Tensor, encoder: Callable[[torch.Tensor], torch.Tensor], sigma: SigmaLike) -> torch.Tensor:
+        """denoise -> encoder -> map: the features the certificate is about (before normalisation)."""
+        return self.map_features(encoder(self.denoise(pixels01, sigma)), sigma)
+
+    @staticmethod
+    def _sigma_tensor(sigma: SigmaLike, device: torch.device) -> torch.Tensor:
+        if isinstance(sigma, torch.Tensor):
+            if not torch.isfinite(sigma).all() or (sigma < 0).any():
+                raise ValueError("sigma must be finite and >= 0")
+            return sigma.to(device=device, dtype=torch.float32)
+        value = float(sigma)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+        return torch.tensor(value, device=device, dtype=torch.float32)
+
+    # ---- serialisation ---------------------------------------------------------------------
+    def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> Path:
+        """Write gsb.safetensors + gsb_config.json (no pickle) and return the folder."""
+        from safetensors.torch import save_file
+
+        out = Path(save_directory)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"save_directory {str(out)!r} exists and is not a directory")
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt", "gsb_format_version": str(FORMAT_VERSION)})
+        payload = {"gsb_format_version": FORMAT_VERSION, **self.config.to_dict()}
+        (out / CONFIG_NAME).write_text(json.dumps(payload, indent=2, sort_keys=True))
+        return out
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> "GaussianSmoothnessBooster":
+        """Load a booster saved by :meth:`save_pretrained` (strict: every weight must match)."""
+        from safetensors.torch import load_file
+
+        folder = Path(directory)
+        if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
+            raise ValueError(f"directory {str(folder)!r} must contain {CONFIG_NAME} and {WEIGHTS_NAME}")
+        data = json.loads((folder / CONFIG_NAME).read_text())
+        version = data.pop("gsb_format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{CONFIG_NAME} has gsb_format_version {version}; this fs_mllm reads {FORMAT_VERSION}")
+        booster = cls(GSBConfig.from_dict(data))
+        booster.load_state_dict(load_file(str(folder / WEIGHTS_NAME)), strict=True)
+        return booster.to(device).eval()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def boosted_encoder(
+    encoder: Callable[[torch.Tensor], torch.Tensor],
+    booster: Optional[GaussianSmoothnessBooster],
+    sigma: float,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The encoder the certificate is about: x -> map(encoder(denoise(x, sigma)), sigma).
+
+    The booster is told the smoothing sigma (not the noise actually present), exactly as at inference:
+    pass the result to ``certify_features``/``smooth_features``. Compatibility (feature size, sigma
+    range) is checked on the first call, when the feature size is known.
+    """
+    sigma = check_sigma(sigma)
+    if booster is None:
+        return encoder
+    for name in ("denoise", "map_features", "check_compatible"):
+        if not callable(getattr(booster, name, None)):
+            raise ValueError(f"booster must implement the booster protocol; it has no callable {name!r}")
+    checked: list = []
+
+    def encode(pixels01: torch.Tensor) -> torch.Tensor:
+        features = encoder(booster.denoise(pixels01, sigma))
+        if not checked:
+            booster.check_compatible(int(features.shape[-1]), sigma)
+            checked.append(True)
+        return booster.map_features(features, sigma)
+
+    return encode

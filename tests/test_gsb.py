@@ -1,0 +1,216 @@
+"""Fast tests of the Gaussian Smoothness Booster on tiny random encoders (no real weights needed)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fs_mllm.certify import certify_features
+from fs_mllm.gsb import CONFIG_NAME, WEIGHTS_NAME, GaussianSmoothnessBooster, GSBConfig, boosted_encoder
+from fs_mllm.gsb_training import (
+    GSBTrainConfig, RandomCropDataset, evaluate_certificates, flatten_optimizer_state, load_checkpoint_state,
+    train_gsb, unflatten_optimizer_state,
+)
+
+SIZE = 16
+DIM = 8
+
+
+class TinyEncoder(nn.Module):
+    """Patchify conv + nonlinearity: (B, 3, 16, 16) -> (B, 16 tokens, DIM)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.patch = nn.Conv2d(3, DIM, 4, stride=4)
+        self.mix = nn.Linear(DIM, DIM)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch(x.float()).flatten(2).transpose(1, 2)
+        return self.mix(torch.tanh(tokens)) + 0.5
+
+
+def small_config(**changes) -> GSBConfig:
+    base = dict(feature_dim=DIM, sigma_min=0.1, sigma_max=0.5, denoiser_channels=8, denoiser_depth=3,
+                denoiser_downscale=2, mapper_hidden=16, mapper_layers=1, sigma_embed_dim=8, encoder_id="tiny")
+    base.update(changes)
+    return GSBConfig(**base)
+
+
+def smooth_images(count: int = 12, seed: int = 0) -> list[np.ndarray]:
+    """Smooth 'photos' (low-frequency patterns) so that denoising is learnable."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:32, 0:32] / 32.0
+    images = []
+    for _ in range(count):
+        a, b, c = rng.uniform(0.5, 3.0, size=3)
+        img = np.stack([0.5 + 0.4 * np.sin(a * np.pi * xx + c), 0.5 + 0.4 * np.cos(b * np.pi * yy), 0.5 + 0.3 * np.sin(a * xx + b * yy)], -1)
+        images.append(img.astype(np.float32))
+    return images
+
+
+def test_starts_as_identity():
+    booster = GaussianSmoothnessBooster(small_config())
+    x = torch.rand(2, 3, SIZE, SIZE)
+    z = torch.randn(2, 5, DIM)
+    assert torch.equal(booster.denoise(x, 0.25), x)
+    torch.testing.assert_close(booster.map_features(z, 0.25), z)
+    # and the denoiser is exactly the identity at sigma = 0 even after its weights move
+    with torch.no_grad():
+        for p in booster.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    assert torch.equal(booster.denoise(x, 0.0), x)
+    assert not torch.allclose(booster.denoise(x, 0.25), x)
+    assert not torch.allclose(booster.map_features(z, 0.25), z)
+
+
+def test_protocol_shapes_dtypes_and_devices():
+    booster = GaussianSmoothnessBooster(small_config())
+    x = torch.rand(3, 3, SIZE, SIZE, dtype=torch.float64)
+    assert booster.denoise(x, 0.3).shape == x.shape and booster.denoise(x, 0.3).dtype == torch.float64
+    for shape in [(4, DIM), (2, 7, DIM), (2, 3, 5, DIM)]:
+        z = torch.randn(shape, dtype=torch.bfloat16)
+        out = booster.map_features(z, 0.3)
+        assert out.shape == z.shape and out.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="feature_dim"):
+        booster.map_features(torch.randn(2, DIM + 1), 0.3)
+    with pytest.raises(ValueError, match="pixels01"):
+        booster.denoise(torch.rand(3, SIZE, SIZE), 0.3)
+    with pytest.raises(ValueError, match="divisible"):
+        booster.denoise(torch.rand(1, 3, 15, 15), 0.3)
+
+
+def test_check_compatible_refuses_clearly():
+    booster = GaussianSmoothnessBooster(small_config())
+    booster.check_compatible(DIM, 0.25)
+    booster.check_compatible(DIM, 0.5)
+    with pytest.raises(ValueError, match="feature_dim mismatch.*trained for features of size 8"):
+        booster.check_compatible(DIM * 2, 0.25)
+    with pytest.raises(ValueError, match=r"sigma=0.75 is outside the range \[0.1, 0.5\]"):
+        booster.check_compatible(DIM, 0.75)
+    with pytest.raises(ValueError, match="sigma"):
+        booster.check_compatible(DIM, 0.05)
+    with pytest.raises(ValueError, match="sigma"):
+        booster.check_compatible(DIM, -1.0)
+    encoder = TinyEncoder()
+    with pytest.raises(ValueError, match="outside the range"):
+        boosted_encoder(encoder, booster, 0.9)(torch.rand(1, 3, SIZE, SIZE))
+    wrong = GaussianSmoothnessBooster(small_config(feature_dim=DIM + 4, use_mapper=False))
+    with pytest.raises(ValueError, match="feature_dim mismatch"):
+        boosted_encoder(encoder, wrong, 0.25)(torch.rand(1, 3, SIZE, SIZE))
+
+
+@pytest.mark.parametrize("bad", [dict(feature_dim=0), dict(sigma_min=0.6), dict(use_denoiser=False, use_mapper=False),
+                                 dict(denoiser_depth=1), dict(sigma_max=-0.1)])
+def test_config_validation(bad):
+    with pytest.raises(ValueError):
+        small_config(**bad)
+
+
+def test_save_load_round_trip_exact(tmp_path):
+    torch.manual_seed(1)
+    booster = GaussianSmoothnessBooster(small_config(extra={"note": "x"}))
+    with torch.no_grad():
+        for p in booster.parameters():
+            p.add_(torch.randn_like(p))
+    booster.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+    data = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert data["feature_dim"] == DIM and data["encoder_id"] == "tiny" and data["extra"] == {"note": "x"}
+    loaded = GaussianSmoothnessBooster.from_pretrained(tmp_path)
+    assert loaded.config == booster.config
+    original, restored = booster.state_dict(), loaded.state_dict()
+    assert original.keys() == restored.keys()
+    for key in original:
+        assert torch.equal(original[key], restored[key]), key
+    x = torch.rand(2, 3, SIZE, SIZE)
+    assert torch.equal(loaded.denoise(x, 0.3), booster.denoise(x, 0.3))
+    with pytest.raises(ValueError, match="must contain"):
+        GaussianSmoothnessBooster.from_pretrained(tmp_path / "missing")
+
+
+def test_mapper_only_and_denoiser_only_parts():
+    z = torch.randn(2, 4, DIM)
+    x = torch.rand(2, 3, SIZE, SIZE)
+    only_map = GaussianSmoothnessBooster(small_config(use_denoiser=False))
+    only_den = GaussianSmoothnessBooster(small_config(use_mapper=False))
+    assert only_map.denoiser is None and torch.equal(only_map.denoise(x, 0.2), x)
+    assert only_den.mapper is None and torch.equal(only_den.map_features(z, 0.2), z)
+
+
+def test_optimizer_state_flatten_round_trip():
+    model = nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    tensors, meta = flatten_optimizer_state(opt.state_dict())
+    json.dumps(meta)  # JSON-able, no pickle
+    restored = unflatten_optimizer_state(tensors, json.loads(json.dumps(meta)))
+    opt2 = torch.optim.AdamW(nn.Linear(3, 2).parameters(), lr=0.5)
+    opt2.load_state_dict(restored)
+    for a, b in zip(opt.state_dict()["state"].values(), opt2.state_dict()["state"].values()):
+        for key in a:
+            assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key]))
+    assert opt2.param_groups[0]["lr"] == 0.1
+
+
+def _mean_score(encoder, images, sigma, n=64):
+    return float(np.mean([c.score_mean for c in certify_features(encoder, images, sigma, n=n, seed=3)]))
+
+
+def test_training_raises_score_on_tiny_encoder(tmp_path):
+    torch.manual_seed(0)
+    encoder = TinyEncoder()
+    images = smooth_images()
+    booster = GaussianSmoothnessBooster(small_config())
+    held = torch.stack([RandomCropDataset(images, SIZE, 4, seed=99, augment=False)[i] for i in range(4)])
+    sigma = 0.3
+    before = _mean_score(encoder, held, sigma)
+    train = GSBTrainConfig(denoiser_steps=40, mapper_steps=40, batch_size=16, image_size=SIZE, denoiser_lr=3e-3,
+                           mapper_lr=3e-3, checkpoint_every=1000, log_every=5, sigma_min=0.2, sigma_max=0.4)
+    result = train_gsb(booster, encoder, images, train, output_dir=tmp_path, progress=False)
+    assert result["step"] == 80
+    history = result["history"]
+    den = [h for h in history if h["stage"] == "denoiser"]
+    mapper = [h for h in history if h["stage"] == "mapper"]
+    assert den[-1]["loss"] < den[0]["loss"]
+    assert mapper[-1]["consistency"] < mapper[0]["consistency"] + 1e-6
+    after = _mean_score(boosted_encoder(encoder, booster, sigma), held, sigma)
+    assert after > before, (before, after)
+    rows = evaluate_certificates(boosted_encoder(encoder, booster, sigma), held, sigma, n=32, reference=encoder)
+    assert all(r["clean_cos_to_reference"] > 0.8 for r in rows)
+    assert (tmp_path / "final" / WEIGHTS_NAME).is_file()
+
+
+def test_resume_continues_step_count(tmp_path):
+    encoder = TinyEncoder()
+    images = smooth_images(4)
+    train = GSBTrainConfig(denoiser_steps=3, mapper_steps=3, batch_size=4, image_size=SIZE, checkpoint_every=1, log_every=1)
+    torch.manual_seed(0)
+    first = GaussianSmoothnessBooster(small_config())
+    part = GSBTrainConfig(**{**train.to_dict(), "mapper_steps": 1})  # same schedule, "killed" after 4 steps
+    train_gsb(first, encoder, images, part, output_dir=tmp_path, progress=False)
+    state = load_checkpoint_state(tmp_path / "checkpoint")
+    assert state["step"] == 4 and state["stage"] == "mapper"
+    assert any(k.endswith("exp_avg") for k in state["optimizer_tensors"])
+    torch.manual_seed(123)  # a fresh booster: weights must come from the checkpoint
+    second = GaussianSmoothnessBooster(small_config())
+    result = train_gsb(second, encoder, images, train, output_dir=tmp_path, progress=False)
+    assert result["step"] == 6
+    assert [h["step"] for h in result["history"]] == [1, 2, 3, 4, 5, 6]
+    assert load_checkpoint_state(tmp_path / "checkpoint")["step"] == 6
+    # the denoiser trained in the first run was restored, not re-initialised
+    torch.testing.assert_close(second.denoiser.state_dict()["inp.weight"], first.denoiser.state_dict()["inp.weight"])
+
+
+def test_train_config_validation():
+    with pytest.raises(ValueError, match="batch_size"):
+        GSBTrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="clean_fraction"):
+        GSBTrainConfig(clean_fraction=1.0)
+    with pytest.raises(ValueError, match="denoiser_steps"):
+        GSBTrainConfig(denoiser_steps=-1)
