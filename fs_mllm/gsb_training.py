@@ -1,0 +1,611 @@
+"""Training of the Gaussian Smoothness Booster, with the frozen encoder, through ``accelerate``.
+
+Two stages (DESIGN section 3), one global step counter:
+1. denoiser: MSE to the clean image (divided by sigma^2 so every noise level counts) plus feature
+   consistency 1 - cos(f(D(x+e)), f(x)) through the frozen encoder;
+2. mapper: consistency 1 - cos(z_m(x+e), f(x)), identity ||M(z, 0)||^2 / ||z||^2 on clean inputs and
+   per-dimension mean/std matching of mapped noisy features against clean features.
+A fraction ``clean_fraction`` of each batch is fed without noise (but told sigma) with the clean target,
+so the boosted encoder keeps clean features (its certificate is about f_b(x) and that should be f(x)).
+
+The same code runs on CPU, one GPU or several (``accelerate launch``): data come from a map-style
+dataset of seeded random crops that accelerate shards, noise from a generator seeded by (seed, step,
+process). Checkpoints are safetensors + JSON (weights, flattened optimizer state, step): kill and rerun
+with the same arguments to resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .config import check_sigma
+from .gsb import GaussianSmoothnessBooster
+from .smoothing import unit_features
+
+Encoder = Callable[[torch.Tensor], torch.Tensor]
+
+# Real photos available offline (DESIGN section 7). Held-out photos are never used for training.
+HELDOUT_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "horse", "china", "flower", "grace_hopper")
+TRAIN_PHOTOS = (
+    "immunohistochemistry", "hubble_deep_field", "retina", "stereo_motorcycle_left", "stereo_motorcycle_right",
+    "colorwheel", "logo", "camera", "brick", "grass", "gravel", "moon", "clock", "coins", "text", "page", "cell",
+    "mpl_logo2", "mpl_minduka",
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# images
+# ------------------------------------------------------------------------------------------------
+def to_float_rgb(image: Any) -> np.ndarray:
+    """Any photo array (H,W), (H,W,3|4), bool/uint8/float, or a PIL image -> float32 (H, W, 3) in [0,1]."""
+    array = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else np.asarray(image)
+    if array.dtype == bool:
+        array = array.astype(np.float32)
+    elif np.issubdtype(array.dtype, np.integer):
+        array = array.astype(np.float32) / 255.0
+    else:
+        array = array.astype(np.float32)
+        if array.max() > 1.0:
+            array = array / 255.0
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] not in (3, 4):
+        raise ValueError(f"image must be (H, W), (H, W, 3) or (H, W, 4), got shape {array.shape}")
+    return np.clip(array[..., :3], 0.0, 1.0)
+
+
+def offline_photo(name: str) -> np.ndarray:
+    """One of the real photos that ship with scikit-image / scikit-learn / matplotlib, as (H, W, 3) float."""
+    if name in ("china", "flower"):
+        from sklearn.datasets import load_sample_image
+
+        return to_float_rgb(load_sample_image(f"{name}.jpg"))
+    if name.startswith("mpl_") or name == "grace_hopper":
+        import matplotlib.cbook as cbook
+        from PIL import Image
+
+        file = {"grace_hopper": "grace_hopper.jpg", "mpl_logo2": "logo2.png", "mpl_minduka": "Minduka_Present_Blue_Pack.png"}[name]
+        with cbook.get_sample_data(file) as handle:
+            return to_float_rgb(Image.open(handle).convert("RGB"))
+    import skimage.data
+
+    if name.startswith("stereo_motorcycle"):
+        left, right, _ = skimage.data.stereo_motorcycle()
+        return to_float_rgb(left if name.endswith("left") else right)
+    loader = getattr(skimage.data, name, None)
+    if loader is None:
+        raise ValueError(f"unknown offline photo {name!r}")
+    return to_float_rgb(loader())
+
+
+def load_image_folder(path: Union[str, os.PathLike]) -> list[np.ndarray]:
+    """All images (png/jpg/jpeg/bmp/webp/tif) in a folder, recursively, as float RGB arrays."""
+    from PIL import Image
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"image folder {str(folder)!r} does not exist")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
+    if not files:
+        raise ValueError(f"image folder {str(folder)!r} holds no images")
+    return [to_float_rgb(Image.open(p).convert("RGB")) for p in files]
+
+
+def load_image_dataset(name_or_path: str, split: str = "train", image_column: str = "image", limit: Optional[int] = None) -> list[np.ndarray]:
+    """Images of a ``datasets`` dataset (local path or cached name) as float RGB arrays."""
+    import datasets
+
+    data = datasets.load_dataset(name_or_path, split=split) if not os.path.isdir(name_or_path) else datasets.load_from_disk(name_or_path)
+    if hasattr(data, "keys") and split in data:
+        data = data[split]
+    if image_column not in data.column_names:
+        raise ValueError(f"image_column {image_column!r} not in dataset columns {data.column_names}")
+    count = len(data) if limit is None else min(limit, len(data))
+    return [to_float_rgb(data[i][image_column]) for i in range(count)]
+
+
+def resize_square(image: np.ndarray, size: int) -> torch.Tensor:
+    """Centre-crop to a square and resize (bicubic, antialiased) to (3, size, size) in [0,1]."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+    h, w = tensor.shape[1:]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    tensor = tensor[:, top:top + side, left:left + side]
+    out = F.interpolate(tensor[None], size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0]
+    return out.clamp(0, 1)
+
+
+def heldout_images(size: int, names: Sequence[str] = HELDOUT_PHOTOS) -> torch.Tensor:
+    """The held-out real photos, centre-cropped and resized: (len(names), 3, size, size)."""
+    return torch.stack([resize_square(offline_photo(n), size) for n in names])
+
+
+class RandomCropDataset(torch.utils.data.Dataset):
+    """Seeded random crops (scale 0.15-1 of the short side), flips and colour jitter of a list of images.
+
+    Item i is a pure function of (seed, i), so a resumed run (offset) continues with fresh crops and
+    accelerate can shard the indices over processes.
+    """
+
+    def __init__(self, images: Sequence[np.ndarray], size: int, length: int, seed: int = 0, offset: int = 0, augment: bool = True) -> None:
+        if not images:
+            raise ValueError("images must hold at least one image")
+        self.images = [torch.from_numpy(np.ascontiguousarray(to_float_rgb(im))).permute(2, 0, 1) for im in images]
+        self.size, self.length, self.seed, self.offset, self.augment = size, length, seed, offset, augment
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.offset + index)
+        image = self.images[int(torch.randint(len(self.images), (1,), generator=g))]
+        h, w = image.shape[1:]
+        short = min(h, w)
+        scale = float(torch.empty(1).uniform_(0.15, 1.0, generator=g)) if self.augment else 1.0
+        side = max(8, int(short * scale))
+        top = int(torch.randint(h - side + 1, (1,), generator=g))
+        left = int(torch.randint(w - side + 1, (1,), generator=g))
+        crop = image[:, top:top + side, left:left + side]
+        crop = F.interpolate(crop[None], size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)[0]
+        if self.augment:
+            if torch.rand(1, generator=g) < 0.5:
+                crop = crop.flip(-1)
+            brightness, contrast, saturation = (torch.empty(3).uniform_(0.7, 1.3, generator=g)).tolist()
+            gray = crop.mean(0, keepdim=True)
+            crop = gray + (crop - gray) * saturation
+            crop = (crop - crop.mean()) * contrast + crop.mean() * brightness
+        return crop.clamp(0, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# encoders
+# ------------------------------------------------------------------------------------------------
+class PixelEncoder(nn.Module):
+    """Wrap a Hugging Face vision model as encoder([0,1] pixels) -> image features.
+
+    Normalises with the processor mean/std, returns ``last_hidden_state`` without the first
+    ``drop_tokens`` tokens (e.g. 1 to drop the CLS token and keep all patch tokens).
+    """
+
+    def __init__(self, model: nn.Module, image_mean: Sequence[float], image_std: Sequence[float], drop_tokens: int = 1) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(image_mean, dtype=torch.float32).reshape(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(image_std, dtype=torch.float32).reshape(1, -1, 1, 1), persistent=False)
+        self.drop_tokens = drop_tokens
+
+    def forward(self, pixels01: torch.Tensor) -> torch.Tensor:
+        x = (pixels01.float() - self.mean) / self.std
+        dtype = next(self.model.parameters()).dtype
+        return self.model(pixel_values=x.to(dtype)).last_hidden_state[:, self.drop_tokens:]
+
+
+def freeze(module: Any) -> Any:
+    """Frozen means no parameter receives gradients and dropout is off; gradients still flow to inputs."""
+    if isinstance(module, nn.Module):
+        module.eval()
+        module.requires_grad_(False)
+    return module
+
+
+# ------------------------------------------------------------------------------------------------
+# losses
+# ------------------------------------------------------------------------------------------------
+def flat_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image cosine of flattened features (global mode), float32."""
+    return F.cosine_similarity(a.float().flatten(1), b.float().flatten(1), dim=1, eps=1e-8)
+
+
+def stats_matching_loss(mapped: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """Per-dimension mean/std of mapped features vs clean features (pooled over batch and tokens)."""
+    m = mapped.float().reshape(-1, mapped.shape[-1])
+    c = clean.float().reshape(-1, clean.shape[-1])
+    c_std = c.std(0) + 1e-4
+    mean_term = ((m.mean(0) - c.mean(0)) / c_std).pow(2).mean()
+    std_term = (torch.log(m.std(0) + 1e-4) - torch.log(c_std)).pow(2).mean()
+    return mean_term + std_term
+
+
+def identity_loss(booster_mapper: nn.Module, clean: torch.Tensor) -> torch.Tensor:
+    """||M(z, 0)||^2 relative to ||z||^2: the mapper must leave noise-free features alone."""
+    zero = torch.zeros(clean.shape[0], device=clean.device)
+    residual = booster_mapper.residual(clean, zero) if hasattr(booster_mapper, "residual") else booster_mapper(clean, zero) - clean.float()
+    return (residual.float().pow(2).flatten(1).sum(1) / clean.float().pow(2).flatten(1).sum(1).clamp_min(1e-8)).mean()
+
+
+# ------------------------------------------------------------------------------------------------
+# config + checkpoints
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class GSBTrainConfig:
+    """Training settings. Steps are global optimiser steps (per process batch = batch_size).
+
+    sigma_min/sigma_max: training noise range (defaults to the booster's). clean_fraction: share of
+    each batch fed without noise (target: identity). checkpoint_every: steps between checkpoints.
+    feature_every: stage 1 adds the feature-consistency term (a backward pass through the frozen encoder,
+    the expensive part) on every k-th step only; the other steps are MSE only (0: never, 1: always).
+    mapper_cache_size: when > 0, stage 2 first encodes this many (clean, noisy+denoised) crops once (the
+    encoder and denoiser are frozen in stage 2, so their features are fixed) and then trains the mapper on
+    minibatches of ``mapper_batch_size`` drawn from that cache: far fewer encoder calls, at the price of
+    a finite set of noise draws. 0: fresh crops and noise every step.
+    """
+
+    denoiser_steps: int = 200
+    mapper_steps: int = 200
+    batch_size: int = 8
+    denoiser_lr: float = 1e-3
+    mapper_lr: float = 1e-3
+    mse_weight: float = 1.0
+    feature_weight: float = 1.0
+    consistency_weight: float = 1.0
+    identity_weight: float = 1.0
+    stats_weight: float = 0.1
+    clean_fraction: float = 0.125
+    feature_every: int = 1
+    mapper_cache_size: int = 0
+    mapper_batch_size: int = 32
+    sigma_min: Optional[float] = None
+    sigma_max: Optional[float] = None
+    image_size: int = 112
+    seed: int = 0
+    checkpoint_every: int = 50
+    log_every: int = 10
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("denoiser_steps", "mapper_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        for name in ("feature_every", "mapper_cache_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        for name in ("batch_size", "mapper_batch_size", "image_size", "checkpoint_every", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("denoiser_lr", "mapper_lr"):
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("mse_weight", "feature_weight", "consistency_weight", "identity_weight", "stats_weight", "grad_clip"):
+            if not float(getattr(self, name)) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0.0 <= self.clean_fraction < 1.0:
+            raise ValueError(f"clean_fraction must lie in [0, 1), got {self.clean_fraction!r}")
+        if self.sigma_min is not None:
+            self.sigma_min = check_sigma(self.sigma_min, "sigma_min")
+        if self.sigma_max is not None:
+            self.sigma_max = check_sigma(self.sigma_max, "sigma_max")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def flatten_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state_dict into safetensors-able tensors and a JSON part (no pickle)."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for index, entry in state_dict["state"].items():
+        for key, value in entry.items():
+            name = f"state.{index}.{key}"
+            if isinstance(value, torch.Tensor):
+                tensors[name] = value.detach().cpu().contiguous()
+            else:
+                scalars[name] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """Inverse of :func:`flatten_optimizer_state`."""
+    state: dict[int, dict] = {}
+    for name, value in list(tensors.items()) + list(meta.get("scalars", {}).items()):
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+CHECKPOINT_STATE = "trainer_state.json"
+CHECKPOINT_OPTIM = "optimizer.safetensors"
+
+
+def save_checkpoint(folder: Union[str, os.PathLike], booster: GaussianSmoothnessBooster, optimizer: torch.optim.Optimizer, step: int, stage: str, history: list, seconds: float = 0.0) -> Path:
+    """Weights + optimizer state (safetensors) + step/stage/history/training seconds (JSON), written atomically."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    booster.save_pretrained(tmp)
+    tensors, meta = flatten_optimizer_state(optimizer.state_dict())
+    save_file(tensors, str(tmp / CHECKPOINT_OPTIM))
+    (tmp / CHECKPOINT_STATE).write_text(json.dumps({"step": step, "stage": stage, "seconds": seconds, "optimizer": meta, "history": history}, indent=1))
+    if folder.exists():
+        import shutil
+
+        old = folder.with_name(folder.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, folder)
+    return folder
+
+
+def load_checkpoint_state(folder: Union[str, os.PathLike]) -> Optional[dict]:
+    """The JSON state and optimizer tensors of a checkpoint, or None when there is none."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / CHECKPOINT_STATE).is_file():
+        return None
+    state = json.loads((folder / CHECKPOINT_STATE).read_text())
+    state["optimizer_tensors"] = load_file(str(folder / CHECKPOINT_OPTIM))
+    return state
+
+
+# ------------------------------------------------------------------------------------------------
+# training
+# ------------------------------------------------------------------------------------------------
+def _sample_noise(clean: torch.Tensor, train: GSBTrainConfig, lo: float, hi: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-image sigma ~ U[lo, hi], noisy copy; the first clean_fraction of the batch gets no noise."""
+    b = clean.shape[0]
+    sigma = torch.empty(b, device=clean.device).uniform_(lo, hi, generator=generator)
+    noise = torch.randn(clean.shape, device=clean.device, generator=generator, dtype=torch.float32)
+    n_clean = int(round(train.clean_fraction * b)) if b > 1 else 0
+    amplitude = sigma.clone()
+    amplitude[:n_clean] = 0.0
+    noisy = clean.float() + noise * amplitude.reshape(-1, 1, 1, 1)
+    return noisy, sigma, amplitude
+
+
+def _build_feature_cache(booster: GaussianSmoothnessBooster, encoder: Encoder, train_images: Any, train: GSBTrainConfig,
+                         lo: float, hi: float, accelerator: Any) -> dict[str, torch.Tensor]:
+    """Encode ``mapper_cache_size`` crops once: clean features, features of denoised noisy copies, sigma.
+
+    Seeded by (seed, process index) only, so a resumed run rebuilds the same cache.
+    """
+    from tqdm.auto import tqdm
+
+    device = accelerator.device
+    size = train.mapper_cache_size
+    if isinstance(train_images, torch.utils.data.Dataset):
+        g = torch.Generator().manual_seed(train.seed + 17 + accelerator.process_index)
+        picks = torch.randint(len(train_images), (size,), generator=g).tolist()
+        dataset = torch.utils.data.Subset(train_images, picks)
+    else:
+        dataset = RandomCropDataset(train_images, train.image_size, length=size, seed=train.seed + 17,
+                                    offset=(1 + accelerator.process_index) * 10_000_019)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=train.batch_size, shuffle=False)
+    parts: dict[str, list] = {"target": [], "z": [], "sigma": [], "amplitude": []}
+    bar = tqdm(loader, desc="gsb feature cache", disable=not accelerator.is_local_main_process)
+    with torch.no_grad(), accelerator.autocast():
+        for index, clean in enumerate(bar):
+            clean = clean.to(device)
+            generator = torch.Generator(device=device).manual_seed(train.seed * 7_919 + 1_000_003 * (index + 1) + accelerator.process_index)
+            noisy, sigma, amplitude = _sample_noise(clean, train, lo, hi, generator)
+            den = booster.denoiser(noisy, sigma) if booster.denoiser is not None else noisy
+            parts["target"].append(encoder(clean).float())
+            parts["z"].append(encoder(den).float())
+            parts["sigma"].append(sigma)
+            parts["amplitude"].append(amplitude)
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def train_gsb(
+    booster: GaussianSmoothnessBooster,
+    encoder: Encoder,
+    train_images: Union[Sequence[np.ndarray], torch.utils.data.Dataset],
+    train_config: Optional[GSBTrainConfig] = None,
+    output_dir: Optional[Union[str, os.PathLike]] = None,
+    accelerator: Any = None,
+    progress: bool = True,
+) -> dict:
+    """Train ``booster`` around the frozen ``encoder`` in two stages; resume from ``output_dir``/checkpoint.
+
+    train_images: a list of photos (random crops/flips/jitter at ``image_size`` are drawn from them) or a
+    map-style dataset returning (3, H, W) [0,1] tensors. Returns {"step", "history", "seconds" (this run),
+    "seconds_total" (including resumed runs, up to their last checkpoint)}; the
+    trained weights are also saved to ``output_dir/final`` when ``output_dir`` is given.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    train = train_config or GSBTrainConfig()
+    if not isinstance(booster, GaussianSmoothnessBooster):
+        raise ValueError(f"booster must be a GaussianSmoothnessBooster, got {type(booster).__name__}")
+    if not callable(encoder):
+        raise ValueError("encoder must be callable: encoder([0,1] pixels (B,3,H,W)) -> features")
+    lo = train.sigma_min if train.sigma_min is not None else booster.config.sigma_min
+    hi = train.sigma_max if train.sigma_max is not None else booster.config.sigma_max
+    if lo > hi:
+        raise ValueError(f"sigma_min ({lo}) must be <= sigma_max ({hi})")
+    booster.check_compatible(booster.config.feature_dim, lo)
+    booster.check_compatible(booster.config.feature_dim, hi)
+    accelerator = accelerator or Accelerator()
+    device = accelerator.device
+    freeze(encoder)
+    if isinstance(encoder, nn.Module):
+        encoder.to(device)
+    booster.to(device)
+
+    stages = []
+    if booster.denoiser is not None and train.denoiser_steps > 0:
+        stages.append(("denoiser", train.denoiser_steps))
+    if booster.mapper is not None and train.mapper_steps > 0:
+        stages.append(("mapper", train.mapper_steps))
+    total = sum(s for _, s in stages)
+
+    checkpoint = Path(output_dir) / "checkpoint" if output_dir is not None else None
+    resumed = load_checkpoint_state(checkpoint) if checkpoint is not None else None
+    step, history, previous_seconds = 0, [], 0.0
+    if resumed is not None:
+        saved = GaussianSmoothnessBooster.from_pretrained(checkpoint, device=device)
+        if saved.config.to_dict() != booster.config.to_dict():
+            raise ValueError(f"checkpoint in {str(checkpoint)!r} was made for another GSBConfig; use a new output_dir")
+        booster.load_state_dict(saved.state_dict())
+        step, history = int(resumed["step"]), list(resumed["history"])
+        previous_seconds = float(resumed.get("seconds", 0.0))
+        accelerator.print(f"resuming from {checkpoint} at step {step}/{total} (stage {resumed['stage']})")
+
+    start = time.time()
+    stage_start = 0
+    pbar = tqdm(total=total, initial=step, disable=not (progress and accelerator.is_local_main_process), desc="gsb")
+    for stage, stage_steps in stages:
+        stage_end = stage_start + stage_steps
+        if step >= stage_end:
+            stage_start = stage_end
+            continue
+        module = booster.denoiser if stage == "denoiser" else booster.mapper
+        other = booster.mapper if stage == "denoiser" else booster.denoiser
+        if other is not None:
+            other.requires_grad_(False)
+        module.requires_grad_(True).train()
+        lr = train.denoiser_lr if stage == "denoiser" else train.mapper_lr
+        optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.0)
+        if resumed is not None and resumed["stage"] == stage and step > stage_start:
+            optimizer.load_state_dict(unflatten_optimizer_state(resumed["optimizer_tensors"], resumed["optimizer"]))
+        remaining = stage_end - step
+        if isinstance(train_images, torch.utils.data.Dataset):
+            dataset = train_images
+        else:
+            dataset = RandomCropDataset(
+                train_images, train.image_size, length=remaining * train.batch_size * accelerator.num_processes,
+                seed=train.seed, offset=step * train.batch_size * accelerator.num_processes,
+            )
+        loader = torch.utils.data.DataLoader(dataset, batch_size=train.batch_size, shuffle=False, drop_last=True)
+        wrapped, optimizer, loader = accelerator.prepare(module, optimizer, loader)
+        scheduler = lambda s: 0.5 * lr * (1 + math.cos(math.pi * min(1.0, (s - stage_start) / max(1, stage_steps))))
+        data_iter = iter(loader)
+        cache = None
+        if stage == "mapper" and train.mapper_cache_size > 0:
+            cache = _build_feature_cache(booster, encoder, train_images, train, lo, hi, accelerator)
+        while step < stage_end:
+            for group in optimizer.param_groups:
+                group["lr"] = scheduler(step)
+            generator = torch.Generator(device=device).manual_seed(train.seed * 7_919 + step * 104_729 + accelerator.process_index)
+            if cache is not None:
+                pick = torch.randint(cache["z"].shape[0], (train.mapper_batch_size,), generator=generator, device=device)
+                target, z, sigma, amplitude = (cache[k][pick] for k in ("target", "z", "sigma", "amplitude"))
+            else:
+                try:
+                    clean = next(data_iter)
+                except StopIteration:
+                    data_iter = iter(loader)
+                    clean = next(data_iter)
+                noisy, sigma, amplitude = _sample_noise(clean, train, lo, hi, generator)
+            use_features = stage == "mapper" or (
+                train.feature_weight > 0 and train.feature_every > 0 and (step + 1 - stage_start) % train.feature_every == 0)
+            with accelerator.autocast():
+                if cache is None and use_features:
+                    with torch.no_grad():
+                        target = encoder(clean)
+                if stage == "denoiser":
+                    denoised = wrapped(noisy, sigma)
+                    mse = ((denoised.float() - clean.float()) ** 2).flatten(1).mean(1) / sigma.pow(2)
+                    loss = train.mse_weight * mse.mean()
+                    parts = {"mse": float(mse.mean().detach())}
+                    if use_features:
+                        cons = 1 - flat_cosine(encoder(denoised), target)
+                        loss = loss + train.feature_weight * cons.mean()
+                        parts["consistency"] = float(cons.mean().detach())
+                else:
+                    if cache is None:
+                        with torch.no_grad():
+                            den = booster.denoiser(noisy, sigma) if booster.denoiser is not None else noisy
+                            z = encoder(den)
+                    mapped = wrapped(z, sigma)
+                    cons = 1 - flat_cosine(mapped, target)
+                    ident = identity_loss(accelerator.unwrap_model(wrapped), target) if train.identity_weight > 0 else torch.zeros((), device=device)
+                    stats = stats_matching_loss(mapped[amplitude > 0] if (amplitude > 0).any() else mapped, target)
+                    loss = train.consistency_weight * cons.mean() + train.identity_weight * ident + train.stats_weight * stats
+                    parts = {"consistency": float(cons.mean().detach()), "identity": float(ident.detach()), "stats": float(stats.detach())}
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            if train.grad_clip > 0:
+                accelerator.clip_grad_norm_(wrapped.parameters(), train.grad_clip)
+            optimizer.step()
+            step += 1
+            record = {"step": step, "stage": stage, "loss": float(loss.detach()), **parts}
+            if step % train.log_every == 0 or step == stage_end:
+                history.append(record)
+            pbar.update(1)
+            pbar.set_postfix(stage=stage, **{k: f"{v:.4f}" for k, v in record.items() if k not in ("step", "stage")})
+            if checkpoint is not None and (step % train.checkpoint_every == 0 or step == stage_end):
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer  # AcceleratedOptimizer
+                    save_checkpoint(checkpoint, booster, inner, step, stage, history, previous_seconds + time.time() - start)
+        module.eval()
+        stage_start = stage_end
+    pbar.close()
+    booster.eval()
+    seconds = time.time() - start
+    total_seconds = previous_seconds + seconds  # up to the last checkpoint of killed runs, plus this run
+    if output_dir is not None and accelerator.is_main_process:
+        booster.save_pretrained(Path(output_dir) / "final")
+        (Path(output_dir) / "train_summary.json").write_text(json.dumps(
+            {"step": step, "seconds_this_run": seconds, "seconds_total": total_seconds,
+             "train_config": train.to_dict(), "history": history}, indent=1))
+    return {"step": step, "history": history, "seconds": seconds, "seconds_total": total_seconds}
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluation
+# ------------------------------------------------------------------------------------------------
+def evaluate_certificates(
+    encoder: Encoder,
+    images: torch.Tensor,
+    sigma: float,
+    n: int = 1000,
+    alpha: float = 0.001,
+    method: str = "bernstein",
+    chunk_size: int = 50,
+    seed: int = 0,
+    reference: Optional[Encoder] = None,
+) -> list[dict]:
+    """Per image: S mean, S lower bound, certified FCSB(sigma/2), and cos(F_hat(x), g_ref(x)).
+
+    One Monte-Carlo pass gives both the certificate (global mode, like ``certify_features``) and the
+    smoothed direction F_hat, compared with the clean features of ``reference`` (default: ``encoder``).
+    """
+    from .certify import certificates_from_scores
+    from .smoothing import check_images, iter_noisy_unit_features
+
+    check_images(images)
+    sigma = check_sigma(sigma)
+    with torch.inference_mode():
+        clean_unit, _ = unit_features(encoder(images), "global", batch_dims=1)
+        ref_unit, _ = unit_features((reference or encoder)(images), "global", batch_dims=1)
+        scores, direction = [], None
+        for unit, _, _ in iter_noisy_unit_features(encoder, images, sigma, n, seed=seed, chunk_size=chunk_size):
+            cos = (unit * clean_unit.unsqueeze(0)).flatten(2).sum(-1)
+            scores.append(((1 + cos) / 2).clamp(0, 1).cpu().double())
+            direction = unit.sum(0) if direction is None else direction + unit.sum(0)
+        certs = certificates_from_scores(torch.cat(scores), alpha, sigma, method, "global")
+        smooth_cos = flat_cosine(direction, ref_unit)
+        clean_cos = flat_cosine(clean_unit, ref_unit)
+    return [
+        {
+            "score_mean": c.score_mean, "score_lower": c.score_lower, "fcsb_half_sigma": float(c.fcsb(sigma / 2)),
+            "smoothed_cos_to_reference": float(sc), "clean_cos_to_reference": float(cc), "n": n, "alpha": alpha, "method": method,
+        }
+        for c, sc, cc in zip(certs, smooth_cos, clean_cos)
+    ]
