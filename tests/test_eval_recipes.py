@@ -1,0 +1,350 @@
+"""Eval recipes (fs_mllm.evaluation.runner, recipes/eval_vqa.py, recipes/eval_caption.py).
+
+What must hold: a killed run resumes without losing or double-counting a result, a truncated last line
+is tolerated, a resume with other settings is refused, and a 2-process ``accelerate launch`` run gives
+the same results as one process. Uses a tiny random-weight LLaVA (tests/tiny_models.py) saved with a
+word-level tokenizer and a CLIP image processor, so ``AutoProcessor``/``AutoModelForImageTextToText``
+load it from a folder exactly as they would a real checkpoint, and a 4-question VQA set saved to disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from tiny_models import IMAGE_TOKEN, VOCAB, build_llava  # noqa: E402
+
+from fs_mllm.evaluation.runner import (  # noqa: E402
+    EvalSettings,
+    SettingsMismatchError,
+    load_model,
+    read_results,
+    run_eval,
+    shard_path,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = ("what is the a of in on color how many image picture photo this cat dog man woman red blue green "
+         "yes no two one three there sky sea tree").split()
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"])}
+    for w in WORDS:
+        vocab[w] = len(vocab)
+    i = len(vocab)
+    while len(vocab) < VOCAB:
+        vocab["<image>" if i == IMAGE_TOKEN else f"w{i}"] = i
+        i += 1
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+
+
+class _quiet:
+    """Silence warnings (processor backend notices) inside a block."""
+
+    def __enter__(self):
+        import warnings
+
+        self._w = warnings.catch_warnings()
+        self._w.__enter__()
+        warnings.simplefilter("ignore")
+
+    def __exit__(self, *exc):
+        return self._w.__exit__(*exc)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny LLaVA + processor saved like a real checkpoint (loaded through the Auto classes)."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    out = tmp_path_factory.mktemp("tiny_llava")
+    model, _ = build_llava()
+    with _quiet():
+        image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=_tokenizer(), patch_size=8,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               image_token="<image>")
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def vqa_dir(tmp_path_factory) -> Path:
+    """Four VQA questions on random photos, saved with ``save_to_disk`` (loaded via load_eval_dataset)."""
+    import datasets
+    from PIL import Image
+
+    from fs_mllm.evaluation.datasets import VQA_FEATURES
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)) for _ in range(3)]
+    data = {
+        "image": [images[0], images[0], images[1], images[2]],
+        "question": ["what color is the cat", "how many dogs", "is there a man", "what is in the sky"],
+        "answers": [["red"] * 10, ["two"] * 10, ["yes"] * 10, ["blue"] * 10],
+        "question_id": [11, 12, 21, 31],
+        "image_id": [1, 1, 2, 3],
+    }
+    out = tmp_path_factory.mktemp("vqa_set")
+    datasets.Dataset.from_dict(data, features=VQA_FEATURES).save_to_disk(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_dir):
+    with _quiet():
+        return load_model(str(tiny_dir))
+
+
+def _settings(tiny_dir, vqa_dir, **kw) -> EvalSettings:
+    base = dict(task="vqa", model=str(tiny_dir), dataset=str(vqa_dir), variants="base,fs", sigma=0.25, n_samples=2,
+                attack_eps=(0.5, 1.0), attack_steps=2, certify_n=4, max_new_tokens=3)
+    base.update(kw)
+    return EvalSettings(**base)
+
+
+def _run(settings, out, loaded, **kw):
+    model, processor = loaded
+    with _quiet():
+        return run_eval(settings, out, model=model, processor=processor, progress=False, **kw)
+
+
+def _all_lines(out: Path) -> list[dict]:
+    rows = []
+    for path in sorted(out.glob("results.rank*.jsonl")):
+        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows
+
+
+def _expected_keys(settings: EvalSettings, ids=("11", "12", "21", "31")) -> set:
+    return {(i, v, b) for i in ids for v in settings.variants for b in settings.budgets}
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+
+def test_settings_validation_names_the_parameter():
+    with pytest.raises(ValueError, match="sigma"):
+        EvalSettings(sigma=0)
+    with pytest.raises(ValueError, match="variants"):
+        EvalSettings(variants="base,smooth")
+    with pytest.raises(ValueError, match="booster"):
+        EvalSettings(variants="base,fs+gsb")
+    with pytest.raises(ValueError, match="certify_n"):
+        EvalSettings(certify_n=1)
+    with pytest.raises(ValueError, match="attack_eps"):
+        EvalSettings(attack_eps=(0.5, -1.0))
+    with pytest.raises(ValueError, match="target"):
+        EvalSettings(attack_eps=(0.5,), objective="targeted")
+    assert EvalSettings(attack_eps=(1.0, 0.5)).budgets == (0.0, 0.5, 1.0)
+
+
+def test_recipe_command_line_rejects_bad_values(tmp_path, capsys):
+    from fs_mllm.evaluation.runner import main
+
+    with pytest.raises(SystemExit):
+        main("vqa", ["--output-dir", str(tmp_path / "o"), "--sigma", "-1"])
+    assert "sigma" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main("caption", ["--output-dir", str(tmp_path / "o"), "--variants", "base,fs+gsb"])
+    assert "booster" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_after_crash_equals_uninterrupted_run(tmp_path, tiny_dir, vqa_dir, loaded):
+    settings = _settings(tiny_dir, vqa_dir)
+    full = _run(settings, tmp_path / "full", loaded)
+    assert full is not None and full["num_examples"] == 4
+    # one row per (example, variant, budget) and every expected key present exactly once
+    full_lines = _all_lines(tmp_path / "full")
+    assert sorted(tuple(r["key"]) for r in full_lines) == sorted(_expected_keys(settings))
+
+    crashed = tmp_path / "crashed"
+    written = []
+
+    def crash_after_7(row):
+        written.append(row["key"])
+        if len(written) == 7:
+            raise _Crash("simulated kill after 7 results")
+
+    with pytest.raises(_Crash):
+        _run(settings, crashed, loaded, on_result=crash_after_7)
+    assert len(_all_lines(crashed)) == 7
+    assert not (crashed / "summary.json").exists()
+
+    resumed = _run(settings, crashed, loaded, on_result=lambda row: written.append(row["key"]))
+    lines = _all_lines(crashed)
+    keys = [tuple(r["key"]) for r in lines]
+    assert len(keys) == len(set(keys)), "a result was written twice"
+    assert set(keys) == _expected_keys(settings), "a result was lost"
+    assert len(written) == len(_expected_keys(settings)), "the resumed run recomputed finished results"
+    assert resumed["table"] == full["table"]
+    by_key = {tuple(r["key"]): r for r in full_lines}
+    for r in lines:
+        assert r == by_key[tuple(r["key"])]
+    saved = json.loads((crashed / "summary.json").read_text())
+    assert saved["table"] == full["table"]
+    assert (crashed / "certified_curve.png").stat().st_size > 0
+    assert (crashed / "accuracy_vs_budget.png").stat().st_size > 0
+    assert "| variant |" in (crashed / "summary.md").read_text()
+
+
+def test_truncated_last_line_is_tolerated(tmp_path, tiny_dir, vqa_dir, loaded):
+    settings = _settings(tiny_dir, vqa_dir, attack_eps=(0.5,), certify_n=0)
+    full = _run(settings, tmp_path / "full", loaded)
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(tmp_path / "full" / "settings.json", out / "settings.json")
+    lines = (tmp_path / "full" / "results.rank0.jsonl").read_text().splitlines(keepends=True)
+    # a crash after 5 complete rows, in the middle of writing the 6th
+    (out / "results.rank0.jsonl").write_text("".join(lines[:5]) + lines[5][: len(lines[5]) // 2])
+    assert len(read_results(out)) == 5  # the partial line is not a result
+    resumed = _run(settings, out, loaded)
+    text = (out / "results.rank0.jsonl").read_text()
+    assert text.endswith("\n")
+    rows = [json.loads(line) for line in text.splitlines()]  # every line parses: nothing glued to the fragment
+    keys = [tuple(r["key"]) for r in rows]
+    assert len(keys) == len(set(keys)) and set(keys) == _expected_keys(settings)
+    assert text.startswith("".join(lines[:5])), "existing results were rewritten"
+    assert resumed["table"] == full["table"]
+
+    # a bad line that is *not* the last one is corruption, not an interrupted write
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "results.rank0.jsonl").write_text(lines[0] + "{not json\n" + lines[1])
+    with pytest.raises(ValueError, match="corrupt"):
+        read_results(bad)
+
+
+def test_settings_mismatch_is_refused(tmp_path, tiny_dir, vqa_dir, loaded):
+    settings = _settings(tiny_dir, vqa_dir, attack_eps=(), certify_n=0, limit=2)
+    _run(settings, tmp_path, loaded)
+    before = shard_path(tmp_path, 0).read_bytes()
+    with pytest.raises(SettingsMismatchError, match=r"sigma.*new output folder"):
+        _run(_settings(tiny_dir, vqa_dir, attack_eps=(), certify_n=0, limit=2, sigma=0.5), tmp_path, loaded)
+    with pytest.raises(SettingsMismatchError, match="variants"):
+        _run(_settings(tiny_dir, vqa_dir, attack_eps=(), certify_n=0, limit=2, variants="base"), tmp_path, loaded)
+    assert shard_path(tmp_path, 0).read_bytes() == before, "a refused resume touched the results"
+    # results whose settings.json is gone cannot be checked: refused as well
+    orphan = tmp_path.parent / (tmp_path.name + "_orphan")
+    orphan.mkdir()
+    shutil.copy(shard_path(tmp_path, 0), shard_path(orphan, 0))
+    with pytest.raises(SettingsMismatchError, match="no settings.json"):
+        _run(_settings(tiny_dir, vqa_dir, attack_eps=(), certify_n=0, limit=2), orphan, loaded)
+    # a larger limit only adds examples: allowed, and the earlier rows stay as they were
+    summary = _run(_settings(tiny_dir, vqa_dir, attack_eps=(), certify_n=0, limit=3), tmp_path, loaded)
+    assert summary["num_examples"] == 3
+    assert shard_path(tmp_path, 0).read_bytes().startswith(before)
+    assert len(read_results(tmp_path)) == 3 * 2
+
+
+def test_caption_run_with_booster(tmp_path, tiny_dir, loaded):
+    import datasets
+    from PIL import Image
+
+    from fs_mllm.evaluation.datasets import CAPTION_FEATURES
+    from fs_mllm.gsb import GaussianSmoothnessBooster, GSBConfig
+
+    torch.manual_seed(0)
+    booster = GaussianSmoothnessBooster(GSBConfig(feature_dim=32, denoiser_channels=4, denoiser_depth=2,
+                                                  denoiser_downscale=1, mapper_hidden=16, mapper_layers=1,
+                                                  sigma_embed_dim=8))
+    booster.save_pretrained(tmp_path / "booster")
+    rng = np.random.default_rng(1)
+    ds = datasets.Dataset.from_dict({
+        "image": [Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)) for _ in range(3)],
+        "captions": [["a red cat on the sea"], ["two dogs in the sky"], ["a man with a tree", "the man"]],
+        "image_id": [5, 6, 7],
+    }, features=CAPTION_FEATURES)
+    settings = EvalSettings(task="caption", model=str(tiny_dir), dataset="in-memory", variants="base,fs,fs+gsb",
+                            booster=str(tmp_path / "booster"), n_samples=2, attack_eps=(0.5,), attack_steps=1,
+                            objective="untargeted", max_new_tokens=3)
+    summary = _run(settings, tmp_path / "out", loaded, dataset=ds)
+    rows = summary["table"]["rows"]
+    assert [(r["variant"], r["eps"]) for r in rows] == [(v, e) for v in ("base", "fs", "fs+gsb") for e in (0.0, 0.5)]
+    for r in rows:
+        assert r["CIDEr"] is not None and 0.0 <= r["ROUGE-L"] <= 1.0
+    assert all(0.0 <= r["attack_success_rate"] <= 1.0 for r in rows if r["eps"] > 0)
+    assert (tmp_path / "out" / "accuracy_vs_budget.png").exists()
+
+
+def _launch_cmd(nproc: int, out: Path, tiny_dir: Path, vqa_dir: Path) -> list[str]:
+    args = [str(REPO / "recipes" / "eval_vqa.py"), "--model", str(tiny_dir), "--dataset", str(vqa_dir),
+            "--variants", "base,fs", "--n-samples", "2", "--attack-eps", "0.5", "--attack-steps", "2",
+            "--certify-n", "4", "--max-new-tokens", "3", "--output-dir", str(out), "--no-progress"]
+    if nproc == 1:
+        return [sys.executable] + args
+    # On a machine without GPUs `--multi_gpu` starts N gloo CPU processes (`--cpu` would start only one).
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+            str(_free_port())] + args
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_accelerate_launch_equals_one_process(tmp_path, tiny_dir, vqa_dir, loaded):
+    pytest.importorskip("accelerate")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    out2 = tmp_path / "p2"
+    proc = subprocess.run(_launch_cmd(2, out2, tiny_dir, vqa_dir), env=env, capture_output=True, text=True,
+                          timeout=400, cwd=tmp_path)
+    assert proc.returncode == 0, f"2-process run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    # the 1-process reference: same settings as the recipe's command line, in this process, one thread
+    # like the launched workers (so float reductions run in the same order)
+    settings = _settings(tiny_dir, vqa_dir, attack_eps=(0.5,), attack_steps=2, certify_n=4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _run(settings, tmp_path / "p1", loaded)
+    finally:
+        torch.set_num_threads(threads)
+    results = {1: tmp_path / "p1", 2: out2}
+    shards = sorted(p.name for p in results[2].glob("results.rank*.jsonl"))
+    assert shards == ["results.rank0.jsonl", "results.rank1.jsonl"], "the 2-process run did not shard"
+    one, two = _all_lines(results[1]), _all_lines(results[2])
+    keys_two = [tuple(r["key"]) for r in two]
+    assert len(keys_two) == len(set(keys_two)) == len(one)
+    by_key = {tuple(r["key"]): r for r in one}
+    for r in two:
+        ref = by_key[tuple(r["key"])]
+        assert r["prediction"] == ref["prediction"], (r["key"], r["prediction"], ref["prediction"])
+        for k in ("fcs", "s_low", "score"):
+            if ref.get(k) is not None:
+                assert r[k] == pytest.approx(ref[k], rel=1e-6, abs=1e-6), (r["key"], k, r[k], ref[k])
+    s1 = json.loads((results[1] / "summary.json").read_text())
+    s2 = json.loads((results[2] / "summary.json").read_text())
+    assert s1["num_examples"] == s2["num_examples"] == 4
+    for a, b in zip(s1["table"]["rows"], s2["table"]["rows"]):
+        assert a.keys() == b.keys()
+        for k in a:
+            if isinstance(a[k], float):
+                assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-6), k
+            else:
+                assert a[k] == b[k], k
