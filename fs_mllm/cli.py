@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-DEFAULT_MODEL = "fs-mini-llava"
+from .models.loading import DEFAULT_MODEL, load_model
+
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 RECIPES = {"attack": "attack_pipeline", "eval-vqa": "eval_vqa", "eval-caption": "eval_caption", "train-gsb": "train_gsb"}
 
@@ -22,21 +23,6 @@ RECIPES = {"attack": "attack_pipeline", "eval-vqa": "eval_vqa", "eval-caption": 
 # ---------------------------------------------------------------------------------------------
 # shared pieces
 # ---------------------------------------------------------------------------------------------
-
-def load_model(name_or_path: str, dtype: str = "float32"):
-    """(model, processor): the embedded ``fs-mini-llava``, or any HF image-text-to-text model id/folder."""
-    import torch
-
-    torch_dtype = getattr(torch, dtype)
-    if name_or_path == DEFAULT_MODEL:
-        from .models import load_mini_llava
-
-        return load_mini_llava(dtype=torch_dtype)
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=torch_dtype).eval()
-    return model, AutoProcessor.from_pretrained(name_or_path)
-
 
 def processor_size(processor: Any) -> int:
     """Square input resolution of the processor (crop size, else size)."""

@@ -36,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from fs_mllm.adapters import get_adapter  # noqa: E402
 from fs_mllm.attacks import AttackConfig, attack, generate_text  # noqa: E402
 from fs_mllm.evaluation.robustness import attack_success, summary_table  # noqa: E402
+from fs_mllm.evaluation.runner import build_prompt_for  # noqa: E402
+from fs_mllm.models.loading import DEFAULT_MODEL, load_model  # noqa: E402
 from fs_mllm.patching import patch_model, resolve_mean_std, unpatch_model  # noqa: E402
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -44,7 +46,7 @@ MODES = ("base", "fs", "fs+gsb")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="Hub id or local folder of a supported multimodal model (+ processor)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"Hub id or local folder of a supported multimodal model (+ processor); default {DEFAULT_MODEL}, the embedded offline model")
     p.add_argument("--processor", help="processor id/folder if it is not saved with the model")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--images", help="folder of images (attacked with --question)")
@@ -86,15 +88,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_model_and_processor(model_id: str, processor_id: str | None, dtype: str, device: str):
-    """from_pretrained on a Hub id or a local folder; the processor sits next to the model unless given."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(processor_id or model_id)
-    model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=getattr(torch, dtype))
-    return model.to(device).eval(), processor
-
-
 def iter_examples(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     """Examples as dicts: id, PIL image, question, reference answers (or None)."""
     from PIL import Image
@@ -129,14 +122,10 @@ def iter_examples(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
             yield {"id": example_id, "image": photo, "question": question, "answers": answers}
 
 
-def make_prompt(processor: Any, question: str, template: str | None) -> str:
-    image_token = getattr(processor, "image_token", None) or "<image>"
+def make_prompt(processor: Any, question: str, template: str | None, model_id: str = "") -> str:
     if template:
-        return template.format(image=image_token, question=question)
-    if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return processor.apply_chat_template(messages, add_generation_prompt=True)
-    return f"{image_token}{question}"
+        return template.format(image=getattr(processor, "image_token", None) or "<image>", question=question)
+    return build_prompt_for(processor, question, model_id)
 
 
 TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
@@ -177,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         objective=args.objective, target_text=args.target_text, eot_samples=args.eot_samples,
         eot_chunk_size=args.eot_chunk_size, smoothing_samples=args.smoothing_samples, seed=args.seed,
     )
-    model, processor = load_model_and_processor(args.model, args.processor, args.dtype, args.device)
+    model, processor = load_model(args.model, args.device, args.dtype, processor=args.processor)
     adapter = get_adapter(model)
     mean, std = resolve_mean_std(model, adapter, processor)
     booster = None
@@ -194,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     examples = list(iter_examples(args))
     with open(results_path, "a", encoding="utf-8") as results_file, tqdm(total=len(examples) * len(args.modes), desc="attack") as bar:
         for example in examples:
-            prompt = make_prompt(processor, example["question"], args.prompt_template)
+            prompt = make_prompt(processor, example["question"], args.prompt_template, args.model)
             images01, image_kwargs, tokens = processor_resolution_image(model, processor, example["image"], prompt, mean, std)
             for mode in args.modes:
                 if mode == "base":

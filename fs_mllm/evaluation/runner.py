@@ -55,7 +55,8 @@ __all__ = [
     "main",
 ]
 
-DEFAULT_MODEL = "fs-mini-llava"
+from fs_mllm.models.loading import DEFAULT_MODEL, load_model  # noqa: E402  (one loader for all entry points)
+
 VARIANTS = ("base", "fs", "fs+gsb")
 NORMS = ("l2", "linf")
 OBJECTIVES = ("feature", "untargeted", "targeted")
@@ -350,24 +351,6 @@ class _ResultWriter:
 # ---------------------------------------------------------------------------------------------
 # model, prompts, features
 # ---------------------------------------------------------------------------------------------
-
-def load_model(model: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
-    """(model, processor) from ``"fs-mini-llava"`` (embedded offline LLaVA) or a Hub id / local folder."""
-    if not isinstance(model, str) or not model:
-        raise ValueError(f"model must be a non-empty str (model id or folder), got {model!r}")
-    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype)
-    if torch_dtype is None:
-        raise ValueError(f"dtype must be 'float32', 'float16' or 'bfloat16', got {dtype!r}")
-    if model == DEFAULT_MODEL:
-        from fs_mllm.models import load_mini_llava
-
-        return load_mini_llava(device=device, dtype=torch_dtype)
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(model)
-    hf_model = AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype).to(device).eval()
-    return hf_model, processor
-
 
 def build_prompt_for(processor: Any, text: str, model_id: str = "") -> str:
     """The model's prompt for one image + one text: fs-mini-llava's trained format, else the chat template,

