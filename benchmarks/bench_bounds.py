@@ -28,15 +28,17 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.001)
     parser.add_argument("--sigma", type=float, default=0.25)
     parser.add_argument("--size", type=int, default=112, help="input resolution (multiple of 14)")
+    parser.add_argument("--photos", type=int, default=6, help="how many of the real offline photos")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     model = load_dinov2().eval()
 
     def encoder(images01: torch.Tensor) -> torch.Tensor:
         pixels = (images01 - DINO_MEAN) / DINO_STD
         return model(pixel_values=pixels).last_hidden_state[:, 1:]  # patch tokens, flattened per image
 
-    photos = load_offline_eval("caption")
+    photos = load_offline_eval("caption").select(range(args.photos))
     names = [f"photo {i}" for i in photos["image_id"]]
     images = []
     for image in photos["image"]:

@@ -233,7 +233,11 @@ class GSBTrainConfig:
     """Training settings. Steps are global optimiser steps (per process batch = batch_size).
 
     sigma_min/sigma_max: training noise range (defaults to the booster's). clean_fraction: share of
-    each batch fed without noise (target: identity). checkpoint_every: steps between checkpoints.
+    each batch fed without noise (target: identity). clean_weight: weight of those noise-free samples in
+    the per-sample losses (denoiser MSE + feature consistency, mapper consistency; noisy samples weigh 1,
+    so 1.0 is the plain batch mean): the booster is told sigma but cannot know the input is clean, so
+    raising clean_fraction/clean_weight trades a little smoothing for clean utility
+    cos(f_b(x), f(x)). checkpoint_every: steps between checkpoints.
     feature_every: stage 1 adds the feature-consistency term (a backward pass through the frozen encoder,
     the expensive part) on every k-th step only; the other steps are MSE only (0: never, 1: always).
     mapper_cache_size: when > 0, stage 2 first encodes this many (clean, noisy+denoised) crops once (the
@@ -253,6 +257,7 @@ class GSBTrainConfig:
     identity_weight: float = 1.0
     stats_weight: float = 0.1
     clean_fraction: float = 0.125
+    clean_weight: float = 1.0
     feature_every: int = 1
     mapper_cache_size: int = 0
     mapper_batch_size: int = 32
@@ -280,7 +285,7 @@ class GSBTrainConfig:
         for name in ("denoiser_lr", "mapper_lr"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("mse_weight", "feature_weight", "consistency_weight", "identity_weight", "stats_weight", "grad_clip"):
+        for name in ("mse_weight", "feature_weight", "consistency_weight", "identity_weight", "stats_weight", "clean_weight", "grad_clip"):
             if not float(getattr(self, name)) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not 0.0 <= self.clean_fraction < 1.0:
@@ -517,15 +522,21 @@ def train_gsb(
                 if cache is None and use_features:
                     with torch.no_grad():
                         target = encoder(clean)
+                # per-sample weights: noise-free samples (amplitude 0) weigh clean_weight, noisy ones 1
+                weight = torch.where(amplitude > 0, torch.ones_like(amplitude), torch.full_like(amplitude, train.clean_weight))
                 if stage == "denoiser":
                     denoised = wrapped(noisy, sigma)
                     mse = ((denoised.float() - clean.float()) ** 2).flatten(1).mean(1) / sigma.pow(2)
-                    loss = train.mse_weight * mse.mean()
+                    loss = train.mse_weight * (weight * mse).mean()
                     parts = {"mse": float(mse.mean().detach())}
                     if use_features:
                         cons = 1 - flat_cosine(encoder(denoised), target)
-                        loss = loss + train.feature_weight * cons.mean()
+                        loss = loss + train.feature_weight * (weight * cons).mean()
                         parts["consistency"] = float(cons.mean().detach())
+                    if (amplitude == 0).any():
+                        parts["mse_clean"] = float(mse[amplitude == 0].mean().detach())
+                        if use_features:
+                            parts["consistency_clean"] = float(cons[amplitude == 0].mean().detach())
                 else:
                     if cache is None:
                         with torch.no_grad():
@@ -535,8 +546,10 @@ def train_gsb(
                     cons = 1 - flat_cosine(mapped, target)
                     ident = identity_loss(accelerator.unwrap_model(wrapped), target) if train.identity_weight > 0 else torch.zeros((), device=device)
                     stats = stats_matching_loss(mapped[amplitude > 0] if (amplitude > 0).any() else mapped, target)
-                    loss = train.consistency_weight * cons.mean() + train.identity_weight * ident + train.stats_weight * stats
+                    loss = train.consistency_weight * (weight * cons).mean() + train.identity_weight * ident + train.stats_weight * stats
                     parts = {"consistency": float(cons.mean().detach()), "identity": float(ident.detach()), "stats": float(stats.detach())}
+                    if (amplitude == 0).any():
+                        parts["consistency_clean"] = float(cons[amplitude == 0].mean().detach())
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             if train.grad_clip > 0:

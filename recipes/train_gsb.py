@@ -11,6 +11,12 @@ step count, all safetensors + JSON). Data: ``--images FOLDER``, ``--dataset NAME
 ``HELDOUT_PHOTOS`` (default) or the last ``--heldout-fraction`` of the folder/dataset images, never
 trained on. The encoder is the real DINOv2 ViT-S/14 (``--encoder dinov2``) or a local Hugging Face vision
 model folder; features are all patch tokens of the last hidden state (CLS dropped).
+
+Clean utility: the booster is told the smoothing sigma and cannot know an input is noise-free, so
+``--clean-fraction`` (share of each batch fed without noise) and ``--clean-weight`` (their loss weight)
+set the trade-off between S and cos(f_b(x), f(x)) on clean x. ``--init-from DIR`` fine-tunes a saved
+booster of the same architecture (e.g. the shipped one) instead of starting from the identity.
+Programmatic use: ``main(["--output-dir", ...])`` (``fs-mllm train-gsb`` calls it).
 """
 
 from __future__ import annotations
@@ -46,7 +52,8 @@ def build_encoder(name: str) -> tuple[PixelEncoder, str]:
     return freeze(PixelEncoder(model, processor.image_mean, processor.image_std, drop_tokens=1)), f"{name}/patch_tokens"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Parse ``argv`` (default: ``sys.argv[1:]``), train, save and evaluate (``fs-mllm train-gsb`` calls this)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--encoder", default="dinov2", help="'dinov2' or a local Hugging Face vision model folder")
     p.add_argument("--images", help="training image folder")
@@ -64,7 +71,10 @@ def main() -> None:
     p.add_argument("--mapper-lr", type=float, default=1e-3)
     p.add_argument("--feature-weight", type=float, default=1.0)
     p.add_argument("--stats-weight", type=float, default=0.1)
-    p.add_argument("--clean-fraction", type=float, default=0.125)
+    p.add_argument("--clean-fraction", type=float, default=0.125, help="share of each batch fed without noise (told sigma)")
+    p.add_argument("--clean-weight", type=float, default=1.0, help="loss weight of the noise-free samples (noisy: 1)")
+    p.add_argument("--identity-weight", type=float, default=1.0, help="stage 2: mapper identity ||M(z,0)||^2/||z||^2")
+    p.add_argument("--init-from", help="start from this saved booster's weights (same architecture), e.g. to fine-tune")
     p.add_argument("--feature-every", type=int, default=1, help="stage 1: feature term every k-th step (0: MSE only)")
     p.add_argument("--mapper-cache-size", type=int, default=0, help="stage 2: encode this many crops once, train on them")
     p.add_argument("--mapper-batch-size", type=int, default=32)
@@ -81,7 +91,7 @@ def main() -> None:
     p.add_argument("--save-to", help="also copy the final booster (gsb.safetensors + gsb_config.json) here")
     p.add_argument("--eval-n", type=int, default=100, help="Monte-Carlo samples per held-out certificate (0: skip)")
     p.add_argument("--eval-sigmas", type=float, nargs="+", default=[0.25, 0.5])
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -111,10 +121,18 @@ def main() -> None:
     )
     torch.manual_seed(args.seed)
     booster = GaussianSmoothnessBooster(config)
+    if args.init_from:
+        init = GaussianSmoothnessBooster.from_pretrained(args.init_from)
+        arch = lambda c: {k: v for k, v in c.to_dict().items() if k not in ("extra", "encoder_id", "image_size")}
+        if arch(init.config) != arch(config):
+            raise ValueError(f"--init-from {args.init_from!r} has another architecture/sigma range: {arch(init.config)} vs {arch(config)}")
+        booster.load_state_dict(init.state_dict())
+        config.extra["init_from"] = str(args.init_from)
     train = GSBTrainConfig(
         denoiser_steps=args.denoiser_steps, mapper_steps=args.mapper_steps, batch_size=args.batch_size,
         denoiser_lr=args.denoiser_lr, mapper_lr=args.mapper_lr, feature_weight=args.feature_weight,
-        stats_weight=args.stats_weight, clean_fraction=args.clean_fraction, image_size=args.size, seed=args.seed,
+        stats_weight=args.stats_weight, clean_fraction=args.clean_fraction, clean_weight=args.clean_weight,
+        identity_weight=args.identity_weight, image_size=args.size, seed=args.seed,
         feature_every=args.feature_every, mapper_cache_size=args.mapper_cache_size, mapper_batch_size=args.mapper_batch_size,
         checkpoint_every=args.checkpoint_every,
     )

@@ -214,3 +214,59 @@ def test_train_config_validation():
         GSBTrainConfig(clean_fraction=1.0)
     with pytest.raises(ValueError, match="denoiser_steps"):
         GSBTrainConfig(denoiser_steps=-1)
+
+
+def test_clean_weight_option_validated_and_logged(tmp_path):
+    with pytest.raises(ValueError, match="clean_weight"):
+        GSBTrainConfig(clean_weight=-1.0)
+    assert GSBTrainConfig().clean_weight == 1.0  # default: plain batch mean, as before
+    torch.manual_seed(0)
+    encoder = TinyEncoder()
+    booster = GaussianSmoothnessBooster(small_config())
+    train = GSBTrainConfig(denoiser_steps=2, mapper_steps=2, batch_size=4, image_size=SIZE, clean_fraction=0.5,
+                           clean_weight=4.0, checkpoint_every=1000, log_every=1, sigma_min=0.2, sigma_max=0.4)
+    result = train_gsb(booster, encoder, smooth_images(4), train, progress=False)
+    assert result["step"] == 4
+    den = [h for h in result["history"] if h["stage"] == "denoiser"]
+    mapper = [h for h in result["history"] if h["stage"] == "mapper"]
+    # the noise-free half of each batch is reported separately; it is the identity target
+    assert all("mse_clean" in h and "consistency_clean" in h for h in den)
+    assert all("consistency_clean" in h for h in mapper)
+    assert all(h["mse_clean"] >= 0 for h in den)
+
+
+def test_recipe_main_accepts_argv_and_init_from(tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("train_gsb_recipe", Path(__file__).resolve().parents[1] / "recipes" / "train_gsb.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    import inspect
+
+    assert list(inspect.signature(recipe.main).parameters) == ["argv"]
+    captured = {}
+
+    def fake_train(booster, encoder, images, train, output_dir=None, accelerator=None):
+        captured["booster"], captured["train"] = booster, train
+        return {"step": 0, "history": [], "seconds": 0.0, "seconds_total": 0.0}
+
+    monkeypatch.setattr(recipe, "build_encoder", lambda name: (TinyEncoder(), "tiny"))
+    monkeypatch.setattr(recipe, "train_gsb", fake_train)
+    monkeypatch.setattr(recipe, "offline_photo", lambda name: smooth_images(1)[0])
+    monkeypatch.setattr(recipe, "heldout_images", lambda size: torch.rand(2, 3, size, size))
+    init = GaussianSmoothnessBooster(GSBConfig(feature_dim=DIM, sigma_min=0.2, sigma_max=0.55, denoiser_channels=8,
+                                               denoiser_depth=3, mapper_hidden=16))
+    with torch.no_grad():
+        for p in init.parameters():
+            p.add_(0.1)
+    init.save_pretrained(tmp_path / "init")
+    common = ["--size", str(SIZE), "--output-dir", str(tmp_path / "run"), "--eval-n", "0", "--denoiser-channels", "8",
+              "--denoiser-depth", "3", "--mapper-hidden", "16", "--clean-fraction", "0.5", "--clean-weight", "3"]
+    recipe.main(common + ["--init-from", str(tmp_path / "init")])
+    assert captured["train"].clean_fraction == 0.5 and captured["train"].clean_weight == 3.0
+    loaded = captured["booster"].state_dict()
+    for key, value in init.state_dict().items():
+        assert torch.equal(loaded[key], value), key
+    with pytest.raises(ValueError, match="init-from"):
+        recipe.main(common[:-6] + ["--denoiser-depth", "4", "--mapper-hidden", "16", "--init-from", str(tmp_path / "init")])
