@@ -270,3 +270,22 @@ def test_recipe_main_accepts_argv_and_init_from(tmp_path, monkeypatch):
         assert torch.equal(loaded[key], value), key
     with pytest.raises(ValueError, match="init-from"):
         recipe.main(common[:-6] + ["--denoiser-depth", "4", "--mapper-hidden", "16", "--init-from", str(tmp_path / "init")])
+
+
+def test_shipped_mini_llava_booster_is_the_dinov2_denoiser_alone():
+    """The shipped fs-mini-llava booster carries the DINOv2 booster's denoiser exactly, and no mapper."""
+    from pathlib import Path
+
+    import fs_mllm
+
+    weights = Path(fs_mllm.__file__).parent / "weights"
+    source = GaussianSmoothnessBooster.from_pretrained(weights / "gsb_dinov2_s025")
+    derived = GaussianSmoothnessBooster.from_pretrained(weights / "gsb_mini_llava_s025")
+    assert derived.mapper is None and derived.config.feature_dim == 576
+    for (name, a), (_, b) in zip(source.denoiser.state_dict().items(), derived.denoiser.state_dict().items()):
+        assert torch.equal(a, b), name
+    derived.check_compatible(576, 0.25)
+    with pytest.raises(ValueError, match="feature_dim mismatch"):
+        derived.check_compatible(384, 0.25)
+    noisy = torch.rand(1, 3, 112, 112)
+    assert torch.equal(derived.denoise(noisy, 0.25), source.denoise(noisy, 0.25))
