@@ -8,8 +8,11 @@ project has a real multimodal model to patch and evaluate without access to the 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 __all__ = [
     "cache_dir",
@@ -45,6 +48,30 @@ def cache_dir() -> Path:
     path = Path(root)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@contextmanager
+def staged_folder(out: Path, force: bool = False) -> Iterator[Path]:
+    """A temporary folder beside ``out`` that replaces it atomically when the block succeeds.
+
+    A crash mid-write leaves no half-written model folder; two processes racing to build the same
+    folder both succeed as long as the winner finished (``model.safetensors`` present).
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
+    os.chmod(tmp, 0o755)
+    try:
+        yield tmp
+        if force and out.exists():
+            shutil.rmtree(out)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if not (out / "model.safetensors").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def __getattr__(name: str) -> Any:

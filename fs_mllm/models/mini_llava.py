@@ -13,13 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from fs_mllm.models import cache_dir
+from fs_mllm.models import cache_dir, staged_folder
 from fs_mllm.models.convert_dinov2 import IMAGENET_MEAN, IMAGENET_STD, convert_dinov2
 from fs_mllm.models.convert_smollm2 import convert_smollm2
 
@@ -175,25 +173,13 @@ def mini_llava_dir(projector_path: str | os.PathLike | None = None, force: bool 
     if (out / "model.safetensors").is_file() and not force:
         return out
     model, processor = build_mini_llava(proj)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
-    os.chmod(tmp, 0o755)
-    try:
+    with staged_folder(out, force) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         meta = {"name": "fs-mini-llava", "projector": str(proj)}
         if PROJECTOR_CONFIG_PATH.is_file() and proj == PROJECTOR_PATH:
             meta["projector_config"] = json.loads(PROJECTOR_CONFIG_PATH.read_text())
         (tmp / "fs_mllm_source.json").write_text(json.dumps(meta, indent=2))
-        if force and out.exists():
-            shutil.rmtree(out)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            if not (out / "model.safetensors").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
