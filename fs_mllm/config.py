@@ -41,6 +41,15 @@ def check_choice(value: Any, name: str, choices: tuple) -> str:
     return value
 
 
+def dataclass_from_dict(cls: type, data: dict) -> Any:
+    """Build a config dataclass from JSON data, refusing unknown fields (a typo must not be ignored)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown}; expected a subset of {sorted(known)}")
+    return cls(**data)
+
+
 def check_chunk_size(chunk_size: Any) -> Optional[int]:
     if chunk_size is None:
         return None
@@ -83,11 +92,7 @@ class FSConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "FSConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown FSConfig fields {unknown}; expected a subset of {sorted(known)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data)
 
     def replace(self, **changes: Any) -> "FSConfig":
         return dataclasses.replace(self, **changes)

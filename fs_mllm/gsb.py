@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import check_sigma
+from .config import check_sigma, dataclass_from_dict
 
 WEIGHTS_NAME = "gsb.safetensors"
 CONFIG_NAME = "gsb_config.json"
@@ -102,11 +102,7 @@ class GSBConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "GSBConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown GSBConfig fields {unknown}; expected a subset of {sorted(known)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data)
 
 
 class SigmaEmbedding(nn.Module):
