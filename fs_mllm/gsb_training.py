@@ -5,8 +5,10 @@ Two stages (DESIGN section 3), one global step counter:
    consistency 1 - cos(f(D(x+e)), f(x)) through the frozen encoder;
 2. mapper: consistency 1 - cos(z_m(x+e), f(x)), identity ||M(z, 0)||^2 / ||z||^2 on clean inputs and
    per-dimension mean/std matching of mapped noisy features against clean features.
-A fraction ``clean_fraction`` of each batch is fed without noise (but told sigma) with the clean target,
-so the boosted encoder keeps clean features (its certificate is about f_b(x) and that should be f(x)).
+Both stages are told ``booster.noise_level(noisy, sigma)``, as at inference (with the default
+``noise_level="estimated"`` that is the noise measured on the input, ~0 for a clean one). A fraction
+``clean_fraction`` of each batch is fed without noise with the clean target, so the boosted encoder
+keeps clean features (its certificate is about f_b(x) and that should be f(x)).
 
 The same code runs on CPU, one GPU or several (``accelerate launch``): data come from a map-style
 dataset of seeded random crops that accelerate shards, noise from a generator seeded by (seed, step,
@@ -326,8 +328,9 @@ CHECKPOINT_STATE = "trainer_state.json"
 CHECKPOINT_OPTIM = "optimizer.safetensors"
 
 
-def save_checkpoint(folder: Union[str, os.PathLike], booster: GaussianSmoothnessBooster, optimizer: torch.optim.Optimizer, step: int, stage: str, history: list, seconds: float = 0.0) -> Path:
-    """Weights + optimizer state (safetensors) + step/stage/history/training seconds (JSON), written atomically."""
+def save_checkpoint(folder: Union[str, os.PathLike], booster: GaussianSmoothnessBooster, optimizer: torch.optim.Optimizer, step: int, stage: str, history: list, seconds: float = 0.0,
+                    train_config: Optional[dict] = None) -> Path:
+    """Weights + optimizer state (safetensors) + step/stage/history/seconds/train config (JSON), written atomically."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -339,7 +342,8 @@ def save_checkpoint(folder: Union[str, os.PathLike], booster: GaussianSmoothness
     booster.save_pretrained(tmp)
     tensors, meta = flatten_optimizer_state(optimizer.state_dict())
     save_file(tensors, str(tmp / CHECKPOINT_OPTIM))
-    (tmp / CHECKPOINT_STATE).write_text(json.dumps({"step": step, "stage": stage, "seconds": seconds, "optimizer": meta, "history": history}, indent=1))
+    (tmp / CHECKPOINT_STATE).write_text(json.dumps({"step": step, "stage": stage, "seconds": seconds, "optimizer": meta, "history": history,
+                                                   "train_config": train_config}, indent=1))
     if folder.exists():
         import shutil
 
@@ -383,7 +387,7 @@ def _sample_noise(clean: torch.Tensor, train: GSBTrainConfig, lo: float, hi: flo
 
 def _build_feature_cache(booster: GaussianSmoothnessBooster, encoder: Encoder, train_images: Any, train: GSBTrainConfig,
                          lo: float, hi: float, accelerator: Any) -> dict[str, torch.Tensor]:
-    """Encode ``mapper_cache_size`` crops once: clean features, features of denoised noisy copies, sigma.
+    """Encode ``mapper_cache_size`` crops once: clean features, features of denoised noisy copies, levels told.
 
     Seeded by (seed, process index) only, so a resumed run rebuilds the same cache.
     """
@@ -399,17 +403,18 @@ def _build_feature_cache(booster: GaussianSmoothnessBooster, encoder: Encoder, t
         dataset = RandomCropDataset(train_images, train.image_size, length=size, seed=train.seed + 17,
                                     offset=(1 + accelerator.process_index) * 10_000_019)
     loader = torch.utils.data.DataLoader(dataset, batch_size=train.batch_size, shuffle=False)
-    parts: dict[str, list] = {"target": [], "z": [], "sigma": [], "amplitude": []}
+    parts: dict[str, list] = {"target": [], "z": [], "level": [], "amplitude": []}
     bar = tqdm(loader, desc="gsb feature cache", disable=not accelerator.is_local_main_process)
     with torch.no_grad(), accelerator.autocast():
         for index, clean in enumerate(bar):
             clean = clean.to(device)
             generator = torch.Generator(device=device).manual_seed(train.seed * 7_919 + 1_000_003 * (index + 1) + accelerator.process_index)
             noisy, sigma, amplitude = _sample_noise(clean, train, lo, hi, generator)
-            den = booster.denoiser(noisy, sigma) if booster.denoiser is not None else noisy
+            level = booster.noise_level(noisy, sigma)
+            den = booster.denoiser(noisy, level) if booster.denoiser is not None else noisy
             parts["target"].append(encoder(clean).float())
             parts["z"].append(encoder(den).float())
-            parts["sigma"].append(sigma)
+            parts["level"].append(level)
             parts["amplitude"].append(amplitude)
     return {k: torch.cat(v) for k, v in parts.items()}
 
@@ -465,6 +470,10 @@ def train_gsb(
         saved = GaussianSmoothnessBooster.from_pretrained(checkpoint, device=device)
         if saved.config.to_dict() != booster.config.to_dict():
             raise ValueError(f"checkpoint in {str(checkpoint)!r} was made for another GSBConfig; use a new output_dir")
+        if resumed.get("train_config") not in (None, train.to_dict()):
+            changed = sorted(k for k, v in train.to_dict().items() if resumed["train_config"].get(k) != v)
+            raise ValueError(f"checkpoint in {str(checkpoint)!r} was made with other training settings ({', '.join(changed)}); "
+                             "rerun with the same settings to resume, or use a new output_dir")
         booster.load_state_dict(saved.state_dict())
         step, history = int(resumed["step"]), list(resumed["history"])
         previous_seconds = float(resumed.get("seconds", 0.0))
@@ -508,7 +517,7 @@ def train_gsb(
             generator = torch.Generator(device=device).manual_seed(train.seed * 7_919 + step * 104_729 + accelerator.process_index)
             if cache is not None:
                 pick = torch.randint(cache["z"].shape[0], (train.mapper_batch_size,), generator=generator, device=device)
-                target, z, sigma, amplitude = (cache[k][pick] for k in ("target", "z", "sigma", "amplitude"))
+                target, z, level, amplitude = (cache[k][pick] for k in ("target", "z", "level", "amplitude"))
             else:
                 try:
                     clean = next(data_iter)
@@ -516,6 +525,7 @@ def train_gsb(
                     data_iter = iter(loader)
                     clean = next(data_iter)
                 noisy, sigma, amplitude = _sample_noise(clean, train, lo, hi, generator)
+                level = booster.noise_level(noisy, sigma)  # what the stages are told at inference
             use_features = stage == "mapper" or (
                 train.feature_weight > 0 and train.feature_every > 0 and (step + 1 - stage_start) % train.feature_every == 0)
             with accelerator.autocast():
@@ -525,7 +535,7 @@ def train_gsb(
                 # per-sample weights: noise-free samples (amplitude 0) weigh clean_weight, noisy ones 1
                 weight = torch.where(amplitude > 0, torch.ones_like(amplitude), torch.full_like(amplitude, train.clean_weight))
                 if stage == "denoiser":
-                    denoised = wrapped(noisy, sigma)
+                    denoised = wrapped(noisy, level)
                     mse = ((denoised.float() - clean.float()) ** 2).flatten(1).mean(1) / sigma.pow(2)
                     loss = train.mse_weight * (weight * mse).mean()
                     parts = {"mse": float(mse.mean().detach())}
@@ -540,9 +550,9 @@ def train_gsb(
                 else:
                     if cache is None:
                         with torch.no_grad():
-                            den = booster.denoiser(noisy, sigma) if booster.denoiser is not None else noisy
+                            den = booster.denoiser(noisy, level) if booster.denoiser is not None else noisy
                             z = encoder(den)
-                    mapped = wrapped(z, sigma)
+                    mapped = wrapped(z, level)
                     cons = 1 - flat_cosine(mapped, target)
                     ident = identity_loss(accelerator.unwrap_model(wrapped), target) if train.identity_weight > 0 else torch.zeros((), device=device)
                     stats = stats_matching_loss(mapped[amplitude > 0] if (amplitude > 0).any() else mapped, target)
@@ -565,7 +575,7 @@ def train_gsb(
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer  # AcceleratedOptimizer
-                    save_checkpoint(checkpoint, booster, inner, step, stage, history, previous_seconds + time.time() - start)
+                    save_checkpoint(checkpoint, booster, inner, step, stage, history, previous_seconds + time.time() - start, train.to_dict())
         module.eval()
         stage_start = stage_end
     pbar.close()

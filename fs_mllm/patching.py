@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import adapters as _adapters  # noqa: F401  (registers every family)
-from .adapters.base import FamilyAdapter, get_adapter, unwrap_model
+from .adapters.base import FamilyAdapter, booster_noise_level, get_adapter, per_row_level, unwrap_model
 from .certify import Certificate, certificates_from_scores, sample_scores
 from .config import (
     BOUND_METHODS,
@@ -157,14 +157,18 @@ def make_group_encoder(
     """
     denoise = _booster_stage(state.booster, "denoise")
     map_features = _booster_stage(state.booster, "map_features")
+    estimates_level = _booster_stage(state.booster, "noise_level") is not None
     sigma = state.config.sigma
 
     def encode(images: torch.Tensor) -> torch.Tensor:
         count = images.shape[0]
-        if denoise is not None:
+        level: Any = sigma
+        if denoise is not None or estimates_level:
             pixels = adapter.denormalise(images.float(), state.image_mean, state.image_std)
             flat = pixels.reshape((-1,) + tuple(pixels.shape[-3:]))
-            flat = denoise(flat, sigma)
+            level = booster_noise_level(state.booster, flat, sigma)
+        if denoise is not None:
+            flat = denoise(flat, level)
             images = adapter.normalise(flat.reshape(pixels.shape).float(), state.image_mean, state.image_std).to(images.dtype)
         repeats = {}
         for key, rows in extra.items():
@@ -176,7 +180,7 @@ def make_group_encoder(
             template[:] = [output]
         features = adapter.extract_features(output, count)
         if map_features is not None:
-            features = map_features(features, sigma)
+            features = map_features(features, per_row_level(level, count))
         return features
 
     return encode

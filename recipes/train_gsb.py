@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mapper-hidden", type=int, default=512)
     p.add_argument("--no-denoiser", action="store_true")
     p.add_argument("--no-mapper", action="store_true")
+    p.add_argument("--noise-level", choices=["estimated", "given"], default="estimated",
+                   help="level both stages are told: measured on each input (clean inputs pass ~unchanged) or the sigma given")
     p.add_argument("--checkpoint-every", type=int, default=25)
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--seed", type=int, default=0)
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         feature_dim=feature_dim, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
         use_denoiser=not args.no_denoiser, use_mapper=not args.no_mapper,
         denoiser_channels=args.denoiser_channels, denoiser_depth=args.denoiser_depth, mapper_hidden=args.mapper_hidden,
-        encoder_id=encoder_id, image_size=args.size,
+        encoder_id=encoder_id, image_size=args.size, noise_level=args.noise_level,
         extra={"train_images": train_names, "heldout_images": held_names},
     )
     torch.manual_seed(args.seed)

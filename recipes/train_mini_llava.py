@@ -133,6 +133,17 @@ def align_projector(model, feats, examples, tok, steps: int, batch_size: int = 1
     return losses
 
 
+def save_projector(proj: torch.nn.Module, path: Path) -> None:
+    """Write the projector weights atomically (a temporary file, then rename), so a kill never leaves half a file."""
+    from safetensors.torch import save_file
+
+    state = {f"multi_modal_projector.{k}": v.detach().contiguous() for k, v in proj.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.replace(path)
+
+
 def batch_loss(model, feats, batch_ids, batch_labels, image_id: int) -> torch.Tensor:
     lm = model.model.language_model
     length = max(len(x) for x in batch_ids)
@@ -208,9 +219,17 @@ def main() -> None:
     ap.add_argument("--align-steps", type=int, default=600, help="stage-1 (no LM) alignment steps")
     ap.add_argument("--align-only-eval", action="store_true", help="stop after stage 1 and evaluate a few")
     ap.add_argument("--measure", action="store_true", help="time a few steps and exit")
+    ap.add_argument("--autocast-bf16", action="store_true", help="run the frozen LM under bfloat16 autocast (faster on CPUs with bf16 units)")
     ap.add_argument("--eval-only", action="store_true")
     ap.add_argument("--out", type=Path, default=PROJECTOR_PATH)
     ap.add_argument("--init", type=Path, default=None, help="resume from this projector (safetensors)")
+    ap.add_argument(
+        "--checkpoint-minutes",
+        type=float,
+        default=10.0,
+        help="save the projector to OUT with suffix .ckpt.safetensors this often, so a killed run loses little "
+        "(resume with --init)",
+    )
     args = ap.parse_args()
     if args.minutes <= 0 or args.batch_size <= 0:
         raise ValueError("--minutes and --batch-size must be positive")
@@ -262,6 +281,8 @@ def main() -> None:
     order: list[int] = []
     step, losses, t_train = 0, [], time.time()
     bar = tqdm(desc="train", unit="step")
+    checkpoint_path = args.out.with_suffix(".ckpt.safetensors")
+    last_checkpoint = time.time()
     while True:
         elapsed = time.time() - t_train
         if (args.measure and step == 4) or (not args.measure and elapsed >= budget):
@@ -277,7 +298,8 @@ def main() -> None:
         idx, order = order[: args.batch_size], order[args.batch_size :]
         enc = [encode_conversation(tok, conversation(train[i], rng), n_image, image_id) for i in idx]
         ts = time.time()
-        loss = batch_loss(model, feats[idx], [e[0] for e in enc], [e[1] for e in enc], image_id)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast_bf16):
+            loss = batch_loss(model, feats[idx], [e[0] for e in enc], [e[1] for e in enc], image_id)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(proj.parameters(), 1.0)
@@ -286,18 +308,18 @@ def main() -> None:
         losses.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}", s_step=f"{time.time() - ts:.1f}")
+        if not args.measure and time.time() - last_checkpoint >= 60.0 * args.checkpoint_minutes:
+            save_projector(proj, checkpoint_path)
+            last_checkpoint = time.time()
     bar.close()
     train_s = time.time() - t_train
     print(f"{step} steps in {train_s:.0f}s ({train_s / max(step, 1):.2f}s/step), last loss {losses[-1]:.3f}")
     if args.measure:
         return
 
-    from safetensors.torch import save_file
-
     proj.eval()
-    state = {f"multi_modal_projector.{k}": v.detach().contiguous() for k, v in proj.state_dict().items()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(args.out), metadata={"format": "pt"})
+    save_projector(proj, args.out)
+    checkpoint_path.unlink(missing_ok=True)
     t_eval = time.time()
     metrics = evaluate(model, processor, heldout, args.eval_questions, args.eval_captions)
     config = {

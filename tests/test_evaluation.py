@@ -314,6 +314,25 @@ def test_load_eval_dataset_default_and_errors() -> None:
         load_eval_dataset("fs-offline-eval", task="detection")
 
 
+def test_synthetic_heldout_set_scores_its_own_ground_truth() -> None:
+    from fs_mllm.evaluation import load_synthetic_heldout
+    from fs_mllm.synthetic import make_example
+
+    vqa = load_eval_dataset("fs-synthetic-heldout", task="vqa")
+    caps = load_eval_dataset("fs-synthetic-heldout", task="caption")
+    assert len(caps) == 40 and 120 <= len(vqa) <= 160
+    first = make_example(0, split="heldout")
+    assert caps[0]["captions"] == [first.caption]
+    assert np.array_equal(np.asarray(caps[0]["image"]), np.asarray(first.image))
+    question, accepted = first.qa[0]
+    assert vqa[0]["question"] == question
+    # every accepted answer scores 1 under the official rule, a wrong one 0
+    assert all(vqa_score(a, vqa[0]["answers"]) == 1.0 for a in accepted)
+    assert vqa_score("zebra", vqa[0]["answers"]) == 0.0
+    with pytest.raises(ValueError, match="n_images"):
+        load_synthetic_heldout("vqa", n_images=0)
+
+
 def _tiny_images(n: int):
     from PIL import Image
 

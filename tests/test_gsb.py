@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fs_mllm.certify import certify_features
-from fs_mllm.gsb import CONFIG_NAME, WEIGHTS_NAME, GaussianSmoothnessBooster, GSBConfig, boosted_encoder
+from fs_mllm.gsb import CONFIG_NAME, WEIGHTS_NAME, GaussianSmoothnessBooster, GSBConfig, boosted_encoder, estimate_noise_std
 from fs_mllm.gsb_training import (
     GSBTrainConfig, RandomCropDataset, evaluate_certificates, flatten_optimizer_state, load_checkpoint_state,
     train_gsb, unflatten_optimizer_state,
@@ -51,6 +51,43 @@ def smooth_images(count: int = 12, seed: int = 0) -> list[np.ndarray]:
         img = np.stack([0.5 + 0.4 * np.sin(a * np.pi * xx + c), 0.5 + 0.4 * np.cos(b * np.pi * yy), 0.5 + 0.3 * np.sin(a * xx + b * yy)], -1)
         images.append(img.astype(np.float32))
     return images
+
+
+def test_noise_estimate_reads_the_added_noise_and_not_the_image():
+    images = torch.from_numpy(np.stack(smooth_images(6))).permute(0, 3, 1, 2)
+    assert estimate_noise_std(images).max() < 0.01  # smooth content reads (almost) no noise
+    g = torch.Generator().manual_seed(0)
+    for sigma in (0.05, 0.25, 0.5):
+        noisy = images + sigma * torch.randn(images.shape, generator=g)
+        torch.testing.assert_close(estimate_noise_std(noisy), torch.full((6,), sigma), rtol=0.1, atol=0.0)
+    with pytest.raises(ValueError, match="pixels01"):
+        estimate_noise_std(torch.rand(3, 8, 8))
+
+
+def test_estimated_level_leaves_clean_inputs_unchanged_and_matches_given_on_noisy_ones():
+    images = torch.from_numpy(np.stack(smooth_images(4))).permute(0, 3, 1, 2)[..., :SIZE, :SIZE].contiguous()
+    flat = torch.full((1, 3, SIZE, SIZE), 0.3)  # no detail at all: estimate exactly 0
+    estimated = GaussianSmoothnessBooster(small_config())
+    with torch.no_grad():
+        for p in estimated.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # a trained, non-identity booster
+    given = GaussianSmoothnessBooster(small_config(noise_level="given"))
+    given.load_state_dict(estimated.state_dict())
+    encoder = TinyEncoder()
+    assert torch.equal(estimated.noise_level(flat, 0.25), torch.zeros(1))
+    torch.testing.assert_close(estimated(flat, encoder, 0.25), estimated.map_features(encoder(flat), 0.0))
+    assert torch.equal(given.noise_level(images, 0.25), torch.full((4,), 0.25))
+    # on clean inputs the denoiser is told ~0 and moves pixels far less than when told sigma
+    change = lambda b: (b.denoise(images, b.noise_level(images, 0.25)) - images).abs().max()
+    assert change(estimated) < 0.1 * change(given)
+    noisy = images + 0.3 * torch.randn(images.shape, generator=torch.Generator().manual_seed(1))
+    level = estimated.noise_level(noisy, 0.3)
+    assert ((level - 0.3).abs() < 0.06).all()
+    torch.testing.assert_close(estimated(noisy, encoder, 0.3), given(noisy, encoder, level))
+    # estimates are clamped to the trained range
+    assert estimated.noise_level(torch.rand(2, 3, SIZE, SIZE) * 4, 0.3).max() <= 0.5
+    with pytest.raises(ValueError, match="noise_level"):
+        small_config(noise_level="guess")
 
 
 def test_starts_as_identity():
@@ -192,8 +229,17 @@ def test_resume_continues_step_count(tmp_path):
     train = GSBTrainConfig(denoiser_steps=3, mapper_steps=3, batch_size=4, image_size=SIZE, checkpoint_every=1, log_every=1)
     torch.manual_seed(0)
     first = GaussianSmoothnessBooster(small_config())
-    part = GSBTrainConfig(**{**train.to_dict(), "mapper_steps": 1})  # same schedule, "killed" after 4 steps
-    train_gsb(first, encoder, images, part, output_dir=tmp_path, progress=False)
+    calls = {"n": 0}
+
+    def dies_in_step_five(x):  # 2 encodes per step (clean target, denoised or noisy copy): no cache, features every step
+        calls["n"] += 1
+        if calls["n"] > 2 * 4:
+            raise RuntimeError("killed")
+        return encoder(x)
+
+    train = GSBTrainConfig(**{**train.to_dict(), "mapper_cache_size": 0, "feature_every": 1})
+    with pytest.raises(RuntimeError, match="killed"):
+        train_gsb(first, dies_in_step_five, images, train, output_dir=tmp_path, progress=False)
     state = load_checkpoint_state(tmp_path / "checkpoint")
     assert state["step"] == 4 and state["stage"] == "mapper"
     assert any(k.endswith("exp_avg") for k in state["optimizer_tensors"])
@@ -205,6 +251,10 @@ def test_resume_continues_step_count(tmp_path):
     assert load_checkpoint_state(tmp_path / "checkpoint")["step"] == 6
     # the denoiser trained in the first run was restored, not re-initialised
     torch.testing.assert_close(second.denoiser.state_dict()["inp.weight"], first.denoiser.state_dict()["inp.weight"])
+    # other training settings cannot resume into that folder
+    with pytest.raises(ValueError, match="mapper_steps"):
+        train_gsb(GaussianSmoothnessBooster(small_config()), encoder, images,
+                  GSBTrainConfig(**{**train.to_dict(), "mapper_steps": 5}), output_dir=tmp_path, progress=False)
 
 
 def test_train_config_validation():

@@ -399,6 +399,37 @@ def test_booster_applied_in_noisy_path():
         patch(model, booster=RecordingBooster(dim=7))
 
 
+class LevelBooster(RecordingBooster):
+    """Tells its stages a per-copy level computed from the noisy pixels; records the levels it got."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim)
+        self.levels: list = []
+
+    def noise_level(self, pixels01: torch.Tensor, sigma: float) -> torch.Tensor:
+        return pixels01.flatten(1).std(1)
+
+    def denoise(self, pixels01: torch.Tensor, sigma) -> torch.Tensor:
+        self.levels.append(("denoise", sigma))
+        return pixels01
+
+    def map_features(self, features: torch.Tensor, sigma) -> torch.Tensor:
+        self.levels.append(("map", sigma))
+        return features
+
+
+def test_booster_noise_level_reaches_both_stages_per_copy():
+    model, inputs = build("llava", batch=1)
+    booster = LevelBooster(dim=32)
+    patch(model, sigma=0.2, n_samples=3, booster=booster, image_mean=[0.5] * 3, image_std=[0.25] * 3)
+    features(model, inputs)
+    (stage_a, level_a), (stage_b, level_b) = booster.levels
+    assert (stage_a, stage_b) == ("denoise", "map")
+    assert level_a.shape == (3,) and torch.equal(level_a, level_b)
+    # each copy's level is that copy's own pixel std: noisy copies differ from each other
+    assert len(set(level_a.tolist())) == 3
+
+
 # ---------------------------------------------------------------------------------------------
 # certification
 # ---------------------------------------------------------------------------------------------

@@ -90,6 +90,28 @@ def test_dinov2_matches_onnx_on_real_photos(dinov2):
     assert np.abs(out[0, 0] - out[1, 0]).max() > 1e-1
 
 
+def test_shipped_booster_keeps_clean_features_and_denoises_noisy_ones(dinov2):
+    """Issue-level clean utility on real weights: cos(boosted, original) >= 0.99 on held-out real photos."""
+    from pathlib import Path
+
+    import fs_mllm
+    from fs_mllm.gsb import GaussianSmoothnessBooster, boosted_encoder
+    from fs_mllm.gsb_training import HELDOUT_PHOTOS, PixelEncoder, flat_cosine, freeze, heldout_images
+    from fs_mllm.models.convert_dinov2 import IMAGENET_MEAN, IMAGENET_STD
+
+    booster = GaussianSmoothnessBooster.from_pretrained(Path(fs_mllm.__file__).parent / "weights" / "gsb_dinov2_s025")
+    encoder = freeze(PixelEncoder(dinov2, IMAGENET_MEAN, IMAGENET_STD, drop_tokens=1))
+    boosted = boosted_encoder(encoder, booster, 0.25)
+    images = heldout_images(112)
+    noisy = images + 0.25 * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        clean = encoder(images)
+        clean_cos = flat_cosine(boosted(images), clean)
+        noisy_plain, noisy_boosted = flat_cosine(encoder(noisy), clean), flat_cosine(boosted(noisy), clean)
+    assert len(clean_cos) == len(HELDOUT_PHOTOS) and clean_cos.min() >= 0.99, clean_cos
+    assert noisy_boosted.mean() > noisy_plain.mean() + 0.05, (noisy_plain, noisy_boosted)
+
+
 def test_onnx_reference_rejects_bad_shape():
     pytest.importorskip("onnx")
     from fs_mllm.models.convert_dinov2 import onnx_backbone_features

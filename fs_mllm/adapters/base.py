@@ -51,9 +51,25 @@ class Booster(Protocol):
       (N, T, D) with D the decoder's hidden size, before unit normalisation; returns the same shape.
     - ``check_compatible(feature_dim, sigma)``: raise ValueError if the booster was not trained for
       this feature dimension / sigma.
+    - ``noise_level(pixels01, sigma)`` (optional): the noise level (per image, shape (N,)) that
+      ``denoise`` and ``map_features`` are told for these noisy pixels; absent means ``sigma``.
+      A deterministic function of the noisy input, so certificates stay about one fixed function.
     """
 
     def check_compatible(self, feature_dim: int, sigma: float) -> None: ...
+
+
+def booster_noise_level(booster: Any, pixels01: torch.Tensor, sigma: float) -> Union[float, torch.Tensor]:
+    """The level a booster's stages are told for noisy [0,1] pixels (N, 3, H, W): its ``noise_level`` or sigma."""
+    fn = getattr(booster, "noise_level", None)
+    return fn(pixels01, sigma) if callable(fn) else sigma
+
+
+def per_row_level(level: Union[float, torch.Tensor], rows: int) -> Union[float, torch.Tensor]:
+    """Per-image levels of ``rows * k`` pixel images (e.g. LLaVA-NeXT crops) averaged to one per feature row."""
+    if isinstance(level, torch.Tensor) and level.ndim > 0 and level.numel() != rows:
+        return level.reshape(rows, -1).mean(1)
+    return level
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -12,9 +12,11 @@ from typing import Any
 from .caption import caption_metrics, java_available, simple_tokenize
 from .datasets import (
     OFFLINE_EVAL_NAME,
+    SYNTHETIC_EVAL_NAME,
     load_eval_dataset,
     load_offline_eval,
     load_offline_photo,
+    load_synthetic_heldout,
     normalize_eval_columns,
 )
 from .robustness import (
@@ -51,6 +53,7 @@ def load_metric(name: str, **kwargs: Any) -> Any:
 __all__ = [
     "METRIC_NAMES",
     "OFFLINE_EVAL_NAME",
+    "SYNTHETIC_EVAL_NAME",
     "attack_success",
     "attack_success_rate",
     "caption_metrics",
@@ -61,6 +64,7 @@ __all__ = [
     "load_metric",
     "load_offline_eval",
     "load_offline_photo",
+    "load_synthetic_heldout",
     "metric_module_path",
     "normalize_eval_columns",
     "normalize_text",

@@ -24,7 +24,9 @@ from fs_mllm.data import OFFLINE_EVAL_ANNOTATIONS
 
 __all__ = [
     "OFFLINE_EVAL_NAME",
+    "SYNTHETIC_EVAL_NAME",
     "load_offline_eval",
+    "load_synthetic_heldout",
     "load_offline_photo",
     "load_eval_dataset",
     "normalize_eval_columns",
@@ -33,6 +35,8 @@ __all__ = [
 ]
 
 OFFLINE_EVAL_NAME = "fs-offline-eval"
+SYNTHETIC_EVAL_NAME = "fs-synthetic-heldout"
+SYNTHETIC_EVAL_IMAGES = 40
 _TASKS = ("vqa", "caption")
 
 # datasets >= 4 has List; 3.x spells a variable-length list Sequence.
@@ -257,11 +261,45 @@ def _pick_split(obj: datasets.Dataset | datasets.DatasetDict, split: str | None,
     raise ValueError(f"split {split!r} not found in {where}; available splits: {list(obj)}")
 
 
+def load_synthetic_heldout(task: str = "vqa", n_images: int = SYNTHETIC_EVAL_IMAGES) -> datasets.Dataset:
+    """Held-out synthetic images (``"fs-synthetic-heldout"``): the task fs-mini-llava was trained on.
+
+    Why: fs-mini-llava's projector learned only the synthetic task (``fs_mllm.synthetic``), so this is
+    where its accuracy, and what smoothing and attacks do to it, can be measured; the backgrounds are
+    real photos the training never used. Each accepted answer is listed 4 times, so any of them scores 1
+    under the official VQA rule (min(matches / 3, 1), averaged over the leave-one-out subsets).
+    """
+    from fs_mllm.synthetic import make_dataset
+
+    _check_task(task)
+    if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1:
+        raise ValueError(f"n_images must be a positive integer, got {n_images!r}")
+    examples = make_dataset(n_images, split="heldout")
+    images = [{"bytes": _png_bytes(e.image), "path": None} for e in examples]
+    if task == "caption":
+        return datasets.Dataset.from_dict(
+            {"image": images, "captions": [[e.caption] for e in examples], "image_id": list(range(n_images))},
+            features=CAPTION_FEATURES,
+        )
+    rows = [(i, q, answers) for i, e in enumerate(examples) for q, answers in e.qa]
+    return datasets.Dataset.from_dict(
+        {
+            "image": [images[i] for i, _, _ in rows],
+            "question": [q for _, q, _ in rows],
+            "answers": [[a for a in answers for _ in range(4)] for _, _, answers in rows],
+            "question_id": list(range(len(rows))),
+            "image_id": [i for i, _, _ in rows],
+        },
+        features=VQA_FEATURES,
+    )
+
+
 def load_eval_dataset(name_or_path: str = OFFLINE_EVAL_NAME, task: str = "vqa", split: str | None = "validation",
                       **load_kwargs: Any) -> datasets.Dataset:
     """Load an evaluation set from anywhere and return it in the canonical shape for ``task``.
 
-    ``name_or_path`` is ``"fs-offline-eval"`` (the shipped set, always offline), a local folder
+    ``name_or_path`` is ``"fs-offline-eval"`` (the shipped real-photo set, always offline),
+    ``"fs-synthetic-heldout"`` (held-out synthetic images, fs-mini-llava's own task), a local folder
     (a ``save_to_disk`` dataset, or an imagefolder with ``metadata.jsonl``), or a Hub dataset id
     loaded with ``datasets.load_dataset`` (needs the Hub or its local cache). ``load_kwargs`` go to
     ``datasets.load_dataset`` (e.g. ``name=`` for a config).
@@ -271,6 +309,8 @@ def load_eval_dataset(name_or_path: str = OFFLINE_EVAL_NAME, task: str = "vqa", 
         raise ValueError(f"name_or_path must be a non-empty str, got {name_or_path!r}")
     if name_or_path == OFFLINE_EVAL_NAME:
         return load_offline_eval(task)
+    if name_or_path == SYNTHETIC_EVAL_NAME:
+        return load_synthetic_heldout(task)
     if os.path.isdir(name_or_path):
         saved_markers = ("dataset_info.json", "state.json", "dataset_dict.json")
         if any(os.path.exists(os.path.join(name_or_path, m)) for m in saved_markers):

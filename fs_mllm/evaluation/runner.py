@@ -752,7 +752,7 @@ def add_common_arguments(parser: Any, task: str) -> None:
     """The recipes' shared command line (eval_vqa.py / eval_caption.py)."""
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="'fs-mini-llava' (embedded offline LLaVA) or a model id / local folder")
-    parser.add_argument("--dataset", default="fs-offline-eval", help="'fs-offline-eval', a local folder or a Hub id")
+    parser.add_argument("--dataset", default="fs-offline-eval", help="'fs-offline-eval' (real photos), 'fs-synthetic-heldout' (fs-mini-llava's own task), a local folder or a Hub id")
     parser.add_argument("--split", default="validation")
     parser.add_argument("--variants", default="base,fs", help="comma list of base, fs, fs+gsb")
     parser.add_argument("--sigma", type=float, default=0.25, help="FS noise std in [0,1] pixel space")
