@@ -11,8 +11,8 @@ mode). Held-out photos: ``fs_mllm.gsb_training.HELDOUT_PHOTOS`` (training uses `
 Parts merge into the same JSON file, so the slow baseline can run while the booster trains.
 
 Figures shipped in fs_mllm/weights/gsb_dinov2_s025/bench_results.json were produced (2-core shared CPU,
-one thread per process, 112 px) by: the recipe command stored in that folder's gsb_config.json
-(extra.recipe), then
+one thread per process, 112 px) by: the three chained recipe commands stored in that folder's
+gsb_config.json (extra.train_runs), then
     --part before --n 1000 --sigmas 0.25 --threads 1      --part before --n 200 --sigmas 0.5 --threads 1
     --part after  --n 1000 --sigmas 0.25 --threads 1      --part after  --n 200 --sigmas 0.5 --threads 1
 (each with --out pointing at a per-part JSON, merged with --part table --merge).
@@ -102,7 +102,8 @@ def print_table(args: argparse.Namespace) -> None:
     print("FCSB: mean over held-out images of the certified FCSB(sigma/2) from the Bernstein lower bound on S, a vacuous")
     print("(negative) bound counted as 0; [k] = images with a vacuous bound. n = before/after samples. Per image (S, FCSB):")
     for key, value in results.items():
-        print(key, [(r["image"], round(r["score_mean"], 3), round(r["fcsb_half_sigma"], 3)) for r in value["rows"]])
+        if isinstance(value, dict) and "rows" in value:  # skip "notes"
+            print(key, [(r["image"], round(r["score_mean"], 3), round(r["fcsb_half_sigma"], 3)) for r in value["rows"]])
 
 
 def main() -> None:

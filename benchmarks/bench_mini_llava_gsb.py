@@ -19,10 +19,10 @@ from fs_mllm import GaussianSmoothnessBooster, certify_model, patch_model, unpat
 from fs_mllm.attacks import generate_text
 from fs_mllm.cli import load_images, processor_size, to_tensor01
 from fs_mllm.models import load_mini_llava
-from fs_mllm.models.mini_llava import build_prompt
+from fs_mllm.models.mini_llava import BOOSTER_DIR, build_prompt
 from fs_mllm.synthetic import make_dataset, vqa_match
 
-BOOSTER = Path(fs_mllm.__file__).parent / "weights" / "gsb_mini_llava_s025"
+BOOSTER = BOOSTER_DIR
 
 
 def main() -> None:

@@ -237,9 +237,10 @@ class GSBTrainConfig:
     sigma_min/sigma_max: training noise range (defaults to the booster's). clean_fraction: share of
     each batch fed without noise (target: identity). clean_weight: weight of those noise-free samples in
     the per-sample losses (denoiser MSE + feature consistency, mapper consistency; noisy samples weigh 1,
-    so 1.0 is the plain batch mean): the booster is told sigma but cannot know the input is clean, so
-    raising clean_fraction/clean_weight trades a little smoothing for clean utility
-    cos(f_b(x), f(x)). checkpoint_every: steps between checkpoints.
+    so 1.0 is the plain batch mean). With ``noise_level="estimated"`` a clean input is told ~0 and passes
+    almost unchanged anyway, so the default is 0 (every sample noisy); a booster told the given sigma
+    cannot know an input is clean, and there raising clean_fraction/clean_weight trades smoothing for
+    clean utility cos(f_b(x), f(x)). checkpoint_every: steps between checkpoints.
     feature_every: stage 1 adds the feature-consistency term (a backward pass through the frozen encoder,
     the expensive part) on every k-th step only; the other steps are MSE only (0: never, 1: always).
     mapper_cache_size: when > 0, stage 2 first encodes this many (clean, noisy+denoised) crops once (the
@@ -258,7 +259,7 @@ class GSBTrainConfig:
     consistency_weight: float = 1.0
     identity_weight: float = 1.0
     stats_weight: float = 0.1
-    clean_fraction: float = 0.125
+    clean_fraction: float = 0.0
     clean_weight: float = 1.0
     feature_every: int = 1
     mapper_cache_size: int = 0

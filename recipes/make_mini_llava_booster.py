@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from fs_mllm.gsb import GaussianSmoothnessBooster, GSBConfig  # noqa: E402
+from fs_mllm.models.mini_llava import BOOSTER_DIR  # noqa: E402
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "fs_mllm" / "weights"
 
@@ -38,7 +39,7 @@ def denoiser_only(source: GaussianSmoothnessBooster, feature_dim: int, encoder_i
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default=str(WEIGHTS / "gsb_dinov2_s025"), help="booster folder to take the denoiser from")
-    parser.add_argument("--out", default=str(WEIGHTS / "gsb_mini_llava_s025"), help="where to save the derived booster")
+    parser.add_argument("--out", default=str(BOOSTER_DIR), help="where to save the derived booster")
     args = parser.parse_args(argv)
     from fs_mllm.models import load_mini_llava
     from fs_mllm.adapters import get_adapter

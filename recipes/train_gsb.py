@@ -12,9 +12,11 @@ step count, all safetensors + JSON). Data: ``--images FOLDER``, ``--dataset NAME
 trained on. The encoder is the real DINOv2 ViT-S/14 (``--encoder dinov2``) or a local Hugging Face vision
 model folder; features are all patch tokens of the last hidden state (CLS dropped).
 
-Clean utility: the booster is told the smoothing sigma and cannot know an input is noise-free, so
-``--clean-fraction`` (share of each batch fed without noise) and ``--clean-weight`` (their loss weight)
-set the trade-off between S and cos(f_b(x), f(x)) on clean x. ``--init-from DIR`` fine-tunes a saved
+Clean utility: by default (``--noise-level estimated``) both stages are told the noise level measured
+on each input, so a clean image is told ~0 and passes almost unchanged. With ``--noise-level given`` the
+booster is told the smoothing sigma and cannot know an input is noise-free; there ``--clean-fraction``
+(share of each batch fed without noise) and ``--clean-weight`` (their loss weight) set the trade-off
+between S and cos(f_b(x), f(x)) on clean x. ``--init-from DIR`` fine-tunes a saved
 booster of the same architecture (e.g. the shipped one) instead of starting from the identity.
 Programmatic use: ``main(["--output-dir", ...])`` (``fs-mllm train-gsb`` calls it).
 """
@@ -71,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mapper-lr", type=float, default=1e-3)
     p.add_argument("--feature-weight", type=float, default=1.0)
     p.add_argument("--stats-weight", type=float, default=0.1)
-    p.add_argument("--clean-fraction", type=float, default=0.125, help="share of each batch fed without noise (told sigma)")
+    p.add_argument("--clean-fraction", type=float, default=0.0,
+                   help="share of each batch fed without noise (useful with --noise-level given; estimated levels keep clean inputs by design)")
     p.add_argument("--clean-weight", type=float, default=1.0, help="loss weight of the noise-free samples (noisy: 1)")
     p.add_argument("--identity-weight", type=float, default=1.0, help="stage 2: mapper identity ||M(z,0)||^2/||z||^2")
     p.add_argument("--init-from", help="start from this saved booster's weights (same architecture), e.g. to fine-tune")

@@ -150,7 +150,10 @@ def test_settings_validation_names_the_parameter():
     with pytest.raises(ValueError, match="variants"):
         EvalSettings(variants="base,smooth")
     with pytest.raises(ValueError, match="booster"):
-        EvalSettings(variants="base,fs+gsb")
+        EvalSettings(model="some/other-model", variants="base,fs+gsb")
+    from fs_mllm.models.mini_llava import BOOSTER_DIR
+
+    assert EvalSettings(variants="base,fs+gsb").booster == str(BOOSTER_DIR)  # the embedded model's own booster
     with pytest.raises(ValueError, match="certify_n"):
         EvalSettings(certify_n=1)
     with pytest.raises(ValueError, match="attack_eps"):

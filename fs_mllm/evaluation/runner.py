@@ -150,7 +150,11 @@ class EvalSettings:
         if len(set(self.variants)) != len(self.variants):
             raise ValueError(f"variants must not repeat a variant, got {self.variants}")
         if "fs+gsb" in self.variants and not self.booster:
-            raise ValueError("variants contains 'fs+gsb' but booster is not set (a GaussianSmoothnessBooster folder)")
+            if self.model != DEFAULT_MODEL:
+                raise ValueError("variants contains 'fs+gsb' but booster is not set (a GaussianSmoothnessBooster folder)")
+            from fs_mllm.models.mini_llava import BOOSTER_DIR
+
+            self.booster = str(BOOSTER_DIR)  # the shipped booster of the embedded model
         # a local folder is stored as an absolute path, so a resume from another cwd compares equal
         if os.path.isdir(self.model):
             self.model = os.path.abspath(self.model)
@@ -758,7 +762,8 @@ def add_common_arguments(parser: Any, task: str) -> None:
     parser.add_argument("--sigma", type=float, default=0.25, help="FS noise std in [0,1] pixel space")
     parser.add_argument("--n-samples", type=int, default=8, help="noisy copies per generate (n0)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--booster", default=None, help="GaussianSmoothnessBooster folder (for fs+gsb)")
+    parser.add_argument("--booster", default=None,
+                        help="GaussianSmoothnessBooster folder (for fs+gsb; default for fs-mini-llava: its shipped booster)")
     parser.add_argument("--attack-norm", default="l2", choices=NORMS)
     parser.add_argument("--attack-eps", type=float, nargs="*", default=[],
                         help="attack budgets (several for accuracy vs budget); none = clean only")
