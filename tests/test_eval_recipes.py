@@ -170,7 +170,7 @@ def test_recipe_command_line_rejects_bad_values(tmp_path, capsys):
         main("vqa", ["--output-dir", str(tmp_path / "o"), "--sigma", "-1"])
     assert "sigma" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main("caption", ["--output-dir", str(tmp_path / "o"), "--variants", "base,fs+gsb"])
+        main("caption", ["--output-dir", str(tmp_path / "o"), "--model", "some/other-model", "--variants", "base,fs+gsb"])
     assert "booster" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
