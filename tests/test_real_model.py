@@ -169,12 +169,6 @@ N_QUESTIONS = 12
 MIN_CORRECT = 8  # tolerance for a few wrong answers; chance level is far below (see recipe metrics)
 
 
-@pytest.mark.xfail(
-    reason="shipped projector is under-trained (a few hundred CPU steps; its held-out VQA accuracy is far below "
-    "the 80% target, see heldout_eval in fs_mllm/weights/mini_llava_projector.json); retrain longer with "
-    "recipes/train_mini_llava.py and drop this mark",
-    strict=False,
-)
 def test_mini_llava_answers_heldout_questions(mini_llava):
     from fs_mllm.models.mini_llava import build_prompt
 
