@@ -9,12 +9,15 @@ told the noise level it measures, ~0), FS and FS+GSB, with how many answers equa
 """
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
 import torch
 
-import fs_mllm
+
 from fs_mllm import GaussianSmoothnessBooster, certify_model, patch_model, unpatch_model
 from fs_mllm.attacks import generate_text
 from fs_mllm.cli import load_images, processor_size, to_tensor01
