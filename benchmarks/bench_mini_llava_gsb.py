@@ -17,15 +17,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch
 
-
 from fs_mllm import GaussianSmoothnessBooster, certify_model, patch_model, unpatch_model
 from fs_mllm.attacks import generate_text
 from fs_mllm.cli import load_images, processor_size, to_tensor01
 from fs_mllm.models import load_mini_llava
 from fs_mllm.models.mini_llava import BOOSTER_DIR, build_prompt
 from fs_mllm.synthetic import make_dataset, vqa_match
-
-BOOSTER = BOOSTER_DIR
 
 
 def main() -> None:
@@ -39,7 +36,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     model, processor = load_mini_llava()
-    booster = GaussianSmoothnessBooster.from_pretrained(BOOSTER)
+    booster = GaussianSmoothnessBooster.from_pretrained(BOOSTER_DIR)
     size = processor_size(processor)
     photos, _ = load_images(None, size, args.photos)
     examples = make_dataset(args.questions, split="heldout", size=size)
@@ -48,8 +45,9 @@ def main() -> None:
     answers = [e.qa[0][1] for e in examples]
     outputs = {"base": generate_text(model, processor, images, prompts, max_new_tokens=6)}
     with torch.no_grad():  # the denoiser-only booster on clean inputs, no smoothing
-        boosted = booster.denoise(images, booster.noise_level(images, args.sigma))
-    print(f"GSB on clean images: noise level told {booster.noise_level(images, args.sigma).max():.4f} (max), "
+        level = booster.noise_level(images, args.sigma)
+        boosted = booster.denoise(images, level)
+    print(f"GSB on clean images: noise level told {level.max():.4f} (max), "
           f"max pixel change {(boosted - images).abs().max():.4f}")
     outputs["GSB"] = generate_text(model, processor, boosted, prompts, max_new_tokens=6)
     for name, chosen in (("FS", None), ("FS+GSB", booster)):

@@ -46,6 +46,13 @@ NOISE_LEVELS = ("estimated", "given")
 MAD_TO_STD = 0.6744897501960817  # median |N(0,1)|
 
 
+def _check_pixels(pixels01: Any, min_side: int = 1) -> None:
+    """ValueError unless pixels01 is a (N, C, H, W) tensor with H, W >= min_side."""
+    if not isinstance(pixels01, torch.Tensor) or pixels01.ndim != 4 or min(pixels01.shape[-2:]) < min_side:
+        got = tuple(pixels01.shape) if isinstance(pixels01, torch.Tensor) else type(pixels01).__name__
+        raise ValueError(f"pixels01 must be a (N, C, H, W) tensor of [0,1] pixels with H, W >= {min_side}, got {got}")
+
+
 def estimate_noise_std(pixels01: torch.Tensor) -> torch.Tensor:
     """Std of additive white Gaussian noise per image (N, C, H, W) -> (N,), from the image alone.
 
@@ -54,9 +61,7 @@ def estimate_noise_std(pixels01: torch.Tensor) -> torch.Tensor:
     coefficient has std s, while natural images have few strong diagonal details, so the median
     barely sees them (clean 112 px photos read 0.000-0.015; x + N(0, s^2) reads s within ~4%).
     """
-    if not isinstance(pixels01, torch.Tensor) or pixels01.ndim != 4 or min(pixels01.shape[-2:]) < 2:
-        got = tuple(pixels01.shape) if isinstance(pixels01, torch.Tensor) else type(pixels01).__name__
-        raise ValueError(f"pixels01 must be a (N, C, H, W) tensor with H, W >= 2, got {got}")
+    _check_pixels(pixels01, min_side=2)
     y = pixels01.float()[..., : pixels01.shape[-2] // 2 * 2, : pixels01.shape[-1] // 2 * 2]
     hh = (y[..., 0::2, 0::2] - y[..., 0::2, 1::2] - y[..., 1::2, 0::2] + y[..., 1::2, 1::2]) / 2
     return hh.abs().flatten(1).median(dim=1).values / MAD_TO_STD
@@ -278,9 +283,7 @@ class GaussianSmoothnessBooster(nn.Module):
 
         Estimates are clamped to [0, sigma_max], the range the booster knows.
         """
-        if not isinstance(pixels01, torch.Tensor) or pixels01.ndim != 4:
-            got = tuple(pixels01.shape) if isinstance(pixels01, torch.Tensor) else type(pixels01).__name__
-            raise ValueError(f"pixels01 must be a (N, C, H, W) tensor of [0,1] pixels, got {got}")
+        _check_pixels(pixels01)
         if self.config.noise_level == "given":
             return self._sigma_tensor(sigma, pixels01.device).reshape(-1).expand(pixels01.shape[0])
         with torch.no_grad():
@@ -288,9 +291,7 @@ class GaussianSmoothnessBooster(nn.Module):
 
     def denoise(self, pixels01: torch.Tensor, sigma: SigmaLike) -> torch.Tensor:
         """Denoise [0,1] pixels (N, C, H, W) at noise level sigma (float or per-image (N,) tensor)."""
-        if not isinstance(pixels01, torch.Tensor) or pixels01.ndim != 4:
-            got = tuple(pixels01.shape) if isinstance(pixels01, torch.Tensor) else type(pixels01).__name__
-            raise ValueError(f"pixels01 must be a (N, C, H, W) tensor of [0,1] pixels, got {got}")
+        _check_pixels(pixels01)
         if self.denoiser is None:
             return pixels01
         if pixels01.shape[1] != self.config.image_channels:
