@@ -328,5 +328,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Any:
     return load_recipe(recipe).main(rest)
 
 
-if __name__ == "__main__":
+def console_main() -> int:
+    """The ``fs-mllm`` console script: exit status 0 on success.
+
+    Why: ``main`` returns the run's results for Python callers; a console script's return value is
+    its exit status, and a returned dict would exit 1 and be printed to stderr.
+    """
     main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(console_main())

@@ -53,3 +53,17 @@ def test_demo_runs_on_tiny_settings(tmp_path):
         assert -1.0 <= row["FCS clean vs adv"] <= 1.0
     for name in ("report.md", "certified_curve.png", "accuracy_vs_budget.png", "summary.json"):
         assert (out / name).stat().st_size > 0
+
+
+def test_console_script_exits_zero_after_a_run(monkeypatch):
+    """The installed ``fs-mllm`` returns an exit status, not main's results (a dict would exit 1)."""
+    import configparser
+    from pathlib import Path
+
+    import fs_mllm.cli as cli
+
+    setup = configparser.ConfigParser()
+    setup.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    assert setup["options.entry_points"]["console_scripts"].strip() == "fs-mllm = fs_mllm.cli:console_main"
+    monkeypatch.setattr(cli, "main", lambda argv=None: {"rows": []})
+    assert cli.console_main() == 0
