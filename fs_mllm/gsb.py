@@ -59,7 +59,7 @@ def estimate_noise_std(pixels01: torch.Tensor) -> torch.Tensor:
     Why: the median absolute diagonal (HH) Haar coefficient over 2x2 blocks, / 0.6745, is the
     classical robust noise estimate (Donoho & Johnstone 1994): for i.i.d. noise of std s the HH
     coefficient has std s, while natural images have few strong diagonal details, so the median
-    barely sees them (clean 112 px photos read 0.000-0.015; x + N(0, s^2) reads s within ~4%).
+    barely sees them (clean 112 px photos read 0.000-0.015; x + N(0, s^2) reads s within 5%).
     """
     _check_pixels(pixels01, min_side=2)
     y = pixels01.float()[..., : pixels01.shape[-2] // 2 * 2, : pixels01.shape[-1] // 2 * 2]
