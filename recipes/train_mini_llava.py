@@ -1,7 +1,7 @@
-"""Train the fs-mini-llava projector on the synthetic task (CPU, frozen encoder and LM).
+"""Train the fs-mini-llava projector on the synthetic task (frozen encoder and LM; CPU or GPU).
 
 Why: the vision tower (DINOv2 ViT-S/14) and the LM (SmolLM2-135M-Instruct) are real and frozen;
-only the LLaVA ``multi_modal_projector`` (~0.55M parameters) is learned. CPU time is the limit, so:
+only the LLaVA ``multi_modal_projector`` (~0.55M parameters) is learned. Compute is the limit, so:
   * the frozen vision features are computed once (and cached as safetensors),
   * each training sequence is a multi-turn chat about one image (all its questions + a caption
     request, in random order), so the 64 image tokens are paid once per ~5 supervised answers,
@@ -12,6 +12,12 @@ Usage:
     python recipes/train_mini_llava.py --measure            # time a few steps, then exit
     python recipes/train_mini_llava.py --minutes 22         # train, evaluate, ship the projector
     python recipes/train_mini_llava.py --eval-only          # evaluate the shipped projector
+    python recipes/train_mini_llava.py --device cuda --autocast-bf16 --n-train 16000 --workers 16 \
+        --batch-size 64 --lr 1.5e-3 --minutes 7.5 --align-steps 0 \
+        --init fs_mllm/weights/mini_llava_projector.safetensors   # the shipped run's last stage (one H200)
+
+The shipped projector's full history (five CPU runs, then one GPU run) is in
+``fs_mllm/weights/mini_llava_projector.json``.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import random
 import sys
 import time
@@ -43,16 +50,33 @@ from fs_mllm.synthetic import make_dataset, normalize_answer, vqa_match  # noqa:
 CAPTION_QUESTION = "Describe the image briefly."
 
 
-def vision_features(model, processor, examples, batch_size: int = 32) -> torch.Tensor:
+def _dataset_chunk(job: tuple[int, str, int, int]):
+    n, split, seed, start = job
+    return make_dataset(n, split=split, seed=seed, start=start)
+
+
+def make_dataset_parallel(n: int, split: str, seed: int, workers: int) -> list:
+    """``make_dataset`` split over worker processes (same examples: each is a function of its index)."""
+    if workers <= 1:
+        return make_dataset(n, split=split, seed=seed)
+    chunk = max(1, math.ceil(n / (4 * workers)))
+    jobs = [(min(chunk, n - start), split, seed, start) for start in range(0, n, chunk)]
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        parts = list(tqdm(pool.imap(_dataset_chunk, jobs), total=len(jobs), desc=f"{split} images"))
+    return [e for part in parts for e in part]
+
+
+def vision_features(model, processor, examples, batch_size: int = 64) -> torch.Tensor:
     """Frozen features exactly as LlavaModel.get_image_features selects them (before the projector)."""
     feats = []
     tower = model.model.vision_tower
+    device = next(tower.parameters()).device
     for i in tqdm(range(0, len(examples), batch_size), desc="vision features"):
         pv = processor.image_processor([e.image for e in examples[i : i + batch_size]], return_tensors="pt")[
             "pixel_values"
         ]
         with torch.no_grad():
-            hs = tower(pixel_values=pv, output_hidden_states=True).hidden_states[VISION_FEATURE_LAYER]
+            hs = tower(pixel_values=pv.to(device), output_hidden_states=True).hidden_states[VISION_FEATURE_LAYER]
         feats.append(hs[:, 1:].contiguous())  # "default" strategy drops CLS
     return torch.cat(feats)
 
@@ -61,10 +85,11 @@ def cached_features(model, processor, examples, tag: str) -> torch.Tensor:
     from safetensors.torch import load_file, save_file
 
     path = cache_dir() / f"mini_llava_feats_{tag}.safetensors"
+    device = next(model.parameters()).device
     if path.is_file():
-        return load_file(str(path))["features"]
+        return load_file(str(path))["features"].to(device)
     feats = vision_features(model, processor, examples)
-    save_file({"features": feats}, str(path))
+    save_file({"features": feats.cpu()}, str(path))
     return feats
 
 
@@ -137,7 +162,7 @@ def save_projector(proj: torch.nn.Module, path: Path) -> None:
     """Write the projector weights atomically (a temporary file, then rename), so a kill never leaves half a file."""
     from safetensors.torch import save_file
 
-    state = {f"multi_modal_projector.{k}": v.detach().contiguous() for k, v in proj.state_dict().items()}
+    state = {f"multi_modal_projector.{k}": v.detach().cpu().contiguous() for k, v in proj.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt"})
@@ -146,6 +171,7 @@ def save_projector(proj: torch.nn.Module, path: Path) -> None:
 
 def batch_loss(model, feats, batch_ids, batch_labels, image_id: int) -> torch.Tensor:
     lm = model.model.language_model
+    device = feats.device
     length = max(len(x) for x in batch_ids)
     ids = torch.full((len(batch_ids), length), 0, dtype=torch.long)
     labels = torch.full((len(batch_ids), length), -100, dtype=torch.long)
@@ -154,6 +180,7 @@ def batch_loss(model, feats, batch_ids, batch_labels, image_id: int) -> torch.Te
         ids[i, : len(x)] = torch.tensor(x)
         labels[i, : len(y)] = torch.tensor(y)
         mask[i, : len(x)] = 1
+    ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
     embeds = model.get_input_embeddings()(ids)
     image_embeds = model.model.multi_modal_projector(feats)
     embeds = embeds.masked_scatter((ids == image_id).unsqueeze(-1), image_embeds.to(embeds.dtype))
@@ -177,7 +204,7 @@ def evaluate(model, processor, examples, max_questions: int, max_captions: int, 
         for i in tqdm(range(0, len(items), batch_size), desc=f"generate ({max_new} tok)"):
             imgs = [x.image for x in items[i : i + batch_size]]
             texts = [build_prompt(q) for q in questions[i : i + batch_size]]
-            inputs = processor(images=imgs, text=texts, return_tensors="pt", padding=True)
+            inputs = processor(images=imgs, text=texts, return_tensors="pt", padding=True).to(model.device)
             gen = model.generate(**inputs, max_new_tokens=max_new, do_sample=False)
             outs += tok.batch_decode(gen[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         return [o.strip() for o in outs]
@@ -188,16 +215,18 @@ def evaluate(model, processor, examples, max_questions: int, max_captions: int, 
     for ok, (_, q, _) in zip(correct, qa):
         by_type.setdefault(q.split()[0].lower() + " " + q.split()[1].lower(), []).append(ok)
     cap_preds = run(caps, [CAPTION_QUESTION] * len(caps), 16)
-    from pycocoevalcap.cider.cider import Cider
+    cider = None
+    if caps:  # --eval-captions 0 skips CIDEr (and its pycocoevalcap import)
+        from pycocoevalcap.cider.cider import Cider
 
-    gts = {i: [e.caption] for i, e in enumerate(caps)}
-    res = {i: [normalize_answer(p) or "empty"] for i, p in enumerate(cap_preds)}
-    cider, _ = Cider().compute_score(gts, res)
+        gts = {i: [e.caption] for i, e in enumerate(caps)}
+        res = {i: [normalize_answer(p) or "empty"] for i, p in enumerate(cap_preds)}
+        cider = float(Cider().compute_score(gts, res)[0])
     return {
         "vqa_accuracy": sum(correct) / max(len(correct), 1),
         "vqa_n": len(correct),
         "vqa_by_question": {k: round(sum(v) / len(v), 3) for k, v in sorted(by_type.items())},
-        "cider": float(cider),
+        "cider": cider,
         "caption_n": len(caps),
         "examples": [
             {"q": q, "answers": a, "pred": p} for (_, q, a), p in list(zip(qa, preds))[:8]
@@ -216,10 +245,12 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=20.0, help="wall-clock training budget")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=1, help="processes that draw the training images")
+    ap.add_argument("--device", default="cpu", help="where the frozen model and the projector run (cpu, cuda)")
     ap.add_argument("--align-steps", type=int, default=600, help="stage-1 (no LM) alignment steps")
     ap.add_argument("--align-only-eval", action="store_true", help="stop after stage 1 and evaluate a few")
     ap.add_argument("--measure", action="store_true", help="time a few steps and exit")
-    ap.add_argument("--autocast-bf16", action="store_true", help="run the frozen LM under bfloat16 autocast (faster on CPUs with bf16 units)")
+    ap.add_argument("--autocast-bf16", action="store_true", help="run the frozen LM under bfloat16 autocast (GPUs, CPUs with bf16 units)")
     ap.add_argument("--eval-only", action="store_true")
     ap.add_argument("--out", type=Path, default=PROJECTOR_PATH)
     ap.add_argument("--init", type=Path, default=None, help="resume from this projector (safetensors)")
@@ -231,14 +262,16 @@ def main() -> None:
         "(resume with --init)",
     )
     args = ap.parse_args()
-    if args.minutes <= 0 or args.batch_size <= 0:
-        raise ValueError("--minutes and --batch-size must be positive")
+    if args.minutes <= 0 or args.batch_size <= 0 or args.workers <= 0:
+        raise ValueError("--minutes, --batch-size and --workers must be positive")
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
 
     model, processor = build_mini_llava(args.out if args.eval_only else None)
     model.requires_grad_(False)
+    model.to(device)
     heldout = make_dataset(args.n_heldout, split="heldout", seed=args.seed)
     if args.eval_only:
         t0 = time.time()
@@ -251,7 +284,7 @@ def main() -> None:
     image_id = model.config.image_token_id
     n_image = (IMAGE_SIZE // 14) ** 2
     t0 = time.time()
-    train = make_dataset(args.n_train, split="train", seed=args.seed)
+    train = make_dataset_parallel(args.n_train, "train", args.seed, args.workers)
     feats = cached_features(model, processor, train, f"s{args.seed}_n{args.n_train}_{IMAGE_SIZE}px")
     prep_s = time.time() - t0
     print(f"data + features: {prep_s:.1f}s, features {tuple(feats.shape)}")
@@ -298,7 +331,7 @@ def main() -> None:
         idx, order = order[: args.batch_size], order[args.batch_size :]
         enc = [encode_conversation(tok, conversation(train[i], rng), n_image, image_id) for i in idx]
         ts = time.time()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast_bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast_bf16):
             loss = batch_loss(model, feats[idx], [e[0] for e in enc], [e[1] for e in enc], image_id)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -343,6 +376,8 @@ def main() -> None:
             "prep_seconds": round(prep_s, 1),
             "final_loss_avg10": round(sum(losses[-10:]) / len(losses[-10:]), 4),
             "threads": args.threads,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "autocast_bf16": args.autocast_bf16,
         },
         "heldout_eval": {k: v for k, v in metrics.items() if k != "examples"},
         "eval_seconds": round(time.time() - t_eval, 1),

@@ -7,6 +7,8 @@ converts (about a minute), later runs reuse the cache.
 from __future__ import annotations
 
 import importlib.util
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,7 +94,6 @@ def test_dinov2_matches_onnx_on_real_photos(dinov2):
 
 def test_shipped_booster_keeps_clean_features_and_denoises_noisy_ones(dinov2):
     """Issue-level clean utility on real weights: cos(boosted, original) >= 0.99 on held-out real photos."""
-    from pathlib import Path
 
     import fs_mllm
     from fs_mllm.gsb import GaussianSmoothnessBooster, boosted_encoder
@@ -135,6 +136,20 @@ def test_smollm2_gguf_conversion_gives_finite_logits():
     assert logits.shape == (1, ids.shape[1], lm.config.vocab_size)
     assert torch.isfinite(logits).all()
     assert tok.decode(logits[0, -1].argmax()).strip() == "Paris"  # a real, working LM
+    # turns end with <|im_end|>, and batched padding needs a pad token (some transformers versions read neither)
+    assert tok.eos_token == tok.pad_token == "<|im_end|>"
+
+
+def test_training_images_drawn_in_parallel_equal_serial(monkeypatch):
+    path = Path(__file__).resolve().parent.parent / "recipes" / "train_mini_llava.py"
+    spec = importlib.util.spec_from_file_location("train_mini_llava", path)
+    recipe = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "train_mini_llava", recipe)  # workers find its functions by module name
+    spec.loader.exec_module(recipe)
+    parallel = recipe.make_dataset_parallel(7, "train", 3, workers=2)
+    serial = make_dataset(7, "train", seed=3)
+    assert [(e.caption, e.qa) for e in parallel] == [(e.caption, e.qa) for e in serial]
+    assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(parallel, serial))
 
 
 # ---------------------------------------------------------------- fs-mini-llava with the shipped projector

@@ -42,6 +42,9 @@ def convert_smollm2(out_dir: str | os.PathLike | None = None, force: bool = Fals
         return out
     src = gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    # The instruct model ends each turn with <|im_end|>; some transformers versions read the GGUF's
+    # eos as <|im_start|> and set no pad token, which breaks generation and batched padding.
+    tokenizer.eos_token = tokenizer.pad_token = "<|im_end|>"
     model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
     with staged_folder(out, force) as tmp:
         _save_dequantised(model, tmp)
