@@ -11,7 +11,7 @@ mode). Held-out photos: ``fs_mllm.gsb_training.HELDOUT_PHOTOS`` (training uses `
 Parts merge into the same JSON file, so the slow baseline can run while the booster trains.
 
 Figures shipped in fs_mllm/weights/gsb_dinov2_s025/bench_results.json were produced (2-core shared CPU,
-one thread per process, 112 px) by: the three chained recipe commands stored in that folder's
+one thread per process, 112 px) by: the four chained recipe commands (three on CPU, the last on one GPU) stored in that folder's
 gsb_config.json (extra.train_runs), then
     --part before --n 1000 --sigmas 0.25 --threads 1      --part before --n 200 --sigmas 0.5 --threads 1
     --part after  --n 1000 --sigmas 0.25 --threads 1      --part after  --n 200 --sigmas 0.5 --threads 1
