@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .adapters.base import booster_noise_level, per_row_level
+from .adapters.base import per_row_level
 from .config import check_sigma, dataclass_from_dict
 
 WEIGHTS_NAME = "gsb.safetensors"
@@ -389,7 +389,7 @@ def boosted_encoder(
     checked: list = []
 
     def encode(pixels01: torch.Tensor) -> torch.Tensor:
-        level = booster_noise_level(booster, pixels01, sigma)
+        level = booster.noise_level(pixels01, sigma)
         features = encoder(booster.denoise(pixels01, level))
         if not checked:
             booster.check_compatible(int(features.shape[-1]), sigma)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import adapters as _adapters  # noqa: F401  (registers every family)
-from .adapters.base import FamilyAdapter, booster_noise_level, get_adapter, per_row_level, unwrap_model
+from .adapters.base import FamilyAdapter, get_adapter, per_row_level, unwrap_model
 from .certify import Certificate, certificates_from_scores, sample_scores
 from .config import (
     BOUND_METHODS,
@@ -157,16 +157,17 @@ def make_group_encoder(
     """
     denoise = _booster_stage(state.booster, "denoise")
     map_features = _booster_stage(state.booster, "map_features")
-    estimates_level = _booster_stage(state.booster, "noise_level") is not None
+    noise_level = _booster_stage(state.booster, "noise_level")  # optional: absent means told sigma
     sigma = state.config.sigma
 
     def encode(images: torch.Tensor) -> torch.Tensor:
         count = images.shape[0]
         level: Any = sigma
-        if denoise is not None or estimates_level:
+        if denoise is not None or noise_level is not None:
             pixels = adapter.denormalise(images.float(), state.image_mean, state.image_std)
             flat = pixels.reshape((-1,) + tuple(pixels.shape[-3:]))
-            level = booster_noise_level(state.booster, flat, sigma)
+            if noise_level is not None:
+                level = noise_level(flat, sigma)
         if denoise is not None:
             flat = denoise(flat, level)
             images = adapter.normalise(flat.reshape(pixels.shape).float(), state.image_mean, state.image_std).to(images.dtype)

@@ -59,12 +59,6 @@ class Booster(Protocol):
     def check_compatible(self, feature_dim: int, sigma: float) -> None: ...
 
 
-def booster_noise_level(booster: Any, pixels01: torch.Tensor, sigma: float) -> Union[float, torch.Tensor]:
-    """The level a booster's stages are told for noisy [0,1] pixels (N, 3, H, W): its ``noise_level`` or sigma."""
-    fn = getattr(booster, "noise_level", None)
-    return fn(pixels01, sigma) if callable(fn) else sigma
-
-
 def per_row_level(level: Union[float, torch.Tensor], rows: int) -> Union[float, torch.Tensor]:
     """Per-image levels of ``rows * k`` pixel images (e.g. LLaVA-NeXT crops) averaged to one per feature row."""
     if isinstance(level, torch.Tensor) and level.ndim > 0 and level.numel() != rows:
