@@ -4,10 +4,21 @@ Attacks act on [0,1] pixels at the processor's resolution (DESIGN.md section 6).
 through the family adapter's differentiable normalisation (and Qwen2-VL patch flattening) into the
 model's own image-feature function, so a patched model is attacked *through its smoothed path*.
 
+Two threat models (DESIGN.md section 6), named by ``AttackConfig.protocol`` and never one for the other:
+
+- ``adaptive`` (white-box against the defense): gradients through the smoothed path, as below.
+- ``transfer`` (the paper's protocol: AttackVLM, M-Attack, FOA-Attack): the images are crafted once
+  without the defense -- on the model's own undefended image path (the patch is lifted while
+  crafting), or on named surrogate encoders (an ensemble when several are given) -- and are then
+  replayed unchanged on every variant. Typical: ``feature_target`` at linf 16/255, hundreds of steps,
+  M-Attack's random local crops (``crop_scale``).
+
 Objectives (all written as a loss the attack minimises):
 
 - ``feature``: cosine between the adversarial and the clean image features that feed the decoder
   (flattened per image, the certificate's global mode).
+- ``feature_target``: minus the cosine between the adversarial image's features and a target image's
+  (AttackVLM-style targeted feature matching; needs ``target_images``).
 - ``untargeted``: minus the language-model loss of the clean answer/caption (so the answer is pushed away).
 - ``targeted``: the language-model loss of ``target_text`` (e.g. "a photo of a dog").
 
@@ -48,15 +59,19 @@ from torch import nn
 
 from . import adapters as _adapters  # noqa: F401  (registers every family)
 from .adapters.base import FamilyAdapter, get_adapter, unwrap_model
-from .patching import get_fs_state, is_patched, resolve_mean_std
+from .patching import get_fs_state, is_patched, patch_model, resolve_mean_std, unpatch_model
 from .smoothing import check_images
 
 NORMS = ("l2", "linf")
-OBJECTIVES = ("feature", "untargeted", "targeted")
+OBJECTIVES = ("feature", "feature_target", "untargeted", "targeted")
+PROTOCOLS = ("adaptive", "transfer")
+SURROGATES = ("model", "dinov2")  # "model": the undefended model's own image path
 
 __all__ = [
     "AttackConfig",
     "AttackResult",
+    "PROTOCOLS",
+    "SURROGATES",
     "StepRecord",
     "attack",
     "build_text_inputs",
@@ -66,6 +81,8 @@ __all__ = [
     "make_objective",
     "noise_seed",
     "project",
+    "surrogate_encoder",
+    "undefended",
 ]
 
 
@@ -93,11 +110,16 @@ def _positive_float(value: Any, name: str) -> float:
 class AttackConfig:
     """One PGD attack, validated on construction (JSON-serialisable via ``to_dict``).
 
-    norm: "l2" or "linf" ball in [0,1] pixel space. eps: its radius. steps: PGD iterations.
-    step_size: per-step move (None = 2.5 * eps / steps, Madry et al.). random_start: start at a random
-    point of the ball. objective: "feature" | "untargeted" | "targeted" (needs ``target_text``).
+    norm: "l2" or "linf" ball in [0,1] pixel space. eps: its radius (linf at most 1: 16/255, not 16).
+    steps: PGD iterations. step_size: per-step move (None = 2.5 * eps / steps, Madry et al.).
+    random_start: start at a random point of the ball. objective: "feature" | "feature_target" (needs
+    ``target_images`` at attack time) | "untargeted" | "targeted" (needs ``target_text``).
+    protocol: "adaptive" (through the defense) | "transfer" (crafted without it; see the module doc).
+    crop_scale: (lo, hi) area fraction of M-Attack's random local crop taken of the adversarial image
+    at every forward and resized back (None = no crops).
     eot_samples: noisy forwards averaged per gradient on a patched model (ignored, i.e. 1, on an
-    unpatched deterministic model). eot_chunk_size: forwards per backward (memory knob; None = all).
+    unpatched deterministic model). Defaults (20 steps, 8 EOT samples) are the weakest adaptive attack
+    worth believing. eot_chunk_size: forwards per backward (memory knob; None = all).
     smoothing_samples: noisy copies inside each smoothed forward during the attack (None = the patch's
     n_samples, i.e. attack what is deployed; larger = a gradient of the exact smoothed encoder F).
     seed: seeds the random start and the per-step noise. record_steps: keep a StepRecord per step.
@@ -105,12 +127,14 @@ class AttackConfig:
 
     norm: str = "l2"
     eps: float = 0.5
-    steps: int = 10
+    steps: int = 20
     step_size: Optional[float] = None
     random_start: bool = True
     objective: str = "feature"
     target_text: Optional[str] = None
-    eot_samples: int = 1
+    protocol: str = "adaptive"
+    crop_scale: Optional[tuple[float, float]] = None
+    eot_samples: int = 8
     eot_chunk_size: Optional[int] = None
     smoothing_samples: Optional[int] = None
     seed: int = 0
@@ -121,7 +145,20 @@ class AttackConfig:
             raise ValueError(f"norm must be one of {list(NORMS)}, got {self.norm!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {self.objective!r}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {list(PROTOCOLS)}, got {self.protocol!r}")
         self.eps = _positive_float(self.eps, "eps")
+        if self.norm == "linf" and self.eps > 1:
+            raise ValueError(f"eps={self.eps:g} is outside the linf range (0, 1] of [0,1] pixels; "
+                             f"write budgets in pixel units, e.g. 16/255 = {16 / 255:.4f}")
+        if self.crop_scale is not None:
+            try:
+                low, high = (float(v) for v in self.crop_scale)
+            except (TypeError, ValueError):
+                raise ValueError(f"crop_scale must be None or (lo, hi) area fractions, got {self.crop_scale!r}") from None
+            if not 0 < low <= high <= 1:
+                raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale!r}")
+            self.crop_scale = (low, high)
         self.steps = _positive_int(self.steps, "steps")
         self.step_size = 2.5 * self.eps / self.steps if self.step_size is None else _positive_float(self.step_size, "step_size")
         self.eot_samples = _positive_int(self.eot_samples, "eot_samples")
@@ -245,6 +282,51 @@ def noise_seed(model: nn.Module, seed: Optional[int], n_samples: Optional[int] =
         yield
     finally:
         state.config = previous
+
+
+@contextlib.contextmanager
+def undefended(model: nn.Module) -> Iterator[None]:
+    """Within the block the model runs its original, unsmoothed image path (the transfer protocol's
+    crafting side); the patch, with its config, mean/std and booster, comes back afterwards."""
+    if not is_patched(model):
+        yield
+        return
+    state = get_fs_state(model)
+    unpatch_model(model)
+    try:
+        yield
+    finally:
+        patch_model(model, config=state.config, booster=state.booster, image_mean=state.image_mean, image_std=state.image_std)
+
+
+def surrogate_encoder(name: str) -> nn.Module:
+    """A named surrogate encoder ([0,1] images -> features) for the transfer protocol.
+
+    "dinov2": the real DINOv2 ViT-S/14 shipped offline (all patch tokens). "model" is not built here:
+    it means the attacked model's own undefended image path (see :func:`attack`).
+    """
+    if name == "dinov2":
+        from .gsb_training import PixelEncoder, freeze
+        from .models.convert_dinov2 import IMAGENET_MEAN, IMAGENET_STD, load_dinov2
+
+        return freeze(PixelEncoder(load_dinov2(), IMAGENET_MEAN, IMAGENET_STD, drop_tokens=1))
+    raise ValueError(f"surrogates: unknown surrogate {name!r}; choose from {list(SURROGATES)} or pass an nn.Module")
+
+
+def _local_crops(images: torch.Tensor, scale: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
+    """M-Attack's local view: per image a random crop of area fraction in ``scale`` (aspect kept square-ish),
+    resized back to the full resolution (bilinear, differentiable)."""
+    height, width = images.shape[-2:]
+    views = []
+    for image in images.reshape((-1,) + tuple(images.shape[-3:])):
+        area = float(torch.empty(1).uniform_(scale[0], scale[1], generator=generator))
+        side_h = max(1, min(height, round(height * area ** 0.5)))
+        side_w = max(1, min(width, round(width * area ** 0.5)))
+        top = int(torch.randint(0, height - side_h + 1, (1,), generator=generator))
+        left = int(torch.randint(0, width - side_w + 1, (1,), generator=generator))
+        crop = image[None, :, top:top + side_h, left:left + side_w]
+        views.append(torch.nn.functional.interpolate(crop, size=(height, width), mode="bilinear", align_corners=False))
+    return torch.cat(views).reshape(images.shape)
 
 
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -417,14 +499,40 @@ def generate_text(model: nn.Module, processor_or_tokenizer: Any, images01: torch
 Objective = Callable[[torch.Tensor], torch.Tensor]  # adversarial [0,1] images -> per-image loss (B,)
 
 
+def _feature_encoders(model: nn.Module, adapter: FamilyAdapter, mean: torch.Tensor, std: torch.Tensor,
+                      image_kwargs: Mapping[str, Any], surrogates: Optional[Sequence[Any]]) -> list[Callable]:
+    """[0,1] images -> features, one callable per surrogate; None means the model's own image path."""
+    def own_path(images: torch.Tensor) -> torch.Tensor:
+        return _features(model, adapter, _image_inputs(model, adapter, images, mean, std, image_kwargs), images.shape[0])
+
+    if not surrogates:
+        return [own_path]
+    encoders: list[Callable] = []
+    for surrogate in surrogates:
+        if isinstance(surrogate, str):
+            encoders.append(own_path if surrogate == "model" else surrogate_encoder(surrogate).to(_model_device_dtype(model)[0]))
+        elif callable(surrogate):
+            encoders.append(surrogate)
+        else:
+            raise ValueError(f"surrogates: each must be a name in {list(SURROGATES)} or an encoder module, got {surrogate!r}")
+    return encoders
+
+
+def _flat_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a.float().flatten(1), b.float().flatten(1), dim=1)
+
+
 def make_objective(model: nn.Module, processor_or_tokenizer: Any, images01: torch.Tensor,
                    prompts: Union[Sequence[str], Mapping[str, Any], None], config: AttackConfig,
                    answers: Optional[Sequence[str]] = None, image_mean: Any = None, image_std: Any = None,
+                   target_images: Optional[torch.Tensor] = None, surrogates: Optional[Sequence[Any]] = None,
                    **image_kwargs: Any) -> tuple[Objective, torch.Tensor]:
     """The per-image loss the attack minimises, and the clean features (B, T, D) it starts from.
 
-    feature: cos(flat F(x'), flat F(x)); untargeted: -CE(answer); targeted: CE(target_text).
-    For ``untargeted`` without ``answers`` the model's clean greedy answer is the one pushed away.
+    feature: cos(flat F(x'), flat F(x)); feature_target: -cos(flat F(x'), flat F(target));
+    untargeted: -CE(answer); targeted: CE(target_text). The feature objectives average over the
+    ``surrogates`` (an ensemble) when given. For ``untargeted`` without ``answers`` the model's clean
+    greedy answer is the one pushed away.
     """
     adapter = get_adapter(model)
     mean, std = _resolve_mean_std(model, adapter, processor_or_tokenizer, image_mean, image_std)
@@ -432,15 +540,21 @@ def make_objective(model: nn.Module, processor_or_tokenizer: Any, images01: torc
     with torch.no_grad(), noise_seed(model, None, config.smoothing_samples):
         clean = _features(model, adapter, _image_inputs(model, adapter, images01, mean, std, image_kwargs), batch).float()
 
-    if config.objective == "feature":
-        reference = clean.flatten(1)
+    if config.objective in ("feature", "feature_target"):
+        encoders = _feature_encoders(model, adapter, mean, std, image_kwargs, surrogates)
+        anchor_images = images01 if config.objective == "feature" else target_images
+        sign = 1.0 if config.objective == "feature" else -1.0
+        with torch.no_grad(), noise_seed(model, None, config.smoothing_samples):
+            anchors = [encode(anchor_images).float().flatten(1) for encode in encoders]
 
         def feature_loss(adv: torch.Tensor) -> torch.Tensor:
-            features = _features(model, adapter, _image_inputs(model, adapter, adv, mean, std, image_kwargs), batch)
-            return torch.nn.functional.cosine_similarity(features.float().flatten(1), reference, dim=1)
+            total = sum(_flat_cos(encode(adv), anchor) for encode, anchor in zip(encoders, anchors))
+            return sign * total / len(encoders)
 
         return feature_loss, clean
 
+    if surrogates:
+        raise ValueError(f"surrogates work with the feature objectives only, not objective={config.objective!r}")
     if prompts is None:
         raise ValueError(f"objective={config.objective!r} needs prompts (the question or caption instruction)")
     if config.objective == "targeted":
@@ -477,7 +591,8 @@ def eot_gradient(model: nn.Module, objective: Objective, adv_images: torch.Tenso
 
     A patched model runs ``eot_samples`` forwards, each with its own noise seed; a backward runs after
     every ``eot_chunk_size`` forwards and gradients accumulate, so at most that many graphs are alive.
-    An unpatched model is deterministic, so one forward is the exact gradient.
+    An unpatched model is deterministic, so one forward is the exact gradient. With ``crop_scale`` each
+    forward sees its own random local crop (seeded like its noise).
     """
     samples = config.eot_samples if is_patched(model) else 1
     seeds = _step_seeds(config, step)[:samples]
@@ -488,8 +603,11 @@ def eot_gradient(model: nn.Module, objective: Objective, adv_images: torch.Tenso
         leaf = adv_images.detach().float().clone().requires_grad_(True)
         total = None
         for seed in seeds[start:start + chunk]:
+            view = leaf
+            if config.crop_scale is not None:
+                view = _local_crops(leaf, config.crop_scale, torch.Generator().manual_seed(seed))
             with noise_seed(model, seed, config.smoothing_samples):
-                loss = objective(leaf).float()
+                loss = objective(view).float()
             loss_sum += loss.detach().to(loss_sum.device)
             total = loss.sum() / samples if total is None else total + loss.sum() / samples
         (gradient,) = torch.autograd.grad(total, leaf)
@@ -497,52 +615,89 @@ def eot_gradient(model: nn.Module, objective: Objective, adv_images: torch.Tenso
     return loss_sum / samples, grad
 
 
+def _check_budget(images01: torch.Tensor, config: AttackConfig) -> None:
+    """An l2 budget past the largest possible distance in [0,1] pixels is a unit mistake, not an attack."""
+    largest = math.sqrt(images01[0].numel())
+    if config.norm == "l2" and config.eps > largest:
+        raise ValueError(f"eps={config.eps:g} is outside the l2 range (0, {largest:.1f}] of these [0,1] images "
+                         f"(the distance between an all-black and an all-white image); budgets are in [0,1] pixel units")
+
+
+def _check_targets(images01: torch.Tensor, target_images: Optional[torch.Tensor], config: AttackConfig) -> Optional[torch.Tensor]:
+    if config.objective != "feature_target":
+        if target_images is not None:
+            raise ValueError(f"target_images is only used by objective='feature_target', not {config.objective!r}")
+        return None
+    if target_images is None:
+        raise ValueError("objective='feature_target' needs target_images: [0,1] images whose features the attack pulls towards")
+    check_images(target_images, "target_images")
+    target_images = target_images.detach().float().to(images01.device)
+    if target_images.shape[0] == 1 and images01.shape[0] > 1:
+        target_images = target_images.expand_as(images01)
+    if target_images.shape != images01.shape:
+        raise ValueError(f"target_images must have the images' shape {tuple(images01.shape)} (or one image of shape "
+                         f"{tuple(images01.shape[1:])}), got {tuple(target_images.shape)}; resize the target to the processor's resolution")
+    return target_images
+
+
 def attack(model: nn.Module, processor_or_tokenizer: Any, images01: torch.Tensor,
            prompts: Union[Sequence[str], Mapping[str, Any], None], config: AttackConfig,
            answers: Optional[Sequence[str]] = None, image_mean: Any = None, image_std: Any = None,
-           progress: Optional[Callable[[int, float], None]] = None, **image_kwargs: Any) -> AttackResult:
+           progress: Optional[Callable[[int, float], None]] = None, target_images: Optional[torch.Tensor] = None,
+           surrogates: Optional[Sequence[Any]] = None, **image_kwargs: Any) -> AttackResult:
     """PGD on [0,1] images (B, ..., 3, H, W) at processor resolution against ``model`` (patched or not).
 
     ``prompts``: one string per image (the processor places the image tokens), a dict of token inputs,
-    or None for the feature objective. ``answers``: clean answers for ``untargeted``. ``image_kwargs``:
-    per-image family kwargs (e.g. ``image_sizes``). Gradients are EOT averages on a patched model.
-    Returns the adversarial images and the per-image FCS of the features the decoder receives.
+    or None for the feature objectives. ``answers``: clean answers for ``untargeted``. ``target_images``:
+    for ``feature_target``, one per image or one for all. ``surrogates``: for the transfer protocol,
+    names in SURROGATES or encoder modules ([0,1] images -> features), an ensemble when several
+    (default: the model's own undefended path). ``image_kwargs``: per-image family kwargs (e.g.
+    ``image_sizes``). Adaptive: gradients are EOT averages through a patched model. Transfer: crafted
+    without the patch, so the images can be replayed on every variant. Either way the returned FCS is
+    measured on ``model`` as given (the deployed pipeline).
     """
     if not isinstance(config, AttackConfig):
         raise ValueError(f"config must be an fs_mllm.attacks.AttackConfig, got {type(config).__name__}")
     check_images(images01, "images01")
     if images01.ndim < 4 or images01.shape[-3] != 3:
         raise ValueError(f"images01 must be (B, ..., 3, H, W) [0,1] pixels, got shape {tuple(images01.shape)}")
+    _check_budget(images01, config)
+    target_images = _check_targets(images01, target_images, config)
+    if surrogates is not None and config.protocol != "transfer":
+        raise ValueError("surrogates are for protocol='transfer' (an adaptive attack goes through the defended model itself)")
     adapter = get_adapter(model)
     mean, std = _resolve_mean_std(model, adapter, processor_or_tokenizer, image_mean, image_std)
     clean_images = images01.detach().float()
-    objective, clean_features = make_objective(model, processor_or_tokenizer, clean_images, prompts, config, answers,
-                                               mean, std, **image_kwargs)
     generator = torch.Generator(device=clean_images.device).manual_seed(config.seed)
     delta = _random_start(clean_images, config, generator)
     records: list[StepRecord] = []
     loss = torch.zeros(clean_images.shape[0])
     was_training = model.training
     model.eval()
+    crafting = undefended(model) if config.protocol == "transfer" else contextlib.nullcontext()
     try:
-        for step in range(config.steps):
-            loss, grad = eot_gradient(model, objective, clean_images + delta, config, step)
-            delta = project(delta - config.step_size * _ascent_direction(grad, config.norm), clean_images, config.norm, config.eps)
-            if config.record_steps:
-                adv = clean_images + delta
-                records.append(StepRecord(step, float(loss.mean()), _per_image_norm(delta, config.norm).tolist(),
-                                          float(adv.min()), float(adv.max())))
-            if progress is not None:
-                progress(step, float(loss.mean()))
-        adv_images = (clean_images + delta).detach()
+        with crafting:
+            objective, clean_features = make_objective(model, processor_or_tokenizer, clean_images, prompts, config, answers,
+                                                       mean, std, target_images, surrogates, **image_kwargs)
+            for step in range(config.steps):
+                loss, grad = eot_gradient(model, objective, clean_images + delta, config, step)
+                delta = project(delta - config.step_size * _ascent_direction(grad, config.norm), clean_images, config.norm, config.eps)
+                if config.record_steps:
+                    adv = clean_images + delta
+                    records.append(StepRecord(step, float(loss.mean()), _per_image_norm(delta, config.norm).tolist(),
+                                              float(adv.min()), float(adv.max())))
+                if progress is not None:
+                    progress(step, float(loss.mean()))
+            adv_images = (clean_images + delta).detach()
+            with torch.no_grad():
+                final_loss = float(objective(adv_images).mean())
         with torch.no_grad():  # FCS as deployed: the model's own path and seed for both images
             count = adv_images.shape[0]
             adv_features = _features(model, adapter, _image_inputs(model, adapter, adv_images, mean, std, image_kwargs), count)
-            if config.smoothing_samples is not None and is_patched(model):
+            if config.protocol == "transfer" or (config.smoothing_samples is not None and is_patched(model)):
                 clean_features = _features(model, adapter, _image_inputs(model, adapter, clean_images, mean, std, image_kwargs), count)
-            final_loss = float(objective(adv_images).mean())
     finally:
         model.train(was_training)
-    fcs = torch.nn.functional.cosine_similarity(adv_features.float().flatten(1), clean_features.float().flatten(1), dim=1)
+    fcs = _flat_cos(adv_features, clean_features)
     return AttackResult(adv_images, clean_images, fcs.cpu().tolist(), _per_image_norm(delta, config.norm).cpu().tolist(),
                         final_loss, config, records)

@@ -14,6 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from . import demo as demo_module
+from .demo import run_demo
+from .image_io import to_tensor01
 from .models.loading import DEFAULT_MODEL, load_model
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -34,20 +37,6 @@ def processor_size(processor: Any) -> int:
         if size:
             return int(size)
     raise ValueError("could not read the input resolution from the processor; pass --size")
-
-
-def to_tensor01(image: Any, size: int):
-    """A PIL/array image as a (3, size, size) float tensor in [0,1] (bilinear, antialiased)."""
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-    from PIL import Image
-
-    if not isinstance(image, Image.Image):
-        image = Image.fromarray(np.asarray(image))
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    tensor = torch.from_numpy(array).permute(2, 0, 1)[None]
-    return F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True)[0].clamp(0, 1)
 
 
 def load_images(folder: Optional[str], size: int, limit: Optional[int] = None):
@@ -156,96 +145,6 @@ def load_booster(path: Optional[str]):
 
 
 # ---------------------------------------------------------------------------------------------
-# demo
-# ---------------------------------------------------------------------------------------------
-
-def run_demo(args: argparse.Namespace) -> dict:
-    """Clean and attacked VQA accuracy of the base and the smoothed model, and certified FCSB, on real weights."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from .attacks import AttackConfig, attack, generate_text
-    from .evaluation import certified_curve, plot_accuracy_vs_budget, plot_certified_curve, summary_table
-    from .models.mini_llava import build_prompt
-    from .patching import certify_model, patch_model, unpatch_model
-    from .synthetic import make_dataset, vqa_match
-
-    torch.manual_seed(0)
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model, processor = load_model(DEFAULT_MODEL)
-    size = processor_size(processor)
-    examples = make_dataset(args.examples, split="heldout", size=size)
-    images = torch.stack([to_tensor01(e.image, size) for e in examples])
-    questions = [e.qa[0][0] for e in examples]
-    answers = [e.qa[0][1] for e in examples]
-    prompts = [build_prompt(q) for q in questions]
-    photos, _ = load_images(None, size, args.photos)
-
-    def accuracy(outputs: list[str]) -> float:
-        return sum(vqa_match(o, a) for o, a in zip(outputs, answers)) / len(outputs)
-
-    config = AttackConfig(norm="l2", eps=args.eps, steps=args.steps, objective="untargeted",
-                          eot_samples=args.eot_samples, eot_chunk_size=1)
-    rows, curves, budget_acc = [], {}, {}
-    for variant in ("base", "FS"):
-        if variant == "FS":
-            patch_model(model, sigma=args.sigma, n_samples=args.n_samples, processor=processor)
-        with tqdm(total=3, desc=f"{variant}", unit="stage") as bar:
-            clean = generate_text(model, processor, images, prompts, max_new_tokens=args.max_new_tokens)
-            bar.update()
-            adv = attack(model, processor, images, prompts, config, answers=[a[0] for a in answers])
-            attacked = generate_text(model, processor, adv.adv_images, prompts, max_new_tokens=args.max_new_tokens)
-            bar.update()
-            if variant == "base":
-                patch_model(model, sigma=args.sigma, n_samples=args.n_samples, processor=processor)
-            certificates = certify_model(model, photos, n=args.certify_n, alpha=args.alpha)
-            if variant == "base":
-                unpatch_model(model)
-            bar.update()
-        clean_acc, attacked_acc = accuracy(clean), accuracy(attacked)
-        flipped = sum(vqa_match(c, a) and not vqa_match(t, a) for c, t, a in zip(clean, attacked, answers))
-        correct = sum(vqa_match(c, a) for c, a in zip(clean, answers))
-        s_low = [c.score_lower for c in certificates]
-        curves[variant] = certified_curve(s_low, args.sigma)
-        budget_acc[variant] = [clean_acc, attacked_acc]
-        rows.append({
-            "model": variant,
-            "clean acc": clean_acc,
-            f"attacked acc (l2 eps={args.eps:g})": attacked_acc,
-            "attack success": flipped / correct if correct else float("nan"),
-            "FCS clean vs adv": sum(adv.fcs) / len(adv.fcs),
-            f"FCSB@{args.sigma / 4:g}": _mean_fcsb(certificates, args.sigma / 4) if variant == "FS" else None,
-            f"FCSB@{args.sigma / 2:g}": _mean_fcsb(certificates, args.sigma / 2) if variant == "FS" else None,
-        })
-    unpatch_model(model)
-    markdown, table = summary_table(rows)
-    plot_certified_curve({"FS": curves["FS"]}, out_dir / "certified_curve.png", threshold=0.5,
-                         title=f"fs-mini-llava features, sigma={args.sigma}, n={args.certify_n}")
-    plot_accuracy_vs_budget([0.0, args.eps], budget_acc, out_dir / "accuracy_vs_budget.png",
-                            title="VQA accuracy on held-out synthetic questions")
-    (out_dir / "summary.json").write_text(json.dumps({"settings": vars(args), "table": table, "curves": curves}, indent=2, default=str))
-    notes = [
-        f"Model: fs-mini-llava (real DINOv2 ViT-S/14 + SmolLM2-135M-Instruct, projector trained by the project), "
-        f"{len(examples)} held-out synthetic questions, {photos.shape[0]} real photos certified.",
-        f"Attack: untargeted PGD, l2 eps={args.eps}, {args.steps} steps; against FS it is adaptive "
-        f"(EOT over {args.eot_samples} noisy forwards per step). Attack success = fraction of correctly answered "
-        "questions whose answer the attack made wrong.",
-        "FCSB columns: mean certified lower bound on the cosine between smoothed features of a real photo and of "
-        "any image within that l2 radius. " + CERTIFICATE_MEANING.format(sigma=args.sigma, alpha=args.alpha),
-        "![certified curve](certified_curve.png)", "![accuracy vs budget](accuracy_vs_budget.png)",
-    ]
-    write_report(out_dir, "fs-mllm demo", markdown, notes)
-    print(markdown)
-    print(f"\nwrote {out_dir}/report.md, certified_curve.png, accuracy_vs_budget.png, summary.json")
-    return {"rows": rows, "curves": curves}
-
-
-def _mean_fcsb(certificates, radius: float) -> float:
-    return sum(float(c.fcsb(radius)) for c in certificates) / len(certificates)
-
-
-# ---------------------------------------------------------------------------------------------
 # recipes
 # ---------------------------------------------------------------------------------------------
 
@@ -267,19 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="certify and attack the embedded offline model fs-mini-llava (minutes on a CPU)",
-                          description=run_demo.__doc__)
-    demo.add_argument("--sigma", type=float, default=0.25, help="smoothing noise std in [0,1] pixel space (default 0.25)")
-    demo.add_argument("--n-samples", type=int, default=8, help="noisy copies averaged inside generate() (default 8)")
-    demo.add_argument("--examples", type=int, default=8, help="held-out synthetic questions to answer and attack (default 8)")
-    demo.add_argument("--photos", type=int, default=6, help="real offline photos to certify (default 6)")
-    demo.add_argument("--certify-n", type=int, default=200, help="Monte-Carlo samples per certificate (default 200)")
-    demo.add_argument("--alpha", type=float, default=0.001, help="certificate failure probability (default 0.001)")
-    demo.add_argument("--eps", type=float, default=1.0, help="l2 attack budget in [0,1] pixel space (default 1.0)")
-    demo.add_argument("--steps", type=int, default=5, help="PGD steps (default 5)")
-    demo.add_argument("--eot-samples", type=int, default=2, help="noisy forwards per gradient against FS (default 2)")
-    demo.add_argument("--max-new-tokens", type=int, default=6, help="answer length (default 6)")
-    demo.add_argument("--output-dir", default="fs_mllm_outputs/demo", help="where the report and plots go")
+    demo = sub.add_parser("demo", help="base / FS / FS+GSB on the embedded offline model, transfer and adaptive attacks (minutes on a CPU)",
+                          description=demo_module.DESCRIPTION)
+    demo_module.add_arguments(demo)
     demo.set_defaults(run=run_demo)
 
     cert = sub.add_parser("certify", help="certify the features feeding the decoder, per image (FCSB curve + report)",

@@ -1,0 +1,256 @@
+"""Train an MLLM booster's feature mapper through the frozen language model (the paper's "feature utility").
+
+Why: a booster trained only on feature consistency raises the robustness score S, but what an MLLM user
+sees is answers. Here the mapper (residual, FiLM on the noise level, zero-initialised, so it starts as
+the identity) sits after the projector, on the features the decoder reads, and is trained on exactly the
+path ``patch_model`` deploys: per noisy copy denoise -> vision tower -> projector -> map, unit-normalise,
+average ``n_copies`` copies, rescale to the mean norm -> frozen language model. Losses:
+
+* utility: cross-entropy of the accepted answer given the smoothed features (noisy training images);
+* identity: ||M(z, level)||^2 / ||z||^2 on clean images (told the level measured on them, ~0), so the
+  booster leaves clean inputs unchanged;
+* consistency: 1 - cos(smoothed features, clean features), which is what S and the certificate reward.
+
+The mapper is a deterministic function of each noisy copy, so certificates of the boosted smoothed
+encoder stay sound. The vision tower, projector, denoiser and language model are frozen, so the noisy
+tower features are computed once (a bank of ``n_copies`` draws per training image) and training only
+runs the mapper and the language model. Checkpoints are atomic and resumable (``gsb_training``'s).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .gsb import GaussianSmoothnessBooster, GSBConfig
+from .smoothing import rescale_direction, unit_features
+
+__all__ = ["UtilityTrainConfig", "feature_bank", "smoothed_bank_features", "train_mapper_utility", "main"]
+
+
+@dataclass
+class UtilityTrainConfig:
+    """Settings of one utility run (all recorded in the booster's config)."""
+
+    sigma: float = 0.25
+    n_copies: int = 8  # noisy copies averaged per image: the deployed n0
+    images: int = 400
+    steps: int = 600
+    batch_size: int = 4
+    lr: float = 1e-3
+    identity_weight: float = 1.0
+    consistency_weight: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 50
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@torch.no_grad()
+def feature_bank(model: Any, processor: Any, booster: GaussianSmoothnessBooster, images01: torch.Tensor, n_copies: int,
+                 sigma: float, seed: int = 0, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Decoder-facing features before the mapper: ``noisy`` (N, K, T, D) of K denoised noisy copies per image
+    (noise as the patch draws it: std sigma in [0,1] space, unclamped), their told ``levels`` (N, K), and the
+    ``clean`` features (N, T, D) with ``clean_levels`` (N,). Stored in float16 to fit in memory."""
+    generator = torch.Generator().manual_seed(seed)
+    noisy, levels, clean, clean_levels = [], [], [], []
+    for image in tqdm(images01, desc="feature bank", unit="image", disable=not progress):
+        copies = image.unsqueeze(0) + sigma * torch.randn((n_copies,) + tuple(image.shape), generator=generator)
+        level = booster.noise_level(copies, sigma)
+        noisy.append(_plain_features(model, processor, booster.denoise(copies, level)).half())
+        levels.append(level.float())
+        clean_level = booster.noise_level(image.unsqueeze(0), sigma)
+        clean.append(_plain_features(model, processor, booster.denoise(image.unsqueeze(0), clean_level))[0].half())
+        clean_levels.append(clean_level.float()[0])
+    return {"noisy": torch.stack(noisy), "levels": torch.stack(levels), "clean": torch.stack(clean),
+            "clean_levels": torch.stack(clean_levels)}
+
+
+def _plain_features(model: Any, processor: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """Features of pixels that may leave [0,1] (noisy copies are fed unclamped, as the patch does)."""
+    from .attacks import image_features
+    from .patching import is_patched
+
+    if is_patched(model):
+        raise ValueError("feature_bank needs the unpatched model (it adds the noise itself)")
+    return image_features(model, pixels, processor=processor).float()
+
+
+def smoothed_bank_features(booster: GaussianSmoothnessBooster, noisy: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """What the decoder receives from the patched model, from banked copies (B, K, T, D): map each copy at
+    its level, unit-normalise (global), average, rescale to the mean norm -- the deployed smoothing."""
+    batch, copies = noisy.shape[:2]
+    mapped = booster.map_features(noisy.float().reshape((batch * copies,) + noisy.shape[2:]), levels.reshape(-1))
+    unit, norms = unit_features(mapped.reshape((batch, copies) + noisy.shape[2:]), "global", batch_dims=2)
+    return rescale_direction(unit.mean(1), norms.mean(1), "global")
+
+
+def _qa_tokens(tokenizer: Any, prompt: str, answer: str, n_image: int, image_id: int) -> tuple[list[int], list[int]]:
+    """Prompt ids with the image tokens expanded, then the answer + <|im_end|>; labels on the answer only."""
+    before, after = prompt.split("<image>")
+    prompt_ids = tokenizer(before, add_special_tokens=False)["input_ids"] + [image_id] * n_image
+    prompt_ids += tokenizer(after, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids
+
+
+def answer_loss(model: Any, image_embeds: torch.Tensor, token_rows: Sequence[tuple[list[int], list[int]]], image_id: int) -> torch.Tensor:
+    """Mean cross-entropy of the answers given decoder-facing image features (B, T, D), LM frozen."""
+    device = image_embeds.device
+    length = max(len(ids) for ids, _ in token_rows)
+    ids = torch.zeros((len(token_rows), length), dtype=torch.long)
+    labels = torch.full((len(token_rows), length), -100, dtype=torch.long)
+    mask = torch.zeros((len(token_rows), length), dtype=torch.long)
+    for i, (row_ids, row_labels) in enumerate(token_rows):
+        ids[i, :len(row_ids)] = torch.tensor(row_ids)
+        labels[i, :len(row_labels)] = torch.tensor(row_labels)
+        mask[i, :len(row_ids)] = 1
+    ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+    embeds = model.get_input_embeddings()(ids)
+    embeds = embeds.masked_scatter((ids == image_id).unsqueeze(-1), image_embeds.to(embeds.dtype))
+    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    target = labels[:, 1:]
+    selected = target != -100
+    logits = model.lm_head(hidden[:, :-1][selected])
+    return torch.nn.functional.cross_entropy(logits.float(), target[selected])
+
+
+def train_mapper_utility(model: Any, tokenizer: Any, booster: GaussianSmoothnessBooster, bank: dict[str, torch.Tensor],
+                         qa: Sequence[Sequence[tuple[str, list[str]]]], prompt_fn: Any, image_id: int,
+                         train: UtilityTrainConfig, output_dir: Optional[str] = None, progress: bool = True) -> dict:
+    """Train ``booster.mapper`` (everything else frozen) for ``train.steps`` steps; resumes from
+    ``output_dir``/checkpoint. ``qa[i]`` lists (question, accepted answers) of bank image i."""
+    from .gsb_training import load_checkpoint_state, save_checkpoint, unflatten_optimizer_state
+
+    if booster.mapper is None:
+        raise ValueError("booster has no mapper to train (GSBConfig(use_mapper=True))")
+    for module in (model, booster):
+        module.requires_grad_(False)
+    booster.mapper.requires_grad_(True)
+    optimizer = torch.optim.AdamW(booster.mapper.parameters(), lr=train.lr, weight_decay=0.0)
+    checkpoint = Path(output_dir) / "checkpoint" if output_dir else None
+    step, history, previous_seconds = 0, [], 0.0
+    resumed = load_checkpoint_state(checkpoint) if checkpoint is not None else None
+    if resumed is not None:
+        if resumed.get("train_config") != train.to_dict():
+            raise ValueError(f"checkpoint in {str(checkpoint)!r} was made with other settings; rerun them or use a new output_dir")
+        booster.load_state_dict(GaussianSmoothnessBooster.from_pretrained(checkpoint).state_dict())
+        optimizer.load_state_dict(unflatten_optimizer_state(resumed["optimizer_tensors"], resumed["optimizer"]))
+        step, history, previous_seconds = int(resumed["step"]), list(resumed["history"]), float(resumed.get("seconds", 0.0))
+    n_images, tokens = bank["noisy"].shape[0], bank["noisy"].shape[2]
+    start = time.time()
+    bar = tqdm(total=train.steps, initial=step, desc="gsb utility", disable=not progress)
+    model.eval()
+    booster.train()
+    while step < train.steps:
+        rng = random.Random(train.seed * 1_000_003 + step)  # a pure function of the step: resuming replays nothing
+        index = [rng.randrange(n_images) for _ in range(train.batch_size)]
+        rows = []
+        for i in index:
+            question, answers = qa[i][rng.randrange(len(qa[i]))]
+            rows.append(_qa_tokens(tokenizer, prompt_fn(question), answers[0], tokens, image_id))
+        smoothed = smoothed_bank_features(booster, bank["noisy"][index], bank["levels"][index])
+        clean = bank["clean"][index].float()
+        utility = answer_loss(model, smoothed, rows, image_id)
+        residual = booster.mapper.residual(clean, bank["clean_levels"][index])
+        identity = (residual.pow(2).flatten(1).sum(1) / clean.pow(2).flatten(1).sum(1)).mean()
+        consistency = (1 - torch.nn.functional.cosine_similarity(smoothed.flatten(1), clean.flatten(1), dim=1)).mean()
+        loss = utility + train.identity_weight * identity + train.consistency_weight * consistency
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(booster.mapper.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        history.append({"step": step, "loss": loss.item(), "utility": utility.item(), "identity": identity.item(),
+                        "consistency": consistency.item()})
+        bar.update()
+        bar.set_postfix(utility=f"{float(utility):.3f}", cos=f"{1 - float(consistency):.3f}")
+        if checkpoint is not None and (step % train.checkpoint_every == 0 or step == train.steps):
+            save_checkpoint(checkpoint, booster, optimizer, step, "utility", history,
+                            previous_seconds + time.time() - start, train.to_dict())
+    bar.close()
+    booster.eval()
+    return {"steps": step, "seconds_total": previous_seconds + time.time() - start, "history": history}
+
+
+def with_mapper(booster: GaussianSmoothnessBooster, feature_dim: int, encoder_id: str) -> GaussianSmoothnessBooster:
+    """A copy of ``booster`` (its denoiser weights) with a fresh identity-initialised mapper for ``feature_dim``."""
+    config = GSBConfig.from_dict({**booster.config.to_dict(), "use_mapper": True, "feature_dim": feature_dim,
+                                  "encoder_id": encoder_id})
+    boosted = GaussianSmoothnessBooster(config)
+    if booster.denoiser is not None:
+        boosted.denoiser.load_state_dict(booster.denoiser.state_dict())
+    return boosted
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Train the fs-mini-llava booster's mapper (denoiser from the shipped booster) and save the booster."""
+    import argparse
+    import shlex
+    import sys
+
+    from .cli_types import positive_float, positive_int
+    from .image_io import to_tensor01
+    from .models import load_mini_llava
+    from .models.mini_llava import BOOSTER_DIR, IMAGE_SIZE, IMAGE_TOKEN, build_prompt
+    from .synthetic import make_dataset
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    defaults = UtilityTrainConfig()
+    for field in dataclasses.fields(UtilityTrainConfig):
+        kind = positive_int if isinstance(getattr(defaults, field.name), int) else positive_float
+        if field.name == "seed":
+            kind = int
+        parser.add_argument("--" + field.name.replace("_", "-"), type=kind, default=getattr(defaults, field.name))
+    parser.add_argument("--init", default=str(BOOSTER_DIR), help="booster whose denoiser is kept (default: the shipped one)")
+    parser.add_argument("--output-dir", required=True, help="checkpoints and the bank go here (rerun to resume)")
+    parser.add_argument("--save-to", default=None, help="save the trained booster here (default OUTPUT_DIR/booster)")
+    parser.add_argument("--threads", type=positive_int, default=1)
+    args = parser.parse_args(argv)
+    train = UtilityTrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(UtilityTrainConfig)})
+    torch.set_num_threads(args.threads)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, processor = load_mini_llava()
+    start = time.time()
+    shipped = GaussianSmoothnessBooster.from_pretrained(args.init).eval()
+    booster = with_mapper(shipped, shipped.config.feature_dim, shipped.config.encoder_id or "fs-mini-llava/projector")
+    examples = make_dataset(train.images, split="train", seed=train.seed + 1, size=IMAGE_SIZE)
+    bank_path = out / "bank.safetensors"
+    if bank_path.is_file():
+        from safetensors.torch import load_file
+
+        bank = load_file(str(bank_path))
+    else:
+        from safetensors.torch import save_file
+
+        images = torch.stack([to_tensor01(e.image, IMAGE_SIZE) for e in examples])
+        bank = feature_bank(model, processor, booster, images, train.n_copies, train.sigma, train.seed)
+        save_file(bank, str(out / "bank.tmp.safetensors"))
+        (out / "bank.tmp.safetensors").replace(bank_path)
+    bank_seconds = time.time() - start
+    image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    result = train_mapper_utility(model, processor.tokenizer, booster, bank, [e.qa for e in examples], build_prompt,
+                                  image_id, train, output_dir=str(out))
+    extra = dict(shipped.config.extra)
+    runs = list(extra.get("utility_runs", []))
+    runs.append({"recipe": "fs-mllm train-mapper " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+                 "train_config": train.to_dict(), "seconds_bank": round(bank_seconds, 1),
+                 "seconds_training": round(result["seconds_total"], 1), "threads": args.threads,
+                 "device": "cpu", "final": result["history"][-1] if result["history"] else None})
+    extra.update({"utility_runs": runs, "note": "denoiser from the DINOv2 booster; mapper after the projector, trained "
+                  "through the frozen SmolLM2 on answers of noisy synthetic training images (fs_mllm.gsb_utility)"})
+    booster.config.extra = extra
+    save_to = Path(args.save_to or out / "booster")
+    booster.save_pretrained(save_to)
+    print(json.dumps({"saved": str(save_to), **runs[-1]}, indent=1))
+    return 0

@@ -1,0 +1,238 @@
+"""Attack protocols (transfer vs adaptive), targeted feature matching, the defense table's metrics, the demo.
+
+Tiny random-weight LLaVA from its config (tests/tiny_models.py); the demo runs the installed
+``fs-mllm`` console script on the embedded offline model, as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from fs_mllm.attacks import AttackConfig, attack, eot_gradient, image_features, make_objective
+from fs_mllm.defense import DefenseSettings, answer_metrics, apply_variant, defense_table, evaluate_defense, EvalItem
+from fs_mllm.patching import get_fs_state, is_patched, patch_model, unpatch_model
+
+from test_attacks import MEAN, STD, cos, images, tiny_processor
+from tiny_models import build_llava
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def model():
+    m, _ = build_llava()
+    return m
+
+
+def transfer_config(**overrides) -> AttackConfig:
+    return AttackConfig(**{"norm": "linf", "eps": 16 / 255, "steps": 6, "objective": "feature_target",
+                           "protocol": "transfer", "seed": 1, **overrides})
+
+
+# ---------------------------------------------------------------------------------------------
+# transfer protocol
+# ---------------------------------------------------------------------------------------------
+
+def test_transfer_images_are_crafted_without_the_defense_and_the_patch_comes_back(model):
+    x, target = images(2, seed=0), images(2, seed=5)
+    crafted_on_base = attack(model, None, x, None, transfer_config(), target_images=target, image_mean=MEAN, image_std=STD)
+    patch_model(model, sigma=0.25, n_samples=4, seed=3, image_mean=MEAN, image_std=STD)
+    config_before = get_fs_state(model).config
+    crafted_on_patched = attack(model, None, x, None, transfer_config(), target_images=target)
+    # crafted once, on the undefended path: the defended model's noise never entered the images
+    assert torch.equal(crafted_on_base.adv_images, crafted_on_patched.adv_images)
+    assert is_patched(model) and get_fs_state(model).config == config_before
+    # FCS is measured on the model as given: the smoothed features of clean vs replayed images
+    with torch.no_grad():
+        expected = cos(image_features(model, crafted_on_patched.adv_images), image_features(model, x))
+    assert torch.allclose(torch.tensor(crafted_on_patched.fcs), expected, atol=1e-5)
+    assert crafted_on_base.fcs != crafted_on_patched.fcs
+
+
+def test_feature_target_pulls_features_towards_the_target(model):
+    x, target = images(2, seed=0), images(2, seed=5)
+    with torch.no_grad():
+        before = cos(image_features(model, x, MEAN, STD), image_features(model, target, MEAN, STD))
+    result = attack(model, None, x, None, transfer_config(steps=10), target_images=target, image_mean=MEAN, image_std=STD)
+    with torch.no_grad():
+        after = cos(image_features(model, result.adv_images, MEAN, STD), image_features(model, target, MEAN, STD))
+    assert (after > before + 0.05).all(), (before, after)
+    assert max(result.delta_norm) <= 16 / 255 + 1e-6
+
+
+def test_one_target_image_serves_the_whole_batch(model):
+    x, target = images(2, seed=0), images(1, seed=5)
+    result = attack(model, None, x, None, transfer_config(steps=2), target_images=target, image_mean=MEAN, image_std=STD)
+    assert result.adv_images.shape == x.shape
+
+
+def test_surrogate_ensemble_averages_the_objectives(model):
+    x, target = images(2, seed=0), images(2, seed=5)
+    vision = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 8))
+    config = transfer_config(steps=1)
+    own, _ = make_objective(model, None, x, None, config, image_mean=MEAN, image_std=STD, target_images=target)
+    single, _ = make_objective(model, None, x, None, config, image_mean=MEAN, image_std=STD, target_images=target,
+                               surrogates=[vision])
+    ensemble, _ = make_objective(model, None, x, None, config, image_mean=MEAN, image_std=STD, target_images=target,
+                                 surrogates=["model", vision])
+    with torch.no_grad():
+        assert torch.allclose(ensemble(x), (own(x) + single(x)) / 2, atol=1e-6)
+
+
+def test_local_crops_change_the_gradient_and_stay_in_the_ball(model):
+    x, target = images(2, seed=0), images(2, seed=5)
+    plain = attack(model, None, x, None, transfer_config(steps=3), target_images=target, image_mean=MEAN, image_std=STD)
+    cropped = attack(model, None, x, None, transfer_config(steps=3, crop_scale=(0.5, 0.9)), target_images=target,
+                     image_mean=MEAN, image_std=STD)
+    assert not torch.equal(plain.adv_images, cropped.adv_images)
+    assert max(cropped.delta_norm) <= 16 / 255 + 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# adaptive protocol: the gradient goes through the booster
+# ---------------------------------------------------------------------------------------------
+
+class ConstantDenoiser:
+    """A booster whose denoiser ignores its input: the boosted smoothed features cannot depend on the image."""
+
+    def check_compatible(self, feature_dim: int, sigma: float) -> None:
+        pass
+
+    def denoise(self, pixels01: torch.Tensor, sigma: float) -> torch.Tensor:
+        return pixels01 * 0 + 0.5
+
+
+def test_adaptive_gradient_flows_through_the_booster(model):
+    x = images(2, seed=0)
+    config = AttackConfig(eps=0.5, steps=1, eot_samples=2, seed=0)
+    patch_model(model, sigma=0.25, n_samples=2, image_mean=MEAN, image_std=STD)
+    objective, _ = make_objective(model, None, x, None, config)
+    _, without_booster = eot_gradient(model, objective, x, config)
+    assert without_booster.abs().sum() > 0
+    patch_model(model, sigma=0.25, n_samples=2, image_mean=MEAN, image_std=STD, booster=ConstantDenoiser())
+    objective, _ = make_objective(model, None, x, None, config)
+    _, with_booster = eot_gradient(model, objective, x, config)
+    # were the booster bypassed, this gradient would equal the one above; through it, it is exactly zero
+    assert with_booster.abs().sum() == 0
+
+
+def test_adaptive_defaults_are_strong_enough_to_believe():
+    config = AttackConfig()
+    assert config.protocol == "adaptive" and config.steps >= 20 and config.eot_samples >= 8
+
+
+# ---------------------------------------------------------------------------------------------
+# errors name the parameter
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(protocol="replay"), "protocol"),
+    (dict(norm="linf", eps=16), "eps"),  # 16 instead of 16/255
+    (dict(crop_scale=(0.0, 1.0)), "crop_scale"),
+    (dict(crop_scale=(0.9, 0.5)), "crop_scale"),
+    (dict(crop_scale="big"), "crop_scale"),
+])
+def test_protocol_config_errors_name_the_parameter(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        AttackConfig(**kwargs)
+
+
+def test_attack_errors_name_the_parameter(model):
+    x = images(2)
+    with pytest.raises(ValueError, match="target_images"):
+        attack(model, None, x, None, transfer_config(), image_mean=MEAN, image_std=STD)
+    with pytest.raises(ValueError, match="target_images"):
+        attack(model, None, x, None, transfer_config(), target_images=torch.rand(2, 3, 16, 16), image_mean=MEAN, image_std=STD)
+    with pytest.raises(ValueError, match="target_images"):
+        attack(model, None, x, None, AttackConfig(steps=1), target_images=x, image_mean=MEAN, image_std=STD)
+    with pytest.raises(ValueError, match="eps"):
+        attack(model, None, x, None, AttackConfig(eps=1000.0, steps=1), image_mean=MEAN, image_std=STD)
+    with pytest.raises(ValueError, match="surrogates"):
+        attack(model, None, x, None, AttackConfig(steps=1), surrogates=["model"], image_mean=MEAN, image_std=STD)
+    with pytest.raises(ValueError, match="surrogates"):
+        attack(model, None, x, None, transfer_config(), target_images=x, surrogates=["resnet"], image_mean=MEAN, image_std=STD)
+    with pytest.raises(ValueError, match="variant"):
+        apply_variant(model, "fs+tta", 0.25, 4)
+    with pytest.raises(ValueError, match="booster"):
+        apply_variant(model, "fs+gsb", 0.25, 4)
+    with pytest.raises(ValueError, match="eps"):
+        DefenseSettings(transfer_linf=(16,))
+
+
+# ---------------------------------------------------------------------------------------------
+# the defense table
+# ---------------------------------------------------------------------------------------------
+
+def test_answer_metrics_count_right_to_wrong_and_the_target_answer():
+    answers = [["red"], ["two"], ["cat"], ["left"]]
+    clean = ["red", "two", "dog", "left"]          # 3 right
+    adv = ["blue", "two", "cat", "right"]          # right->wrong: red, left
+    target = ["blue", "three", "cat", "left"]      # target == clean on the last: not counted
+    metrics = answer_metrics(clean, adv, answers, target)
+    assert metrics["accuracy"] == pytest.approx(2 / 4)
+    assert metrics["attack_success"] == pytest.approx(2 / 3)
+    assert metrics["targeted_success"] == pytest.approx(2 / 3)  # blue hit, three missed, cat hit (dog -> cat)
+    assert answer_metrics(clean, adv, answers)["targeted_success"] is None
+
+
+def test_evaluate_defense_rows_on_a_tiny_model(model):
+    processor = tiny_processor()
+    x, target = images(2, seed=0), images(2, seed=5)
+    items = [EvalItem(x[i], "what?", ["a"], target[i], "<image> what?") for i in range(2)]
+    settings = DefenseSettings(variants=("base", "fs"), n_samples=2, transfer_linf=(8 / 255,), transfer_steps=2,
+                               crop_scale=None, adaptive_l2=(0.0625,), adaptive_linf=(), adaptive_steps=1,
+                               eot_samples=2, certify_images=1, certify_n=20, max_new_tokens=2)
+    rows = evaluate_defense(model, processor, items, items, settings, progress=False)
+    assert [(r["variant"], r["protocol"]) for r in rows] == [
+        ("base", "clean"), ("base", "transfer"), ("base", "adaptive"), ("fs", "clean"), ("fs", "transfer"), ("fs", "adaptive")]
+    assert not is_patched(model)
+    for row in rows:
+        assert 0 <= row["accuracy"] <= 1
+        if row["variant"] == "base":
+            assert row["certified_fcsb"] is None
+        else:
+            assert -1 <= row["certified_fcsb"] <= 1
+    transfer_fs = rows[4]
+    assert transfer_fs["certified_radius_l2"] == pytest.approx(8 / 255 * (3 * 32 * 32) ** 0.5)
+    assert "linf 8/255" in defense_table(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# the demo, as a user runs it
+# ---------------------------------------------------------------------------------------------
+
+def test_demo_console_script_on_tiny_settings(tmp_path):
+    script = shutil.which("fs-mllm")
+    assert script, "the fs-mllm console script is not installed (pip install -e .)"
+    out = tmp_path / "demo"
+    result = subprocess.run([script, "demo", "--examples", "1", "--clean-images", "1", "--certify-n", "10",
+                             "--transfer-steps", "1", "--steps", "1", "--eot-samples", "1", "--max-new-tokens", "2",
+                             "--output-dir", str(out)], capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    protocols = {(r["variant"], r["protocol"]) for r in summary["rows"]}
+    assert protocols == {(v, p) for v in ("base", "fs", "fs+gsb") for p in ("clean", "transfer", "adaptive")}
+    report = (out / "report.md").read_text()
+    assert "Transfer" in report and "Adaptive" in report and "linf 16/255" in report
+    assert (out / "accuracy_vs_budget.png").stat().st_size > 0
+
+
+def test_demo_refuses_bad_arguments_before_loading(tmp_path):
+    script = shutil.which("fs-mllm")
+    for bad in (["--sigma", "0"], ["--examples", "0"], ["--alpha", "2"], ["--n-samples", "x"]):
+        result = subprocess.run([script, "demo", *bad, "--output-dir", str(tmp_path / "d")], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and "usage" in result.stderr, (bad, result.stderr[-500:])
+        assert not (tmp_path / "d").exists()
