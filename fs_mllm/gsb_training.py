@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import check_sigma
-from .gsb import GaussianSmoothnessBooster
+from .gsb import CONFIG_NAME, WEIGHTS_NAME, GaussianSmoothnessBooster
 from .smoothing import unit_features
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
@@ -329,45 +330,80 @@ CHECKPOINT_STATE = "trainer_state.json"
 CHECKPOINT_OPTIM = "optimizer.safetensors"
 
 
+def _checkpoint_copies(folder: Path) -> tuple[Path, Path, Path]:
+    """(tmp, folder, old): the copies a save can leave, newest first (see :func:`save_checkpoint`)."""
+    return folder.with_name(folder.name + ".tmp"), folder, folder.with_name(folder.name + ".old")
+
+
+def _is_complete(copy: Path) -> bool:
+    """The state JSON is written last, so a copy whose state parses was written completely."""
+    try:
+        json.loads((copy / CHECKPOINT_STATE).read_text())
+    except (OSError, ValueError):
+        return False
+    return all((copy / name).is_file() for name in (CHECKPOINT_OPTIM, WEIGHTS_NAME, CONFIG_NAME))
+
+
+def _newest_complete_copy(folder: Path) -> Optional[Path]:
+    return next((copy for copy in _checkpoint_copies(folder) if _is_complete(copy)), None)
+
+
+def _settle_checkpoint(folder: Path) -> None:
+    """Finish a save that a kill interrupted: the newest complete copy becomes ``folder``, the rest go.
+
+    Nothing complete is deleted before the newest copy is in place, so a kill here is recoverable too.
+    """
+    tmp, _, old = _checkpoint_copies(folder)
+    newest = _newest_complete_copy(folder)
+    if newest is not None and newest != folder:
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(newest, folder)
+    for stale in (tmp, old):
+        if stale.exists():
+            shutil.rmtree(stale)
+
+
 def save_checkpoint(folder: Union[str, os.PathLike], booster: GaussianSmoothnessBooster, optimizer: torch.optim.Optimizer, step: int, stage: str, history: list, seconds: float = 0.0,
                     train_config: Optional[dict] = None) -> Path:
-    """Weights + optimizer state (safetensors) + step/stage/history/seconds/train config (JSON), written atomically."""
+    """Weights + optimizer state (safetensors) + step/stage/history/seconds/train config (JSON), crash-safe.
+
+    Writes ``folder.tmp`` completely (state JSON last), renames folder -> folder.old and folder.tmp ->
+    folder, then deletes folder.old. A kill at any point leaves at least one complete copy, which
+    :func:`load_checkpoint_state` resumes from and the next save settles.
+    """
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
+    tmp, _, old = _checkpoint_copies(folder)
+    _settle_checkpoint(folder)
     booster.save_pretrained(tmp)
     tensors, meta = flatten_optimizer_state(optimizer.state_dict())
     save_file(tensors, str(tmp / CHECKPOINT_OPTIM))
     (tmp / CHECKPOINT_STATE).write_text(json.dumps({"step": step, "stage": stage, "seconds": seconds, "optimizer": meta, "history": history,
                                                    "train_config": train_config}, indent=1))
     if folder.exists():
-        import shutil
-
-        old = folder.with_name(folder.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
         os.replace(folder, old)
-        os.replace(tmp, folder)
+    os.replace(tmp, folder)
+    if old.exists():
         shutil.rmtree(old)
-    else:
-        os.replace(tmp, folder)
     return folder
 
 
 def load_checkpoint_state(folder: Union[str, os.PathLike]) -> Optional[dict]:
-    """The JSON state and optimizer tensors of a checkpoint, or None when there is none."""
+    """The JSON state and optimizer tensors of the newest complete checkpoint copy, or None when there is none.
+
+    ``state["path"]`` is the copy read (``folder`` itself, or its ``.tmp``/``.old`` sibling after a kill
+    during a save). Read-only, so every process of a distributed run can call it.
+    """
     from safetensors.torch import load_file
 
-    folder = Path(folder)
-    if not (folder / CHECKPOINT_STATE).is_file():
+    copy = _newest_complete_copy(Path(folder))
+    if copy is None:
         return None
-    state = json.loads((folder / CHECKPOINT_STATE).read_text())
-    state["optimizer_tensors"] = load_file(str(folder / CHECKPOINT_OPTIM))
+    state = json.loads((copy / CHECKPOINT_STATE).read_text())
+    state["optimizer_tensors"] = load_file(str(copy / CHECKPOINT_OPTIM))
+    state["path"] = str(copy)
     return state
 
 
@@ -468,7 +504,7 @@ def train_gsb(
     resumed = load_checkpoint_state(checkpoint) if checkpoint is not None else None
     step, history, previous_seconds = 0, [], 0.0
     if resumed is not None:
-        saved = GaussianSmoothnessBooster.from_pretrained(checkpoint, device=device)
+        saved = GaussianSmoothnessBooster.from_pretrained(resumed["path"], device=device)
         if saved.config.to_dict() != booster.config.to_dict():
             raise ValueError(f"checkpoint in {str(checkpoint)!r} was made for another GSBConfig; use a new output_dir")
         if resumed.get("train_config") not in (None, train.to_dict()):
@@ -478,7 +514,7 @@ def train_gsb(
         booster.load_state_dict(saved.state_dict())
         step, history = int(resumed["step"]), list(resumed["history"])
         previous_seconds = float(resumed.get("seconds", 0.0))
-        accelerator.print(f"resuming from {checkpoint} at step {step}/{total} (stage {resumed['stage']})")
+        accelerator.print(f"resuming from {resumed['path']} at step {step}/{total} (stage {resumed['stage']})")
 
     start = time.time()
     stage_start = 0
