@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import typing
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -23,13 +24,10 @@ SEED_LIMIT = 2**63
 
 
 def _real(value: Any, name: str, what: str) -> float:
-    """A real number as float; bool, strings and None are refused (JSON ``true`` is not a number)."""
-    if value is None or isinstance(value, (bool, str, bytes)) or type(value).__name__ == "bool_":
+    """A real number (Python or numpy) as float; bool, strings and None are refused (``True`` is not a sigma)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be {what}, got {value!r}")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be {what}, got {value!r}") from None
+    return float(value)
 
 
 def check_sigma(sigma: Any, name: str = "sigma") -> float:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import check_sigma
+from .config import SEED_LIMIT, check_seed, check_sigma
 from .gsb import CONFIG_NAME, WEIGHTS_NAME, GaussianSmoothnessBooster
 from .smoothing import unit_features
 
@@ -135,6 +135,12 @@ def heldout_images(size: int, names: Sequence[str] = HELDOUT_PHOTOS) -> torch.Te
     return torch.stack([resize_square(offline_photo(n), size) for n in names])
 
 
+def seeded_generator(seed: int, device: Any = None) -> torch.Generator:
+    """A generator for a derived seed (seed * k + step ...), folded into torch's range so a large user seed
+    cannot overflow manual_seed; identical to manual_seed(seed) for every seed below 2**63."""
+    return torch.Generator(device=device).manual_seed(seed % SEED_LIMIT)
+
+
 class RandomCropDataset(torch.utils.data.Dataset):
     """Seeded random crops (scale 0.15-1 of the short side), flips and colour jitter of a list of images.
 
@@ -152,7 +158,7 @@ class RandomCropDataset(torch.utils.data.Dataset):
         return self.length
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.offset + index)
+        g = seeded_generator(self.seed * 1_000_003 + self.offset + index)
         image = self.images[int(torch.randint(len(self.images), (1,), generator=g))]
         h, w = image.shape[1:]
         short = min(h, w)
@@ -274,6 +280,7 @@ class GSBTrainConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
+        self.seed = check_seed(self.seed)
         for name in ("denoiser_steps", "mapper_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -433,7 +440,7 @@ def _build_feature_cache(booster: GaussianSmoothnessBooster, encoder: Encoder, t
     device = accelerator.device
     size = train.mapper_cache_size
     if isinstance(train_images, torch.utils.data.Dataset):
-        g = torch.Generator().manual_seed(train.seed + 17 + accelerator.process_index)
+        g = seeded_generator(train.seed + 17 + accelerator.process_index)
         picks = torch.randint(len(train_images), (size,), generator=g).tolist()
         dataset = torch.utils.data.Subset(train_images, picks)
     else:
@@ -445,7 +452,7 @@ def _build_feature_cache(booster: GaussianSmoothnessBooster, encoder: Encoder, t
     with torch.no_grad(), accelerator.autocast():
         for index, clean in enumerate(bar):
             clean = clean.to(device)
-            generator = torch.Generator(device=device).manual_seed(train.seed * 7_919 + 1_000_003 * (index + 1) + accelerator.process_index)
+            generator = seeded_generator(train.seed * 7_919 + 1_000_003 * (index + 1) + accelerator.process_index, device)
             noisy, sigma, amplitude = _sample_noise(clean, train, lo, hi, generator)
             level = booster.noise_level(noisy, sigma)
             den = booster.denoiser(noisy, level) if booster.denoiser is not None else noisy
@@ -551,7 +558,7 @@ def train_gsb(
         while step < stage_end:
             for group in optimizer.param_groups:
                 group["lr"] = scheduler(step)
-            generator = torch.Generator(device=device).manual_seed(train.seed * 7_919 + step * 104_729 + accelerator.process_index)
+            generator = seeded_generator(train.seed * 7_919 + step * 104_729 + accelerator.process_index, device)
             if cache is not None:
                 pick = torch.randint(cache["z"].shape[0], (train.mapper_batch_size,), generator=generator, device=device)
                 target, z, level, amplitude = (cache[k][pick] for k in ("target", "z", "level", "amplitude"))

@@ -326,6 +326,16 @@ def test_checkpoint_recovery_picks_the_newest_complete_copy(tmp_path, left):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
 
 
+def test_train_seed_fits_torch_generators():
+    """Issue 14.16: a seed outside torch's generator range is a ValueError naming seed; a large valid seed
+    still works although the seeds derived from it (seed * k + step) exceed the range."""
+    for bad in (2**63, -1, "a", True):
+        with pytest.raises(ValueError, match="seed"):
+            GSBTrainConfig(seed=bad)
+    dataset = RandomCropDataset(smooth_images(2), SIZE, 2, seed=2**63 - 1)
+    assert dataset[1].shape == (3, SIZE, SIZE)
+
+
 def test_train_config_validation():
     with pytest.raises(ValueError, match="batch_size"):
         GSBTrainConfig(batch_size=0)
