@@ -378,8 +378,9 @@ def certify_model(
     dict with ``pixel_values`` and the family kwargs). For a patched model sigma, normalize, seed,
     chunk_size, alpha, method, mean/std and booster come from the patch's FSConfig unless given (a
     differing sigma is an error); for an unpatched model ``sigma`` is required and the rest default to
-    FSConfig's defaults. image_mean and image_std go together. The certificate is about the exact smoothed (boosted) encoder F and holds
-    per image with probability >= 1 - alpha; with ``radius`` each result also carries FCSB(radius).
+    FSConfig's defaults. image_mean and image_std go together. The certificate is about the exact
+    smoothed (boosted) encoder F and holds per image with probability >= 1 - alpha; with ``radius``
+    each result also carries FCSB(radius).
     """
     hf_model = unwrap_model(model)
     adapter = get_adapter(hf_model)
