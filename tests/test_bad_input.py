@@ -244,6 +244,11 @@ def test_patch_model_rejects_non_models_and_configs(llava):
         patch_model(model, config={"sigma": 0.25}, image_mean=MEAN, image_std=STD)
     with raises_naming("model"):
         fs_mllm.get_fs_state(model)
+    for entry in (fs_mllm.unpatch_model, fs_mllm.is_patched, fs_mllm.get_fs_state):
+        with raises_naming("model must be a torch.nn.Module"):
+            entry("llava")
+    with raises_naming("model must be a torch.nn.Module"):
+        certify_model("llava", torch.rand(1, 3, 8, 8), sigma=0.25)
 
 
 # ---------------------------------------------------------------------------------------------
