@@ -59,6 +59,7 @@ from torch import nn
 
 from . import adapters as _adapters  # noqa: F401  (registers every family)
 from .adapters.base import FamilyAdapter, get_adapter, unwrap_model
+from .config import check_seed
 from .patching import get_fs_state, is_patched, patch_model, resolve_mean_std, unpatch_model
 from .smoothing import check_images
 
@@ -166,8 +167,7 @@ class AttackConfig:
             self.eot_chunk_size = _positive_int(self.eot_chunk_size, "eot_chunk_size")
         if self.smoothing_samples is not None:
             self.smoothing_samples = _positive_int(self.smoothing_samples, "smoothing_samples", minimum=2)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        self.seed = check_seed(self.seed)
         if self.objective == "targeted":
             if not isinstance(self.target_text, str) or not self.target_text.strip():
                 raise ValueError(
@@ -365,7 +365,7 @@ def _features(model: nn.Module, adapter: FamilyAdapter, inputs: Mapping[str, Any
 
 def _resolve_mean_std(model: nn.Module, adapter: FamilyAdapter, processor: Any, image_mean: Any, image_std: Any):
     """A patched model's own mean/std win (the noise scale was set with them); else processor/explicit/saved."""
-    if image_mean is None and is_patched(model):
+    if image_mean is None and image_std is None and is_patched(model):
         state = get_fs_state(model)
         return state.image_mean, state.image_std
     return resolve_mean_std(model, adapter, processor, image_mean, image_std)

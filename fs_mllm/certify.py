@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import stats
-from .config import BOUND_METHODS, NORMALIZE_MODES, check_alpha, check_choice, check_n, check_sigma
+from .config import FSConfig, check_n
 from .smoothing import Encoder, NoiseStd, check_images, iter_noisy_unit_features, unit_features
 
 
@@ -116,24 +116,39 @@ def certify_features(
     Draws n Gaussian copies (std sigma in pixel space), computes the robustness score samples
     Y_i = (1 + cos(f(x+e_i), f(x)))/2 and a one-sided (1 - alpha) lower bound on S(x) with ``method``.
     """
-    sigma = check_sigma(sigma)
+    config = FSConfig(sigma=sigma, seed=seed, chunk_size=chunk_size, normalize=normalize, alpha=alpha, method=method)
     check_n(n)
-    alpha = check_alpha(alpha)
-    check_choice(method, "method", BOUND_METHODS)
-    check_choice(normalize, "normalize", NORMALIZE_MODES)
     check_images(images)
-    scores = sample_scores(encoder, images, sigma, n, seed=seed, chunk_size=chunk_size, normalize=normalize)
-    return certificates_from_scores(scores, alpha, sigma, method, normalize)
+    scores = sample_scores(encoder, images, config.sigma, n, seed=config.seed, chunk_size=config.chunk_size, normalize=config.normalize)
+    return certificates_from_scores(scores, config.alpha, config.sigma, config.method, config.normalize)
+
+
+ABSTAIN = -1  # PredictionCertificate.label when the smoothed prediction at x cannot be certified
 
 
 @dataclass
 class PredictionCertificate:
-    """The smoothed cosine-similarity predictor returns ``label`` everywhere within l2 ``radius`` (w.p. >= 1 - alpha)."""
+    """Prediction of the smoothed cosine-similarity predictor, certified on an l2 ball (w.p. >= 1 - alpha).
+
+    label: the class the smoothed predictor returns at x and everywhere within l2 ``radius``, or
+        ABSTAIN (-1) with radius 0.0 when no ball, not even {x}, can be certified: then the smoothed
+        prediction at x is unknown, and returning the clean encoder's class would be a different
+        predictor's answer (issue 14).
+    radius: certified l2 radius in [0,1] pixel space (> 0 exactly when ``label`` is not ABSTAIN).
+    margin_angle: half the angle gap, in radians, between the runner-up and the closest class to f(x).
+    clean_label: the class closest to the clean (unsmoothed) f(x); informational, not certified.
+    certificate: the feature certificate (S lower bound) the radius comes from.
+    """
 
     label: int
     radius: float
-    margin_angle: float  # half the angle gap between runner-up and predicted class, in radians
+    margin_angle: float
     certificate: Certificate
+    clean_label: int = ABSTAIN
+
+    @property
+    def certified(self) -> bool:
+        return self.label != ABSTAIN
 
 
 def certify_prediction(
@@ -149,9 +164,11 @@ def certify_prediction(
 ) -> list[PredictionCertificate]:
     """Certify the class of the smallest angle between F(x') and the class embeddings (K, D).
 
-    With theta = arccos(FCSB(eps)) and angles a_k = angle(f(x), t_k), the prediction A is fixed on the
-    ball when a_A + theta < a_B - theta for the runner-up B, i.e. FCSB(eps) > cos((a_B - a_A) / 2);
-    the largest such eps is ``certified_radius(S_low, sigma, threshold=cos((a_B - a_A) / 2))``.
+    With theta = arccos(FCSB(eps)) and angles a_k = angle(f(x), t_k), the smoothed prediction is the
+    clean argmin A on the whole ball when a_A + theta < a_B - theta for the runner-up B, i.e.
+    FCSB(eps) > cos((a_B - a_A) / 2); the largest such eps is ``certified_radius(S_low, sigma,
+    threshold=cos((a_B - a_A) / 2))``. Only a positive radius ties A to the smoothed predictor (the
+    ball contains x), so a zero radius abstains (label ABSTAIN) instead of reporting A.
     """
     if not isinstance(class_embeddings, torch.Tensor) or class_embeddings.ndim != 2 or class_embeddings.shape[0] < 2:
         raise ValueError("class_embeddings must be a (num_classes >= 2, dim) tensor of class/text embeddings")
@@ -166,9 +183,10 @@ def certify_prediction(
     results = []
     for image_angles, certificate in zip(angles, certificates):
         ordered = torch.sort(image_angles)
-        label = int(ordered.indices[0])
+        clean_label = int(ordered.indices[0])
         margin = float(ordered.values[1] - ordered.values[0]) / 2
         threshold = math.cos(margin)
-        radius = 0.0 if threshold >= 1.0 else float(stats.certified_radius(certificate.score_lower, sigma, threshold))
-        results.append(PredictionCertificate(label, radius, margin, certificate))
+        radius = 0.0 if threshold >= 1.0 else float(stats.certified_radius(certificate.score_lower, certificate.sigma, threshold))
+        label = clean_label if radius > 0 else ABSTAIN
+        results.append(PredictionCertificate(label, radius, margin, certificate, clean_label))
     return results

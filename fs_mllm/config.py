@@ -1,31 +1,49 @@
-"""FSConfig: every setting of feature-space smoothing in one validated, JSON-serialisable place."""
+"""FSConfig: every setting of feature-space smoothing in one validated, JSON-serialisable place.
+
+The ``check_*`` validators below are the only ones: every public entry point (smoothing, certification,
+patching, attacks, boosters) calls them, so a bad value gets the same ValueError naming the parameter
+wherever it is passed.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import typing
 from dataclasses import dataclass
 from typing import Any, Optional
 
 NORMALIZE_MODES = ("global", "token")
 BOUND_METHODS = ("hoeffding", "bernstein", "betting")
+# Noise std in [0,1] pixel space above which smoothing is pure noise (at sigma = 10 the image is 1% of
+# the input's scale); larger values only overflow float32 and certify nothing.
+SIGMA_MAX = 10.0
+# torch.Generator.manual_seed takes a signed 64-bit integer; negative seeds are refused for clarity.
+SEED_LIMIT = 2**63
+
+
+def _real(value: Any, name: str, what: str) -> float:
+    """A real number (Python or numpy) as float; bool, strings and None are refused (``True`` is not a sigma)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return float(value)
 
 
 def check_sigma(sigma: Any, name: str = "sigma") -> float:
-    """sigma is the Gaussian noise std in [0,1] pixel space; it must be a positive finite number."""
-    try:
-        value = float(sigma)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a positive number (noise std in [0,1] pixel space), got {sigma!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number (noise std in [0,1] pixel space), got {sigma!r}")
+    """sigma is the Gaussian noise std in [0,1] pixel space: a finite number in (0, SIGMA_MAX]."""
+    what = f"a positive finite number <= {SIGMA_MAX:g} (noise std in [0,1] pixel space)"
+    value = _real(sigma, name, what)
+    if not math.isfinite(value) or not 0 < value <= SIGMA_MAX:
+        raise ValueError(f"{name} must be {what}, got {sigma!r}")
     return value
 
 
-def check_alpha(alpha: Any) -> float:
-    value = float(alpha)
-    if not (0.0 < value < 1.0) or not math.isfinite(value):
-        raise ValueError(f"alpha must lie in (0, 1) (failure probability of the certificate), got {alpha!r}")
+def check_alpha(alpha: Any, name: str = "alpha") -> float:
+    what = "a number in (0, 1) (failure probability of the certificate)"
+    value = _real(alpha, name, what)
+    if not 0.0 < value < 1.0:  # also refuses NaN
+        raise ValueError(f"{name} must be {what}, got {alpha!r}")
     return value
 
 
@@ -35,19 +53,17 @@ def check_n(n: Any, name: str = "n") -> int:
     return n
 
 
+def check_seed(seed: Any, name: str = "seed") -> int:
+    """Seeds go to torch.Generator.manual_seed, which takes 0 <= seed < 2**63 here."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"{name} must be an integer with 0 <= {name} < 2**63 (seed of the noise generator), got {seed!r}")
+    return seed
+
+
 def check_choice(value: Any, name: str, choices: tuple) -> str:
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
     return value
-
-
-def dataclass_from_dict(cls: type, data: dict) -> Any:
-    """Build a config dataclass from JSON data, refusing unknown fields (a typo must not be ignored)."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields {unknown}; expected a subset of {sorted(known)}")
-    return cls(**data)
 
 
 def check_chunk_size(chunk_size: Any) -> Optional[int]:
@@ -58,15 +74,74 @@ def check_chunk_size(chunk_size: Any) -> Optional[int]:
     return chunk_size
 
 
+def _json_type_ok(value: Any, hint: Any) -> bool:
+    """Does a JSON value fit a field annotation? bool is not int/float, int is a float, None only for Optional."""
+    if hint is Any:
+        return True
+    if typing.get_origin(hint) is typing.Union:
+        return any(_json_type_ok(value, arg) for arg in typing.get_args(hint))
+    origin = typing.get_origin(hint) or hint
+    if hint is type(None):
+        return value is None
+    if origin is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, origin)
+
+
+def _json_type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is typing.Union:
+        return " or ".join(_json_type_name(arg) for arg in typing.get_args(hint))
+    return "null" if hint is type(None) else getattr(typing.get_origin(hint) or hint, "__name__", str(hint))
+
+
+def dataclass_from_dict(cls: type, data: Any) -> Any:
+    """Build a config dataclass from JSON data: the one strict loader of FSConfig and GSBConfig.
+
+    Refuses unknown fields (a typo must not be ignored), missing required fields and values of the
+    wrong JSON type (``"false"`` or ``true`` where a number is expected), each naming the field.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__} data must be a JSON object (dict of fields), got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown}; expected a subset of {sorted(fields)}")
+    missing = sorted(name for name, f in fields.items() if name not in data
+                     and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+    if missing:
+        raise ValueError(f"{cls.__name__} fields {missing} are required but missing")
+    hints = typing.get_type_hints(cls)
+    for name, value in data.items():
+        if not _json_type_ok(value, hints[name]):
+            raise ValueError(f"{cls.__name__} field {name} must be {_json_type_name(hints[name])}, got {value!r} ({type(value).__name__})")
+    return cls(**data)
+
+
+_FIELD_CHECKS = {
+    "sigma": check_sigma,
+    "n_samples": lambda value: check_n(value, "n_samples"),
+    "chunk_size": check_chunk_size,
+    "seed": check_seed,
+    "normalize": lambda value: check_choice(value, "normalize", NORMALIZE_MODES),
+    "alpha": check_alpha,
+    "method": lambda value: check_choice(value, "method", BOUND_METHODS),
+}
+
+
 @dataclass
 class FSConfig:
     """Settings of feature-space smoothing.
 
-    sigma: noise std in [0,1] pixel space. n_samples: noisy copies averaged per forward (n0, small,
-    used inside ``generate``). chunk_size: noisy copies per encoder call (memory knob; None = 32).
-    seed: seed of the noise generator (same seed, same result). normalize: "global" (one unit vector
-    per image) or "token" (each visual token normalised and certified on its own). alpha, method:
-    confidence and bound used when certifying.
+    sigma: noise std in [0,1] pixel space, in (0, 10] (SIGMA_MAX: beyond 10 the noisy copy is pure
+    noise). n_samples: noisy copies averaged per forward (n0, small, used inside ``generate``).
+    chunk_size: noisy copies per encoder call (memory knob; None = 32). seed: seed of the noise
+    generator, 0 <= seed < 2**63 (same seed, same result). normalize: "global" (one unit vector per
+    image) or "token" (each visual token normalised and certified on its own). alpha, method:
+    confidence and bound used when certifying (``certify_model`` defaults to them).
+
+    Every field is validated on construction and on assignment, so a config is never invalid.
     """
 
     sigma: float = 0.25
@@ -77,15 +152,9 @@ class FSConfig:
     alpha: float = 0.001
     method: str = "bernstein"
 
-    def __post_init__(self) -> None:
-        self.sigma = check_sigma(self.sigma)
-        self.n_samples = check_n(self.n_samples, "n_samples")
-        self.chunk_size = check_chunk_size(self.chunk_size)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        self.normalize = check_choice(self.normalize, "normalize", NORMALIZE_MODES)
-        self.alpha = check_alpha(self.alpha)
-        self.method = check_choice(self.method, "method", BOUND_METHODS)
+    def __setattr__(self, name: str, value: Any) -> None:
+        check = _FIELD_CHECKS.get(name)
+        super().__setattr__(name, check(value) if check is not None else value)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -351,22 +351,57 @@ class GaussianSmoothnessBooster(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> "GaussianSmoothnessBooster":
-        """Load a booster saved by :meth:`save_pretrained` (strict: every weight must match)."""
-        from safetensors.torch import load_file
+        """Load a booster saved by :meth:`save_pretrained` (strict: every weight must match).
 
+        A damaged folder gives a ValueError naming the file and what is wrong with it.
+        """
         folder = Path(directory)
         if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
             raise ValueError(f"directory {str(folder)!r} must contain {CONFIG_NAME} and {WEIGHTS_NAME}")
-        data = json.loads((folder / CONFIG_NAME).read_text())
+        config_path = folder / CONFIG_NAME
+        data = _read_json_object(config_path)
         version = data.pop("gsb_format_version", FORMAT_VERSION)
         if version != FORMAT_VERSION:
-            raise ValueError(f"{CONFIG_NAME} has gsb_format_version {version}; this fs_mllm reads {FORMAT_VERSION}")
-        booster = cls(GSBConfig.from_dict(data))
-        booster.load_state_dict(load_file(str(folder / WEIGHTS_NAME)), strict=True)
+            raise ValueError(f"{config_path} has gsb_format_version {version!r}; this fs_mllm reads {FORMAT_VERSION}")
+        try:
+            booster = cls(GSBConfig.from_dict(data))
+        except ValueError as error:
+            raise ValueError(f"{config_path}: {error}") from None
+        weights_path = folder / WEIGHTS_NAME
+        state = _read_safetensors(weights_path)
+        try:
+            booster.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            raise ValueError(f"{weights_path}: the weights do not match the architecture in {CONFIG_NAME}: {error}") from None
         return booster.to(device).eval()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _read_json_object(path: Path) -> dict:
+    """The JSON object in ``path``; ValueError naming the file when it is not UTF-8, not JSON or not an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); re-save the booster") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error.msg}: line {error.lineno}, column {error.colno}); "
+                         "the file is damaged or truncated, re-save the booster") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object of GSBConfig fields, got a JSON {type(data).__name__}")
+    return data
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file; ValueError naming the file when it is damaged or truncated."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own SafetensorError (and OSError)
+        raise ValueError(f"{path} is not a readable safetensors file ({type(error).__name__}: {error}); "
+                         "the file is damaged or truncated, re-save the booster") from None
 
 
 def boosted_encoder(

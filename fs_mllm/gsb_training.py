@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +33,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import check_sigma
-from .gsb import GaussianSmoothnessBooster
+from .config import SEED_LIMIT, check_seed, check_sigma
+from .gsb import CONFIG_NAME, WEIGHTS_NAME, GaussianSmoothnessBooster
 from .smoothing import unit_features
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
@@ -134,6 +135,12 @@ def heldout_images(size: int, names: Sequence[str] = HELDOUT_PHOTOS) -> torch.Te
     return torch.stack([resize_square(offline_photo(n), size) for n in names])
 
 
+def seeded_generator(seed: int, device: Any = None) -> torch.Generator:
+    """A generator for a derived seed (seed * k + step ...), folded into torch's range so a large user seed
+    cannot overflow manual_seed; identical to manual_seed(seed) for every seed below 2**63."""
+    return torch.Generator(device=device).manual_seed(seed % SEED_LIMIT)
+
+
 class RandomCropDataset(torch.utils.data.Dataset):
     """Seeded random crops (scale 0.15-1 of the short side), flips and colour jitter of a list of images.
 
@@ -151,7 +158,7 @@ class RandomCropDataset(torch.utils.data.Dataset):
         return self.length
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.offset + index)
+        g = seeded_generator(self.seed * 1_000_003 + self.offset + index)
         image = self.images[int(torch.randint(len(self.images), (1,), generator=g))]
         h, w = image.shape[1:]
         short = min(h, w)
@@ -273,6 +280,7 @@ class GSBTrainConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
+        self.seed = check_seed(self.seed)
         for name in ("denoiser_steps", "mapper_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -329,45 +337,80 @@ CHECKPOINT_STATE = "trainer_state.json"
 CHECKPOINT_OPTIM = "optimizer.safetensors"
 
 
+def _checkpoint_copies(folder: Path) -> tuple[Path, Path, Path]:
+    """(tmp, folder, old): the copies a save can leave, newest first (see :func:`save_checkpoint`)."""
+    return folder.with_name(folder.name + ".tmp"), folder, folder.with_name(folder.name + ".old")
+
+
+def _is_complete(copy: Path) -> bool:
+    """The state JSON is written last, so a copy whose state parses was written completely."""
+    try:
+        json.loads((copy / CHECKPOINT_STATE).read_text())
+    except (OSError, ValueError):
+        return False
+    return all((copy / name).is_file() for name in (CHECKPOINT_OPTIM, WEIGHTS_NAME, CONFIG_NAME))
+
+
+def _newest_complete_copy(folder: Path) -> Optional[Path]:
+    return next((copy for copy in _checkpoint_copies(folder) if _is_complete(copy)), None)
+
+
+def _settle_checkpoint(folder: Path) -> None:
+    """Finish a save that a kill interrupted: the newest complete copy becomes ``folder``, the rest go.
+
+    Nothing complete is deleted before the newest copy is in place, so a kill here is recoverable too.
+    """
+    tmp, _, old = _checkpoint_copies(folder)
+    newest = _newest_complete_copy(folder)
+    if newest is not None and newest != folder:
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(newest, folder)
+    for stale in (tmp, old):
+        if stale.exists():
+            shutil.rmtree(stale)
+
+
 def save_checkpoint(folder: Union[str, os.PathLike], booster: GaussianSmoothnessBooster, optimizer: torch.optim.Optimizer, step: int, stage: str, history: list, seconds: float = 0.0,
                     train_config: Optional[dict] = None) -> Path:
-    """Weights + optimizer state (safetensors) + step/stage/history/seconds/train config (JSON), written atomically."""
+    """Weights + optimizer state (safetensors) + step/stage/history/seconds/train config (JSON), crash-safe.
+
+    Writes ``folder.tmp`` completely (state JSON last), renames folder -> folder.old and folder.tmp ->
+    folder, then deletes folder.old. A kill at any point leaves at least one complete copy, which
+    :func:`load_checkpoint_state` resumes from and the next save settles.
+    """
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
+    tmp, _, old = _checkpoint_copies(folder)
+    _settle_checkpoint(folder)
     booster.save_pretrained(tmp)
     tensors, meta = flatten_optimizer_state(optimizer.state_dict())
     save_file(tensors, str(tmp / CHECKPOINT_OPTIM))
     (tmp / CHECKPOINT_STATE).write_text(json.dumps({"step": step, "stage": stage, "seconds": seconds, "optimizer": meta, "history": history,
                                                    "train_config": train_config}, indent=1))
     if folder.exists():
-        import shutil
-
-        old = folder.with_name(folder.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
         os.replace(folder, old)
-        os.replace(tmp, folder)
+    os.replace(tmp, folder)
+    if old.exists():
         shutil.rmtree(old)
-    else:
-        os.replace(tmp, folder)
     return folder
 
 
 def load_checkpoint_state(folder: Union[str, os.PathLike]) -> Optional[dict]:
-    """The JSON state and optimizer tensors of a checkpoint, or None when there is none."""
+    """The JSON state and optimizer tensors of the newest complete checkpoint copy, or None when there is none.
+
+    ``state["path"]`` is the copy read (``folder`` itself, or its ``.tmp``/``.old`` sibling after a kill
+    during a save). Read-only, so every process of a distributed run can call it.
+    """
     from safetensors.torch import load_file
 
-    folder = Path(folder)
-    if not (folder / CHECKPOINT_STATE).is_file():
+    copy = _newest_complete_copy(Path(folder))
+    if copy is None:
         return None
-    state = json.loads((folder / CHECKPOINT_STATE).read_text())
-    state["optimizer_tensors"] = load_file(str(folder / CHECKPOINT_OPTIM))
+    state = json.loads((copy / CHECKPOINT_STATE).read_text())
+    state["optimizer_tensors"] = load_file(str(copy / CHECKPOINT_OPTIM))
+    state["path"] = str(copy)
     return state
 
 
@@ -397,7 +440,7 @@ def _build_feature_cache(booster: GaussianSmoothnessBooster, encoder: Encoder, t
     device = accelerator.device
     size = train.mapper_cache_size
     if isinstance(train_images, torch.utils.data.Dataset):
-        g = torch.Generator().manual_seed(train.seed + 17 + accelerator.process_index)
+        g = seeded_generator(train.seed + 17 + accelerator.process_index)
         picks = torch.randint(len(train_images), (size,), generator=g).tolist()
         dataset = torch.utils.data.Subset(train_images, picks)
     else:
@@ -409,7 +452,7 @@ def _build_feature_cache(booster: GaussianSmoothnessBooster, encoder: Encoder, t
     with torch.no_grad(), accelerator.autocast():
         for index, clean in enumerate(bar):
             clean = clean.to(device)
-            generator = torch.Generator(device=device).manual_seed(train.seed * 7_919 + 1_000_003 * (index + 1) + accelerator.process_index)
+            generator = seeded_generator(train.seed * 7_919 + 1_000_003 * (index + 1) + accelerator.process_index, device)
             noisy, sigma, amplitude = _sample_noise(clean, train, lo, hi, generator)
             level = booster.noise_level(noisy, sigma)
             den = booster.denoiser(noisy, level) if booster.denoiser is not None else noisy
@@ -468,7 +511,7 @@ def train_gsb(
     resumed = load_checkpoint_state(checkpoint) if checkpoint is not None else None
     step, history, previous_seconds = 0, [], 0.0
     if resumed is not None:
-        saved = GaussianSmoothnessBooster.from_pretrained(checkpoint, device=device)
+        saved = GaussianSmoothnessBooster.from_pretrained(resumed["path"], device=device)
         if saved.config.to_dict() != booster.config.to_dict():
             raise ValueError(f"checkpoint in {str(checkpoint)!r} was made for another GSBConfig; use a new output_dir")
         if resumed.get("train_config") not in (None, train.to_dict()):
@@ -478,7 +521,7 @@ def train_gsb(
         booster.load_state_dict(saved.state_dict())
         step, history = int(resumed["step"]), list(resumed["history"])
         previous_seconds = float(resumed.get("seconds", 0.0))
-        accelerator.print(f"resuming from {checkpoint} at step {step}/{total} (stage {resumed['stage']})")
+        accelerator.print(f"resuming from {resumed['path']} at step {step}/{total} (stage {resumed['stage']})")
 
     start = time.time()
     stage_start = 0
@@ -515,7 +558,7 @@ def train_gsb(
         while step < stage_end:
             for group in optimizer.param_groups:
                 group["lr"] = scheduler(step)
-            generator = torch.Generator(device=device).manual_seed(train.seed * 7_919 + step * 104_729 + accelerator.process_index)
+            generator = seeded_generator(train.seed * 7_919 + step * 104_729 + accelerator.process_index, device)
             if cache is not None:
                 pick = torch.randint(cache["z"].shape[0], (train.mapper_batch_size,), generator=generator, device=device)
                 target, z, level, amplitude = (cache[k][pick] for k in ("target", "z", "level", "amplitude"))

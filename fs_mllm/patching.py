@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -22,19 +23,10 @@ from torch import nn
 from . import adapters as _adapters  # noqa: F401  (registers every family)
 from .adapters.base import FamilyAdapter, get_adapter, per_row_level, unwrap_model
 from .certify import Certificate, certificates_from_scores, sample_scores
-from .config import (
-    BOUND_METHODS,
-    NORMALIZE_MODES,
-    FSConfig,
-    check_alpha,
-    check_choice,
-    check_n,
-    check_sigma,
-)
+from .config import FSConfig, check_n, check_sigma
 from .smoothing import check_images, rescale_direction, smoothed_mean
 
 _STATE_ATTR = "fs_state"
-_WRAPPER_FLAG = "_fs_mllm_wrapper"
 
 
 @dataclass
@@ -107,7 +99,9 @@ def resolve_mean_std(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Processor mean/std: explicit > processor= > saved preprocessor_config.json > family default (warned)."""
     if (image_mean is None) != (image_std is None):
-        raise ValueError("image_mean and image_std must be given together (the processor's per-channel normalisation)")
+        given = "image_mean" if image_mean is not None else "image_std"
+        raise ValueError(f"image_mean and image_std must be given together (the processor's per-channel normalisation); "
+                         f"only {given} was given")
     if image_mean is not None:
         return _as_channels(image_mean, "image_mean"), _as_channels(image_std, "image_std")
     if processor is not None:
@@ -237,14 +231,22 @@ def _bind_positional(fn: Callable, args: tuple) -> dict:
     return dict(zip(names, args))
 
 
-def _build_wrapper(model: nn.Module, original: Callable) -> Callable:
-    @functools.wraps(original)
-    def smoothed_get_image_features(*args, **kwargs):
-        state: FSState = getattr(model, _STATE_ATTR)
-        return _smoothed_call(model, original, state, args, kwargs)
+class SmoothedFeatureFunction:
+    """The patched image-feature function, installed on the owner instance in place of the original.
 
-    setattr(smoothed_get_image_features, _WRAPPER_FLAG, True)
-    return smoothed_get_image_features
+    A callable object rather than a closure, so that ``copy.deepcopy(model)`` copies it with the model:
+    its ``model`` and ``__wrapped__`` (the original bound method) are rebound to the copy, and the copy's
+    patch runs the copy's weights. ``functools.update_wrapper`` keeps the original signature, which
+    ``generate()`` inspects.
+    """
+
+    def __init__(self, model: nn.Module, original: Callable) -> None:
+        functools.update_wrapper(self, original)
+        self.model = model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        state: FSState = self.model.__dict__[_STATE_ATTR]
+        return _smoothed_call(self.model, self.__wrapped__, state, args, kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +260,7 @@ def is_patched(model: nn.Module) -> bool:
     if state is None:
         return False
     owner = state.adapter.feature_owner(hf_model)
-    return getattr(owner.__dict__.get(state.adapter.feature_function), _WRAPPER_FLAG, False)
+    return isinstance(owner.__dict__.get(state.adapter.feature_function), SmoothedFeatureFunction)
 
 
 def get_fs_state(model: nn.Module) -> FSState:
@@ -317,7 +319,7 @@ def patch_model(
         original = getattr(owner, name)
         state = FSState(config, adapter, mean, std, booster, had, previous)
         hf_model.__dict__[_STATE_ATTR] = state
-        setattr(owner, name, _build_wrapper(hf_model, original))
+        setattr(owner, name, SmoothedFeatureFunction(hf_model, original))
     hf_model.__dict__["fs_config"] = config
     return model
 
@@ -350,7 +352,7 @@ class ModelCertificate(Certificate):
 def _original_feature_function(model: nn.Module, adapter: FamilyAdapter) -> Callable:
     owner = adapter.feature_owner(model)
     current = getattr(owner, adapter.feature_function)
-    return getattr(current, "__wrapped__", current) if getattr(current, _WRAPPER_FLAG, False) else current
+    return current.__wrapped__ if isinstance(current, SmoothedFeatureFunction) else current
 
 
 def certify_model(
@@ -358,8 +360,8 @@ def certify_model(
     images_or_pixel_values: Union[torch.Tensor, Mapping[str, Any]],
     radius: Optional[float] = None,
     n: int = 1000,
-    alpha: float = 0.001,
-    method: str = "bernstein",
+    alpha: Optional[float] = None,
+    method: Optional[str] = None,
     sigma: Optional[float] = None,
     normalize: Optional[str] = None,
     seed: Optional[int] = None,
@@ -374,41 +376,43 @@ def certify_model(
     ``images_or_pixel_values``: [0,1] images (B, 3, H, W) at processor resolution (converted with the
     adapter; family kwargs such as ``image_sizes`` may be passed as keywords), or processor outputs (a
     dict with ``pixel_values`` and the family kwargs). For a patched model sigma, normalize, seed,
-    mean/std and booster come from the patch (a differing sigma is an error); for an unpatched model
-    ``sigma`` is required. The certificate is about the exact smoothed (boosted) encoder F and holds
-    per image with probability >= 1 - alpha; with ``radius`` each result also carries FCSB(radius).
+    chunk_size, alpha, method, mean/std and booster come from the patch's FSConfig unless given (a
+    differing sigma is an error); for an unpatched model ``sigma`` is required and the rest default to
+    FSConfig's defaults. image_mean and image_std go together. The certificate is about the exact
+    smoothed (boosted) encoder F and holds per image with probability >= 1 - alpha; with ``radius``
+    each result also carries FCSB(radius).
     """
     hf_model = unwrap_model(model)
     adapter = get_adapter(hf_model)
     check_n(n)
-    alpha = check_alpha(alpha)
-    check_choice(method, "method", BOUND_METHODS)
-    if radius is not None and (not isinstance(radius, (int, float)) or radius < 0):
-        raise ValueError(f"radius must be None or a non-negative l2 radius in [0,1] pixel space, got {radius!r}")
+    if radius is not None:
+        radius = _check_radius(radius)
+    # None = the patch's value (an unpatched model: FSConfig's default); explicit arguments win
+    overrides = {k: v for k, v in (("normalize", normalize), ("seed", seed), ("chunk_size", chunk_size),
+                                   ("alpha", alpha), ("method", method)) if v is not None}
+    explicit_mean_std = image_mean is not None or image_std is not None or processor is not None
     if is_patched(hf_model):
         state = get_fs_state(hf_model)
         if sigma is not None and check_sigma(sigma) != state.config.sigma:
             raise ValueError(f"sigma={sigma} differs from the patch's sigma={state.config.sigma}; omit sigma or re-patch")
-        config = state.config
-        if normalize is not None or seed is not None or chunk_size is not None:
-            config = config.replace(**{k: v for k, v in (("normalize", normalize), ("seed", seed), ("chunk_size", chunk_size)) if v is not None})
-        if image_mean is not None or processor is not None:
+        config = state.config.replace(**overrides)
+        if explicit_mean_std:
             mean, std = resolve_mean_std(hf_model, adapter, processor, image_mean, image_std)
-            state = FSState(config, adapter, mean, std, state.booster)
         else:
-            state = FSState(config, adapter, state.image_mean, state.image_std, state.booster)
+            mean, std = state.image_mean, state.image_std
+        state = FSState(config, adapter, mean, std, state.booster)
     else:
         if sigma is None:
             raise ValueError("sigma is required to certify an unpatched model (or patch it first with patch_model)")
-        config = FSConfig(sigma=sigma, seed=seed or 0, chunk_size=chunk_size, normalize=normalize or "global")
+        config = FSConfig(sigma=sigma, **overrides)
         mean, std = resolve_mean_std(hf_model, adapter, processor, image_mean, image_std)
         state = FSState(config, adapter, mean, std, None)
-    check_choice(config.normalize, "normalize", NORMALIZE_MODES)
 
     if isinstance(images_or_pixel_values, torch.Tensor):
         check_images(images_or_pixel_values, "images_or_pixel_values")
         inputs = adapter.pixels_to_model_inputs(hf_model, images_or_pixel_values, state.image_mean, state.image_std, **model_inputs)
     elif isinstance(images_or_pixel_values, Mapping) and "pixel_values" in images_or_pixel_values:
+        check_images(images_or_pixel_values["pixel_values"], "images_or_pixel_values['pixel_values']", unit_range=False)
         inputs = {**dict(images_or_pixel_values), **model_inputs}
     else:
         raise ValueError(
@@ -428,10 +432,16 @@ def certify_model(
         x, extra = group.stacked()
         encode = make_group_encoder(hf_model, adapter, original, extra, call_kwargs, state)
         scores = sample_scores(encode, x, noise_std, n, seed=config.seed, chunk_size=config.chunk_size, normalize=config.normalize)
-        for index, cert in zip(group.indices, certificates_from_scores(scores, alpha, config.sigma, method, config.normalize)):
+        for index, cert in zip(group.indices, certificates_from_scores(scores, config.alpha, config.sigma, config.method, config.normalize)):
             bound = None if radius is None else float(cert.fcsb(radius))
             results[index] = ModelCertificate(**cert.__dict__, radius_checked=radius, bound=bound)
     return results
+
+
+def _check_radius(radius: Any) -> float:
+    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not math.isfinite(radius) or radius < 0:
+        raise ValueError(f"radius must be None or a finite, non-negative l2 radius in [0,1] pixel space, got {radius!r}")
+    return float(radius)
 
 
 def _signature_params(fn: Callable) -> list[str]:

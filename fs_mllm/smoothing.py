@@ -12,7 +12,7 @@ from typing import Callable, Iterator, NamedTuple, Optional, Union
 
 import torch
 
-from .config import FSConfig, NORMALIZE_MODES, check_choice, check_chunk_size, check_n
+from .config import FSConfig, NORMALIZE_MODES, check_choice, check_chunk_size, check_n, check_seed
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 NoiseStd = Union[float, torch.Tensor]
@@ -32,15 +32,27 @@ class SmoothedMean(NamedTuple):
     dtype: torch.dtype  # the encoder's output dtype
 
 
-def check_images(images: torch.Tensor, name: str = "images") -> None:
-    """Images are [0,1] pixels at the model's input resolution, batch first."""
+def check_images(images: torch.Tensor, name: str = "images", unit_range: bool = True) -> None:
+    """The one image check: a non-empty floating-point batch (batch first) of finite [0,1] pixels.
+
+    Integer/bool images are refused because the noise added to them would be truncated, so the
+    certificate would be about another (non-Gaussian) distribution. ``unit_range=False`` skips the
+    [0,1] check, for processor outputs that are already mean/std normalised.
+    """
     if not isinstance(images, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of [0,1] pixels with a batch dimension, got {type(images).__name__}")
     if images.ndim < 2:
         raise ValueError(f"{name} must have a batch dimension first, got shape {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(
+            f"{name} must be a floating-point tensor of [0, 1] pixels, got dtype {images.dtype}; "
+            "convert first, e.g. images.float() / 255 for uint8 or images.float() for bool"
+        )
+    if images.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(images.shape)}); pass at least one image")
     if not torch.isfinite(images).all():
         raise ValueError(f"{name} contain NaN or Inf; pass finite [0,1] pixels")
-    if images.min() < 0 or images.max() > 1:
+    if unit_range and (images.min() < 0 or images.max() > 1):
         raise ValueError(
             f"{name} must lie in [0, 1] (pixels before mean/std normalisation), got range "
             f"[{images.min().item():.3g}, {images.max().item():.3g}]; divide uint8 images by 255"
@@ -87,6 +99,7 @@ def iter_noisy_unit_features(
     the noisy input is cast back to x's dtype just before the encoder.
     """
     check_n(n)
+    seed = check_seed(seed)
     chunk_size = check_chunk_size(chunk_size) or DEFAULT_CHUNK_SIZE
     generator = torch.Generator(device=x.device).manual_seed(seed)
     base = x.float()
@@ -139,7 +152,10 @@ def smooth_features(encoder: Encoder, images: torch.Tensor, config: Optional[FSC
     ``config.n_samples`` Gaussian copies (std ``config.sigma``), rescaled to the mean feature norm,
     in the encoder's output dtype.
     """
-    config = config or FSConfig()
+    if config is None:
+        config = FSConfig()
+    elif not isinstance(config, FSConfig):
+        raise ValueError(f"config must be an fs_mllm.FSConfig or None, got {type(config).__name__}")
     check_images(images)
     with torch.inference_mode():
         mean = smoothed_mean(

@@ -15,7 +15,7 @@ import torch
 from scipy.stats import binom
 
 from fs_mllm import certify_features, certify_prediction, fcsb
-from fs_mllm.certify import sample_scores
+from fs_mllm.certify import ABSTAIN, sample_scores
 from fs_mllm.stats import score_lower_bound
 
 SIGMA = 0.5
@@ -38,9 +38,9 @@ class TwoDimEncoder(torch.nn.Module):
         return g / g.norm(dim=-1, keepdim=True)
 
 
-def exact_smoothed(encoder, x):
+def exact_smoothed(encoder, x, sigma=SIGMA):
     """F(x) for x of shape (B, 2) by 40x40-point Gauss-Hermite quadrature (differentiable in x)."""
-    t = torch.tensor(NODES) * math.sqrt(2) * SIGMA
+    t = torch.tensor(NODES) * math.sqrt(2) * sigma
     w = torch.tensor(WEIGHTS) / math.sqrt(math.pi)
     offsets = torch.stack(torch.meshgrid(t, t, indexing="ij"), -1).reshape(-1, 2)
     weights = (w[:, None] * w[None, :]).reshape(-1)
@@ -141,7 +141,7 @@ def test_certified_prediction_is_never_flipped_inside_the_radius():
     gen = torch.Generator().manual_seed(0)
     classes = torch.stack([f_x + 0.02 * torch.randn(4, generator=gen, dtype=torch.float64), torch.randn(4, generator=gen, dtype=torch.float64), -f_x])
     result = certify_prediction(encoder, x, classes, SIGMA, n=1000, alpha=0.001, seed=5)[0]
-    assert result.label == 0 and result.radius > 0
+    assert result.label == 0 and result.radius > 0 and result.certified and result.clean_label == 0
     unit_classes = classes / classes.norm(dim=-1, keepdim=True)
     angles = torch.linspace(0, 2 * math.pi, 37, dtype=torch.float64)[:-1]
     for r in np.linspace(0, result.radius, 6):
@@ -149,6 +149,28 @@ def test_certified_prediction_is_never_flipped_inside_the_radius():
         smoothed = exact_smoothed(encoder, points)
         predicted = (smoothed / smoothed.norm(dim=-1, keepdim=True) @ unit_classes.T).argmax(-1)
         assert (predicted == 0).all()
+
+
+def test_prediction_label_is_the_smoothed_prediction_or_an_abstention():
+    """Issue 14.4: with radius 0 the label used to be the clean encoder's class, which is not the smoothed
+    predictor's in some cases (random classes at sigma 0.8). A label must be the exact smoothed
+    prediction at x; where that cannot be certified the result abstains."""
+    sigma = 0.8
+    results, truth = [], []
+    for seed in range(4):
+        encoder = TwoDimEncoder(seed=seed, frequency=1.0)
+        gen = torch.Generator().manual_seed(seed)
+        classes = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+        x = torch.rand(10, 2, generator=gen, dtype=torch.float64)
+        results += certify_prediction(encoder, x, classes, sigma, n=1000, alpha=0.001, seed=seed)
+        smoothed = exact_smoothed(encoder, x, sigma)
+        truth += (torch.nn.functional.normalize(smoothed, dim=-1) @ torch.nn.functional.normalize(classes, dim=-1).T).argmax(-1).tolist()
+    clean_differs = [r for r, t in zip(results, truth) if r.clean_label != t]
+    assert len(clean_differs) >= 3  # the cases of the issue: the clean class is not the smoothed one
+    for result, label in zip(results, truth):
+        assert result.label in (label, ABSTAIN)
+        assert (result.label == ABSTAIN) == (result.radius == 0.0)
+        assert result.certified == (result.label != ABSTAIN)
 
 
 def test_token_mode_certifies_every_token_with_a_union_bound():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -255,6 +257,83 @@ def test_resume_continues_step_count(tmp_path):
     with pytest.raises(ValueError, match="mapper_steps"):
         train_gsb(GaussianSmoothnessBooster(small_config()), encoder, images,
                   GSBTrainConfig(**{**train.to_dict(), "mapper_steps": 5}), output_dir=tmp_path, progress=False)
+
+
+def test_resume_after_a_kill_between_the_checkpoint_renames(tmp_path, monkeypatch):
+    """Issue 14.10: killed after checkpoint -> checkpoint.old and before checkpoint.tmp -> checkpoint, the next
+    run must resume from the newest complete copy (not restart at step 0 and later delete both copies)."""
+    import os
+
+    import fs_mllm.gsb_training as training
+
+    encoder = TinyEncoder()
+    images = smooth_images(4)
+    train = GSBTrainConfig(denoiser_steps=3, mapper_steps=3, batch_size=4, image_size=SIZE, checkpoint_every=1, log_every=1,
+                           mapper_cache_size=0, feature_every=1)
+    real_replace = os.replace
+
+    def killed_before_second_rename(src, dst):
+        src = Path(src)
+        if src.name == "checkpoint.tmp" and json.loads((src / "trainer_state.json").read_text())["step"] == 4 \
+                and (src.parent / "checkpoint.old").exists():
+            raise KeyboardInterrupt("killed between the renames")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(training.os, "replace", killed_before_second_rename)
+    torch.manual_seed(0)
+    first = GaussianSmoothnessBooster(small_config())
+    with pytest.raises(KeyboardInterrupt):
+        train_gsb(first, encoder, images, train, output_dir=tmp_path, progress=False)
+    monkeypatch.setattr(training.os, "replace", real_replace)
+    assert not (tmp_path / "checkpoint").exists()
+    assert (tmp_path / "checkpoint.old").is_dir() and (tmp_path / "checkpoint.tmp").is_dir()
+    state = load_checkpoint_state(tmp_path / "checkpoint")
+    assert state is not None and state["step"] == 4  # the newest complete copy (the .tmp one)
+    torch.manual_seed(123)
+    second = GaussianSmoothnessBooster(small_config())
+    result = train_gsb(second, encoder, images, train, output_dir=tmp_path, progress=False)
+    assert [h["step"] for h in result["history"]] == [1, 2, 3, 4, 5, 6]
+    assert load_checkpoint_state(tmp_path / "checkpoint")["step"] == 6
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint"]
+
+
+@pytest.mark.parametrize("left", ["old_only", "tmp_incomplete_and_old", "checkpoint_and_old"])
+def test_checkpoint_recovery_picks_the_newest_complete_copy(tmp_path, left):
+    """Every state a kill can leave behind: an incomplete .tmp is never preferred over a complete copy."""
+    from fs_mllm.gsb_training import save_checkpoint
+
+    booster = GaussianSmoothnessBooster(small_config())
+    optimizer = torch.optim.AdamW(booster.parameters())
+    folder = tmp_path / "checkpoint"
+    save_checkpoint(folder, booster, optimizer, 2, "denoiser", [])
+    old = folder.with_name("checkpoint.old")
+    if left == "old_only":
+        folder.rename(old)
+    elif left == "tmp_incomplete_and_old":
+        folder.rename(old)
+        tmp = folder.with_name("checkpoint.tmp")
+        tmp.mkdir()
+        (tmp / "trainer_state.json").write_text('{"step": 3, "sta')  # killed while writing
+    else:
+        shutil.copytree(folder, old)
+        save_checkpoint(folder, booster, optimizer, 3, "denoiser", [])
+        shutil.copytree(folder, old, dirs_exist_ok=True)
+        (old / "trainer_state.json").write_text(json.dumps({**json.loads((old / "trainer_state.json").read_text()), "step": 1}))
+    expected = 3 if left == "checkpoint_and_old" else 2
+    assert load_checkpoint_state(folder)["step"] == expected
+    save_checkpoint(folder, booster, optimizer, 9, "denoiser", [])
+    assert load_checkpoint_state(folder)["step"] == 9
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+def test_train_seed_fits_torch_generators():
+    """Issue 14.16: a seed outside torch's generator range is a ValueError naming seed; a large valid seed
+    still works although the seeds derived from it (seed * k + step) exceed the range."""
+    for bad in (2**63, -1, "a", True):
+        with pytest.raises(ValueError, match="seed"):
+            GSBTrainConfig(seed=bad)
+    dataset = RandomCropDataset(smooth_images(2), SIZE, 2, seed=2**63 - 1)
+    assert dataset[1].shape == (3, SIZE, SIZE)
 
 
 def test_train_config_validation():

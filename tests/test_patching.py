@@ -244,6 +244,66 @@ def test_patch_twice_reconfigures():
     unpatch_model(model)  # no-op on an unpatched model
 
 
+def _change_vision_weight(model) -> None:
+    """Flip and scale the first MLP weight of the vision tower (every family has an fc1)."""
+    weight = next(p for name, p in vision_module(model).named_parameters() if name.endswith("fc1.weight"))
+    with torch.no_grad():
+        weight.mul_(-3.0)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_deepcopy_of_a_patched_model_is_an_independent_patched_model(family):
+    """Issue 14.2: the copy's wrapper must run the copy (its weights), not the original; unpatching or
+    re-patching one must not touch the other."""
+    import copy
+
+    model, inputs = build(family)
+    patch(model, sigma=0.25, n_samples=4, seed=2)
+    before = features(model, inputs)
+    clone = copy.deepcopy(model)
+    assert is_patched(clone) and get_fs_state(clone) is not get_fs_state(model)
+    _change_vision_weight(clone)
+    reference, _ = build(family)  # the same weight change on a fresh model, patched the same way
+    _change_vision_weight(reference)
+    patch(reference, sigma=0.25, n_samples=4, seed=2)
+    expected = features(reference, inputs)
+    copied = features(clone, inputs)
+    for a, b in zip(copied, expected):
+        torch.testing.assert_close(a, b)
+    assert cosine(copied[0], before[0]) < 0.999  # the weight change shows
+    for a, b in zip(features(model, inputs), before):  # the original is unaffected
+        assert torch.equal(a, b)
+    # re-patching the copy reconfigures the copy only
+    patch(clone, sigma=0.5, n_samples=4, seed=2)
+    patch(reference, sigma=0.5, n_samples=4, seed=2)
+    for a, b in zip(features(clone, inputs), features(reference, inputs)):
+        torch.testing.assert_close(a, b)
+    assert get_fs_state(model).config.sigma == 0.25
+    # unpatching the copy restores the copy's own original function
+    unpatch_model(clone)
+    unpatch_model(reference)
+    assert not is_patched(clone) and is_patched(model)
+    for a, b in zip(features(clone, inputs), features(reference, inputs)):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(logits(clone, inputs), logits(reference, inputs))
+    for a, b in zip(features(model, inputs), before):
+        assert torch.equal(a, b)
+
+
+def test_certify_model_alpha_and_method_default_to_the_patch_config():
+    """Issue 14.8: FSConfig.alpha/method are what certify_model uses unless given explicitly."""
+    model, inputs = build("llava")
+    images01 = (inputs["pixel_values"] * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)).clamp(0, 1)
+    patch(model, config=FSConfig(sigma=0.1, n_samples=2, alpha=0.05, method="hoeffding"))
+    default = certify_model(model, images01, n=20)[0]
+    assert (default.alpha, default.method) == (0.05, "hoeffding")
+    explicit = certify_model(model, images01, n=20, alpha=0.01, method="betting")[0]
+    assert (explicit.alpha, explicit.method) == (0.01, "betting")
+    unpatch_model(model)
+    unpatched = certify_model(model, images01, n=20, sigma=0.1, image_mean=MEAN, image_std=STD)[0]
+    assert (unpatched.alpha, unpatched.method) == (FSConfig().alpha, FSConfig().method)
+
+
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "paligemma"])
 def test_smoothed_path_is_differentiable_and_positional_call(family):
     """Attacks need gradients through the Monte-Carlo average; outer classes may pass pixel_values positionally."""

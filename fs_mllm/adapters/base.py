@@ -67,7 +67,12 @@ def per_row_level(level: Union[float, torch.Tensor], rows: int) -> Union[float, 
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The transformers model under a PEFT wrapper (PeftModel -> LoraModel -> PreTrainedModel)."""
+    """The transformers model under a PEFT wrapper (PeftModel -> LoraModel -> PreTrainedModel).
+
+    Every model-taking entry point passes through here, so a non-model is refused here, naming ``model``.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module (a transformers multimodal model), got {type(model).__name__}")
     seen = 0
     while seen < 5:
         seen += 1

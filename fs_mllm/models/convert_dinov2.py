@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from fs_mllm.models import cache_dir, staged_folder
+from fs_mllm.models.loading import load_safetensors_model
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -179,7 +180,7 @@ def load_dinov2(device: str | torch.device = "cpu", dtype: torch.dtype = torch.f
     """Load the converted DINOv2 ViT-S/14 (converting on first use) as an eval-mode ``Dinov2Model``."""
     from transformers import Dinov2Model
 
-    model = Dinov2Model.from_pretrained(convert_dinov2(), dtype=dtype)
+    model = load_safetensors_model(Dinov2Model, convert_dinov2(), dtype=dtype)
     return model.to(device).eval()
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from fs_mllm.models import cache_dir, staged_folder
+from fs_mllm.models.loading import load_safetensors_model
 
 __all__ = ["gguf_path", "convert_smollm2", "load_smollm2", "load_smollm2_tokenizer"]
 
@@ -76,7 +77,7 @@ def load_smollm2(device: str | torch.device = "cpu", dtype: torch.dtype = torch.
     """Load the converted SmolLM2-135M-Instruct causal LM (converting on first use), in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(convert_smollm2(), dtype=dtype)
+    model = load_safetensors_model(AutoModelForCausalLM, convert_smollm2(), dtype=dtype)
     return model.to(device).eval()
 
 

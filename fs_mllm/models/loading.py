@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
 
 import torch
 
 DEFAULT_MODEL = "fs-mini-llava"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_safetensors_model(model_class: Any, name_or_folder: Union[str, os.PathLike], **kwargs: Any) -> Any:
+    """``model_class.from_pretrained(..., use_safetensors=True)``: the one way fs_mllm loads model weights.
+
+    Why: pickle weights (.bin/.pt) can run arbitrary code when loaded. A local folder without
+    safetensors weights gets a ValueError naming it (transformers' own error does not say why).
+    """
+    folder = Path(name_or_folder)
+    if folder.is_dir() and not any(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        found = f" (found pickle weights: {', '.join(pickles)})" if pickles else ""
+        raise ValueError(
+            f"model folder {str(folder)!r} has no .safetensors weights{found}; fs_mllm loads safetensors only, never "
+            "pickle (it can run code on load): convert once with model.save_pretrained(folder) in a trusted environment"
+        )
+    return model_class.from_pretrained(name_or_folder, use_safetensors=True, **kwargs)
 
 
 def load_model(
@@ -31,6 +50,6 @@ def load_model(
         return load_mini_llava(device=device, dtype=torch_dtype)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    hf_model = load_safetensors_model(AutoModelForImageTextToText, model, dtype=torch_dtype).to(device).eval()
     loaded_processor = AutoProcessor.from_pretrained(processor or model)
-    hf_model = AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype).to(device).eval()
     return hf_model, loaded_processor

@@ -20,6 +20,7 @@ import torch
 from fs_mllm.models import cache_dir, staged_folder
 from fs_mllm.models.convert_dinov2 import IMAGENET_MEAN, IMAGENET_STD, convert_dinov2
 from fs_mllm.models.convert_smollm2 import convert_smollm2
+from fs_mllm.models.loading import load_safetensors_model
 
 __all__ = [
     "IMAGE_SIZE",
@@ -136,8 +137,8 @@ def build_mini_llava(projector_path: str | os.PathLike | None = None, image_size
     tok = processor.tokenizer
     config = mini_llava_config(image_size, image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN))
     model = LlavaForConditionalGeneration(config).eval()
-    vision = AutoModel.from_pretrained(convert_dinov2(), dtype=torch.float32)
-    lm = AutoModelForCausalLM.from_pretrained(convert_smollm2(), dtype=torch.float32)
+    vision = load_safetensors_model(AutoModel, convert_dinov2(), dtype=torch.float32)
+    lm = load_safetensors_model(AutoModelForCausalLM, convert_smollm2(), dtype=torch.float32)
     model.model.vision_tower.load_state_dict(vision.state_dict())
     emb = lm.get_input_embeddings().weight.detach()
     lm_state = {k: v for k, v in lm.model.state_dict().items() if k != "embed_tokens.weight"}
@@ -195,6 +196,6 @@ def load_mini_llava(
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype must be a torch.dtype, got {dtype!r}")
     folder = mini_llava_dir(projector_path)
-    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device).eval()
+    model = load_safetensors_model(LlavaForConditionalGeneration, folder, dtype=dtype).to(device).eval()
     processor = LlavaProcessor.from_pretrained(folder)
     return model, processor
