@@ -4,7 +4,8 @@ from .attacks import AttackConfig, AttackResult, attack
 from .certify import Certificate, PredictionCertificate, certify_features, certify_prediction
 from .config import FSConfig
 from .gsb import GaussianSmoothnessBooster, GSBConfig, boosted_encoder
-from .patching import ModelCertificate, certify_model, get_fs_state, is_patched, patch_model, unpatch_model
+from .certify import ModelCertificate, certify_model
+from .patching import get_fs_state, is_patched, patch_model, unpatch_model
 from .smoothing import smooth_features
 from .stats import certified_radius, fcsb, score_lower_bound
 

@@ -60,7 +60,8 @@ from torch import nn
 from . import adapters as _adapters  # noqa: F401  (registers every family)
 from .adapters.base import FamilyAdapter, get_adapter, unwrap_model
 from .config import check_seed
-from .patching import get_fs_state, is_patched, patch_model, resolve_mean_std, unpatch_model
+from .normalization import resolve_mean_std
+from .patching import get_fs_state, is_patched, patch_model, unpatch_model
 from .smoothing import check_images
 
 NORMS = ("l2", "linf")

@@ -7,16 +7,21 @@ certification noise.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from torch import nn
 
 from . import stats
-from .config import FSConfig, check_n
-from .smoothing import Encoder, NoiseStd, check_images, iter_noisy_unit_features, unit_features
+from .adapters.base import get_adapter, unwrap_model
+from .config import FSConfig, check_n, check_sigma
+from .normalization import resolve_mean_std
+from .smoothed_path import FSState, encoded_groups
+from .smoothing import Encoder, NoiseStd, check_images, monte_carlo_pass, unit_features
 
 
 @dataclass
@@ -70,14 +75,8 @@ def sample_scores(
     """Y_i = (1 + cos(f(x + e_i), f(x))) / 2 for n noise draws: shape (n, B) global, (n, B, ..., T) token."""
     with torch.inference_mode():
         clean, _ = unit_features(encoder(x), normalize, batch_dims=1)
-        scores = []
-        for unit, _, _ in iter_noisy_unit_features(encoder, x, noise_std, n, seed=seed, chunk_size=chunk_size, normalize=normalize):
-            if normalize == "global":
-                cos = (unit * clean.unsqueeze(0)).flatten(2).sum(-1)
-            else:
-                cos = (unit * clean.unsqueeze(0)).sum(-1)
-            scores.append(((1 + cos) / 2).clamp(0, 1).cpu().double())
-    return torch.cat(scores)
+        return monte_carlo_pass(encoder, x, noise_std, n, seed=seed, chunk_size=chunk_size, normalize=normalize,
+                                reference_unit=clean).scores
 
 
 def certificates_from_scores(scores: torch.Tensor, alpha: float, sigma: float, method: str, normalize: str) -> list[Certificate]:
@@ -190,3 +189,114 @@ def certify_prediction(
         label = clean_label if radius > 0 else ABSTAIN
         results.append(PredictionCertificate(label, radius, margin, certificate, clean_label))
     return results
+
+
+# ---------------------------------------------------------------------------------------------
+# certifying the features that feed a multimodal LLM's decoder
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class ModelCertificate(Certificate):
+    """A Certificate plus, when ``certify_model(radius=...)`` was given, the bound at that radius."""
+
+    radius_checked: Optional[float] = None
+    bound: Optional[float] = None
+
+
+def certify_model(
+    model: nn.Module,
+    images_or_pixel_values: Union[torch.Tensor, Mapping[str, Any]],
+    radius: Optional[float] = None,
+    n: int = 1000,
+    alpha: Optional[float] = None,
+    method: Optional[str] = None,
+    sigma: Optional[float] = None,
+    normalize: Optional[str] = None,
+    seed: Optional[int] = None,
+    chunk_size: Optional[int] = None,
+    processor: Any = None,
+    image_mean: Optional[Sequence[float]] = None,
+    image_std: Optional[Sequence[float]] = None,
+    **model_inputs: Any,
+) -> list[ModelCertificate]:
+    """Certify the smoothed features that feed the language decoder, one certificate per image.
+
+    ``images_or_pixel_values``: [0,1] images (B, 3, H, W) at processor resolution (converted with the
+    adapter; family kwargs such as ``image_sizes`` may be passed as keywords), or processor outputs (a
+    dict with ``pixel_values`` and the family kwargs). For a patched model sigma, normalize, seed,
+    chunk_size, alpha, method, mean/std and booster come from the patch's FSConfig unless given (a
+    differing sigma is an error); for an unpatched model ``sigma`` is required and the rest default to
+    FSConfig's defaults. image_mean and image_std go together. The certificate is about the exact
+    smoothed (boosted) encoder F and holds per image with probability >= 1 - alpha; with ``radius``
+    each result also carries FCSB(radius).
+    """
+    hf_model = unwrap_model(model)
+    adapter = get_adapter(hf_model)
+    check_n(n)
+    if radius is not None:
+        radius = _check_radius(radius)
+    # None = the patch's value (an unpatched model: FSConfig's default); explicit arguments win
+    overrides = {k: v for k, v in (("normalize", normalize), ("seed", seed), ("chunk_size", chunk_size),
+                                   ("alpha", alpha), ("method", method)) if v is not None}
+    explicit_mean_std = image_mean is not None or image_std is not None or processor is not None
+    from .patching import get_fs_state, is_patched, original_feature_function
+
+    if is_patched(hf_model):
+        state = get_fs_state(hf_model)
+        if sigma is not None and check_sigma(sigma) != state.config.sigma:
+            raise ValueError(f"sigma={sigma} differs from the patch's sigma={state.config.sigma}; omit sigma or re-patch")
+        config = state.config.replace(**overrides)
+        if explicit_mean_std:
+            mean, std = resolve_mean_std(hf_model, adapter, processor, image_mean, image_std)
+        else:
+            mean, std = state.image_mean, state.image_std
+        state = FSState(config, adapter, mean, std, state.booster)
+    else:
+        if sigma is None:
+            raise ValueError("sigma is required to certify an unpatched model (or patch it first with patch_model)")
+        config = FSConfig(sigma=sigma, **overrides)
+        mean, std = resolve_mean_std(hf_model, adapter, processor, image_mean, image_std)
+        state = FSState(config, adapter, mean, std, None)
+
+    if isinstance(images_or_pixel_values, torch.Tensor):
+        check_images(images_or_pixel_values, "images_or_pixel_values")
+        inputs = adapter.pixels_to_model_inputs(hf_model, images_or_pixel_values, state.image_mean, state.image_std, **model_inputs)
+    elif isinstance(images_or_pixel_values, Mapping) and "pixel_values" in images_or_pixel_values:
+        check_images(images_or_pixel_values["pixel_values"], "images_or_pixel_values['pixel_values']", unit_range=False)
+        inputs = {**dict(images_or_pixel_values), **model_inputs}
+    else:
+        raise ValueError(
+            "images_or_pixel_values must be [0,1] images (B, 3, H, W) or processor outputs (a dict with pixel_values)"
+        )
+    original = original_feature_function(hf_model, adapter)
+    signature_keys = set(_signature_params(original))
+    pixel_values = inputs.pop("pixel_values")
+    kwargs = {k: v for k, v in inputs.items() if k in signature_keys}
+    device = _input_device(hf_model, pixel_values)
+    pixel_values = pixel_values.to(device)
+    noise_std = adapter.noise_std(config.sigma, state.image_std)
+    results: dict[int, ModelCertificate] = {}
+    for indices, x, encode in encoded_groups(hf_model, original, state, pixel_values, kwargs):
+        scores = sample_scores(encode, x, noise_std, n, seed=config.seed, chunk_size=config.chunk_size, normalize=config.normalize)
+        for index, cert in zip(indices, certificates_from_scores(scores, config.alpha, config.sigma, config.method, config.normalize)):
+            bound = None if radius is None else float(cert.fcsb(radius))
+            results[index] = ModelCertificate(**cert.__dict__, radius_checked=radius, bound=bound)
+    return [results[i] for i in range(len(results))]
+
+
+def _check_radius(radius: Any) -> float:
+    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not math.isfinite(radius) or radius < 0:
+        raise ValueError(f"radius must be None or a finite, non-negative l2 radius in [0,1] pixel space, got {radius!r}")
+    return float(radius)
+
+
+def _signature_params(fn: Callable) -> list[str]:
+    return [p for p in inspect.signature(fn).parameters if p != "kwargs"]
+
+
+def _input_device(model: nn.Module, pixel_values: torch.Tensor) -> torch.device:
+    """Certification inputs go where the model's first parameter lives (accelerate hooks move them on)."""
+    try:
+        return next(p.device for p in model.parameters() if p.device.type != "meta")
+    except StopIteration:
+        return pixel_values.device

@@ -83,7 +83,8 @@ def positive_radii(text: str) -> list[float]:
 
 def certify_images(model, images01, sigma: float, n: int, alpha: float, method: str, booster=None, processor=None):
     """Certificates of the features feeding the decoder of ``model`` smoothed at ``sigma`` (booster optional)."""
-    from .patching import certify_model, is_patched, patch_model, unpatch_model
+    from .certify import certify_model
+    from .patching import is_patched, patch_model, unpatch_model
 
     was_patched = is_patched(model)
     if not was_patched:

@@ -29,7 +29,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .attacks import AttackConfig, attack, generate_text
-from .patching import certify_model, patch_model, unpatch_model
+from .certify import certify_model
+from .patching import patch_model, unpatch_model
 from .stats import fcsb
 
 VARIANTS = ("base", "fs", "fs+gsb")

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .adapters.base import per_row_level
+from .smoothed_path import BoosterStages
 from .config import check_sigma, dataclass_from_dict
 
 WEIGHTS_NAME = "gsb.safetensors"
@@ -418,17 +418,19 @@ def boosted_encoder(
     sigma = check_sigma(sigma)
     if booster is None:
         return encoder
-    for name in ("denoise", "map_features", "check_compatible"):
-        if not callable(getattr(booster, name, None)):
-            raise ValueError(f"booster must implement the booster protocol; it has no callable {name!r}")
+    if not callable(getattr(booster, "check_compatible", None)):
+        raise ValueError("booster must implement the booster protocol; it has no callable 'check_compatible'")
+    stages = BoosterStages(booster, sigma)
+    if stages.denoise is None and stages.map_features is None:
+        raise ValueError("booster has neither denoise(pixels01, sigma) nor map_features(features, sigma)")
     checked: list = []
 
     def encode(pixels01: torch.Tensor) -> torch.Tensor:
-        level = booster.noise_level(pixels01, sigma)
-        features = encoder(booster.denoise(pixels01, level))
+        level = stages.level(pixels01)
+        features = encoder(stages.before(pixels01, level))
         if not checked:
             booster.check_compatible(int(features.shape[-1]), sigma)
             checked.append(True)
-        return booster.map_features(features, per_row_level(level, features.shape[0]))
+        return stages.after(features, level)
 
     return encode

@@ -654,20 +654,16 @@ def evaluate_certificates(
     smoothed direction F_hat, compared with the clean features of ``reference`` (default: ``encoder``).
     """
     from .certify import certificates_from_scores
-    from .smoothing import check_images, iter_noisy_unit_features
+    from .smoothing import check_images, monte_carlo_pass
 
     check_images(images)
     sigma = check_sigma(sigma)
     with torch.inference_mode():
         clean_unit, _ = unit_features(encoder(images), "global", batch_dims=1)
         ref_unit, _ = unit_features((reference or encoder)(images), "global", batch_dims=1)
-        scores, direction = [], None
-        for unit, _, _ in iter_noisy_unit_features(encoder, images, sigma, n, seed=seed, chunk_size=chunk_size):
-            cos = (unit * clean_unit.unsqueeze(0)).flatten(2).sum(-1)
-            scores.append(((1 + cos) / 2).clamp(0, 1).cpu().double())
-            direction = unit.sum(0) if direction is None else direction + unit.sum(0)
-        certs = certificates_from_scores(torch.cat(scores), alpha, sigma, method, "global")
-        smooth_cos = flat_cosine(direction, ref_unit)
+        result = monte_carlo_pass(encoder, images, sigma, n, seed=seed, chunk_size=chunk_size, reference_unit=clean_unit)
+        certs = certificates_from_scores(result.scores, alpha, sigma, method, "global")
+        smooth_cos = flat_cosine(result.mean_unit, ref_unit)
         clean_cos = flat_cosine(clean_unit, ref_unit)
     return [
         {

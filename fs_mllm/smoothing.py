@@ -115,6 +115,41 @@ def iter_noisy_unit_features(
         done += k
 
 
+class MonteCarloPass(NamedTuple):
+    mean_unit: torch.Tensor  # Monte-Carlo estimate of F(x), float32, norm <= 1
+    mean_norm: torch.Tensor  # mean feature norm (per image, or per token)
+    scores: Optional[torch.Tensor]  # (n, B[, ..., T]) float64 Y_i = (1 + cos(f(x+e_i), reference)) / 2, or None
+    dtype: torch.dtype  # the encoder's output dtype
+
+
+def monte_carlo_pass(
+    encode: Encoder,
+    x: torch.Tensor,
+    noise_std: NoiseStd,
+    n: int,
+    *,
+    seed: int = 0,
+    chunk_size: Optional[int] = None,
+    normalize: str = "global",
+    reference_unit: Optional[torch.Tensor] = None,
+) -> MonteCarloPass:
+    """The one sampling loop every estimator reduces over (locuslab's ``_sample_noise``): running sums of
+    the unit features and norms (the smoothed direction), and, given the clean unit features
+    ``reference_unit``, the robustness-score samples the certificates are computed from."""
+    direction_sum = None
+    norm_sum = None
+    scores = []
+    dtype = torch.float32
+    for unit, norms, dtype in iter_noisy_unit_features(encode, x, noise_std, n, seed=seed, chunk_size=chunk_size, normalize=normalize):
+        direction_sum = unit.sum(0) if direction_sum is None else direction_sum + unit.sum(0)
+        norm_sum = norms.sum(0) if norm_sum is None else norm_sum + norms.sum(0)
+        if reference_unit is not None:
+            product = unit * reference_unit.unsqueeze(0)
+            cos = product.flatten(2).sum(-1) if normalize == "global" else product.sum(-1)
+            scores.append(((1 + cos) / 2).clamp(0, 1).cpu().double())
+    return MonteCarloPass(direction_sum / n, norm_sum / n, torch.cat(scores) if scores else None, dtype)
+
+
 def smoothed_mean(
     encode: Encoder,
     x: torch.Tensor,
@@ -129,12 +164,8 @@ def smoothed_mean(
 
     Kept as running sums over chunks. The mean norm is per image (global) or per token (token).
     """
-    direction_sum = None
-    norm_sum = None
-    for unit, norms, dtype in iter_noisy_unit_features(encode, x, noise_std, n, seed=seed, chunk_size=chunk_size, normalize=normalize):
-        direction_sum = unit.sum(0) if direction_sum is None else direction_sum + unit.sum(0)
-        norm_sum = norms.sum(0) if norm_sum is None else norm_sum + norms.sum(0)
-    return SmoothedMean(direction_sum / n, norm_sum / n, dtype)
+    result = monte_carlo_pass(encode, x, noise_std, n, seed=seed, chunk_size=chunk_size, normalize=normalize)
+    return SmoothedMean(result.mean_unit, result.mean_norm, result.dtype)
 
 
 def rescale_direction(mean_unit: torch.Tensor, mean_norm: torch.Tensor, normalize: str) -> torch.Tensor:

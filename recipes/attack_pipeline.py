@@ -38,7 +38,8 @@ from fs_mllm.attacks import AttackConfig, attack, generate_text  # noqa: E402
 from fs_mllm.evaluation.robustness import attack_success, summary_table  # noqa: E402
 from fs_mllm.evaluation.runner import build_prompt_for  # noqa: E402
 from fs_mllm.models.loading import DEFAULT_MODEL, load_model  # noqa: E402
-from fs_mllm.patching import patch_model, resolve_mean_std, unpatch_model  # noqa: E402
+from fs_mllm.normalization import resolve_mean_std  # noqa: E402
+from fs_mllm.patching import patch_model, unpatch_model  # noqa: E402
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 MODES = ("base", "fs", "fs+gsb")

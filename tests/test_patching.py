@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fs_mllm.adapters import get_adapter, supported_model_types
 from fs_mllm.config import FSConfig
-from fs_mllm.patching import certify_model, get_fs_state, is_patched, patch_model, unpatch_model
+from fs_mllm.certify import certify_model
+from fs_mllm.patching import get_fs_state, is_patched, patch_model, unpatch_model
 
 import tiny_models
 from tiny_models import FAMILIES, build, vision_module

@@ -247,6 +247,21 @@ class FamilyAdapter:
             return pooled
         return torch.stack(list(pooled))
 
+    def rebuild_output(self, raw: FeatureOutput, per_image: list[torch.Tensor], return_dict: bool = True) -> Any:
+        """The inverse of :meth:`extract_features`: an output of ``raw``'s type holding ``per_image`` features
+        (stacked when the family returns a tensor, else a tuple/list of per-image tensors)."""
+        pooled = raw.pooler_output if hasattr(raw, "pooler_output") else None
+        if isinstance(pooled, torch.Tensor):
+            new_pooled: Any = torch.stack(per_image)
+        elif isinstance(pooled, tuple):
+            new_pooled = tuple(per_image)
+        else:
+            new_pooled = list(per_image)
+        output = type(raw)(pooler_output=new_pooled) if hasattr(raw, "pooler_output") else (None, new_pooled)
+        if return_dict is False and hasattr(output, "to_tuple"):
+            return output.to_tuple()
+        return output
+
 
 class ImageGroup:
     """Images of one call that share a shape: their positions, image-layout tensors and kwarg rows."""

@@ -620,7 +620,7 @@ def _run_shard(settings: EvalSettings, model: Any, processor: Any, dataset: Any,
                 if settings.task == "vqa":
                     row["score"] = vqa_score(clean_answer, refs)
                 if settings.certify_n and variant != "base":
-                    from fs_mllm.patching import certify_model
+                    from fs_mllm.certify import certify_model
 
                     cert = certify_model(model, ctx.pixels01, n=settings.certify_n, alpha=settings.certify_alpha,
                                          **ctx.extra)[0]

@@ -1,0 +1,100 @@
+"""The processor's per-channel mean/std: where it comes from when the model alone does not know it.
+
+sigma is defined in [0,1] pixel space while models take normalised pixels, so the noise std per channel
+is sigma / std_c: the smoothing, the certificate and the attacks all need the same mean/std, resolved
+here in one order (explicit > processor > saved preprocessor config > family default, warned).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .adapters.base import FamilyAdapter, unwrap_model
+
+__all__ = ["resolve_mean_std"]
+
+
+
+def _as_channels(values: Any, name: str) -> torch.Tensor:
+    try:
+        tensor = torch.as_tensor(values, dtype=torch.float32).flatten()
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a sequence of per-channel floats, got {values!r}") from None
+    if tensor.numel() == 1:
+        tensor = tensor.repeat(3)
+    if tensor.numel() != 3 or not torch.isfinite(tensor).all():
+        raise ValueError(f"{name} must hold 3 finite per-channel values (RGB), got {values!r}")
+    return tensor
+
+
+def _mean_std_from_processor(processor: Any) -> Optional[tuple[Any, Any]]:
+    image_processor = getattr(processor, "image_processor", processor)
+    mean = getattr(image_processor, "image_mean", None)
+    std = getattr(image_processor, "image_std", None)
+    if mean is None or std is None:
+        return None
+    return mean, std
+
+
+def _mean_std_from_saved_config(name_or_path: str) -> Optional[tuple[Any, Any]]:
+    """Read image_mean/std saved with the model: local folder, then the HF cache (offline only)."""
+    if not name_or_path:
+        return None
+    candidates = []
+    for filename in ("preprocessor_config.json", "processor_config.json"):
+        if os.path.isdir(name_or_path):
+            candidates.append(os.path.join(name_or_path, filename))
+            continue
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name_or_path, filename)
+            if isinstance(cached, str):
+                candidates.append(cached)
+        except Exception:  # noqa: BLE001 - not a repo id / no cache: fall through to the family default
+            pass
+    for path in candidates:
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as handle:
+                data = json.load(handle)
+            data = data.get("image_processor", data)
+            if data.get("image_mean") is not None and data.get("image_std") is not None:
+                return data["image_mean"], data["image_std"]
+    return None
+
+
+def resolve_mean_std(
+    model: nn.Module, adapter: FamilyAdapter, processor: Any = None, image_mean: Any = None, image_std: Any = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Processor mean/std: explicit > processor= > saved preprocessor_config.json > family default (warned)."""
+    if (image_mean is None) != (image_std is None):
+        given = "image_mean" if image_mean is not None else "image_std"
+        raise ValueError(f"image_mean and image_std must be given together (the processor's per-channel normalisation); "
+                         f"only {given} was given")
+    if image_mean is not None:
+        return _as_channels(image_mean, "image_mean"), _as_channels(image_std, "image_std")
+    if processor is not None:
+        found = _mean_std_from_processor(processor)
+        if found is None:
+            raise ValueError("processor has no image_mean/image_std; pass an image processor or image_mean=/image_std=")
+        return _as_channels(found[0], "processor.image_mean"), _as_channels(found[1], "processor.image_std")
+    hf_model = unwrap_model(model)
+    source = getattr(hf_model, "name_or_path", "") or getattr(getattr(hf_model, "config", None), "name_or_path", "") or ""
+    found = _mean_std_from_saved_config(source)
+    if found is not None:
+        return _as_channels(found[0], "image_mean"), _as_channels(found[1], "image_std")
+    mean, std = adapter.default_image_mean, adapter.default_image_std
+    warnings.warn(
+        f"fs_mllm.patch_model: no processor=, image_mean=/image_std= or saved preprocessor_config.json found; "
+        f"using the {adapter.name} family default image_mean={list(mean)}, image_std={list(std)}. "
+        "Noise std per channel is sigma / image_std, so pass processor= if your checkpoint differs.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return _as_channels(mean, "image_mean"), _as_channels(std, "image_std")
