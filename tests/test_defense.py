@@ -22,12 +22,7 @@ from test_attacks import MEAN, STD, cos, images, tiny_processor
 from tiny_models import build_llava
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()
