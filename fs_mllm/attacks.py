@@ -36,8 +36,8 @@ Each EOT forward itself averages the patch's ``n_samples`` noisy copies (what is
 rather than at its n0-sample estimate (on tiny models this mattered more than more EOT samples).
 
 The patched image-feature function is differentiable (``fs_mllm.patching`` runs no ``no_grad``), so the
-attack reuses it; only the noise seed is changed per EOT forward, by swapping the patch's FSConfig for
-the duration of one forward (:func:`noise_seed`), and restored afterwards.
+attack reuses it; only the noise seed is changed per EOT forward, through patching's own
+:func:`fs_mllm.patching.config_override` for the duration of one forward (:func:`noise_seed`).
 
 Projections live in one place (:func:`project`): after every step delta is projected onto the l2 or
 linf ball of radius eps and x + delta is clamped to [0, 1] (clamping only shrinks |delta| per pixel,
@@ -61,7 +61,7 @@ from . import adapters as _adapters  # noqa: F401  (registers every family)
 from .adapters.base import FamilyAdapter, get_adapter, unwrap_model
 from .config import check_seed
 from .normalization import resolve_mean_std
-from .patching import get_fs_state, is_patched, patch_model, unpatch_model
+from .patching import config_override, get_fs_state, is_patched, undefended
 from .smoothing import check_images
 
 NORMS = ("l2", "linf")
@@ -265,39 +265,15 @@ def noise_seed(model: nn.Module, seed: Optional[int], n_samples: Optional[int] =
     """Within the block, a patched model draws its smoothing noise from ``seed`` (and, when given,
     averages ``n_samples`` noisy copies per forward); the patch's own config is restored afterwards.
 
-    Each EOT forward needs fresh, independent noise; the patch reads its FSConfig on every call, so
-    swapping that config for one forward is enough. No-op for an unpatched model.
+    Each EOT forward needs fresh, independent noise: :func:`fs_mllm.patching.config_override`, which
+    patching owns. No-op for an unpatched model.
     """
     if (seed is None and n_samples is None) or not is_patched(model):
         yield
         return
-    state = get_fs_state(model)
-    previous = state.config
-    changes = {}
-    if seed is not None:
-        changes["seed"] = int(seed)
-    if n_samples is not None:
-        changes["n_samples"] = int(n_samples)
-    state.config = previous.replace(**changes)
-    try:
+    changes = {"seed": seed, "n_samples": n_samples}
+    with config_override(model, **{k: int(v) for k, v in changes.items() if v is not None}):
         yield
-    finally:
-        state.config = previous
-
-
-@contextlib.contextmanager
-def undefended(model: nn.Module) -> Iterator[None]:
-    """Within the block the model runs its original, unsmoothed image path (the transfer protocol's
-    crafting side); the patch, with its config, mean/std and booster, comes back afterwards."""
-    if not is_patched(model):
-        yield
-        return
-    state = get_fs_state(model)
-    unpatch_model(model)
-    try:
-        yield
-    finally:
-        patch_model(model, config=state.config, booster=state.booster, image_mean=state.image_mean, image_std=state.image_std)
 
 
 def surrogate_encoder(name: str) -> nn.Module:

@@ -13,8 +13,9 @@ bound method exactly. Noise is added in the normalised pixel space with per-chan
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from torch import nn
 
@@ -93,6 +94,20 @@ def get_fs_state(model: nn.Module) -> FSState:
     return unwrap_model(model).__dict__[_STATE_ATTR]
 
 
+@contextlib.contextmanager
+def config_override(model: nn.Module, **changes: Any) -> Iterator[FSConfig]:
+    """Within the block the patch smooths with these FSConfig changes (e.g. a fresh noise seed per EOT
+    forward of an attack, more copies while certifying a gradient); the patch's config comes back
+    afterwards, also on error. The patch reads its config at every call, so nothing else is touched."""
+    state = get_fs_state(model)
+    previous = state.config
+    state.config = previous.replace(**changes)
+    try:
+        yield state.config
+    finally:
+        state.config = previous
+
+
 def patch_model(
     model: nn.Module,
     sigma: float = 0.25,
@@ -169,3 +184,18 @@ def original_feature_function(model: nn.Module, adapter: FamilyAdapter) -> Calla
     owner = adapter.feature_owner(model)
     current = getattr(owner, adapter.feature_function)
     return current.__wrapped__ if isinstance(current, SmoothedFeatureFunction) else current
+
+
+@contextlib.contextmanager
+def undefended(model: nn.Module) -> Iterator[None]:
+    """Within the block the model runs its original, unsmoothed image path (the transfer protocol's
+    crafting side); the patch, with its config, mean/std and booster, comes back afterwards."""
+    if not is_patched(model):
+        yield
+        return
+    state = get_fs_state(model)
+    unpatch_model(model)
+    try:
+        yield
+    finally:
+        patch_model(model, config=state.config, booster=state.booster, image_mean=state.image_mean, image_std=state.image_std)
