@@ -106,9 +106,10 @@ RECIPE_SHIMS = ("attack_pipeline", "eval_vqa", "eval_caption", "train_gsb")
 
 
 @pytest.mark.parametrize("name", RECIPE_SHIMS)
-def test_recipes_are_shims_over_the_package(name, tmp_path):
+def test_recipes_are_shims_over_the_package(name, monkeypatch, capsys):
     """A recipe only hands its argv to the package (so it works from a wheel and never drifts)."""
     import ast
+    import runpy
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "recipes" / f"{name}.py"
@@ -117,11 +118,12 @@ def test_recipes_are_shims_over_the_package(name, tmp_path):
     body = ast.parse(source).body
     code = [node for node in body if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))]
     assert len(code) <= 5, f"{path.name} holds logic; it belongs in the package"
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(path), "--help"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.startswith("usage: ") and "--" in proc.stdout
+    monkeypatch.setattr(sys, "argv", [str(path), "--help"])  # run as `python recipes/NAME.py --help`
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_path(str(path), run_name="__main__")
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: {path.name} ") and "--" in out
 
 
 def test_certify_writes_nothing_when_it_fails_midway(tmp_path, monkeypatch):
@@ -210,7 +212,7 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_resumes(tmp_path):
 
     from console_script import failure, run_fs_mllm, start_fs_mllm
 
-    argv = ["eval", "vqa", "--limit", "2", "--variants", "base,fs", "--attack-eps", "0.5", "--attack-steps", "1",
+    argv = ["eval", "vqa", "--limit", "1", "--variants", "base,fs", "--attack-eps", "0.5", "--attack-steps", "1",
             "--n-samples", "2", "--max-new-tokens", "3", "--no-progress", "--output-dir", "out"]
     shard = tmp_path / "out" / "results.rank0.jsonl"
     proc = start_fs_mllm(argv, cwd=tmp_path)
@@ -229,9 +231,9 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_resumes(tmp_path):
     assert proc.returncode == 130, err[-3000:]
     assert "interrupted; rerun the same command to resume" in err and "Traceback" not in err, err[-3000:]
     written = shard.read_text().count("\n")
-    assert 1 <= written < 8
+    assert 1 <= written < 4
     rerun = run_fs_mllm(argv, cwd=tmp_path)
     assert rerun.returncode == 0, failure(rerun)
     keys = [tuple(json.loads(line)["key"]) for line in shard.read_text().splitlines()]
-    assert len(keys) == len(set(keys)) == 2 * 2 * 2
-    assert json.loads((tmp_path / "out" / "summary.json").read_text())["num_examples"] == 2
+    assert len(keys) == len(set(keys)) == 2 * 2  # (example) x (base, fs) x (clean, eps 0.5)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["num_examples"] == 1
