@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from fs_mllm.cli_types import positive_float, positive_int
+from fs_mllm.arguments import positive_float, positive_int
 from fs_mllm.defense import ADAPTIVE_L2, ADAPTIVE_LINF, TRANSFER_LINF, DefenseSettings, defense_table, evaluate_defense, synthetic_items
 from fs_mllm.gsb import GaussianSmoothnessBooster
 from fs_mllm.models import load_mini_llava

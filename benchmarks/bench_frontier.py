@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fs_mllm.attacks import generate_text
-from fs_mllm.cli_types import positive_int
+from fs_mllm.arguments import positive_int
 from fs_mllm.defense import apply_variant, synthetic_items
 from fs_mllm.gsb import GaussianSmoothnessBooster
 from fs_mllm.models import load_mini_llava

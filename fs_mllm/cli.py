@@ -1,26 +1,37 @@
 """The ``fs-mllm`` command: demo, certify, attack, eval and train-gsb, each a thin layer.
 
-``demo`` and ``certify`` live here (they only call the library); ``attack``, ``eval`` and
-``train-gsb`` hand their arguments to the recipe scripts in ``recipes/`` (one argument parser each,
-shared by the script and the command), so the command and the scripts never drift apart.
+``demo`` and ``certify`` live here (they only call the library); ``attack``, ``eval vqa|caption`` and
+``train-gsb`` hand the rest of the command line to the ``main(argv)`` of the package module that owns
+their options and logic (the recipes in ``recipes/`` call the same ``main``), so the command and the
+scripts never drift apart and the command works from a wheel.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from . import demo as demo_module
+from .arguments import existing_folder, positive_float, positive_int, probability, radii, sample_count
 from .demo import run_demo
 from .image_io import to_tensor01
 from .models.loading import DEFAULT_MODEL, load_model
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-RECIPES = {"attack": "attack_pipeline", "eval-vqa": "eval_vqa", "eval-caption": "eval_caption", "train-gsb": "train_gsb"}
+# name -> (module with main(*lead, argv, prog=...), leading arguments of main, help)
+PACKAGE_COMMANDS = {
+    "attack": ("fs_mllm.evaluation.attack_pipeline", (), "PGD attacks on the full pipeline (base, FS, FS+GSB)"),
+    "eval-vqa": ("fs_mllm.evaluation.runner", ("vqa",), "VQA robustness evaluation (same as `eval vqa`)"),
+    "eval-caption": ("fs_mllm.evaluation.runner", ("caption",), "captioning robustness evaluation (same as `eval caption`)"),
+    "train-gsb": ("fs_mllm.gsb_training", (), "train a Gaussian Smoothness Booster"),
+}
+EVAL_TASKS = ("vqa", "caption")
+# commands whose output folder a rerun of the same command resumes
+RESUMABLE = ("attack", "eval", "eval-vqa", "eval-caption", "train-gsb")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,16 +78,6 @@ def write_report(out_dir: Path, title: str, markdown_table: str, extra: Sequence
     return path
 
 
-def positive_radii(text: str) -> list[float]:
-    try:
-        radii = [float(r) for r in text.split(",") if r.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"radii must be comma-separated numbers, got {text!r}") from None
-    if not radii or any(r < 0 for r in radii):
-        raise argparse.ArgumentTypeError(f"radii must be non-negative l2 radii, got {text!r}")
-    return radii
-
-
 # ---------------------------------------------------------------------------------------------
 # certify
 # ---------------------------------------------------------------------------------------------
@@ -97,12 +98,11 @@ def certify_images(model, images01, sigma: float, n: int, alpha: float, method: 
 
 
 def run_certify(args: argparse.Namespace) -> dict:
+    """Certify every image, then write the results (nothing is written when a step fails)."""
     from tqdm.auto import tqdm
 
     from .evaluation import certified_curve, plot_certified_curve, summary_table
 
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     model, processor = load_model(args.model)
     booster = load_booster(args.booster)
     size = args.size or processor_size(processor)
@@ -110,23 +110,29 @@ def run_certify(args: argparse.Namespace) -> dict:
     certificates = []
     for i in tqdm(range(len(names)), desc="certifying", unit="image"):
         certificates += certify_images(model, images[i:i + 1], args.sigma, args.n, args.alpha, args.method, booster, processor)
-    rows = []
-    with open(out_dir / "certificates.jsonl", "w", encoding="utf-8") as f:
-        for name, cert in zip(names, certificates):
-            record = {"image": name, **{k: v for k, v in cert.to_dict().items() if not k.startswith("token_")}}
-            record.update({f"fcsb@{r:g}": float(cert.fcsb(r)) for r in args.radii})
-            f.write(json.dumps(record) + "\n")
-            rows.append({"image": name, "S mean": cert.score_mean, "S lower": cert.score_lower,
-                         **{f"FCSB@{r:g}": float(cert.fcsb(r)) for r in args.radii}})
+    records, rows = [], []
+    for name, cert in zip(names, certificates):
+        fcsb = {r: float(cert.fcsb(r)) for r in args.radii}
+        records.append({"image": name, **{k: v for k, v in cert.to_dict().items() if not k.startswith("token_")},
+                        **{f"fcsb@{r:g}": b for r, b in fcsb.items()}})
+        rows.append({"image": name, "S mean": cert.score_mean, "S lower": cert.score_lower,
+                     **{f"FCSB@{r:g}": b for r, b in fcsb.items()}})
     curve = certified_curve([c.score_lower for c in certificates], args.sigma)
+    markdown, table = summary_table(rows)
+
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    certificates_path = out_dir / "certificates.jsonl"
+    tmp = out_dir / "certificates.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    os.replace(tmp, certificates_path)
     plot = plot_certified_curve({"FS" if booster is None else "FS+GSB": curve}, out_dir / "certified_curve.png", threshold=0.5,
                                 title=f"{args.model}, sigma={args.sigma}, n={args.n}, alpha={args.alpha}")
-    markdown, table = summary_table(rows)
     (out_dir / "summary.json").write_text(json.dumps({"settings": vars(args), "table": table, "curve": curve}, indent=2, default=str))
     write_report(out_dir, f"Certified features of {args.model}", markdown, [f"![certified curve]({Path(plot).name})",
                  CERTIFICATE_MEANING.format(sigma=args.sigma, alpha=args.alpha)])
     print(markdown)
-    print(f"\nwrote {out_dir}/certificates.jsonl, certified_curve.png, report.md")
+    print(f"\nwrote {certificates_path}, certified_curve.png, report.md")
     return {"certificates": certificates, "curve": curve}
 
 
@@ -146,18 +152,23 @@ def load_booster(path: Optional[str]):
 
 
 # ---------------------------------------------------------------------------------------------
-# recipes
+# commands that live in package modules
 # ---------------------------------------------------------------------------------------------
 
-def load_recipe(name: str):
-    """Import a recipe script from ``recipes/`` (present in a source checkout / editable install)."""
-    path = RECIPES_DIR / f"{RECIPES[name]}.py"
-    if not path.exists():
-        raise SystemExit(f"fs-mllm {name}: recipe {path} not found; install fs_mllm from a source checkout (pip install -e .)")
-    spec = importlib.util.spec_from_file_location(f"fs_mllm_recipe_{RECIPES[name]}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def run_package_command(name: str, argv: Sequence[str], prog: str) -> Any:
+    """``main(*lead, argv, prog=prog)`` of the module that owns command ``name`` (imported on use, so
+    ``fs-mllm --help`` stays quick)."""
+    module, lead, _ = PACKAGE_COMMANDS[name]
+    return importlib.import_module(module).main(*lead, list(argv), prog=prog)
+
+
+def eval_task_parser() -> argparse.ArgumentParser:
+    """``fs-mllm eval TASK``: picks the task; the task's own parser reads the options."""
+    parser = argparse.ArgumentParser(prog="fs-mllm eval", usage="fs-mllm eval {vqa,caption} [options]",
+                                     description="Robustness evaluation; `fs-mllm eval vqa --help` and "
+                                                 "`fs-mllm eval caption --help` list the options.")
+    parser.add_argument("task", choices=EVAL_TASKS, help="vqa (VQA accuracy) or caption (CIDEr, BLEU-4, ROUGE-L)")
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,55 +187,61 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Certify the smoothed image features of a model on a folder of images "
                                       "(default: the real offline photos).")
     cert.add_argument("--model", default=DEFAULT_MODEL, help=f"model id or local folder (default {DEFAULT_MODEL})")
-    cert.add_argument("--images", default=None, help="folder of images (default: the project's real offline photos)")
-    cert.add_argument("--limit", type=int, default=None, help="certify only the first N images")
-    cert.add_argument("--size", type=int, default=None, help="input resolution (default: the processor's)")
-    cert.add_argument("--sigma", type=float, default=0.25, help="noise std in [0,1] pixel space (default 0.25)")
-    cert.add_argument("--n", type=int, default=1000, help="Monte-Carlo samples per image (default 1000)")
-    cert.add_argument("--alpha", type=float, default=0.001, help="failure probability per certificate (default 0.001)")
+    cert.add_argument("--images", type=existing_folder, default=None, help="folder of images (default: the project's real offline photos)")
+    cert.add_argument("--limit", type=positive_int, default=None, help="certify only the first N images")
+    cert.add_argument("--size", type=positive_int, default=None, help="input resolution (default: the processor's)")
+    cert.add_argument("--sigma", type=positive_float, default=0.25, help="noise std in [0,1] pixel space (default 0.25)")
+    cert.add_argument("--n", type=sample_count, default=1000, help="Monte-Carlo samples per image (default 1000, at least 2)")
+    cert.add_argument("--alpha", type=probability, default=0.001, help="failure probability per certificate, in (0, 1) (default 0.001)")
     cert.add_argument("--method", default="bernstein", choices=["hoeffding", "bernstein", "betting"],
                       help="lower confidence bound on the robustness score (default bernstein)")
-    cert.add_argument("--radii", type=positive_radii, default=[0.0625, 0.125, 0.25],
+    cert.add_argument("--radii", type=radii, default=[0.0625, 0.125, 0.25],
                       help="comma-separated l2 radii to report FCSB at (default 0.0625,0.125,0.25)")
-    cert.add_argument("--booster", default=None, help="folder of a trained GaussianSmoothnessBooster (gsb.safetensors)")
+    cert.add_argument("--booster", type=existing_folder, default=None, help="folder of a trained GaussianSmoothnessBooster (gsb.safetensors)")
     cert.add_argument("--output-dir", default="fs_mllm_outputs/certify", help="where results go")
     cert.set_defaults(run=run_certify)
 
-    for name, recipe_help in (("attack", "PGD attacks on the full pipeline (recipes/attack_pipeline.py)"),
-                              ("eval-vqa", "VQA robustness evaluation (recipes/eval_vqa.py)"),
-                              ("eval-caption", "captioning robustness evaluation (recipes/eval_caption.py)"),
-                              ("train-gsb", "train a Gaussian Smoothness Booster (recipes/train_gsb.py)")):
-        recipe = sub.add_parser(name, help=recipe_help, add_help=False,
-                                description=f"{recipe_help}; `fs-mllm {name} --help` lists the recipe's options.")
-        recipe.set_defaults(recipe=name)
-    eval_alias = sub.add_parser("eval", help="alias: `fs-mllm eval vqa|caption ...`", add_help=False)
-    eval_alias.set_defaults(recipe="eval")
+    for name, (_, _, command_help) in PACKAGE_COMMANDS.items():
+        sub.add_parser(name, help=command_help, add_help=False)
+    sub.add_parser("eval", help="`fs-mllm eval vqa|caption ...`: robustness evaluation (`--help` after the task)",
+                   add_help=False)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Any:
+    """Run one command; returns its result (demo/certify: their results dict)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    recipe = getattr(args, "recipe", None)
-    if recipe is None:
-        if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        return args.run(args)
-    if recipe == "eval":
-        if not rest or rest[0] not in ("vqa", "caption"):
-            parser.error("usage: fs-mllm eval {vqa,caption} [options]")
-        recipe, rest = f"eval-{rest[0]}", rest[1:]
-    return load_recipe(recipe).main(rest)
+    if argv and argv[0] in PACKAGE_COMMANDS:
+        return run_package_command(argv[0], argv[1:], prog=f"fs-mllm {argv[0]}")
+    if argv and argv[0] == "eval":
+        task = eval_task_parser().parse_args(argv[1:2]).task
+        return run_package_command(f"eval-{task}", argv[2:], prog=f"fs-mllm eval {task}")
+    args = build_parser().parse_args(argv)
+    return args.run(args)
 
 
 def console_main() -> int:
     """The ``fs-mllm`` console script: exit status 0 on success.
 
     Why: ``main`` returns the run's results for Python callers; a console script's return value is
-    its exit status, and a returned dict would exit 1 and be printed to stderr.
+    its exit status, and a returned dict would exit 1 and be printed to stderr. Ctrl-C is not a crash:
+    one line saying how to go on, exit status 130 (128 + SIGINT), no traceback. An output folder that
+    cannot be used (another run writing to it, other settings) is a user error: its message, status 1.
     """
-    main()
+    argv = sys.argv[1:]
+    try:
+        main(argv)
+    except KeyboardInterrupt:
+        resumable = bool(argv) and argv[0] in RESUMABLE
+        print("\ninterrupted" + ("; rerun the same command to resume" if resumable else ""), file=sys.stderr)
+        return 130
+    except Exception as exc:
+        from .evaluation.results import ResultsFolderError
+
+        if not isinstance(exc, ResultsFolderError):
+            raise
+        print(f"fs-mllm: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -31,7 +31,7 @@ ADAPTIVE_MEANING = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli_types import positive_float, positive_int, probability
+    from .arguments import positive_float, positive_int, probability, sample_count
 
     parser.add_argument("--sigma", type=positive_float, default=0.25, help="smoothing noise std in [0,1] pixel space (default 0.25)")
     parser.add_argument("--n-samples", type=positive_int, default=8, help="noisy copies averaged inside generate() (default 8)")
@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="held-out synthetic images attacked (one question each; default 6)")
     parser.add_argument("--clean-images", type=positive_int, default=6,
                         help="held-out synthetic images whose every question measures clean accuracy (default 6)")
-    parser.add_argument("--certify-n", type=positive_int, default=100, help="Monte-Carlo samples per certificate (default 100)")
+    parser.add_argument("--certify-n", type=sample_count, default=100, help="Monte-Carlo samples per certificate (default 100)")
     parser.add_argument("--alpha", type=probability, default=0.001, help="certificate failure probability (default 0.001)")
     parser.add_argument("--transfer-steps", type=positive_int, default=60, help="PGD steps crafting the transfer images (default 60)")
     parser.add_argument("--eps-far", type=positive_float, default=1.0, help="adaptive l2 budget far beyond the certified radius (default 1.0)")

@@ -198,7 +198,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import shlex
     import sys
 
-    from .cli_types import positive_float, positive_int
+    from .arguments import positive_float, positive_int
     from .image_io import to_tensor01
     from .models import load_mini_llava
     from .models.mini_llava import BOOSTER_DIR, IMAGE_SIZE, IMAGE_TOKEN, build_prompt

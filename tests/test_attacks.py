@@ -327,8 +327,7 @@ def saved_model_dir(tmp_path_factory, processor):
 
 
 def _recipe():
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes"))
-    import attack_pipeline
+    from fs_mllm.evaluation import attack_pipeline  # recipes/attack_pipeline.py and `fs-mllm attack` run its main
 
     return attack_pipeline
 
@@ -382,11 +381,12 @@ def test_attack_pipeline_on_offline_vqa(tmp_path, saved_model_dir):
     assert row["delta_norm"] <= 0.5 + 1e-6
 
 
-def test_attack_pipeline_rejects_bad_arguments(tmp_path, saved_model_dir):
+def test_attack_pipeline_rejects_bad_arguments(tmp_path, saved_model_dir, capsys):
     recipe = _recipe()
     with pytest.raises(SystemExit):
         recipe.parse_args(["--model", str(saved_model_dir), "--out", str(tmp_path), "--modes", "base,fancy"])
     with pytest.raises(SystemExit):
         recipe.parse_args(["--model", str(saved_model_dir), "--out", str(tmp_path), "--modes", "fs+gsb"])
-    with pytest.raises(ValueError, match="eps"):
+    with pytest.raises(SystemExit) as exc:  # checked while parsing, before the model loads
         recipe.main(["--model", str(saved_model_dir), "--out", str(tmp_path), "--eps", "0"])
+    assert exc.value.code == 2 and "--eps" in capsys.readouterr().err

@@ -55,3 +55,173 @@ def test_console_script_exits_zero_after_a_run(monkeypatch):
     assert setup["options.entry_points"]["console_scripts"].strip() == "fs-mllm = fs_mllm.cli:console_main"
     monkeypatch.setattr(cli, "main", lambda argv=None: {"rows": []})
     assert cli.console_main() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the commands that run package modules (issue 13 item 5, issue 14 items 1, 9, 11, 13, 18)
+# ---------------------------------------------------------------------------------------------
+
+HELP_OPTIONS = {
+    ("attack",): ("--eps", "--modes", "--out"),
+    ("eval", "vqa"): ("--attack-eps", "--variants", "--output-dir"),
+    ("eval", "caption"): ("--prompt", "--variants", "--output-dir"),
+    ("eval-vqa",): ("--attack-eps",),
+    ("eval-caption",): ("--prompt",),
+    ("train-gsb",): ("--denoiser-steps", "--init-from", "--output-dir"),
+}
+
+
+@pytest.mark.parametrize("command", list(HELP_OPTIONS), ids=" ".join)
+def test_command_help_lists_its_options(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([*command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: fs-mllm {' '.join(command)}")
+    for option in HELP_OPTIONS[command]:
+        assert option in out
+
+
+def test_console_eval_help_as_a_user_runs_it(tmp_path):
+    from console_script import failure, run_fs_mllm
+
+    proc = run_fs_mllm(["eval", "vqa", "--help"], cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, failure(proc)
+    assert proc.stdout.startswith("usage: fs-mllm eval vqa") and "--attack-eps" in proc.stdout
+
+
+RECIPE_SHIMS = ("attack_pipeline", "eval_vqa", "eval_caption", "train_gsb")
+
+
+@pytest.mark.parametrize("name", RECIPE_SHIMS)
+def test_recipes_are_shims_over_the_package(name, monkeypatch, capsys):
+    """A recipe only hands its argv to the package (so it works from a wheel and never drifts)."""
+    import ast
+    import runpy
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / f"{name}.py"
+    source = path.read_text()
+    assert "sys.path" not in source
+    body = ast.parse(source).body
+    code = [node for node in body if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))]
+    assert len(code) <= 5, f"{path.name} holds logic; it belongs in the package"
+    monkeypatch.setattr(sys, "argv", [str(path), "--help"])  # run as `python recipes/NAME.py --help`
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_path(str(path), run_name="__main__")
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: {path.name} ") and "--" in out
+
+
+def test_certify_writes_nothing_when_it_fails_midway(tmp_path, monkeypatch):
+    """Issue 14 item 9: results are written at the end, all at once, or not at all."""
+    import fs_mllm.cli as cli
+
+    real, calls = cli.certify_images, []
+
+    def fail_on_second_image(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated failure on the second image")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "certify_images", fail_on_second_image)
+    out = tmp_path / "certify"
+    with pytest.raises(RuntimeError, match="simulated"):
+        main(["certify", "--limit", "2", "--n", "10", "--output-dir", str(out)])
+    assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
+
+
+def _attack_argv(out):
+    return ["attack", "--model", "fs-mini-llava", "--offline-eval", "vqa", "--limit", "2", "--modes", "base",
+            "--steps", "1", "--max-new-tokens", "3", "--out", str(out)]
+
+
+def test_attack_resumes_after_a_torn_line_and_skips_done_rows(tmp_path, monkeypatch, capsys):
+    """Issue 14 item 11: a torn last line is cut, not glued onto; a rerun computes only what is missing."""
+    import fs_mllm.evaluation.attack_pipeline as pipeline
+
+    calls = []
+    real_attack = pipeline.attack
+    monkeypatch.setattr(pipeline, "attack", lambda *a, **k: calls.append(1) or real_attack(*a, **k))
+    out = tmp_path / "attack"
+    main(_attack_argv(out))
+    assert len(calls) == 2
+    results = out / "results.jsonl"
+    lines = results.read_text().splitlines(keepends=True)
+    assert len(lines) == 2
+    results.write_text(lines[0] + lines[1][: len(lines[1]) // 2])  # killed while writing the second row
+    main(_attack_argv(out))
+    assert len(calls) == 3, "the rerun recomputed a finished row"
+    text = results.read_text()
+    assert text.startswith(lines[0]) and text.endswith("\n")
+    rows = [json.loads(line) for line in text.splitlines()]  # every line parses: nothing glued to the fragment
+    assert [r["example"] for r in rows] == [json.loads(line)["example"] for line in lines]
+    assert len({json.dumps(r["key"]) for r in rows}) == 2
+    capsys.readouterr()
+    main(_attack_argv(out))
+    assert len(calls) == 3 and results.read_text() == text
+    assert "| base | 2 |" in capsys.readouterr().out  # the summary covers the rows of earlier runs
+
+
+def test_second_writer_on_a_folder_is_refused(tmp_path):
+    """Issue 14 item 13: while a run holds the folder, another run on it stops with a clear error."""
+    from console_script import failure, run_fs_mllm
+    from fs_mllm.evaluation.results import ResultsBusyError, ResultsLock
+    from fs_mllm.evaluation.runner import shard_path
+
+    out = tmp_path / "vqa"
+    out.mkdir()
+    lock = ResultsLock(shard_path(out, 0))
+    try:
+        proc = run_fs_mllm(["eval", "vqa", "--limit", "1", "--output-dir", str(out)], cwd=tmp_path, timeout=120)
+    finally:
+        lock.release()
+    assert proc.returncode == 1, failure(proc)
+    assert f"another run is writing to {out}" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list(out.glob("results.rank*.jsonl")) and not (out / "settings.json").exists()
+
+    attack_out = tmp_path / "attack"
+    attack_out.mkdir()
+    lock = ResultsLock(attack_out / "results.jsonl")
+    try:
+        with pytest.raises(ResultsBusyError, match=f"another run is writing to {attack_out}"):
+            main(_attack_argv(attack_out))
+    finally:
+        lock.release()
+    assert not (attack_out / "results.jsonl").exists()
+
+
+def test_ctrl_c_says_how_to_resume_and_the_rerun_resumes(tmp_path):
+    """Issue 14 item 18: SIGINT mid-run exits 130 with one line (no traceback); the same command resumes."""
+    import signal
+    import time
+
+    from console_script import failure, run_fs_mllm, start_fs_mllm
+
+    argv = ["eval", "vqa", "--limit", "1", "--variants", "base,fs", "--attack-eps", "0.5", "--attack-steps", "1",
+            "--n-samples", "2", "--max-new-tokens", "3", "--no-progress", "--output-dir", "out"]
+    shard = tmp_path / "out" / "results.rank0.jsonl"
+    proc = start_fs_mllm(argv, cwd=tmp_path)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if shard.exists() and shard.read_text().count("\n") >= 1:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted; rerun the same command to resume" in err and "Traceback" not in err, err[-3000:]
+    written = shard.read_text().count("\n")
+    assert 1 <= written < 4
+    rerun = run_fs_mllm(argv, cwd=tmp_path)
+    assert rerun.returncode == 0, failure(rerun)
+    keys = [tuple(json.loads(line)["key"]) for line in shard.read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == 2 * 2  # (example) x (base, fs) x (clean, eps 0.5)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["num_examples"] == 1

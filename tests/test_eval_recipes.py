@@ -262,6 +262,42 @@ def test_settings_mismatch_is_refused(tmp_path, tiny_dir, vqa_dir, loaded):
     assert len(read_results(tmp_path)) == 3 * 2
 
 
+def test_folder_without_rows_is_fresh(tmp_path, tiny_dir, vqa_dir, loaded):
+    """Issue 14 item 12: a first run that failed before any row (a wrong model) does not pin the folder."""
+    wrong = _settings(tiny_dir, vqa_dir, model=str(tmp_path / "no-such-model"), attack_eps=(), certify_n=0, limit=1)
+    with pytest.raises(Exception), _quiet():
+        run_eval(wrong, tmp_path / "out", progress=False)  # loads the model itself: fails
+    assert (tmp_path / "out" / "settings.json").exists() and not read_results(tmp_path / "out")
+    fixed = _settings(tiny_dir, vqa_dir, attack_eps=(), certify_n=0, limit=1)
+    summary = _run(fixed, tmp_path / "out", loaded)
+    assert summary["num_examples"] == 1
+    stored = json.loads((tmp_path / "out" / "settings.json").read_text())
+    assert stored["model"] == str(tiny_dir)
+    # once a row exists the settings are pinned again
+    with pytest.raises(SettingsMismatchError, match="sigma"):
+        _run(_settings(tiny_dir, vqa_dir, attack_eps=(), certify_n=0, limit=1, sigma=0.5), tmp_path / "out", loaded)
+
+
+def test_second_writer_is_refused_while_the_first_holds_the_shard(tmp_path, tiny_dir, vqa_dir, loaded):
+    """Issue 14 item 13: two runs on one folder at once would both write every key."""
+    from fs_mllm.evaluation.results import ResultsBusyError
+
+    settings = _settings(tiny_dir, vqa_dir, attack_eps=(), certify_n=0, limit=2)
+    refused = []
+
+    def second_run_meanwhile(row):
+        if not refused:
+            with pytest.raises(ResultsBusyError, match=f"another run is writing to {tmp_path}"):
+                _run(settings, tmp_path, loaded)
+            refused.append(row["key"])
+
+    summary = _run(settings, tmp_path, loaded, on_result=second_run_meanwhile)
+    assert refused and summary["num_examples"] == 2
+    keys = [tuple(r["key"]) for r in _all_lines(tmp_path)]
+    assert len(keys) == len(set(keys)) == 2 * 2
+    _run(settings, tmp_path, loaded)  # the lock is released when a run ends
+
+
 def test_caption_run_with_booster(tmp_path, tiny_dir, loaded):
     import datasets
     from PIL import Image

@@ -365,15 +365,11 @@ def test_clean_weight_option_validated_and_logged(tmp_path):
 
 
 def test_recipe_main_accepts_argv_and_init_from(tmp_path, monkeypatch):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("train_gsb_recipe", Path(__file__).resolve().parents[1] / "recipes" / "train_gsb.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
     import inspect
 
-    assert list(inspect.signature(recipe.main).parameters) == ["argv"]
+    from fs_mllm import gsb_training as recipe  # recipes/train_gsb.py and `fs-mllm train-gsb` run its main
+
+    assert list(inspect.signature(recipe.main).parameters) == ["argv", "prog"]
     captured = {}
 
     def fake_train(booster, encoder, images, train, output_dir=None, accelerator=None):

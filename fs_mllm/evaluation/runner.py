@@ -5,9 +5,10 @@ Why it is built this way:
 * **Resumable.** Every (example id, variant, attack budget) result is one JSON line, written with
   flush + fsync the moment it exists. A killed run is rerun with the same command: existing lines are
   read, done keys are skipped, a truncated last line (the crash happened mid-write) is cut off before
-  appending, and nothing already written is rewritten. The run's settings live in ``settings.json``
-  beside the results; a rerun with different settings is refused, because mixing rows computed under
-  different settings would silently corrupt the summary.
+  appending, and nothing already written is rewritten (the store is :mod:`fs_mllm.evaluation.results`,
+  which also refuses a second run writing to the same file at once). The run's settings live in
+  ``settings.json`` beside the results; a rerun with different settings is refused once the folder
+  holds a row, because mixing rows computed under different settings would silently corrupt the summary.
 * **Shardable.** Under ``accelerate launch --num_processes N`` each process takes every N-th example and
   appends only to its own ``results.rank<r>.jsonl`` (no two writers share a file). After
   ``wait_for_everyone`` the main process reads all shard files, keeps each key exactly once and writes
@@ -26,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +55,12 @@ __all__ = [
     "main",
 ]
 
+from fs_mllm.arguments import (  # noqa: E402
+    check_float, check_int, non_negative_int, positive_float, positive_int, probability, sample_count,
+)
+from fs_mllm.evaluation.results import (  # noqa: E402
+    ResultsFolderError, ResultsLock, ResultWriter, finite_or_none, read_rows,
+)
 from fs_mllm.models.loading import DEFAULT_MODEL, load_model  # noqa: E402  (one loader for all entry points)
 
 VARIANTS = ("base", "fs", "fs+gsb")
@@ -72,29 +78,13 @@ BUDGET_PNG = "accuracy_vs_budget.png"
 _EXTENSIBLE = ("limit", "attack_eps")
 
 
-class SettingsMismatchError(ValueError):
+class SettingsMismatchError(ResultsFolderError, ValueError):
     """The output folder holds results computed under other settings; resuming would mix them."""
 
 
 # ---------------------------------------------------------------------------------------------
 # settings
 # ---------------------------------------------------------------------------------------------
-
-def _pos_int(value: Any, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _pos_float(value: Any, name: str, allow_zero: bool = False) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(out) or out < 0 or (out == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} finite number, got {value!r}")
-    return out
-
 
 @dataclass
 class EvalSettings:
@@ -162,22 +152,22 @@ class EvalSettings:
             self.dataset = os.path.abspath(self.dataset)
         if self.booster is not None:
             self.booster = os.path.abspath(os.fspath(self.booster))
-        self.sigma = _pos_float(self.sigma, "sigma")
-        self.n_samples = _pos_int(self.n_samples, "n_samples", 2)
+        self.sigma = check_float(self.sigma, "sigma")
+        self.n_samples = check_int(self.n_samples, "n_samples", 2)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if self.attack_norm not in NORMS:
             raise ValueError(f"attack_norm must be one of {NORMS}, got {self.attack_norm!r}")
         if isinstance(self.attack_eps, (int, float)):
             self.attack_eps = (self.attack_eps,)
-        eps = tuple(_pos_float(e, "attack_eps") for e in self.attack_eps)
+        eps = tuple(check_float(e, "attack_eps") for e in self.attack_eps)
         if len(set(eps)) != len(eps):
             raise ValueError(f"attack_eps must not repeat a budget, got {list(eps)}")
         self.attack_eps = tuple(sorted(eps))
-        self.attack_steps = _pos_int(self.attack_steps, "attack_steps")
+        self.attack_steps = check_int(self.attack_steps, "attack_steps")
         if self.attack_step_size is not None:
-            self.attack_step_size = _pos_float(self.attack_step_size, "attack_step_size")
-        self.eot_samples = _pos_int(self.eot_samples, "eot_samples")
+            self.attack_step_size = check_float(self.attack_step_size, "attack_step_size")
+        self.eot_samples = check_int(self.eot_samples, "eot_samples")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.objective == "targeted" and self.attack_eps and not (self.target and self.target.strip()):
@@ -187,9 +177,9 @@ class EvalSettings:
         if not 0.0 < float(self.certify_alpha) < 1.0:
             raise ValueError(f"certify_alpha must lie in (0, 1), got {self.certify_alpha!r}")
         self.certify_alpha = float(self.certify_alpha)
-        self.max_new_tokens = _pos_int(self.max_new_tokens, "max_new_tokens")
+        self.max_new_tokens = check_int(self.max_new_tokens, "max_new_tokens")
         if self.limit is not None:
-            self.limit = _pos_int(self.limit, "limit")
+            self.limit = check_int(self.limit, "limit")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be 'float32', 'float16' or 'bfloat16', got {self.dtype!r}")
         if not isinstance(self.extra, dict):
@@ -219,9 +209,16 @@ def _comparable(settings: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k not in _EXTENSIBLE}
 
 
+def _has_rows(output_dir: Path) -> bool:
+    return any(read_rows(p) for p in output_dir.glob("results.rank*.jsonl"))
+
+
 def _check_or_write_settings(output_dir: Path, stored_settings: dict[str, Any], is_main: bool) -> None:
+    """Write ``settings.json`` for a fresh folder. A folder without result rows is fresh even if a
+    ``settings.json`` is there: its first run failed before any row (e.g. a wrong --model), and nothing
+    computed under those settings could be mixed in."""
     path = output_dir / SETTINGS_FILE
-    if is_main and not path.exists() and not any(output_dir.glob("results.rank*.jsonl")):
+    if is_main and not _has_rows(output_dir):
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(stored_settings, indent=2, sort_keys=True), encoding="utf-8")
         os.replace(tmp, path)
@@ -229,7 +226,7 @@ def _check_or_write_settings(output_dir: Path, stored_settings: dict[str, Any], 
 
 def _verify_settings(output_dir: Path, stored_settings: dict[str, Any]) -> None:
     path = output_dir / SETTINGS_FILE
-    if not path.exists() and any(output_dir.glob("results.rank*.jsonl")):
+    if not path.exists() and _has_rows(output_dir):
         raise SettingsMismatchError(f"output_dir {str(output_dir)!r} holds results but no {SETTINGS_FILE}, so its "
                                     "settings cannot be checked; use a new output folder")
     try:
@@ -261,63 +258,6 @@ def _key(example_id: str, variant: str, budget: float) -> tuple[str, str, float]
     return (str(example_id), str(variant), float(budget))
 
 
-def _repair_tail(path: Path) -> None:
-    """Cut a partial last line (a crash mid-write) so the next append starts on a fresh line.
-
-    Only bytes after the last newline are removed: they never formed a complete record, so no
-    written result is lost or changed.
-    """
-    if not path.exists():
-        return
-    size = path.stat().st_size
-    if size == 0:
-        return
-    with open(path, "rb+") as f:
-        f.seek(size - 1)
-        if f.read(1) == b"\n":
-            return
-        chunk = 1 << 16
-        pos = size
-        keep = 0
-        while pos > 0:
-            start = max(0, pos - chunk)
-            f.seek(start)
-            data = f.read(pos - start)
-            idx = data.rfind(b"\n")
-            if idx >= 0:
-                keep = start + idx + 1
-                break
-            pos = start
-        f.truncate(keep)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of one results file; a bad *last* line is an interrupted write and is skipped."""
-    rows: list[dict[str, Any]] = []
-    with open(path, "rb") as f:
-        lines = f.read().split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-        complete_last = True
-    else:
-        complete_last = False
-    for i, raw in enumerate(lines):
-        last = i == len(lines) - 1
-        try:
-            row = json.loads(raw.decode("utf-8"))
-            if not isinstance(row, dict) or "key" not in row:
-                raise ValueError("not a result row")
-        except (ValueError, UnicodeDecodeError):
-            if last and not complete_last:
-                break  # truncated by a crash mid-write
-            raise ValueError(f"{path}: line {i + 1} is not a valid result row; the file is corrupt "
-                             "(only a truncated last line is tolerated)") from None
-        rows.append(row)
-    return rows
-
-
 def read_results(output_dir: str | os.PathLike) -> dict[tuple[str, str, float], dict[str, Any]]:
     """All result rows of an output folder, keyed by (example id, variant, budget), each key once.
 
@@ -328,28 +268,11 @@ def read_results(output_dir: str | os.PathLike) -> dict[tuple[str, str, float], 
     out: dict[tuple[str, str, float], dict[str, Any]] = {}
     files = sorted(Path(output_dir).glob("results.rank*.jsonl"), key=lambda p: int(p.stem.split("rank")[-1]))
     for path in files:
-        for row in _read_jsonl(path):
+        for row in read_rows(path):
             key = _key(*row["key"])
             if key not in out:
                 out[key] = row
     return out
-
-
-class _ResultWriter:
-    """Append-only JSONL writer; every line is flushed and fsynced before it counts as done."""
-
-    def __init__(self, path: Path) -> None:
-        _repair_tail(path)
-        self._f = open(path, "a", encoding="utf-8")
-
-    def write(self, row: Mapping[str, Any]) -> None:
-        line = json.dumps(row, sort_keys=True, allow_nan=False)
-        self._f.write(line + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-
-    def close(self) -> None:
-        self._f.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -510,12 +433,6 @@ def _distributed() -> Any:
     return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=BARRIER_TIMEOUT_HOURS))
 
 
-def _sanitize(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def run_eval(
     settings: EvalSettings,
     output_dir: str | os.PathLike,
@@ -544,10 +461,16 @@ def run_eval(
     out.mkdir(parents=True, exist_ok=True)
     attack, attack_name = _resolve_attack(attack_fn)
     stored = {**settings.to_dict(), "attack_impl": attack_name}
-    _check_or_write_settings(out, stored, dist.is_main_process)
-    dist.wait_for_everyone()
-    _verify_settings(out, stored)  # every process raises on a mismatch, so none waits forever below
-    writer = _ResultWriter(shard_path(out, rank))  # repairs this rank's truncated tail before anyone reads
+    # the lock comes first: settings.json of a folder another run is writing to is never replaced
+    lock = ResultsLock(shard_path(out, rank))
+    try:
+        _check_or_write_settings(out, stored, dist.is_main_process)
+        dist.wait_for_everyone()
+        _verify_settings(out, stored)  # every process raises on a mismatch, so none waits forever below
+        writer = ResultWriter(shard_path(out, rank), lock)  # repairs this rank's torn tail before anyone reads
+    except BaseException:
+        lock.release()
+        raise
     dist.wait_for_everyone()
     try:
         done = read_results(out)
@@ -587,7 +510,7 @@ def run_eval(
 
 
 def _run_shard(settings: EvalSettings, model: Any, processor: Any, dataset: Any, todo: list[int], ids: list[str],
-               done: dict, writer: _ResultWriter, attack: AttackFn, on_result: Optional[Callable],
+               done: dict, writer: ResultWriter, attack: AttackFn, on_result: Optional[Callable],
                show_progress: bool, booster: Any, rank: int, world: int) -> None:
     from tqdm.auto import tqdm
 
@@ -624,9 +547,9 @@ def _run_shard(settings: EvalSettings, model: Any, processor: Any, dataset: Any,
 
                     cert = certify_model(model, ctx.pixels01, n=settings.certify_n, alpha=settings.certify_alpha,
                                          **ctx.extra)[0]
-                    row["s_low"] = _sanitize(float(cert.score_lower))
-                    row["s_mean"] = _sanitize(float(cert.score_mean))
-                    row["fcsb_half_sigma"] = _sanitize(float(cert.fcsb(settings.sigma / 2)))
+                    row["s_low"] = finite_or_none(float(cert.score_lower))
+                    row["s_mean"] = finite_or_none(float(cert.score_mean))
+                    row["fcsb_half_sigma"] = finite_or_none(float(cert.fcsb(settings.sigma / 2)))
                 writer.write(row)
                 done[clean_key] = row
                 if on_result is not None:
@@ -653,7 +576,7 @@ def _run_shard(settings: EvalSettings, model: Any, processor: Any, dataset: Any,
                 dist_linf = float((adv - ctx.pixels01).abs().max())
                 row = {**base_row, "key": list(key), "budget": budget, "norm": settings.attack_norm,
                        "prediction": answer, "clean_prediction": clean_answer,
-                       "fcs": _sanitize(float(_flat_cos(clean_features, adv_features))),
+                       "fcs": finite_or_none(float(_flat_cos(clean_features, adv_features))),
                        "changed": normalize_text(answer) != normalize_text(clean_answer),
                        "perturbation_l2": dist_l2, "perturbation_linf": dist_linf,
                        "objective_used": objective_for(settings, clean_answer)}
@@ -752,31 +675,62 @@ def summarize(output_dir: str | os.PathLike, settings: EvalSettings, dataset_ids
     return summary
 
 
+EVAL_DESCRIPTIONS = {
+    "vqa": """VQA robustness evaluation: base vs FS vs FS+GSB, clean and under attack, with certified FCSB curves.
+
+Runs out of the box on the embedded offline model and eval set:
+
+    fs-mllm eval vqa --output-dir runs/vqa --limit 8 --attack-eps 0.5 1.0 --certify-n 100
+    accelerate launch --num_processes 2 recipes/eval_vqa.py --output-dir runs/vqa ...   # sharded
+
+Stop it (Ctrl-C, a kill) and rerun the same command to resume (results.rank*.jsonl are append-only; a
+rerun with other settings into a folder that holds results is refused, and so is a second run writing
+to the same folder at once). Outputs: summary.md, summary.json, certified_curve.png, accuracy_vs_budget.png.
+""",
+    "caption": """Captioning robustness evaluation (CIDEr, BLEU-4, ROUGE-L): base vs FS vs FS+GSB, clean and attacked.
+
+Runs out of the box on the embedded offline model and eval set:
+
+    fs-mllm eval caption --output-dir runs/caption --limit 8 --attack-eps 0.5 --certify-n 100
+    accelerate launch --num_processes 2 recipes/eval_caption.py --output-dir runs/caption ...   # sharded
+
+Stop it (Ctrl-C, a kill) and rerun the same command to resume (results.rank*.jsonl are append-only; a
+rerun with other settings into a folder that holds results is refused, and so is a second run writing
+to the same folder at once). Caption metrics are corpus-level (CIDEr's IDF comes from the reference
+set), so they are computed over the whole set at summary time, with the pure-Python tokenizer and
+without METEOR (no JVM start).
+""",
+}
+
+
 def add_common_arguments(parser: Any, task: str) -> None:
-    """The recipes' shared command line (eval_vqa.py / eval_caption.py)."""
+    """The eval command line (``fs-mllm eval vqa|caption``, recipes/eval_vqa.py, recipes/eval_caption.py).
+
+    Numbers are checked by their argparse ``type`` (exit 2 with usage before anything loads)."""
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="'fs-mini-llava' (embedded offline LLaVA) or a model id / local folder")
     parser.add_argument("--dataset", default="fs-offline-eval", help="'fs-offline-eval' (real photos), 'fs-synthetic-heldout' (fs-mini-llava's own task), a local folder or a Hub id")
     parser.add_argument("--split", default="validation")
     parser.add_argument("--variants", default="base,fs", help="comma list of base, fs, fs+gsb")
-    parser.add_argument("--sigma", type=float, default=0.25, help="FS noise std in [0,1] pixel space")
-    parser.add_argument("--n-samples", type=int, default=8, help="noisy copies per generate (n0)")
+    parser.add_argument("--sigma", type=positive_float, default=0.25, help="FS noise std in [0,1] pixel space")
+    parser.add_argument("--n-samples", type=sample_count, default=8, help="noisy copies per generate (n0)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--booster", default=None,
                         help="GaussianSmoothnessBooster folder (for fs+gsb; default for fs-mini-llava: its shipped booster)")
     parser.add_argument("--attack-norm", default="l2", choices=NORMS)
-    parser.add_argument("--attack-eps", type=float, nargs="*", default=[],
+    parser.add_argument("--attack-eps", type=positive_float, nargs="*", default=[],
                         help="attack budgets (several for accuracy vs budget); none = clean only")
-    parser.add_argument("--attack-steps", type=int, default=10)
-    parser.add_argument("--attack-step-size", type=float, default=None, help="default 2.5 * eps / steps")
+    parser.add_argument("--attack-steps", type=positive_int, default=10)
+    parser.add_argument("--attack-step-size", type=positive_float, default=None, help="default 2.5 * eps / steps")
     parser.add_argument("--objective", default="feature", choices=OBJECTIVES)
     parser.add_argument("--target", default=None, help="target text for --objective targeted")
-    parser.add_argument("--eot-samples", type=int, default=1,
+    parser.add_argument("--eot-samples", type=positive_int, default=1,
                         help="noisy forwards averaged per attack gradient on FS variants (fresh noise every step)")
-    parser.add_argument("--certify-n", type=int, default=0, help="noise samples to certify each image (0 = off)")
-    parser.add_argument("--certify-alpha", type=float, default=0.001)
-    parser.add_argument("--limit", type=int, default=None, help="first N examples only")
-    parser.add_argument("--max-new-tokens", type=int, default=10 if task == "vqa" else 24)
+    parser.add_argument("--certify-n", type=non_negative_int, default=0,
+                        help="noise samples to certify each image (0 = off, else >= 2)")
+    parser.add_argument("--certify-alpha", type=probability, default=0.001)
+    parser.add_argument("--limit", type=positive_int, default=None, help="first N examples only")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=10 if task == "vqa" else 24)
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     if task == "caption":
         parser.add_argument("--prompt", default=EvalSettings.caption_prompt, help="caption instruction")
@@ -785,7 +739,7 @@ def add_common_arguments(parser: Any, task: str) -> None:
 
 
 def settings_from_args(args: Any, task: str) -> EvalSettings:
-    """EvalSettings from the parsed recipe arguments."""
+    """EvalSettings from the parsed command-line arguments."""
     kwargs = dict(
         task=task, model=args.model, dataset=args.dataset, split=args.split, variants=args.variants,
         sigma=args.sigma, n_samples=args.n_samples, seed=args.seed, booster=args.booster,
@@ -800,11 +754,15 @@ def settings_from_args(args: Any, task: str) -> EvalSettings:
     return EvalSettings(**kwargs)
 
 
-def main(task: str, argv: Optional[Iterable[str]] = None, description: str = "") -> int:
-    """Entry point shared by the recipes: parse, run (or resume), print the summary table."""
+def main(task: str, argv: Optional[Iterable[str]] = None, prog: Optional[str] = None) -> int:
+    """``fs-mllm eval vqa|caption`` and the eval recipes: parse ``argv`` (default ``sys.argv[1:]``), run
+    or resume, print the summary table. Every setting is checked before anything is loaded."""
     import argparse
 
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    parser = argparse.ArgumentParser(prog=prog, description=EVAL_DESCRIPTIONS[task],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser, task)
     args = parser.parse_args(None if argv is None else list(argv))
     try:

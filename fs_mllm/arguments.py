@@ -1,0 +1,86 @@
+"""Checks of command-line values and eval settings (numbers, radii, folders), each written once.
+
+Why: a bad value must stop a command before anything is loaded or written. The ``check_*`` functions
+raise ``ValueError`` naming the parameter (library callers, ``EvalSettings``); the argparse ``type=``
+validators below are built from them, so ``argparse`` turns a bad value into exit status 2 with the
+usage line, while parsing, i.e. before any work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
+
+
+def check_int(value: Any, name: str, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum`` (bools are not counts)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_float(value: Any, name: str, allow_zero: bool = False, below_one: bool = False) -> float:
+    """``value`` as a finite float > 0 (>= 0 with ``allow_zero``; also < 1 with ``below_one``)."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    low = "0 <=" if allow_zero else "0 <"
+    if not math.isfinite(out) or out < 0 or (out == 0 and not allow_zero) or (below_one and out >= 1):
+        what = f"a number with {low} {name} < 1" if below_one else \
+            f"a {'non-negative' if allow_zero else 'positive'} finite number"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return out
+
+
+def _argtype(convert: Callable[[str], T], name: str) -> Callable[[str], T]:
+    """An argparse ``type=``: a ValueError becomes ArgumentTypeError (exit 2 with usage)."""
+
+    def parse(text: str) -> T:
+        try:
+            return convert(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = name  # argparse names the type in its "invalid <name> value" message
+    return parse
+
+
+def _int(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"value must be an integer >= {minimum}, got {text!r}") from None
+    return check_int(value, "value", minimum)
+
+
+positive_int = _argtype(lambda text: _int(text, 1), "positive_int")
+non_negative_int = _argtype(lambda text: _int(text, 0), "non_negative_int")
+sample_count = _argtype(lambda text: _int(text, 2), "sample_count")  # Monte-Carlo samples: a bound needs >= 2
+positive_float = _argtype(lambda text: check_float(text, "value"), "positive_float")
+non_negative_float = _argtype(lambda text: check_float(text, "value", allow_zero=True), "non_negative_float")
+probability = _argtype(lambda text: check_float(text, "value", below_one=True), "probability")  # in (0, 1)
+fraction = _argtype(lambda text: check_float(text, "value", allow_zero=True, below_one=True), "fraction")  # [0, 1)
+
+
+def _radii(text: str) -> list[float]:
+    values = [part.strip() for part in text.split(",") if part.strip()]
+    if not values:
+        raise ValueError(f"radii must be comma-separated non-negative l2 radii, got {text!r}")
+    return [check_float(v, "each radius", allow_zero=True) for v in values]
+
+
+radii = _argtype(_radii, "radii")
+
+
+def _folder(text: str) -> str:
+    if not os.path.isdir(text):
+        raise ValueError(f"{text!r} is not a folder")
+    return text
+
+
+existing_folder = _argtype(_folder, "existing_folder")

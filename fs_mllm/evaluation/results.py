@@ -1,0 +1,157 @@
+"""Append-only JSONL results store, shared by the eval runner and the ``attack`` command.
+
+Why it is built this way: a long run must survive a kill and be resumed by rerunning the same
+command. Every result is one JSON line with a ``key``, written with flush + fsync the moment it exists;
+a rerun reads the rows already written and skips their keys; a torn last line (the kill came mid-write)
+is cut off before appending, so the next row never glues onto it; nothing written is ever rewritten.
+One writer per file: a second run on the same file is refused (``fcntl.flock`` on ``<file>.lock``,
+non-blocking) instead of both appending the same keys. Under ``accelerate`` each rank writes its own
+file, so each rank locks its own.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+from pathlib import Path
+from typing import IO, Any, Mapping, Optional
+
+__all__ = ["ResultsFolderError", "ResultsBusyError", "ResultsLock", "ResultWriter", "repair_tail", "read_rows",
+           "finite_or_none"]
+
+
+class ResultsFolderError(RuntimeError):
+    """The output folder cannot be used as asked (another writer, other settings); nothing was written."""
+
+
+class ResultsBusyError(ResultsFolderError):
+    """Another run holds the lock of this results file."""
+
+
+class ResultsLock:
+    """Exclusive, non-blocking lock of one results file, held until :meth:`release` (or process exit).
+
+    The lock file stays in the folder: removing it while another process waits on it would let two
+    writers in.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._handle: Optional[IO[str]] = open(self.path.parent / (self.path.name + ".lock"), "a", encoding="utf-8")
+        try:
+            fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._handle.close()
+            self._handle = None
+            raise ResultsBusyError(f"another run is writing to {self.path.parent} ({self.path.name}); wait for it "
+                                   "to finish, or use another output folder") from None
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing the descriptor releases the flock
+            self._handle = None
+
+
+def repair_tail(path: str | os.PathLike) -> None:
+    """Cut a partial last line (a crash mid-write) so the next append starts on a fresh line.
+
+    Only bytes after the last newline are removed: they never formed a complete record, so no
+    written result is lost or changed.
+    """
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    size = path.stat().st_size
+    with open(path, "rb+") as f:
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        chunk = 1 << 16
+        pos = size
+        keep = 0
+        while pos > 0:
+            start = max(0, pos - chunk)
+            f.seek(start)
+            data = f.read(pos - start)
+            idx = data.rfind(b"\n")
+            if idx >= 0:
+                keep = start + idx + 1
+                break
+            pos = start
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of one results file (each a dict with a ``key``); a bad *last* line is an interrupted write
+    and is skipped, a bad line elsewhere is corruption and raises ValueError."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows: list[dict[str, Any]] = []
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    complete_last = bool(lines) and lines[-1] == b""
+    if complete_last:
+        lines.pop()
+    for i, raw in enumerate(lines):
+        last = i == len(lines) - 1
+        try:
+            row = json.loads(raw.decode("utf-8"))
+            if not isinstance(row, dict) or "key" not in row:
+                raise ValueError("not a result row")
+        except (ValueError, UnicodeDecodeError):
+            if last and not complete_last:
+                break  # truncated by a crash mid-write
+            raise ValueError(f"{path}: line {i + 1} is not a valid result row; the file is corrupt "
+                             "(only a truncated last line is tolerated)") from None
+        rows.append(row)
+    return rows
+
+
+def finite_or_none(value: Any) -> Any:
+    """NaN/inf as None: result lines are strict JSON (``allow_nan=False``), readable by any JSON parser."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class ResultWriter:
+    """Append-only JSONL writer of one locked results file; a row counts as done once flushed and fsynced.
+
+    Takes the file's lock (or the ``lock`` already taken, e.g. before checking the folder's settings),
+    repairs a torn tail, and releases the lock on :meth:`close`.
+    """
+
+    def __init__(self, path: str | os.PathLike, lock: Optional[ResultsLock] = None) -> None:
+        self.path = Path(path)
+        self._lock = lock or ResultsLock(self.path)
+        try:
+            repair_tail(self.path)
+            self._f = open(self.path, "a", encoding="utf-8")
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        if "key" not in row:
+            raise ValueError("a result row needs a 'key' (what a rerun skips)")
+        line = json.dumps(row, sort_keys=True, allow_nan=False)
+        self._f.write(line + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        try:
+            self._f.close()
+        finally:
+            self._lock.release()
+
+    def __enter__(self) -> "ResultWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

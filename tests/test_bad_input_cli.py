@@ -1,0 +1,83 @@
+"""Bad command-line values stop ``fs-mllm`` while parsing: exit status 2, the usage line, the option
+named, and nothing loaded or written (item 17 of issue 14: checked before any work, not after minutes)."""
+
+from __future__ import annotations
+
+import pytest
+
+from console_script import failure, run_fs_mllm
+from fs_mllm.cli import main
+
+OUT = "--output-dir"
+BAD = [
+    # (command line before the output folder option, option named in the error)
+    (["certify", "--limit", "-1"], "--limit"),
+    (["certify", "--limit", "0"], "--limit"),
+    (["certify", "--n", "1"], "--n"),
+    (["certify", "--alpha", "2"], "--alpha"),
+    (["certify", "--alpha", "0"], "--alpha"),
+    (["certify", "--sigma", "0"], "--sigma"),
+    (["certify", "--sigma", "nan"], "--sigma"),
+    (["certify", "--radii", "0.1,nan"], "--radii"),
+    (["certify", "--radii", "0.1,inf"], "--radii"),
+    (["certify", "--radii", ","], "--radii"),
+    (["certify", "--size", "0"], "--size"),
+    (["attack", "--limit", "0"], "--limit"),
+    (["attack", "--eps", "0"], "--eps"),
+    (["attack", "--eps", "nan"], "--eps"),
+    (["attack", "--steps", "0"], "--steps"),
+    (["attack", "--step-size", "-0.1"], "--step-size"),
+    (["attack", "--sigma", "-1"], "--sigma"),
+    (["attack", "--n-samples", "1"], "--n-samples"),
+    (["attack", "--eot-samples", "0"], "--eot-samples"),
+    (["attack", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["eval", "vqa", "--limit", "0"], "--limit"),
+    (["eval", "vqa", "--sigma", "0"], "--sigma"),
+    (["eval", "vqa", "--n-samples", "1"], "--n-samples"),
+    (["eval", "vqa", "--attack-eps", "0.5", "nan"], "--attack-eps"),
+    (["eval", "caption", "--attack-steps", "0"], "--attack-steps"),
+    (["eval", "caption", "--certify-alpha", "1"], "--certify-alpha"),
+    (["eval-vqa", "--eot-samples", "0"], "--eot-samples"),
+    (["eval-caption", "--max-new-tokens", "-3"], "--max-new-tokens"),
+    (["train-gsb", "--denoiser-steps", "-1"], "--denoiser-steps"),
+    (["train-gsb", "--batch-size", "0"], "--batch-size"),
+    (["train-gsb", "--size", "0"], "--size"),
+    (["train-gsb", "--sigma-min", "0"], "--sigma-min"),
+    (["train-gsb", "--heldout-fraction", "1.5"], "--heldout-fraction"),
+    (["train-gsb", "--clean-fraction", "1"], "--clean-fraction"),
+    (["train-gsb", "--eval-n", "1"], "--eval-n"),
+    (["train-gsb", "--eval-sigmas", "0.25", "inf"], "--eval-sigmas"),
+    (["train-gsb", "--denoiser-lr", "0"], "--denoiser-lr"),
+]
+
+
+def _out_option(command: str) -> str:
+    return "--out" if command == "attack" else OUT
+
+
+@pytest.mark.parametrize("argv,option", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_value_exits_2_with_usage_before_any_work(argv, option, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        main(argv + [_out_option(argv[0]), str(out)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: fs-mllm" in err and option in err, err
+    assert not out.exists(), "a rejected command wrote its output folder"
+
+
+def test_certify_radii_nan_as_a_user_runs_it(tmp_path):
+    """Issue 14 item 9: every image certified, then a ValueError and an empty certificates.jsonl."""
+    proc = run_fs_mllm(["certify", "--radii", "0.1,nan", "--output-dir", "out"], cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2, failure(proc)
+    assert "usage: fs-mllm certify" in proc.stderr and "--radii" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_without_a_task_is_a_usage_error(capsys):
+    for argv in (["eval"], ["eval", "speech"], ["eval", "--limit", "2"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        assert "usage: fs-mllm eval {vqa,caption}" in capsys.readouterr().err
