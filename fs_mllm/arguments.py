@@ -77,6 +77,19 @@ def _radii(text: str) -> list[float]:
 radii = _argtype(_radii, "radii")
 
 
+def _fraction_pair(text: str) -> tuple[float, float]:
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) != 2:
+        raise ValueError(f"expected 'lo,hi' (two area fractions, 0 < lo <= hi <= 1), got {text!r}")
+    low, high = (check_float(v, "each fraction") for v in parts)
+    if not low <= high <= 1:
+        raise ValueError(f"expected 0 < lo <= hi <= 1, got {text!r}")
+    return low, high
+
+
+fraction_pair = _argtype(_fraction_pair, "fraction_pair")
+
+
 def _folder(text: str) -> str:
     if not os.path.isdir(text):
         raise ValueError(f"{text!r} is not a folder")

@@ -231,3 +231,30 @@ def test_demo_refuses_bad_arguments_before_loading(tmp_path):
         result = subprocess.run([script, "demo", *bad, "--output-dir", str(tmp_path / "d")], capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and "usage" in result.stderr, (bad, result.stderr[-500:])
         assert not (tmp_path / "d").exists()
+
+
+def test_attack_command_transfer_protocol_as_a_user_runs_it(tmp_path):
+    """`fs-mllm attack --protocol transfer --objective feature_target --target-image ...` on the embedded model."""
+    from fs_mllm.synthetic import make_example
+
+    target = tmp_path / "target.png"
+    make_example(3, split="heldout", size=112).image.save(target)
+    out = tmp_path / "attack"
+    command = [shutil.which("fs-mllm"), "attack", "--offline-eval", "vqa", "--limit", "1", "--protocol", "transfer",
+               "--objective", "feature_target", "--target-image", str(target), "--norm", "linf", "--eps", str(16 / 255),
+               "--steps", "1", "--crop-scale", "0.5,1", "--modes", "base,fs", "--n-samples", "2",
+               "--max-new-tokens", "3", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["mode"] for r in rows} == {"base", "fs"}
+    assert all(r["attack"]["protocol"] == "transfer" and r["attack"]["objective"] == "feature_target" for r in rows)
+    from PIL import Image
+    import numpy as np
+
+    base_png, fs_png = (np.asarray(Image.open(r["adv_image"])) for r in sorted(rows, key=lambda r: r["mode"]))
+    assert np.array_equal(base_png, fs_png)  # crafted once, without the defense
+    bad = subprocess.run([*command[:-2], "--out", str(tmp_path / "bad"), "--surrogates", "resnet"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--surrogates" in bad.stderr
+    missing = subprocess.run([c for c in command if c not in ("--target-image", str(target))], capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "--target-image" in missing.stderr

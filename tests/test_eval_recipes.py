@@ -387,3 +387,41 @@ def test_two_process_accelerate_launch_equals_one_process(tmp_path, tiny_dir, vq
                 assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-6), k
             else:
                 assert a[k] == b[k], k
+
+
+def test_transfer_protocol_replays_one_crafted_image_on_every_variant(tmp_path, tiny_dir, vqa_dir, loaded):
+    """Issue 12: transfer images are crafted on the undefended model and replayed unchanged; rows carry
+    the variant's answer for the target image and whether the attacked answer became it."""
+    from fs_mllm.evaluation.runner import fs_attack
+
+    crafted = {}
+
+    def recording_attack(ctx, eps, settings, clean_answer, seed):
+        adv = fs_attack(ctx, eps, settings, clean_answer, seed)
+        from fs_mllm.patching import is_patched
+
+        crafted[(ctx.prompt, float(ctx.pixels01.sum()), is_patched(ctx.model))] = adv.clone()
+        return adv
+
+    settings = _settings(tiny_dir, vqa_dir, protocol="transfer", objective="feature_target", attack_norm="linf",
+                         attack_eps=(8 / 255,), attack_steps=2, certify_n=0, crop_scale=(0.5, 1.0))
+    summary = _run(settings, tmp_path / "out", loaded, attack_fn=recording_attack)
+    by_example: dict = {}
+    for (prompt, pixels, patched), adv in crafted.items():
+        by_example.setdefault((prompt, pixels), {})[patched] = adv
+    assert len(by_example) == 4 and all(len(v) == 2 for v in by_example.values())
+    for pair in by_example.values():
+        assert torch.equal(pair[False], pair[True])  # base and FS saw the very same adversarial image
+    attacked = [r for r in _all_lines(tmp_path / "out") if r["budget"] > 0]
+    assert attacked and all(r["protocol"] == "transfer" and "target_prediction" in r for r in attacked)
+    assert all(r["target_hit"] in (True, False, None) for r in attacked)
+    assert "transfer linf feature_target" in summary["markdown"] and "targeted_success" in summary["markdown"]
+
+
+def test_protocol_settings_are_checked_before_any_work():
+    with pytest.raises(ValueError, match="protocol"):
+        EvalSettings(protocol="replay")
+    with pytest.raises(ValueError, match="eps"):
+        EvalSettings(attack_norm="linf", attack_eps=(16.0,))
+    with pytest.raises(ValueError, match="crop_scale"):
+        EvalSettings(attack_eps=(0.5,), crop_scale=(0.9, 0.1))

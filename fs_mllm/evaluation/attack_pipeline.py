@@ -36,19 +36,20 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from fs_mllm.adapters import get_adapter
-from fs_mllm.arguments import existing_folder, non_negative_int, positive_float, positive_int, sample_count
-from fs_mllm.attacks import AttackConfig, attack, generate_text
+from fs_mllm.arguments import existing_folder, fraction_pair, non_negative_int, positive_float, positive_int, sample_count
+from fs_mllm.attacks import OBJECTIVES, PROTOCOLS, SURROGATES, AttackConfig, attack, generate_text
+from fs_mllm.defense import VARIANTS, apply_variant
 from fs_mllm.evaluation.results import ResultWriter, finite_or_none, read_rows
 from fs_mllm.evaluation.robustness import attack_success, summary_table
 from fs_mllm.evaluation.runner import build_prompt_for
 from fs_mllm.models.loading import DEFAULT_MODEL, load_model
 from fs_mllm.normalization import resolve_mean_std
-from fs_mllm.patching import patch_model, unpatch_model
+from fs_mllm.patching import unpatch_model
 
 __all__ = ["MODES", "RESULTS_FILE", "parse_args", "main"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-MODES = ("base", "fs", "fs+gsb")
+MODES = VARIANTS
 RESULTS_FILE = "results.jsonl"
 TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
 
@@ -65,8 +66,15 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None)
     p.add_argument("--question", default="Describe the image.", help="prompt for --images and --offline-eval caption")
     p.add_argument("--prompt-template", help="e.g. 'USER: {image}\\n{question} ASSISTANT:' ({image} = the image token); "
                                               "default: the processor's chat template, else '{image}{question}'")
-    p.add_argument("--objective", choices=("feature", "untargeted", "targeted"), default="feature")
+    p.add_argument("--objective", choices=OBJECTIVES, default="feature")
     p.add_argument("--target-text", help="what the model should say (objective targeted)")
+    p.add_argument("--target-image", help="image file whose features the attack pulls towards (objective feature_target)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="adaptive",
+                   help="adaptive: through each mode's smoothed path (EOT); transfer: the paper's protocol, crafted "
+                        "without the defense (the model's own undefended path, or --surrogates) and replayed")
+    p.add_argument("--surrogates", help=f"comma-separated surrogate encoders for --protocol transfer ({', '.join(SURROGATES)}); "
+                                        "several = an ensemble; default: the model's own undefended path")
+    p.add_argument("--crop-scale", type=fraction_pair, help="M-Attack random local crops: 'lo,hi' area fractions")
     p.add_argument("--norm", choices=("l2", "linf"), default="l2")
     p.add_argument("--eps", type=positive_float, default=0.5, help="radius in [0,1] pixel space")
     p.add_argument("--steps", type=positive_int, default=10)
@@ -97,11 +105,22 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None)
         args.config = AttackConfig(
             norm=args.norm, eps=args.eps, steps=args.steps, step_size=args.step_size,
             random_start=not args.no_random_start, objective=args.objective, target_text=args.target_text,
+            protocol=args.protocol, crop_scale=args.crop_scale,
             eot_samples=args.eot_samples, eot_chunk_size=args.eot_chunk_size,
             smoothing_samples=args.smoothing_samples, seed=args.seed,
         )
     except ValueError as exc:
         p.error(str(exc))
+    if (args.objective == "feature_target") != (args.target_image is not None):
+        p.error("--target-image goes with --objective feature_target (and that objective needs it)")
+    if args.target_image is not None and not os.path.isfile(args.target_image):
+        p.error(f"--target-image: {args.target_image!r} is not a file")
+    args.surrogates = [s.strip() for s in args.surrogates.split(",") if s.strip()] if args.surrogates else None
+    if args.surrogates:
+        if args.protocol != "transfer":
+            p.error("--surrogates go with --protocol transfer")
+        if any(name not in SURROGATES for name in args.surrogates):
+            p.error(f"--surrogates: choose from {list(SURROGATES)}, got {args.surrogates}")
     return args
 
 
@@ -114,6 +133,8 @@ def settings_id(args: argparse.Namespace) -> str:
         "question": args.question, "prompt_template": args.prompt_template, "attack": args.config.to_dict(),
         "sigma": args.sigma, "n_samples": args.n_samples, "max_new_tokens": args.max_new_tokens,
         "booster": os.path.abspath(args.booster) if args.booster else None,
+        "target_image": os.path.abspath(args.target_image) if args.target_image else None,
+        "surrogates": args.surrogates,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -190,9 +211,15 @@ def _attack_one(model, processor, example: dict, mode: str, args: argparse.Names
     images01, image_kwargs, tokens = processor_resolution_image(model, processor, example["image"], prompt, mean, std)
     start = time.time()
     clean_output = generate_text(model, processor, images01, tokens, args.max_new_tokens, mean, std, **image_kwargs)[0]
-    result = attack(model, processor, images01, tokens, config,
-                    answers=[clean_output] if args.objective == "untargeted" else None,
-                    image_mean=mean, image_std=std, **image_kwargs)
+    target = None
+    if args.target_image is not None:
+        from PIL import Image
+
+        target, _, _ = processor_resolution_image(model, processor, Image.open(args.target_image).convert("RGB"), prompt, mean, std)
+    # transfer + untargeted: the undefended model's own answer is pushed away, so every mode gets the same image
+    untargeted_answers = [clean_output] if args.objective == "untargeted" and args.protocol == "adaptive" else None
+    result = attack(model, processor, images01, tokens, config, answers=untargeted_answers,
+                    image_mean=mean, image_std=std, target_images=target, surrogates=args.surrogates, **image_kwargs)
     adv_output = generate_text(model, processor, result.adv_images, tokens, args.max_new_tokens, mean, std,
                                **image_kwargs)[0]
     if args.objective == "targeted":
@@ -247,11 +274,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
                                 continue
                             # patched afresh per row: its noise stream starts at --seed, so a row does
                             # not depend on which rows ran before it (a resumed run equals an unbroken one)
-                            unpatch_model(model)
-                            if mode != "base":
-                                patch_model(model, sigma=args.sigma, n_samples=args.n_samples, seed=args.seed,
-                                            booster=booster if mode == "fs+gsb" else None,
-                                            image_mean=mean, image_std=std)
+                            apply_variant(model, mode, args.sigma, args.n_samples, processor, booster, args.seed)
                             row = _attack_one(model, processor, example, mode, args, mean, std, out, run_id, settings)
                             writer.write(row)
                             rows[(example["id"], mode)] = row
@@ -270,7 +293,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         })
     table, _ = summary_table(summary)
     config = args.config
-    print(f"\n{config.objective} {config.norm} PGD, eps={config.eps:g}, steps={config.steps}, "
+    print(f"\n{config.protocol} {config.objective} {config.norm} PGD, eps={config.eps:g}, steps={config.steps}, "
           f"eot_samples={config.eot_samples}; results in {results_path}\n")
     print(table)
     return 0

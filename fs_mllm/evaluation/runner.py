@@ -56,16 +56,15 @@ __all__ = [
 ]
 
 from fs_mllm.arguments import (  # noqa: E402
-    check_float, check_int, non_negative_int, positive_float, positive_int, probability, sample_count,
+    check_float, check_int, fraction_pair, non_negative_int, positive_float, positive_int, probability, sample_count,
 )
 from fs_mllm.evaluation.results import (  # noqa: E402
     ResultsFolderError, ResultsLock, ResultWriter, finite_or_none, read_rows,
 )
 from fs_mllm.models.loading import DEFAULT_MODEL, load_model  # noqa: E402  (one loader for all entry points)
 
-VARIANTS = ("base", "fs", "fs+gsb")
-NORMS = ("l2", "linf")
-OBJECTIVES = ("feature", "untargeted", "targeted")
+from fs_mllm.attacks import NORMS, OBJECTIVES, PROTOCOLS  # noqa: E402  (one definition of each)
+from fs_mllm.defense import VARIANTS, apply_variant  # noqa: E402
 TASKS = ("vqa", "caption")
 SETTINGS_FILE = "settings.json"
 BARRIER_TIMEOUT_HOURS = 48
@@ -95,7 +94,12 @@ class EvalSettings:
     "base", "fs", "fs+gsb" (the last needs ``booster``, a GSB folder). sigma/n_samples/seed: the FS patch.
     attack_eps: attack budgets (> 0; empty = clean only) in [0,1] pixel space at processor resolution,
     with ``attack_norm``, ``attack_steps``, ``attack_step_size`` (None = 2.5 * eps / steps), ``objective``,
-    ``target`` (targeted only) and ``eot_samples`` (noisy forwards per gradient on FS variants). certify_n > 0 certifies every FS variant's clean image with that many
+    ``target`` (targeted only) and ``eot_samples`` (noisy forwards per gradient on FS variants).
+    protocol: "adaptive" (through each variant's own smoothed path) or "transfer" (the paper's protocol:
+    crafted on the undefended model with the same seed for every variant, so every variant sees the same
+    images); objective "feature_target" pulls the features towards the next example's image, and rows
+    then record the variant's answer for that image and whether the attacked answer became it.
+    crop_scale: M-Attack's random local crops (lo, hi area fraction) or None. certify_n > 0 certifies every FS variant's clean image with that many
     noise samples at level ``certify_alpha``. limit: first N examples only.
     """
 
@@ -114,6 +118,8 @@ class EvalSettings:
     attack_step_size: Optional[float] = None
     objective: str = "feature"
     target: Optional[str] = None
+    protocol: str = "adaptive"
+    crop_scale: Optional[tuple] = None
     eot_samples: int = 1
     certify_n: int = 0
     certify_alpha: float = 0.001
@@ -170,6 +176,16 @@ class EvalSettings:
         self.eot_samples = check_int(self.eot_samples, "eot_samples")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.crop_scale is not None:
+            self.crop_scale = tuple(float(v) for v in self.crop_scale)
+        if self.attack_eps:  # every budget through the attack's own range checks, before any model work
+            from fs_mllm.attacks import AttackConfig
+
+            for eps in self.attack_eps:
+                AttackConfig(norm=self.attack_norm, eps=eps, steps=self.attack_steps, objective=self.objective,
+                             target_text=self.target, protocol=self.protocol, crop_scale=self.crop_scale)
         if self.objective == "targeted" and self.attack_eps and not (self.target and self.target.strip()):
             raise ValueError("objective='targeted' needs target (the string the attack makes the model say)")
         if isinstance(self.certify_n, bool) or not isinstance(self.certify_n, int) or self.certify_n < 0 or self.certify_n == 1:
@@ -189,6 +205,7 @@ class EvalSettings:
         data = dataclasses.asdict(self)
         data["variants"] = list(self.variants)
         data["attack_eps"] = list(self.attack_eps)
+        data["crop_scale"] = None if self.crop_scale is None else list(self.crop_scale)
         return data
 
     @classmethod
@@ -322,6 +339,7 @@ class _Context:
         if isinstance(self.pixels01, list):
             raise ValueError("images of different shapes within one example are not supported by the runner")
         self.pixels01 = self.pixels01.clamp(0, 1)
+        self.target: Optional["_Context"] = None  # the target image's context (feature_target attacks)
 
     def model_inputs(self, pixels01: Optional[torch.Tensor]) -> dict[str, Any]:
         if pixels01 is None:
@@ -365,20 +383,24 @@ AttackFn = Callable[..., torch.Tensor]
 def fs_attack(ctx: "_Context", eps: float, settings: EvalSettings, clean_answer: str, seed: int) -> torch.Tensor:
     """Adversarial [0,1] pixels from :func:`fs_mllm.attacks.attack` (PGD, adaptive EOT on a patched model).
 
-    The untargeted objective pushes the variant's own clean answer away; an empty clean answer has no
-    loss to push, so that example falls back to the feature objective (recorded as ``objective_used``).
+    The untargeted objective pushes the variant's own clean answer away (under the transfer protocol the
+    undefended model's, so every variant gets the same image); an empty clean answer has no loss to push,
+    so that example falls back to the feature objective (recorded as ``objective_used``).
+    ``feature_target`` pulls towards ``ctx.target`` (the next example's image).
     """
     from fs_mllm.attacks import AttackConfig, attack
 
     objective = objective_for(settings, clean_answer)
     config = AttackConfig(norm=settings.attack_norm, eps=eps, steps=settings.attack_steps,
-                          step_size=settings.attack_step_size, objective=objective,
+                          step_size=settings.attack_step_size, objective=objective, protocol=settings.protocol,
+                          crop_scale=settings.crop_scale,
                           target_text=settings.target if objective == "targeted" else None,
                           eot_samples=settings.eot_samples, seed=seed)
-    prompts = None if objective == "feature" else [ctx.prompt]
-    answers = [clean_answer] if objective == "untargeted" else None
+    prompts = None if objective in ("feature", "feature_target") else [ctx.prompt]
+    answers = [clean_answer] if objective == "untargeted" and settings.protocol == "adaptive" else None
+    target = ctx.target.pixels01 if objective == "feature_target" else None
     result = attack(ctx.model, ctx.processor, ctx.pixels01, prompts, config, answers=answers,
-                    image_mean=ctx.mean, image_std=ctx.std, **ctx.extra)
+                    image_mean=ctx.mean, image_std=ctx.std, target_images=target, **ctx.extra)
     return result.adv_images
 
 
@@ -413,13 +435,7 @@ def _load_booster(path: str) -> Any:
 
 
 def _set_variant(model: Any, processor: Any, variant: str, settings: EvalSettings, booster: Any) -> None:
-    from fs_mllm.patching import patch_model, unpatch_model
-
-    unpatch_model(model)
-    if variant == "base":
-        return
-    patch_model(model, sigma=settings.sigma, n_samples=settings.n_samples, seed=settings.seed,
-                booster=booster if variant == "fs+gsb" else None, processor=processor)
+    apply_variant(model, variant, settings.sigma, settings.n_samples, processor, booster, settings.seed)
 
 
 def _distributed() -> Any:
@@ -527,6 +543,10 @@ def _run_shard(settings: EvalSettings, model: Any, processor: Any, dataset: Any,
                 continue
             prompt = build_prompt_for(processor, text, settings.model)
             ctx = _Context(model, processor, ex["image"].convert("RGB"), prompt)
+            target_answer = None
+            if settings.objective == "feature_target" and settings.attack_eps:
+                target_index = (index + 1) % len(dataset)  # another example's image: the AttackVLM target
+                ctx.target = _Context(model, processor, dataset[target_index]["image"].convert("RGB"), prompt)
             base_row = {"index": index, "example_id": example_id, "variant": variant, "task": settings.task}
             if settings.task == "vqa":
                 base_row["answers"] = refs
@@ -563,6 +583,8 @@ def _run_shard(settings: EvalSettings, model: Any, processor: Any, dataset: Any,
                 if clean_features is None:
                     with torch.no_grad():
                         clean_features = ctx.features(None)
+                if ctx.target is not None and target_answer is None:
+                    target_answer = ctx.target.generate(None, settings.max_new_tokens)
                 seed = (settings.seed + 7919 * index + int(round(budget * 1e6))) % (2 ** 31)
                 adv = attack(ctx, budget, settings, clean_answer, seed)
                 if not isinstance(adv, torch.Tensor) or adv.shape != ctx.pixels01.shape:
@@ -579,9 +601,14 @@ def _run_shard(settings: EvalSettings, model: Any, processor: Any, dataset: Any,
                        "fcs": finite_or_none(float(_flat_cos(clean_features, adv_features))),
                        "changed": normalize_text(answer) != normalize_text(clean_answer),
                        "perturbation_l2": dist_l2, "perturbation_linf": dist_linf,
-                       "objective_used": objective_for(settings, clean_answer)}
+                       "protocol": settings.protocol, "objective_used": objective_for(settings, clean_answer)}
                 if settings.objective == "targeted":
                     row["target_hit"] = targeted_success(answer, settings.target)
+                elif target_answer is not None:
+                    # the answer became the variant's answer for the target image (None: that equals the clean one)
+                    row["target_prediction"] = target_answer
+                    row["target_hit"] = (None if normalize_text(target_answer) == normalize_text(clean_answer)
+                                         else normalize_text(answer) == normalize_text(target_answer))
                 if settings.task == "vqa":
                     row["score"] = vqa_score(answer, refs)
                 writer.write(row)
@@ -623,7 +650,7 @@ def summarize(output_dir: str | os.PathLike, settings: EvalSettings, dataset_ids
         for budget in settings.budgets:
             sel = [rows[_key(i, variant, budget)] for i in dataset_ids]
             entry: dict[str, Any] = {"variant": variant,
-                                     "attack": "none" if budget == 0 else f"{settings.attack_norm} {settings.objective}",
+                                     "attack": "none" if budget == 0 else f"{settings.protocol} {settings.attack_norm} {settings.objective}",
                                      "eps": budget, "n": len(sel)}
             if settings.task == "vqa":
                 entry["vqa_accuracy"] = sum(r["score"] for r in sel) / len(sel)
@@ -636,6 +663,9 @@ def summarize(output_dir: str | os.PathLike, settings: EvalSettings, dataset_ids
                 entry["attack_success_rate"] = sum(bool(r["changed"]) for r in sel) / len(sel)
                 if settings.objective == "targeted":
                     entry["target_hit_rate"] = sum(bool(r.get("target_hit")) for r in sel) / len(sel)
+                elif settings.objective == "feature_target":
+                    aimed = [r["target_hit"] for r in sel if r.get("target_hit") is not None]
+                    entry["targeted_success"] = sum(aimed) / len(aimed) if aimed else None
                 fcs = [r["fcs"] for r in sel if r.get("fcs") is not None]
                 entry["fcs_mean"] = sum(fcs) / len(fcs) if fcs else None
             else:
@@ -722,7 +752,13 @@ def add_common_arguments(parser: Any, task: str) -> None:
                         help="attack budgets (several for accuracy vs budget); none = clean only")
     parser.add_argument("--attack-steps", type=positive_int, default=10)
     parser.add_argument("--attack-step-size", type=positive_float, default=None, help="default 2.5 * eps / steps")
-    parser.add_argument("--objective", default="feature", choices=OBJECTIVES)
+    parser.add_argument("--objective", default="feature", choices=OBJECTIVES,
+                        help="feature_target pulls the features towards the next example's image (AttackVLM)")
+    parser.add_argument("--protocol", default="adaptive", choices=PROTOCOLS,
+                        help="adaptive: through each variant's smoothed path (EOT); transfer: the paper's protocol, "
+                             "crafted once on the undefended model and replayed on every variant")
+    parser.add_argument("--crop-scale", type=fraction_pair, default=None,
+                        help="M-Attack random local crops: 'lo,hi' area fractions (e.g. 0.5,1), default none")
     parser.add_argument("--target", default=None, help="target text for --objective targeted")
     parser.add_argument("--eot-samples", type=positive_int, default=1,
                         help="noisy forwards averaged per attack gradient on FS variants (fresh noise every step)")
@@ -745,6 +781,7 @@ def settings_from_args(args: Any, task: str) -> EvalSettings:
         sigma=args.sigma, n_samples=args.n_samples, seed=args.seed, booster=args.booster,
         attack_norm=args.attack_norm, attack_eps=tuple(args.attack_eps or ()), attack_steps=args.attack_steps,
         attack_step_size=args.attack_step_size, objective=args.objective, target=args.target,
+        protocol=args.protocol, crop_scale=args.crop_scale,
         eot_samples=args.eot_samples,
         certify_n=args.certify_n, certify_alpha=args.certify_alpha, max_new_tokens=args.max_new_tokens,
         limit=args.limit, dtype=args.dtype,
