@@ -53,7 +53,7 @@ QUICK = {
                   "--size", "56", "--denoiser-channels", "8", "--denoiser-depth", "2", "--mapper-hidden", "16",
                   "--eval-n", "0"],
 }
-SKIPPED = {"demo"}  # `fs-mllm demo` runs in test_cli.py; it is moving to its own module
+SKIPPED = {"demo"}  # `fs-mllm demo` runs as a subprocess in test_defense.py
 
 
 def cli_commands() -> list[list[str]]:
