@@ -272,7 +272,7 @@ def get_fs_state(model: nn.Module) -> FSState:
 
 def patch_model(
     model: nn.Module,
-    sigma: float = 0.25,
+    sigma: Union[float, str, os.PathLike] = 0.25,
     n_samples: int = 8,
     seed: int = 0,
     chunk_size: Optional[int] = None,
@@ -289,9 +289,25 @@ def patch_model(
     an already patched model re-configures it (never wraps twice). mean/std come from ``image_mean``/
     ``image_std``, else ``processor``, else the saved preprocessor config, else the family default
     (with a warning). ``booster`` follows fs_mllm.adapters.base.Booster.
+
+    ``sigma`` may instead name a folder or Hub repo id saved by ``fs_mllm.save_pretrained``: the
+    settings, mean/std and booster then all come from its fs_config.json (the other arguments must
+    keep their defaults), and the model's family must match the saved one.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module (a transformers multimodal model), got {type(model).__name__}")
+    if isinstance(sigma, (str, os.PathLike)):
+        changed = {"n_samples": n_samples != 8, "seed": seed != 0, "normalize": normalize != "global"}
+        changed.update((name, value is not None) for name, value in (
+            ("chunk_size", chunk_size), ("booster", booster), ("config", config), ("processor", processor),
+            ("image_mean", image_mean), ("image_std", image_std)))
+        given = [name for name, is_given in changed.items() if is_given]
+        if given:
+            raise ValueError(f"patch_model(model, {os.fspath(sigma)!r}) takes every setting from the saved fs_config.json; "
+                             f"drop {given}, or patch with sigma=<number> and your own settings")
+        from .hub import patch_from_saved
+
+        return patch_from_saved(model, sigma)
     if config is None:
         config = FSConfig(sigma=sigma, n_samples=n_samples, seed=seed, chunk_size=chunk_size, normalize=normalize)
     elif not isinstance(config, FSConfig):
