@@ -198,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
         recipe.set_defaults(recipe=name)
     eval_alias = sub.add_parser("eval", help="alias: `fs-mllm eval vqa|caption ...`", add_help=False)
     eval_alias.set_defaults(recipe="eval")
+
+    # `save` hands its arguments to fs_mllm.hub.main (one parser, in the module that saves)
+    save = sub.add_parser("save", help="patch a model (+ booster) and save it with fs_config.json and a model card",
+                          add_help=False, description="`fs-mllm save --help` lists the options.")
+    save.set_defaults(recipe="save")
     return parser
 
 
@@ -214,6 +219,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Any:
         if not rest or rest[0] not in ("vqa", "caption"):
             parser.error("usage: fs-mllm eval {vqa,caption} [options]")
         recipe, rest = f"eval-{rest[0]}", rest[1:]
+    if recipe == "save":
+        from .hub import main as save_main
+
+        return save_main(rest)
     return load_recipe(recipe).main(rest)
 
 
