@@ -20,7 +20,8 @@ def load_safetensors_model(model_class: Any, name_or_folder: Union[str, os.PathL
     safetensors weights gets a ValueError naming it (transformers' own error does not say why).
     """
     folder = Path(name_or_folder)
-    if folder.is_dir() and not any(folder.glob("*.safetensors")):
+    # transformers' weight files (model.safetensors, shards, variants): other safetensors (a booster) do not count
+    if folder.is_dir() and not any(folder.glob("model*.safetensors")):
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
         found = f" (found pickle weights: {', '.join(pickles)})" if pickles else ""
         raise ValueError(
