@@ -760,7 +760,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     from .models.loading import load_model
     from .patching import patch_model
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     results = None
     if args.results is not None:
         path = Path(args.results)
@@ -769,8 +770,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         except (OSError, ValueError) as error:
             raise SystemExit(f"fs-mllm save: --results {path}: {error}") from None
         _render_results(results)  # refuse a bad file before loading the model
-    config = FSConfig(sigma=args.sigma, n_samples=args.n_samples, seed=args.seed, chunk_size=args.chunk_size,
-                      normalize=args.normalize, alpha=args.alpha, method=args.method)
+    try:
+        config = FSConfig(sigma=args.sigma, n_samples=args.n_samples, seed=args.seed, chunk_size=args.chunk_size,
+                          normalize=args.normalize, alpha=args.alpha, method=args.method)
+    except ValueError as error:
+        parser.error(str(error))
     booster = GaussianSmoothnessBooster.from_pretrained(args.booster) if args.booster else None
     model, processor = load_model(args.model, dtype=args.dtype)
     patch_model(model, config=config, booster=booster, processor=processor)
