@@ -285,6 +285,9 @@ def load_base(
             hub = {}
     else:
         source, source_revision = record.base_model, record.base_revision
+        if source == MINI_LLAVA_REPO:
+            mini_llava_repo(cache_dir)
+            hub.setdefault("local_files_only", True)
     hub = _hub_kwargs(revision=source_revision, **hub)
     config = AutoConfig.from_pretrained(source, **hub)
     if config.model_type != record.family:
@@ -391,6 +394,10 @@ def _base_reference(hf_model: nn.Module, base_model: Optional[str], revision: Op
             f"base_model: the model was loaded from {where}, which is not a Hub repo; pass base_model='org/name' "
             "(and revision=) naming where its weights are published, or include_weights=True to save them in the folder")
     _check_repo_id(name, "base_model")
+    if name == MINI_LLAVA_REPO:
+        warnings.warn(f"fs_mllm.save_pretrained: the base model {MINI_LLAVA_REPO} exists only in local HF caches (built by "
+                      "fs_mllm), not on the Hub: this folder loads where fs_mllm is installed; pass include_weights=True "
+                      "before sharing it", UserWarning, stacklevel=3)
     revision = revision or _cached_commit(name)
     if revision is None:
         warnings.warn(f"fs_mllm.save_pretrained: no revision known for base model {name!r}; fs_config.json references "
