@@ -107,6 +107,17 @@ def test_round_trip_from_a_folder_gives_bit_identical_smoothed_features(family, 
     assert not torch.equal(features(loaded, inputs), expected)  # the comparison was about the smoothed path
 
 
+def test_from_pretrained_passes_dtype_and_device_map_through_and_generates(tmp_path):
+    model, inputs = patched("qwen2_vl")
+    folder = fs_mllm.save_pretrained(model, tmp_path / "saved", include_weights=True)
+    loaded = fs_mllm.from_pretrained(folder, dtype=torch.bfloat16, device_map="cpu")
+    assert loaded.dtype == torch.bfloat16 and is_patched(loaded)
+    assert {p.device.type for p in loaded.parameters()} == {"cpu"}
+    inputs = {k: (v.to(torch.bfloat16) if k == "pixel_values" else v) for k, v in inputs.items()}
+    out = loaded.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 2
+
+
 def test_patch_model_with_a_saved_folder_applies_its_settings_and_booster(tmp_path):
     model, inputs = patched("llava")
     folder = fs_mllm.save_pretrained(model, tmp_path / "saved", include_weights=True)
