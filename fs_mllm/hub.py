@@ -198,6 +198,7 @@ def resolve_folder(
         repo_id = _check_repo_id(ref, "repo_id_or_folder (not a local folder, so a Hub repo id)")
         if repo_id == MINI_LLAVA_REPO:
             mini_llava_repo(cache_dir)  # the embedded model: (re)placed in the cache when missing or stale
+            local_files_only = True if local_files_only is None else local_files_only  # never on the Hub
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
