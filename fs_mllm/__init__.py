@@ -1,10 +1,10 @@
 """fs_mllm: certified robustness for Hugging Face multimodal LLMs through feature-space smoothing."""
 
 from .attacks import AttackConfig, AttackResult, attack
-from .certify import Certificate, PredictionCertificate, certify_features, certify_prediction
+from .certify import Certificate, ModelCertificate, PredictionCertificate, certify_features, certify_model, certify_prediction
 from .config import FSConfig
 from .gsb import GaussianSmoothnessBooster, GSBConfig, boosted_encoder
-from .certify import ModelCertificate, certify_model
+from .hub import from_pretrained, push_to_hub, save_pretrained
 from .patching import get_fs_state, is_patched, patch_model, unpatch_model
 from .smoothing import smooth_features
 from .stats import certified_radius, fcsb, score_lower_bound
@@ -27,9 +27,12 @@ __all__ = [
     "certify_model",
     "certify_prediction",
     "fcsb",
+    "from_pretrained",
     "get_fs_state",
     "is_patched",
     "patch_model",
+    "push_to_hub",
+    "save_pretrained",
     "score_lower_bound",
     "smooth_features",
     "unpatch_model",

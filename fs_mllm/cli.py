@@ -28,6 +28,7 @@ PACKAGE_COMMANDS = {
     "eval-vqa": ("fs_mllm.evaluation.runner", ("vqa",), "VQA robustness evaluation (same as `eval vqa`)"),
     "eval-caption": ("fs_mllm.evaluation.runner", ("caption",), "captioning robustness evaluation (same as `eval caption`)"),
     "train-gsb": ("fs_mllm.gsb_training", (), "train a Gaussian Smoothness Booster"),
+    "save": ("fs_mllm.hub", (), "patch a model (+ booster) and save it with fs_config.json and a model card"),
 }
 EVAL_TASKS = ("vqa", "caption")
 # commands whose output folder a rerun of the same command resumes

@@ -14,8 +14,10 @@ bound method exactly. Noise is added in the normalised pixel space with per-chan
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
-from typing import Any, Callable, Iterator, Optional, Sequence
+import os
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 from torch import nn
 
@@ -110,30 +112,44 @@ def config_override(model: nn.Module, **changes: Any) -> Iterator[FSConfig]:
 
 def patch_model(
     model: nn.Module,
-    sigma: float = 0.25,
-    n_samples: int = 8,
-    seed: int = 0,
-    chunk_size: Optional[int] = None,
-    normalize: str = "global",
+    config: Union[FSConfig, str, os.PathLike, None] = None,
+    *,
     booster: Any = None,
-    config: Optional[FSConfig] = None,
     processor: Any = None,
     image_mean: Optional[Sequence[float]] = None,
     image_std: Optional[Sequence[float]] = None,
+    **overrides: Any,
 ) -> nn.Module:
     """Swap the model's image features for feature-space smoothed ones, in place; returns ``model``.
 
-    ``config`` (an FSConfig) overrides sigma/n_samples/seed/chunk_size/normalize when given. Patching
-    an already patched model re-configures it (never wraps twice). mean/std come from ``image_mean``/
-    ``image_std``, else ``processor``, else the saved preprocessor config, else the family default
-    (with a warning). ``booster`` follows fs_mllm.adapters.base.Booster.
+    ``config``: an FSConfig (default ``FSConfig()``, the one set of defaults), or a folder / Hub repo id
+    saved by ``fs_mllm.save_pretrained`` (then the settings, mean/std and booster all come from its
+    fs_config.json, and the model's family must match). ``overrides`` are FSConfig fields as sugar:
+    ``patch_model(model, sigma=0.5, n_samples=16)``. Patching an already patched model re-configures
+    it (never wraps twice). mean/std come from ``image_mean``/``image_std``, else ``processor``, else
+    the saved preprocessor config, else the family default (with a warning). ``booster`` follows
+    fs_mllm.adapters.base.Booster.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module (a transformers multimodal model), got {type(model).__name__}")
+    if isinstance(config, (str, os.PathLike)):
+        given = sorted(overrides) + [name for name, value in (("booster", booster), ("processor", processor),
+                                     ("image_mean", image_mean), ("image_std", image_std)) if value is not None]
+        if given:
+            raise ValueError(f"patch_model(model, {os.fspath(config)!r}) takes every setting from the saved fs_config.json; "
+                             f"drop {given}, or patch with an FSConfig / sigma=<number> and your own settings")
+        from .hub import patch_from_saved
+
+        return patch_from_saved(model, config)
     if config is None:
-        config = FSConfig(sigma=sigma, n_samples=n_samples, seed=seed, chunk_size=chunk_size, normalize=normalize)
+        config = FSConfig()
     elif not isinstance(config, FSConfig):
-        raise ValueError(f"config must be an fs_mllm.FSConfig or None, got {type(config).__name__}")
+        raise ValueError(f"config must be an fs_mllm.FSConfig, a saved folder / repo id, or None, got {type(config).__name__}")
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(FSConfig)})
+    if unknown:
+        raise ValueError(f"patch_model got unknown settings {unknown}; FSConfig fields are "
+                         f"{[f.name for f in dataclasses.fields(FSConfig)]}")
+    config = config.replace(**overrides)
     adapter = get_adapter(model)
     hf_model = unwrap_model(model)
     mean, std = resolve_mean_std(model, adapter, processor, image_mean, image_std)

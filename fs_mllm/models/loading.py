@@ -1,4 +1,5 @@
-"""One loader for every entry point: the embedded ``fs-mini-llava`` or any HF image-text-to-text model."""
+"""One loader for every entry point: the embedded ``fs-mini-llava``, a saved patched model (fs_config.json),
+or any HF image-text-to-text model."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def load_safetensors_model(model_class: Any, name_or_folder: Union[str, os.PathL
     safetensors weights gets a ValueError naming it (transformers' own error does not say why).
     """
     folder = Path(name_or_folder)
-    if folder.is_dir() and not any(folder.glob("*.safetensors")):
+    # transformers' weight files (model.safetensors, shards, variants): other safetensors (a booster) do not count
+    if folder.is_dir() and not any(folder.glob("model*.safetensors")):
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
         found = f" (found pickle weights: {', '.join(pickles)})" if pickles else ""
         raise ValueError(
@@ -37,6 +39,9 @@ def load_model(
 ) -> tuple[Any, Any]:
     """(model, processor) from ``"fs-mini-llava"`` (embedded offline LLaVA), a Hub id or a local folder.
 
+    A folder or repo id saved by ``fs_mllm.save_pretrained`` (it holds fs_config.json) gives the base
+    model it names (its own weights, or the referenced base) and its processor, unpatched: every entry
+    point applies its own variants (base / FS / FS+GSB). ``fs_mllm.from_pretrained`` returns it patched.
     ``processor`` names the processor's id/folder when it is not saved beside the model.
     """
     if not isinstance(model, str) or not model:
@@ -50,6 +55,11 @@ def load_model(
         return load_mini_llava(device=device, dtype=torch_dtype)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from ..hub import is_saved_patch, load_base
+
+    if is_saved_patch(model):
+        hf_model, saved_processor, _, _ = load_base(model, dtype=torch_dtype, load_processor=processor is None)
+        return hf_model.to(device).eval(), saved_processor or AutoProcessor.from_pretrained(processor)
     hf_model = load_safetensors_model(AutoModelForImageTextToText, model, dtype=torch_dtype).to(device).eval()
     loaded_processor = AutoProcessor.from_pretrained(processor or model)
     return hf_model, loaded_processor

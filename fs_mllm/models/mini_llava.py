@@ -190,12 +190,21 @@ def load_mini_llava(
     dtype: torch.dtype = torch.float32,
     projector_path: str | os.PathLike | None = None,
 ):
-    """Load fs-mini-llava (model, processor), built from the cached converted parts + shipped projector."""
+    """Load fs-mini-llava (model, processor), built from the cached converted parts + shipped projector.
+
+    With the shipped projector it loads the Hub way: from the HF cache repo ``fs-mllm/fs-mini-llava``
+    (placed there by ``fs_mllm.hub.mini_llava_repo``, never fetched), through transformers' own resolution.
+    """
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype must be a torch.dtype, got {dtype!r}")
-    folder = mini_llava_dir(projector_path)
-    model = load_safetensors_model(LlavaForConditionalGeneration, folder, dtype=dtype).to(device).eval()
-    processor = LlavaProcessor.from_pretrained(folder)
+    if projector_path is None:
+        from fs_mllm.hub import mini_llava_repo
+
+        source, hub = mini_llava_repo(), {"local_files_only": True}  # local by construction: no Hub request
+    else:
+        source, hub = str(mini_llava_dir(projector_path)), {}
+    model = load_safetensors_model(LlavaForConditionalGeneration, source, dtype=dtype, **hub).to(device).eval()
+    processor = LlavaProcessor.from_pretrained(source, **hub)
     return model, processor
