@@ -9,7 +9,8 @@ certificates at n = 1000): hours on a CPU, so pass smaller counts there and repo
 
     python benchmarks/bench_defense.py [--clean-questions 200] [--attack-images 100] [--transfer-steps 300]
         [--adaptive-steps 20] [--eot-samples 8] [--certify-images 16] [--certify-n 1000]
-        [--no-adaptive] [--no-transfer] [--device cpu] [--threads 1] [--out bench_defense.json]
+        [--transfer-linf 4/255,8/255,16/255] [--adaptive-l2 0.0625,...] [--adaptive-linf 1/255,2/255,4/255]
+        [--no-crops] [--device cpu] [--threads 1] [--out bench_defense.json]
 """
 
 from __future__ import annotations
@@ -21,11 +22,22 @@ import time
 
 import torch
 
-from fs_mllm.arguments import positive_float, positive_int
+from fs_mllm.arguments import fraction_pair, positive_float, positive_int
 from fs_mllm.defense import ADAPTIVE_L2, ADAPTIVE_LINF, TRANSFER_LINF, DefenseSettings, defense_table, evaluate_defense, synthetic_items
 from fs_mllm.gsb import GaussianSmoothnessBooster
 from fs_mllm.models import load_mini_llava
 from fs_mllm.models.mini_llava import BOOSTER_DIR, IMAGE_SIZE, build_prompt
+
+
+def budgets(text: str) -> list[float]:
+    """Comma-separated budgets in [0,1] pixel units; a/b allowed (16/255); 'none' = no budget."""
+    if text.strip().lower() == "none":
+        return []
+    values = []
+    for part in text.split(","):
+        top, _, bottom = part.partition("/")
+        values.append(float(top) / (float(bottom) if bottom else 1.0))
+    return values
 
 
 def main() -> None:
@@ -39,16 +51,21 @@ def main() -> None:
     parser.add_argument("--eot-samples", type=positive_int, default=8)
     parser.add_argument("--certify-images", type=int, default=16)
     parser.add_argument("--certify-n", type=positive_int, default=1000)
-    parser.add_argument("--no-transfer", action="store_true")
-    parser.add_argument("--no-adaptive", action="store_true")
+    parser.add_argument("--transfer-linf", type=budgets, default=list(TRANSFER_LINF), help="linf budgets ('none' = skip)")
+    parser.add_argument("--transfer-step-size", type=positive_float, default=1 / 255)
+    parser.add_argument("--crop-scale", type=fraction_pair, default=(0.5, 1.0), help="M-Attack local crops, 'lo,hi'")
+    parser.add_argument("--no-crops", action="store_true")
+    parser.add_argument("--adaptive-l2", type=budgets, default=list(ADAPTIVE_L2), help="l2 budgets ('none' = skip)")
+    parser.add_argument("--adaptive-linf", type=budgets, default=list(ADAPTIVE_LINF), help="linf budgets ('none' = skip)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--out", default="bench_defense.json")
     args = parser.parse_args()
     settings = DefenseSettings(
         sigma=args.sigma, n_samples=args.n_samples,
-        transfer_linf=() if args.no_transfer else TRANSFER_LINF, transfer_steps=args.transfer_steps,
-        adaptive_l2=() if args.no_adaptive else ADAPTIVE_L2, adaptive_linf=() if args.no_adaptive else ADAPTIVE_LINF,
+        transfer_linf=tuple(args.transfer_linf), transfer_steps=args.transfer_steps,
+        transfer_step_size=args.transfer_step_size, crop_scale=None if args.no_crops else args.crop_scale,
+        adaptive_l2=tuple(args.adaptive_l2), adaptive_linf=tuple(args.adaptive_linf),
         adaptive_steps=args.adaptive_steps, eot_samples=args.eot_samples,
         certify_images=args.certify_images, certify_n=args.certify_n,
     )

@@ -9,9 +9,11 @@ usage line, while parsing, i.e. before any work.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
-from typing import Any, Callable, TypeVar
+import typing
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -97,3 +99,31 @@ def _folder(text: str) -> str:
 
 
 existing_folder = _argtype(_folder, "existing_folder")
+
+
+def add_fs_config_arguments(parser: argparse.ArgumentParser, names: Sequence[str] = ("sigma", "n_samples", "seed")) -> None:
+    """Options ``--sigma``, ``--n-samples``, ... built from FSConfig's fields: the defaults and help text
+    live on the dataclass (one place), and each value is checked by FSConfig's own validator while parsing."""
+    from .config import FSConfig, _FIELD_CHECKS
+
+    fields = {f.name: f for f in dataclasses.fields(FSConfig)}
+    for name in names:
+        f = fields[name]
+        check = _FIELD_CHECKS[name]
+        kind = typing.get_type_hints(FSConfig)[name]
+        convert = int if kind in (int, Optional[int]) else (float if kind is float else str)
+        parse = _argtype(lambda text, check=check, convert=convert: check(convert(text)), name)
+        option = "--" + name.replace("_", "-")
+        help_text = f.metadata.get("help", name) + ("" if f.default is None else f" (default {f.default})")
+        if "choices" in f.metadata:
+            parser.add_argument(option, default=f.default, choices=f.metadata["choices"], help=help_text)
+        else:
+            parser.add_argument(option, type=parse, default=f.default, help=help_text)
+
+
+def fs_config_from_args(args: argparse.Namespace, **fixed: Any):
+    """The FSConfig of the parsed options (fields that were not options keep FSConfig's defaults)."""
+    from .config import FSConfig
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(FSConfig) if hasattr(args, f.name)}
+    return FSConfig(**{**values, **fixed})

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from . import demo as demo_module
-from .arguments import existing_folder, positive_float, positive_int, probability, radii, sample_count
+from .arguments import add_fs_config_arguments, existing_folder, positive_int, radii, sample_count
 from .demo import run_demo
 from .image_io import to_tensor01
 from .models.loading import DEFAULT_MODEL, load_model
@@ -28,11 +28,12 @@ PACKAGE_COMMANDS = {
     "eval-vqa": ("fs_mllm.evaluation.runner", ("vqa",), "VQA robustness evaluation (same as `eval vqa`)"),
     "eval-caption": ("fs_mllm.evaluation.runner", ("caption",), "captioning robustness evaluation (same as `eval caption`)"),
     "train-gsb": ("fs_mllm.gsb_training", (), "train a Gaussian Smoothness Booster"),
+    "train-mapper": ("fs_mllm.gsb_utility", (), "train fs-mini-llava's booster mapper through the frozen language model"),
     "save": ("fs_mllm.hub", (), "patch a model (+ booster) and save it with fs_config.json and a model card"),
 }
 EVAL_TASKS = ("vqa", "caption")
 # commands whose output folder a rerun of the same command resumes
-RESUMABLE = ("attack", "eval", "eval-vqa", "eval-caption", "train-gsb")
+RESUMABLE = ("attack", "eval", "eval-vqa", "eval-caption", "train-gsb", "train-mapper")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,11 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     cert.add_argument("--images", type=existing_folder, default=None, help="folder of images (default: the project's real offline photos)")
     cert.add_argument("--limit", type=positive_int, default=None, help="certify only the first N images")
     cert.add_argument("--size", type=positive_int, default=None, help="input resolution (default: the processor's)")
-    cert.add_argument("--sigma", type=positive_float, default=0.25, help="noise std in [0,1] pixel space (default 0.25)")
     cert.add_argument("--n", type=sample_count, default=1000, help="Monte-Carlo samples per image (default 1000, at least 2)")
-    cert.add_argument("--alpha", type=probability, default=0.001, help="failure probability per certificate, in (0, 1) (default 0.001)")
-    cert.add_argument("--method", default="bernstein", choices=["hoeffding", "bernstein", "betting"],
-                      help="lower confidence bound on the robustness score (default bernstein)")
+    add_fs_config_arguments(cert, ("sigma", "alpha", "method"))
     cert.add_argument("--radii", type=radii, default=[0.0625, 0.125, 0.25],
                       help="comma-separated l2 radii to report FCSB at (default 0.0625,0.125,0.25)")
     cert.add_argument("--booster", type=existing_folder, default=None, help="folder of a trained GaussianSmoothnessBooster (gsb.safetensors)")

@@ -11,7 +11,7 @@ import dataclasses
 import math
 import numbers
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 NORMALIZE_MODES = ("global", "token")
@@ -144,13 +144,15 @@ class FSConfig:
     Every field is validated on construction and on assignment, so a config is never invalid.
     """
 
-    sigma: float = 0.25
-    n_samples: int = 8
-    chunk_size: Optional[int] = None
-    seed: int = 0
-    normalize: str = "global"
-    alpha: float = 0.001
-    method: str = "bernstein"
+    sigma: float = field(default=0.25, metadata={"help": "smoothing noise std in [0,1] pixel space"})
+    n_samples: int = field(default=8, metadata={"help": "noisy copies averaged inside generate() (n0)"})
+    chunk_size: Optional[int] = field(default=None, metadata={"help": "noisy copies per encoder call (memory knob; default 32)"})
+    seed: int = field(default=0, metadata={"help": "seed of the smoothing noise (same seed, same result)"})
+    normalize: str = field(default="global", metadata={"help": "global: one unit vector per image; token: per visual token",
+                                                       "choices": NORMALIZE_MODES})
+    alpha: float = field(default=0.001, metadata={"help": "certificate failure probability"})
+    method: str = field(default="bernstein", metadata={"help": "lower confidence bound on the robustness score",
+                                                       "choices": BOUND_METHODS})
 
     def __setattr__(self, name: str, value: Any) -> None:
         check = _FIELD_CHECKS.get(name)

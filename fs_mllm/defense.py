@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .attacks import AttackConfig, attack, generate_text
 from .certify import certify_model
+from .config import FSConfig
 from .patching import patch_model, unpatch_model
 from .stats import fcsb
 
@@ -59,8 +60,8 @@ def apply_variant(model: nn.Module, variant: str, sigma: float, n_samples: int, 
 class DefenseSettings:
     """One defense evaluation. Budgets are in [0,1] pixel units; an empty tuple skips that protocol."""
 
-    sigma: float = 0.25
-    n_samples: int = 8
+    sigma: float = FSConfig.sigma  # FSConfig holds the defaults
+    n_samples: int = FSConfig.n_samples
     variants: tuple[str, ...] = VARIANTS
     transfer_linf: tuple[float, ...] = TRANSFER_LINF
     transfer_steps: int = 300

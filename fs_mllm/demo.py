@@ -31,16 +31,14 @@ ADAPTIVE_MEANING = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .arguments import positive_float, positive_int, probability, sample_count
+    from .arguments import add_fs_config_arguments, positive_float, positive_int, sample_count
 
-    parser.add_argument("--sigma", type=positive_float, default=0.25, help="smoothing noise std in [0,1] pixel space (default 0.25)")
-    parser.add_argument("--n-samples", type=positive_int, default=8, help="noisy copies averaged inside generate() (default 8)")
+    add_fs_config_arguments(parser, ("sigma", "n_samples", "alpha"))
     parser.add_argument("--examples", type=positive_int, default=6,
                         help="held-out synthetic images attacked (one question each; default 6)")
     parser.add_argument("--clean-images", type=positive_int, default=6,
                         help="held-out synthetic images whose every question measures clean accuracy (default 6)")
     parser.add_argument("--certify-n", type=sample_count, default=100, help="Monte-Carlo samples per certificate (default 100)")
-    parser.add_argument("--alpha", type=probability, default=0.001, help="certificate failure probability (default 0.001)")
     parser.add_argument("--transfer-steps", type=positive_int, default=60, help="PGD steps crafting the transfer images (default 60)")
     parser.add_argument("--eps-far", type=positive_float, default=1.0, help="adaptive l2 budget far beyond the certified radius (default 1.0)")
     parser.add_argument("--steps", type=positive_int, default=3, help="adaptive PGD steps (default 3; the benchmark uses 20)")

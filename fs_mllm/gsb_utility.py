@@ -30,6 +30,7 @@ from typing import Any, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .config import FSConfig
 from .gsb import GaussianSmoothnessBooster, GSBConfig
 from .smoothing import rescale_direction, unit_features
 
@@ -40,8 +41,8 @@ __all__ = ["UtilityTrainConfig", "feature_bank", "smoothed_bank_features", "trai
 class UtilityTrainConfig:
     """Settings of one utility run (all recorded in the booster's config)."""
 
-    sigma: float = 0.25
-    n_copies: int = 8  # noisy copies averaged per image: the deployed n0
+    sigma: float = FSConfig.sigma
+    n_copies: int = FSConfig.n_samples  # noisy copies averaged per image: the deployed n0
     images: int = 400
     steps: int = 600
     batch_size: int = 4
@@ -173,7 +174,7 @@ def train_mapper_utility(model: Any, tokenizer: Any, booster: GaussianSmoothness
         history.append({"step": step, "loss": loss.item(), "utility": utility.item(), "identity": identity.item(),
                         "consistency": consistency.item()})
         bar.update()
-        bar.set_postfix(utility=f"{float(utility):.3f}", cos=f"{1 - float(consistency):.3f}")
+        bar.set_postfix(utility=f"{history[-1]['utility']:.3f}", cos=f"{1 - history[-1]['consistency']:.3f}")
         if checkpoint is not None and (step % train.checkpoint_every == 0 or step == train.steps):
             save_checkpoint(checkpoint, booster, optimizer, step, "utility", history,
                             previous_seconds + time.time() - start, train.to_dict())
@@ -192,7 +193,7 @@ def with_mapper(booster: GaussianSmoothnessBooster, feature_dim: int, encoder_id
     return boosted
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     """Train the fs-mini-llava booster's mapper (denoiser from the shipped booster) and save the booster."""
     import argparse
     import shlex
@@ -204,7 +205,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .models.mini_llava import BOOSTER_DIR, IMAGE_SIZE, IMAGE_TOKEN, build_prompt
     from .synthetic import make_dataset
 
-    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser = argparse.ArgumentParser(prog=prog, description=main.__doc__)
     defaults = UtilityTrainConfig()
     for field in dataclasses.fields(UtilityTrainConfig):
         kind = positive_int if isinstance(getattr(defaults, field.name), int) else positive_float
@@ -243,7 +244,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                   image_id, train, output_dir=str(out))
     extra = dict(shipped.config.extra)
     runs = list(extra.get("utility_runs", []))
-    runs.append({"recipe": "fs-mllm train-mapper " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+    runs.append({"recipe": (prog or "fs-mllm train-mapper") + " " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
                  "train_config": train.to_dict(), "seconds_bank": round(bank_seconds, 1),
                  "seconds_training": round(result["seconds_total"], 1), "threads": args.threads,
                  "device": "cpu", "final": result["history"][-1] if result["history"] else None})

@@ -740,7 +740,7 @@ def mini_llava_repo(cache_dir: Optional[PathLike] = None) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
-    from .config import BOUND_METHODS, NORMALIZE_MODES
+    from .arguments import add_fs_config_arguments
 
     p = argparse.ArgumentParser(
         prog=prog or "fs-mllm save",
@@ -748,13 +748,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                     "fs_config.json and a model card; fs_mllm.from_pretrained(folder) loads it back.")
     p.add_argument("--model", required=True, help="model to patch: 'fs-mini-llava', a Hub id, a local folder, or a saved fs folder/repo id")
     p.add_argument("--output-dir", required=True, help="folder to write (fs_config.json, booster, processor files, README.md)")
-    p.add_argument("--sigma", type=float, default=0.25, help="noise std in [0,1] pixel space (default 0.25)")
-    p.add_argument("--n-samples", type=int, default=8, help="noisy copies per generate(), n0 (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise generator (default 0)")
-    p.add_argument("--chunk-size", type=int, default=None, help="noisy copies per encoder call (default 32)")
-    p.add_argument("--normalize", default="global", choices=NORMALIZE_MODES, help="unit-normalise per image or per token")
-    p.add_argument("--alpha", type=float, default=0.001, help="failure probability stored as the certification default")
-    p.add_argument("--method", default="bernstein", choices=BOUND_METHODS, help="confidence bound stored as the certification default")
+    add_fs_config_arguments(p, ("sigma", "n_samples", "seed", "chunk_size", "normalize", "alpha", "method"))
     p.add_argument("--booster", default=None, help="folder of a trained GaussianSmoothnessBooster (gsb.safetensors) to save with the patch")
     p.add_argument("--include-weights", action="store_true", help="save the base weights too (for models not on the Hub)")
     p.add_argument("--base-model", default=None, help="Hub repo id of the base model (default: the id it was loaded by)")
@@ -768,6 +762,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> Path:
     """``fs-mllm save``: load (``--model``), patch, save; prints and returns the folder."""
+    from .arguments import fs_config_from_args
     from .gsb import GaussianSmoothnessBooster
     from .models.loading import load_model
     from .patching import patch_model
@@ -783,8 +778,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> Pa
             raise SystemExit(f"fs-mllm save: --results {path}: {error}") from None
         _render_results(results)  # refuse a bad file before loading the model
     try:
-        config = FSConfig(sigma=args.sigma, n_samples=args.n_samples, seed=args.seed, chunk_size=args.chunk_size,
-                          normalize=args.normalize, alpha=args.alpha, method=args.method)
+        config = fs_config_from_args(args)
     except ValueError as error:
         parser.error(str(error))
     booster = GaussianSmoothnessBooster.from_pretrained(args.booster) if args.booster else None

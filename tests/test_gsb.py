@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -414,3 +415,63 @@ def test_shipped_mini_llava_booster_is_the_dinov2_denoiser_alone():
         derived.check_compatible(384, 0.25)
     noisy = torch.rand(1, 3, 112, 112)
     assert torch.equal(derived.denoise(noisy, 0.25), source.denoise(noisy, 0.25))
+
+
+# ---------------------------------------------------------------------------------------------
+# utility training of an MLLM booster's mapper (fs_mllm.gsb_utility)
+# ---------------------------------------------------------------------------------------------
+
+class _WordTokenizer:
+    """Maps characters to ids below the tiny LLaVA's image token, so prompts and answers tokenise."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [5 + (ord(c) % 90) for c in text]}
+
+
+def test_utility_training_trains_only_the_mapper_through_the_deployed_smoothing(tmp_path):
+    from fs_mllm.gsb_utility import UtilityTrainConfig, feature_bank, smoothed_bank_features, train_mapper_utility, with_mapper
+    from fs_mllm.patching import patch_model, unpatch_model
+    from fs_mllm.attacks import image_features
+
+    from tiny_models import IMAGE_TOKEN, build_llava
+
+    model, _ = build_llava()
+    mean, std = [0.5] * 3, [0.25] * 3
+    denoiser_only = GaussianSmoothnessBooster(GSBConfig(feature_dim=32, use_mapper=False, denoiser_channels=8,
+                                                        denoiser_depth=2, sigma_min=0.1, sigma_max=0.5))
+    booster = with_mapper(denoiser_only, 32, "tiny-llava")
+    assert torch.equal(booster.denoiser.state_dict()["out.weight"], denoiser_only.denoiser.state_dict()["out.weight"])
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    model.config.image_mean, model.config.image_std = mean, std
+    processor = type("P", (), {"image_mean": mean, "image_std": std})()
+    bank = feature_bank(model, processor, booster, images, n_copies=4, sigma=0.25, progress=False)
+    assert bank["noisy"].shape[:2] == (3, 4) and bank["clean"].shape[0] == 3
+
+    # the banked smoothing is the deployed one: same features as the patched model on the same noise
+    with torch.no_grad():
+        smoothed = smoothed_bank_features(booster, bank["noisy"][:1], bank["levels"][:1])
+    patch_model(model, sigma=0.25, n_samples=64, booster=booster, image_mean=mean, image_std=std)
+    with torch.no_grad():
+        deployed = image_features(model, images[:1])
+    unpatch_model(model)
+    assert torch.nn.functional.cosine_similarity(smoothed.flatten(1), deployed.flatten(1)).item() > 0.9
+
+    before = {k: v.clone() for k, v in booster.state_dict().items()}
+    frozen = [p.clone() for p in model.parameters()]
+    qa = [[("what?", ["red"])]] * 3
+    train = UtilityTrainConfig(steps=3, batch_size=2, images=3, n_copies=4, checkpoint_every=2)
+    result = train_mapper_utility(model, _WordTokenizer(), booster, bank, qa, lambda q: "<image> " + q, IMAGE_TOKEN,
+                                  train, output_dir=str(tmp_path), progress=False)
+    assert result["steps"] == 3 and all(math.isfinite(h["loss"]) for h in result["history"])
+    after = booster.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("mapper."))
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("denoiser."))
+    assert all(torch.equal(a, b) for a, b in zip(frozen, model.parameters()))  # the MLLM stays frozen
+    # resuming a finished run changes nothing; other settings are refused
+    again = train_mapper_utility(model, _WordTokenizer(), booster, bank, qa, lambda q: "<image> " + q, IMAGE_TOKEN,
+                                 train, output_dir=str(tmp_path), progress=False)
+    assert again["steps"] == 3
+    with pytest.raises(ValueError, match="other settings"):
+        train_mapper_utility(model, _WordTokenizer(), booster, bank, qa, lambda q: "<image> " + q, IMAGE_TOKEN,
+                             UtilityTrainConfig(steps=4, batch_size=2, images=3, n_copies=4), output_dir=str(tmp_path),
+                             progress=False)

@@ -36,7 +36,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from fs_mllm.adapters import get_adapter
-from fs_mllm.arguments import existing_folder, fraction_pair, non_negative_int, positive_float, positive_int, sample_count
+from fs_mllm.arguments import add_fs_config_arguments, existing_folder, fraction_pair, non_negative_int, positive_float, positive_int
 from fs_mllm.attacks import OBJECTIVES, PROTOCOLS, SURROGATES, AttackConfig, attack, generate_text
 from fs_mllm.defense import VARIANTS, apply_variant
 from fs_mllm.evaluation.results import ResultWriter, finite_or_none, read_rows
@@ -86,8 +86,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None)
                                                                   "(default: --n-samples, i.e. the deployed model)")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--modes", default="base,fs", help=f"comma-separated subset of {list(MODES)}")
-    p.add_argument("--sigma", type=positive_float, default=0.25, help="smoothing noise std in [0,1] pixel space")
-    p.add_argument("--n-samples", type=sample_count, default=8, help="noisy copies inside each smoothed forward (n0)")
+    add_fs_config_arguments(p, ("sigma", "n_samples"))
     p.add_argument("--booster", type=existing_folder, help="folder of a saved GaussianSmoothnessBooster (mode fs+gsb)")
     p.add_argument("--max-new-tokens", type=positive_int, default=20)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")

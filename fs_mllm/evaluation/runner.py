@@ -56,11 +56,12 @@ __all__ = [
 ]
 
 from fs_mllm.arguments import (  # noqa: E402
-    check_float, check_int, fraction_pair, non_negative_int, positive_float, positive_int, probability, sample_count,
+    add_fs_config_arguments, check_float, check_int, fraction_pair, non_negative_int, positive_float, positive_int, probability,
 )
 from fs_mllm.evaluation.results import (  # noqa: E402
     ResultsFolderError, ResultsLock, ResultWriter, finite_or_none, read_rows,
 )
+from fs_mllm.config import FSConfig  # noqa: E402
 from fs_mllm.models.loading import DEFAULT_MODEL, load_model  # noqa: E402  (one loader for all entry points)
 
 from fs_mllm.attacks import NORMS, OBJECTIVES, PROTOCOLS  # noqa: E402  (one definition of each)
@@ -108,9 +109,9 @@ class EvalSettings:
     dataset: str = "fs-offline-eval"
     split: Optional[str] = "validation"
     variants: tuple = ("base", "fs")
-    sigma: float = 0.25
-    n_samples: int = 8
-    seed: int = 0
+    sigma: float = FSConfig.sigma  # FSConfig holds the defaults
+    n_samples: int = FSConfig.n_samples
+    seed: int = FSConfig.seed
     booster: Optional[str] = None
     attack_norm: str = "l2"
     attack_eps: tuple = ()
@@ -742,9 +743,7 @@ def add_common_arguments(parser: Any, task: str) -> None:
     parser.add_argument("--dataset", default="fs-offline-eval", help="'fs-offline-eval' (real photos), 'fs-synthetic-heldout' (fs-mini-llava's own task), a local folder or a Hub id")
     parser.add_argument("--split", default="validation")
     parser.add_argument("--variants", default="base,fs", help="comma list of base, fs, fs+gsb")
-    parser.add_argument("--sigma", type=positive_float, default=0.25, help="FS noise std in [0,1] pixel space")
-    parser.add_argument("--n-samples", type=sample_count, default=8, help="noisy copies per generate (n0)")
-    parser.add_argument("--seed", type=int, default=0)
+    add_fs_config_arguments(parser, ("sigma", "n_samples", "seed"))
     parser.add_argument("--booster", default=None,
                         help="GaussianSmoothnessBooster folder (for fs+gsb; default for fs-mini-llava: its shipped booster)")
     parser.add_argument("--attack-norm", default="l2", choices=NORMS)
