@@ -9,11 +9,8 @@ told the noise level it measures, ~0), FS and FS+GSB, with how many answers equa
 """
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import torch
 

@@ -21,18 +21,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from fs_mllm.adapters import get_adapter  # noqa: E402
 from fs_mllm.patching import patch_model, unpatch_model  # noqa: E402
-from tiny_models import build_llava, llava_config  # noqa: E402
+from fs_mllm.testing import build_llava, llava_config  # noqa: E402
 
 
 def interleaved_min_times(fns: dict, repeats: int) -> dict:

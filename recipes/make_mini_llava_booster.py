@@ -12,10 +12,8 @@ the decoder-facing feature size, and saves it (safetensors + JSON).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from fs_mllm.gsb import GaussianSmoothnessBooster, GSBConfig  # noqa: E402
 from fs_mllm.models.mini_llava import BOOSTER_DIR  # noqa: E402

@@ -34,7 +34,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fs_mllm.models import cache_dir  # noqa: E402
 from fs_mllm.models.mini_llava import (  # noqa: E402

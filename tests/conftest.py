@@ -1,5 +1,5 @@
-"""Shared fixtures. Test helpers (tiny_models, console_script) sit beside the tests; pytest puts this
-folder on the import path (rootdir-relative "prepend" import mode), so no test edits sys.path."""
+"""Shared fixtures. Tiny random-weight models come from ``fs_mllm.testing``; console_script.py sits beside
+the tests, on the import path pytest gives this folder ("prepend" import mode), so no test edits sys.path."""
 
 import pytest
 import torch

@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fs_mllm.attacks import AttackConfig, attack, build_text_inputs, eot_gradient, image_features, make_objective, project
 from fs_mllm.certify import certify_model
 from fs_mllm.patching import patch_model, unpatch_model
 from fs_mllm.smoothing import smoothed_mean
 
-from tiny_models import IMAGE_TOKEN, build_llava, build_qwen2_vl, vision_module
+from fs_mllm.testing import IMAGE_TOKEN, build_llava, build_qwen2_vl, vision_module
 
 MEAN = [0.48145466, 0.4578275, 0.40821073]
 STD = [0.26862954, 0.26130258, 0.27577711]

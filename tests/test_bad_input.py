@@ -20,7 +20,7 @@ from fs_mllm import (
 from fs_mllm.config import SIGMA_MAX
 from fs_mllm.gsb import CONFIG_NAME, WEIGHTS_NAME
 
-from tiny_models import build
+from fs_mllm.testing import build
 
 MEAN = [0.48145466, 0.4578275, 0.40821073]
 STD = [0.26862954, 0.26130258, 0.27577711]

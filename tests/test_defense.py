@@ -1,6 +1,6 @@
 """Attack protocols (transfer vs adaptive), targeted feature matching, the defense table's metrics, the demo.
 
-Tiny random-weight LLaVA from its config (tests/tiny_models.py); the demo runs the installed
+Tiny random-weight LLaVA from its config (fs_mllm/testing.py); the demo runs the installed
 ``fs-mllm`` console script on the embedded offline model, as a user would.
 """
 
@@ -16,10 +16,10 @@ import torch
 
 from fs_mllm.attacks import AttackConfig, attack, eot_gradient, image_features, make_objective
 from fs_mllm.defense import DefenseSettings, answer_metrics, apply_variant, defense_table, evaluate_defense, EvalItem
-from fs_mllm.patching import get_fs_state, is_patched, patch_model, unpatch_model
+from fs_mllm.patching import get_fs_state, is_patched, patch_model
 
 from test_attacks import MEAN, STD, cos, images, tiny_processor
-from tiny_models import build_llava
+from fs_mllm.testing import build_llava
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

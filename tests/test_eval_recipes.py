@@ -2,7 +2,7 @@
 
 What must hold: a killed run resumes without losing or double-counting a result, a truncated last line
 is tolerated, a resume with other settings is refused, and a 2-process ``accelerate launch`` run gives
-the same results as one process. Uses a tiny random-weight LLaVA (tests/tiny_models.py) saved with a
+the same results as one process. Uses a tiny random-weight LLaVA (fs_mllm/testing.py) saved with a
 word-level tokenizer and a CLIP image processor, so ``AutoProcessor``/``AutoModelForImageTextToText``
 load it from a folder exactly as they would a real checkpoint, and a 4-question VQA set saved to disk.
 """
@@ -20,9 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from tiny_models import IMAGE_TOKEN, VOCAB, build_llava  # noqa: E402
+from fs_mllm.testing import IMAGE_TOKEN, VOCAB, build_llava  # noqa: E402
 
 from fs_mllm.evaluation.runner import (  # noqa: E402
     EvalSettings,

@@ -433,7 +433,7 @@ def test_utility_training_trains_only_the_mapper_through_the_deployed_smoothing(
     from fs_mllm.patching import patch_model, unpatch_model
     from fs_mllm.attacks import image_features
 
-    from tiny_models import IMAGE_TOKEN, build_llava
+    from fs_mllm.testing import IMAGE_TOKEN, build_llava
 
     model, _ = build_llava()
     mean, std = [0.5] * 3, [0.25] * 3

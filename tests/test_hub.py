@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import IMAGE_TOKEN, VOCAB, build, build_llava, llava_config
+from fs_mllm.testing import IMAGE_TOKEN, VOCAB, build, build_llava, llava_config
 
 import fs_mllm
 from fs_mllm import GaussianSmoothnessBooster, GSBConfig, get_fs_state, is_patched, patch_model, unpatch_model

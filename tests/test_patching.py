@@ -1,30 +1,27 @@
 """patch_model / unpatch_model / certify_model on tiny random-weight instances of the real transformers classes.
 
-Run with ``python -m pytest tests/test_patching.py`` from the repository root (tests/tiny_models.py builds
+Run with ``python -m pytest tests/test_patching.py`` from the repository root (fs_mllm/testing.py builds
 the models offline from small configs; inputs are made by hand since processors cannot be downloaded).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import warnings
 
-import sys
 
 import pytest
 import torch
 
 # let plain `pytest` find the package without an install (python -m pytest adds the root itself)
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fs_mllm.adapters import get_adapter, supported_model_types
 from fs_mllm.config import FSConfig
 from fs_mllm.certify import certify_model
 from fs_mllm.patching import get_fs_state, is_patched, patch_model, unpatch_model
 
-import tiny_models
-from tiny_models import FAMILIES, build, vision_module
+from fs_mllm import testing as tiny_models
+from fs_mllm.testing import FAMILIES, build, vision_module
 
 MEAN = [0.48145466, 0.4578275, 0.40821073]
 STD = [0.26862954, 0.26130258, 0.27577711]
