@@ -5,8 +5,9 @@ normalisation) of the smoothed model, with and without the shipped booster (FS+G
 inside the booster's trained range), next to base. Prints a table, writes JSON and a plot. This is what
 the README's default sigma and n0 are chosen from.
 
-    python benchmarks/bench_frontier.py [--questions 200] [--sigmas 0.0625,0.125,0.25,0.5] [--n0 1,4,8,16,32]
+    python benchmarks/bench_frontier.py [--questions 200] [--sigmas 0.0625,0.125,0.25,0.5] [--n0 2,4,8,16,32]
         [--threads 1] [--out bench_frontier.json] [--plot frontier.png]
+    python benchmarks/bench_frontier.py --merge a.json b.json --plot frontier.png   # runs split by n0
 """
 
 from __future__ import annotations
@@ -35,16 +36,69 @@ def ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
+def render(results: dict, sigmas: list[float], n0s: list[int], questions: int, plot_path: str) -> str:
+    """The markdown table and the plot of one frontier (results as written to the JSON)."""
+    header = "| sigma | variant | " + " | ".join(f"n0={n}" for n in n0s) + " |"
+    lines = [f"base clean accuracy: {results['base']:.3f} ({questions} held-out questions)", "", header,
+             "|" + "---|" * (2 + len(n0s))]
+    for sigma in sigmas:
+        for variant in ("fs", "fs+gsb"):
+            cells = [results[variant].get(f"{sigma:g},{n}") for n in n0s]
+            if any(c is not None for c in cells):
+                lines.append(f"| {sigma:g} | {variant} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for sigma in sigmas:
+        for variant, style in (("fs", "--"), ("fs+gsb", "-")):
+            points = [(n, results[variant][f"{sigma:g},{n}"]) for n in n0s if f"{sigma:g},{n}" in results[variant]]
+            if points:
+                ax.plot(*zip(*points), style, marker="o", label=f"{variant.upper()} sigma={sigma:g}")
+    ax.axhline(results["base"], color="black", lw=1, label="base")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("n0 (noisy copies inside generate)")
+    ax.set_ylabel(f"clean accuracy ({questions} questions)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(plot_path, dpi=120)
+    return "\n".join(lines)
+
+
+def merge(paths: list[str], plot_path: str) -> None:
+    """One table and plot from runs split over processes (e.g. by n0), which share the question set."""
+    runs = [json.load(open(path, encoding="utf-8")) for path in paths]
+    if len({run["questions"] for run in runs}) != 1:
+        raise SystemExit("--merge: the runs used different question counts")
+    results = {"base": runs[0]["results"]["base"], "fs": {}, "fs+gsb": {}}
+    for run in runs:
+        for variant in ("fs", "fs+gsb"):
+            results[variant].update(run["results"][variant])
+    keys = [k for v in ("fs", "fs+gsb") for k in results[v]]
+    sigmas = sorted({float(k.split(",")[0]) for k in keys})
+    n0s = sorted({int(k.split(",")[1]) for k in keys})
+    print(render(results, sigmas, n0s, runs[0]["questions"], plot_path))
+    print(f"\n(base accuracy per run: {[run['results']['base'] for run in runs]}; seconds per run: "
+          f"{[round(run['seconds']) for run in runs]})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--questions", type=positive_int, default=200)
     parser.add_argument("--sigmas", type=floats, default=[0.0625, 0.125, 0.25, 0.5])
-    parser.add_argument("--n0", type=ints, default=[1, 4, 8, 16, 32])
+    parser.add_argument("--n0", type=ints, default=[2, 4, 8, 16, 32])  # FSConfig refuses n0 = 1 (no average)
     parser.add_argument("--booster", default=str(BOOSTER_DIR))
     parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--out", default="bench_frontier.json")
     parser.add_argument("--plot", default="frontier.png")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="print one table/plot from runs split over processes")
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, args.plot)
+        return
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     model, processor = load_mini_llava()
@@ -76,38 +130,11 @@ def main() -> None:
     apply_variant(model, "base", 0.25, 1)
     seconds = time.perf_counter() - start
 
-    header = "| sigma | variant | " + " | ".join(f"n0={n}" for n in args.n0) + " |"
-    lines = [f"base clean accuracy: {results['base']:.3f} ({len(items)} held-out questions)", "", header,
-             "|" + "---|" * (2 + len(args.n0))]
-    for sigma in args.sigmas:
-        for variant in ("fs", "fs+gsb"):
-            cells = [results[variant].get(f"{sigma:g},{n}") for n in args.n0]
-            if any(c is not None for c in cells):
-                lines.append(f"| {sigma:g} | {variant} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
-    table = "\n".join(lines)
+    table = render(results, args.sigmas, args.n0, len(items), args.plot)
     print(table)
     print(f"\n{seconds:.0f} s, {args.threads} thread(s)")
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump({"questions": len(items), "results": results, "seconds": seconds, "booster": args.booster, "table": table}, f, indent=2)
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for sigma in args.sigmas:
-        for variant, style in (("fs", "--"), ("fs+gsb", "-")):
-            points = [(n, results[variant][f"{sigma:g},{n}"]) for n in args.n0 if f"{sigma:g},{n}" in results[variant]]
-            if points:
-                ax.plot(*zip(*points), style, marker="o", label=f"{variant.upper()} sigma={sigma:g}")
-    ax.axhline(results["base"], color="black", lw=1, label="base")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("n0 (noisy copies inside generate)")
-    ax.set_ylabel(f"clean accuracy ({len(items)} questions)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(args.plot, dpi=120)
 
 
 if __name__ == "__main__":
