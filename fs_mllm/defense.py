@@ -138,11 +138,6 @@ def synthetic_items(n_images: int, size: int, prompt_fn: Any, first_question_onl
     return items
 
 
-def _answers(model: nn.Module, processor: Any, images: torch.Tensor, prompts: list[str], max_new_tokens: int) -> list[str]:
-    return [generate_text(model, processor, images[i:i + 1], prompts[i:i + 1], max_new_tokens=max_new_tokens)[0]
-            for i in range(images.shape[0])]
-
-
 def _mean(values: Sequence[float]) -> Optional[float]:
     return float(sum(values) / len(values)) if len(values) else None
 
@@ -184,11 +179,11 @@ def evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Eva
     for variant in settings.variants:
         apply_variant(model, variant, sigma, settings.n_samples, processor, booster, settings.seed)
         bar = tqdm(total=3 + len(budgets), desc=variant, unit="stage", disable=not progress)
-        clean_out = _answers(model, processor, clean_images, clean_prompts, settings.max_new_tokens)
+        clean_out = generate_text(model, processor, clean_images, clean_prompts, settings.max_new_tokens)
         clean_correct = [vqa_match(o, item.answers) for o, item in zip(clean_out, clean_items)]
         bar.update()
-        base_out = _answers(model, processor, attack_images, attack_prompts, settings.max_new_tokens)
-        target_out = _answers(model, processor, targets, attack_prompts, settings.max_new_tokens)
+        clean_attack_out = generate_text(model, processor, attack_images, attack_prompts, settings.max_new_tokens)
+        target_out = generate_text(model, processor, targets, attack_prompts, settings.max_new_tokens)
         bar.update()
         s_low: list[float] = []
         if variant != "base" and settings.certify_images:
@@ -215,8 +210,8 @@ def evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Eva
                 result = attack(model, processor, attack_images, attack_prompts if answers else None,
                                 settings._adaptive_config(norm, eps), answers=answers)
                 adv, fcs = result.adv_images, result.fcs
-            adv_out = _answers(model, processor, adv, attack_prompts, settings.max_new_tokens)
-            metrics = answer_metrics(base_out, adv_out, attack_answers, target_out if protocol == "transfer" else None)
+            adv_out = generate_text(model, processor, adv, attack_prompts, settings.max_new_tokens)
+            metrics = answer_metrics(clean_attack_out, adv_out, attack_answers, target_out if protocol == "transfer" else None)
             radius = _l2_radius(norm, eps, attack_images[0])
             rows.append({"variant": variant, "protocol": protocol, "norm": norm, "eps": float(eps), "n": len(attack_items),
                          **metrics, "fcs": _mean(fcs), "certified_fcsb": certified(radius), "certified_radius_l2": radius})

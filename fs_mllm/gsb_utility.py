@@ -199,7 +199,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     import shlex
     import sys
 
-    from .arguments import positive_float, positive_int
+    from .arguments import non_negative_float, non_negative_int, positive_float, positive_int
     from .image_io import to_tensor01
     from .models import load_mini_llava
     from .models.mini_llava import BOOSTER_DIR, IMAGE_SIZE, IMAGE_TOKEN, build_prompt
@@ -207,11 +207,11 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
 
     parser = argparse.ArgumentParser(prog=prog, description=main.__doc__)
     defaults = UtilityTrainConfig()
+    kinds = {"seed": non_negative_int, "identity_weight": non_negative_float, "consistency_weight": non_negative_float}
     for field in dataclasses.fields(UtilityTrainConfig):
-        kind = positive_int if isinstance(getattr(defaults, field.name), int) else positive_float
-        if field.name == "seed":
-            kind = int
-        parser.add_argument("--" + field.name.replace("_", "-"), type=kind, default=getattr(defaults, field.name))
+        default = getattr(defaults, field.name)
+        kind = kinds.get(field.name, positive_int if isinstance(default, int) else positive_float)
+        parser.add_argument("--" + field.name.replace("_", "-"), type=kind, default=default, help=f"default {default}")
     parser.add_argument("--init", default=str(BOOSTER_DIR), help="booster whose denoiser is kept (default: the shipped one)")
     parser.add_argument("--output-dir", required=True, help="checkpoints and the bank go here (rerun to resume)")
     parser.add_argument("--save-to", default=None, help="save the trained booster here (default OUTPUT_DIR/booster)")
