@@ -286,6 +286,12 @@ def run_eval(
 def _run_shard(settings: EvalSettings, model: Any, processor: Any, dataset: Any, todo: list[int], ids: list[str],
                done: dict, writer: ResultWriter, attack: AttackFn, on_result: Optional[Callable],
                show_progress: bool, booster: Any, rank: int, world: int) -> None:
+    def record(key: tuple, row: dict[str, Any]) -> None:
+        writer.write(row)  # durable first: a key counts as done once its row is on disk
+        done[key] = row
+        if on_result is not None:
+            on_result(row)
+
     for variant in settings.variants:
         apply_variant(model, variant, settings.sigma, settings.n_samples, processor, booster, settings.seed)
         bar = tqdm(todo, desc=f"{settings.task} [{variant}] rank {rank}/{world}", disable=not show_progress)
@@ -322,10 +328,7 @@ def _run_shard(settings: EvalSettings, model: Any, processor: Any, dataset: Any,
                     row["s_low"] = finite_or_none(float(cert.score_lower))
                     row["s_mean"] = finite_or_none(float(cert.score_mean))
                     row["fcsb_half_sigma"] = finite_or_none(float(cert.fcsb(settings.sigma / 2)))
-                writer.write(row)
-                done[clean_key] = row
-                if on_result is not None:
-                    on_result(row)
+                record(clean_key, row)
 
             clean_features = None
             for budget in settings.attack_eps:
@@ -361,10 +364,7 @@ def _run_shard(settings: EvalSettings, model: Any, processor: Any, dataset: Any,
                                          else normalize_text(answer) == normalize_text(target_answer))
                 if settings.task == "vqa":
                     row["score"] = vqa_score(answer, refs)
-                writer.write(row)
-                done[key] = row
-                if on_result is not None:
-                    on_result(row)
+                record(key, row)
 
 
 

@@ -213,31 +213,32 @@ def _verify_settings(output_dir: Path, stored_settings: dict[str, Any]) -> None:
         )
 
 
+def _description(task: str, title: str, example: str, tail: str) -> str:
+    """``--help`` text of one eval task: what it runs out of the box, how it resumes, then ``tail``."""
+    return f"""{title}
+
+Runs out of the box on the embedded offline model and eval set:
+
+    fs-mllm eval {task} --output-dir runs/{task} {example}
+    accelerate launch --num_processes 2 recipes/eval_{task}.py --output-dir runs/{task} ...   # sharded
+
+Stop it (Ctrl-C, a kill) and rerun the same command to resume (results.rank*.jsonl are append-only; a
+rerun with other settings into a folder that holds results is refused, and so is a second run writing
+to the same folder at once). {tail}
+"""
+
+
 EVAL_DESCRIPTIONS = {
-    "vqa": """VQA robustness evaluation: base vs FS vs FS+GSB, clean and under attack, with certified FCSB curves.
-
-Runs out of the box on the embedded offline model and eval set:
-
-    fs-mllm eval vqa --output-dir runs/vqa --limit 8 --attack-eps 0.5 1.0 --certify-n 100
-    accelerate launch --num_processes 2 recipes/eval_vqa.py --output-dir runs/vqa ...   # sharded
-
-Stop it (Ctrl-C, a kill) and rerun the same command to resume (results.rank*.jsonl are append-only; a
-rerun with other settings into a folder that holds results is refused, and so is a second run writing
-to the same folder at once). Outputs: summary.md, summary.json, certified_curve.png, accuracy_vs_budget.png.
-""",
-    "caption": """Captioning robustness evaluation (CIDEr, BLEU-4, ROUGE-L): base vs FS vs FS+GSB, clean and attacked.
-
-Runs out of the box on the embedded offline model and eval set:
-
-    fs-mllm eval caption --output-dir runs/caption --limit 8 --attack-eps 0.5 --certify-n 100
-    accelerate launch --num_processes 2 recipes/eval_caption.py --output-dir runs/caption ...   # sharded
-
-Stop it (Ctrl-C, a kill) and rerun the same command to resume (results.rank*.jsonl are append-only; a
-rerun with other settings into a folder that holds results is refused, and so is a second run writing
-to the same folder at once). Caption metrics are corpus-level (CIDEr's IDF comes from the reference
-set), so they are computed over the whole set at summary time, with the pure-Python tokenizer and
-without METEOR (no JVM start).
-""",
+    "vqa": _description(
+        "vqa", "VQA robustness evaluation: base vs FS vs FS+GSB, clean and under attack, with certified FCSB curves.",
+        "--limit 8 --attack-eps 0.5 1.0 --certify-n 100",
+        "Outputs: summary.md, summary.json, certified_curve.png, accuracy_vs_budget.png."),
+    "caption": _description(
+        "caption", "Captioning robustness evaluation (CIDEr, BLEU-4, ROUGE-L): base vs FS vs FS+GSB, clean and attacked.",
+        "--limit 8 --attack-eps 0.5 --certify-n 100",
+        "Caption metrics are corpus-level (CIDEr's IDF comes from the reference\n"
+        "set), so they are computed over the whole set at summary time, with the pure-Python tokenizer and\n"
+        "without METEOR (no JVM start)."),
 }
 
 
