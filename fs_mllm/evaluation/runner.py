@@ -47,8 +47,8 @@ from fs_mllm.evaluation.results import (
 )
 from fs_mllm.evaluation.robustness import normalize_text, targeted_success
 from fs_mllm.evaluation.settings import (  # the public names stay importable from here
-    EVAL_DESCRIPTIONS, SETTINGS_FILE, TASKS, EvalSettings, SettingsMismatchError, _check_or_write_settings,
-    _verify_settings, add_common_arguments, settings_from_args,
+    EVAL_DESCRIPTIONS, SETTINGS_FILE, TASKS, EvalSettings, SettingsMismatchError, check_or_write_settings,
+    verify_settings, add_common_arguments, settings_from_args,
 )
 from fs_mllm.evaluation.summary import SUMMARY_JSON, SUMMARY_MD, summarize
 from fs_mllm.evaluation.vqa import vqa_score
@@ -242,9 +242,9 @@ def run_eval(
     # the lock comes first: settings.json of a folder another run is writing to is never replaced
     lock = ResultsLock(shard_path(out, rank))
     try:
-        _check_or_write_settings(out, stored, dist.is_main_process)
+        check_or_write_settings(out, stored, dist.is_main_process)
         dist.wait_for_everyone()
-        _verify_settings(out, stored)  # every process raises on a mismatch, so none waits forever below
+        verify_settings(out, stored)  # every process raises on a mismatch, so none waits forever below
         writer = ResultWriter(shard_path(out, rank), lock)  # repairs this rank's torn tail before anyone reads
     except BaseException:
         lock.release()

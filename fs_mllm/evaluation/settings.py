@@ -27,7 +27,7 @@ from fs_mllm.models.loading import DEFAULT_MODEL
 from fs_mllm.models.mini_llava import BOOSTER_DIR
 
 __all__ = ["TASKS", "SETTINGS_FILE", "EvalSettings", "SettingsMismatchError", "EVAL_DESCRIPTIONS",
-           "add_common_arguments", "settings_from_args"]
+           "add_common_arguments", "settings_from_args", "check_or_write_settings", "verify_settings"]
 
 TASKS = ("vqa", "caption")
 SETTINGS_FILE = "settings.json"
@@ -181,7 +181,7 @@ def _has_rows(output_dir: Path) -> bool:
     return any(read_rows(p) for p in output_dir.glob(SHARD_GLOB))
 
 
-def _check_or_write_settings(output_dir: Path, stored_settings: dict[str, Any], is_main: bool) -> None:
+def check_or_write_settings(output_dir: Path, stored_settings: dict[str, Any], is_main: bool) -> None:
     """Write ``settings.json`` for a fresh folder. A folder without result rows is fresh even if a
     ``settings.json`` is there: its first run failed before any row (e.g. a wrong --model), and nothing
     computed under those settings could be mixed in."""
@@ -192,7 +192,8 @@ def _check_or_write_settings(output_dir: Path, stored_settings: dict[str, Any], 
         os.replace(tmp, path)
 
 
-def _verify_settings(output_dir: Path, stored_settings: dict[str, Any]) -> None:
+def verify_settings(output_dir: Path, stored_settings: dict[str, Any]) -> None:
+    """Raise :class:`SettingsMismatchError` unless the folder's ``settings.json`` matches (extensible keys aside)."""
     path = output_dir / SETTINGS_FILE
     if not path.exists() and _has_rows(output_dir):
         raise SettingsMismatchError(f"output_dir {str(output_dir)!r} holds results but no {SETTINGS_FILE}, so its "
