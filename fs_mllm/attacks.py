@@ -78,8 +78,10 @@ __all__ = [
     "attack",
     "build_text_inputs",
     "eot_gradient",
+    "feature_cosine",
     "generate_text",
     "image_features",
+    "input_features",
     "make_objective",
     "noise_seed",
     "project",
@@ -331,6 +333,13 @@ def image_features(model: nn.Module, images01: torch.Tensor, image_mean: Any = N
     return _features(model, adapter, _image_inputs(model, adapter, images01, mean, std, image_kwargs), images01.shape[0])
 
 
+def input_features(model: nn.Module, inputs: Mapping[str, Any], count: int = 1) -> torch.Tensor:
+    """Features (B, T, D) for model inputs already built (e.g. a processor's output), through the same call
+    as :func:`image_features`; the eval runner's clean features use the processor's pixels as they are,
+    without a round trip through [0,1]."""
+    return _features(model, get_adapter(model), inputs, count)
+
+
 def _features(model: nn.Module, adapter: FamilyAdapter, inputs: Mapping[str, Any], count: int) -> torch.Tensor:
     owner = adapter.feature_owner(unwrap_model(model))
     function = getattr(owner, adapter.feature_function)
@@ -495,7 +504,8 @@ def _feature_encoders(model: nn.Module, adapter: FamilyAdapter, mean: torch.Tens
     return encoders
 
 
-def _flat_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def feature_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """FCS per image, (B,): cosine of the flattened features (the certificate's global mode)."""
     return torch.nn.functional.cosine_similarity(a.float().flatten(1), b.float().flatten(1), dim=1)
 
 
@@ -525,7 +535,7 @@ def make_objective(model: nn.Module, processor_or_tokenizer: Any, images01: torc
             anchors = [encode(anchor_images).float().flatten(1) for encode in encoders]
 
         def feature_loss(adv: torch.Tensor) -> torch.Tensor:
-            total = sum(_flat_cos(encode(adv), anchor) for encode, anchor in zip(encoders, anchors))
+            total = sum(feature_cosine(encode(adv), anchor) for encode, anchor in zip(encoders, anchors))
             return sign * total / len(encoders)
 
         return feature_loss, clean
@@ -675,6 +685,6 @@ def attack(model: nn.Module, processor_or_tokenizer: Any, images01: torch.Tensor
                 clean_features = _features(model, adapter, _image_inputs(model, adapter, clean_images, mean, std, image_kwargs), count)
     finally:
         model.train(was_training)
-    fcs = _flat_cos(adv_features, clean_features)
+    fcs = feature_cosine(adv_features, clean_features)
     return AttackResult(adv_images, clean_images, fcs.cpu().tolist(), _per_image_norm(delta, config.norm).cpu().tolist(),
                         final_loss, config, records)

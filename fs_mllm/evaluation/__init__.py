@@ -50,6 +50,23 @@ def load_metric(name: str, **kwargs: Any) -> Any:
     return evaluate.load(metric_module_path(name), **kwargs)
 
 
+def text_metric_info(description: str, citation: str, inputs_description: str, reference_url: str) -> Any:
+    """``evaluate.MetricInfo`` of a shipped metric module: one predicted string and a list of reference
+    strings per example, the input both modules take (datasets >= 4 spells a list ``List``, 3.x ``Sequence``)."""
+    import datasets
+    import evaluate
+
+    strings = getattr(datasets, "List", None) or datasets.Sequence
+    return evaluate.MetricInfo(
+        description=description,
+        citation=citation,
+        inputs_description=inputs_description,
+        features=datasets.Features({"predictions": datasets.Value("string"),
+                                    "references": strings(datasets.Value("string"))}),
+        reference_urls=[reference_url],
+    )
+
+
 __all__ = [
     "METRIC_NAMES",
     "OFFLINE_EVAL_NAME",
@@ -74,6 +91,7 @@ __all__ = [
     "simple_tokenize",
     "summary_table",
     "targeted_success",
+    "text_metric_info",
     "vqa_accuracy",
     "vqa_score",
     "vqa_scores",

@@ -7,6 +7,9 @@ is cut off before appending, so the next row never glues onto it; nothing writte
 One writer per file: a second run on the same file is refused (``fcntl.flock`` on ``<file>.lock``,
 non-blocking) instead of both appending the same keys. Under ``accelerate`` each rank writes its own
 file, so each rank locks its own.
+
+The eval runner's folder layout lives here too (:func:`shard_path`, :func:`read_results`): the runner,
+the settings check and the summary all read the same shard files.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from pathlib import Path
 from typing import IO, Any, Mapping, Optional
 
 __all__ = ["ResultsFolderError", "ResultsBusyError", "ResultsLock", "ResultWriter", "repair_tail", "read_rows",
-           "finite_or_none"]
+           "finite_or_none", "SHARD_GLOB", "shard_path", "result_key", "read_results"]
+
+SHARD_GLOB = "results.rank*.jsonl"  # every file :func:`shard_path` names
 
 
 class ResultsFolderError(RuntimeError):
@@ -155,3 +160,32 @@ class ResultWriter:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+# the eval runner's folder: one shard file per process (accelerate rank), keys (example id, variant, budget)
+
+def shard_path(output_dir: str | os.PathLike, rank: int) -> Path:
+    """Results file of process ``rank`` (each process appends only to its own file)."""
+    return Path(output_dir) / f"results.rank{int(rank)}.jsonl"
+
+
+def result_key(example_id: str, variant: str, budget: float) -> tuple[str, str, float]:
+    """The key a rerun skips; budget 0.0 is the clean row."""
+    return (str(example_id), str(variant), float(budget))
+
+
+def read_results(output_dir: str | os.PathLike) -> dict[tuple[str, str, float], dict[str, Any]]:
+    """All result rows of an output folder, keyed by (example id, variant, budget), each key once.
+
+    If two shard files hold the same key (two processes raced on one example, e.g. a rerun with
+    another process count while the old run was still alive), the first row read wins, files in rank
+    order, so the outcome is deterministic.
+    """
+    out: dict[tuple[str, str, float], dict[str, Any]] = {}
+    files = sorted(Path(output_dir).glob(SHARD_GLOB), key=lambda p: int(p.stem.split("rank")[-1]))
+    for path in files:
+        for row in read_rows(path):
+            key = result_key(*row["key"])
+            if key not in out:
+                out[key] = row
+    return out

@@ -6,12 +6,9 @@ are replaced/skipped with a message when it is missing; SPICE is always skipped 
 The computation lives in ``fs_mllm.evaluation.caption``.
 """
 
-import datasets
 import evaluate
+from fs_mllm.evaluation import text_metric_info
 from fs_mllm.evaluation.caption import caption_metrics
-
-# datasets >= 4 has List; 3.x spells a variable-length list Sequence.
-_List = getattr(datasets, "List", None) or datasets.Sequence
 
 _DESCRIPTION = """
 Corpus-level COCO captioning metrics through pycocoevalcap, usable offline. Used for clean and
@@ -48,18 +45,7 @@ class RobustCaption(evaluate.Metric):
     """COCO caption metrics via pycocoevalcap."""
 
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "predictions": datasets.Value("string"),
-                    "references": _List(datasets.Value("string")),
-                }
-            ),
-            reference_urls=["https://github.com/salaniz/pycocoevalcap"],
-        )
+        return text_metric_info(_DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION, "https://github.com/salaniz/pycocoevalcap")
 
     def _compute(self, predictions, references, meteor=None, tokenizer="auto"):
         return caption_metrics(predictions, references, meteor=meteor, tokenizer=tokenizer)

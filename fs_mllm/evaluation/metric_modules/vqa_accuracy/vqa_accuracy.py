@@ -4,12 +4,9 @@ Load it offline with ``evaluate.load(path_to_this_folder)`` or ``fs_mllm.evaluat
 The computation lives in ``fs_mllm.evaluation.vqa``; this module only adapts it to `evaluate`.
 """
 
-import datasets
 import evaluate
+from fs_mllm.evaluation import text_metric_info
 from fs_mllm.evaluation.vqa import vqa_scores
-
-# datasets >= 4 has List; 3.x spells a variable-length list Sequence.
-_List = getattr(datasets, "List", None) or datasets.Sequence
 
 _DESCRIPTION = """
 VQA accuracy as computed by the official VQAv2 evaluation: answers are normalised (punctuation,
@@ -45,18 +42,7 @@ class VqaAccuracy(evaluate.Metric):
     """Official VQAv2 accuracy."""
 
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "predictions": datasets.Value("string"),
-                    "references": _List(datasets.Value("string")),
-                }
-            ),
-            reference_urls=["https://github.com/GT-Vision-Lab/VQA"],
-        )
+        return text_metric_info(_DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION, "https://github.com/GT-Vision-Lab/VQA")
 
     def _compute(self, predictions, references, return_scores=False):
         scores = vqa_scores(predictions, references)

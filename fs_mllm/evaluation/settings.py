@@ -1,0 +1,299 @@
+"""Evaluation settings: what decides the content of a result row, its command line, and the folder check.
+
+Why its own module: ``settings.json`` is the contract between a run and its resume. A rerun with other
+settings into a folder that holds rows is refused (:class:`SettingsMismatchError`), because rows
+computed under different settings would be mixed silently in the summary; only the settings that
+select *which* keys are computed (``--limit``, extra budgets) may change. The command line
+(:func:`add_common_arguments`) builds exactly these settings, checked before any model work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from fs_mllm.arguments import (
+    add_fs_config_arguments, check_float, check_int, fraction_pair, non_negative_int, positive_float, positive_int, probability,
+)
+from fs_mllm.attacks import NORMS, OBJECTIVES, PROTOCOLS, AttackConfig  # one definition of each
+from fs_mllm.config import FSConfig
+from fs_mllm.defense import VARIANTS
+from fs_mllm.evaluation.results import SHARD_GLOB, ResultsFolderError, read_rows
+from fs_mllm.models.loading import DEFAULT_MODEL
+from fs_mllm.models.mini_llava import BOOSTER_DIR
+
+__all__ = ["TASKS", "SETTINGS_FILE", "EvalSettings", "SettingsMismatchError", "EVAL_DESCRIPTIONS",
+           "add_common_arguments", "settings_from_args", "check_or_write_settings", "verify_settings"]
+
+TASKS = ("vqa", "caption")
+SETTINGS_FILE = "settings.json"
+# Settings that may change between a run and its resume: they select *which* keys are computed, never
+# what a key's row contains (a larger --limit or an extra budget just adds rows).
+_EXTENSIBLE = ("limit", "attack_eps")
+
+
+class SettingsMismatchError(ResultsFolderError, ValueError):
+    """The output folder holds results computed under other settings; resuming would mix them."""
+
+
+@dataclass
+class EvalSettings:
+    """Everything that decides the content of a result row (stored as ``settings.json``).
+
+    task: "vqa" or "caption". model: "fs-mini-llava" (the embedded offline LLaVA) or a model id/folder
+    for ``AutoModelForImageTextToText``. dataset/split: for :func:`load_eval_dataset`. variants: any of
+    "base", "fs", "fs+gsb" (the last needs ``booster``, a GSB folder). sigma/n_samples/seed: the FS patch.
+    attack_eps: attack budgets (> 0; empty = clean only) in [0,1] pixel space at processor resolution,
+    with ``attack_norm``, ``attack_steps``, ``attack_step_size`` (None = 2.5 * eps / steps), ``objective``,
+    ``target`` (targeted only) and ``eot_samples`` (noisy forwards per gradient on FS variants).
+    protocol: "adaptive" (through each variant's own smoothed path) or "transfer" (the paper's protocol:
+    crafted on the undefended model with the same seed for every variant, so every variant sees the same
+    images); objective "feature_target" pulls the features towards the next example's image, and rows
+    then record the variant's answer for that image and whether the attacked answer became it.
+    crop_scale: M-Attack's random local crops (lo, hi area fraction) or None. certify_n > 0 certifies every FS variant's clean image with that many
+    noise samples at level ``certify_alpha``. limit: first N examples only.
+    """
+
+    task: str = "vqa"
+    model: str = DEFAULT_MODEL
+    dataset: str = "fs-offline-eval"
+    split: Optional[str] = "validation"
+    variants: tuple = ("base", "fs")
+    sigma: float = FSConfig.sigma  # FSConfig holds the defaults
+    n_samples: int = FSConfig.n_samples
+    seed: int = FSConfig.seed
+    booster: Optional[str] = None
+    attack_norm: str = "l2"
+    attack_eps: tuple = ()
+    attack_steps: int = 10
+    attack_step_size: Optional[float] = None
+    objective: str = "feature"
+    target: Optional[str] = None
+    protocol: str = "adaptive"
+    crop_scale: Optional[tuple] = None
+    eot_samples: int = 1
+    certify_n: int = 0
+    certify_alpha: float = 0.001
+    max_new_tokens: int = 10
+    caption_prompt: str = "Describe the image in one sentence."
+    limit: Optional[int] = None
+    dtype: str = "float32"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        for name in ("model", "dataset"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a non-empty str, got {getattr(self, name)!r}")
+        if isinstance(self.variants, str):
+            self.variants = tuple(v.strip() for v in self.variants.split(",") if v.strip())
+        self.variants = tuple(self.variants)
+        if not self.variants:
+            raise ValueError(f"variants must name at least one of {VARIANTS}")
+        for v in self.variants:
+            if v not in VARIANTS:
+                raise ValueError(f"variants: unknown variant {v!r}; choose from {VARIANTS}")
+        if len(set(self.variants)) != len(self.variants):
+            raise ValueError(f"variants must not repeat a variant, got {self.variants}")
+        if "fs+gsb" in self.variants and not self.booster:
+            if self.model != DEFAULT_MODEL:
+                raise ValueError("variants contains 'fs+gsb' but booster is not set (a GaussianSmoothnessBooster folder)")
+            self.booster = str(BOOSTER_DIR)  # the shipped booster of the embedded model
+        # a local folder is stored as an absolute path, so a resume from another cwd compares equal
+        if os.path.isdir(self.model):
+            self.model = os.path.abspath(self.model)
+        if os.path.isdir(self.dataset):
+            self.dataset = os.path.abspath(self.dataset)
+        if self.booster is not None:
+            self.booster = os.path.abspath(os.fspath(self.booster))
+        self.sigma = check_float(self.sigma, "sigma")
+        self.n_samples = check_int(self.n_samples, "n_samples", 2)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.attack_norm not in NORMS:
+            raise ValueError(f"attack_norm must be one of {NORMS}, got {self.attack_norm!r}")
+        if isinstance(self.attack_eps, (int, float)):
+            self.attack_eps = (self.attack_eps,)
+        eps = tuple(check_float(e, "attack_eps") for e in self.attack_eps)
+        if len(set(eps)) != len(eps):
+            raise ValueError(f"attack_eps must not repeat a budget, got {list(eps)}")
+        self.attack_eps = tuple(sorted(eps))
+        self.attack_steps = check_int(self.attack_steps, "attack_steps")
+        if self.attack_step_size is not None:
+            self.attack_step_size = check_float(self.attack_step_size, "attack_step_size")
+        self.eot_samples = check_int(self.eot_samples, "eot_samples")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.crop_scale is not None:
+            self.crop_scale = tuple(float(v) for v in self.crop_scale)
+        if self.attack_eps:  # every budget through the attack's own range checks, before any model work
+            for eps in self.attack_eps:
+                AttackConfig(norm=self.attack_norm, eps=eps, steps=self.attack_steps, objective=self.objective,
+                             target_text=self.target, protocol=self.protocol, crop_scale=self.crop_scale)
+        if self.objective == "targeted" and self.attack_eps and not (self.target and self.target.strip()):
+            raise ValueError("objective='targeted' needs target (the string the attack makes the model say)")
+        if isinstance(self.certify_n, bool) or not isinstance(self.certify_n, int) or self.certify_n < 0 or self.certify_n == 1:
+            raise ValueError(f"certify_n must be 0 (no certification) or an integer >= 2, got {self.certify_n!r}")
+        if not 0.0 < float(self.certify_alpha) < 1.0:
+            raise ValueError(f"certify_alpha must lie in (0, 1), got {self.certify_alpha!r}")
+        self.certify_alpha = float(self.certify_alpha)
+        self.max_new_tokens = check_int(self.max_new_tokens, "max_new_tokens")
+        if self.limit is not None:
+            self.limit = check_int(self.limit, "limit")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32', 'float16' or 'bfloat16', got {self.dtype!r}")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"extra must be a dict, got {type(self.extra).__name__}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["variants"] = list(self.variants)
+        data["attack_eps"] = list(self.attack_eps)
+        data["crop_scale"] = None if self.crop_scale is None else list(self.crop_scale)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "EvalSettings":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown EvalSettings fields {unknown}")
+        return cls(**dict(data))
+
+    @property
+    def budgets(self) -> tuple[float, ...]:
+        """0.0 (clean) followed by the attack budgets."""
+        return (0.0,) + tuple(self.attack_eps)
+
+
+def _comparable(settings: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in settings.items() if k not in _EXTENSIBLE}
+
+
+def _has_rows(output_dir: Path) -> bool:
+    return any(read_rows(p) for p in output_dir.glob(SHARD_GLOB))
+
+
+def check_or_write_settings(output_dir: Path, stored_settings: dict[str, Any], is_main: bool) -> None:
+    """Write ``settings.json`` for a fresh folder. A folder without result rows is fresh even if a
+    ``settings.json`` is there: its first run failed before any row (e.g. a wrong --model), and nothing
+    computed under those settings could be mixed in."""
+    path = output_dir / SETTINGS_FILE
+    if is_main and not _has_rows(output_dir):
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(stored_settings, indent=2, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def verify_settings(output_dir: Path, stored_settings: dict[str, Any]) -> None:
+    """Raise :class:`SettingsMismatchError` unless the folder's ``settings.json`` matches (extensible keys aside)."""
+    path = output_dir / SETTINGS_FILE
+    if not path.exists() and _has_rows(output_dir):
+        raise SettingsMismatchError(f"output_dir {str(output_dir)!r} holds results but no {SETTINGS_FILE}, so its "
+                                    "settings cannot be checked; use a new output folder")
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SettingsMismatchError(f"output_dir {str(output_dir)!r}: cannot read {SETTINGS_FILE} ({exc}); "
+                                    "use a new output folder") from None
+    a, b = _comparable(old), _comparable(stored_settings)
+    diffs = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if diffs:
+        detail = "; ".join(f"{k}: stored {a.get(k)!r}, now {b.get(k)!r}" for k in diffs)
+        raise SettingsMismatchError(
+            f"output_dir {str(output_dir)!r} holds results of a run with different settings ({detail}). "
+            "Refusing to resume into it, since rows computed under different settings would be mixed; "
+            "use a new output folder (--output-dir) or restore the original settings."
+        )
+
+
+def _description(task: str, title: str, example: str, tail: str) -> str:
+    """``--help`` text of one eval task: what it runs out of the box, how it resumes, then ``tail``."""
+    return f"""{title}
+
+Runs out of the box on the embedded offline model and eval set:
+
+    fs-mllm eval {task} --output-dir runs/{task} {example}
+    accelerate launch --num_processes 2 recipes/eval_{task}.py --output-dir runs/{task} ...   # sharded
+
+Stop it (Ctrl-C, a kill) and rerun the same command to resume (results.rank*.jsonl are append-only; a
+rerun with other settings into a folder that holds results is refused, and so is a second run writing
+to the same folder at once). {tail}
+"""
+
+
+EVAL_DESCRIPTIONS = {
+    "vqa": _description(
+        "vqa", "VQA robustness evaluation: base vs FS vs FS+GSB, clean and under attack, with certified FCSB curves.",
+        "--limit 8 --attack-eps 0.5 1.0 --certify-n 100",
+        "Outputs: summary.md, summary.json, certified_curve.png, accuracy_vs_budget.png."),
+    "caption": _description(
+        "caption", "Captioning robustness evaluation (CIDEr, BLEU-4, ROUGE-L): base vs FS vs FS+GSB, clean and attacked.",
+        "--limit 8 --attack-eps 0.5 --certify-n 100",
+        "Caption metrics are corpus-level (CIDEr's IDF comes from the reference\n"
+        "set), so they are computed over the whole set at summary time, with the pure-Python tokenizer and\n"
+        "without METEOR (no JVM start)."),
+}
+
+
+def add_common_arguments(parser: Any, task: str) -> None:
+    """The eval command line (``fs-mllm eval vqa|caption``, recipes/eval_vqa.py, recipes/eval_caption.py).
+
+    Numbers are checked by their argparse ``type`` (exit 2 with usage before anything loads)."""
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="'fs-mini-llava' (embedded offline LLaVA) or a model id / local folder")
+    parser.add_argument("--dataset", default="fs-offline-eval", help="'fs-offline-eval' (real photos), 'fs-synthetic-heldout' (fs-mini-llava's own task), a local folder or a Hub id")
+    parser.add_argument("--split", default="validation")
+    parser.add_argument("--variants", default="base,fs", help="comma list of base, fs, fs+gsb")
+    add_fs_config_arguments(parser, ("sigma", "n_samples", "seed"))
+    parser.add_argument("--booster", default=None,
+                        help="GaussianSmoothnessBooster folder (for fs+gsb; default for fs-mini-llava: its shipped booster)")
+    parser.add_argument("--attack-norm", default="l2", choices=NORMS)
+    parser.add_argument("--attack-eps", type=positive_float, nargs="*", default=[],
+                        help="attack budgets (several for accuracy vs budget); none = clean only")
+    parser.add_argument("--attack-steps", type=positive_int, default=10)
+    parser.add_argument("--attack-step-size", type=positive_float, default=None, help="default 2.5 * eps / steps")
+    parser.add_argument("--objective", default="feature", choices=OBJECTIVES,
+                        help="feature_target pulls the features towards the next example's image (AttackVLM)")
+    parser.add_argument("--protocol", default="adaptive", choices=PROTOCOLS,
+                        help="adaptive: through each variant's smoothed path (EOT); transfer: the paper's protocol, "
+                             "crafted once on the undefended model and replayed on every variant")
+    parser.add_argument("--crop-scale", type=fraction_pair, default=None,
+                        help="M-Attack random local crops: 'lo,hi' area fractions (e.g. 0.5,1), default none")
+    parser.add_argument("--target", default=None, help="target text for --objective targeted")
+    parser.add_argument("--eot-samples", type=positive_int, default=1,
+                        help="noisy forwards averaged per attack gradient on FS variants (fresh noise every step)")
+    parser.add_argument("--certify-n", type=non_negative_int, default=0,
+                        help="noise samples to certify each image (0 = off, else >= 2)")
+    parser.add_argument("--certify-alpha", type=probability, default=0.001)
+    parser.add_argument("--limit", type=positive_int, default=None, help="first N examples only")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=10 if task == "vqa" else 24)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    if task == "caption":
+        parser.add_argument("--prompt", default=EvalSettings.caption_prompt, help="caption instruction")
+    parser.add_argument("--output-dir", required=True, help="results folder; rerun the same command to resume")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def settings_from_args(args: Any, task: str) -> EvalSettings:
+    """EvalSettings from the parsed command-line arguments."""
+    kwargs = dict(
+        task=task, model=args.model, dataset=args.dataset, split=args.split, variants=args.variants,
+        sigma=args.sigma, n_samples=args.n_samples, seed=args.seed, booster=args.booster,
+        attack_norm=args.attack_norm, attack_eps=tuple(args.attack_eps or ()), attack_steps=args.attack_steps,
+        attack_step_size=args.attack_step_size, objective=args.objective, target=args.target,
+        protocol=args.protocol, crop_scale=args.crop_scale,
+        eot_samples=args.eot_samples,
+        certify_n=args.certify_n, certify_alpha=args.certify_alpha, max_new_tokens=args.max_new_tokens,
+        limit=args.limit, dtype=args.dtype,
+    )
+    if task == "caption":
+        kwargs["caption_prompt"] = args.prompt
+    return EvalSettings(**kwargs)
