@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from fs_mllm.attacks import generate_text
 from fs_mllm.arguments import positive_int
+from fs_mllm.config import FSConfig
 from fs_mllm.defense import apply_variant, synthetic_items
 from fs_mllm.gsb import GaussianSmoothnessBooster
 from fs_mllm.models import load_mini_llava
@@ -116,7 +117,7 @@ def main() -> None:
             hits += vqa_match(answer, item.answers)
         return hits / len(items)
 
-    apply_variant(model, "base", 0.25, 1)
+    apply_variant(model, "base", FSConfig())
     results = {"base": accuracy(), "fs": {}, "fs+gsb": {}}
     lo, hi = booster.config.sigma_min, booster.config.sigma_max
     for sigma in args.sigmas:
@@ -124,10 +125,10 @@ def main() -> None:
             for variant in ("fs", "fs+gsb"):
                 if variant == "fs+gsb" and not lo <= sigma <= hi:
                     continue
-                apply_variant(model, variant, sigma, n0, processor, booster)
+                apply_variant(model, variant, FSConfig(sigma=sigma, n_samples=n0), processor, booster)
                 results[variant][f"{sigma:g},{n0}"] = accuracy()
                 print(f"{variant} sigma={sigma:g} n0={n0}: {results[variant][f'{sigma:g},{n0}']:.3f}", flush=True)
-    apply_variant(model, "base", 0.25, 1)
+    apply_variant(model, "base", FSConfig())
     seconds = time.perf_counter() - start
 
     table = render(results, args.sigmas, args.n0, len(items), args.plot)

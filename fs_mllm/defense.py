@@ -42,9 +42,8 @@ ADAPTIVE_LINF = (1 / 255, 2 / 255, 4 / 255)
 __all__ = ["VARIANTS", "DefenseSettings", "EvalItem", "answer_metrics", "apply_variant", "defense_table", "evaluate_defense", "synthetic_items"]
 
 
-def apply_variant(model: nn.Module, variant: str, sigma: float, n_samples: int, processor: Any = None,
-                  booster: Any = None, seed: int = 0) -> nn.Module:
-    """Put ``model`` in one of VARIANTS: unpatched, smoothed, or smoothed with the booster."""
+def apply_variant(model: nn.Module, variant: str, config: FSConfig, processor: Any = None, booster: Any = None) -> nn.Module:
+    """Put ``model`` in one of VARIANTS: unpatched, smoothed with ``config``, or smoothed with the booster too."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {list(VARIANTS)}, got {variant!r}")
     unpatch_model(model)
@@ -52,8 +51,7 @@ def apply_variant(model: nn.Module, variant: str, sigma: float, n_samples: int, 
         return model
     if variant == "fs+gsb" and booster is None:
         raise ValueError("variant 'fs+gsb' needs booster= (a GaussianSmoothnessBooster)")
-    return patch_model(model, sigma=sigma, n_samples=n_samples, seed=seed, processor=processor,
-                       booster=booster if variant == "fs+gsb" else None)
+    return patch_model(model, config, processor=processor, booster=booster if variant == "fs+gsb" else None)
 
 
 @dataclass
@@ -105,6 +103,11 @@ class DefenseSettings:
     def _adaptive_config(self, norm: str, eps: float) -> AttackConfig:
         return AttackConfig(norm=norm, eps=eps, steps=self.adaptive_steps, objective=self.adaptive_objective,
                             protocol="adaptive", eot_samples=self.eot_samples, eot_chunk_size=1, seed=self.seed)
+
+    @property
+    def fs_config(self) -> FSConfig:
+        """The smoothing these settings deploy (FSConfig validates it and holds every other default)."""
+        return FSConfig(sigma=self.sigma, n_samples=self.n_samples, seed=self.seed)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -177,7 +180,7 @@ def evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Eva
     budgets += [("adaptive", "linf", eps) for eps in settings.adaptive_linf]
     rows: list[dict[str, Any]] = []
     for variant in settings.variants:
-        apply_variant(model, variant, sigma, settings.n_samples, processor, booster, settings.seed)
+        apply_variant(model, variant, settings.fs_config, processor, booster)
         bar = tqdm(total=3 + len(budgets), desc=variant, unit="stage", disable=not progress)
         clean_out = generate_text(model, processor, clean_images, clean_prompts, settings.max_new_tokens)
         clean_correct = [vqa_match(o, item.answers) for o, item in zip(clean_out, clean_items)]

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from fs_mllm.attacks import AttackConfig, attack, eot_gradient, image_features, make_objective
-from fs_mllm.defense import DefenseSettings, answer_metrics, apply_variant, defense_table, evaluate_defense, EvalItem
+from fs_mllm.config import FSConfig
+from fs_mllm.defense import DefenseSettings, EvalItem, answer_metrics, apply_variant, defense_table, evaluate_defense
 from fs_mllm.patching import get_fs_state, is_patched, patch_model
 
 from test_attacks import MEAN, STD, cos, images, tiny_processor
@@ -159,9 +160,9 @@ def test_attack_errors_name_the_parameter(model):
     with pytest.raises(ValueError, match="surrogates"):
         attack(model, None, x, None, transfer_config(), target_images=x, surrogates=["resnet"], image_mean=MEAN, image_std=STD)
     with pytest.raises(ValueError, match="variant"):
-        apply_variant(model, "fs+tta", 0.25, 4)
+        apply_variant(model, "fs+tta", FSConfig())
     with pytest.raises(ValueError, match="booster"):
-        apply_variant(model, "fs+gsb", 0.25, 4)
+        apply_variant(model, "fs+gsb", FSConfig())
     with pytest.raises(ValueError, match="eps"):
         DefenseSettings(transfer_linf=(16,))
 

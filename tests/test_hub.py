@@ -594,3 +594,15 @@ def test_fs_mini_llava_loads_through_the_hf_cache_offline(tmp_path):
     assert report["sigma"] == 0.25 and report["booster_is_shipped"]
     assert "library_name: fs-mllm" in report["card"] and "# fs-mini-llava" in report["card"]
     assert report["new_snapshot"] and report["new_booster"]
+
+
+def test_eval_fs_gsb_defaults_to_the_booster_saved_with_the_model(saved_llava, tmp_path):
+    """`fs-mllm eval --model <saved folder> --variants base,fs+gsb` needs no --booster: the saved one is used."""
+    from fs_mllm.evaluation.settings import EvalSettings
+
+    folder, _, _ = saved_llava
+    settings = EvalSettings(model=str(folder), variants="base,fs+gsb")
+    assert settings.booster == str(folder.resolve())
+    without = fs_mllm.save_pretrained(patched("llava", booster=False)[0], tmp_path / "plain", include_weights=True)
+    with pytest.raises(ValueError, match="booster"):
+        EvalSettings(model=str(without), variants="base,fs+gsb")

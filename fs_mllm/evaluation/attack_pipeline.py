@@ -36,7 +36,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from fs_mllm.adapters import get_adapter
-from fs_mllm.arguments import add_fs_config_arguments, existing_folder, fraction_pair, non_negative_int, positive_float, positive_int
+from fs_mllm.arguments import add_fs_config_arguments, fs_config_from_args, existing_folder, fraction_pair, non_negative_int, positive_float, positive_int
 from fs_mllm.attacks import OBJECTIVES, PROTOCOLS, SURROGATES, AttackConfig, attack, generate_text
 from fs_mllm.defense import VARIANTS, apply_variant
 from fs_mllm.evaluation.results import ResultWriter, finite_or_none, read_rows
@@ -273,7 +273,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
                                 continue
                             # patched afresh per row: its noise stream starts at --seed, so a row does
                             # not depend on which rows ran before it (a resumed run equals an unbroken one)
-                            apply_variant(model, mode, args.sigma, args.n_samples, processor, booster, args.seed)
+                            apply_variant(model, mode, fs_config_from_args(args), processor, booster)
                             row = _attack_one(model, processor, example, mode, args, mean, std, out, run_id, settings)
                             writer.write(row)
                             rows[(example["id"], mode)] = row

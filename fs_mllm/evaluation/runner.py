@@ -293,7 +293,7 @@ def _run_shard(settings: EvalSettings, model: Any, processor: Any, dataset: Any,
             on_result(row)
 
     for variant in settings.variants:
-        apply_variant(model, variant, settings.sigma, settings.n_samples, processor, booster, settings.seed)
+        apply_variant(model, variant, settings.fs_config, processor, booster)
         bar = tqdm(todo, desc=f"{settings.task} [{variant}] rank {rank}/{world}", disable=not show_progress)
         for index in bar:
             ex = dataset[index]

@@ -40,6 +40,21 @@ class SettingsMismatchError(ResultsFolderError, ValueError):
     """The output folder holds results computed under other settings; resuming would mix them."""
 
 
+def _default_booster(model: str) -> str:
+    """The booster fs+gsb uses when none is given: the embedded model's shipped one, or the one saved with an
+    fs_mllm.save_pretrained folder / repo id; anything else must name its booster."""
+    if model == DEFAULT_MODEL:
+        return str(BOOSTER_DIR)
+    from fs_mllm.hub import FS_CONFIG_NAME, is_saved_patch, read_saved_patch, resolve_folder
+
+    if is_saved_patch(model):
+        folder, _ = resolve_folder(model, settings_only=True)
+        if read_saved_patch(folder / FS_CONFIG_NAME).booster:
+            return str(folder)
+    raise ValueError("variants contains 'fs+gsb' but booster is not set (a GaussianSmoothnessBooster folder), and "
+                     f"model {model!r} is neither fs-mini-llava nor a saved fs_mllm folder with a booster")
+
+
 @dataclass
 class EvalSettings:
     """Everything that decides the content of a result row (stored as ``settings.json``).
@@ -101,9 +116,7 @@ class EvalSettings:
         if len(set(self.variants)) != len(self.variants):
             raise ValueError(f"variants must not repeat a variant, got {self.variants}")
         if "fs+gsb" in self.variants and not self.booster:
-            if self.model != DEFAULT_MODEL:
-                raise ValueError("variants contains 'fs+gsb' but booster is not set (a GaussianSmoothnessBooster folder)")
-            self.booster = str(BOOSTER_DIR)  # the shipped booster of the embedded model
+            self.booster = _default_booster(self.model)
         # a local folder is stored as an absolute path, so a resume from another cwd compares equal
         if os.path.isdir(self.model):
             self.model = os.path.abspath(self.model)
@@ -151,6 +164,11 @@ class EvalSettings:
             raise ValueError(f"dtype must be 'float32', 'float16' or 'bfloat16', got {self.dtype!r}")
         if not isinstance(self.extra, dict):
             raise ValueError(f"extra must be a dict, got {type(self.extra).__name__}")
+
+    @property
+    def fs_config(self) -> FSConfig:
+        """The smoothing of the FS variants (FSConfig validates it and holds every other default)."""
+        return FSConfig(sigma=self.sigma, n_samples=self.n_samples, seed=self.seed)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
