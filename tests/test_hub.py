@@ -195,6 +195,7 @@ def _child_env(cache: Path) -> dict:
     return env
 
 
+@pytest.mark.usefixtures("one_thread")  # the child runs with OMP_NUM_THREADS=1: same thread count, same float sums
 def test_offline_process_loads_by_repo_id_from_hf_hub_cache(tmp_path):
     """HF_HUB_OFFLINE=1 and HF_HUB_CACHE in a fresh process (huggingface_hub reads both at import)."""
     cache = tmp_path / "hf-cache"
