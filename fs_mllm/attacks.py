@@ -59,6 +59,7 @@ from torch import nn
 
 from . import adapters as _adapters  # noqa: F401  (registers every family)
 from .adapters.base import FamilyAdapter, get_adapter, unwrap_model
+from .arguments import check_float, check_int
 from .config import check_seed
 from .normalization import resolve_mean_std
 from .patching import config_override, get_fs_state, is_patched, undefended
@@ -93,22 +94,6 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 # configuration
 # ---------------------------------------------------------------------------------------------
-
-def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _positive_float(value: Any, name: str) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a positive number, got {value!r}") from None
-    if not math.isfinite(number) or number <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return number
-
 
 @dataclass
 class AttackConfig:
@@ -151,7 +136,7 @@ class AttackConfig:
             raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {self.objective!r}")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {list(PROTOCOLS)}, got {self.protocol!r}")
-        self.eps = _positive_float(self.eps, "eps")
+        self.eps = check_float(self.eps, "eps")
         if self.norm == "linf" and self.eps > 1:
             raise ValueError(f"eps={self.eps:g} is outside the linf range (0, 1] of [0,1] pixels; "
                              f"write budgets in pixel units, e.g. 16/255 = {16 / 255:.4f}")
@@ -163,13 +148,13 @@ class AttackConfig:
             if not 0 < low <= high <= 1:
                 raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale!r}")
             self.crop_scale = (low, high)
-        self.steps = _positive_int(self.steps, "steps")
-        self.step_size = 2.5 * self.eps / self.steps if self.step_size is None else _positive_float(self.step_size, "step_size")
-        self.eot_samples = _positive_int(self.eot_samples, "eot_samples")
+        self.steps = check_int(self.steps, "steps")
+        self.step_size = 2.5 * self.eps / self.steps if self.step_size is None else check_float(self.step_size, "step_size")
+        self.eot_samples = check_int(self.eot_samples, "eot_samples")
         if self.eot_chunk_size is not None:
-            self.eot_chunk_size = _positive_int(self.eot_chunk_size, "eot_chunk_size")
+            self.eot_chunk_size = check_int(self.eot_chunk_size, "eot_chunk_size")
         if self.smoothing_samples is not None:
-            self.smoothing_samples = _positive_int(self.smoothing_samples, "smoothing_samples", minimum=2)
+            self.smoothing_samples = check_int(self.smoothing_samples, "smoothing_samples", minimum=2)
         self.seed = check_seed(self.seed)
         if self.objective == "targeted":
             if not isinstance(self.target_text, str) or not self.target_text.strip():

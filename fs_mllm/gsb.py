@@ -33,8 +33,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .smoothed_path import BoosterStages
+from .arguments import check_int
 from .config import check_sigma, dataclass_from_dict
+from .smoothed_path import BoosterStages
 
 WEIGHTS_NAME = "gsb.safetensors"
 CONFIG_NAME = "gsb_config.json"
@@ -65,12 +66,6 @@ def estimate_noise_std(pixels01: torch.Tensor) -> torch.Tensor:
     y = pixels01.float()[..., : pixels01.shape[-2] // 2 * 2, : pixels01.shape[-1] // 2 * 2]
     hh = (y[..., 0::2, 0::2] - y[..., 0::2, 1::2] - y[..., 1::2, 0::2] + y[..., 1::2, 1::2]) / 2
     return hh.abs().flatten(1).median(dim=1).values / MAD_TO_STD
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 @dataclass
@@ -106,23 +101,23 @@ class GSBConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _positive_int(self.feature_dim, "feature_dim")
+        check_int(self.feature_dim, "feature_dim")
         self.sigma_min = check_sigma(self.sigma_min, "sigma_min")
         self.sigma_max = check_sigma(self.sigma_max, "sigma_max")
         if self.sigma_min > self.sigma_max:
             raise ValueError(f"sigma_min ({self.sigma_min}) must be <= sigma_max ({self.sigma_max})")
         if not (self.use_denoiser or self.use_mapper):
             raise ValueError("use_denoiser and use_mapper are both False: a booster needs at least one part")
-        _positive_int(self.image_channels, "image_channels")
-        _positive_int(self.denoiser_channels, "denoiser_channels")
+        check_int(self.image_channels, "image_channels")
+        check_int(self.denoiser_channels, "denoiser_channels")
         if isinstance(self.denoiser_depth, bool) or not isinstance(self.denoiser_depth, int) or self.denoiser_depth < 2:
             raise ValueError(f"denoiser_depth must be an integer >= 2 (conv layers), got {self.denoiser_depth!r}")
-        _positive_int(self.denoiser_downscale, "denoiser_downscale")
-        _positive_int(self.mapper_hidden, "mapper_hidden")
-        _positive_int(self.mapper_layers, "mapper_layers")
-        _positive_int(self.sigma_embed_dim, "sigma_embed_dim")
+        check_int(self.denoiser_downscale, "denoiser_downscale")
+        check_int(self.mapper_hidden, "mapper_hidden")
+        check_int(self.mapper_layers, "mapper_layers")
+        check_int(self.sigma_embed_dim, "sigma_embed_dim")
         if self.image_size is not None:
-            _positive_int(self.image_size, "image_size")
+            check_int(self.image_size, "image_size")
         if self.noise_level not in NOISE_LEVELS:
             raise ValueError(f"noise_level must be one of {NOISE_LEVELS}, got {self.noise_level!r}")
         if not isinstance(self.encoder_id, str):
