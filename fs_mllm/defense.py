@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .attacks import AttackConfig, attack, generate_text
+from .attacks import AttackConfig, attack, feature_cosine, generate_text, image_features
 from .certify import certify_model
 from .config import FSConfig
 from .patching import patch_model, unpatch_model
@@ -203,10 +203,14 @@ def evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Eva
                      "accuracy": _mean([float(c) for c in clean_correct]), "attack_success": None,
                      "targeted_success": None, "fcs": None, "certified_fcsb": certified(sigma / 2),
                      "certified_radius_l2": sigma / 2})
+        clean_features = None  # the variant's features of the clean attack images, once for every transfer budget
         for protocol, norm, eps in budgets:
-            if protocol == "transfer":
+            if protocol == "transfer":  # FCS as this variant's decoder sees the replayed images
                 adv = transfer[eps]
-                fcs = _flat_fcs(model, processor, attack_images, adv)
+                with torch.no_grad():
+                    if clean_features is None:
+                        clean_features = image_features(model, attack_images, processor=processor)
+                    fcs = feature_cosine(clean_features, image_features(model, adv, processor=processor)).tolist()
             else:
                 # untargeted: push the model away from the accepted answer (what accuracy counts)
                 answers = [a[0] for a in attack_answers] if settings.adaptive_objective == "untargeted" else None
@@ -242,16 +246,6 @@ def answer_metrics(clean_outputs: Sequence[str], adv_outputs: Sequence[str], ans
         targeted = _mean([float(norm(o) == norm(t)) for o, t in aimed])
     return {"accuracy": _mean([float(not w) for w in wrong]), "attack_success": _mean([float(f) for f in flipped]),
             "targeted_success": targeted}
-
-
-@torch.no_grad()
-def _flat_fcs(model: nn.Module, processor: Any, clean: torch.Tensor, adv: torch.Tensor) -> list[float]:
-    """FCS of the features the variant's decoder receives, clean vs replayed adversarial images."""
-    from .attacks import image_features
-
-    a = image_features(model, clean, processor=processor).float().flatten(1)
-    b = image_features(model, adv, processor=processor).float().flatten(1)
-    return torch.nn.functional.cosine_similarity(a, b, dim=1).tolist()
 
 
 def defense_table(rows: Sequence[dict[str, Any]]) -> str:
