@@ -35,6 +35,8 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
 IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
 FeatureOutput = Any  # a transformers ModelOutput (BaseModelOutputWithPooling or a family subclass)
 
@@ -90,6 +92,8 @@ def model_type_of(model: nn.Module) -> Optional[str]:
 
 
 ADAPTERS: dict[str, type["FamilyAdapter"]] = {}
+# model_type -> why fs_mllm cannot smooth that family (refused with this reason instead of "unsupported")
+REFUSED: dict[str, str] = {}
 
 
 def register_adapter(cls: type["FamilyAdapter"]) -> type["FamilyAdapter"]:
@@ -99,6 +103,11 @@ def register_adapter(cls: type["FamilyAdapter"]) -> type["FamilyAdapter"]:
     return cls
 
 
+def refuse_family(model_type: str, reason: str) -> None:
+    """Record a family that cannot be smoothed, so patching it names the reason instead of "no adapter"."""
+    REFUSED[model_type] = reason
+
+
 def supported_model_types() -> list[str]:
     return sorted(ADAPTERS)
 
@@ -106,6 +115,9 @@ def supported_model_types() -> list[str]:
 def get_adapter(model: nn.Module) -> "FamilyAdapter":
     """The adapter of ``model``'s family (keyed by ``config.model_type``); ValueError if unsupported."""
     model_type = model_type_of(model)
+    if model_type in REFUSED and model_type not in ADAPTERS:
+        raise ValueError(f"model: fs_mllm cannot smooth model_type {model_type!r} ({type(model).__name__}): "
+                         f"{REFUSED[model_type]}")
     if model_type not in ADAPTERS:
         raise ValueError(
             f"model: fs_mllm has no adapter for model_type {model_type!r} ({type(model).__name__}); "
@@ -113,6 +125,20 @@ def get_adapter(model: nn.Module) -> "FamilyAdapter":
             "multimodal model of one of these families (optionally PEFT-wrapped)."
         )
     return ADAPTERS[model_type]()
+
+
+def family_table() -> str:
+    """The README's "Supported families" table (markdown), generated from the registry so it cannot drift."""
+    lines = ["| `model_type` | adapter | pixel layout | default mean/std | video |", "|---|---|---|---|---|"]
+    for model_type in supported_model_types():
+        cls = ADAPTERS[model_type]
+        mean_std = "0.5" if tuple(cls.default_image_std) == IMAGENET_STANDARD_STD else (
+            "CLIP" if tuple(cls.default_image_std) == OPENAI_CLIP_STD else "ImageNet")
+        video = "smoothable (`smooth_video=True`)" if cls.smooths_video else "passed through"
+        lines.append(f"| `{model_type}` | `{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}` | {cls.layout} | {mean_std} | {video} |")
+    for model_type in sorted(set(REFUSED) - set(ADAPTERS)):
+        lines.append(f"| `{model_type}` | refused | {REFUSED[model_type]} | | |")
+    return "\n".join(lines) + "\n"
 
 
 def channel_view(values: Union[Sequence[float], torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -130,6 +156,16 @@ class FamilyAdapter:
       feature_function: name of the image-feature method on ``feature_owner(model)``.
       per_image_kwargs: keyword arguments of the feature function that carry one row per image
         (e.g. ``image_sizes``, ``image_grid_thw``); they are sliced/grouped with the images.
+      feature_fields: the output fields holding per-image features that feed the decoder; all of them
+        are smoothed from the same noisy copies (``extract_features`` concatenates them per image along
+        the token axis, ``rebuild_output`` splits them back).
+      pixel_aliases: other keyword names under which the pixels reach the feature function (e.g.
+        VideoLLaVA's deprecated ``pixel_values_images``); they are smoothed like ``pixel_values``.
+      video_function: the owner's video-feature method; calls of the image function made while it runs
+        are video frames (passed through unless ``FSConfig.smooth_video``).
+      smooths_video: whether ``images_from_inputs`` understands the video layout that reaches the image
+        function, so ``smooth_video=True`` is allowed (else patching with it is refused).
+      layout: one line for the README's family table.
     """
 
     model_types: tuple[str, ...] = ()
@@ -137,6 +173,11 @@ class FamilyAdapter:
     default_image_std: tuple[float, ...] = OPENAI_CLIP_STD
     feature_function: str = "get_image_features"
     per_image_kwargs: tuple[str, ...] = ()
+    feature_fields: tuple[str, ...] = ("pooler_output",)
+    pixel_aliases: tuple[str, ...] = ()
+    video_function: str = "get_video_features"
+    smooths_video: bool = False
+    layout: str = "(B, 3, H, W), one image per row"
 
     @property
     def name(self) -> str:
@@ -238,29 +279,66 @@ class FamilyAdapter:
             return torch.stack(images)
         return images
 
-    def extract_features(self, output: FeatureOutput, count: int) -> torch.Tensor:
-        """Stack the per-image features of a feature-function output into (count, T, D)."""
-        pooled = output.pooler_output if hasattr(output, "pooler_output") else output[1]
-        if isinstance(pooled, torch.Tensor):
-            if pooled.shape[0] != count:
-                pooled = pooled.reshape((count, -1) + tuple(pooled.shape[1:]))
-            return pooled
-        return torch.stack(list(pooled))
+    # ---- features in, features out ----------------------------------------------------------
+    def feature_parts(self, output: FeatureOutput) -> list[Any]:
+        """The per-image feature containers of an output, one per smoothed part (default: each feature field)."""
+        return [output[field] if isinstance(output, dict) or hasattr(output, "keys") else output[1]
+                for field in self.feature_fields]
 
-    def rebuild_output(self, raw: FeatureOutput, per_image: list[torch.Tensor], return_dict: bool = True) -> Any:
-        """The inverse of :meth:`extract_features`: an output of ``raw``'s type holding ``per_image`` features
-        (stacked when the family returns a tensor, else a tuple/list of per-image tensors)."""
-        pooled = raw.pooler_output if hasattr(raw, "pooler_output") else None
-        if isinstance(pooled, torch.Tensor):
-            new_pooled: Any = torch.stack(per_image)
-        elif isinstance(pooled, tuple):
-            new_pooled = tuple(per_image)
-        else:
-            new_pooled = list(per_image)
-        output = type(raw)(pooler_output=new_pooled) if hasattr(raw, "pooler_output") else (None, new_pooled)
+    def extract_features(self, output: FeatureOutput, count: int) -> torch.Tensor:
+        """Per-image features of a feature-function output as (count, T, D).
+
+        Several parts (``feature_parts``: e.g. Qwen3-VL's main and DeepStack features) are concatenated
+        along the token axis, so they are normalised, averaged and certified as one feature vector.
+        """
+        stacked = [stack_per_image(part, count) for part in self.feature_parts(output)]
+        return stacked[0] if len(stacked) == 1 else torch.cat(stacked, dim=1)
+
+    def regroup(self, per_image: list[torch.Tensor], call: Optional[dict]) -> Any:
+        """Per-image features back into the container the original call returns (a tuple/list/tensor per
+        image by default; families that pack several images per prompt override this)."""
+        return per_image
+
+    def rebuild_output(self, raw: FeatureOutput, per_image: list[torch.Tensor], return_dict: bool = True,
+                       call: Optional[dict] = None) -> Any:
+        """The inverse of :meth:`extract_features`: an output of ``raw``'s type whose feature fields hold
+        ``per_image`` (split back into the parts ``extract_features`` concatenated). ``call`` holds the
+        original call's ``pixel_values`` and kwargs, for families whose container depends on it."""
+        parts = self.feature_parts(raw)
+        split = [list(features.chunk(len(parts), dim=0)) if len(parts) > 1 else [features] for features in per_image]
+        values = [self.container_like(template, self.regroup([pieces[i] for pieces in split], call))
+                  for i, template in enumerate(parts)]
+        output = self.output_from_parts(raw, values)
         if return_dict is False and hasattr(output, "to_tuple"):
             return output.to_tuple()
         return output
+
+    def output_from_parts(self, raw: FeatureOutput, values: list[Any]) -> Any:
+        """A fresh output of ``raw``'s type holding ``values`` in the feature fields (the noisy copies'
+        other fields, e.g. their hidden states, are not the smoothed image's and are dropped)."""
+        if not hasattr(raw, "keys"):
+            return (None, values[0])
+        return type(raw)(**dict(zip(self.feature_fields, values)))
+
+    @staticmethod
+    def container_like(template: Any, features: Any) -> Any:
+        """Per-image features in the container type of ``template`` (tensor, tuple or list)."""
+        if not isinstance(features, list):
+            return features
+        if isinstance(template, torch.Tensor):
+            stacked = torch.stack(features)
+            return stacked.reshape((-1,) + tuple(stacked.shape[2:])) if template.ndim == stacked.ndim - 1 else stacked
+        return tuple(features) if isinstance(template, tuple) else list(features)
+
+
+def stack_per_image(part: Any, count: int) -> torch.Tensor:
+    """(count, T, D) from a per-image container: a tensor (count, T, D) or (count*T, D), or a sequence of (T, D)."""
+    if isinstance(part, torch.Tensor):
+        return part if part.shape[0] == count and part.ndim >= 3 else part.reshape((count, -1) + tuple(part.shape[1:]))
+    tensors = list(part)
+    if len(tensors) != count:
+        raise ValueError(f"the feature function returned features for {len(tensors)} images, expected {count}")
+    return torch.stack(tensors)
 
 
 class ImageGroup:
