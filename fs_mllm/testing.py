@@ -5,7 +5,9 @@ Shared test helper (no Hub access needed). Each ``build_<family>(dtype=torch.flo
 inputs for ``batch`` images with one prompt each (``input_ids`` holding the right number of image tokens,
 ``attention_mask``, ``pixel_values`` and the family kwargs such as ``image_grid_thw``/``image_sizes``).
 
-- ``FAMILIES``: name -> builder, for parametrised tests over every supported family.
+- ``FAMILIES``: model_type -> builder, one for every registered family (the conformance test fails for a
+  registered family without one); ``CORE_FAMILIES`` the ones test_patching's detailed tests use.
+- ``build_tiny(model_type, pixels, ...)``: the generic builder behind most FAMILIES entries.
 - ``build(name, **kw)``: same as ``FAMILIES[name](**kw)``.
 - ``vision_module(model)``: the vision tower / visual encoder module (to count calls with a hook).
 - ``llava_config(...)``: the tiny LlavaConfig, reusable for bigger benchmark models.
@@ -13,7 +15,7 @@ inputs for ``batch`` images with one prompt each (``input_ids`` holding the righ
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from transformers import (
@@ -238,6 +240,177 @@ def build_mistral3(dtype: torch.dtype = torch.float32, seed: int = 0, batch: int
     return _finish(model, inputs, dtype)
 
 
+# ---------------------------------------------------------------------------------------------
+# every other registered family: the family's own config classes, shrunk (hidden 32, 2 layers)
+# ---------------------------------------------------------------------------------------------
+
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                   patch_size=8)
+QWEN_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32, patch_size=4,
+                   spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_position_embeddings=16,
+                   deepstack_visual_indexes=[0, 1])
+QWEN_TOKENS = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START)
+GLM_TOKENS = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, image_start_token_id=VISION_START)
+MOE = dict(num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32)
+
+
+def _pixels(batch: int, seed: int, *shape: int) -> torch.Tensor:
+    return torch.randn(batch, *shape, generator=torch.Generator().manual_seed(seed + 1))
+
+
+def _plain_pixels(size: int = 32) -> Callable[[int, int], dict]:
+    return lambda batch, seed: {"pixel_values": _pixels(batch, seed, 3, size, size)}
+
+
+def _sized_pixels(batch: int, seed: int) -> dict:
+    return {"pixel_values": _pixels(batch, seed, 3, 32, 32), "image_sizes": torch.tensor([[32, 32]] * batch)}
+
+
+def _qwen_pixels(batch: int, seed: int) -> dict:
+    inputs = _qwen_inputs(batch, seed=seed)
+    return {"pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"]}
+
+
+def _kimi_pixels(batch: int, seed: int, grid: int = 4, patch: int = 4) -> dict:
+    from fs_mllm.adapters.kimi_k25 import KimiK25Adapter
+
+    images = _pixels(batch, seed, 3, grid * patch, grid * patch)
+    rows, kwargs = KimiK25Adapter().inputs_from_images(_KimiGeometry(patch), images, {})
+    return {"pixel_values": rows, **kwargs}
+
+
+class _KimiGeometry(torch.nn.Module):
+    """Stands in for a Kimi model where only config.vision_config.patch_size is read (before the model exists)."""
+
+    def __init__(self, patch: int) -> None:
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(vision_config=SimpleNamespace(patch_size=patch))
+
+
+def _idefics_pixels(batch: int, seed: int) -> dict:
+    """Two real sub-images per prompt, so every prompt has the same length (padding sub-images: tests/test_families)."""
+    pixel_values = _pixels(batch, seed, 2, 3, 32, 32)
+    return {"pixel_values": pixel_values, "pixel_attention_mask": torch.ones(batch, 2, 32, 32, dtype=torch.bool)}
+
+
+def _vision_start_prompt(batch: int, n_tokens: int, seed: int) -> dict:
+    inputs = _prompt_ids(batch, n_tokens, seed)
+    ids = inputs["input_ids"]
+    ids[:, 2] = VISION_START  # the token before the image tokens opens the vision span (M-RoPE positions)
+    inputs["mm_token_type_ids"] = (ids == IMAGE_TOKEN).long()
+    return inputs
+
+
+def _token_type_prompt(batch: int, n_tokens: int, seed: int) -> dict:
+    inputs = _prompt_ids(batch, n_tokens, seed)
+    inputs["token_type_ids"] = (inputs["input_ids"] == IMAGE_TOKEN).long()
+    return inputs
+
+
+def build_tiny(model_type: str, pixels: Callable[[int, int], dict], *, text: dict = None, vision: Any = None,
+               prompt: Callable = _prompt_ids, dtype: torch.dtype = torch.float32, seed: int = 0, batch: int = 2,
+               prepare: Callable = None, **top: Any):
+    """A tiny ``model_type`` model (its auto image-text-to-text class, from its own config class with the text
+    part shrunk to hidden 32 / 2 layers and ``vision`` as the vision config) and inputs for ``batch`` prompts of
+    one image each; the number of image tokens per prompt is read from the model's own image features."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    from fs_mllm.adapters import get_adapter
+
+    torch.manual_seed(seed)
+    vision_config = {**TINY_VISION, **(vision or {})} if vision is None or isinstance(vision, dict) else vision
+    config = CONFIG_MAPPING[model_type](text_config=_text(**(text or {})), vision_config=vision_config, **top)
+    model = getattr(transformers, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[model_type])(config).eval()
+    if prepare is not None:
+        prepare(model)
+    pixel_inputs = pixels(batch, seed)
+    adapter = get_adapter(model)
+    with torch.no_grad():
+        output = adapter.feature_owner(model).get_image_features(**pixel_inputs, return_dict=True)
+    main = adapter.feature_parts(output)[0]
+    rows = sum(part.reshape(-1, part.shape[-1]).shape[0] for part in ([main] if isinstance(main, torch.Tensor) else main))
+    inputs = {**prompt(batch, rows // batch, seed), **pixel_inputs}
+    return _finish(model, inputs, dtype)
+
+
+def _builder(model_type: str, pixels: Callable, **spec: Any) -> Callable:
+    def build_family(dtype: torch.dtype = torch.float32, seed: int = 0, batch: int = 2):
+        return build_tiny(model_type, pixels, dtype=dtype, seed=seed, batch=batch, **spec)
+
+    build_family.__name__ = f"build_{model_type}"
+    build_family.__doc__ = f"Tiny {model_type} model and inputs (see build_tiny)."
+    return build_family
+
+
+def _timm_vision(model_type: str, **fields: Any):
+    """The family's TimmWrapperConfig with a tiny timm test architecture (no weights are downloaded)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    return type(CONFIG_MAPPING[model_type]().vision_config)(**fields)
+
+
+def _gemma3n_text() -> dict:
+    return dict(vocab_size=VOCAB, intermediate_size=[64, 64], layer_types=["sliding_attention", "full_attention"],
+                num_kv_shared_layers=0, activation_sparsity_pattern=[0.0, 0.0], vocab_size_per_layer_input=VOCAB,
+                hidden_size_per_layer_input=8, laurel_rank=4, sliding_window=16, head_dim=8)
+
+
+def _tiny_audio(model_type: str) -> dict:
+    return dict(hidden_size=32, conf_num_hidden_layers=1, conf_num_attention_heads=4, sscp_conv_channel_size=[8, 8],
+                vocab_size=8, vocab_offset=VOCAB + 8)
+
+
+def _deepseek_v3_text() -> dict:
+    return dict(n_routed_experts=2, num_experts_per_tok=1, moe_intermediate_size=32, first_k_dense_replace=1,
+                kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4, v_head_dim=8, qk_nope_head_dim=4, n_group=1,
+                topk_group=1, n_shared_experts=1)
+
+
+def _lively(module: torch.nn.Module) -> None:
+    """Re-initialise a module's matrices/kernels with std 1/sqrt(fan_in) and its norm weights around 1 (std
+    0.5): with the library's tiny init std some image paths (GOT-OCR2's SAM neck, timm's test_byobnet,
+    Idefics2's perceiver) output ~1e-7, exactly 0 or the same vector for every image, and then smoothing
+    has no direction to average and the tests could not tell images apart."""
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if parameter.ndim >= 2:
+                parameter.normal_(0, parameter[0].numel() ** -0.5)
+            elif "norm" in name and name.endswith("weight"):
+                parameter.normal_(1, 0.5)
+
+
+def _lively_vision(model) -> None:
+    _lively(vision_module(model))
+
+
+def _lively_connector(model) -> None:
+    _lively(model.model.connector)
+
+
+def _llama4_output_fix(model) -> None:
+    """transformers 5.24's Llama4ForConditionalGeneration.forward reads ``image_outputs`` from its language
+    model's output, which has no such field (AttributeError on every input, patched or not). The tiny test
+    model's language model gets the field (None), so the image path fs_mllm patches can be exercised."""
+    language_model = model.language_model
+    original = language_model.forward
+
+    def forward(*args, **kwargs):
+        output = original(*args, **kwargs)
+        if not hasattr(output, "image_outputs"):
+            object.__setattr__(output, "image_outputs", None)
+        return output
+
+    language_model.forward = forward
+
+
+def _qwen3_5_text(**extra: Any) -> dict:
+    return dict(_qwen_text(), layer_types=["linear_attention", "full_attention"], **extra)
+
+
 FAMILIES: dict[str, Callable] = {
     "llava": build_llava,
     "llava_next": build_llava_next,
@@ -247,7 +420,81 @@ FAMILIES: dict[str, Callable] = {
     "paligemma": build_paligemma,
     "gemma3": build_gemma3,
     "mistral3": build_mistral3,
+    # the other registered families, each from its own config class
+    "vipllava": _builder("vipllava", _plain_pixels(), image_token_index=IMAGE_TOKEN, vision_feature_layers=[-2, -1]),
+    "aya_vision": _builder("aya_vision", _plain_pixels(), image_token_id=IMAGE_TOKEN, downsample_factor=2),
+    "cohere2_vision": _builder("cohere2_vision", _plain_pixels(), image_token_id=IMAGE_TOKEN, downsample_factor=2),
+    "internvl": _builder("internvl", _plain_pixels(), vision=dict(patch_size=[8, 8], image_size=[32, 32]),
+                         image_token_id=IMAGE_TOKEN, downsample_ratio=0.5),
+    "qianfan_ocr": _builder("qianfan_ocr", _plain_pixels(), vision=dict(patch_size=[8, 8], image_size=[32, 32]),
+                            image_token_id=IMAGE_TOKEN, downsample_ratio=0.5),
+    "got_ocr2": _builder("got_ocr2", _plain_pixels(), vision=dict(output_channels=32, global_attn_indexes=[1], window_size=2),
+                         image_token_index=IMAGE_TOKEN, prepare=_lively_vision),
+    "deepseek_vl": _builder("deepseek_vl", _plain_pixels(), image_token_id=IMAGE_TOKEN),
+    "janus": _builder("janus", _plain_pixels(), vision=dict(projection_dim=32, num_image_tokens=16, mlp_ratio=2),
+                      image_token_id=IMAGE_TOKEN),
+    "video_llava": _builder("video_llava", _plain_pixels(), image_token_index=IMAGE_TOKEN, video_token_index=VIDEO_TOKEN),
+    "llava_next_video": _builder("llava_next_video", lambda b, s: {"pixel_values": _pixels(b, s, 3, 3, 32, 32),
+                                                                 "image_sizes": torch.tensor([[32, 64]] * b)},
+                                 image_token_index=IMAGE_TOKEN, video_token_index=VIDEO_TOKEN,
+                                 image_grid_pinpoints=[[32, 32], [32, 64], [64, 32], [64, 64]]),
+    "lighton_ocr": _builder("lighton_ocr", _sized_pixels, vision=dict(head_dim=8), image_token_id=IMAGE_TOKEN,
+                            spatial_merge_size=2),
+    "mistral_large4": _builder("mistral_large4", _sized_pixels, vision=dict(head_dim=8), image_token_index=IMAGE_TOKEN,
+                               text=dict(_deepseek_v3_text(), num_key_value_heads=4, qk_head_dim=8, index_head_dim=8,
+                                         index_n_heads=2, index_topk=8, no_rope_layers=[1, 1]),
+                               spatial_merge_size=2),
+    "aria": _builder("aria", lambda b, s: {"pixel_values": _pixels(b, s, 3, 32, 32),
+                                           "pixel_mask": torch.ones(b, 32, 32, dtype=torch.bool)},
+                     text=dict(moe_num_experts=2, moe_topk=1, moe_intermediate_size=32), image_token_index=IMAGE_TOKEN,
+                     projector_patch_to_query_dict={16: 4}),
+    "llama4": _builder("llama4", _plain_pixels(),
+                       vision=dict(vision_output_dim=32, projector_input_dim=32, projector_output_dim=32,
+                                   pixel_shuffle_ratio=0.5, intermediate_size=128),
+                       text=dict(num_local_experts=2, interleave_moe_layer_step=1, intermediate_size_mlp=64,
+                                 no_rope_layers=[1, 1]),
+                       image_token_index=IMAGE_TOKEN, boi_token_index=103, eoi_token_index=104,
+                       prepare=_llama4_output_fix),
+    "fast_vlm": _builder("fast_vlm", _plain_pixels(64), vision=_timm_vision("fast_vlm", architecture="test_byobnet",
+                                                                            hidden_size=256, model_args={}),
+                         image_token_index=IMAGE_TOKEN, prepare=_lively_vision),
+    "perception_lm": _builder("perception_lm", lambda b, s: {"pixel_values": _pixels(b, s, 1, 3, 32, 32)},
+                              vision=_timm_vision("perception_lm", architecture="test_vit", hidden_size=64,
+                                                  model_args={"img_size": 32, "embed_dim": 64}),
+                              image_token_id=IMAGE_TOKEN),
+    "gemma3n": _builder("gemma3n", _plain_pixels(64), text=_gemma3n_text(),
+                        vision=_timm_vision("gemma3n", architecture="test_byobnet", hidden_size=256, do_pooling=False,
+                                            vocab_offset=VOCAB, vocab_size=8),
+                        audio_config=_tiny_audio("gemma3n"), image_token_id=IMAGE_TOKEN, vision_soft_tokens_per_image=4,
+                        boi_token_id=103, eoi_token_id=104, audio_token_id=105, boa_token_id=106, eoa_token_id=107),
+    "qwen3_vl": _builder("qwen3_vl", _qwen_pixels, text=_qwen_text(), vision=QWEN_VISION, prompt=_vision_start_prompt,
+                         **QWEN_TOKENS),
+    "qwen3_vl_moe": _builder("qwen3_vl_moe", _qwen_pixels, text=dict(_qwen_text(), **MOE), vision=QWEN_VISION,
+                             prompt=_vision_start_prompt, **QWEN_TOKENS),
+    "qwen3_5": _builder("qwen3_5", _qwen_pixels, text=_qwen3_5_text(), vision=QWEN_VISION, prompt=_vision_start_prompt,
+                        **QWEN_TOKENS),
+    "qwen3_5_moe": _builder("qwen3_5_moe", _qwen_pixels, text=_qwen3_5_text(shared_expert_intermediate_size=32, **MOE),
+                            vision=QWEN_VISION, prompt=_vision_start_prompt, **QWEN_TOKENS),
+    "glm4v": _builder("glm4v", _qwen_pixels, text=_qwen_text(), vision=QWEN_VISION, prompt=_vision_start_prompt, **GLM_TOKENS),
+    "glm46v": _builder("glm46v", _qwen_pixels, text=_qwen_text(), vision=QWEN_VISION, prompt=_vision_start_prompt, **GLM_TOKENS),
+    "glm4v_moe": _builder("glm4v_moe", _qwen_pixels,
+                          text=dict(_text(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                           "mrope_section": [1, 1, 0], "partial_rotary_factor": 0.5}),
+                                    n_routed_experts=2, num_experts_per_tok=1, moe_intermediate_size=32,
+                                    first_k_dense_replace=1),
+                          vision=QWEN_VISION, prompt=_vision_start_prompt, **GLM_TOKENS),
+    "glm_ocr": _builder("glm_ocr", _qwen_pixels, text=_qwen_text(), vision=QWEN_VISION, prompt=_vision_start_prompt, **GLM_TOKENS),
+    "kimi_k25": _builder("kimi_k25", _kimi_pixels, text=_deepseek_v3_text(),
+                         vision=dict(TINY_VISION, patch_size=4, pos_emb_height=8, pos_emb_width=8, merge_kernel_size=[2, 2]),
+                         image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START, vision_end_token_id=103, projection_hidden_size=32),
+    "idefics2": _builder("idefics2", _idefics_pixels, image_token_id=IMAGE_TOKEN, prepare=_lively_connector,
+                         perceiver_config=dict(hidden_size=32, resampler_n_latents=4, resampler_depth=1,
+                                               resampler_n_heads=2, resampler_head_dim=8, num_key_value_heads=2)),
+    "idefics3": _builder("idefics3", _idefics_pixels, image_token_id=IMAGE_TOKEN, scale_factor=2),
+    "smolvlm": _builder("smolvlm", _idefics_pixels, image_token_id=IMAGE_TOKEN, scale_factor=2),
 }
+# the families the detailed tests of tests/test_patching.py run on (their layouts' special cases)
+CORE_FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "paligemma", "gemma3", "mistral3")
 
 
 def build(name: str, **kwargs):
@@ -255,13 +502,17 @@ def build(name: str, **kwargs):
     return FAMILIES[name](**kwargs)
 
 
+VISION_MODULES = ("vision_tower", "visual", "vision_model", "image_tower", "vision_encoder")
+
+
 def vision_module(model) -> torch.nn.Module:
-    """The vision encoder of a tiny model (vision_tower, or visual for Qwen2-VL), to hook and count calls."""
-    inner = getattr(model, "get_base_model", lambda: model)()
-    inner = inner.model if hasattr(inner, "model") and not hasattr(inner, "vision_tower") else inner
-    for name in ("vision_tower", "visual"):
-        if hasattr(inner, name):
-            return getattr(inner, name)
+    """The vision encoder of a tiny model (vision_tower, visual, vision_model, ...), to hook and count calls."""
+    outer = getattr(model, "get_base_model", lambda: model)()
+    for holder in (getattr(outer, "model", None), outer):
+        for name in VISION_MODULES:
+            module = getattr(holder, name, None) if holder is not None else None
+            if isinstance(module, torch.nn.Module):
+                return module
     raise ValueError(f"no vision module on {type(model).__name__}")
 
 

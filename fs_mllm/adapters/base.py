@@ -318,7 +318,8 @@ class FamilyAdapter:
         other fields, e.g. their hidden states, are not the smoothed image's and are dropped)."""
         if not hasattr(raw, "keys"):
             return (None, values[0])
-        return type(raw)(**dict(zip(self.feature_fields, values)))
+        fields = dict.fromkeys(required_fields(type(raw)))  # e.g. TimmWrapperModelOutput requires last_hidden_state
+        return type(raw)(**{**fields, **dict(zip(self.feature_fields, values))})
 
     @staticmethod
     def container_like(template: Any, features: Any) -> Any:
@@ -329,6 +330,16 @@ class FamilyAdapter:
             stacked = torch.stack(features)
             return stacked.reshape((-1,) + tuple(stacked.shape[2:])) if template.ndim == stacked.ndim - 1 else stacked
         return tuple(features) if isinstance(template, tuple) else list(features)
+
+
+def required_fields(cls: type) -> list[str]:
+    """Fields an output dataclass cannot be built without (they are passed as None when not smoothed)."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(cls):
+        return []
+    return [f.name for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
 
 
 def stack_per_image(part: Any, count: int) -> torch.Tensor:
