@@ -146,7 +146,6 @@ def test_pixels_roundtrip(family):
     assert images.grad is not None and torch.isfinite(images.grad).all()
 
 
-@pytest.mark.xfail(strict=True, reason="needs per-image noise streams (main's 'noise:' change, not merged yet)")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batch_invariance(family):
     """One image's smoothed features do not depend on its neighbour or its position in the call."""
