@@ -407,6 +407,26 @@ def _llama4_output_fix(model) -> None:
     language_model.forward = forward
 
 
+def build_mllama(dtype: torch.dtype = torch.float32, seed: int = 0, batch: int = 2):
+    """MllamaForConditionalGeneration: one 2-tile image (16 px tiles) per prompt, cross-attention in layer 1."""
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_global_layers=1, attention_heads=4, intermediate_size=64,
+                  vision_output_dim=64, image_size=16, patch_size=8, max_num_tiles=2, intermediate_layers_indices=[0],
+                  supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]])
+    config = MllamaConfig(vision_config=vision, text_config=_text(cross_attention_layers=[1]), image_token_index=IMAGE_TOKEN)
+    model = MllamaForConditionalGeneration(config)
+    inputs = _prompt_ids(batch, 1, seed)
+    inputs["pixel_values"] = _pixels(batch, seed, 1, 2, 3, 16, 16)
+    inputs["aspect_ratio_ids"] = torch.full((batch, 1), 2)  # [1, 2]: two tiles side by side
+    inputs["aspect_ratio_mask"] = torch.ones(batch, 1, 2, dtype=torch.long)
+    # every token from the image token on attends to both tiles of the image (what the processor builds)
+    mask = (torch.arange(inputs["input_ids"].shape[1]) >= 3).long()
+    inputs["cross_attention_mask"] = mask.reshape(1, -1, 1, 1).expand(batch, -1, 1, 2).contiguous()
+    return _finish(model, inputs, dtype)
+
+
 def _qwen3_5_text(**extra: Any) -> dict:
     return dict(_qwen_text(), layer_types=["linear_attention", "full_attention"], **extra)
 
@@ -492,6 +512,7 @@ FAMILIES: dict[str, Callable] = {
                                                resampler_n_heads=2, resampler_head_dim=8, num_key_value_heads=2)),
     "idefics3": _builder("idefics3", _idefics_pixels, image_token_id=IMAGE_TOKEN, scale_factor=2),
     "smolvlm": _builder("smolvlm", _idefics_pixels, image_token_id=IMAGE_TOKEN, scale_factor=2),
+    "mllama": build_mllama,
 }
 # the families the detailed tests of tests/test_patching.py run on (their layouts' special cases)
 CORE_FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "paligemma", "gemma3", "mistral3")
@@ -506,13 +527,17 @@ VISION_MODULES = ("vision_tower", "visual", "vision_model", "image_tower", "visi
 
 
 def vision_module(model) -> torch.nn.Module:
-    """The vision encoder of a tiny model (vision_tower, visual, vision_model, ...), to hook and count calls."""
+    """The vision encoder of a tiny model (vision_tower, visual, vision_model, ...), to hook and count calls.
+
+    For Mllama the patched function is the vision model's own ``forward`` (its hooks see only the outer,
+    clean call), so its calls are counted at the patch embedding inside it.
+    """
     outer = getattr(model, "get_base_model", lambda: model)()
     for holder in (getattr(outer, "model", None), outer):
         for name in VISION_MODULES:
             module = getattr(holder, name, None) if holder is not None else None
             if isinstance(module, torch.nn.Module):
-                return module
+                return module.patch_embedding if outer.config.model_type == "mllama" else module
     raise ValueError(f"no vision module on {type(model).__name__}")
 
 

@@ -35,8 +35,8 @@ def patch(model, **kwargs):
 
 def feature_call(model, inputs: dict, **extra):
     """The image-feature function generate() calls, with the inputs it would pass (by signature)."""
-    owner = get_adapter(model).feature_owner(model)
-    function = owner.get_image_features
+    adapter = get_adapter(model)
+    function = getattr(adapter.feature_owner(model), adapter.feature_function)
     names = set(inspect.signature(function).parameters)
     with torch.no_grad():
         return function(**{k: v for k, v in inputs.items() if k in names}, **extra, return_dict=True)
