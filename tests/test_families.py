@@ -231,6 +231,28 @@ def test_video_passes_through_unsmoothed_and_smooth_video_smooths_frames(family)
     assert "get_video_features" not in owner.__dict__ and "get_image_features" not in owner.__dict__
 
 
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5"])
+def test_generate_with_an_image_and_a_video(family):
+    """End to end: the image is smoothed, the 2-frame-group video passes through (or is smoothed on request)."""
+    model, inputs = build(family, batch=1)
+    video, grid = _qwen3_video(model)
+    ids = inputs["input_ids"][0].tolist()
+    ids = torch.tensor([ids[:-4] + ([tiny_models.VISION_START] + [tiny_models.VIDEO_TOKEN] * 4) * 2 + ids[-4:]])
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=inputs["pixel_values"],
+                 image_grid_thw=inputs["image_grid_thw"], pixel_values_videos=video, video_grid_thw=grid,
+                 mm_token_type_ids=(ids == tiny_models.IMAGE_TOKEN).long() + 2 * (ids == tiny_models.VIDEO_TOKEN).long())
+    tokens = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    image_rows = inputs["pixel_values"].shape[0]
+    calls = VisionRows(model)
+    patch(model, sigma=1e-4, n_samples=N)
+    assert torch.equal(model.generate(**batch, max_new_tokens=3, do_sample=False), tokens)
+    assert calls.rows == [N * image_rows, video.shape[0]]
+    calls.rows.clear()
+    patch(model, sigma=0.25, n_samples=N, smooth_video=True)
+    assert model.generate(**batch, max_new_tokens=3, do_sample=False).shape == tokens.shape
+    assert calls.rows == [N * image_rows, N * video.shape[0]]
+
+
 def test_smooth_video_refused_where_frames_never_reach_the_image_function():
     model, _ = build("llava_next_video")
     with pytest.raises(ValueError, match="smooth_video"):
