@@ -452,6 +452,9 @@ FAMILIES: dict[str, Callable] = {
                          image_token_index=IMAGE_TOKEN, prepare=_lively_vision),
     "deepseek_vl": _builder("deepseek_vl", _plain_pixels(), image_token_id=IMAGE_TOKEN),
     "janus": _builder("janus", _plain_pixels(), vision=dict(projection_dim=32, num_image_tokens=16, mlp_ratio=2),
+                      vq_config=dict(embed_dim=8, num_embeddings=64, latent_channels=32, base_channels=32,
+                                     channel_multiplier=[1, 2], num_res_blocks=1, num_patches=4, projection_dim=32,
+                                     image_token_embed_dim=32),  # the VQ image-generation head, unused here
                       image_token_id=IMAGE_TOKEN),
     "video_llava": _builder("video_llava", _plain_pixels(), image_token_index=IMAGE_TOKEN, video_token_index=VIDEO_TOKEN),
     "llava_next_video": _builder("llava_next_video", lambda b, s: {"pixel_values": _pixels(b, s, 3, 3, 32, 32),
