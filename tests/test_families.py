@@ -253,6 +253,16 @@ def test_generate_with_an_image_and_a_video(family):
     assert calls.rows == [N * image_rows, N * video.shape[0]]
 
 
+def test_smooth_video_setting_is_validated_and_saved():
+    from fs_mllm.config import FSConfig
+
+    with pytest.raises(ValueError, match="smooth_video must be True or False"):
+        FSConfig(smooth_video="yes")
+    assert FSConfig.from_dict(FSConfig(smooth_video=True).to_dict()).smooth_video is True
+    old = {k: v for k, v in FSConfig().to_dict().items() if k != "smooth_video"}  # an fs_config.json from before
+    assert FSConfig.from_dict(old).smooth_video is False
+
+
 def test_smooth_video_refused_where_frames_never_reach_the_image_function():
     model, _ = build("llava_next_video")
     with pytest.raises(ValueError, match="smooth_video"):

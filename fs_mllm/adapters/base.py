@@ -14,6 +14,13 @@ Every supported family is described by a :class:`FamilyAdapter` subclass registe
    normalised space, shaped ``(3, 1, 1)`` so it broadcasts on the image layout of every family.
 4. Default processor mean/std, used only when neither the caller nor the saved processor config
    gives them.
+5. Which output fields feed the decoder (``feature_fields``; several are smoothed together from the
+   same noisy copies: ``extract_features`` concatenates them per image, ``rebuild_output`` splits them
+   back into the family's own output type and containers).
+
+``ADAPTERS`` maps model_type -> adapter class (``register_adapter``); ``REFUSED`` maps the families
+that cannot be smoothed to the reason ``get_adapter`` gives (``refuse_family``); ``family_table()``
+renders both as the README's table.
 
 Public helpers for other parts of fs_mllm (booster, attacks, certification):
 
@@ -26,6 +33,7 @@ Public helpers for other parts of fs_mllm (booster, attacks, certification):
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional, Protocol, Sequence, Union, runtime_checkable
 
 import torch
@@ -281,9 +289,11 @@ class FamilyAdapter:
 
     # ---- features in, features out ----------------------------------------------------------
     def feature_parts(self, output: FeatureOutput) -> list[Any]:
-        """The per-image feature containers of an output, one per smoothed part (default: each feature field)."""
-        return [output[field] if isinstance(output, dict) or hasattr(output, "keys") else output[1]
-                for field in self.feature_fields]
+        """The per-image feature containers of an output, one per smoothed part (default: each feature field;
+        a plain tuple output holds the features at index 1, after the last hidden state)."""
+        if not hasattr(output, "keys"):
+            return [output[1]]
+        return [output[field] for field in self.feature_fields]
 
     def extract_features(self, output: FeatureOutput, count: int) -> torch.Tensor:
         """Per-image features of a feature-function output as (count, T, D).
@@ -334,8 +344,6 @@ class FamilyAdapter:
 
 def required_fields(cls: type) -> list[str]:
     """Fields an output dataclass cannot be built without (they are passed as None when not smoothed)."""
-    import dataclasses
-
     if not dataclasses.is_dataclass(cls):
         return []
     return [f.name for f in dataclasses.fields(cls)
