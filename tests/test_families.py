@@ -191,25 +191,23 @@ def test_qwen3_vl_deepstack_smoothed_with_the_main_features():
 
 
 def _qwen3_video(model):
-    """A 2-image batch plus one 4-frame video (t = 2) for a Qwen3-VL-style model."""
+    """One 4-frame 16 px clip in the Qwen2-VL patch layout: (t=2 temporal patches) x 4 x 4 rows, and its grid."""
     from fs_mllm.adapters.qwen2_vl import patchify
 
     frames = torch.randn(1, 4, 3, 16, 16, generator=torch.Generator().manual_seed(5))
-    video = patchify(frames, 4, 2, 2)
-    return video, torch.tensor([[2, 4, 4]])
+    return patchify(frames, 4, 2, 2), torch.tensor([[2, 4, 4]])
 
 
-@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5", "kimi_k25"])
+VIDEO_FAMILIES = [family for family in FAMILIES if ADAPTERS[family].smooths_video]
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
 def test_video_passes_through_unsmoothed_and_smooth_video_smooths_frames(family):
+    """Every family whose get_video_features sends frames through get_image_features (from the registry)."""
     model, inputs = build(family)
-    if family == "kimi_k25":
-        from fs_mllm.adapters.kimi_k25 import KimiK25Adapter
-
-        frames = torch.randn(1, 2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
-        video, grid = KimiK25Adapter().inputs_from_images(model, frames, {})
-        video, grid = video, grid["image_grid_thw"]
-    else:
-        video, grid = _qwen3_video(model)
+    frames = torch.randn(1, 4, 3, 16, 16, generator=torch.Generator().manual_seed(5))  # one 4-frame clip
+    video, kwargs = get_adapter(model).inputs_from_images(model, frames, {})
+    grid = kwargs["image_grid_thw"]
     owner = get_adapter(model).feature_owner(model)
     with torch.no_grad():
         clean = owner.get_video_features(pixel_values_videos=video, video_grid_thw=grid)

@@ -114,10 +114,10 @@ class Qwen2VLAdapter(FamilyAdapter):
 
 @register_adapter
 class Qwen3VLAdapter(Qwen2VLAdapter):
-    """Qwen3-VL / Qwen3-VL-MoE: Qwen2-VL patch layout; main and DeepStack features smoothed together
-    (see the module docstring). Default mean/std are Qwen2VLImageProcessor's (checkpoints save 0.5)."""
+    """Qwen3-VL / Qwen3-VL-MoE / Cosmos3-Omni: Qwen2-VL patch layout; main and DeepStack features smoothed
+    together (see the module docstring). Default mean/std are Qwen2VLImageProcessor's (checkpoints save 0.5)."""
 
-    model_types = ("qwen3_vl", "qwen3_vl_moe")
+    model_types = ("qwen3_vl", "qwen3_vl_moe", "cosmos3_omni")
     smooths_video = True  # get_video_features calls get_image_features with the same patch layout
     feature_fields = ("pooler_output", "deepstack_features")
     layout = "patch rows + image_grid_thw; main + DeepStack features as one vector"
@@ -130,9 +130,9 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
 
 @register_adapter
-class Qwen35Adapter(Qwen2VLAdapter):
-    """Qwen3.5 (dense, MoE): the Qwen2-VL patch layout and output; videos reach the image function from
-    get_video_features (passed through unless smooth_video)."""
+class QwenVideoAdapter(Qwen2VLAdapter):
+    """Qwen3.5 (dense, MoE), HyperCLOVA X Vision v2, MiniMax-M3-VL: the Qwen2-VL patch layout and
+    output; videos reach the image function from get_video_features (passed through unless smooth_video)."""
 
-    model_types = ("qwen3_5", "qwen3_5_moe")
+    model_types = ("qwen3_5", "qwen3_5_moe", "hyperclovax_vision_v2", "minimax_m3_vl")
     smooths_video = True
