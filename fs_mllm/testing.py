@@ -456,6 +456,13 @@ FAMILIES: dict[str, Callable] = {
                                      channel_multiplier=[1, 2], num_res_blocks=1, num_patches=4, projection_dim=32,
                                      image_token_embed_dim=32),  # the VQ image-generation head, unused here
                       image_token_id=IMAGE_TOKEN),
+    "florence2": _builder("florence2", _plain_pixels(), image_token_id=IMAGE_TOKEN,
+                          text=dict(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=64,
+                                    decoder_ffn_dim=64, encoder_attention_heads=4, decoder_attention_heads=4,
+                                    max_position_embeddings=64, decoder_start_token_id=2, forced_eos_token_id=None),
+                          vision=dict(depths=[1, 1], patch_size=[7, 3], patch_stride=[4, 2], patch_padding=[3, 1],
+                                      patch_prenorm=[False, True], embed_dim=[16, 32], num_heads=[2, 4], num_groups=[2, 4],
+                                      window_size=2, projection_dim=32, max_position_embeddings=16, drop_path_rate=0.0)),
     "video_llava": _builder("video_llava", _plain_pixels(), image_token_index=IMAGE_TOKEN, video_token_index=VIDEO_TOKEN),
     "llava_next_video": _builder("llava_next_video", lambda b, s: {"pixel_values": _pixels(b, s, 3, 3, 32, 32),
                                                                  "image_sizes": torch.tensor([[32, 64]] * b)},

@@ -89,7 +89,8 @@ def test_patched_generate_encodes_n_copies_once(family):
     patch(model, sigma=0.25, n_samples=N)
     calls.rows.clear()
     out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    assert out.shape == (inputs["input_ids"].shape[0], inputs["input_ids"].shape[1] + 3)
+    prompt = 1 if model.config.is_encoder_decoder else inputs["input_ids"].shape[1]  # Florence-2: decoder start token
+    assert out.shape == (inputs["input_ids"].shape[0], prompt + 3)
     # the vision encoder runs once per generate (prefill), on N noisy copies of every image
     assert calls.rows == [N * rows for rows in clean_calls], (calls.rows, clean_calls)
     smoothed = feature_rows(model, feature_call(model, inputs))
