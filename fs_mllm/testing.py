@@ -289,6 +289,14 @@ class _KimiGeometry(torch.nn.Module):
         self.config = SimpleNamespace(vision_config=SimpleNamespace(patch_size=patch))
 
 
+def _lfm2_vl_pixels(batch: int, seed: int, grid: int = 4, patch: int = 8) -> dict:
+    """``batch`` images of 4 x 4 patches of 8 px (no padding rows; tests/test_families pads a smaller one)."""
+    images = _pixels(batch, seed, 3, grid * patch, grid * patch)
+    rows = images.reshape(batch, 3, grid, patch, grid, patch).permute(0, 2, 4, 3, 5, 1).reshape(batch, grid * grid, -1)
+    return {"pixel_values": rows, "spatial_shapes": torch.tensor([[grid, grid]] * batch),
+            "pixel_attention_mask": torch.ones(batch, grid * grid, dtype=torch.bool)}
+
+
 def _idefics_pixels(batch: int, seed: int) -> dict:
     """Two real sub-images per prompt, so every prompt has the same length (padding sub-images: tests/test_families)."""
     pixel_values = _pixels(batch, seed, 2, 3, 32, 32)
@@ -523,6 +531,8 @@ FAMILIES: dict[str, Callable] = {
     "kimi_k25": _builder("kimi_k25", _kimi_pixels, text=_deepseek_v3_text(),
                          vision=dict(TINY_VISION, patch_size=4, pos_emb_height=8, pos_emb_width=8, merge_kernel_size=[2, 2]),
                          image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START, vision_end_token_id=103, projection_hidden_size=32),
+    "lfm2_vl": _builder("lfm2_vl", _lfm2_vl_pixels, vision=dict(num_patches=16), image_token_id=IMAGE_TOKEN,
+                        downsample_factor=2),
     "idefics2": _builder("idefics2", _idefics_pixels, image_token_id=IMAGE_TOKEN, prepare=_lively_connector,
                          perceiver_config=dict(hidden_size=32, resampler_n_latents=4, resampler_depth=1,
                                                resampler_n_heads=2, resampler_head_dim=8, num_key_value_heads=2)),

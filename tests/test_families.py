@@ -296,6 +296,25 @@ def test_idefics_padding_sub_images_are_not_noised(family):
     assert [p.shape for p in out.pooler_output] == [p.shape for p in clean.pooler_output]
 
 
+def test_lfm2_vl_padding_rows_are_not_noised():
+    """A smaller image is padded to the batch's max_patches rows; only its real rows are smoothed."""
+    model, inputs = build("lfm2_vl")
+    small = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))  # 2 x 2 patches of 8 px
+    rows, kwargs = get_adapter(model).inputs_from_images(model, small, {})
+    pixel_values = inputs["pixel_values"].clone()
+    pixel_values[1] = 0
+    pixel_values[1, :4] = rows[0]
+    mask = inputs["pixel_attention_mask"].clone()
+    mask[1, 4:] = False
+    call = {"pixel_values": pixel_values, "spatial_shapes": torch.tensor([[4, 4], [2, 2]]), "pixel_attention_mask": mask}
+    clean = feature_call(model, call)
+    patch(model, sigma=1e-4, n_samples=2)
+    smoothed = feature_call(model, call)
+    assert [p.shape for p in smoothed.pooler_output] == [p.shape for p in clean.pooler_output] == [(4, 32), (1, 32)]
+    for a, b in zip(smoothed.pooler_output, clean.pooler_output):
+        assert cosine(a, b) > 0.999
+
+
 def test_refused_family_names_the_reason():
     class Stub(torch.nn.Module):
         def __init__(self) -> None:
