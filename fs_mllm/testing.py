@@ -517,6 +517,8 @@ FAMILIES: dict[str, Callable] = {
                              prompt=_vision_start_prompt, **QWEN_TOKENS),
     "hyperclovax_vision_v2": _builder("hyperclovax_vision_v2", _qwen_pixels, text=_qwen_text(), vision=QWEN_VISION,
                                       image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN),
+    "lfm3_vl": _builder("lfm3_vl", _qwen_pixels, vision=QWEN_VISION, text=dict(layer_types=["conv", "full_attention"]),
+                        image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN),
     "minimax_m3_vl": _builder("minimax_m3_vl", _qwen_pixels, text=_qwen_text(), vision=QWEN_VISION,
                               image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN),
     "glm4v": _builder("glm4v", _qwen_pixels, text=_qwen_text(), vision=QWEN_VISION, prompt=_vision_start_prompt, **GLM_TOKENS),

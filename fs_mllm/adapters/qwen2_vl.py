@@ -131,8 +131,8 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
 @register_adapter
 class QwenVideoAdapter(Qwen2VLAdapter):
-    """Qwen3.5 (dense, MoE), HyperCLOVA X Vision v2, MiniMax-M3-VL: the Qwen2-VL patch layout and
+    """Qwen3.5 (dense, MoE), HyperCLOVA X Vision v2, MiniMax-M3-VL, LFM3-VL: the Qwen2-VL patch layout and
     output; videos reach the image function from get_video_features (passed through unless smooth_video)."""
 
-    model_types = ("qwen3_5", "qwen3_5_moe", "hyperclovax_vision_v2", "minimax_m3_vl")
+    model_types = ("qwen3_5", "qwen3_5_moe", "hyperclovax_vision_v2", "minimax_m3_vl", "lfm3_vl")
     smooths_video = True
