@@ -297,6 +297,26 @@ def _lfm2_vl_pixels(batch: int, seed: int, grid: int = 4, patch: int = 8) -> dic
             "pixel_attention_mask": torch.ones(batch, grid * grid, dtype=torch.bool)}
 
 
+def _gemma4_pixels(batch: int, seed: int, grid: int = 6, patch: int = 4, max_patches: int = 45) -> dict:
+    """``batch`` 24 px images as 6 x 6 patches of 4 px, padded to 45 rows (5 soft tokens of 3 x 3) like the processor."""
+    from fs_mllm.adapters.lfm2_vl import to_patch_rows
+
+    rows = to_patch_rows(_pixels(batch, seed, 3, grid * patch, grid * patch), patch)
+    ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    positions = torch.full((batch, max_patches, 2), -1)
+    positions[:, : grid * grid] = torch.stack([xs, ys], -1).reshape(grid * grid, 2)
+    return {"pixel_values": torch.nn.functional.pad(rows, (0, 0, 0, max_patches - grid * grid)),
+            "image_position_ids": positions}
+
+
+GEMMA4 = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, boi_token_id=103, eoi_token_id=104, audio_token_id=105,
+              boa_token_id=106, eoa_token_index=107,
+              text=dict(layer_types=["sliding_attention", "full_attention"], sliding_window=16,
+                        vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=8, head_dim=8),
+              vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=4, head_dim=8, patch_size=4, pooling_kernel_size=3, position_embedding_size=64))
+
+
 def _idefics_pixels(batch: int, seed: int) -> dict:
     """Two real sub-images per prompt, so every prompt has the same length (padding sub-images: tests/test_families)."""
     pixel_values = _pixels(batch, seed, 2, 3, 32, 32)
@@ -535,6 +555,7 @@ FAMILIES: dict[str, Callable] = {
                          image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START, vision_end_token_id=103, projection_hidden_size=32),
     "lfm2_vl": _builder("lfm2_vl", _lfm2_vl_pixels, vision=dict(num_patches=16), image_token_id=IMAGE_TOKEN,
                         downsample_factor=2),
+    "gemma4": _builder("gemma4", _gemma4_pixels, **GEMMA4),
     "idefics2": _builder("idefics2", _idefics_pixels, image_token_id=IMAGE_TOKEN, prepare=_lively_connector,
                          perceiver_config=dict(hidden_size=32, resampler_n_latents=4, resampler_depth=1,
                                                resampler_n_heads=2, resampler_head_dim=8, num_key_value_heads=2)),

@@ -5,7 +5,7 @@ Importing this package registers every family (``supported_model_types()`` lists
 """
 
 from . import (  # noqa: F401  (register adapters)
-    gemma3, idefics, kimi_k25, lfm2_vl, llava, llava_next, llava_onevision, mistral3, mllama, paligemma, plain, qwen2_vl,
+    gemma3, gemma4, idefics, kimi_k25, lfm2_vl, llava, llava_next, llava_onevision, mistral3, mllama, paligemma, plain, qwen2_vl,
     refused,
 )
 from .base import (

@@ -16,6 +16,21 @@ from torch import nn
 from .base import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, FamilyAdapter, register_adapter, unwrap_model
 
 
+def to_patch_rows(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, h*w, P*P*C): raster-order patches flattened channel-last (SigLIP2 / Gemma 4 processors)."""
+    count, channels, height, width = images.shape
+    h, w = height // patch, width // patch
+    if h * patch != height or w * patch != width:
+        raise ValueError(f"images of size {height}x{width} do not tile into {patch}px patches; resize first")
+    return images.reshape(count, channels, h, patch, w, patch).permute(0, 2, 4, 3, 5, 1).reshape(count, h * w, -1)
+
+
+def from_patch_rows(rows: torch.Tensor, h: int, w: int, patch: int) -> torch.Tensor:
+    """The first h*w rows (h*w + padding, P*P*C) of one image -> (C, h*P, w*P), the inverse of to_patch_rows."""
+    patches = rows[: h * w].reshape(h, w, patch, patch, -1)
+    return patches.permute(4, 0, 2, 1, 3).reshape(-1, h * patch, w * patch)
+
+
 @register_adapter
 class Lfm2VlAdapter(FamilyAdapter):
     """LFM2-VL: channel-last patch rows <-> (3, H, W) images; spatial_shapes / mask rows travel with each."""
@@ -41,11 +56,7 @@ class Lfm2VlAdapter(FamilyAdapter):
         if pixel_values.ndim != 3:
             raise ValueError(f"lfm2_vl pixel_values must be (batch, patches, P*P*3), got shape {tuple(pixel_values.shape)}")
         patch = self._patch(model)
-        images = []
-        for rows, (h, w) in zip(pixel_values, self._shapes(kwargs)):
-            patches = rows[: h * w].reshape(h, w, patch, patch, 3)
-            images.append(patches.permute(4, 0, 2, 1, 3).reshape(3, h * patch, w * patch))
-        return images
+        return [from_patch_rows(rows, h, w, patch) for rows, (h, w) in zip(pixel_values, self._shapes(kwargs))]
 
     def per_image_rows(self, model: nn.Module, pixel_values: torch.Tensor, kwargs: dict) -> dict[str, list]:
         shapes = self._shapes(kwargs)
@@ -56,11 +67,8 @@ class Lfm2VlAdapter(FamilyAdapter):
 
     def inputs_from_images(self, model: nn.Module, images: torch.Tensor, extra: dict) -> tuple[torch.Tensor, dict]:
         patch = self._patch(model)
-        count, channels, height, width = images.shape
-        h, w = height // patch, width // patch
-        if h * patch != height or w * patch != width:
-            raise ValueError(f"images of size {height}x{width} do not tile into {patch}px patches; resize first")
-        rows = images.reshape(count, channels, h, patch, w, patch).permute(0, 2, 4, 3, 5, 1).reshape(count, h * w, -1)
+        count, h, w = images.shape[0], images.shape[-2] // patch, images.shape[-1] // patch
+        rows = to_patch_rows(images, patch)
         shapes = extra.get("spatial_shapes")
         shapes = torch.tensor([[h, w]] * count, device=images.device) if shapes is None else torch.as_tensor(shapes, device=images.device)
         mask = extra.get("pixel_attention_mask")
