@@ -174,6 +174,7 @@ def patch_model(
         state = FSState(config, adapter, mean, std, booster, had, previous)
         hf_model.__dict__[_STATE_ATTR] = state
         setattr(owner, name, SmoothedFeatureFunction(hf_model, original))
+        adapter.on_patch(hf_model)
     hf_model.__dict__["fs_config"] = config
     return model
 

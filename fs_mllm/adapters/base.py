@@ -137,6 +137,7 @@ class FamilyAdapter:
     default_image_std: tuple[float, ...] = OPENAI_CLIP_STD
     feature_function: str = "get_image_features"
     per_image_kwargs: tuple[str, ...] = ()
+    generates: bool = True  # False for families without generate() (dual encoders); tests route on it
 
     @property
     def name(self) -> str:
@@ -157,6 +158,9 @@ class FamilyAdapter:
         """Hidden size of the features fed to the language decoder (what a feature mapper sees)."""
         config = unwrap_model(model).config
         return int(config.get_text_config().hidden_size)
+
+    def on_patch(self, model: nn.Module) -> None:
+        """Called by patch_model once the patch is installed (a family warns here about what it leaves unsmoothed)."""
 
     # ---- pixel layout hooks (override per family) -------------------------------------------
     def images_from_inputs(self, model: nn.Module, pixel_values: torch.Tensor, kwargs: dict) -> list[torch.Tensor]:
