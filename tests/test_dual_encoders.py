@@ -109,7 +109,6 @@ def test_forward_is_smoothed_exactly_where_it_calls_get_image_features(family):
     torch.testing.assert_close(forward, smoothed if uses else clean)
 
 
-@pytest.mark.xfail(strict=True, reason="needs per-image noise streams (main's 'noise:' change in fs_mllm/smoothing.py)")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_smoothed_embedding_does_not_depend_on_batch_neighbours(family):
     model, inputs = build(family, batch=2)
