@@ -79,6 +79,16 @@ def test_patched_output_type_shape_small_sigma_and_exact_unpatch(family):
     assert torch.equal(embed(model, inputs), reference.pooler_output)
 
 
+@pytest.mark.parametrize("family", ["clip", "siglip2", "align"])
+def test_bfloat16_model_gets_bfloat16_smoothed_embeddings(family):
+    model, inputs = build(family, dtype=torch.bfloat16)
+    reference = embed(model, inputs)
+    patch(model, sigma=1e-4, n_samples=2)
+    smoothed = embed(model, inputs)
+    assert smoothed.dtype == torch.bfloat16 and smoothed.shape == reference.shape
+    assert (cosines(smoothed, reference) > 0.99).all()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_vision_model_sees_n_copies_of_every_image_once_per_call(family):
     model, inputs = build(family, batch=3)
