@@ -213,6 +213,7 @@ def patch_model(
         _install(owner, adapter.feature_function, SmoothedFeatureFunction, hf_model, state)
         if adapter.video_function and callable(getattr(owner, adapter.video_function, None)):
             _install(owner, adapter.video_function, VideoScope, hf_model, state)
+        adapter.on_patch(hf_model)
     hf_model.__dict__["fs_config"] = config
     return model
 

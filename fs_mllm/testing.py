@@ -598,3 +598,124 @@ def require_package(module: str, pip_name: str) -> None:
 
     if importlib.util.find_spec(module) is None:
         pytest.skip(f"needs `pip install --no-deps {pip_name}`")
+
+
+# =============================================================================================
+# Dual encoders (no generate(): zero-shot classification against text embeddings)
+# =============================================================================================
+# Each builder returns (model, inputs): an eval-mode *Model with random weights and a dict with
+# ``pixel_values`` (``batch`` [0,1] images normalised with the family's default mean/std, plus the family
+# kwargs) and ``input_ids``/``attention_mask`` of 3 class prompts, ready for get_image_features /
+# get_text_features / forward. ``DUAL_ENCODERS``: model_type -> builder.
+
+DUAL_TEXT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=64, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+DUAL_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                   patch_size=8)
+DUAL_CLASSES = 3
+
+
+def _dual_inputs(model, images01: torch.Tensor, seed: int) -> dict:
+    """pixel_values (+ family kwargs) of [0,1] images through the adapter, and 3 class prompts."""
+    from .adapters import get_adapter
+
+    inputs = get_adapter(model).pixels_to_model_inputs(model, images01)
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, 90, (DUAL_CLASSES, 6), generator=generator)
+    return {**inputs, "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+def _dual(make: Callable[[], torch.nn.Module], dtype: torch.dtype, seed: int, batch: int, size: int = 32):
+    """The model ``make()`` builds under ``seed``, in eval mode and ``dtype``, with its inputs."""
+    torch.manual_seed(seed)
+    model = make().to(dtype).eval()
+    images01 = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
+    inputs = _dual_inputs(model, images01, seed)
+    return model, {k: (v.to(dtype) if k == "pixel_values" else v) for k, v in inputs.items()}
+
+
+def build_clip(dtype: torch.dtype = torch.float32, seed: int = 0, batch: int = 2):
+    """CLIPModel, 32x32 images, patch 8, embeddings of dim 16."""
+    from transformers import CLIPConfig, CLIPModel
+
+    config = CLIPConfig(text_config=DUAL_TEXT, vision_config=DUAL_VISION, projection_dim=16)
+    return _dual(lambda: CLIPModel(config), dtype, seed, batch)
+
+
+def build_metaclip_2(dtype: torch.dtype = torch.float32, seed: int = 0, batch: int = 2):
+    """MetaClip2Model, 32x32 images, patch 8, embeddings of dim 16."""
+    from transformers import MetaClip2Config, MetaClip2Model
+
+    config = MetaClip2Config(text_config=DUAL_TEXT, vision_config=DUAL_VISION, projection_dim=16)
+    return _dual(lambda: MetaClip2Model(config), dtype, seed, batch)
+
+
+def build_altclip(dtype: torch.dtype = torch.float32, seed: int = 0, batch: int = 2):
+    """AltCLIPModel (XLM-R text tower), 32x32 images, patch 8, embeddings of dim 16."""
+    from transformers import AltCLIPConfig, AltCLIPModel
+
+    text = dict(DUAL_TEXT, project_dim=16, pad_token_id=1, type_vocab_size=1)
+    config = AltCLIPConfig(text_config=text, vision_config=DUAL_VISION, projection_dim=16)
+    return _dual(lambda: AltCLIPModel(config), dtype, seed, batch)
+
+
+def build_chinese_clip(dtype: torch.dtype = torch.float32, seed: int = 0, batch: int = 2):
+    """ChineseCLIPModel (BERT text tower), 32x32 images, patch 8, embeddings of dim 16."""
+    from transformers import ChineseCLIPConfig, ChineseCLIPModel
+
+    config = ChineseCLIPConfig(text_config=DUAL_TEXT, vision_config=DUAL_VISION, projection_dim=16)
+    return _dual(lambda: ChineseCLIPModel(config), dtype, seed, batch)
+
+
+def build_siglip(dtype: torch.dtype = torch.float32, seed: int = 0, batch: int = 2):
+    """SiglipModel, 32x32 images, patch 8, embeddings of dim 32 (no projection)."""
+    from transformers import SiglipConfig, SiglipModel
+
+    config = SiglipConfig(text_config=DUAL_TEXT, vision_config=DUAL_VISION)
+    return _dual(lambda: SiglipModel(config), dtype, seed, batch)
+
+
+def build_siglip2(dtype: torch.dtype = torch.float32, seed: int = 0, batch: int = 2, max_num_patches: int = 20):
+    """Siglip2Model, 32x32 images as 4x4 patches of 8px zero-padded to ``max_num_patches`` rows (the NaFlex layout)."""
+    from transformers import Siglip2Config, Siglip2Model
+
+    vision = {k: v for k, v in DUAL_VISION.items() if k != "image_size"}
+    config = Siglip2Config(text_config=DUAL_TEXT, vision_config=dict(vision, num_patches=16))
+    model, inputs = _dual(lambda: Siglip2Model(config), dtype, seed, batch)
+    return model, pad_siglip2(inputs, max_num_patches)
+
+
+def pad_siglip2(inputs: dict, max_num_patches: int) -> dict:
+    """SigLIP 2 inputs with the patch rows zero-padded to ``max_num_patches`` (what the processor makes)."""
+    rows, mask = inputs["pixel_values"], inputs["pixel_attention_mask"]
+    extra = max_num_patches - rows.shape[1]
+    return {**inputs, "pixel_values": torch.nn.functional.pad(rows, (0, 0, 0, extra)),
+            "pixel_attention_mask": torch.nn.functional.pad(mask, (0, extra))}
+
+
+def build_align(dtype: torch.dtype = torch.float32, seed: int = 0, batch: int = 2):
+    """AlignModel (EfficientNet + BERT), 32x32 images, 2 blocks, embeddings of dim 8."""
+    from transformers import AlignConfig, AlignModel
+
+    vision = dict(image_size=32, width_coefficient=0.25, depth_coefficient=0.25, kernel_sizes=[3, 3], in_channels=[32, 16],
+                  out_channels=[16, 32], strides=[1, 2], num_block_repeats=[1, 1], expand_ratios=[1, 2], hidden_dim=64)
+    def make() -> AlignModel:
+        model = AlignModel(AlignConfig(text_config=DUAL_TEXT, vision_config=vision, projection_dim=8))
+        with torch.no_grad():  # std-0.02 convs shrink the embeddings to ~1e-10 (direction lost in rounding); real ones do not
+            for module in model.vision_model.modules():
+                if isinstance(module, torch.nn.Conv2d):
+                    torch.nn.init.kaiming_normal_(module.weight)
+        return model
+
+    return _dual(make, dtype, seed, batch)
+
+
+DUAL_ENCODERS: dict[str, Callable] = {
+    "clip": build_clip,
+    "metaclip_2": build_metaclip_2,
+    "altclip": build_altclip,
+    "chinese_clip": build_chinese_clip,
+    "siglip": build_siglip,
+    "siglip2": build_siglip2,
+    "align": build_align,
+}

@@ -43,8 +43,6 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
 IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
-IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
 FeatureOutput = Any  # a transformers ModelOutput (BaseModelOutputWithPooling or a family subclass)
 
@@ -138,11 +136,14 @@ def get_adapter(model: nn.Module) -> "FamilyAdapter":
 def family_table() -> str:
     """The README's "Supported families" table (markdown), generated from the registry so it cannot drift."""
     lines = ["| `model_type` | adapter | pixel layout | default mean/std | video |", "|---|---|---|---|---|"]
+    names = {IMAGENET_STANDARD_STD: "0.5", OPENAI_CLIP_STD: "CLIP", (1.0, 1.0, 1.0): "none (0 / 1)"}
     for model_type in supported_model_types():
         cls = ADAPTERS[model_type]
-        mean_std = "0.5" if tuple(cls.default_image_std) == IMAGENET_STANDARD_STD else (
-            "CLIP" if tuple(cls.default_image_std) == OPENAI_CLIP_STD else "ImageNet")
-        video = "smoothable (`smooth_video=True`)" if cls.smooths_video else "passed through"
+        mean_std = names.get(tuple(cls.default_image_std), f"{tuple(cls.default_image_mean)} / {tuple(cls.default_image_std)}")
+        if not cls.generates:
+            video = "dual encoder (no generate)"
+        else:
+            video = "smoothable (`smooth_video=True`)" if cls.smooths_video else "passed through"
         lines.append(f"| `{model_type}` | `{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}` | {cls.layout} | {mean_std} | {video} |")
     for model_type in sorted(set(REFUSED) - set(ADAPTERS)):
         lines.append(f"| `{model_type}` | refused | {REFUSED[model_type]} | | |")
@@ -186,6 +187,7 @@ class FamilyAdapter:
     video_function: str = "get_video_features"
     smooths_video: bool = False
     layout: str = "(B, 3, H, W), one image per row"
+    generates: bool = True  # False for families without generate() (dual encoders); tests route on it
 
     @property
     def name(self) -> str:
@@ -206,6 +208,9 @@ class FamilyAdapter:
         """Hidden size of the features fed to the language decoder (what a feature mapper sees)."""
         config = unwrap_model(model).config
         return int(config.get_text_config().hidden_size)
+
+    def on_patch(self, model: nn.Module) -> None:
+        """Called by patch_model once the patch is installed (a family warns here about what it leaves unsmoothed)."""
 
     # ---- pixel layout hooks (override per family) -------------------------------------------
     def images_from_inputs(self, model: nn.Module, pixel_values: torch.Tensor, kwargs: dict) -> list[torch.Tensor]:
@@ -351,9 +356,9 @@ def required_fields(cls: type) -> list[str]:
 
 
 def stack_per_image(part: Any, count: int) -> torch.Tensor:
-    """(count, T, D) from a per-image container: a tensor (count, T, D) or (count*T, D), or a sequence of (T, D)."""
-    if isinstance(part, torch.Tensor):
-        return part if part.shape[0] == count and part.ndim >= 3 else part.reshape((count, -1) + tuple(part.shape[1:]))
+    """(count, ...) from a per-image container: a tensor (count, T, D), (count, D) or (count*T, D), or a sequence."""
+    if isinstance(part, torch.Tensor):  # (count, ...) as is (dual encoders: (count, D)), else (count*T, D) split
+        return part if part.shape[0] == count else part.reshape((count, -1) + tuple(part.shape[1:]))
     tensors = list(part)
     if len(tensors) != count:
         raise ValueError(f"the feature function returned features for {len(tensors)} images, expected {count}")
