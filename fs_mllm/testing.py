@@ -374,6 +374,22 @@ def _builder(model_type: str, pixels: Callable, **spec: Any) -> Callable:
     return build_family
 
 
+# Families whose vision tower is a timm model (TimmWrapper): their tiny builders need timm.
+NEEDS_TIMM = frozenset({"fast_vlm", "perception_lm", "gemma3n"})
+
+
+def require_timm() -> None:
+    """Skip the calling test when timm is missing. timm is not a test dependency on purpose: it requires
+    torchvision, and no torchvision wheel matches the CPU build torch==2.13.0 that CI installs (pip would
+    replace it with a multi-GB CUDA build). With timm installed, these families' tests run."""
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("timm") is None:
+        pytest.skip("needs timm (and a torchvision matching your torch) for this family's timm vision tower")
+
+
 def _timm_vision(model_type: str, **fields: Any):
     """The family's TimmWrapperConfig with a tiny timm test architecture (no weights are downloaded)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING

@@ -27,6 +27,8 @@ N = 3  # noisy copies per image inside generate
 def build(family: str, **kwargs):
     if family not in tiny_models.FAMILIES:
         pytest.fail(f"{family} is registered in fs_mllm.adapters but fs_mllm.testing.FAMILIES has no tiny builder for it")
+    if family in tiny_models.NEEDS_TIMM:
+        tiny_models.require_timm()
     return tiny_models.FAMILIES[family](**kwargs)
 
 
