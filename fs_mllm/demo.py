@@ -34,14 +34,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .arguments import add_fs_config_arguments, positive_float, positive_int, sample_count
 
     add_fs_config_arguments(parser, ("sigma", "n_samples", "alpha"))
-    parser.add_argument("--examples", type=positive_int, default=6,
-                        help="held-out synthetic images attacked (one question each; default 6)")
+    parser.add_argument("--examples", type=positive_int, default=4,
+                        help="held-out synthetic images attacked (one question each; default 4)")
     parser.add_argument("--clean-images", type=positive_int, default=6,
                         help="held-out synthetic images whose every question measures clean accuracy (default 6)")
     parser.add_argument("--certify-n", type=sample_count, default=100, help="Monte-Carlo samples per certificate (default 100)")
     parser.add_argument("--transfer-steps", type=positive_int, default=60, help="PGD steps crafting the transfer images (default 60)")
     parser.add_argument("--eps-far", type=positive_float, default=1.0, help="adaptive l2 budget far beyond the certified radius (default 1.0)")
-    parser.add_argument("--steps", type=positive_int, default=3, help="adaptive PGD steps (default 3; the benchmark uses 20)")
+    parser.add_argument("--steps", type=positive_int, default=2, help="adaptive PGD steps (default 2; the benchmark uses 20)")
     parser.add_argument("--eot-samples", type=positive_int, default=2, help="noisy forwards per adaptive gradient (default 2; the benchmark uses 8)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=6, help="answer length (default 6)")
     parser.add_argument("--output-dir", default="fs_mllm_outputs/demo", help="where the report and plots go")
