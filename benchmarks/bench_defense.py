@@ -23,6 +23,7 @@ import time
 import torch
 
 from fs_mllm.arguments import fraction_pair, positive_float, positive_int
+from fs_mllm.config import FSConfig
 from fs_mllm.defense import ADAPTIVE_L2, ADAPTIVE_LINF, TRANSFER_LINF, DefenseSettings, defense_table, evaluate_defense, synthetic_items
 from fs_mllm.gsb import GaussianSmoothnessBooster
 from fs_mllm.models import load_mini_llava
@@ -62,7 +63,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench_defense.json")
     args = parser.parse_args()
     settings = DefenseSettings(
-        sigma=args.sigma, n_samples=args.n_samples,
+        fs=FSConfig(sigma=args.sigma, n_samples=args.n_samples),
         transfer_linf=tuple(args.transfer_linf), transfer_steps=args.transfer_steps,
         transfer_step_size=args.transfer_step_size, crop_scale=None if args.no_crops else args.crop_scale,
         adaptive_l2=tuple(args.adaptive_l2), adaptive_linf=tuple(args.adaptive_linf),

@@ -58,8 +58,7 @@ def apply_variant(model: nn.Module, variant: str, config: FSConfig, processor: A
 class DefenseSettings:
     """One defense evaluation. Budgets are in [0,1] pixel units; an empty tuple skips that protocol."""
 
-    sigma: float = FSConfig.sigma  # FSConfig holds the defaults
-    n_samples: int = FSConfig.n_samples
+    fs: FSConfig = field(default_factory=FSConfig)  # the smoothing of the FS variants
     variants: tuple[str, ...] = VARIANTS
     transfer_linf: tuple[float, ...] = TRANSFER_LINF
     transfer_steps: int = 300
@@ -83,7 +82,9 @@ class DefenseSettings:
                 raise ValueError(f"variants: unknown variant {name!r}; choose from {list(VARIANTS)}")
         if self.adaptive_objective not in ("untargeted", "feature"):
             raise ValueError(f"adaptive_objective must be 'untargeted' or 'feature', got {self.adaptive_objective!r}")
-        for name in ("transfer_steps", "adaptive_steps", "eot_samples", "certify_n", "max_new_tokens", "n_samples"):
+        if not isinstance(self.fs, FSConfig):
+            raise ValueError(f"fs must be an fs_mllm.FSConfig (the smoothing of the FS variants), got {type(self.fs).__name__}")
+        for name in ("transfer_steps", "adaptive_steps", "eot_samples", "certify_n", "max_new_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -103,11 +104,6 @@ class DefenseSettings:
     def _adaptive_config(self, norm: str, eps: float) -> AttackConfig:
         return AttackConfig(norm=norm, eps=eps, steps=self.adaptive_steps, objective=self.adaptive_objective,
                             protocol="adaptive", eot_samples=self.eot_samples, eot_chunk_size=1, seed=self.seed)
-
-    @property
-    def fs_config(self) -> FSConfig:
-        """The smoothing these settings deploy (FSConfig validates it and holds every other default)."""
-        return FSConfig(sigma=self.sigma, n_samples=self.n_samples, seed=self.seed)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -153,13 +149,13 @@ def evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Eva
                      settings: DefenseSettings, booster: Any = None, progress: bool = True) -> list[dict[str, Any]]:
     """Rows of the defense table (see the module doc); ``clean_items`` give clean accuracy, ``attack_items``
     are attacked (one question per image) under every budget of both protocols."""
-    from .synthetic import vqa_match
+    from .answers import answers_match as vqa_match
 
     if not clean_items or not attack_items:
         raise ValueError("clean_items and attack_items must not be empty")
     if "fs+gsb" in settings.variants and booster is None:
         raise ValueError("variants include 'fs+gsb' but booster is None")
-    sigma = settings.sigma
+    sigma = settings.fs.sigma
     attack_images = torch.stack([item.image for item in attack_items])
     targets = torch.stack([item.target for item in attack_items])
     attack_prompts = [item.prompt for item in attack_items]
@@ -180,7 +176,7 @@ def evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Eva
     budgets += [("adaptive", "linf", eps) for eps in settings.adaptive_linf]
     rows: list[dict[str, Any]] = []
     for variant in settings.variants:
-        apply_variant(model, variant, settings.fs_config, processor, booster)
+        apply_variant(model, variant, settings.fs, processor, booster)
         bar = tqdm(total=3 + len(budgets), desc=variant, unit="stage", disable=not progress)
         clean_out = generate_text(model, processor, clean_images, clean_prompts, settings.max_new_tokens)
         clean_correct = [vqa_match(o, item.answers) for o, item in zip(clean_out, clean_items)]
@@ -234,7 +230,7 @@ def answer_metrics(clean_outputs: Sequence[str], adv_outputs: Sequence[str], ans
     the fraction answered wrong after the attack; targeted_success (when ``target_outputs``, the variant's
     answers for the target images): of the questions whose target answer differs from the clean answer, the
     fraction whose attacked answer became the target answer (a target equal to the clean answer proves nothing)."""
-    from .synthetic import normalize_answer as norm, vqa_match
+    from .answers import answers_match as vqa_match, normalize_answer as norm
 
     if not (len(clean_outputs) == len(adv_outputs) == len(answers)):
         raise ValueError("clean_outputs, adv_outputs and answers must have one entry per question")

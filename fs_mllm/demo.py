@@ -49,10 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace):
     """DefenseSettings for the demo (validated before any model is loaded)."""
+    from .arguments import fs_config_from_args
     from .defense import DefenseSettings
 
     return DefenseSettings(
-        sigma=args.sigma, n_samples=args.n_samples, transfer_linf=(16 / 255,), transfer_steps=args.transfer_steps,
+        fs=fs_config_from_args(args), transfer_linf=(16 / 255,), transfer_steps=args.transfer_steps,
         transfer_step_size=2 / 255, crop_scale=None, adaptive_l2=(args.sigma / 4, args.eps_far), adaptive_linf=(),
         adaptive_steps=args.steps, eot_samples=args.eot_samples, certify_images=args.examples,
         certify_n=args.certify_n, alpha=args.alpha, max_new_tokens=args.max_new_tokens,
@@ -91,7 +92,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     (out_dir / "summary.json").write_text(json.dumps({"settings": settings.to_dict(), "rows": rows}, indent=2), encoding="utf-8")
     notes = [
         f"Model: fs-mini-llava (real DINOv2 ViT-S/14 + SmolLM2-135M-Instruct, projector trained by the project), "
-        f"sigma={settings.sigma}, n0={settings.n_samples}; FS+GSB uses the shipped booster. Clean accuracy on "
+        f"sigma={settings.fs.sigma}, n0={settings.fs.n_samples}; FS+GSB uses the shipped booster. Clean accuracy on "
         f"{len(clean_items)} held-out synthetic questions; attacks on {len(attack_items)} images (one question each): "
         "few questions, so one answer moves these figures by several points (benchmarks/bench_defense.py is the full table).",
         TRANSFER_MEANING + f" Here: linf 16/255, {settings.transfer_steps} steps, target = the next held-out image; "

@@ -34,7 +34,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import SEED_LIMIT, check_seed, check_sigma
+from . import image_io
 from .gsb import CONFIG_NAME, WEIGHTS_NAME, GaussianSmoothnessBooster
+from .image_io import to_float_rgb
 from .smoothing import unit_features
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
@@ -51,46 +53,9 @@ TRAIN_PHOTOS = (
 # ------------------------------------------------------------------------------------------------
 # images
 # ------------------------------------------------------------------------------------------------
-def to_float_rgb(image: Any) -> np.ndarray:
-    """Any photo array (H,W), (H,W,3|4), bool/uint8/float, or a PIL image -> float32 (H, W, 3) in [0,1]."""
-    array = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else np.asarray(image)
-    if array.dtype == bool:
-        array = array.astype(np.float32)
-    elif np.issubdtype(array.dtype, np.integer):
-        array = array.astype(np.float32) / 255.0
-    else:
-        array = array.astype(np.float32)
-        if array.max() > 1.0:
-            array = array / 255.0
-    if array.ndim == 2:
-        array = np.repeat(array[..., None], 3, axis=-1)
-    if array.ndim != 3 or array.shape[-1] not in (3, 4):
-        raise ValueError(f"image must be (H, W), (H, W, 3) or (H, W, 4), got shape {array.shape}")
-    return np.clip(array[..., :3], 0.0, 1.0)
-
-
 def offline_photo(name: str) -> np.ndarray:
     """One of the real photos that ship with scikit-image / scikit-learn / matplotlib, as (H, W, 3) float."""
-    if name in ("china", "flower"):
-        from sklearn.datasets import load_sample_image
-
-        return to_float_rgb(load_sample_image(f"{name}.jpg"))
-    if name.startswith("mpl_") or name == "grace_hopper":
-        import matplotlib.cbook as cbook
-        from PIL import Image
-
-        file = {"grace_hopper": "grace_hopper.jpg", "mpl_logo2": "logo2.png", "mpl_minduka": "Minduka_Present_Blue_Pack.png"}[name]
-        with cbook.get_sample_data(file) as handle:
-            return to_float_rgb(Image.open(handle).convert("RGB"))
-    import skimage.data
-
-    if name.startswith("stereo_motorcycle"):
-        left, right, _ = skimage.data.stereo_motorcycle()
-        return to_float_rgb(left if name.endswith("left") else right)
-    loader = getattr(skimage.data, name, None)
-    if loader is None:
-        raise ValueError(f"unknown offline photo {name!r}")
-    return to_float_rgb(loader())
+    return to_float_rgb(image_io.offline_photo(name))
 
 
 def load_image_folder(path: Union[str, os.PathLike]) -> list[np.ndarray]:

@@ -1,15 +1,90 @@
-"""Images in and out of [0,1] tensors: the one place that knows how a PIL/array image becomes model pixels."""
+"""Images in and out of [0,1] tensors: the one place that knows how a photo is found offline and how a
+PIL/array image becomes model pixels (the synthetic backgrounds, the booster's photos and the offline
+eval set all load their photos here)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-__all__ = ["to_tensor01"]
+__all__ = ["offline_photo", "to_float_rgb", "to_tensor01"]
+
+# Photos that ship inside installed packages (DESIGN section 7), by the short names the project uses.
+# Any other name is a scikit-image ``skimage.data`` loader (e.g. "astronaut", "coins").
+SKLEARN_PHOTOS = ("china", "flower")
+MATPLOTLIB_PHOTOS = {"grace_hopper": "grace_hopper.jpg", "mpl_logo2": "logo2.png",
+                     "mpl_minduka": "Minduka_Present_Blue_Pack.png"}
+PHOTO_PACKAGES = ("skimage", "sklearn", "matplotlib")
+
+
+def offline_photo(name: str, package: Optional[str] = None, index: Optional[int] = None) -> np.ndarray:
+    """A real photo that ships with scikit-image / scikit-learn / matplotlib, as (H, W, 3) uint8.
+
+    ``name`` is a short name ("astronaut", "china", "grace_hopper", "stereo_motorcycle_left"), or with
+    ``package`` the package's own name for it ("china.jpg" in sklearn, a sample-data file in matplotlib).
+    Loaders returning several images (stereo pairs) take ``index`` (default 0, the left view); grey and
+    binary photos become three equal channels, an alpha channel is dropped.
+    """
+    if package is None:
+        package = "sklearn" if name in SKLEARN_PHOTOS else "matplotlib" if name in MATPLOTLIB_PHOTOS else "skimage"
+    if package not in PHOTO_PACKAGES:
+        raise ValueError(f"package: unknown photo package {package!r} (expected one of {PHOTO_PACKAGES})")
+    if package == "sklearn":
+        from sklearn.datasets import load_sample_image
+
+        array = load_sample_image(name if name.endswith(".jpg") else f"{name}.jpg")
+    elif package == "matplotlib":
+        import matplotlib.cbook
+
+        with matplotlib.cbook.get_sample_data(MATPLOTLIB_PHOTOS.get(name, name)) as handle:
+            array = np.asarray(Image.open(handle).convert("RGB"))
+    else:
+        import skimage.data
+
+        for side, view in (("_left", 0), ("_right", 1)):
+            if name.endswith(side) and index is None:
+                name, index = name[: -len(side)], view
+        loader = getattr(skimage.data, name, None)
+        if not callable(loader):
+            raise ValueError(f"name: skimage.data has no photo {name!r}")
+        array = loader()
+        if isinstance(array, tuple):
+            array = array[index or 0]
+    return to_uint8_rgb(array)
+
+
+def to_uint8_rgb(array: Any) -> np.ndarray:
+    """(H, W), (H, W, 3|4) bool/uint8 -> contiguous (H, W, 3) uint8 (bool True -> 255)."""
+    array = np.asarray(array)
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    if array.dtype != np.uint8:
+        raise ValueError(f"image: expected a uint8 or bool photo, got dtype {array.dtype}")
+    if array.ndim == 2:
+        array = np.stack([array] * 3, axis=-1)
+    return np.ascontiguousarray(array[..., :3])
+
+
+def to_float_rgb(image: Any) -> np.ndarray:
+    """Any photo array (H,W), (H,W,3|4), bool/uint8/float, or a PIL image -> float32 (H, W, 3) in [0,1]."""
+    array = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else np.asarray(image)
+    if array.dtype == bool:
+        array = array.astype(np.float32)
+    elif np.issubdtype(array.dtype, np.integer):
+        array = array.astype(np.float32) / 255.0
+    else:
+        array = array.astype(np.float32)
+        if array.max() > 1.0:
+            array = array / 255.0
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] not in (3, 4):
+        raise ValueError(f"image must be (H, W), (H, W, 3) or (H, W, 4), got shape {array.shape}")
+    return np.clip(array[..., :3], 0.0, 1.0)
 
 
 def to_tensor01(image: Any, size: int) -> torch.Tensor:

@@ -8,7 +8,8 @@ The patch wraps the model's image-feature function (``get_image_features`` on th
 ``generate()`` calls before prefill) on the instance, so ``forward``/``generate`` are untouched, the vision
 path runs once per prefill with ``n_samples`` noisy copies, and ``unpatch_model`` restores the original
 bound method exactly. Noise is added in the normalised pixel space with per-channel std sigma / std_c
-(= std sigma in [0,1] pixel space), drawn in float32 from a seeded generator.
+(= std sigma in [0,1] pixel space), drawn in float32 from each image's own stream (seeded from the
+config seed and the image, see :func:`fs_mllm.smoothing.image_noise_seed`), so results are batch-invariant.
 """
 
 from __future__ import annotations

@@ -1,13 +1,17 @@
 """The Monte-Carlo engine of feature-space smoothing, shared by patching, certification and attacks.
 
-An encoder maps a batch (B, ...) to features (B, ...). The engine draws noisy copies of the whole batch
-from a seeded float32 generator, one copy at a time (so the noise does not depend on chunk_size),
-encodes ``chunk_size`` copies per call, normalises the features (per image, or per visual token) and
-hands them on chunk by chunk, so callers keep running sums and memory does not grow with n.
+An encoder maps a batch (B, ...) to features (B, ...). Every image has its own float32 noise stream,
+seeded from the config seed and the image itself (:func:`image_noise_seed`), and its copies are drawn
+one at a time from that stream: so an image's smoothed features and certificate do not depend on its
+position in the batch, its neighbours, how a call groups images, or ``chunk_size``, and two different
+images never share noise. The engine encodes ``chunk_size`` copies of the batch per call, normalises the
+features (per image, or per visual token) and hands them on chunk by chunk, so callers keep running
+sums and memory does not grow with n.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Callable, Iterator, NamedTuple, Optional, Union
 
 import torch
@@ -82,6 +86,20 @@ def unit_features(features: torch.Tensor, normalize: str = "global", batch_dims:
     return features / shaped, norms
 
 
+def image_noise_seed(seed: int, image: torch.Tensor) -> int:
+    """The seed of one image's noise stream: a hash of ``seed``, the image's shape and its float32 pixels.
+
+    Deriving the stream from the image (not from its batch position) is what makes smoothing
+    batch-invariant; hashing the pixels keeps two different images from sharing noise. The same image
+    (bit for bit) under the same seed always gets the same noise. Costs one copy of the image to the CPU.
+    """
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update(int(seed).to_bytes(8, "little"))
+    digest.update(repr(tuple(image.shape)).encode())
+    digest.update(image.detach().float().contiguous().cpu().numpy().tobytes())
+    return int.from_bytes(digest.digest(), "little") >> 1  # [0, 2**63), what torch.Generator accepts
+
+
 def iter_noisy_unit_features(
     encode: Encoder,
     x: torch.Tensor,
@@ -94,20 +112,23 @@ def iter_noisy_unit_features(
 ) -> Iterator[NoisyChunk]:
     """Yield NoisyChunk(unit features (k, B, ...), norms, dtype) for chunks of k noisy copies, n in all.
 
-    ``noise_std`` is a float or a tensor broadcastable to one batch (e.g. (C, 1, 1) per-channel std in
-    a normalised pixel space). Noise is float32 from a torch.Generator seeded with ``seed`` on x's device;
-    the noisy input is cast back to x's dtype just before the encoder.
+    ``noise_std`` is a float or a tensor broadcastable to one image (e.g. (C, 1, 1) per-channel std in
+    a normalised pixel space). Image b's i-th copy is x[b] + std * (the i-th float32 draw of b's own
+    generator, seeded by :func:`image_noise_seed`) on x's device; the noisy input is cast back to x's
+    dtype just before the encoder.
     """
     check_n(n)
     seed = check_seed(seed)
     chunk_size = check_chunk_size(chunk_size) or DEFAULT_CHUNK_SIZE
-    generator = torch.Generator(device=x.device).manual_seed(seed)
+    generators = [torch.Generator(device=x.device).manual_seed(image_noise_seed(seed, image)) for image in x]
+    image_shape = tuple(x.shape[1:])
     base = x.float()
     std = noise_std.to(device=x.device, dtype=torch.float32) if isinstance(noise_std, torch.Tensor) else float(noise_std)
     done = 0
     while done < n:
         k = min(chunk_size, n - done)
-        noise = torch.stack([torch.randn(x.shape, generator=generator, device=x.device) for _ in range(k)])
+        noise = torch.stack([torch.stack([torch.randn(image_shape, generator=g, device=x.device) for g in generators])
+                             for _ in range(k)])
         noisy = base.unsqueeze(0) + noise * std
         features = encode(noisy.reshape((k * x.shape[0],) + x.shape[1:]).to(x.dtype))
         features = features.reshape((k, x.shape[0]) + features.shape[1:])

@@ -10,12 +10,14 @@ background photos and disjoint seed streams, so held-out examples are really uns
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from .answers import answers_match, normalize_answer  # noqa: F401  (public here too: the task is scored with them)
+from .image_io import offline_photo
 
 __all__ = [
     "SHAPES",
@@ -53,7 +55,6 @@ TRAIN_BACKGROUNDS = (
 )
 HELDOUT_BACKGROUNDS = ("coffee", "rocket", "flower", "grace_hopper", "text")
 _SPLITS = {"train": 0, "heldout": 1}
-_NUM_WORDS = {"1": "one", "2": "two", "3": "three", "4": "four", "5": "five", "0": "zero"}
 
 _SHAPE_QUESTIONS = {
     "shape": ("What shape is shown?", "What kind of shape is in the image?"),
@@ -80,31 +81,8 @@ class SyntheticExample:
 
 @lru_cache(maxsize=None)
 def _background(name: str) -> np.ndarray:
-    """Load one real photo as uint8 RGB (cached: several are decoded from disk)."""
-    if name == "china" or name == "flower":
-        from sklearn.datasets import load_sample_images
-
-        images = dict(zip(("china", "flower"), load_sample_images().images))
-        arr = images[name]
-    elif name == "grace_hopper":
-        import matplotlib
-
-        path = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
-        arr = np.asarray(Image.open(path).convert("RGB"))
-    else:
-        import skimage.data
-
-        arr = getattr(skimage.data, name)()
-        if isinstance(arr, tuple):
-            arr = arr[0]
-    arr = np.asarray(arr)
-    if arr.dtype == bool:
-        arr = arr.astype(np.uint8) * 255
-    if arr.dtype != np.uint8:
-        arr = (255 * (arr - arr.min()) / max(float(arr.max() - arr.min()), 1e-8)).astype(np.uint8)
-    if arr.ndim == 2:
-        arr = np.stack([arr] * 3, axis=-1)
-    return np.ascontiguousarray(arr[..., :3])
+    """One real photo as uint8 RGB (cached: several are decoded from disk)."""
+    return offline_photo(name)
 
 
 @lru_cache(maxsize=8)
@@ -231,15 +209,5 @@ def make_dataset(n: int, split: str = "train", seed: int = 0, size: int = 224, s
     return [make_example(start + i, split=split, seed=seed, size=size) for i in range(n)]
 
 
-def normalize_answer(text: str) -> str:
-    """Lower-case, keep the first line, drop punctuation and articles, map digits to number words."""
-    text = text.strip().lower().split("\n")[0]
-    text = re.sub(r"[^a-z0-9 ]+", " ", text)
-    words = [_NUM_WORDS.get(w, w) for w in text.split() if w not in ("a", "an", "the")]
-    return " ".join(words)
-
-
-def vqa_match(prediction: str, answers: list[str]) -> bool:
-    """Exact match after :func:`normalize_answer` against any accepted answer."""
-    pred = normalize_answer(prediction)
-    return any(pred == normalize_answer(a) for a in answers)
+# The synthetic task's answer matching is the project's one answer comparison (fs_mllm.answers).
+vqa_match = answers_match

@@ -187,7 +187,7 @@ def test_evaluate_defense_rows_on_a_tiny_model(model):
     processor = tiny_processor()
     x, target = images(2, seed=0), images(2, seed=5)
     items = [EvalItem(x[i], "what?", ["a"], target[i], "<image> what?") for i in range(2)]
-    settings = DefenseSettings(variants=("base", "fs"), n_samples=2, transfer_linf=(8 / 255,), transfer_steps=2,
+    settings = DefenseSettings(variants=("base", "fs"), fs=FSConfig(n_samples=2), transfer_linf=(8 / 255,), transfer_steps=2,
                                crop_scale=None, adaptive_l2=(0.0625,), adaptive_linf=(), adaptive_steps=1,
                                eot_samples=2, certify_images=1, certify_n=20, max_new_tokens=2)
     rows = evaluate_defense(model, processor, items, items, settings, progress=False)

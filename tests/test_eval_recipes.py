@@ -21,6 +21,7 @@ import pytest
 import torch
 
 
+from fs_mllm.config import FSConfig  # noqa: E402
 from fs_mllm.testing import IMAGE_TOKEN, VOCAB, build_llava  # noqa: E402
 
 from fs_mllm.evaluation.runner import (  # noqa: E402
@@ -114,7 +115,8 @@ def loaded(tiny_dir):
 
 
 def _settings(tiny_dir, vqa_dir, **kw) -> EvalSettings:
-    base = dict(task="vqa", model=str(tiny_dir), dataset=str(vqa_dir), variants="base,fs", sigma=0.25, n_samples=2,
+    fs = FSConfig(sigma=kw.pop("sigma", 0.25), n_samples=kw.pop("n_samples", 2))
+    base = dict(task="vqa", model=str(tiny_dir), dataset=str(vqa_dir), variants="base,fs", fs=fs,
                 attack_eps=(0.5, 1.0), attack_steps=2, certify_n=4, max_new_tokens=3)
     base.update(kw)
     return EvalSettings(**base)
@@ -145,7 +147,13 @@ class _Crash(RuntimeError):
 
 def test_settings_validation_names_the_parameter():
     with pytest.raises(ValueError, match="sigma"):
-        EvalSettings(sigma=0)
+        EvalSettings(fs={"sigma": 0})
+    with pytest.raises(ValueError, match="fs must be an fs_mllm.FSConfig"):
+        EvalSettings(fs=0.25)
+    assert EvalSettings(fs={"sigma": 0.5}).fs == FSConfig(sigma=0.5)
+    # settings.json of fs_mllm 0.1 kept sigma/n_samples/seed flat; they resume as the same FSConfig
+    flat = {k: v for k, v in EvalSettings(fs=FSConfig(sigma=0.5, seed=3)).to_dict().items() if k != "fs"}
+    assert EvalSettings.from_dict({**flat, "sigma": 0.5, "seed": 3}).fs == FSConfig(sigma=0.5, seed=3)
     with pytest.raises(ValueError, match="variants"):
         EvalSettings(variants="base,smooth")
     with pytest.raises(ValueError, match="booster"):
@@ -316,7 +324,7 @@ def test_caption_run_with_booster(tmp_path, tiny_dir, loaded):
         "image_id": [5, 6, 7],
     }, features=CAPTION_FEATURES)
     settings = EvalSettings(task="caption", model=str(tiny_dir), dataset="in-memory", variants="base,fs,fs+gsb",
-                            booster=str(tmp_path / "booster"), n_samples=2, attack_eps=(0.5,), attack_steps=1,
+                            booster=str(tmp_path / "booster"), fs=FSConfig(n_samples=2), attack_eps=(0.5,), attack_steps=1,
                             objective="untargeted", max_new_tokens=3)
     summary = _run(settings, tmp_path / "out", loaded, dataset=ds)
     rows = summary["table"]["rows"]

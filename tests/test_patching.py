@@ -359,6 +359,21 @@ def test_mixed_image_sizes_smoothed_per_image():
     model.generate(**batch, max_new_tokens=2, do_sample=False)
 
 
+def test_batch_neighbours_and_position_do_not_change_an_images_features():
+    """One image's smoothed features are the same alone, second in a batch, and next to a copy of itself
+    (the noise stream belongs to the image, not to its batch slot); two different images differ in noise."""
+    model, inputs = build("llava", batch=1)
+    image = inputs["pixel_values"]
+    neighbour = torch.flip(image, dims=[-1])
+    patch(model, sigma=0.25, n_samples=4)
+    alone = features(model, {"pixel_values": image})[0]
+    second = features(model, {"pixel_values": torch.cat([neighbour, image])})
+    twice = features(model, {"pixel_values": torch.cat([image, image])})
+    assert torch.allclose(second[1], alone, atol=1e-5)
+    assert torch.allclose(twice[0], alone, atol=1e-5) and torch.allclose(twice[1], alone, atol=1e-5)
+    assert not torch.allclose(second[0], alone, atol=1e-3)
+
+
 # ---------------------------------------------------------------------------------------------
 # mean/std resolution and validation
 # ---------------------------------------------------------------------------------------------

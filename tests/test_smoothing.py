@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fs_mllm import FSConfig, certify_features, smooth_features
-from fs_mllm.smoothing import smoothed_mean
+from fs_mllm.smoothing import image_noise_seed, smoothed_mean
 
 
 class RecordingEncoder(torch.nn.Module):
@@ -49,6 +49,37 @@ def test_chunk_size_does_not_change_the_result(images):
         assert a.score_lower == pytest.approx(b.score_lower, abs=1e-6)
 
 
+def test_an_images_smoothing_does_not_depend_on_its_batch(images):
+    """Same image, same seed: the same smoothed features and certificate alone, at another position, next
+    to other images, next to a copy of itself, and with any chunk size."""
+    encoder = RecordingEncoder()
+    config = FSConfig(sigma=0.25, n_samples=24, seed=3)
+    alone = smooth_features(encoder, images[1:2], config)[0]
+    other = torch.rand(4, 3, 4, 4, generator=torch.Generator().manual_seed(9))
+    for batch, position in ((images, 1), (images.flip(0), 1), (torch.cat([other, images[1:2]]), 4),
+                            (torch.cat([images[1:2], images[1:2], other]), 1)):
+        for chunk_size in (1, 5, 24):
+            smoothed = smooth_features(encoder, batch, config.replace(chunk_size=chunk_size))[position]
+            torch.testing.assert_close(smoothed, alone, atol=1e-6, rtol=1e-5)
+    lone = certify_features(encoder, images[1:2], 0.25, n=24, seed=3)[0]
+    mixed = certify_features(encoder, torch.cat([other, images[1:2]]), 0.25, n=24, seed=3, chunk_size=5)[4]
+    assert mixed.score_lower == pytest.approx(lone.score_lower, abs=1e-6)
+
+
+def test_two_images_never_share_noise():
+    """Noise is drawn per image from a stream seeded by the seed and the pixels, so different images (even
+    differing in one pixel, or identical pixels in another shape) get different noise."""
+    identity = lambda x: x.flatten(1)  # noqa: E731  (the unit features are then the noisy images' directions)
+    image = torch.full((1, 3, 4, 4), 0.5)
+    nudged = image.clone()
+    nudged[0, 0, 0, 0] = 0.5 + 1e-3
+    seeds = {image_noise_seed(0, image[0]), image_noise_seed(0, nudged[0]), image_noise_seed(1, image[0]),
+             image_noise_seed(0, image[0].reshape(3, 2, 8))}
+    assert len(seeds) == 4
+    a, b = (smoothed_mean(identity, x, 1.0, 2, seed=0).mean_unit for x in (image, nudged))
+    assert torch.nn.functional.cosine_similarity(a, b).item() < 0.9
+
+
 def test_encoder_batches_never_exceed_chunk_size_whatever_n(images):
     """Peak memory is set by chunk_size, not by n: the engine never encodes more than chunk_size copies at once."""
     for n in (10, 1000):
@@ -62,8 +93,8 @@ def test_encoder_batches_never_exceed_chunk_size_whatever_n(images):
 def test_running_mean_equals_the_mean_of_unit_features(images):
     encoder = RecordingEncoder()
     result = smoothed_mean(encoder, images, 0.3, 12, seed=5, chunk_size=5)
-    gen = torch.Generator().manual_seed(5)
-    noise = torch.stack([torch.randn(images.shape, generator=gen) for _ in range(12)])
+    generators = [torch.Generator().manual_seed(image_noise_seed(5, image)) for image in images]
+    noise = torch.stack([torch.stack([torch.randn(images.shape[1:], generator=g) for g in generators]) for _ in range(12)])
     feats = encoder((images.unsqueeze(0) + 0.3 * noise).reshape(-1, 3, 4, 4)).reshape(12, 3, -1)
     unit = feats / feats.norm(dim=-1, keepdim=True)
     torch.testing.assert_close(result.mean_unit.flatten(1), unit.mean(0), atol=1e-6, rtol=1e-5)

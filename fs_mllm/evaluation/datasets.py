@@ -17,10 +17,10 @@ import os
 from typing import Any, Sequence
 
 import datasets
-import numpy as np
 from PIL import Image as PILImage
 
 from fs_mllm.data import OFFLINE_EVAL_ANNOTATIONS
+from fs_mllm.image_io import PHOTO_PACKAGES, offline_photo
 
 __all__ = [
     "OFFLINE_EVAL_NAME",
@@ -79,34 +79,13 @@ def load_offline_photo(source: dict[str, Any]) -> PILImage.Image:
     """Load one shipped photo as an RGB PIL image from the package that distributes it.
 
     ``source`` is the ``source`` field of an annotation record, e.g.
-    ``{"package": "skimage", "name": "astronaut"}``. Grey-scale and binary images are converted to
-    RGB because multimodal processors expect three channels.
+    ``{"package": "skimage", "name": "astronaut"}`` (``"index"`` picks one view of a stereo pair).
+    Grey-scale and binary images are converted to RGB because multimodal processors expect three channels.
     """
     package, name = source.get("package"), source.get("name")
-    if package == "skimage":
-        import skimage.data
-
-        loader = getattr(skimage.data, str(name), None)
-        if loader is None:
-            raise ValueError(f"source: skimage.data has no image {name!r}")
-        array = loader()
-        if isinstance(array, tuple):  # stereo pairs: (left, right, disparity)
-            array = array[int(source.get("index", 0))]
-    elif package == "sklearn":
-        from sklearn.datasets import load_sample_image
-
-        array = load_sample_image(str(name))
-    elif package == "matplotlib":
-        import matplotlib.cbook
-
-        with matplotlib.cbook.get_sample_data(str(name)) as fh:
-            return PILImage.open(io.BytesIO(fh.read())).convert("RGB")
-    else:
+    if package not in PHOTO_PACKAGES:
         raise ValueError(f"source: unknown package {package!r} (expected skimage, sklearn or matplotlib)")
-    array = np.asarray(array)
-    if array.dtype == bool:
-        array = array.astype(np.uint8) * 255
-    return PILImage.fromarray(array).convert("RGB")
+    return PILImage.fromarray(offline_photo(str(name), package=package, index=int(source.get("index", 0))))
 
 
 def _png_bytes(image: PILImage.Image) -> bytes:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..answers import normalize_text
 from .vqa import vqa_score
 
 __all__ = [
@@ -29,15 +29,6 @@ __all__ = [
     "summary_table",
 ]
 
-_NON_WORD = re.compile(r"[^\w\s]")
-
-
-def normalize_text(text: str) -> str:
-    """Lower-case, drop punctuation, collapse whitespace: a generated answer's surface form should
-    not decide whether an attack hit its target."""
-    if not isinstance(text, str):
-        raise ValueError(f"text must be a str, got {type(text).__name__}")
-    return " ".join(_NON_WORD.sub(" ", text.lower()).split())
 
 
 def targeted_success(output: str, target: str) -> bool:

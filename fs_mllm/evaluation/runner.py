@@ -293,7 +293,7 @@ def _run_shard(settings: EvalSettings, model: Any, processor: Any, dataset: Any,
             on_result(row)
 
     for variant in settings.variants:
-        apply_variant(model, variant, settings.fs_config, processor, booster)
+        apply_variant(model, variant, settings.fs, processor, booster)
         bar = tqdm(todo, desc=f"{settings.task} [{variant}] rank {rank}/{world}", disable=not show_progress)
         for index in bar:
             ex = dataset[index]
@@ -327,7 +327,7 @@ def _run_shard(settings: EvalSettings, model: Any, processor: Any, dataset: Any,
                                          **ctx.extra)[0]
                     row["s_low"] = finite_or_none(float(cert.score_lower))
                     row["s_mean"] = finite_or_none(float(cert.score_mean))
-                    row["fcsb_half_sigma"] = finite_or_none(float(cert.fcsb(settings.sigma / 2)))
+                    row["fcsb_half_sigma"] = finite_or_none(float(cert.fcsb(settings.fs.sigma / 2)))
                 record(clean_key, row)
 
             clean_features = None
@@ -340,7 +340,7 @@ def _run_shard(settings: EvalSettings, model: Any, processor: Any, dataset: Any,
                         clean_features = ctx.features(None)
                 if ctx.target is not None and target_answer is None:
                     target_answer = ctx.target.generate(None, settings.max_new_tokens)
-                seed = (settings.seed + 7919 * index + int(round(budget * 1e6))) % (2 ** 31)
+                seed = (settings.fs.seed + 7919 * index + int(round(budget * 1e6))) % (2 ** 31)
                 adv = attack(ctx, budget, settings, clean_answer, seed)
                 if not isinstance(adv, torch.Tensor) or adv.shape != ctx.pixels01.shape:
                     raise ValueError(f"attack_fn must return adversarial [0,1] pixels of shape {tuple(ctx.pixels01.shape)}")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from fs_mllm.arguments import (
-    add_fs_config_arguments, check_float, check_int, fraction_pair, non_negative_int, positive_float, positive_int, probability,
+    add_fs_config_arguments, check_float, check_int, fraction_pair, fs_config_from_args, non_negative_int, positive_float, positive_int, probability,
 )
 from fs_mllm.attacks import NORMS, OBJECTIVES, PROTOCOLS, AttackConfig  # one definition of each
 from fs_mllm.config import FSConfig
@@ -61,7 +61,8 @@ class EvalSettings:
 
     task: "vqa" or "caption". model: "fs-mini-llava" (the embedded offline LLaVA) or a model id/folder
     for ``AutoModelForImageTextToText``. dataset/split: for :func:`load_eval_dataset`. variants: any of
-    "base", "fs", "fs+gsb" (the last needs ``booster``, a GSB folder). sigma/n_samples/seed: the FS patch.
+    "base", "fs", "fs+gsb" (the last needs ``booster``, a GSB folder). fs: the FSConfig of the FS variants
+    (sigma, n_samples, seed, ...; stored nested in settings.json).
     attack_eps: attack budgets (> 0; empty = clean only) in [0,1] pixel space at processor resolution,
     with ``attack_norm``, ``attack_steps``, ``attack_step_size`` (None = 2.5 * eps / steps), ``objective``,
     ``target`` (targeted only) and ``eot_samples`` (noisy forwards per gradient on FS variants).
@@ -78,9 +79,7 @@ class EvalSettings:
     dataset: str = "fs-offline-eval"
     split: Optional[str] = "validation"
     variants: tuple = ("base", "fs")
-    sigma: float = FSConfig.sigma  # FSConfig holds the defaults
-    n_samples: int = FSConfig.n_samples
-    seed: int = FSConfig.seed
+    fs: FSConfig = field(default_factory=FSConfig)
     booster: Optional[str] = None
     attack_norm: str = "l2"
     attack_eps: tuple = ()
@@ -124,10 +123,10 @@ class EvalSettings:
             self.dataset = os.path.abspath(self.dataset)
         if self.booster is not None:
             self.booster = os.path.abspath(os.fspath(self.booster))
-        self.sigma = check_float(self.sigma, "sigma")
-        self.n_samples = check_int(self.n_samples, "n_samples", 2)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if isinstance(self.fs, Mapping):
+            self.fs = FSConfig.from_dict(dict(self.fs))
+        if not isinstance(self.fs, FSConfig):
+            raise ValueError(f"fs must be an fs_mllm.FSConfig (the smoothing of the FS variants), got {type(self.fs).__name__}")
         if self.attack_norm not in NORMS:
             raise ValueError(f"attack_norm must be one of {NORMS}, got {self.attack_norm!r}")
         if isinstance(self.attack_eps, (int, float)):
@@ -165,11 +164,6 @@ class EvalSettings:
         if not isinstance(self.extra, dict):
             raise ValueError(f"extra must be a dict, got {type(self.extra).__name__}")
 
-    @property
-    def fs_config(self) -> FSConfig:
-        """The smoothing of the FS variants (FSConfig validates it and holds every other default)."""
-        return FSConfig(sigma=self.sigma, n_samples=self.n_samples, seed=self.seed)
-
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["variants"] = list(self.variants)
@@ -179,16 +173,30 @@ class EvalSettings:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "EvalSettings":
+        data = nest_fs_fields(data)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown EvalSettings fields {unknown}")
-        return cls(**dict(data))
+        return cls(**data)
 
     @property
     def budgets(self) -> tuple[float, ...]:
         """0.0 (clean) followed by the attack budgets."""
         return (0.0,) + tuple(self.attack_eps)
+
+
+_FLAT_FS_FIELDS = ("sigma", "n_samples", "seed")
+
+
+def nest_fs_fields(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings stored by fs_mllm 0.1 kept sigma/n_samples/seed at the top level; they now live in ``fs``
+    (an FSConfig), so an old results folder still resumes under the same settings."""
+    data = dict(data)
+    flat = {k: data.pop(k) for k in _FLAT_FS_FIELDS if k in data}
+    if flat:
+        data["fs"] = FSConfig(**{**dict(data.get("fs") or {}), **flat}).to_dict()
+    return data
 
 
 def _comparable(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -221,7 +229,7 @@ def verify_settings(output_dir: Path, stored_settings: dict[str, Any]) -> None:
     except (OSError, json.JSONDecodeError) as exc:
         raise SettingsMismatchError(f"output_dir {str(output_dir)!r}: cannot read {SETTINGS_FILE} ({exc}); "
                                     "use a new output folder") from None
-    a, b = _comparable(old), _comparable(stored_settings)
+    a, b = _comparable(nest_fs_fields(old)), _comparable(stored_settings)
     diffs = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     if diffs:
         detail = "; ".join(f"{k}: stored {a.get(k)!r}, now {b.get(k)!r}" for k in diffs)
@@ -304,7 +312,7 @@ def settings_from_args(args: Any, task: str) -> EvalSettings:
     """EvalSettings from the parsed command-line arguments."""
     kwargs = dict(
         task=task, model=args.model, dataset=args.dataset, split=args.split, variants=args.variants,
-        sigma=args.sigma, n_samples=args.n_samples, seed=args.seed, booster=args.booster,
+        fs=fs_config_from_args(args), booster=args.booster,
         attack_norm=args.attack_norm, attack_eps=tuple(args.attack_eps or ()), attack_steps=args.attack_steps,
         attack_step_size=args.attack_step_size, objective=args.objective, target=args.target,
         protocol=args.protocol, crop_scale=args.crop_scale,

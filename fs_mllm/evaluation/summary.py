@@ -77,11 +77,11 @@ def summarize(output_dir: str | os.PathLike, settings: EvalSettings, dataset_ids
                 s_low = [s for s in s_low if s is not None]
                 if s_low and budget == 0:
                     entry["mean_s_low"] = sum(s_low) / len(s_low)
-                    entry["certified_fcsb@sigma/2"] = certified_curve(s_low, settings.sigma, [settings.sigma / 2])["mean_bound"][0]
-                    curves[variant] = certified_curve(s_low, settings.sigma)
+                    entry["certified_fcsb@sigma/2"] = certified_curve(s_low, settings.fs.sigma, [settings.fs.sigma / 2])["mean_bound"][0]
+                    curves[variant] = certified_curve(s_low, settings.fs.sigma)
                 elif s_low and settings.attack_norm == "l2":
                     # the certificate at the attack's own radius, next to the measured FCS
-                    entry["certified_fcsb@eps"] = certified_curve(s_low, settings.sigma, [budget])["mean_bound"][0]
+                    entry["certified_fcsb@eps"] = certified_curve(s_low, settings.fs.sigma, [budget])["mean_bound"][0]
             accuracy.setdefault(variant, []).append(entry[metric_name])
             table_rows.append(entry)
     markdown, table = summary_table(table_rows)
@@ -91,7 +91,7 @@ def summarize(output_dir: str | os.PathLike, settings: EvalSettings, dataset_ids
     if write:
         if curves:
             summary["plots"]["certified_curve"] = plot_certified_curve(
-                curves, out / CURVE_PNG, threshold=0.5, title=f"certified FCSB, sigma={settings.sigma}")
+                curves, out / CURVE_PNG, threshold=0.5, title=f"certified FCSB, sigma={settings.fs.sigma}")
         if settings.attack_eps:
             summary["plots"]["accuracy_vs_budget"] = plot_accuracy_vs_budget(
                 list(settings.budgets), accuracy, out / BUDGET_PNG,
