@@ -28,13 +28,15 @@ Run: ``python benchmarks/bench_patch_overhead.py [--model tiny] [--n-samples 8] 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from _bench import interleaved_times, ratio_of, summary, write_json
+from _bench import CLOCKS, ratio_of, summary, write_json
 from fs_mllm.adapters import get_adapter
 from fs_mllm.patching import patch_model, unpatch_model
 
@@ -61,11 +63,26 @@ def mini_llava():
     return model, inputs, dict(processor=processor), "fs-mini-llava (DINOv2 ViT-S/14 @ 112px + SmolLM2-135M), fp32"
 
 
+class Stopwatch:
+    """CPU (process) and wall seconds of a block, accumulated: ``with watch: ...``."""
+
+    def __init__(self) -> None:
+        self.cpu = self.wall = 0.0
+
+    def __enter__(self):
+        self._cpu, self._wall = time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.cpu += time.process_time() - self._cpu
+        self.wall += time.perf_counter() - self._wall
+
+
 class FeatureTimer:
-    """Wraps whatever image-feature function the owner has now (patched or not) and records its time."""
+    """Wraps whatever image-feature function the owner has now (patched or not) and times it."""
 
     def __init__(self, owner, name: str) -> None:
-        self.owner, self.name, self.spent = owner, name, 0.0
+        self.owner, self.name, self.watch = owner, name, Stopwatch()
 
     def __enter__(self):
         current = getattr(self.owner, self.name)
@@ -73,10 +90,8 @@ class FeatureTimer:
 
         @functools.wraps(current)
         def timed(*args, **kwargs):
-            start = time.perf_counter()
-            out = current(*args, **kwargs)
-            self.spent += time.perf_counter() - start
-            return out
+            with self.watch:
+                return current(*args, **kwargs)
 
         self.owner.__dict__[self.name] = timed
         return self
@@ -96,6 +111,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--image-size", type=int, default=224, help="tiny model only")
+    parser.add_argument("--clock", choices=CLOCKS, default="cpu",
+                        help="headline clock: process CPU time (steady on a shared CPU) or wall time; both are saved")
     parser.add_argument("--out-dir", default=None)
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny model, 56 px, 2 rounds)")
     args = parser.parse_args()
@@ -107,81 +124,76 @@ def main() -> None:
     adapter = get_adapter(model)
     owner = adapter.feature_owner(model)
     name = adapter.feature_function
+    original = getattr(owner, name)  # the unpatched bound method: the bare tower (+ projector)
     n = args.n_samples
     feature_kwargs = {k: getattr(model.config, k) for k in ("vision_feature_layer", "vision_feature_select_strategy")}
     pixels = inputs["pixel_values"]
-    original = getattr(owner, name)  # the unpatched bound method: the bare tower (+ projector)
-    inside = {"base": [], "patched": []}
-    total = {"base": [], "patched": []}
+    copies = pixels.repeat(n, *([1] * (pixels.ndim - 1)))
 
-    def generate(label: str):
-        def run():
-            if label == "patched":
-                patch_model(model, sigma=0.25, n_samples=n, **mean_std)
-            try:
-                with FeatureTimer(owner, name) as timer:
-                    start = time.perf_counter()
-                    model.generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                   do_sample=False)
-                    total[label].append(time.perf_counter() - start)
-                inside[label].append(timer.spent)
-            finally:
-                unpatch_model(model)
+    def generate():
+        model.generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
 
-        return run
-
-    def tower(copies: int):
-        batch = pixels.repeat(copies, *([1] * (pixels.ndim - 1)))
-        return lambda: original(pixel_values=batch, **feature_kwargs)
-
-    def smoothed():
-        getattr(owner, name)(pixel_values=pixels, **feature_kwargs)
-
-    # generate's own clock (total) excludes patch_model/unpatch_model and the timer's installation
-    fns = {"base": generate("base"), "patched": generate("patched"), "tower_1": tower(1), "tower_n": tower(n)}
-    with torch.no_grad():
-        times = interleaved_times(fns, args.repeats)
-        patch_model(model, sigma=0.25, n_samples=n, **mean_std)
-        try:
-            times.update(interleaved_times({"smoothed": smoothed, "tower_n_again": tower(n)}, args.repeats))
-        finally:
-            unpatch_model(model)
-    for label in inside:  # drop the warm-up call's entry
-        inside[label] = inside[label][-args.repeats:]
-        times[label] = total[label][-args.repeats:]
-    rest = {label: [t - s for t, s in zip(times[label], inside[label])] for label in inside}
-
-    def gen_ratio(stat) -> float:
-        return (stat(times["patched"]) - stat(times["base"])) / ((n - 1) * stat(times["tower_1"]))
-
-    import statistics
-
-    figures = {
-        "generate_overhead_per_extra_copy": {"min": gen_ratio(min), "median": gen_ratio(statistics.median),
-                                             "target": "[0.95, 1.05]"},
-        "lm_time_patched_over_base": {**ratio_of(rest["patched"], rest["base"]), "target": "<= 1.02"},
-        "smoothed_fn_over_tower_n": {**ratio_of(times["smoothed"], times["tower_n_again"]), "target": "<= 1.03"},
-        "tower_batching_tower_n_over_n_tower_1": {"min": min(times["tower_n"]) / (n * min(times["tower_1"])),
-                                                  "median": statistics.median(times["tower_n"]) / (n * statistics.median(times["tower_1"]))},
-        "overhead_over_smoothed_minus_tower_1": {
-            "min": (min(times["patched"]) - min(times["base"])) / (min(times["smoothed"]) - min(times["tower_1"])),
-            "median": (statistics.median(times["patched"]) - statistics.median(times["base"]))
-            / (statistics.median(times["smoothed"]) - statistics.median(times["tower_1"]))},
+    # label -> (patched during the call?, callable, split the image-feature time out?)
+    steps = {
+        "base": (False, generate, True),
+        "patched": (True, generate, True),
+        "tower_1": (False, lambda: original(pixel_values=pixels, **feature_kwargs), False),
+        "tower_n": (False, lambda: original(pixel_values=copies, **feature_kwargs), False),
+        "smoothed": (True, lambda: getattr(owner, name)(pixel_values=pixels, **feature_kwargs), False),
     }
+    records = {label: {"cpu": [], "wall": []} for label in list(steps) + ["lm_base", "lm_patched"]}
+    with torch.no_grad():
+        for round_ in range(1 + args.repeats):  # round 0 warms up and is dropped
+            for label, (patched, fn, split) in steps.items():
+                if patched:  # patching is not timed: only the call is
+                    patch_model(model, sigma=0.25, n_samples=n, **mean_std)
+                try:
+                    timer = FeatureTimer(owner, name) if split else contextlib.nullcontext()
+                    with timer, Stopwatch() as watch:
+                        fn()
+                finally:
+                    unpatch_model(model)
+                if round_ == 0:
+                    continue
+                for clock in CLOCKS:
+                    records[label][clock].append(getattr(watch, clock))
+                    if split:
+                        records["lm_" + label][clock].append(getattr(watch, clock) - getattr(timer.watch, clock))
+
+    def figures_for(times: dict) -> dict:
+        def gen_ratio(stat) -> float:
+            return (stat(times["patched"]) - stat(times["base"])) / ((n - 1) * stat(times["tower_1"]))
+
+        def path_ratio(stat) -> float:
+            return (stat(times["patched"]) - stat(times["base"])) / (stat(times["smoothed"]) - stat(times["tower_1"]))
+
+        median = statistics.median
+        return {
+            "generate_overhead_per_extra_copy": {"min": gen_ratio(min), "median": gen_ratio(median), "target": "[0.95, 1.05]"},
+            "lm_time_patched_over_base": {**ratio_of(times["lm_patched"], times["lm_base"]), "target": "<= 1.02"},
+            "smoothed_fn_over_tower_n": {**ratio_of(times["smoothed"], times["tower_n"]), "target": "<= 1.03"},
+            "tower_n_over_n_tower_1": {"min": min(times["tower_n"]) / (n * min(times["tower_1"])),
+                                       "median": median(times["tower_n"]) / (n * median(times["tower_1"]))},
+            "generate_overhead_over_tower_n_minus_tower_1": {
+                "min": (min(times["patched"]) - min(times["base"])) / (min(times["tower_n"]) - min(times["tower_1"])),
+                "median": (median(times["patched"]) - median(times["base"])) / (median(times["tower_n"]) - median(times["tower_1"]))},
+            "generate_overhead_over_smoothed_minus_tower_1": {"min": path_ratio(min), "median": path_ratio(median)},
+        }
+
+    figures = {clock: figures_for({k: v[clock] for k, v in records.items()}) for clock in CLOCKS}
     print(f"model: {description}; batch 1, {args.new_tokens} new tokens, n0 {n}, {args.threads} thread(s), "
-          f"{args.repeats} interleaved rounds (min / median)")
-    for label, values in (("base generate", times["base"]), ("patched generate", times["patched"]),
-                          ("tower, 1 copy", times["tower_1"]), (f"tower, {n} copies", times["tower_n"]),
-                          ("smoothed feature fn", times["smoothed"]),
-                          ("LM part of generate, base", rest["base"]), ("LM part of generate, patched", rest["patched"])):
-        print(f"  {label:30s} {min(values) * 1000:9.1f} / {statistics.median(values) * 1000:9.1f} ms")
-    for key, fig in figures.items():
-        print(f"  {key:42s} {fig['min']:.3f} / {fig['median']:.3f}" + (f"   target {fig['target']}" if "target" in fig else ""))
+          f"{args.repeats} interleaved rounds")
+    for clock in (args.clock,) + tuple(c for c in CLOCKS if c != args.clock):
+        print(f"{clock} time (min / median over rounds):")
+        for label, values in records.items():
+            print(f"  {label:12s} {min(values[clock]) * 1000:9.1f} / {statistics.median(values[clock]) * 1000:9.1f} ms")
+        for key, fig in figures[clock].items():
+            print(f"  {key:46s} {fig['min']:.3f} / {fig['median']:.3f}" + (f"   target {fig['target']}" if "target" in fig else ""))
     out = f"patch_overhead_{args.model.replace('-', '_')}_cpu.json" if not args.quick else "patch_overhead_quick_cpu.json"
     write_json(out, {"model": description, "n_samples": n, "new_tokens": args.new_tokens, "rounds": args.repeats,
-                     "figures": figures,
-                     "times_ms": {k: summary([v * 1000 for v in vals]) for k, vals in {**times, **{
-                         "lm_" + k: v for k, v in rest.items()}}.items()}},
+                     "clock": args.clock, "figures": figures[args.clock], "figures_by_clock": figures,
+                     "times_ms": {clock: {k: summary([t * 1000 for t in v[clock]]) for k, v in records.items()}
+                                  for clock in CLOCKS}},
                **({"out_dir": Path(args.out_dir)} if args.out_dir else {}))
 
 

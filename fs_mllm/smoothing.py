@@ -71,8 +71,6 @@ def unit_features(features: torch.Tensor, normalize: str = "global", batch_dims:
     """
     check_choice(normalize, "normalize", NORMALIZE_MODES)
     features = features.float()
-    if not torch.isfinite(features).all():
-        raise ValueError("encoder returned NaN or Inf features; check the encoder and the input images")
     if normalize == "global":
         norms = features.flatten(batch_dims).norm(dim=-1)
         shaped = norms.reshape(norms.shape + (1,) * (features.ndim - batch_dims))
@@ -81,6 +79,11 @@ def unit_features(features: torch.Tensor, normalize: str = "global", batch_dims:
             raise ValueError("normalize='token' needs features of shape (batch, ..., dim)")
         norms = features.norm(dim=-1)
         shaped = norms.unsqueeze(-1)
+    # a NaN or Inf feature makes its vector's norm NaN or Inf: checking the norms (one value per vector)
+    # instead of every feature saves a pass over the features; a norm that overflows is refused as well
+    if not torch.isfinite(norms).all():
+        raise ValueError("encoder returned NaN or Inf features (or features too large to normalise); "
+                         "check the encoder and the input images")
     if (norms == 0).any():
         raise ValueError("encoder returned an all-zero feature vector; its direction (and so the smoothing) is undefined")
     return features / shaped, norms
@@ -124,13 +127,21 @@ def iter_noisy_unit_features(
     image_shape = tuple(x.shape[1:])
     base = x.float()
     std = noise_std.to(device=x.device, dtype=torch.float32) if isinstance(noise_std, torch.Tensor) else float(noise_std)
+    track_grad = torch.is_grad_enabled() and base.requires_grad  # attacks differentiate through the copies
     done = 0
     while done < n:
         k = min(chunk_size, n - done)
-        noise = torch.stack([torch.stack([torch.randn(image_shape, generator=g, device=x.device) for g in generators])
-                             for _ in range(k)])
-        noisy = base.unsqueeze(0) + noise * std
-        features = encode(noisy.reshape((k * x.shape[0],) + x.shape[1:]).to(x.dtype))
+        # one buffer per chunk, each image's draws written in place (a contiguous slice gets exactly the
+        # values torch.randn(image_shape, generator=g) would return), then scaled and shifted in place:
+        # the same float32 copies as base + noise * std, without the stacked and temporary copies
+        noisy = torch.empty((k,) + tuple(x.shape), dtype=torch.float32, device=x.device)
+        for copy in noisy:
+            for image_noise, generator in zip(copy, generators):
+                image_noise.normal_(generator=generator)
+        noisy.mul_(std)
+        noisy = noisy + base if track_grad else noisy.add_(base)
+        noisy = noisy.view((k * x.shape[0],) + image_shape)
+        features = encode(noisy if x.dtype == torch.float32 else noisy.to(x.dtype))
         features = features.reshape((k, x.shape[0]) + features.shape[1:])
         yield NoisyChunk(*unit_features(features, normalize, batch_dims=2), features.dtype)
         done += k
