@@ -9,7 +9,8 @@ samples, cut into disjoint blocks of n, give many independent certificates at sa
                             / mean over photos of FCSB(sigma/2) at the population S
 
 is measured for every bound method at every n of ``--n-grid`` (1.0 = the certificate loses nothing to
-sampling; a block that certifies nothing counts as -1, the bound's "no guarantee"). It also prints the
+sampling). Over photos whose population bound is a guarantee (> 0); a block that certifies nothing
+counts as 0 (``fcsb``'s -1 "no guarantee" is a sentinel, not a cosine to average). It also prints the
 n each method needs to reach ``--target`` (interpolated in log n between grid points).
 
 The small resolution (``--size``, default 42 px: 3x3 patch tokens) is what makes 50 000 samples per
@@ -88,27 +89,36 @@ def sample_population(args, images: torch.Tensor) -> np.ndarray:
 
 
 def efficiency_table(scores: np.ndarray, sigma: float, alpha: float, n_grid: list[int], methods) -> dict:
+    """Efficiency per method and n over the photos whose population bound is a guarantee (FCSB > 0).
+
+    A bound below 0 is reported by ``fcsb`` as -1 ("no guarantee"); averaging that sentinel would mix
+    units, so a block that certifies nothing counts as 0 here (the least a guarantee can be), and photos
+    with no guarantee even at their population S (nothing to get close to) are left out and listed.
+    """
     radius = sigma / 2
     population_s = scores.mean(axis=1)
-    population_bound = fcsb(population_s, radius, sigma)
-    denominator = float(np.mean(population_bound))
+    population_bound = np.asarray(fcsb(population_s, radius, sigma), dtype=np.float64).reshape(-1)
+    kept = population_bound > 0
+    denominator = float(np.mean(population_bound[kept])) if kept.any() else float("nan")
     table = {}
     for n in n_grid:
         blocks = scores.shape[1] // n
         if blocks < 2:
             continue
-        cut = scores[:, : blocks * n].reshape(scores.shape[0], blocks, n)  # (B, blocks, n), disjoint blocks
+        cut = scores[kept, : blocks * n].reshape(int(kept.sum()), blocks, n)  # (photos, blocks, n), disjoint
         row = {"blocks": blocks}
         for method in methods:
-            lower = score_lower_bound(cut, alpha, method)  # (B, blocks)
-            bound = fcsb(lower, radius, sigma)
+            lower = score_lower_bound(cut, alpha, method)  # (photos, blocks)
+            bound = np.maximum(fcsb(lower, radius, sigma), 0.0)
             row[method] = {
                 "efficiency": float(np.mean(bound)) / denominator,
                 "mean_certified_fcsb": float(np.mean(bound)),
-                "mean_s_gap": float(np.mean(population_s[:, None] - lower)),
+                "no_guarantee_fraction": float(np.mean(bound <= 0)),
+                "mean_s_gap": float(np.mean(population_s[kept, None] - lower)),
             }
         table[n] = row
     return {"population_s": population_s.tolist(), "population_fcsb": population_bound.tolist(),
+            "photos_without_population_guarantee": np.flatnonzero(~kept).tolist(),
             "mean_population_fcsb": denominator, "by_n": table}
 
 
@@ -157,7 +167,9 @@ def main() -> None:
     print(f"DINOv2 ViT-S/14 patch tokens, {args.size}px, {args.photos} photos, sigma {args.sigma}, alpha {args.alpha}, "
           f"population n {scores.shape[1]} per photo ({seconds:.0f} s sampling)")
     print("population S per photo: " + ", ".join(f"{s:.4f}" for s in result["population_s"])
-          + f"; mean FCSB(sigma/2) at population S: {result['mean_population_fcsb']:.4f}")
+          + f"; mean FCSB(sigma/2) at population S: {result['mean_population_fcsb']:.4f}"
+          + (f" (photos {result['photos_without_population_guarantee']} left out: no guarantee even at their population S)"
+             if result["photos_without_population_guarantee"] else ""))
     print(f"{'n':>7s} {'blocks':>6s} " + " ".join(f"{m:>22s}" for m in methods) + "   (efficiency / mean certified FCSB)")
     for n, row in result["by_n"].items():
         print(f"{n:7d} {row['blocks']:6d} " + " ".join(
