@@ -170,16 +170,27 @@ def monte_carlo_pass(
     ``reference_unit``, the robustness-score samples the certificates are computed from."""
     direction_sum = None
     norm_sum = None
-    scores = []
+    scores = None  # one (n, B[, ..., T]) buffer, filled chunk by chunk (no per-chunk tensors kept alive)
+    done = 0
     dtype = torch.float32
+    in_place = not torch.is_grad_enabled()  # attacks differentiate through the sums: keep those out of place
     for unit, norms, dtype in iter_noisy_unit_features(encode, x, noise_std, n, seed=seed, chunk_size=chunk_size, normalize=normalize):
-        direction_sum = unit.sum(0) if direction_sum is None else direction_sum + unit.sum(0)
-        norm_sum = norms.sum(0) if norm_sum is None else norm_sum + norms.sum(0)
+        if direction_sum is None:
+            direction_sum, norm_sum = unit.sum(0), norms.sum(0)
+        elif in_place:
+            direction_sum.add_(unit.sum(0))
+            norm_sum.add_(norms.sum(0))
+        else:
+            direction_sum, norm_sum = direction_sum + unit.sum(0), norm_sum + norms.sum(0)
         if reference_unit is not None:
             product = unit * reference_unit.unsqueeze(0)
             cos = product.flatten(2).sum(-1) if normalize == "global" else product.sum(-1)
-            scores.append(((1 + cos) / 2).clamp(0, 1).cpu().double())
-    return MonteCarloPass(direction_sum / n, norm_sum / n, torch.cat(scores) if scores else None, dtype)
+            chunk_scores = ((1 + cos) / 2).clamp(0, 1).detach().cpu()
+            if scores is None:
+                scores = torch.empty((n,) + tuple(chunk_scores.shape[1:]), dtype=torch.float64)
+            scores[done:done + chunk_scores.shape[0]] = chunk_scores  # float32 -> float64, as .double() does
+        done += unit.shape[0]
+    return MonteCarloPass(direction_sum / n, norm_sum / n, scores, dtype)
 
 
 def smoothed_mean(
