@@ -165,7 +165,8 @@ def main() -> None:
     seconds = time.perf_counter() - start
     result = efficiency_table(scores, args.sigma, args.alpha, n_grid, methods)
     print(f"DINOv2 ViT-S/14 patch tokens, {args.size}px, {args.photos} photos, sigma {args.sigma}, alpha {args.alpha}, "
-          f"population n {scores.shape[1]} per photo ({seconds:.0f} s sampling)")
+          f"population n {scores.shape[1]} per photo ({seconds:.0f} s sampling in this run"
+          f"{'; samples resumed from --cache' if args.cache else ''})")
     print("population S per photo: " + ", ".join(f"{s:.4f}" for s in result["population_s"])
           + f"; mean FCSB(sigma/2) at population S: {result['mean_population_fcsb']:.4f}"
           + (f" (photos {result['photos_without_population_guarantee']} left out: no guarantee even at their population S)"

@@ -128,13 +128,20 @@ def iter_noisy_unit_features(
     base = x.float()
     std = noise_std.to(device=x.device, dtype=torch.float32) if isinstance(noise_std, torch.Tensor) else float(noise_std)
     track_grad = torch.is_grad_enabled() and base.requires_grad  # attacks differentiate through the copies
+    # Without autograd nothing keeps a chunk's copies once its features are out, so one buffer serves
+    # every chunk (no fresh multi-MB allocation, and its page faults, per chunk). With autograd the
+    # encoder may have saved its input for backward, so each chunk gets its own buffer.
+    reuse = not torch.is_grad_enabled()
+    buffer = None
     done = 0
     while done < n:
         k = min(chunk_size, n - done)
-        # one buffer per chunk, each image's draws written in place (a contiguous slice gets exactly the
-        # values torch.randn(image_shape, generator=g) would return), then scaled and shifted in place:
-        # the same float32 copies as base + noise * std, without the stacked and temporary copies
-        noisy = torch.empty((k,) + tuple(x.shape), dtype=torch.float32, device=x.device)
+        # each image's draws written in place (a contiguous slice gets exactly the values
+        # torch.randn(image_shape, generator=g) would return), then scaled and shifted in place:
+        # the same float32 copies as base + noise * std, without stacked or temporary copies
+        if buffer is None or not reuse:
+            buffer = torch.empty((k,) + tuple(x.shape), dtype=torch.float32, device=x.device)
+        noisy = buffer[:k]
         for copy in noisy:
             for image_noise, generator in zip(copy, generators):
                 image_noise.normal_(generator=generator)
