@@ -2,6 +2,7 @@
 
 from .attacks import AttackConfig, AttackResult, attack
 from .certify import Certificate, ModelCertificate, PredictionCertificate, certify_features, certify_model, certify_prediction
+from .certify import certify_zero_shot
 from .config import FSConfig
 from .gsb import GaussianSmoothnessBooster, GSBConfig, boosted_encoder
 from .hub import from_pretrained, push_to_hub, save_pretrained
@@ -26,6 +27,7 @@ __all__ = [
     "certify_features",
     "certify_model",
     "certify_prediction",
+    "certify_zero_shot",
     "fcsb",
     "from_pretrained",
     "get_fs_state",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -71,10 +71,14 @@ def sample_scores(
     seed: int = 0,
     chunk_size: Optional[int] = None,
     normalize: str = "global",
+    clean_features: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Y_i = (1 + cos(f(x + e_i), f(x))) / 2 for n noise draws: shape (n, B) global, (n, B, ..., T) token."""
+    """Y_i = (1 + cos(f(x + e_i), f(x))) / 2 for n noise draws: shape (n, B) global, (n, B, ..., T) token.
+
+    ``clean_features``: encoder(x) when the caller already has it (saves one forward).
+    """
     with torch.inference_mode():
-        clean, _ = unit_features(encoder(x), normalize, batch_dims=1)
+        clean, _ = unit_features(encoder(x) if clean_features is None else clean_features, normalize, batch_dims=1)
         return monte_carlo_pass(encoder, x, noise_std, n, seed=seed, chunk_size=chunk_size, normalize=normalize,
                                 reference_unit=clean).scores
 
@@ -169,16 +173,40 @@ def certify_prediction(
     threshold=cos((a_B - a_A) / 2))``. Only a positive radius ties A to the smoothed predictor (the
     ball contains x), so a zero radius abstains (label ABSTAIN) instead of reporting A.
     """
-    if not isinstance(class_embeddings, torch.Tensor) or class_embeddings.ndim != 2 or class_embeddings.shape[0] < 2:
-        raise ValueError("class_embeddings must be a (num_classes >= 2, dim) tensor of class/text embeddings")
+    classes = _check_class_embeddings(class_embeddings, "class_embeddings")
     certificates = certify_features(encoder, images, sigma, n, alpha, method, chunk_size, seed, "global")
     with torch.inference_mode():
-        clean = encoder(images).float().flatten(1)
-    if clean.shape[1] != class_embeddings.shape[1]:
-        raise ValueError(f"class_embeddings have dim {class_embeddings.shape[1]} but the encoder gives {clean.shape[1]}")
+        clean = encoder(images)
+    return prediction_certificates(certificates, clean, classes, "class_embeddings")
+
+
+def _check_class_embeddings(value: Any, name: str) -> torch.Tensor:
+    """A (num_classes >= 2, dim) floating tensor of finite, non-zero class embeddings."""
+    if not isinstance(value, torch.Tensor) or value.ndim != 2 or value.shape[0] < 2 or not value.is_floating_point():
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"{name} must be a floating-point (num_classes >= 2, dim) tensor of class/text embeddings, got {shape}")
+    if not torch.isfinite(value).all():
+        raise ValueError(f"{name} contain NaN or Inf")
+    if (value.norm(dim=1) == 0).any():
+        raise ValueError(f"{name} contain an all-zero row, whose direction (and so its angle to the image) is undefined")
+    return value
+
+
+def _check_dims(clean: torch.Tensor, classes: torch.Tensor, name: str) -> None:
+    dim = clean[0].numel()
+    if dim != classes.shape[1]:
+        raise ValueError(f"{name} have dim {classes.shape[1]} but the image features have dim {dim}")
+
+
+def prediction_certificates(certificates: Sequence[Certificate], clean: torch.Tensor, classes: torch.Tensor,
+                            name: str = "class_embeddings") -> list[PredictionCertificate]:
+    """The reduction of :func:`certify_prediction`: feature certificates + clean f(x) + class embeddings ->
+    per-image certified class and radius (the angle argument in its docstring)."""
+    clean = clean.detach().float().flatten(1)
+    _check_dims(clean, classes, name)
     clean_unit, _ = unit_features(clean)
-    classes, _ = unit_features(class_embeddings.float().to(clean.device))
-    angles = torch.arccos((clean_unit @ classes.T).clamp(-1, 1))  # (B, K)
+    class_unit, _ = unit_features(classes.detach().float().to(clean.device))
+    angles = torch.arccos((clean_unit @ class_unit.T).clamp(-1, 1))  # (B, K)
     results = []
     for image_angles, certificate in zip(angles, certificates):
         ordered = torch.sort(image_angles)
@@ -230,58 +258,157 @@ def certify_model(
     smoothed (boosted) encoder F and holds per image with probability >= 1 - alpha; with ``radius``
     each result also carries FCSB(radius).
     """
-    hf_model = unwrap_model(model)
-    adapter = get_adapter(hf_model)
     check_n(n)
     if radius is not None:
         radius = _check_radius(radius)
-    # None = the patch's value (an unpatched model: FSConfig's default); explicit arguments win
-    overrides = {k: v for k, v in (("normalize", normalize), ("seed", seed), ("chunk_size", chunk_size),
-                                   ("alpha", alpha), ("method", method)) if v is not None}
-    explicit_mean_std = image_mean is not None or image_std is not None or processor is not None
-    from .patching import get_fs_state, is_patched, original_feature_function
-
-    if is_patched(hf_model):
-        state = get_fs_state(hf_model)
-        if sigma is not None and check_sigma(sigma) != state.config.sigma:
-            raise ValueError(f"sigma={sigma} differs from the patch's sigma={state.config.sigma}; omit sigma or re-patch")
-        config = state.config.replace(**overrides)
-        if explicit_mean_std:
-            mean, std = resolve_mean_std(hf_model, adapter, processor, image_mean, image_std)
-        else:
-            mean, std = state.image_mean, state.image_std
-        state = FSState(config, adapter, mean, std, state.booster)
-    else:
-        if sigma is None:
-            raise ValueError("sigma is required to certify an unpatched model (or patch it first with patch_model)")
-        config = FSConfig(sigma=sigma, **overrides)
-        mean, std = resolve_mean_std(hf_model, adapter, processor, image_mean, image_std)
-        state = FSState(config, adapter, mean, std, None)
-
-    if isinstance(images_or_pixel_values, torch.Tensor):
-        check_images(images_or_pixel_values, "images_or_pixel_values")
-        inputs = adapter.pixels_to_model_inputs(hf_model, images_or_pixel_values, state.image_mean, state.image_std, **model_inputs)
-    elif isinstance(images_or_pixel_values, Mapping) and "pixel_values" in images_or_pixel_values:
-        check_images(images_or_pixel_values["pixel_values"], "images_or_pixel_values['pixel_values']", unit_range=False)
-        inputs = {**dict(images_or_pixel_values), **model_inputs}
-    else:
-        raise ValueError(
-            "images_or_pixel_values must be [0,1] images (B, 3, H, W) or processor outputs (a dict with pixel_values)"
-        )
-    original = original_feature_function(hf_model, adapter)
-    signature_keys = set(_signature_params(original))
-    pixel_values = inputs.pop("pixel_values")
-    kwargs = {k: v for k, v in inputs.items() if k in signature_keys}
-    device = _input_device(hf_model, pixel_values)
-    pixel_values = pixel_values.to(device)
-    noise_std = adapter.noise_std(config.sigma, state.image_std)
+    pass_ = _SmoothedPass.prepare(model, images_or_pixel_values, sigma, processor, image_mean, image_std, model_inputs,
+                                  normalize=normalize, seed=seed, chunk_size=chunk_size, alpha=alpha, method=method)
+    config = pass_.state.config
     results: dict[int, ModelCertificate] = {}
-    for indices, x, encode in encoded_groups(hf_model, original, state, pixel_values, kwargs):
-        scores = sample_scores(encode, x, noise_std, n, seed=config.seed, chunk_size=config.chunk_size, normalize=config.normalize)
+    for indices, x, encode in pass_.groups():
+        scores = sample_scores(encode, x, pass_.noise_std, n, seed=config.seed, chunk_size=config.chunk_size, normalize=config.normalize)
         for index, cert in zip(indices, certificates_from_scores(scores, config.alpha, config.sigma, config.method, config.normalize)):
             bound = None if radius is None else float(cert.fcsb(radius))
             results[index] = ModelCertificate(**cert.__dict__, radius_checked=radius, bound=bound)
     return [results[i] for i in range(len(results))]
+
+
+@dataclass
+class _SmoothedPass:
+    """One call of a model's image-feature function, resolved the way the patch runs it (certify_model and
+    certify_zero_shot both reduce over :meth:`groups`, i.e. fs_mllm.smoothed_path.encoded_groups)."""
+
+    model: nn.Module
+    state: FSState
+    original: Callable
+    pixel_values: torch.Tensor
+    kwargs: dict
+    leftover: dict  # the inputs the image-feature function does not take (e.g. a processor's input_ids)
+
+    @property
+    def noise_std(self) -> torch.Tensor:
+        return self.state.adapter.noise_std(self.state.config.sigma, self.state.image_std)
+
+    def groups(self) -> Iterator[tuple[list[int], torch.Tensor, Encoder]]:
+        return encoded_groups(self.model, self.original, self.state, self.pixel_values, self.kwargs)
+
+    @classmethod
+    def prepare(cls, model: nn.Module, images_or_pixel_values: Any, sigma: Optional[float], processor: Any,
+                image_mean: Optional[Sequence[float]], image_std: Optional[Sequence[float]], model_inputs: dict,
+                **settings: Any) -> "_SmoothedPass":
+        """For a patched model sigma, mean/std, booster and every FSConfig field in ``settings`` left None come
+        from the patch (a differing sigma is an error); for an unpatched model ``sigma`` is required and the
+        rest default to FSConfig's defaults. [0,1] images go through the adapter's normalisation."""
+        from .patching import get_fs_state, is_patched, original_feature_function
+
+        hf_model = unwrap_model(model)
+        adapter = get_adapter(hf_model)
+        overrides = {k: v for k, v in settings.items() if v is not None}  # None = the patch's value
+        if is_patched(hf_model):
+            state = get_fs_state(hf_model)
+            if sigma is not None and check_sigma(sigma) != state.config.sigma:
+                raise ValueError(f"sigma={sigma} differs from the patch's sigma={state.config.sigma}; omit sigma or re-patch")
+            config = state.config.replace(**overrides)
+            if image_mean is not None or image_std is not None or processor is not None:
+                mean, std = resolve_mean_std(hf_model, adapter, processor, image_mean, image_std)
+            else:
+                mean, std = state.image_mean, state.image_std
+            state = FSState(config, adapter, mean, std, state.booster)
+        else:
+            if sigma is None:
+                raise ValueError("sigma is required to certify an unpatched model (or patch it first with patch_model)")
+            config = FSConfig(sigma=sigma, **overrides)
+            mean, std = resolve_mean_std(hf_model, adapter, processor, image_mean, image_std)
+            state = FSState(config, adapter, mean, std, None)
+
+        if isinstance(images_or_pixel_values, torch.Tensor):
+            check_images(images_or_pixel_values, "images_or_pixel_values")
+            inputs = adapter.pixels_to_model_inputs(hf_model, images_or_pixel_values, state.image_mean, state.image_std, **model_inputs)
+        elif isinstance(images_or_pixel_values, Mapping) and "pixel_values" in images_or_pixel_values:
+            check_images(images_or_pixel_values["pixel_values"], "images_or_pixel_values['pixel_values']", unit_range=False)
+            inputs = {**dict(images_or_pixel_values), **model_inputs}
+        else:
+            raise ValueError(
+                "images_or_pixel_values must be [0,1] images (B, 3, H, W) or processor outputs (a dict with pixel_values)"
+            )
+        original = original_feature_function(hf_model, adapter)
+        signature_keys = set(_signature_params(original))
+        pixel_values = inputs.pop("pixel_values")
+        kwargs = {k: v for k, v in inputs.items() if k in signature_keys}
+        leftover = {k: v for k, v in inputs.items() if k not in signature_keys}
+        pixel_values = pixel_values.to(_input_device(hf_model, pixel_values))
+        return cls(hf_model, state, original, pixel_values, kwargs, leftover)
+
+
+def certify_zero_shot(
+    model: nn.Module,
+    images_or_pixel_values: Union[torch.Tensor, Mapping[str, Any]],
+    text_embeddings: Union[torch.Tensor, Mapping[str, Any], None] = None,
+    n: int = 1000,
+    alpha: Optional[float] = None,
+    method: Optional[str] = None,
+    sigma: Optional[float] = None,
+    seed: Optional[int] = None,
+    chunk_size: Optional[int] = None,
+    processor: Any = None,
+    image_mean: Optional[Sequence[float]] = None,
+    image_std: Optional[Sequence[float]] = None,
+    **model_inputs: Any,
+) -> list[PredictionCertificate]:
+    """Certify a dual encoder's (CLIP, SigLIP, ...) zero-shot class per image: the paper's CLIP classification setting.
+
+    The smoothed classifier returns argmax_k cos(F(x), t_k), F the smoothed image embedding that the patched
+    ``get_image_features`` estimates with n_samples copies; this certifies it with :func:`certify_prediction`'s
+    argument, on the noisy copies of the model's own smoothed path (so what is certified is what is deployed).
+    Each result's ``label`` holds on the l2 ball of ``radius`` in [0,1] pixel space w.p. >= 1 - alpha, or is
+    ABSTAIN.
+
+    ``images_or_pixel_values``: [0,1] images (B, 3, H, W) at processor resolution, or processor outputs (a
+    dict with pixel_values and the family kwargs). ``text_embeddings``: (K, D) class embeddings, or tokenizer
+    outputs (a dict with input_ids, attention_mask, ...) embedded with ``model.get_text_features``, or None
+    to take the input_ids from a processor output passed as ``images_or_pixel_values``. Settings resolve as
+    in :func:`certify_model` (the patch's, or ``sigma=`` for an unpatched model).
+    """
+    check_n(n)
+    if get_adapter(model).generates:
+        raise ValueError(f"model: certify_zero_shot needs a dual encoder (CLIP, SigLIP, ...), got {type(unwrap_model(model)).__name__}; "
+                         "for a multimodal LLM use certify_model (features) or certify_prediction (an encoder + class embeddings)")
+    pass_ = _SmoothedPass.prepare(model, images_or_pixel_values, sigma, processor, image_mean, image_std, model_inputs,
+                                  normalize="global", seed=seed, chunk_size=chunk_size, alpha=alpha, method=method)
+    if text_embeddings is None:
+        if "input_ids" not in pass_.leftover:
+            raise ValueError("text_embeddings is required: (K, D) class embeddings or tokenizer outputs with input_ids "
+                             "(or pass a processor output holding both pixel_values and input_ids)")
+        text_embeddings = pass_.leftover
+    classes = _text_embeddings(pass_.model, text_embeddings)
+    config = pass_.state.config
+    results: dict[int, PredictionCertificate] = {}
+    for indices, x, encode in pass_.groups():
+        with torch.inference_mode():
+            clean = encode(x)
+        _check_dims(clean, classes, "text_embeddings")  # before the n forwards, not after
+        scores = sample_scores(encode, x, pass_.noise_std, n, seed=config.seed, chunk_size=config.chunk_size,
+                               clean_features=clean)
+        certificates = certificates_from_scores(scores, config.alpha, config.sigma, config.method, "global")
+        for index, result in zip(indices, prediction_certificates(certificates, clean, classes, "text_embeddings")):
+            results[index] = result
+    return [results[i] for i in range(len(results))]
+
+
+def _text_embeddings(model: nn.Module, text: Union[torch.Tensor, Mapping[str, Any]]) -> torch.Tensor:
+    """(K, D) class embeddings as given, or ``model.get_text_features`` of tokenizer outputs."""
+    if isinstance(text, Mapping):
+        if "input_ids" not in text:
+            raise ValueError(f"text_embeddings: tokenizer outputs need input_ids, got keys {sorted(text)}")
+        keys = set(_signature_params(model.get_text_features))
+        device = _input_device(model, text["input_ids"])
+        with torch.inference_mode():
+            output = model.get_text_features(**{k: v.to(device) for k, v in text.items() if k in keys})
+        text = output.pooler_output if hasattr(output, "pooler_output") else output
+    elif isinstance(text, torch.Tensor) and not text.is_floating_point():
+        raise ValueError(f"text_embeddings: got an integer tensor {tuple(text.shape)} (token ids?); pass tokenizer outputs "
+                         "as a dict with input_ids and attention_mask, or float (K, D) text embeddings")
+    return _check_class_embeddings(text, "text_embeddings")
 
 
 def _check_radius(radius: Any) -> float:

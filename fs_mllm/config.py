@@ -66,6 +66,12 @@ def check_choice(value: Any, name: str, choices: tuple) -> str:
     return value
 
 
+def check_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def check_chunk_size(chunk_size: Any) -> Optional[int]:
     if chunk_size is None:
         return None
@@ -127,6 +133,7 @@ _FIELD_CHECKS = {
     "normalize": lambda value: check_choice(value, "normalize", NORMALIZE_MODES),
     "alpha": check_alpha,
     "method": lambda value: check_choice(value, "method", BOUND_METHODS),
+    "smooth_video": lambda value: check_bool(value, "smooth_video"),
 }
 
 
@@ -139,7 +146,10 @@ class FSConfig:
     chunk_size: noisy copies per encoder call (memory knob; None = 32). seed: seed of the noise
     generator, 0 <= seed < 2**63 (same seed, same result). normalize: "global" (one unit vector per
     image) or "token" (each visual token normalised and certified on its own). alpha, method:
-    confidence and bound used when certifying (``certify_model`` defaults to them).
+    confidence and bound used when certifying (``certify_model`` defaults to them). smooth_video: videos
+    whose frames reach the image-feature function (Qwen3-VL, Qwen3.5, GLM-4.1V, Kimi-K2.5, ...) are
+    smoothed too, each frame with its own noise; by default they pass through unsmoothed (the
+    certificate is about images).
 
     Every field is validated on construction and on assignment, so a config is never invalid.
     """
@@ -153,6 +163,8 @@ class FSConfig:
     alpha: float = field(default=0.001, metadata={"help": "certificate failure probability"})
     method: str = field(default="bernstein", metadata={"help": "lower confidence bound on the robustness score",
                                                        "choices": BOUND_METHODS})
+    smooth_video: bool = field(default=False, metadata={"help": "also smooth video frames that reach the image-feature "
+                                                                "function (default: videos pass through unsmoothed)"})
 
     def __setattr__(self, name: str, value: Any) -> None:
         check = _FIELD_CHECKS.get(name)

@@ -299,7 +299,13 @@ def load_base(
         # transformers' Auto classes look for a PEFT adapter_config.json without the caller's cache_dir and
         # local_files_only (the model classes pass them): pass them explicitly, or it asks the Hub
         load["adapter_kwargs"] = _hub_kwargs(cache_dir=hub.get("cache_dir"), local_files_only=hub.get("local_files_only"))
-    model = load_safetensors_model(model_class or AutoModelForImageTextToText, source, **hub, **load, **model_kwargs).eval()
+    if model_class is None:  # dual encoders (CLIP, SigLIP, ...) have no generate(): their Auto class is AutoModel
+        from transformers import AutoModel
+
+        from .adapters import ADAPTERS
+
+        model_class = AutoModelForImageTextToText if ADAPTERS[record.family].generates else AutoModel
+    model = load_safetensors_model(model_class, source, **hub, **load, **model_kwargs).eval()
     processor = None
     if load_processor:
         own = any((folder / name).is_file() for name in PROCESSOR_FILES)
@@ -361,8 +367,8 @@ def from_pretrained(
     ``repo_id_or_folder``: a local folder, or a Hub repo id (resolved in the HF cache when offline).
     ``revision`` is the revision of that repo; the base model it references is loaded at the revision
     saved in fs_config.json. ``device_map``, ``dtype``, ``quantization_config`` and other keyword
-    arguments go to the Auto class (``model_class``, default ``AutoModelForImageTextToText``), always
-    with ``use_safetensors=True``.
+    arguments go to the Auto class (``model_class``, default ``AutoModelForImageTextToText``, ``AutoModel``
+    for dual encoders), always with ``use_safetensors=True``.
     """
     model, processor, folder, record = load_base(
         repo_id_or_folder, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -33,16 +33,35 @@ def _as_channels(values: Any, name: str) -> torch.Tensor:
     return tensor
 
 
-def _mean_std_from_processor(processor: Any) -> Optional[tuple[Any, Any]]:
-    image_processor = getattr(processor, "image_processor", processor)
-    mean = getattr(image_processor, "image_mean", None)
-    std = getattr(image_processor, "image_std", None)
-    if mean is None or std is None:
+def _effective_mean_std(setting: Callable[[str, Any], Any]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(mean, std) with pixel_values = (x - mean) / std for x in [0,1], from an image processor's settings.
+
+    Most processors rescale by 1/255 and normalise by image_mean/std, which is then the answer. EfficientNet's
+    (ALIGN's) may rescale by another factor with an offset of -1, skip the normalisation, or divide by
+    image_std once more (``include_top``); reading image_mean/std alone would then put the noise at the
+    wrong scale, so the processor's affine map is composed here. ``setting(name, default)`` reads one field.
+    """
+    normalize = setting("do_normalize", True) is not False
+    mean, std = setting("image_mean", None), setting("image_std", None)
+    include_top = bool(setting("include_top", False))
+    if (normalize and (mean is None or std is None)) or (include_top and std is None):
         return None
-    return mean, std
+    scale = 255.0 * float(setting("rescale_factor", None) or 1 / 255)
+    offset = -1.0 if setting("rescale_offset", False) else 0.0
+    ones = torch.ones(3)
+    mean_n = _as_channels(mean, "image_mean") if normalize else 0 * ones
+    std_n = _as_channels(std, "image_std") if normalize else ones
+    top = _as_channels(std, "image_std") if include_top else ones
+    # pixel_values = (scale * x + offset - mean_n) / (std_n * top)
+    return (mean_n - offset) / scale, std_n * top / scale
 
 
-def _mean_std_from_saved_config(name_or_path: str) -> Optional[tuple[Any, Any]]:
+def _mean_std_from_processor(processor: Any) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    image_processor = getattr(processor, "image_processor", processor)
+    return _effective_mean_std(lambda name, default: getattr(image_processor, name, default))
+
+
+def _mean_std_from_saved_config(name_or_path: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """Read image_mean/std saved with the model: local folder, then the HF cache (offline only)."""
     if not name_or_path:
         return None
@@ -64,8 +83,9 @@ def _mean_std_from_saved_config(name_or_path: str) -> Optional[tuple[Any, Any]]:
             with open(path, encoding="utf-8") as handle:
                 data = json.load(handle)
             data = data.get("image_processor", data)
-            if data.get("image_mean") is not None and data.get("image_std") is not None:
-                return data["image_mean"], data["image_std"]
+            found = _effective_mean_std(data.get)
+            if found is not None:
+                return found
     return None
 
 

@@ -36,15 +36,23 @@ _STATE_ATTR = "fs_state"
 # ---------------------------------------------------------------------------------------------
 
 def _smoothed_call(model: nn.Module, original: Callable, state: FSState, args: tuple, kwargs: dict) -> Any:
-    """The body of the patched get_image_features: smooth each image, rebuild the family's output."""
+    """The body of the patched get_image_features: smooth each image, rebuild the family's output.
+
+    Pixels may arrive under an alias (``adapter.pixel_aliases``); calls made from inside the video-feature
+    function are video frames and pass through unsmoothed unless ``FSConfig.smooth_video``.
+    """
     if args:  # e.g. PaliGemma's outer get_image_features passes pixel_values positionally
         kwargs = {**_bind_positional(original, args), **kwargs}
-    pixel_values = kwargs.pop("pixel_values", None)
-    if pixel_values is None:
+    adapter = state.adapter
+    key = next((k for k in ("pixel_values",) + adapter.pixel_aliases if kwargs.get(k) is not None), None)
+    if key is None or (state.video_depth > 0 and not state.config.smooth_video):
         return original(**kwargs)
+    pixel_values = kwargs[key]
+    for name in ("pixel_values",) + adapter.pixel_aliases:
+        kwargs.pop(name, None)
     return_dict = kwargs.pop("return_dict", True)
     per_image, raw = smoothed_image_features(model, original, state, pixel_values, kwargs)
-    return state.adapter.rebuild_output(raw, per_image, return_dict)
+    return adapter.rebuild_output(raw, per_image, return_dict, {"pixel_values": pixel_values, **kwargs})
 
 
 def _bind_positional(fn: Callable, args: tuple) -> dict:
@@ -74,6 +82,33 @@ class SmoothedFeatureFunction:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         state: FSState = self.model.__dict__[_STATE_ATTR]
         return _smoothed_call(self.model, self.__wrapped__, state, args, kwargs)
+
+
+class VideoScope:
+    """The owner's video-feature function, wrapped so the image function knows its calls are video frames.
+
+    Families such as Qwen3-VL / Qwen3.5 / Kimi-K2.5 encode videos by calling ``get_image_features``
+    from ``get_video_features``; without this marker the frames would be taken for images (and a
+    frame layout the image path does not expect would crash). Deep-copies like SmoothedFeatureFunction.
+    """
+
+    def __init__(self, model: nn.Module, original: Callable) -> None:
+        functools.update_wrapper(self, original)
+        self.model = model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        state: FSState = self.model.__dict__[_STATE_ATTR]
+        state.video_depth += 1
+        try:
+            return self.__wrapped__(*args, **kwargs)
+        finally:
+            state.video_depth -= 1
+
+
+def _install(owner: nn.Module, name: str, wrapper_cls: type, hf_model: nn.Module, state: FSState) -> None:
+    """Wrap ``owner.<name>`` on the instance, remembering what to restore."""
+    state.saved[name] = (name in owner.__dict__, owner.__dict__.get(name))
+    setattr(owner, name, wrapper_cls(hf_model, getattr(owner, name)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,18 +198,22 @@ def patch_model(
         if booster_stage(booster, "denoise") is None and booster_stage(booster, "map_features") is None:
             raise ValueError("booster has neither denoise(pixels01, sigma) nor map_features(features, sigma)")
         check(adapter.feature_dim(model), config.sigma)
+    if config.smooth_video and not adapter.smooths_video:
+        raise ValueError(
+            f"smooth_video=True: fs_mllm cannot smooth {adapter.name} videos (their frames do not reach "
+            f"{adapter.feature_function} in a layout the adapter understands); leave smooth_video=False, "
+            "videos then pass through unsmoothed")
     owner = adapter.feature_owner(hf_model)
     if is_patched(hf_model):
         state: FSState = hf_model.__dict__[_STATE_ATTR]
         state.config, state.image_mean, state.image_std, state.booster = config, mean, std, booster
     else:
-        name = adapter.feature_function
-        had = name in owner.__dict__
-        previous = owner.__dict__.get(name)
-        original = getattr(owner, name)
-        state = FSState(config, adapter, mean, std, booster, had, previous)
+        state = FSState(config, adapter, mean, std, booster)
         hf_model.__dict__[_STATE_ATTR] = state
-        setattr(owner, name, SmoothedFeatureFunction(hf_model, original))
+        _install(owner, adapter.feature_function, SmoothedFeatureFunction, hf_model, state)
+        if adapter.video_function and callable(getattr(owner, adapter.video_function, None)):
+            _install(owner, adapter.video_function, VideoScope, hf_model, state)
+        adapter.on_patch(hf_model)
     hf_model.__dict__["fs_config"] = config
     return model
 
@@ -186,11 +225,11 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         return model
     state: FSState = hf_model.__dict__[_STATE_ATTR]
     owner = state.adapter.feature_owner(hf_model)
-    name = state.adapter.feature_function
-    if state.owner_had_instance_attr:
-        owner.__dict__[name] = state.previous_instance_attr
-    else:
-        del owner.__dict__[name]
+    for name, (had, previous) in state.saved.items():
+        if had:
+            owner.__dict__[name] = previous
+        else:
+            del owner.__dict__[name]
     del hf_model.__dict__[_STATE_ATTR]
     hf_model.__dict__.pop("fs_config", None)
     return model

@@ -9,7 +9,7 @@ exactly what is deployed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
@@ -31,9 +31,9 @@ class FSState:
     image_mean: torch.Tensor  # (3,) float32
     image_std: torch.Tensor  # (3,) float32
     booster: Any = None
-    owner_had_instance_attr: bool = False
-    previous_instance_attr: Any = None
-
+    # function name -> (the owner had an instance attribute of that name, its value): what unpatch restores
+    saved: dict = field(default_factory=dict)
+    video_depth: int = 0  # > 0 while the owner's video-feature function runs (its image calls are video frames)
 
 
 def booster_stage(booster: Any, name: str) -> Optional[Callable]:

@@ -14,6 +14,13 @@ Every supported family is described by a :class:`FamilyAdapter` subclass registe
    normalised space, shaped ``(3, 1, 1)`` so it broadcasts on the image layout of every family.
 4. Default processor mean/std, used only when neither the caller nor the saved processor config
    gives them.
+5. Which output fields feed the decoder (``feature_fields``; several are smoothed together from the
+   same noisy copies: ``extract_features`` concatenates them per image, ``rebuild_output`` splits them
+   back into the family's own output type and containers).
+
+``ADAPTERS`` maps model_type -> adapter class (``register_adapter``); ``REFUSED`` maps the families
+that cannot be smoothed to the reason ``get_adapter`` gives (``refuse_family``); ``family_table()``
+renders both as the README's table.
 
 Public helpers for other parts of fs_mllm (booster, attacks, certification):
 
@@ -26,6 +33,7 @@ Public helpers for other parts of fs_mllm (booster, attacks, certification):
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional, Protocol, Sequence, Union, runtime_checkable
 
 import torch
@@ -90,6 +98,8 @@ def model_type_of(model: nn.Module) -> Optional[str]:
 
 
 ADAPTERS: dict[str, type["FamilyAdapter"]] = {}
+# model_type -> why fs_mllm cannot smooth that family (refused with this reason instead of "unsupported")
+REFUSED: dict[str, str] = {}
 
 
 def register_adapter(cls: type["FamilyAdapter"]) -> type["FamilyAdapter"]:
@@ -99,6 +109,11 @@ def register_adapter(cls: type["FamilyAdapter"]) -> type["FamilyAdapter"]:
     return cls
 
 
+def refuse_family(model_type: str, reason: str) -> None:
+    """Record a family that cannot be smoothed, so patching it names the reason instead of "no adapter"."""
+    REFUSED[model_type] = reason
+
+
 def supported_model_types() -> list[str]:
     return sorted(ADAPTERS)
 
@@ -106,6 +121,9 @@ def supported_model_types() -> list[str]:
 def get_adapter(model: nn.Module) -> "FamilyAdapter":
     """The adapter of ``model``'s family (keyed by ``config.model_type``); ValueError if unsupported."""
     model_type = model_type_of(model)
+    if model_type in REFUSED and model_type not in ADAPTERS:
+        raise ValueError(f"model: fs_mllm cannot smooth model_type {model_type!r} ({type(model).__name__}): "
+                         f"{REFUSED[model_type]}")
     if model_type not in ADAPTERS:
         raise ValueError(
             f"model: fs_mllm has no adapter for model_type {model_type!r} ({type(model).__name__}); "
@@ -113,6 +131,23 @@ def get_adapter(model: nn.Module) -> "FamilyAdapter":
             "multimodal model of one of these families (optionally PEFT-wrapped)."
         )
     return ADAPTERS[model_type]()
+
+
+def family_table() -> str:
+    """The README's "Supported families" table (markdown), generated from the registry so it cannot drift."""
+    lines = ["| `model_type` | adapter | pixel layout | default mean/std | video |", "|---|---|---|---|---|"]
+    names = {IMAGENET_STANDARD_STD: "0.5", OPENAI_CLIP_STD: "CLIP", (1.0, 1.0, 1.0): "none (0 / 1)"}
+    for model_type in supported_model_types():
+        cls = ADAPTERS[model_type]
+        mean_std = names.get(tuple(cls.default_image_std), f"{tuple(cls.default_image_mean)} / {tuple(cls.default_image_std)}")
+        if not cls.generates:
+            video = "dual encoder (no generate)"
+        else:
+            video = "smoothable (`smooth_video=True`)" if cls.smooths_video else "passed through"
+        lines.append(f"| `{model_type}` | `{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}` | {cls.layout} | {mean_std} | {video} |")
+    for model_type in sorted(set(REFUSED) - set(ADAPTERS)):
+        lines.append(f"| `{model_type}` | refused | {REFUSED[model_type]} | | |")
+    return "\n".join(lines) + "\n"
 
 
 def channel_view(values: Union[Sequence[float], torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -130,6 +165,16 @@ class FamilyAdapter:
       feature_function: name of the image-feature method on ``feature_owner(model)``.
       per_image_kwargs: keyword arguments of the feature function that carry one row per image
         (e.g. ``image_sizes``, ``image_grid_thw``); they are sliced/grouped with the images.
+      feature_fields: the output fields holding per-image features that feed the decoder; all of them
+        are smoothed from the same noisy copies (``extract_features`` concatenates them per image along
+        the token axis, ``rebuild_output`` splits them back).
+      pixel_aliases: other keyword names under which the pixels reach the feature function (e.g.
+        VideoLLaVA's deprecated ``pixel_values_images``); they are smoothed like ``pixel_values``.
+      video_function: the owner's video-feature method; calls of the image function made while it runs
+        are video frames (passed through unless ``FSConfig.smooth_video``).
+      smooths_video: whether ``images_from_inputs`` understands the video layout that reaches the image
+        function, so ``smooth_video=True`` is allowed (else patching with it is refused).
+      layout: one line for the README's family table.
     """
 
     model_types: tuple[str, ...] = ()
@@ -137,6 +182,12 @@ class FamilyAdapter:
     default_image_std: tuple[float, ...] = OPENAI_CLIP_STD
     feature_function: str = "get_image_features"
     per_image_kwargs: tuple[str, ...] = ()
+    feature_fields: tuple[str, ...] = ("pooler_output",)
+    pixel_aliases: tuple[str, ...] = ()
+    video_function: str = "get_video_features"
+    smooths_video: bool = False
+    layout: str = "(B, 3, H, W), one image per row"
+    generates: bool = True  # False for families without generate() (dual encoders); tests route on it
 
     @property
     def name(self) -> str:
@@ -157,6 +208,9 @@ class FamilyAdapter:
         """Hidden size of the features fed to the language decoder (what a feature mapper sees)."""
         config = unwrap_model(model).config
         return int(config.get_text_config().hidden_size)
+
+    def on_patch(self, model: nn.Module) -> None:
+        """Called by patch_model once the patch is installed (a family warns here about what it leaves unsmoothed)."""
 
     # ---- pixel layout hooks (override per family) -------------------------------------------
     def images_from_inputs(self, model: nn.Module, pixel_values: torch.Tensor, kwargs: dict) -> list[torch.Tensor]:
@@ -238,29 +292,77 @@ class FamilyAdapter:
             return torch.stack(images)
         return images
 
-    def extract_features(self, output: FeatureOutput, count: int) -> torch.Tensor:
-        """Stack the per-image features of a feature-function output into (count, T, D)."""
-        pooled = output.pooler_output if hasattr(output, "pooler_output") else output[1]
-        if isinstance(pooled, torch.Tensor):
-            if pooled.shape[0] != count:
-                pooled = pooled.reshape((count, -1) + tuple(pooled.shape[1:]))
-            return pooled
-        return torch.stack(list(pooled))
+    # ---- features in, features out ----------------------------------------------------------
+    def feature_parts(self, output: FeatureOutput) -> list[Any]:
+        """The per-image feature containers of an output, one per smoothed part (default: each feature field;
+        a plain tuple output holds the features at index 1, after the last hidden state)."""
+        if not hasattr(output, "keys"):
+            return [output[1]]
+        return [output[field] for field in self.feature_fields]
 
-    def rebuild_output(self, raw: FeatureOutput, per_image: list[torch.Tensor], return_dict: bool = True) -> Any:
-        """The inverse of :meth:`extract_features`: an output of ``raw``'s type holding ``per_image`` features
-        (stacked when the family returns a tensor, else a tuple/list of per-image tensors)."""
-        pooled = raw.pooler_output if hasattr(raw, "pooler_output") else None
-        if isinstance(pooled, torch.Tensor):
-            new_pooled: Any = torch.stack(per_image)
-        elif isinstance(pooled, tuple):
-            new_pooled = tuple(per_image)
-        else:
-            new_pooled = list(per_image)
-        output = type(raw)(pooler_output=new_pooled) if hasattr(raw, "pooler_output") else (None, new_pooled)
+    def extract_features(self, output: FeatureOutput, count: int) -> torch.Tensor:
+        """Per-image features of a feature-function output as (count, T, D).
+
+        Several parts (``feature_parts``: e.g. Qwen3-VL's main and DeepStack features) are concatenated
+        along the token axis, so they are normalised, averaged and certified as one feature vector.
+        """
+        stacked = [stack_per_image(part, count) for part in self.feature_parts(output)]
+        return stacked[0] if len(stacked) == 1 else torch.cat(stacked, dim=1)
+
+    def regroup(self, per_image: list[torch.Tensor], call: Optional[dict]) -> Any:
+        """Per-image features back into the container the original call returns (a tuple/list/tensor per
+        image by default; families that pack several images per prompt override this)."""
+        return per_image
+
+    def rebuild_output(self, raw: FeatureOutput, per_image: list[torch.Tensor], return_dict: bool = True,
+                       call: Optional[dict] = None) -> Any:
+        """The inverse of :meth:`extract_features`: an output of ``raw``'s type whose feature fields hold
+        ``per_image`` (split back into the parts ``extract_features`` concatenated). ``call`` holds the
+        original call's ``pixel_values`` and kwargs, for families whose container depends on it."""
+        parts = self.feature_parts(raw)
+        split = [list(features.chunk(len(parts), dim=0)) if len(parts) > 1 else [features] for features in per_image]
+        values = [self.container_like(template, self.regroup([pieces[i] for pieces in split], call))
+                  for i, template in enumerate(parts)]
+        output = self.output_from_parts(raw, values)
         if return_dict is False and hasattr(output, "to_tuple"):
             return output.to_tuple()
         return output
+
+    def output_from_parts(self, raw: FeatureOutput, values: list[Any]) -> Any:
+        """A fresh output of ``raw``'s type holding ``values`` in the feature fields (the noisy copies'
+        other fields, e.g. their hidden states, are not the smoothed image's and are dropped)."""
+        if not hasattr(raw, "keys"):
+            return (None, values[0])
+        fields = dict.fromkeys(required_fields(type(raw)))  # e.g. TimmWrapperModelOutput requires last_hidden_state
+        return type(raw)(**{**fields, **dict(zip(self.feature_fields, values))})
+
+    @staticmethod
+    def container_like(template: Any, features: Any) -> Any:
+        """Per-image features in the container type of ``template`` (tensor, tuple or list)."""
+        if not isinstance(features, list):
+            return features
+        if isinstance(template, torch.Tensor):
+            stacked = torch.stack(features)
+            return stacked.reshape((-1,) + tuple(stacked.shape[2:])) if template.ndim == stacked.ndim - 1 else stacked
+        return tuple(features) if isinstance(template, tuple) else list(features)
+
+
+def required_fields(cls: type) -> list[str]:
+    """Fields an output dataclass cannot be built without (they are passed as None when not smoothed)."""
+    if not dataclasses.is_dataclass(cls):
+        return []
+    return [f.name for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+
+
+def stack_per_image(part: Any, count: int) -> torch.Tensor:
+    """(count, ...) from a per-image container: a tensor (count, T, D), (count, D) or (count*T, D), or a sequence."""
+    if isinstance(part, torch.Tensor):  # (count, ...) as is (dual encoders: (count, D)), else (count*T, D) split
+        return part if part.shape[0] == count else part.reshape((count, -1) + tuple(part.shape[1:]))
+    tensors = list(part)
+    if len(tensors) != count:
+        raise ValueError(f"the feature function returned features for {len(tensors)} images, expected {count}")
+    return torch.stack(tensors)
 
 
 class ImageGroup:

@@ -1,4 +1,4 @@
-"""LLaVA-NeXT (``model_type="llava_next"``): several crops per image.
+"""LLaVA-NeXT (``llava_next``, and ``llava_next_video`` whose images take the same path): several crops per image.
 
 pixel_values is (B, max_crops, 3, H, W) (or the crops of all images concatenated, 4-D) with
 ``image_sizes`` (B, 2); the number of real crops of an image follows from its size and
@@ -19,10 +19,11 @@ from .base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, FamilyAdapter, register_ada
 class LlavaNextAdapter(FamilyAdapter):
     """LLaVA-NeXT: image = (crops, 3, H, W) real crops; image_sizes travels with each image."""
 
-    model_types = ("llava_next",)
+    model_types = ("llava_next", "llava_next_video")
     default_image_mean = OPENAI_CLIP_MEAN
     default_image_std = OPENAI_CLIP_STD
     per_image_kwargs = ("image_sizes",)
+    layout = "(B, crops, 3, H, W) + image_sizes; image = its real crops"
 
     def crops_per_image(self, model: nn.Module, image_sizes: torch.Tensor) -> list[int]:
         """Number of real crops of each image, the way the model computes it."""

@@ -1,4 +1,4 @@
-"""Mistral 3 (``model_type="mistral3"``): Pixtral tower with native resolution.
+"""Pixtral-tower families (``mistral3``, ``mistral_large4``, ``lighton_ocr``): native resolution.
 
 pixel_values is (B, 3, H_max, W_max), padded, with ``image_sizes`` (B, 2) giving each image's real
 size; Pixtral only reads the top-left ``image_sizes`` region. One image in the shared layout is that
@@ -18,10 +18,11 @@ from .base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, FamilyAdapter, register_ada
 class Mistral3Adapter(FamilyAdapter):
     """Mistral 3: image = pixel_values[i, :, :h, :w]; image_sizes derived from the image shape when missing."""
 
-    model_types = ("mistral3",)
+    model_types = ("mistral3", "mistral_large4", "lighton_ocr")
     default_image_mean = OPENAI_CLIP_MEAN
     default_image_std = OPENAI_CLIP_STD
     per_image_kwargs = ("image_sizes",)
+    layout = "(B, 3, H_max, W_max) padded + image_sizes; image = the real top-left region"
 
     def images_from_inputs(self, model: nn.Module, pixel_values: torch.Tensor, kwargs: dict) -> list[torch.Tensor]:
         image_sizes = kwargs.get("image_sizes")

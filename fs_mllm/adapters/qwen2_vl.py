@@ -1,12 +1,24 @@
-"""Qwen2-VL and Qwen2.5-VL: flattened patches (sum_patches, C*T*P*P) + image_grid_thw.
+"""Qwen2-VL layout families: flattened patches (sum_patches, C*T*P*P) + image_grid_thw.
 
-The image processor (``Qwen2VLImageProcessor.patchify``) reshapes each resized image (C, H, W) to
-(h/m, w/m, m, m, C, T, P, P) rows, where P = patch_size, m = spatial_merge_size and the frame is
-repeated T = temporal_patch_size times, then flattens each row to C*T*P*P (channel slowest).
-This adapter inverts that layout, so smoothing adds noise to the *image* (3, H, W): the noise is
-per channel sigma/std_c, and the T temporal copies of a pixel get the same noise (as if the noisy
+The image processor (``Qwen2VLImageProcessor.patchify``, shared by Qwen2/2.5/3-VL, Qwen3.5 and the
+GLM-4.1V/4.5V/4.6V/OCR processors) reshapes each resized clip of F = t*T frames (C, H, W) to
+(t, h/m, w/m, m, m, C, T, P, P) rows, where P = patch_size, m = spatial_merge_size and T =
+temporal_patch_size (a still image is one frame repeated T times), then flattens each row to C*T*P*P.
+This adapter inverts that layout, so smoothing adds noise to the *image* (3, H, W): the noise is per
+channel sigma/std_c, and the T temporal copies of a still pixel get the same noise (as if the noisy
 image had gone through the processor). Each image's patch block is smoothed on its own.
-Only still images (grid t == 1, identical temporal copies) are smoothed; videos are untouched.
+
+Videos reach ``get_image_features`` from ``get_video_features`` (Qwen3-VL, Qwen3.5, GLM): they pass
+through unsmoothed unless ``FSConfig.smooth_video``; then one video is its (F, 3, H, W) frames, each
+frame with its own noise, and its features are smoothed (and certified) as one vector.
+
+Qwen3-VL / Qwen3-VL-MoE also return ``deepstack_features`` (the merged features of intermediate
+vision layers, injected into early decoder layers). They come from the same noisy copies as the main
+features: the adapter concatenates main and DeepStack levels per image along the token axis, so
+global normalisation treats "every feature that feeds the decoder" as one vector g(x) (the DESIGN's
+definition), averages its direction over the copies, and certifies that concatenation: the FCSB
+bounds the cosine between the smoothed main+DeepStack vectors of x and x'. In token mode each
+token of each level is normalised and certified on its own.
 """
 
 from __future__ import annotations
@@ -18,43 +30,55 @@ from .base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, FamilyAdapter, register_ada
 
 
 def patchify(images: torch.Tensor, patch_size: int, merge_size: int, temporal_patch_size: int) -> torch.Tensor:
-    """(N, C, H, W) normalised images -> (N*h*w, C*T*P*P) patch rows, the processor's layout (differentiable)."""
-    n, channels, height, width = images.shape
+    """Normalised images (N, C, H, W) or clips (N, F, C, H, W) -> (N*t*h*w, C*T*P*P) patch rows, the
+    processor's layout (differentiable). A still image is repeated over the T temporal copies."""
+    if images.ndim == 4:
+        images = images.unsqueeze(1).expand(-1, temporal_patch_size, -1, -1, -1)
+    n, frames, channels, height, width = images.shape
     grid_h, grid_w = height // patch_size, width // patch_size
     if grid_h * patch_size != height or grid_w * patch_size != width or grid_h % merge_size or grid_w % merge_size:
         raise ValueError(
             f"images of size {height}x{width} do not tile into {patch_size}px patches merged {merge_size}x{merge_size}; "
             "resize to a multiple of patch_size*merge_size first (the processor's smart_resize does)"
         )
-    patches = images.reshape(n, channels, grid_h // merge_size, merge_size, patch_size, grid_w // merge_size, merge_size, patch_size)
-    patches = patches.permute(0, 2, 5, 3, 6, 1, 4, 7)  # n, gh/m, gw/m, m, m, C, P, P
-    patches = patches.unsqueeze(6).expand(-1, -1, -1, -1, -1, -1, temporal_patch_size, -1, -1)
-    return patches.reshape(n * grid_h * grid_w, channels * temporal_patch_size * patch_size * patch_size)
+    if frames % temporal_patch_size:
+        raise ValueError(f"a clip of {frames} frames does not split into temporal patches of {temporal_patch_size}")
+    grid_t = frames // temporal_patch_size
+    patches = images.reshape(n, grid_t, temporal_patch_size, channels, grid_h // merge_size, merge_size, patch_size,
+                             grid_w // merge_size, merge_size, patch_size)
+    patches = patches.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)  # n, t, gh/m, gw/m, m, m, C, T, P, P
+    return patches.reshape(n * grid_t * grid_h * grid_w, channels * temporal_patch_size * patch_size * patch_size)
 
 
-def unpatchify(rows: torch.Tensor, grid_h: int, grid_w: int, patch_size: int, merge_size: int, temporal_patch_size: int,
-               channels: int = 3) -> torch.Tensor:
-    """(h*w, C*T*P*P) rows of one still image -> (C, H, W), checking the temporal copies are identical."""
-    patches = rows.reshape(grid_h // merge_size, grid_w // merge_size, merge_size, merge_size, channels,
+def unpatchify(rows: torch.Tensor, grid_t: int, grid_h: int, grid_w: int, patch_size: int, merge_size: int,
+               temporal_patch_size: int, channels: int = 3, still: bool = True) -> torch.Tensor:
+    """(t*h*w, C*T*P*P) rows of one clip -> (C, H, W) for a still image (``still``: t == 1 and identical
+    temporal copies, else ValueError), or its (t*T, C, H, W) frames."""
+    patches = rows.reshape(grid_t, grid_h // merge_size, grid_w // merge_size, merge_size, merge_size, channels,
                            temporal_patch_size, patch_size, patch_size)
-    first = patches[:, :, :, :, :, :1]
-    if not torch.equal(patches, first.expand_as(patches)):
+    frames = patches.permute(0, 6, 5, 1, 3, 7, 2, 4, 8)  # t, T, C, gh/m, m, P, gw/m, m, P
+    frames = frames.reshape(grid_t * temporal_patch_size, channels, grid_h * patch_size, grid_w * patch_size)
+    if not still:
+        return frames
+    if grid_t != 1 or not torch.equal(frames, frames[:1].expand_as(frames)):
         raise ValueError(
-            "pixel_values: the temporal copies of a Qwen2-VL image patch differ (video-like input); fs_mllm "
-            "smooths still images only, whose processor repeats one frame temporal_patch_size times"
+            "pixel_values: the temporal copies of an image patch differ (video-like input); fs_mllm smooths still "
+            "images, whose processor repeats one frame temporal_patch_size times (videos: FSConfig.smooth_video)"
         )
-    image = first.squeeze(5).permute(4, 0, 2, 5, 1, 3, 6)  # C, gh/m, m, P, gw/m, m, P
-    return image.reshape(channels, grid_h * patch_size, grid_w * patch_size)
+    return frames[0]
 
 
 @register_adapter
 class Qwen2VLAdapter(FamilyAdapter):
-    """Qwen2-VL / Qwen2.5-VL: patch rows <-> (3, H, W) images, image_grid_thw travels with each image."""
+    """Qwen2-VL / Qwen2.5-VL and GLM-4.1V/4.5V/4.6V/OCR: patch rows <-> (3, H, W) images, image_grid_thw
+    travels with each image. Their videos go through the vision tower directly (never smoothed)."""
 
-    model_types = ("qwen2_vl", "qwen2_5_vl")
+    model_types = ("qwen2_vl", "qwen2_5_vl", "glm4v", "glm4v_moe", "glm46v", "glm_ocr")
     default_image_mean = OPENAI_CLIP_MEAN
     default_image_std = OPENAI_CLIP_STD
     per_image_kwargs = ("image_grid_thw",)
+    layout = "patch rows (sum_patches, C*T*P*P) + image_grid_thw"
+
 
     @staticmethod
     def _geometry(model: nn.Module) -> tuple[int, int, int]:
@@ -64,7 +88,7 @@ class Qwen2VLAdapter(FamilyAdapter):
     def images_from_inputs(self, model: nn.Module, pixel_values: torch.Tensor, kwargs: dict) -> list[torch.Tensor]:
         grid = kwargs.get("image_grid_thw")
         if grid is None:
-            raise ValueError("image_grid_thw is required with Qwen2-VL pixel_values (pass the processor outputs)")
+            raise ValueError(f"image_grid_thw is required with {self.name} pixel_values (pass the processor outputs)")
         patch, merge, temporal = self._geometry(model)
         grid = torch.as_tensor(grid).tolist()
         sizes = [t * h * w for t, h, w in grid]
@@ -72,9 +96,10 @@ class Qwen2VLAdapter(FamilyAdapter):
             raise ValueError(f"pixel_values has {pixel_values.shape[0]} patch rows but image_grid_thw sums to {sum(sizes)}")
         images = []
         for rows, (t, h, w) in zip(torch.split(pixel_values, sizes), grid):
-            if t != 1:
-                raise ValueError(f"image_grid_thw t={t}: fs_mllm smooths still images (t == 1) only")
-            images.append(unpatchify(rows, h, w, patch, merge, temporal))
+            clip = unpatchify(rows, t, h, w, patch, merge, temporal, still=False)
+            # a still image (one frame repeated T times) is smoothed as (3, H, W); a video clip as its frames
+            still = t == 1 and torch.equal(clip, clip[:1].expand_as(clip))
+            images.append(clip[0] if still else clip)
         return images
 
     def inputs_from_images(self, model: nn.Module, images: torch.Tensor, extra: dict) -> tuple[torch.Tensor, dict]:
@@ -82,5 +107,32 @@ class Qwen2VLAdapter(FamilyAdapter):
         grid = extra.get("image_grid_thw")
         if grid is None:
             count, height, width = images.shape[0], images.shape[-2], images.shape[-1]
-            grid = torch.tensor([[1, height // patch, width // patch]] * count, device=images.device)
+            frames = images.shape[1] if images.ndim == 5 else temporal
+            grid = torch.tensor([[frames // temporal, height // patch, width // patch]] * count, device=images.device)
         return patchify(images, patch, merge, temporal), {"image_grid_thw": grid}
+
+
+@register_adapter
+class Qwen3VLAdapter(Qwen2VLAdapter):
+    """Qwen3-VL / Qwen3-VL-MoE / Cosmos3-Omni: Qwen2-VL patch layout; main and DeepStack features smoothed
+    together (see the module docstring). Default mean/std are Qwen2VLImageProcessor's (checkpoints save 0.5)."""
+
+    model_types = ("qwen3_vl", "qwen3_vl_moe", "cosmos3_omni")
+    smooths_video = True  # get_video_features calls get_image_features with the same patch layout
+    feature_fields = ("pooler_output", "deepstack_features")
+    layout = "patch rows + image_grid_thw; main + DeepStack features as one vector"
+
+    def feature_parts(self, output) -> list:
+        return [output["pooler_output"], *output["deepstack_features"]]
+
+    def output_from_parts(self, raw, values: list):
+        return type(raw)(pooler_output=values[0], deepstack_features=list(values[1:]))
+
+
+@register_adapter
+class QwenVideoAdapter(Qwen2VLAdapter):
+    """Qwen3.5 (dense, MoE), HyperCLOVA X Vision v2, MiniMax-M3-VL, LFM3-VL: the Qwen2-VL patch layout and
+    output; videos reach the image function from get_video_features (passed through unless smooth_video)."""
+
+    model_types = ("qwen3_5", "qwen3_5_moe", "hyperclovax_vision_v2", "minimax_m3_vl", "lfm3_vl")
+    smooths_video = True

@@ -1,0 +1,98 @@
+"""Mllama (Llama 3.2 Vision, ``model_type="mllama"``): the vision states feed cross-attention, not tokens.
+
+Mllama has no ``get_image_features``: ``MllamaModel.forward`` calls ``vision_model(pixel_values,
+aspect_ratio_ids, aspect_ratio_mask)`` at prefill and projects its ``last_hidden_state`` (B, images,
+tiles, T, D_vision) into the cross-attention states of the decoder. The hook point is therefore the
+vision model's ``forward`` (wrapped on the instance, like ``get_image_features`` elsewhere); generate
+still encodes once per prefill (later steps reuse the cross-attention cache).
+
+pixel_values is (B, max_images, max_tiles, 3, H, W) with ``aspect_ratio_ids`` (B, max_images; 0 marks a
+padding image slot) and ``aspect_ratio_mask`` (B, max_images, max_tiles). One image in the shared
+layout is its (max_tiles, 3, H, W) tile stack (padding tiles included: the vision model masks them by
+``aspect_ratio_mask``); its ids/mask rows travel with it. Padding image slots are not smoothed: they
+get zero states, and the processor's ``cross_attention_mask`` already hides them from every token.
+The smoothed (and certified) features are the vision output before the projector, like Llama 4.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .base import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, FamilyAdapter, register_adapter, unwrap_model
+
+
+def _real(aspect_ratio_ids: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(aspect_ratio_ids) != 0
+
+
+@register_adapter
+class MllamaAdapter(FamilyAdapter):
+    """Mllama: hook = vision_model.forward; image = one (tiles, 3, H, W) tile stack with its aspect-ratio rows."""
+
+    model_types = ("mllama",)
+    default_image_mean = IMAGENET_STANDARD_MEAN
+    default_image_std = IMAGENET_STANDARD_STD
+    feature_function = "forward"
+    video_function = ""
+    per_image_kwargs = ("aspect_ratio_ids", "aspect_ratio_mask")
+    feature_fields = ("last_hidden_state",)
+    layout = "(B, images, tiles, 3, H, W) + aspect_ratio_ids/mask; hook = vision_model.forward (cross-attention states)"
+
+    def feature_owner(self, model: nn.Module) -> nn.Module:
+        hf_model = unwrap_model(model)
+        inner = getattr(hf_model, "model", hf_model)
+        vision = getattr(inner, "vision_model", None)
+        if vision is None:
+            raise ValueError(f"model: {type(hf_model).__name__} has no vision_model; cannot patch it")
+        return vision
+
+    def feature_dim(self, model: nn.Module) -> int:
+        return int(unwrap_model(model).config.vision_config.vision_output_dim)
+
+    def _ids(self, kwargs: dict) -> torch.Tensor:
+        ids = kwargs.get("aspect_ratio_ids")
+        if ids is None:
+            raise ValueError("aspect_ratio_ids is required with mllama pixel_values (pass the processor outputs)")
+        return torch.as_tensor(ids)
+
+    def images_from_inputs(self, model: nn.Module, pixel_values: torch.Tensor, kwargs: dict) -> list[torch.Tensor]:
+        if pixel_values.ndim != 6:
+            raise ValueError(f"mllama pixel_values must be (batch, images, tiles, 3, H, W), got shape {tuple(pixel_values.shape)}")
+        return list(pixel_values[_real(self._ids(kwargs))])
+
+    def per_image_rows(self, model: nn.Module, pixel_values: torch.Tensor, kwargs: dict) -> dict[str, list]:
+        real = _real(self._ids(kwargs))
+        rows = {"aspect_ratio_ids": list(self._ids(kwargs)[real])}
+        if kwargs.get("aspect_ratio_mask") is not None:
+            rows["aspect_ratio_mask"] = list(torch.as_tensor(kwargs["aspect_ratio_mask"])[real])
+        return rows
+
+    def inputs_from_images(self, model: nn.Module, images: torch.Tensor, extra: dict) -> tuple[torch.Tensor, dict]:
+        if images.ndim != 5:
+            raise ValueError(f"mllama images must be (N, tiles, 3, H, W), got shape {tuple(images.shape)}")
+        count, tiles = images.shape[:2]
+        ids = extra.get("aspect_ratio_ids")
+        if ids is None:
+            raise ValueError("aspect_ratio_ids (one per image) is required for mllama inputs")
+        mask = extra.get("aspect_ratio_mask")
+        if mask is None:
+            mask = torch.ones(count, tiles, dtype=torch.long, device=images.device)
+        return images.unsqueeze(1), {"aspect_ratio_ids": torch.as_tensor(ids, device=images.device).reshape(count, 1),
+                                     "aspect_ratio_mask": torch.as_tensor(mask, device=images.device).reshape(count, 1, tiles)}
+
+    def extract_features(self, output, count: int) -> torch.Tensor:
+        states = output["last_hidden_state"]  # (count, 1, tiles, T, D)
+        return states.reshape(count, -1, states.shape[-1])
+
+    def regroup(self, per_image: list[torch.Tensor], call: Optional[dict]) -> torch.Tensor:
+        """(B, images, tiles, T, D) states with the smoothed images in their slots and zeros in padding slots."""
+        pixel_values = call["pixel_values"]
+        batch, slots, tiles = pixel_values.shape[:3]
+        real = _real(self._ids(call)).to(pixel_values.device)
+        tokens, dim = per_image[0].shape[0] // tiles, per_image[0].shape[-1]
+        states = per_image[0].new_zeros((batch, slots, tiles, tokens, dim))
+        states[real] = torch.stack([f.reshape(tiles, tokens, dim) for f in per_image])
+        return states
