@@ -1,166 +1,200 @@
 """Overhead of patch_model on generate(): it must be the extra vision work and nothing else.
 
-Builds a tiny-ish random-weight LLaVA (CLIP + Llama) on CPU, times ``generate()`` before and after
-patching on the same inputs (best of interleaved repeats), and times the unpatched image-feature function on one
-copy and on ``n_samples`` copies of the batch. Prints
+Times, side by side in one process with interleaved repeats (one round = each of these once):
 
-  patched / base generate time
-  (n_samples x vision forward time) / base generate time       (the issue's yardstick)
-  predicted patched / base = (base - vision(1 copy) + vision(n copies)) / base
-  overhead / ((n_samples - 1) x vision 1 copy)  (the issue's yardstick: 1.0 if the overhead is the vision work)
-  overhead / extra vision time                  (1.0 if the overhead were the batched vision forward only)
-  overhead / (smoothed feature fn - vision 1 copy)  (1.0: nothing outside the image-feature path costs more)
+  base      model.generate() unpatched
+  patched   model.generate() patched (n0 = ``--n-samples`` noisy copies; patching itself is not timed)
+  tower_1   the original image-feature function (vision tower + projector) on one copy of the batch
+  tower_n   the same on n0 copies, batched
+  smoothed  the patched image-feature function (noise, n0 copies through the tower, normalisation, average)
 
-A last line splits generate() into time inside the image-feature function and the rest (language
-model prefill + decoding), which must be the same with and without the patch.
+Both generate calls run with a timer around the image-feature function, which splits each into the
+time inside it and the rest (language-model prefill and decoding). Figures (min over rounds, and
+median), with the issue-17 targets:
 
-Run: ``python benchmarks/bench_patch_overhead.py [--n-samples 8] [--repeats 5] [--threads 2]``.
+  generate:  (patched - base) / ((n0 - 1) x tower_1)                in [0.95, 1.05]
+  LM time:   rest of generate patched / unpatched                   <= 1.02
+  smoothed:  smoothed / tower_n                                     <= 1.03
+  and, to read a miss: tower_n / (n0 x tower_1) (the tower's own batching efficiency) and
+  (patched - base) / (smoothed - tower_1) (1.0 = nothing outside the image-feature path costs time).
+
+Models: ``--model tiny`` (random-weight LLaVA, CLIP 256x6 + Llama 256x6, 224 px) or ``--model
+fs-mini-llava`` (the embedded real model: DINOv2 ViT-S/14 at 112 px + SmolLM2-135M). Writes
+benchmarks/results/patch_overhead_<model>_cpu.json.
+
+Run: ``python benchmarks/bench_patch_overhead.py [--model tiny] [--n-samples 8] [--repeats 9] [--quick]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import statistics
 import time
+from pathlib import Path
 
 import torch
 
-
-from fs_mllm.adapters import get_adapter  # noqa: E402
-from fs_mllm.patching import patch_model, unpatch_model  # noqa: E402
-from fs_mllm.testing import build_llava, llava_config  # noqa: E402
-
-
-def interleaved_min_times(fns: dict, repeats: int) -> dict:
-    """Best-of-``repeats`` time of each callable, run interleaved so load from other processes hits all alike.
-
-    The minimum is the least contended run (timings on a shared machine only ever get slower).
-    """
-    for fn in fns.values():
-        fn()  # warm-up
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: min(values) for name, values in times.items()}
+from _bench import CLOCKS, ratio_of, summary, write_json
+from fs_mllm.adapters import get_adapter
+from fs_mllm.patching import patch_model, unpatch_model
 
 
-def generate_split(owner, generate, repeats: int, patch_fn) -> tuple[float, float]:
-    """(best time inside get_image_features, best time of the rest of generate()) over ``repeats`` runs.
+def tiny_model(image_size: int):
+    from fs_mllm.testing import build_llava, llava_config
 
-    Wraps whatever get_image_features the instance has (patched or not) with a timer, so the rest of
-    generate (prefill of the language model + decoding) can be compared between base and patched.
-    """
-    inside, rest = [], []
-    for _ in range(repeats):
-        patch_fn()
-        current = owner.get_image_features
-        spent = []
+    config = llava_config(image_size=image_size, patch_size=14, vision_hidden=256, text_hidden=256,
+                          vision_layers=6, text_layers=6)
+    model, inputs = build_llava(config=config, batch=1)
+    description = (f"tiny LLaVA (random weights): CLIP {config.vision_config.hidden_size}x"
+                   f"{config.vision_config.num_hidden_layers} @ {image_size}px + Llama 256x6")
+    return model, inputs, dict(image_mean=[0.5] * 3, image_std=[0.5] * 3), description
 
+
+def mini_llava():
+    from fs_mllm.models import load_mini_llava
+    from fs_mllm.models.mini_llava import build_prompt
+    from fs_mllm.synthetic import make_example
+
+    model, processor = load_mini_llava()
+    example = make_example(0, split="heldout", size=112)
+    inputs = dict(processor(images=example.image, text=build_prompt(example.qa[0][0]), return_tensors="pt"))
+    return model, inputs, dict(processor=processor), "fs-mini-llava (DINOv2 ViT-S/14 @ 112px + SmolLM2-135M), fp32"
+
+
+class Stopwatch:
+    """CPU (process) and wall seconds of a block, accumulated: ``with watch: ...``."""
+
+    def __init__(self) -> None:
+        self.cpu = self.wall = 0.0
+
+    def __enter__(self):
+        self._cpu, self._wall = time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.cpu += time.process_time() - self._cpu
+        self.wall += time.perf_counter() - self._wall
+
+
+class FeatureTimer:
+    """Wraps whatever image-feature function the owner has now (patched or not) and times it."""
+
+    def __init__(self, owner, name: str) -> None:
+        self.owner, self.name, self.watch = owner, name, Stopwatch()
+
+    def __enter__(self):
+        current = getattr(self.owner, self.name)
+        self.previous = self.owner.__dict__.get(self.name)
+
+        @functools.wraps(current)
         def timed(*args, **kwargs):
-            start = time.perf_counter()
-            out = current(*args, **kwargs)
-            spent.append(time.perf_counter() - start)
-            return out
+            with self.watch:
+                return current(*args, **kwargs)
 
-        previous = owner.__dict__.get("get_image_features")
-        owner.__dict__["get_image_features"] = functools.wraps(current)(timed)
-        start = time.perf_counter()
-        generate()
-        total = time.perf_counter() - start
-        if previous is None:
-            del owner.__dict__["get_image_features"]
+        self.owner.__dict__[self.name] = timed
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is None:
+            del self.owner.__dict__[self.name]
         else:
-            owner.__dict__["get_image_features"] = previous
-        unpatch_model(owner_model[0])
-        inside.append(sum(spent))
-        rest.append(total - sum(spent))
-    return min(inside), min(rest)
-
-
-owner_model: list = []
+            self.owner.__dict__[self.name] = self.previous
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("tiny", "fs-mini-llava"), default="tiny")
     parser.add_argument("--n-samples", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--image-size", type=int, default=224, help="tiny model only")
+    parser.add_argument("--clock", choices=CLOCKS, default="cpu",
+                        help="headline clock: process CPU time (steady on a shared CPU) or wall time; both are saved")
+    parser.add_argument("--out-dir", default=None)
+    parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny model, 56 px, 2 rounds)")
     args = parser.parse_args()
+    if args.quick:
+        args.model, args.image_size, args.repeats, args.new_tokens, args.n_samples = "tiny", 56, 2, 4, 4
     torch.set_num_threads(args.threads)
 
-    config = llava_config(image_size=args.image_size, patch_size=14, vision_hidden=256, text_hidden=256,
-                          vision_layers=6, text_layers=6)
-    model, inputs = build_llava(config=config, batch=args.batch)
-    owner = get_adapter(model).feature_owner(model)
-    feature_kwargs = dict(vision_feature_layer=-2, vision_feature_select_strategy="default")
-    pixels = inputs["pixel_values"]
+    model, inputs, mean_std, description = tiny_model(args.image_size) if args.model == "tiny" else mini_llava()
+    adapter = get_adapter(model)
+    owner = adapter.feature_owner(model)
+    name = adapter.feature_function
+    original = getattr(owner, name)  # the unpatched bound method: the bare tower (+ projector)
     n = args.n_samples
+    feature_kwargs = {k: getattr(model.config, k) for k in ("vision_feature_layer", "vision_feature_select_strategy")}
+    pixels = inputs["pixel_values"]
+    copies = pixels.repeat(n, *([1] * (pixels.ndim - 1)))
 
     def generate():
-        with torch.no_grad():
-            model.generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+        model.generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
 
-    def vision(copies: int):
-        batch = pixels.repeat(copies, 1, 1, 1)
-        return lambda: owner.get_image_features(pixel_values=batch, **feature_kwargs)
-
-    def patched_generate():
-        patch_model(model, sigma=0.25, n_samples=n, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-        try:
-            generate()
-        finally:
-            unpatch_model(model)
-
-    def smoothed_features():
-        patch_model(model, sigma=0.25, n_samples=n, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-        try:
-            owner.get_image_features(pixel_values=pixels, **feature_kwargs)
-        finally:
-            unpatch_model(model)
-
+    # label -> (patched during the call?, callable, split the image-feature time out?)
+    steps = {
+        "base": (False, generate, True),
+        "patched": (True, generate, True),
+        "tower_1": (False, lambda: original(pixel_values=pixels, **feature_kwargs), False),
+        "tower_n": (False, lambda: original(pixel_values=copies, **feature_kwargs), False),
+        "smoothed": (True, lambda: getattr(owner, name)(pixel_values=pixels, **feature_kwargs), False),
+    }
+    records = {label: {"cpu": [], "wall": []} for label in list(steps) + ["lm_base", "lm_patched"]}
     with torch.no_grad():
-        best = interleaved_min_times(
-            {"base": generate, "patched": patched_generate, "vision_1": vision(1), "vision_n": vision(n),
-             "smoothed": smoothed_features}, args.repeats)
-    base, patched, vision_1, vision_n = best["base"], best["patched"], best["vision_1"], best["vision_n"]
-    smoothed = best["smoothed"]
-    owner_model.append(model)
-    with torch.no_grad():
-        base_inside, base_rest = generate_split(owner, generate, args.repeats, lambda: None)
-        patched_inside, patched_rest = generate_split(
-            owner, generate, args.repeats,
-            lambda: patch_model(model, sigma=0.25, n_samples=n, image_mean=[0.5] * 3, image_std=[0.5] * 3))
-    overhead = patched - base
-    extra_vision = vision_n - vision_1
-    print(f"model: LLaVA CLIP {config.vision_config.hidden_size}x{config.vision_config.num_hidden_layers} @ "
-          f"{config.vision_config.image_size}px + Llama {config.text_config.hidden_size}x"
-          f"{config.text_config.num_hidden_layers}; batch {args.batch}, {args.new_tokens} new tokens, "
-          f"n_samples {n}, {args.threads} threads, best of {args.repeats} interleaved")
-    print(f"base generate          : {base * 1000:8.1f} ms")
-    print(f"patched generate       : {patched * 1000:8.1f} ms")
-    print(f"vision forward, 1 copy : {vision_1 * 1000:8.1f} ms ; {n} copies batched: {vision_n * 1000:.1f} ms")
-    print(f"patched / base                              = {patched / base:.3f}")
-    print(f"(n_samples x vision 1 copy) / base          = {n * vision_1 / base:.3f}")
-    print(f"predicted (base - vision_1 + vision_n)/base = {(base - vision_1 + vision_n) / base:.3f}")
-    literal = (patched - base) / ((n - 1) * vision_1)
-    print(f"overhead / ((n_samples - 1) x vision 1 copy) = {literal:.3f}  "
-          f"({'within' if abs(literal - 1) <= 0.10 else 'OUTSIDE'} 10%; the issue's yardstick)")
-    ratio = overhead / extra_vision if extra_vision > 0 else float("nan")
-    print(f"overhead / extra vision time                = {ratio:.3f}  ({'within' if abs(ratio - 1) <= 0.10 else 'OUTSIDE'} 10%)")
-    print(f"smoothed feature fn (vision {n} copies + noise + normalise): {smoothed * 1000:.1f} ms "
-          f"= {smoothed / vision_n:.3f} x vision on {n} copies")
-    path_ratio = overhead / (smoothed - vision_1) if smoothed > vision_1 else float("nan")
-    print(f"overhead / (smoothed feature fn - vision 1 copy) = {path_ratio:.3f}  "
-          f"({'within' if abs(path_ratio - 1) <= 0.10 else 'OUTSIDE'} 10%: nothing outside the image-feature path)")
-    print(f"inside generate: image-feature fn base {base_inside * 1000:.1f} ms / patched {patched_inside * 1000:.1f} ms; "
-          f"rest of generate base {base_rest * 1000:.1f} ms / patched {patched_rest * 1000:.1f} ms "
-          f"(ratio {patched_rest / base_rest:.3f})")
+        for round_ in range(1 + args.repeats):  # round 0 warms up and is dropped
+            for label, (patched, fn, split) in steps.items():
+                if patched:  # patching is not timed: only the call is
+                    patch_model(model, sigma=0.25, n_samples=n, **mean_std)
+                try:
+                    timer = FeatureTimer(owner, name) if split else contextlib.nullcontext()
+                    with timer, Stopwatch() as watch:
+                        fn()
+                finally:
+                    unpatch_model(model)
+                if round_ == 0:
+                    continue
+                for clock in CLOCKS:
+                    records[label][clock].append(getattr(watch, clock))
+                    if split:
+                        records["lm_" + label][clock].append(getattr(watch, clock) - getattr(timer.watch, clock))
+
+    def figures_for(times: dict) -> dict:
+        def gen_ratio(stat) -> float:
+            return (stat(times["patched"]) - stat(times["base"])) / ((n - 1) * stat(times["tower_1"]))
+
+        def path_ratio(stat) -> float:
+            return (stat(times["patched"]) - stat(times["base"])) / (stat(times["smoothed"]) - stat(times["tower_1"]))
+
+        median = statistics.median
+        return {
+            "generate_overhead_per_extra_copy": {"min": gen_ratio(min), "median": gen_ratio(median), "target": "[0.95, 1.05]"},
+            "lm_time_patched_over_base": {**ratio_of(times["lm_patched"], times["lm_base"]), "target": "<= 1.02"},
+            "smoothed_fn_over_tower_n": {**ratio_of(times["smoothed"], times["tower_n"]), "target": "<= 1.03"},
+            "tower_n_over_n_tower_1": {"min": min(times["tower_n"]) / (n * min(times["tower_1"])),
+                                       "median": median(times["tower_n"]) / (n * median(times["tower_1"]))},
+            "generate_overhead_over_tower_n_minus_tower_1": {
+                "min": (min(times["patched"]) - min(times["base"])) / (min(times["tower_n"]) - min(times["tower_1"])),
+                "median": (median(times["patched"]) - median(times["base"])) / (median(times["tower_n"]) - median(times["tower_1"]))},
+            "generate_overhead_over_smoothed_minus_tower_1": {"min": path_ratio(min), "median": path_ratio(median)},
+        }
+
+    figures = {clock: figures_for({k: v[clock] for k, v in records.items()}) for clock in CLOCKS}
+    print(f"model: {description}; batch 1, {args.new_tokens} new tokens, n0 {n}, {args.threads} thread(s), "
+          f"{args.repeats} interleaved rounds")
+    for clock in (args.clock,) + tuple(c for c in CLOCKS if c != args.clock):
+        print(f"{clock} time (min / median over rounds):")
+        for label, values in records.items():
+            print(f"  {label:12s} {min(values[clock]) * 1000:9.1f} / {statistics.median(values[clock]) * 1000:9.1f} ms")
+        for key, fig in figures[clock].items():
+            print(f"  {key:46s} {fig['min']:.3f} / {fig['median']:.3f}" + (f"   target {fig['target']}" if "target" in fig else ""))
+    out = f"patch_overhead_{args.model.replace('-', '_')}_cpu.json" if not args.quick else "patch_overhead_quick_cpu.json"
+    write_json(out, {"model": description, "n_samples": n, "new_tokens": args.new_tokens, "rounds": args.repeats,
+                     "clock": args.clock, "figures": figures[args.clock], "figures_by_clock": figures,
+                     "times_ms": {clock: {k: summary([t * 1000 for t in v[clock]]) for k, v in records.items()}
+                                  for clock in CLOCKS}},
+               **({"out_dir": Path(args.out_dir)} if args.out_dir else {}))
 
 
 if __name__ == "__main__":

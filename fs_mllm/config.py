@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 NORMALIZE_MODES = ("global", "token")
-BOUND_METHODS = ("hoeffding", "bernstein", "betting")
+BOUND_METHODS = ("hoeffding", "bernstein", "betting", "betting_fixed")
 # Noise std in [0,1] pixel space above which smoothing is pure noise (at sigma = 10 the image is 1% of
 # the input's scale); larger values only overflow float32 and certify nothing.
 SIGMA_MAX = 10.0

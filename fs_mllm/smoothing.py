@@ -71,8 +71,6 @@ def unit_features(features: torch.Tensor, normalize: str = "global", batch_dims:
     """
     check_choice(normalize, "normalize", NORMALIZE_MODES)
     features = features.float()
-    if not torch.isfinite(features).all():
-        raise ValueError("encoder returned NaN or Inf features; check the encoder and the input images")
     if normalize == "global":
         norms = features.flatten(batch_dims).norm(dim=-1)
         shaped = norms.reshape(norms.shape + (1,) * (features.ndim - batch_dims))
@@ -81,6 +79,11 @@ def unit_features(features: torch.Tensor, normalize: str = "global", batch_dims:
             raise ValueError("normalize='token' needs features of shape (batch, ..., dim)")
         norms = features.norm(dim=-1)
         shaped = norms.unsqueeze(-1)
+    # a NaN or Inf feature makes its vector's norm NaN or Inf: checking the norms (one value per vector)
+    # instead of every feature saves a pass over the features; a norm that overflows is refused as well
+    if not torch.isfinite(norms).all():
+        raise ValueError("encoder returned NaN or Inf features (or features too large to normalise); "
+                         "check the encoder and the input images")
     if (norms == 0).any():
         raise ValueError("encoder returned an all-zero feature vector; its direction (and so the smoothing) is undefined")
     return features / shaped, norms
@@ -124,13 +127,28 @@ def iter_noisy_unit_features(
     image_shape = tuple(x.shape[1:])
     base = x.float()
     std = noise_std.to(device=x.device, dtype=torch.float32) if isinstance(noise_std, torch.Tensor) else float(noise_std)
+    track_grad = torch.is_grad_enabled() and base.requires_grad  # attacks differentiate through the copies
+    # Without autograd nothing keeps a chunk's copies once its features are out, so one buffer serves
+    # every chunk (no fresh multi-MB allocation, and its page faults, per chunk). With autograd the
+    # encoder may have saved its input for backward, so each chunk gets its own buffer.
+    reuse = not torch.is_grad_enabled()
+    buffer = None
     done = 0
     while done < n:
         k = min(chunk_size, n - done)
-        noise = torch.stack([torch.stack([torch.randn(image_shape, generator=g, device=x.device) for g in generators])
-                             for _ in range(k)])
-        noisy = base.unsqueeze(0) + noise * std
-        features = encode(noisy.reshape((k * x.shape[0],) + x.shape[1:]).to(x.dtype))
+        # each image's draws written in place (a contiguous slice gets exactly the values
+        # torch.randn(image_shape, generator=g) would return), then scaled and shifted in place:
+        # the same float32 copies as base + noise * std, without stacked or temporary copies
+        if buffer is None or not reuse:
+            buffer = torch.empty((k,) + tuple(x.shape), dtype=torch.float32, device=x.device)
+        noisy = buffer[:k]
+        for copy in noisy:
+            for image_noise, generator in zip(copy, generators):
+                image_noise.normal_(generator=generator)
+        noisy.mul_(std)
+        noisy = noisy + base if track_grad else noisy.add_(base)
+        noisy = noisy.view((k * x.shape[0],) + image_shape)
+        features = encode(noisy if x.dtype == torch.float32 else noisy.to(x.dtype))
         features = features.reshape((k, x.shape[0]) + features.shape[1:])
         yield NoisyChunk(*unit_features(features, normalize, batch_dims=2), features.dtype)
         done += k
@@ -159,16 +177,27 @@ def monte_carlo_pass(
     ``reference_unit``, the robustness-score samples the certificates are computed from."""
     direction_sum = None
     norm_sum = None
-    scores = []
+    scores = None  # one (n, B[, ..., T]) buffer, filled chunk by chunk (no per-chunk tensors kept alive)
+    done = 0
     dtype = torch.float32
+    in_place = not torch.is_grad_enabled()  # attacks differentiate through the sums: keep those out of place
     for unit, norms, dtype in iter_noisy_unit_features(encode, x, noise_std, n, seed=seed, chunk_size=chunk_size, normalize=normalize):
-        direction_sum = unit.sum(0) if direction_sum is None else direction_sum + unit.sum(0)
-        norm_sum = norms.sum(0) if norm_sum is None else norm_sum + norms.sum(0)
+        if direction_sum is None:
+            direction_sum, norm_sum = unit.sum(0), norms.sum(0)
+        elif in_place:
+            direction_sum.add_(unit.sum(0))
+            norm_sum.add_(norms.sum(0))
+        else:
+            direction_sum, norm_sum = direction_sum + unit.sum(0), norm_sum + norms.sum(0)
         if reference_unit is not None:
             product = unit * reference_unit.unsqueeze(0)
             cos = product.flatten(2).sum(-1) if normalize == "global" else product.sum(-1)
-            scores.append(((1 + cos) / 2).clamp(0, 1).cpu().double())
-    return MonteCarloPass(direction_sum / n, norm_sum / n, torch.cat(scores) if scores else None, dtype)
+            chunk_scores = ((1 + cos) / 2).clamp(0, 1).detach().cpu()
+            if scores is None:
+                scores = torch.empty((n,) + tuple(chunk_scores.shape[1:]), dtype=torch.float64)
+            scores[done:done + chunk_scores.shape[0]] = chunk_scores  # float32 -> float64, as .double() does
+        done += unit.shape[0]
+    return MonteCarloPass(direction_sum / n, norm_sum / n, scores, dtype)
 
 
 def smoothed_mean(

@@ -102,6 +102,11 @@ def score_lower_bound(samples: ArrayLike, alpha: float, method: str = "bernstein
     betting: a one-sided betting confidence sequence (Waudby-Smith & Ramdas 2023) with predictable
         plug-in bets that do not depend on the tested mean, so the rejected set is an interval and a
         bisection finds its end; valid by Ville's inequality.
+    betting_fixed: the same test with bets tuned to the sample size n fixed in advance (Waudby-Smith &
+        Ramdas 2023, sec. 5: lam_t = sqrt(2 ln(1/alpha) / (n var_{t-1}))) and capped at 0.99 / m for
+        the tested mean m (so 1 + lam (x - m) >= 0.01 for every x in [0, 1]): a confidence interval for
+        this n rather than a sequence valid at every n, tighter at that n. Each factor of the capital
+        still falls with m, so the rejected set is an interval; valid by Ville's inequality at the true m.
     The result is clipped to [0, 1].
     """
     alpha = check_alpha(alpha)
@@ -121,8 +126,10 @@ def score_lower_bound(samples: ArrayLike, alpha: float, method: str = "bernstein
         var = x.var(axis=-1, ddof=1)
         log_term = math.log(2.0 / alpha)
         lower = mean - np.sqrt(2.0 * var * log_term / n) - 7.0 * log_term / (3.0 * (n - 1))
-    else:
+    elif method == "betting":
         lower = _betting_lower_bound(x, alpha)
+    else:
+        lower = _betting_lower_bound(x, alpha, fixed_n=True)
     lower = np.clip(lower, 0.0, 1.0)
     if is_tensor:
         return torch.as_tensor(lower, dtype=samples.dtype if samples.is_floating_point() else torch.float64)
@@ -132,26 +139,44 @@ def score_lower_bound(samples: ArrayLike, alpha: float, method: str = "bernstein
 _BET_CAP = 0.9  # bets in [0, 0.9] keep 1 + lam * (x - m) >= 0.1 > 0 for every x, m in [0, 1]
 
 
-def _betting_bets(x: np.ndarray, alpha: float) -> np.ndarray:
-    """Predictable plug-in bets (WSR 2023, eq. 26), using only samples before each step."""
+def _variance_estimates(x: np.ndarray) -> np.ndarray:
+    """Predictable variance estimates: entry t uses only the samples before step t (WSR 2023, eq. 26)."""
     n = x.shape[-1]
     t = np.arange(1, n + 1, dtype=np.float64)
     cumsum = np.cumsum(x, axis=-1)
     mu_hat = (0.5 + cumsum) / (t + 1)
     sq_dev = np.cumsum((x - mu_hat) ** 2, axis=-1)
     var_hat = (0.25 + sq_dev) / (t + 1)
-    prev_var = np.concatenate([np.full(x.shape[:-1] + (1,), 0.25), var_hat[..., :-1]], axis=-1)
-    lam = np.sqrt(2.0 * math.log(1.0 / alpha) / (prev_var * t * np.log1p(t)))
+    return np.concatenate([np.full(x.shape[:-1] + (1,), 0.25), var_hat[..., :-1]], axis=-1)
+
+
+def _betting_bets(x: np.ndarray, alpha: float) -> np.ndarray:
+    """Predictable plug-in bets (WSR 2023, eq. 26), using only samples before each step."""
+    n = x.shape[-1]
+    t = np.arange(1, n + 1, dtype=np.float64)
+    lam = np.sqrt(2.0 * math.log(1.0 / alpha) / (_variance_estimates(x) * t * np.log1p(t)))
     return np.minimum(lam, _BET_CAP)
 
 
-def _betting_lower_bound(x: np.ndarray, alpha: float, iterations: int = 50) -> np.ndarray:
+_FIXED_N_CAP = 0.99  # bets up to 0.99 / m keep 1 + lam * (x - m) >= 0.01 > 0 for every x in [0, 1]
+
+
+def _betting_lower_bound(x: np.ndarray, alpha: float, iterations: int = 50, fixed_n: bool = False) -> np.ndarray:
     """Smallest m whose capital process never reaches 1/alpha; bisection returns a point below it."""
-    lam = _betting_bets(x, alpha)
+    if fixed_n:
+        tuned = np.sqrt(2.0 * math.log(1.0 / alpha) / (x.shape[-1] * _variance_estimates(x)))
+
+        def bets(m: np.ndarray) -> np.ndarray:
+            return np.minimum(tuned, _FIXED_N_CAP / np.maximum(m, 1e-12)[..., None])
+    else:
+        fixed = _betting_bets(x, alpha)
+
+        def bets(m: np.ndarray) -> np.ndarray:
+            return fixed
     log_threshold = math.log(1.0 / alpha)
 
     def rejected(m: np.ndarray) -> np.ndarray:
-        log_capital = np.cumsum(np.log1p(lam * (x - m[..., None])), axis=-1)
+        log_capital = np.cumsum(np.log1p(bets(m) * (x - m[..., None])), axis=-1)
         return log_capital.max(axis=-1) >= log_threshold
 
     lo = np.zeros(x.shape[:-1])  # the bound we return; m = 0 is never "rejected away" since 0 <= mean

@@ -116,12 +116,12 @@ def test_monte_carlo_certificate_is_below_the_truth_in_at_most_alpha_of_repetiti
     true_score = float(exact_score(encoder, x))
     reps, n, alpha = 300, 200, 0.05
     scores = sample_scores(encoder, x, SIGMA, n * reps, seed=11, chunk_size=4096)[:, 0].numpy().reshape(reps, n)
-    for method in ("hoeffding", "bernstein", "betting"):
+    for method in ("hoeffding", "bernstein", "betting", "betting_fixed"):
         failures = int((score_lower_bound(scores, alpha, method) > true_score).sum())
         assert failures <= binom.ppf(1 - 1e-4, reps, alpha), f"{method}: {failures}/{reps}"
 
 
-@pytest.mark.parametrize("method", ["hoeffding", "bernstein", "betting"])
+@pytest.mark.parametrize("method", ["hoeffding", "bernstein", "betting", "betting_fixed"])
 def test_certified_bound_survives_the_attack_and_is_not_vacuous(method):
     """End to end with the real certifier: FCSB from S_low holds against the attack and is > 0 at sigma/2."""
     encoder = TwoDimEncoder(seed=3, frequency=1.0)  # a smooth encoder

@@ -157,3 +157,29 @@ def test_config_json_round_trip():
     assert FSConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     with pytest.raises(ValueError, match="unknown FSConfig fields"):
         FSConfig.from_dict({"sigma": 0.1, "noise": 2})
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 32])
+def test_noisy_copies_are_exactly_image_plus_std_times_its_streams_draws(images, chunk_size):
+    """Bit for bit: copy i of image b is x[b] + std * (draw i of b's own generator), however the engine
+    buffers, scales and shifts them (issue 17 made that in place; the values must not move)."""
+    seen = []
+
+    def encoder(x):
+        seen.append(x.clone())
+        return x.flatten(1)
+
+    std = torch.tensor([0.3, 0.5, 0.7]).view(3, 1, 1)
+    smoothed_mean(encoder, images, std, 12, seed=7, chunk_size=chunk_size)
+    generators = [torch.Generator().manual_seed(image_noise_seed(7, image)) for image in images]
+    expected = torch.stack([images + torch.stack([torch.randn(images.shape[1:], generator=g) for g in generators]) * std
+                            for _ in range(12)])
+    assert torch.equal(torch.cat(seen).reshape(expected.shape), expected)
+
+
+def test_gradients_flow_to_the_images_through_the_noisy_copies(images):
+    """Attacks differentiate through the copies: the in-place noise path must not cut the graph."""
+    x = images.clone().requires_grad_(True)
+    result = smoothed_mean(RecordingEncoder(), x, 0.25, 6, seed=1, chunk_size=4)
+    result.mean_unit.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0

