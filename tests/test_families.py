@@ -358,3 +358,48 @@ def test_full_size_config_patches_on_meta(family):
     assert get_adapter(model).feature_dim(model) == config.get_text_config().hidden_size
     unpatch_model(model)
     assert not is_patched(model)
+
+
+def _mllama_one_real_tile():
+    """Tiny Mllama whose image has one real tile of two (aspect ratio [1, 1]), padded like the processor does."""
+    model, inputs = build("mllama", batch=1)
+    inputs["aspect_ratio_ids"] = torch.tensor([[1]])
+    inputs["aspect_ratio_mask"] = torch.tensor([[[1, 0]]])
+    inputs["pixel_values"][:, :, 1] = 0
+    inputs["cross_attention_mask"][..., 1] = 0  # the padding tile is hidden from every token
+    return model, inputs
+
+
+def test_mllama_padding_tiles_are_not_part_of_the_certified_vector():
+    """Padding tiles' vision states never reach the decoder (cross_attention_mask), so neither the smoothed
+    features nor the certificate may depend on them."""
+    import functools
+
+    model, inputs = _mllama_one_real_tile()
+    vision = model.model.vision_model
+    image = {k: inputs[k] for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    scale = {"value": 1.0}
+    original = vision.forward
+
+    @functools.wraps(original)
+    def scaled_padding(*args, **kwargs):  # the vision model with its padding-tile states scaled
+        output = original(*args, **kwargs)
+        output.last_hidden_state[:, :, 1:] *= scale["value"]
+        return output
+
+    vision.forward = scaled_padding
+    scale["value"] = 50.0
+    with torch.no_grad():  # the decoder does not see the padding tile's states
+        torch.testing.assert_close(model(**inputs).logits, logits)
+    patch(model, sigma=0.25, n_samples=N)
+    scores = []
+    for value in (1.0, 50.0):
+        scale["value"] = value
+        [certificate] = certify_model(model, image, n=8, alpha=0.1)
+        scores.append(certificate.score_mean)
+        states = feature_call(model, image).last_hidden_state
+        assert states.shape == (1, 1, 2, 5, 64) and torch.count_nonzero(states[:, :, 1]) == 0
+        assert torch.count_nonzero(states[:, :, 0]) > 0
+    assert scores[0] == pytest.approx(scores[1], abs=1e-6)

@@ -11,7 +11,9 @@ padding image slot) and ``aspect_ratio_mask`` (B, max_images, max_tiles). One im
 layout is its (max_tiles, 3, H, W) tile stack (padding tiles included: the vision model masks them by
 ``aspect_ratio_mask``); its ids/mask rows travel with it. Padding image slots are not smoothed: they
 get zero states, and the processor's ``cross_attention_mask`` already hides them from every token.
-The smoothed (and certified) features are the vision output before the projector, like Llama 4.
+The smoothed (and certified) features are the vision output of the image's *real* tiles, before the
+projector (like Llama 4): padding tiles' states never reach the decoder (cross_attention_mask hides
+them), so they are left out of the smoothed vector (``call_features``) and returned as zeros.
 """
 
 from __future__ import annotations
@@ -87,12 +89,37 @@ class MllamaAdapter(FamilyAdapter):
         states = output["last_hidden_state"]  # (count, 1, tiles, T, D)
         return states.reshape(count, -1, states.shape[-1])
 
+    def call_features(self, output, count: int, inputs: dict) -> torch.Tensor:
+        """The states of each image's real tiles only, (count, real_tiles*T, D).
+
+        Padding tiles (``aspect_ratio_mask`` 0) are encoded too, but the processor's cross_attention_mask
+        hides their states from every token: they never reach the decoder, so they are not part of the
+        smoothed (and certified) feature vector. Images of one call share their tile count (grouped by
+        their aspect-ratio rows); a call mixing counts keeps the largest and zeroes each image's padding.
+        """
+        states = output["last_hidden_state"]  # (count, 1, tiles, T, D)
+        mask = inputs.get("aspect_ratio_mask")
+        if mask is None:
+            return self.extract_features(output, count)
+        mask = torch.as_tensor(mask, device=states.device).reshape(count, -1).bool()
+        kept = int(mask.sum(-1).max())
+        states = states.reshape((count,) + tuple(states.shape[-3:]))[:, :kept]
+        states = states * mask[:, :kept, None, None].to(states.dtype)
+        return states.reshape(count, -1, states.shape[-1])
+
     def regroup(self, per_image: list[torch.Tensor], call: Optional[dict]) -> torch.Tensor:
-        """(B, images, tiles, T, D) states with the smoothed images in their slots and zeros in padding slots."""
+        """(B, images, tiles, T, D) states with the smoothed images' real tiles in their slots, zeros in padding
+        tiles and padding slots (both hidden from the decoder by cross_attention_mask)."""
         pixel_values = call["pixel_values"]
         batch, slots, tiles = pixel_values.shape[:3]
         real = _real(self._ids(call)).to(pixel_values.device)
-        tokens, dim = per_image[0].shape[0] // tiles, per_image[0].shape[-1]
+        mask = call.get("aspect_ratio_mask")
+        counts = ([tiles] * len(per_image) if mask is None
+                  else torch.as_tensor(mask).to(pixel_values.device)[real].reshape(len(per_image), -1).sum(-1).tolist())
+        tokens, dim = per_image[0].shape[0] // max(counts[0], 1), per_image[0].shape[-1]
         states = per_image[0].new_zeros((batch, slots, tiles, tokens, dim))
-        states[real] = torch.stack([f.reshape(tiles, tokens, dim) for f in per_image])
+        full = states[real]
+        for index, (features, count) in enumerate(zip(per_image, counts)):
+            full[index, :count] = features.reshape(-1, tokens, dim)[:count]
+        states[real] = full
         return states
