@@ -403,3 +403,30 @@ def test_mllama_padding_tiles_are_not_part_of_the_certified_vector():
         assert states.shape == (1, 1, 2, 5, 64) and torch.count_nonzero(states[:, :, 1]) == 0
         assert torch.count_nonzero(states[:, :, 0]) > 0
     assert scores[0] == pytest.approx(scores[1], abs=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_return_dict_false_keeps_the_original_tuple_positions(family):
+    """model.get_image_features(..., return_dict=False)[i] is the same field patched and unpatched."""
+    model, inputs = build(family)
+    adapter = get_adapter(model)
+    function = getattr(adapter.feature_owner(model), adapter.feature_function)
+    names = set(inspect.signature(function).parameters)
+    kwargs = {k: v for k, v in inputs.items() if k in names}
+    with torch.no_grad():
+        clean = function(**kwargs, return_dict=False)
+        fields = list(function(**kwargs, return_dict=True).keys())
+    patch(model, sigma=0.25, n_samples=2)
+    function = getattr(adapter.feature_owner(model), adapter.feature_function)
+    with torch.no_grad():
+        smoothed = function(**kwargs, return_dict=False)
+    assert isinstance(smoothed, tuple) and len(smoothed) == len(clean) == len(fields)
+
+    def layout(value):  # container types and tensor shapes, nested
+        if isinstance(value, torch.Tensor):
+            return tuple(value.shape)
+        return type(value).__name__, [layout(item) for item in value]
+
+    for field in adapter.feature_fields:
+        index = fields.index(field)
+        assert layout(smoothed[index]) == layout(clean[index]), field

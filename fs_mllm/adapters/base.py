@@ -331,7 +331,9 @@ class FamilyAdapter:
                   for i, template in enumerate(parts)]
         output = self.output_from_parts(raw, values)
         if return_dict is False and hasattr(output, "to_tuple"):
-            return output.to_tuple()
+            # the original's tuple positions (e.g. pooler_output at 1, after last_hidden_state): output.to_tuple()
+            # would drop the unsmoothed fields and shift the features to index 0
+            return tuple(output.get(key) for key in raw.keys()) if hasattr(raw, "keys") else output.to_tuple()
         return output
 
     def output_from_parts(self, raw: FeatureOutput, values: list[Any]) -> Any:
