@@ -311,7 +311,12 @@ def test_lfm2_vl_padding_rows_are_not_noised():
     call = {"pixel_values": pixel_values, "spatial_shapes": torch.tensor([[4, 4], [2, 2]]), "pixel_attention_mask": mask}
     clean = feature_call(model, call)
     patch(model, sigma=1e-4, n_samples=2)
+    shapes = []
+    tiny_models.vision_module(model).register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple((args[0] if args else kwargs["pixel_values"]).shape)), with_kwargs=True)
     smoothed = feature_call(model, call)
+    # each image is encoded on its own real rows: the small one's 12 padding rows never reach the tower
+    assert sorted(shapes) == [(2, 4, 192), (2, 16, 192)]
     assert [p.shape for p in smoothed.pooler_output] == [p.shape for p in clean.pooler_output] == [(4, 32), (1, 32)]
     for a, b in zip(smoothed.pooler_output, clean.pooler_output):
         assert cosine(a, b) > 0.999
