@@ -435,3 +435,22 @@ def test_return_dict_false_keeps_the_original_tuple_positions(family):
     for field in adapter.feature_fields:
         index = fields.index(field)
         assert layout(smoothed[index]) == layout(clean[index]), field
+
+
+def test_mllama_padding_tiles_are_not_noised():
+    """Real tokens attend to padding tiles in Mllama's vision model, so noised padding would leak into the real
+    tiles' states: every encoder call must carry the padding tile as the processor's all-zero tile."""
+    model, inputs = _mllama_one_real_tile()
+    image = {k: inputs[k] for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
+    calls = []  # the tiles each encoder call embeds: (copies * tiles, 3, H, W), tile-major per copy
+    tiny_models.vision_module(model).register_forward_pre_hook(lambda module, args: calls.append(args[0].clone()))
+    patch(model, sigma=0.25, n_samples=N)
+    model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    certify_model(model, image, n=4, alpha=0.1)
+    assert len(calls) >= 2
+    for tiles in calls:
+        tiles = tiles.reshape(-1, 2, 3, 16, 16)
+        assert torch.count_nonzero(tiles[:, 1]) == 0  # the padding tile
+        assert torch.count_nonzero(tiles[:, 0]) > 0
+    generate_tiles = calls[0].reshape(-1, 2, 3, 16, 16)  # (certify's first call is the clean reference f(x))
+    assert generate_tiles.shape[0] == N and not torch.equal(generate_tiles[0, 0], inputs["pixel_values"][0, 0, 0])

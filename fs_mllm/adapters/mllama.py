@@ -7,9 +7,10 @@ vision model's ``forward`` (wrapped on the instance, like ``get_image_features``
 still encodes once per prefill (later steps reuse the cross-attention cache).
 
 pixel_values is (B, max_images, max_tiles, 3, H, W) with ``aspect_ratio_ids`` (B, max_images; 0 marks a
-padding image slot) and ``aspect_ratio_mask`` (B, max_images, max_tiles). One image in the shared
-layout is its (max_tiles, 3, H, W) tile stack (padding tiles included: the vision model masks them by
-``aspect_ratio_mask``); its ids/mask rows travel with it. Padding image slots are not smoothed: they
+padding image slot) and ``aspect_ratio_mask`` (B, max_images, max_tiles; 1 for the real tiles, first).
+One image in the shared layout is its real tiles (tiles, 3, H, W): padding tiles are re-added as the
+processor's all-zero tiles, never noised (Mllama's vision attention lets real tokens attend to them, so
+noised padding would change the real tiles' states); its ids/mask rows travel with it. Padding image slots are not smoothed: they
 get zero states, and the processor's ``cross_attention_mask`` already hides them from every token.
 The smoothed (and certified) features are the vision output of the image's *real* tiles, before the
 projector (like Llama 4): padding tiles' states never reach the decoder (cross_attention_mask hides
@@ -60,10 +61,21 @@ class MllamaAdapter(FamilyAdapter):
             raise ValueError("aspect_ratio_ids is required with mllama pixel_values (pass the processor outputs)")
         return torch.as_tensor(ids)
 
+    def _tile_counts(self, pixel_values: torch.Tensor, kwargs: dict) -> list[int]:
+        """Real tiles of each real image slot (``aspect_ratio_mask`` marks them first; all tiles without it)."""
+        real = _real(self._ids(kwargs))
+        mask = kwargs.get("aspect_ratio_mask")
+        if mask is None:
+            return [pixel_values.shape[2]] * int(real.sum())
+        return [int(row.sum()) for row in torch.as_tensor(mask)[real]]
+
     def images_from_inputs(self, model: nn.Module, pixel_values: torch.Tensor, kwargs: dict) -> list[torch.Tensor]:
+        """Each real image slot's real tiles (tiles, 3, H, W): padding tiles are not image pixels and get no noise
+        (they do reach the real tiles' states: in Mllama's vision attention real tokens attend to padding tokens)."""
         if pixel_values.ndim != 6:
             raise ValueError(f"mllama pixel_values must be (batch, images, tiles, 3, H, W), got shape {tuple(pixel_values.shape)}")
-        return list(pixel_values[_real(self._ids(kwargs))])
+        stacks = pixel_values[_real(self._ids(kwargs))]
+        return [stack[:count] for stack, count in zip(stacks, self._tile_counts(pixel_values, kwargs))]
 
     def per_image_rows(self, model: nn.Module, pixel_values: torch.Tensor, kwargs: dict) -> dict[str, list]:
         real = _real(self._ids(kwargs))
@@ -73,6 +85,8 @@ class MllamaAdapter(FamilyAdapter):
         return rows
 
     def inputs_from_images(self, model: nn.Module, images: torch.Tensor, extra: dict) -> tuple[torch.Tensor, dict]:
+        """(N, tiles, 3, H, W) real tiles -> the vision model's (N, 1, max_tiles, 3, H, W), padded with all-zero
+        tiles as the processor pads them, and the matching aspect_ratio_mask."""
         if images.ndim != 5:
             raise ValueError(f"mllama images must be (N, tiles, 3, H, W), got shape {tuple(images.shape)}")
         count, tiles = images.shape[:2]
@@ -80,10 +94,14 @@ class MllamaAdapter(FamilyAdapter):
         if ids is None:
             raise ValueError("aspect_ratio_ids (one per image) is required for mllama inputs")
         mask = extra.get("aspect_ratio_mask")
+        max_tiles = int(unwrap_model(model).config.vision_config.max_num_tiles) if mask is None else int(torch.as_tensor(mask).shape[-1])
+        if tiles > max_tiles:
+            raise ValueError(f"mllama images have {tiles} tiles, more than max_num_tiles={max_tiles}")
         if mask is None:
-            mask = torch.ones(count, tiles, dtype=torch.long, device=images.device)
-        return images.unsqueeze(1), {"aspect_ratio_ids": torch.as_tensor(ids, device=images.device).reshape(count, 1),
-                                     "aspect_ratio_mask": torch.as_tensor(mask, device=images.device).reshape(count, 1, tiles)}
+            mask = (torch.arange(max_tiles, device=images.device) < tiles).long().expand(count, -1)
+        pixel_values = torch.nn.functional.pad(images, (0, 0, 0, 0, 0, 0, 0, max_tiles - tiles))
+        return pixel_values.unsqueeze(1), {"aspect_ratio_ids": torch.as_tensor(ids, device=images.device).reshape(count, 1),
+                                           "aspect_ratio_mask": torch.as_tensor(mask, device=images.device).reshape(count, 1, max_tiles)}
 
     def extract_features(self, output, count: int) -> torch.Tensor:
         states = output["last_hidden_state"]  # (count, 1, tiles, T, D)
