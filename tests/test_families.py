@@ -454,3 +454,22 @@ def test_mllama_padding_tiles_are_not_noised():
         assert torch.count_nonzero(tiles[:, 0]) > 0
     generate_tiles = calls[0].reshape(-1, 2, 3, 16, 16)  # (certify's first call is the clean reference f(x))
     assert generate_tiles.shape[0] == N and not torch.equal(generate_tiles[0, 0], inputs["pixel_values"][0, 0, 0])
+
+
+@pytest.mark.parametrize("family", ["idefics3", "smolvlm", "idefics2"])
+def test_idefics_padded_pixels_of_a_real_sub_image_are_not_noised(family):
+    """A sub-image padded bottom/right (pixel_attention_mask 0 there) reaches the tower with those pixels at 0:
+    the patch straddling the edge is encoded whole, so noise on its padded pixels would reach the features."""
+    model, inputs = build(family)
+    pixel_values, mask = inputs["pixel_values"].clone(), inputs["pixel_attention_mask"].clone()
+    pixel_values[0, 1, :, :, 20:] = 0  # real columns 0-19: patch column 2 (16-23) straddles the edge
+    mask[0, 1, :, 20:] = False
+    calls = []
+    tiny_models.vision_module(model).register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append((args[0] if args else kwargs["pixel_values"]).clone()), with_kwargs=True)
+    patch(model, sigma=0.25, n_samples=N)
+    feature_call(model, {"pixel_values": pixel_values, "pixel_attention_mask": mask})
+    encoded = torch.cat(calls)  # N copies of the 4 real sub-images (one call per mask group)
+    assert encoded.shape[0] == 4 * N
+    padded = [copy for copy in encoded if torch.count_nonzero(copy[:, :, 20:]) == 0]
+    assert len(padded) == N and all(torch.count_nonzero(copy[:, :, :20]) > 0 for copy in padded)
