@@ -331,7 +331,7 @@ def _features(model: nn.Module, adapter: FamilyAdapter, inputs: Mapping[str, Any
     names = set(inspect.signature(function).parameters)
     kwargs = {k: v for k, v in inputs.items() if k in names}
     output = function(**kwargs, return_dict=True)
-    return adapter.extract_features(output, count)
+    return adapter.call_features(output, count, kwargs)
 
 
 def _resolve_mean_std(model: nn.Module, adapter: FamilyAdapter, processor: Any, image_mean: Any, image_std: Any):

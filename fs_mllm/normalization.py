@@ -61,6 +61,31 @@ def _mean_std_from_processor(processor: Any) -> Optional[tuple[torch.Tensor, tor
     return _effective_mean_std(lambda name, default: getattr(image_processor, name, default))
 
 
+def _saved_setting(data: dict) -> Callable[[str, Any], Any]:
+    """``setting(name, default)`` over a saved image processor config: a field the file omits takes its
+    ``image_processor_type`` class's default (e.g. Gemma 4's do_normalize=False, EfficientNet's include_top=True),
+    as the processor loaded from that file would, and ``default`` only when the class is unknown."""
+    cls = None
+    name = data.get("image_processor_type")
+    if isinstance(name, str):
+        try:
+            from transformers.models.auto.image_processing_auto import get_image_processor_class_from_name
+
+            cls = get_image_processor_class_from_name(name)
+        except Exception:  # noqa: BLE001 - an unknown / unimportable class: the file's fields and the defaults
+            cls = None
+
+    def setting(key: str, default: Any) -> Any:
+        if key in data:
+            return data[key]
+        try:
+            return getattr(cls, key, default) if cls is not None else default
+        except Exception:  # noqa: BLE001 - a dummy class (missing backend) that raises on attribute access
+            return default
+
+    return setting
+
+
 def _mean_std_from_saved_config(name_or_path: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """Read image_mean/std saved with the model: local folder, then the HF cache (offline only)."""
     if not name_or_path:
@@ -83,7 +108,7 @@ def _mean_std_from_saved_config(name_or_path: str) -> Optional[tuple[torch.Tenso
             with open(path, encoding="utf-8") as handle:
                 data = json.load(handle)
             data = data.get("image_processor", data)
-            found = _effective_mean_std(data.get)
+            found = _effective_mean_std(_saved_setting(data))
             if found is not None:
                 return found
     return None

@@ -104,7 +104,7 @@ def make_group_encoder(
         output = original(pixel_values=pixel_values, **{**call_kwargs, **kwargs, "return_dict": True})
         if template is not None:
             template[:] = [output]
-        return stages.after(adapter.extract_features(output, count), level)
+        return stages.after(adapter.call_features(output, count, kwargs), level)
 
     return encode
 

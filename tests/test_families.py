@@ -311,7 +311,12 @@ def test_lfm2_vl_padding_rows_are_not_noised():
     call = {"pixel_values": pixel_values, "spatial_shapes": torch.tensor([[4, 4], [2, 2]]), "pixel_attention_mask": mask}
     clean = feature_call(model, call)
     patch(model, sigma=1e-4, n_samples=2)
+    shapes = []
+    tiny_models.vision_module(model).register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple((args[0] if args else kwargs["pixel_values"]).shape)), with_kwargs=True)
     smoothed = feature_call(model, call)
+    # each image is encoded on its own real rows: the small one's 12 padding rows never reach the tower
+    assert sorted(shapes) == [(2, 4, 192), (2, 16, 192)]
     assert [p.shape for p in smoothed.pooler_output] == [p.shape for p in clean.pooler_output] == [(4, 32), (1, 32)]
     for a, b in zip(smoothed.pooler_output, clean.pooler_output):
         assert cosine(a, b) > 0.999
@@ -358,3 +363,113 @@ def test_full_size_config_patches_on_meta(family):
     assert get_adapter(model).feature_dim(model) == config.get_text_config().hidden_size
     unpatch_model(model)
     assert not is_patched(model)
+
+
+def _mllama_one_real_tile():
+    """Tiny Mllama whose image has one real tile of two (aspect ratio [1, 1]), padded like the processor does."""
+    model, inputs = build("mllama", batch=1)
+    inputs["aspect_ratio_ids"] = torch.tensor([[1]])
+    inputs["aspect_ratio_mask"] = torch.tensor([[[1, 0]]])
+    inputs["pixel_values"][:, :, 1] = 0
+    inputs["cross_attention_mask"][..., 1] = 0  # the padding tile is hidden from every token
+    return model, inputs
+
+
+def test_mllama_padding_tiles_are_not_part_of_the_certified_vector():
+    """Padding tiles' vision states never reach the decoder (cross_attention_mask), so neither the smoothed
+    features nor the certificate may depend on them."""
+    import functools
+
+    model, inputs = _mllama_one_real_tile()
+    vision = model.model.vision_model
+    image = {k: inputs[k] for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    scale = {"value": 1.0}
+    original = vision.forward
+
+    @functools.wraps(original)
+    def scaled_padding(*args, **kwargs):  # the vision model with its padding-tile states scaled
+        output = original(*args, **kwargs)
+        output.last_hidden_state[:, :, 1:] *= scale["value"]
+        return output
+
+    vision.forward = scaled_padding
+    scale["value"] = 50.0
+    with torch.no_grad():  # the decoder does not see the padding tile's states
+        torch.testing.assert_close(model(**inputs).logits, logits)
+    patch(model, sigma=0.25, n_samples=N)
+    scores = []
+    for value in (1.0, 50.0):
+        scale["value"] = value
+        [certificate] = certify_model(model, image, n=8, alpha=0.1)
+        scores.append(certificate.score_mean)
+        states = feature_call(model, image).last_hidden_state
+        assert states.shape == (1, 1, 2, 5, 64) and torch.count_nonzero(states[:, :, 1]) == 0
+        assert torch.count_nonzero(states[:, :, 0]) > 0
+    assert scores[0] == pytest.approx(scores[1], abs=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_return_dict_false_keeps_the_original_tuple_positions(family):
+    """model.get_image_features(..., return_dict=False)[i] is the same field patched and unpatched."""
+    model, inputs = build(family)
+    adapter = get_adapter(model)
+    function = getattr(adapter.feature_owner(model), adapter.feature_function)
+    names = set(inspect.signature(function).parameters)
+    kwargs = {k: v for k, v in inputs.items() if k in names}
+    with torch.no_grad():
+        clean = function(**kwargs, return_dict=False)
+        fields = list(function(**kwargs, return_dict=True).keys())
+    patch(model, sigma=0.25, n_samples=2)
+    function = getattr(adapter.feature_owner(model), adapter.feature_function)
+    with torch.no_grad():
+        smoothed = function(**kwargs, return_dict=False)
+    assert isinstance(smoothed, tuple) and len(smoothed) == len(clean) == len(fields)
+
+    def layout(value):  # container types and tensor shapes, nested
+        if isinstance(value, torch.Tensor):
+            return tuple(value.shape)
+        return type(value).__name__, [layout(item) for item in value]
+
+    for field in adapter.feature_fields:
+        index = fields.index(field)
+        assert layout(smoothed[index]) == layout(clean[index]), field
+
+
+def test_mllama_padding_tiles_are_not_noised():
+    """Real tokens attend to padding tiles in Mllama's vision model, so noised padding would leak into the real
+    tiles' states: every encoder call must carry the padding tile as the processor's all-zero tile."""
+    model, inputs = _mllama_one_real_tile()
+    image = {k: inputs[k] for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
+    calls = []  # the tiles each encoder call embeds: (copies * tiles, 3, H, W), tile-major per copy
+    tiny_models.vision_module(model).register_forward_pre_hook(lambda module, args: calls.append(args[0].clone()))
+    patch(model, sigma=0.25, n_samples=N)
+    model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    certify_model(model, image, n=4, alpha=0.1)
+    assert len(calls) >= 2
+    for tiles in calls:
+        tiles = tiles.reshape(-1, 2, 3, 16, 16)
+        assert torch.count_nonzero(tiles[:, 1]) == 0  # the padding tile
+        assert torch.count_nonzero(tiles[:, 0]) > 0
+    generate_tiles = calls[0].reshape(-1, 2, 3, 16, 16)  # (certify's first call is the clean reference f(x))
+    assert generate_tiles.shape[0] == N and not torch.equal(generate_tiles[0, 0], inputs["pixel_values"][0, 0, 0])
+
+
+@pytest.mark.parametrize("family", ["idefics3", "smolvlm", "idefics2"])
+def test_idefics_padded_pixels_of_a_real_sub_image_are_not_noised(family):
+    """A sub-image padded bottom/right (pixel_attention_mask 0 there) reaches the tower with those pixels at 0:
+    the patch straddling the edge is encoded whole, so noise on its padded pixels would reach the features."""
+    model, inputs = build(family)
+    pixel_values, mask = inputs["pixel_values"].clone(), inputs["pixel_attention_mask"].clone()
+    pixel_values[0, 1, :, :, 20:] = 0  # real columns 0-19: patch column 2 (16-23) straddles the edge
+    mask[0, 1, :, 20:] = False
+    calls = []
+    tiny_models.vision_module(model).register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append((args[0] if args else kwargs["pixel_values"]).clone()), with_kwargs=True)
+    patch(model, sigma=0.25, n_samples=N)
+    feature_call(model, {"pixel_values": pixel_values, "pixel_attention_mask": mask})
+    encoded = torch.cat(calls)  # N copies of the 4 real sub-images (one call per mask group)
+    assert encoded.shape[0] == 4 * N
+    padded = [copy for copy in encoded if torch.count_nonzero(copy[:, :, 20:]) == 0]
+    assert len(padded) == N and all(torch.count_nonzero(copy[:, :, :20]) > 0 for copy in padded)

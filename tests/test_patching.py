@@ -645,3 +645,33 @@ def test_full_size_configs_on_meta_device():
         assert is_patched(model) and get_adapter(model).feature_dim(model) == dim
         unpatch_model(model)
         assert not is_patched(model)
+
+
+@pytest.mark.parametrize("processor_type", ["Gemma4ImageProcessor", "EfficientNetImageProcessor", "CLIPImageProcessor"])
+def test_saved_config_fields_it_omits_take_the_processor_class_defaults(tmp_path, processor_type):
+    """A preprocessor_config.json that leaves out do_normalize (Gemma 4: False) or include_top (EfficientNet:
+    True) is read the way the processor loaded from it works: the noise scale is the processor's affine map."""
+    import numpy as np
+    from transformers import AutoImageProcessor
+
+    from fs_mllm.normalization import _mean_std_from_processor, _mean_std_from_saved_config
+
+    saved = {"image_processor_type": processor_type, "image_mean": [0.5, 0.4, 0.3], "image_std": [0.5, 0.25, 0.2],
+             "do_resize": False, "do_center_crop": False}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(saved))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the torchvision -> PIL backend fallback
+        processor = AutoImageProcessor.from_pretrained(str(tmp_path))
+    mean, std = _mean_std_from_saved_config(str(tmp_path))
+    expected = _mean_std_from_processor(processor)  # the loaded processor's own settings
+    torch.testing.assert_close(mean, expected[0])
+    torch.testing.assert_close(std, expected[1])
+    if processor_type == "Gemma4ImageProcessor":  # it does not normalise: pixel_values are the [0,1] pixels
+        assert mean.tolist() == [0.0] * 3 and std.tolist() == [1.0] * 3
+        return
+    pixels = (np.random.default_rng(0).random((8, 8, 3)) * 255).astype(np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        produced = torch.as_tensor(np.asarray(processor(images=pixels, return_tensors="np")["pixel_values"][0]))
+    x = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255
+    torch.testing.assert_close(produced.float(), (x - mean.view(3, 1, 1)) / std.view(3, 1, 1), rtol=1e-5, atol=1e-5)

@@ -309,6 +309,12 @@ class FamilyAdapter:
         stacked = [stack_per_image(part, count) for part in self.feature_parts(output)]
         return stacked[0] if len(stacked) == 1 else torch.cat(stacked, dim=1)
 
+    def call_features(self, output: FeatureOutput, count: int, inputs: dict) -> torch.Tensor:
+        """Per-image features (count, T, D) of one call of the feature function made with ``inputs`` (its
+        keyword arguments). Default :meth:`extract_features`; families whose output holds positions that never
+        reach the decoder (Mllama's padding tiles) use the call's masks to leave them out."""
+        return self.extract_features(output, count)
+
     def regroup(self, per_image: list[torch.Tensor], call: Optional[dict]) -> Any:
         """Per-image features back into the container the original call returns (a tuple/list/tensor per
         image by default; families that pack several images per prompt override this)."""
@@ -325,7 +331,9 @@ class FamilyAdapter:
                   for i, template in enumerate(parts)]
         output = self.output_from_parts(raw, values)
         if return_dict is False and hasattr(output, "to_tuple"):
-            return output.to_tuple()
+            # the original's tuple positions (e.g. pooler_output at 1, after last_hidden_state): output.to_tuple()
+            # would drop the unsmoothed fields and shift the features to index 0
+            return tuple(output.get(key) for key in raw.keys()) if hasattr(raw, "keys") else output.to_tuple()
         return output
 
     def output_from_parts(self, raw: FeatureOutput, values: list[Any]) -> Any:

@@ -41,6 +41,7 @@ from .base import (
     register_adapter,
     unwrap_model,
 )
+from .lfm2_vl import from_patch_rows, to_patch_rows
 
 # model_types whose forward() takes its image embeddings from get_image_features (checked by the tests)
 FORWARD_USES_IMAGE_FEATURES = frozenset({"clip", "metaclip_2", "chinese_clip"})
@@ -82,21 +83,9 @@ class SiglipStyleAdapter(ClipStyleAdapter):
     default_image_std = IMAGENET_STANDARD_STD
 
 
-def siglip2_patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(N, C, H, W) -> (N, h*w, P*P*C) rows, ``Siglip2ImageProcessor``'s order (channel fastest)."""
-    n, channels, height, width = images.shape
-    grid_h, grid_w = height // patch_size, width // patch_size
-    if grid_h * patch_size != height or grid_w * patch_size != width:
-        raise ValueError(f"images of size {height}x{width} do not tile into {patch_size}px patches; "
-                         "resize to a multiple of the patch size first (the processor does)")
-    patches = images.reshape(n, channels, grid_h, patch_size, grid_w, patch_size).permute(0, 2, 4, 3, 5, 1)
-    return patches.reshape(n, grid_h * grid_w, patch_size * patch_size * channels)
-
-
-def siglip2_unpatchify(rows: torch.Tensor, grid_h: int, grid_w: int, patch_size: int) -> torch.Tensor:
-    """(h*w, P*P*C) rows of one image -> (C, h*P, w*P), the inverse of :func:`siglip2_patchify`."""
-    patches = rows.reshape(grid_h, grid_w, patch_size, patch_size, -1).permute(4, 0, 2, 1, 3)
-    return patches.reshape(-1, grid_h * patch_size, grid_w * patch_size)
+# SigLIP 2's processor flattens raster-order patches channel-last, the layout LFM2-VL and Gemma 4 share
+siglip2_patchify = to_patch_rows  # (N, C, H, W) -> (N, h*w, P*P*C)
+siglip2_unpatchify = from_patch_rows  # the first h*w rows of one image -> (C, h*P, w*P)
 
 
 @register_adapter

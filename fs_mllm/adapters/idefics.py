@@ -8,8 +8,8 @@ feature tensor per *prompt* (its real sub-images' features concatenated).
 
 One image in the shared layout is one real sub-image (3, H, W), smoothed with its own noise; its
 mask row travels with it. Padding sub-images are never noised (they would stop being all-zero and
-become real). Noise also lands on the padded pixels of a real sub-image; they are a fixed part of the
-model input, so the certificate (about the image pixels) is unaffected. ``regroup`` concatenates the
+become real), and neither are the padded pixels of a real sub-image (``pixel_attention_mask`` 0): they are
+set back to the processor's zeros after the noise, since a patch with some real pixels is encoded whole. ``regroup`` concatenates the
 smoothed sub-image features back per prompt, the container the original returns.
 """
 
@@ -57,7 +57,11 @@ class IdeficsAdapter(FamilyAdapter):
         mask = extra.get("pixel_attention_mask")
         if mask is None:
             mask = torch.ones((images.shape[0],) + tuple(images.shape[-2:]), dtype=torch.bool, device=images.device)
-        return images.unsqueeze(1), {"pixel_attention_mask": torch.as_tensor(mask, device=images.device).unsqueeze(1)}
+        mask = torch.as_tensor(mask, device=images.device)
+        # padded pixels back to the processor's zeros: noise must not land there (a patch with some real pixels is
+        # encoded whole, so noise on its padded pixels would reach the features)
+        images = images * mask.unsqueeze(1).to(images.dtype)
+        return images.unsqueeze(1), {"pixel_attention_mask": mask.unsqueeze(1)}
 
     def regroup(self, per_image: list[torch.Tensor], call: Optional[dict]) -> list[torch.Tensor]:
         """Sub-image features concatenated per prompt, as the model returns them."""
