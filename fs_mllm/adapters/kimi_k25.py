@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .base import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, FamilyAdapter, register_adapter, unwrap_model
+from .qwen2_vl import split_by_grid
 
 
 @register_adapter
@@ -31,18 +32,11 @@ class KimiK25Adapter(FamilyAdapter):
         return int(unwrap_model(model).config.vision_config.patch_size)
 
     def images_from_inputs(self, model: nn.Module, pixel_values: torch.Tensor, kwargs: dict) -> list[torch.Tensor]:
-        grid = kwargs.get("image_grid_thw")
-        if grid is None:
-            raise ValueError("image_grid_thw is required with kimi_k25 pixel_values (pass the processor outputs)")
         if pixel_values.ndim != 4:
             raise ValueError(f"kimi_k25 pixel_values must be (patches, 3, P, P), got shape {tuple(pixel_values.shape)}")
         patch = self._patch(model)
-        grid = torch.as_tensor(grid).tolist()
-        sizes = [t * h * w for t, h, w in grid]
-        if sum(sizes) != pixel_values.shape[0]:
-            raise ValueError(f"pixel_values has {pixel_values.shape[0]} patch rows but image_grid_thw sums to {sum(sizes)}")
         images = []
-        for rows, (t, h, w) in zip(torch.split(pixel_values, sizes), grid):
+        for rows, (t, h, w) in split_by_grid(pixel_values, kwargs, "kimi_k25"):
             frames = rows.reshape(t, h, w, 3, patch, patch).permute(0, 3, 1, 4, 2, 5).reshape(t, 3, h * patch, w * patch)
             images.append(frames[0] if t == 1 else frames)
         return images

@@ -50,6 +50,19 @@ def patchify(images: torch.Tensor, patch_size: int, merge_size: int, temporal_pa
     return patches.reshape(n * grid_t * grid_h * grid_w, channels * temporal_patch_size * patch_size * patch_size)
 
 
+def split_by_grid(pixel_values: torch.Tensor, kwargs: dict, family: str) -> list[tuple[torch.Tensor, tuple[int, int, int]]]:
+    """(patch rows, (t, h, w)) per image of a call whose patch rows are concatenated image after image and
+    described by ``image_grid_thw`` (the Qwen-VL processors' layout, also Kimi-K2.5's)."""
+    grid = kwargs.get("image_grid_thw")
+    if grid is None:
+        raise ValueError(f"image_grid_thw is required with {family} pixel_values (pass the processor outputs)")
+    grid = [tuple(int(v) for v in row) for row in torch.as_tensor(grid).tolist()]
+    sizes = [t * h * w for t, h, w in grid]
+    if sum(sizes) != pixel_values.shape[0]:
+        raise ValueError(f"pixel_values has {pixel_values.shape[0]} patch rows but image_grid_thw sums to {sum(sizes)}")
+    return list(zip(torch.split(pixel_values, sizes), grid))
+
+
 def unpatchify(rows: torch.Tensor, grid_t: int, grid_h: int, grid_w: int, patch_size: int, merge_size: int,
                temporal_patch_size: int, channels: int = 3, still: bool = True) -> torch.Tensor:
     """(t*h*w, C*T*P*P) rows of one clip -> (C, H, W) for a still image (``still``: t == 1 and identical
@@ -86,16 +99,9 @@ class Qwen2VLAdapter(FamilyAdapter):
         return int(vision.patch_size), int(vision.spatial_merge_size), int(vision.temporal_patch_size)
 
     def images_from_inputs(self, model: nn.Module, pixel_values: torch.Tensor, kwargs: dict) -> list[torch.Tensor]:
-        grid = kwargs.get("image_grid_thw")
-        if grid is None:
-            raise ValueError(f"image_grid_thw is required with {self.name} pixel_values (pass the processor outputs)")
         patch, merge, temporal = self._geometry(model)
-        grid = torch.as_tensor(grid).tolist()
-        sizes = [t * h * w for t, h, w in grid]
-        if sum(sizes) != pixel_values.shape[0]:
-            raise ValueError(f"pixel_values has {pixel_values.shape[0]} patch rows but image_grid_thw sums to {sum(sizes)}")
         images = []
-        for rows, (t, h, w) in zip(torch.split(pixel_values, sizes), grid):
+        for rows, (t, h, w) in split_by_grid(pixel_values, kwargs, self.name):
             clip = unpatchify(rows, t, h, w, patch, merge, temporal, still=False)
             # a still image (one frame repeated T times) is smoothed as (3, H, W); a video clip as its frames
             still = t == 1 and torch.equal(clip, clip[:1].expand_as(clip))
