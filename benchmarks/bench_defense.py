@@ -58,6 +58,9 @@ def main() -> None:
     parser.add_argument("--no-crops", action="store_true")
     parser.add_argument("--adaptive-l2", type=budgets, default=list(ADAPTIVE_L2), help="l2 budgets ('none' = skip)")
     parser.add_argument("--adaptive-linf", type=budgets, default=list(ADAPTIVE_LINF), help="linf budgets ('none' = skip)")
+    parser.add_argument("--surrogates", type=lambda text: tuple(v.strip() for v in text.split(",") if v.strip()) or None,
+                        default=None, help="transfer crafted on these encoders (comma list, e.g. 'dinov2') instead of "
+                                           "the undefended model's own image path")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--out", default="bench_defense.json")
@@ -68,7 +71,7 @@ def main() -> None:
         transfer_step_size=args.transfer_step_size, crop_scale=None if args.no_crops else args.crop_scale,
         adaptive_l2=tuple(args.adaptive_l2), adaptive_linf=tuple(args.adaptive_linf),
         adaptive_steps=args.adaptive_steps, eot_samples=args.eot_samples,
-        certify_images=args.certify_images, certify_n=args.certify_n,
+        certify_images=args.certify_images, certify_n=args.certify_n, surrogates=args.surrogates,
     )
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
