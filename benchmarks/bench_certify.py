@@ -17,6 +17,13 @@ scaling     certification time vs n (``--scaling-n``) at the default chunk size 
             (``--scaling-chunks``) at fixed n, with the bare tower's time for the same number of
             copies beside each point; plotted to benchmarks/results/certify_scaling_<model>_cpu.png.
 
+``--compile`` (opt-in, with the throughput part; never with ``--quick``) adds, in the same process, the
+eager vision tower vs a ``torch.compile``d copy of it (``--compile-backend``, inductor by default; if
+that fails the error is printed verbatim and ``aot_eager`` is measured instead): the bare
+image-feature function on one chunk and ``certify_model`` with each tower, interleaved, as speedups
+eager / compiled (min and median). Compile and warm-up time is reported apart, and the compiled
+tower's features are checked against eager's (max abs diff, cosine) along with the certificates.
+
 Models: ``fs-mini-llava`` (real DINOv2 ViT-S/14 @ 112 px + SmolLM2, fp32), ``tiny`` (random-weight
 LLaVA, CLIP 256x6 @ ``--image-size`` px), ``micro`` (the test suite's 32 px LLaVA: its tower costs so
 little that this measures the bookkeeping), ``llava-7b-shape`` (LLaVA-1.5-7B-shaped random weights:
@@ -38,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from _bench import CLOCKS, RESULTS, interleaved_times, summary, write_json
+from _bench import CLOCKS, RESULTS, interleaved_times, ratio_of, summary, write_json
 from fs_mllm import certify_model, patch_model
 from fs_mllm.adapters import get_adapter
 
@@ -213,6 +220,121 @@ def throughput(args, model, inputs) -> dict:
     return result
 
 
+# ---- torch.compile ------------------------------------------------------------------------------
+
+def tower_slot(model):
+    """(owner, attribute) of the vision tower module: ``model.model.vision_tower`` in every model built here."""
+    owner = getattr(model, "model", model)
+    if not isinstance(getattr(owner, "vision_tower", None), torch.nn.Module):
+        raise ValueError(f"--compile: no vision_tower module on {type(model).__name__}")
+    return owner, "vision_tower"
+
+
+def compile_tower(eager, backend: str, probe) -> tuple:
+    """torch.compile ``eager`` with ``backend`` and run ``probe`` once with it (compilation is lazy).
+
+    Returns (compiled module, backend actually used, compile seconds {cpu, wall}, error text or None):
+    when ``backend`` fails, the error is kept verbatim and ``aot_eager`` is compiled instead.
+    """
+    error = None
+    for attempt in ([backend, "aot_eager"] if backend != "aot_eager" else [backend]):
+        torch._dynamo.reset()
+        cpu, wall = time.process_time(), time.perf_counter()
+        try:
+            compiled = torch.compile(eager, backend=attempt)
+            probe(compiled)
+        except Exception as exc:  # noqa: BLE001 - the failure is the figure
+            error = f"{type(exc).__name__}: {exc}"
+            print(f"torch.compile(backend={attempt!r}) failed:\n{error}", flush=True)
+            continue
+        return compiled, attempt, {"cpu": time.process_time() - cpu, "wall": time.perf_counter() - wall}, error
+    raise RuntimeError(f"torch.compile failed with every backend; last error: {error}")
+
+
+def compile_comparison(args, model, inputs) -> dict:
+    """Eager vs torch.compile'd vision tower, bare and inside certify_model, interleaved in one process."""
+    from fs_mllm.patching import original_feature_function
+
+    owner, name = tower_slot(model)
+    eager = getattr(owner, name)
+    n = args.throughput_chunks * args.chunk_size
+    original = original_feature_function(model, get_adapter(model))
+    kwargs = {k: getattr(model.config, k) for k in ("vision_feature_layer", "vision_feature_select_strategy")}
+    pixels = inputs["pixel_values"].to(device=args.device, dtype=torch.float32)
+    noise = torch.randn((args.chunk_size,) + tuple(pixels.shape[1:]), generator=torch.Generator().manual_seed(0))
+    batch = (pixels + noise.to(args.device) * 0.25 / 0.5).to(model.dtype)
+
+    def use(tower):
+        setattr(owner, name, tower)
+
+    def features(tower):
+        use(tower)
+        with torch.inference_mode():
+            out = original(pixel_values=batch, **kwargs)
+        sync(args.device)
+        out = out.pooler_output if hasattr(out, "pooler_output") else out
+        return torch.cat([o.reshape(o.shape[0], -1) for o in out]) if isinstance(out, (list, tuple)) else out
+
+    try:
+        compiled, backend, compile_s, error = compile_tower(eager, args.compile_backend, features)
+        # the rest of the warm-up: certify_model also calls the tower on 1 copy (f(x)), a new shape
+        cpu, wall = time.process_time(), time.perf_counter()
+        use(compiled)
+        cert_compiled = certify_model(model, inputs, n=n, chunk_size=args.chunk_size)
+        sync(args.device)
+        warmup_s = {"cpu": time.process_time() - cpu, "wall": time.perf_counter() - wall}
+        use(eager)
+        cert_eager = certify_model(model, inputs, n=n, chunk_size=args.chunk_size)
+        ref, got = features(eager).float(), features(compiled).float()
+        ref_flat, got_flat = ref.reshape(ref.shape[0], -1), got.reshape(got.shape[0], -1)
+        check = {"max_abs_diff": (got - ref).abs().max().item(), "max_abs_feature": ref.abs().max().item(),
+                 "cosine_min": torch.nn.functional.cosine_similarity(got_flat, ref_flat).min().item(),
+                 "score_lower_eager": [c.score_lower for c in cert_eager],
+                 "score_lower_compiled": [c.score_lower for c in cert_compiled],
+                 "score_mean_abs_diff": max(abs(a.score_mean - b.score_mean) for a, b in zip(cert_eager, cert_compiled))}
+
+        def tower_with(tower):
+            def run():
+                use(tower)
+                with torch.inference_mode():
+                    original(pixel_values=batch, **kwargs)
+                sync(args.device)
+            return run
+
+        def certify_with(tower):
+            def run():
+                use(tower)
+                certify_model(model, inputs, n=n, chunk_size=args.chunk_size)
+                sync(args.device)
+            return run
+
+        fns = {"tower_eager": tower_with(eager), "tower_compiled": tower_with(compiled),
+               "certify_eager": certify_with(eager), "certify_compiled": certify_with(compiled)}
+        times = interleaved_times(fns, args.repeats, clock=args.clock)
+    finally:
+        use(eager)
+    speedup = {"tower": ratio_of(times["tower_eager"], times["tower_compiled"]),
+               "certify": ratio_of(times["certify_eager"], times["certify_compiled"])}
+    speedup_other = {"tower": ratio_of(times.other["tower_eager"], times.other["tower_compiled"]),
+                     "certify": ratio_of(times.other["certify_eager"], times.other["certify_compiled"])}
+    other_clock = [c for c in CLOCKS if c != args.clock][0]
+    print(f"torch.compile (backend {backend!r}): compile + first call {compile_s['cpu']:.1f} s cpu / "
+          f"{compile_s['wall']:.1f} s wall; first certify_model (recompiles for 1 copy) {warmup_s['cpu']:.1f} s cpu / "
+          f"{warmup_s['wall']:.1f} s wall")
+    print(f"  features compiled vs eager ({args.chunk_size} noisy copies): max |diff| {check['max_abs_diff']:.3g} "
+          f"(max |feature| {check['max_abs_feature']:.3g}), min cosine {check['cosine_min']:.7f}; "
+          f"certified S lower eager {check['score_lower_eager']} vs compiled {check['score_lower_compiled']}")
+    for key, label in (("tower", f"bare tower, {args.chunk_size} copies"), ("certify", f"certify_model n={n}")):
+        print(f"  speedup eager / compiled, {label:28s} {speedup[key]['min']:.3f} (min) / {speedup[key]['median']:.3f} "
+              f"(median), {args.repeats} interleaved rounds, {args.clock} time "
+              f"({other_clock} time: {speedup_other[key]['min']:.3f} / {speedup_other[key]['median']:.3f})")
+    return {"backend": backend, "requested_backend": args.compile_backend, "error": error,
+            "torch": torch.__version__, "n": n, "chunk_size": args.chunk_size, "rounds": args.repeats,
+            "clock": args.clock, "compile_and_first_call_s": compile_s, "first_certify_s": warmup_s,
+            "speedup_eager_over_compiled": speedup, "speedup_other_clock": speedup_other,
+            "seconds": {k: summary(v) for k, v in times.items()}, "check": check}
+
+
 # ---- memory ------------------------------------------------------------------------------------
 
 def _status_kib(field: str) -> int:
@@ -342,6 +464,10 @@ def main() -> None:
     parser.add_argument("--clock", choices=CLOCKS, default="cpu",
                         help="process CPU time (steady on a shared CPU; the default) or wall time (use on a GPU)")
     parser.add_argument("--out-dir", default=None)
+    parser.add_argument("--compile", action="store_true",
+                        help="with the throughput part: also time a torch.compile'd vision tower against eager "
+                             "(opt-in; compile takes ~30 s of wall time on a CPU; ignored with --quick)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
     parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (micro model, small n)")
     args = parser.parse_args()
@@ -351,6 +477,7 @@ def main() -> None:
     if args.quick:
         args.model, args.chunk_size, args.throughput_chunks, args.repeats = "micro", 8, 2, 2
         args.memory_n, args.scaling_n, args.scaling_chunks, args.scaling_fixed_n = [16], [16, 32], [4, 8], 16
+        args.compile = False  # the smoke run never compiles (seconds, not minutes)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     model, inputs, description = build(args.model, args.image_size, args.device, DTYPES[args.dtype])
     print(f"model: {description}; device {args.device}, {args.threads} thread(s)")
@@ -359,13 +486,16 @@ def main() -> None:
     result = {"model": description, "device": args.device, "clock": args.clock}
     if "throughput" in parts:
         result["throughput"] = throughput(args, model, inputs)
+        if args.compile:
+            result["compile"] = compile_comparison(args, model, inputs)
     if "memory" in parts:
         result["memory"] = memory(args)
     if "scaling" in parts:
         result["scaling"] = scaling(args, model, inputs, description)
     name = "quick" if args.quick else args.model.replace("-", "_")
     suffix = "cpu" if args.device == "cpu" else "gpu"
-    write_json(f"certify_{name}_{'_'.join(parts)}_{suffix}.json", result,
+    tag = "_compile" if args.compile and "throughput" in parts else ""
+    write_json(f"certify_{name}_{'_'.join(parts)}{tag}_{suffix}.json", result,
                **({"out_dir": Path(args.out_dir)} if args.out_dir else {}))
 
 

@@ -59,6 +59,24 @@ def rows(folder: Path) -> list[tuple]:
             add(r, f"certification throughput / bare tower, {r['model']}, n {r['throughput']['n']}, batch "
                 f"{r['throughput']['chunk_size']}, {r['throughput'].get('clock', 'wall')} time",
                 f"{t['min']:.3f} / {t['median']:.3f}", ">= 0.95", met(t["min"], 0.95))
+        if "compile" in r:
+            c = r["compile"]
+            sp, chk = c["speedup_eager_over_compiled"], c["check"]
+            fell_back = f", {c['requested_backend']} failed" if c.get("error") else ""
+            for key, label in (("tower", f"bare tower on {c['chunk_size']} copies"),
+                               ("certify", f"certify_model n {c['n']}, batch {c['chunk_size']}")):
+                add(r, f"torch.compile speedup (eager / compiled time), {label}, backend {c['backend']}{fell_back}, "
+                    f"{r['model']}, {c['clock']} time", f"{sp[key]['min']:.3f} / {sp[key]['median']:.3f}",
+                    "measured (no issue target)", "-")
+            w = c["compile_and_first_call_s"], c["first_certify_s"]
+            add(r, f"torch.compile warm-up, {r['model']}: compile + first call; first certify_model (1-copy recompile), "
+                "cpu / wall s, excluded above", f"{w[0]['cpu']:.1f} / {w[0]['wall']:.1f}; {w[1]['cpu']:.1f} / {w[1]['wall']:.1f}",
+                "-", "-")
+            add(r, f"torch.compile features vs eager, {r['model']}: max abs diff (max abs feature), min cosine; "
+                "certified S lower eager / compiled",
+                f"{chk['max_abs_diff']:.2g} ({chk['max_abs_feature']:.3g}), {chk['cosine_min']:.7f}; "
+                f"{chk['score_lower_eager'][0]:.7f} / {chk['score_lower_compiled'][0]:.7f}", "match to fp32 rounding",
+                met(chk["cosine_min"], 0.99999))
         if "memory" in r:
             m = r["memory"]
             first, last = m["rows"][0], m["rows"][-1]

@@ -40,6 +40,20 @@ def test_bench_certify_quick(tmp_path):
     assert (tmp_path / "certify_scaling_micro_cpu.png").stat().st_size > 0
 
 
+def test_bench_certify_compile_falls_back_to_aot_eager(tmp_path):
+    """--compile (never part of --quick) on the micro model: an unusable backend is reported verbatim and
+    aot_eager (no C++ compiler needed, seconds on the micro tower) is measured instead."""
+    command = [sys.executable, str(BENCHMARKS / "bench_certify.py"), "--model", "micro", "--parts", "throughput",
+               "--chunk-size", "8", "--throughput-chunks", "2", "--repeats", "1", "--compile",
+               "--compile-backend", "no_such_backend", "--out-dir", str(tmp_path)]
+    proc = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, failure(proc)
+    result = json.loads((tmp_path / "certify_micro_throughput_compile_cpu.json").read_text())["compile"]
+    assert result["backend"] == "aot_eager" and "no_such_backend" in result["error"]
+    assert result["check"]["cosine_min"] > 0.9999
+    assert result["speedup_eager_over_compiled"]["certify"]["min"] > 0
+
+
 def test_bench_efficiency_quick(tmp_path):
     pytest.importorskip("onnx")
     from fs_mllm.testing import require_package
