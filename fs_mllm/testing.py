@@ -271,6 +271,36 @@ def _qwen_pixels(batch: int, seed: int) -> dict:
     return {"pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"]}
 
 
+def _raster_pixels(batch: int, seed: int, grid: int = 4, patch: int = 4) -> dict:
+    """HunYuan-VL layout: 16 px images as 4 x 4 raster patch rows of (3, 1, 4, 4) (temporal patch 1, no merge blocks)."""
+    from fs_mllm.adapters.qwen2_vl import patchify
+
+    return {"pixel_values": patchify(_pixels(batch, seed, 3, grid * patch, grid * patch), patch, 1, 1),
+            "image_grid_thw": torch.tensor([[1, grid, grid]] * batch)}
+
+
+def _channel_last_pixels(batch: int, seed: int) -> dict:
+    """Cosmos3-Edge layout: 16 px images as merge-block-ordered (4, 4, 3) channel-last patch rows (made by its adapter)."""
+    from fs_mllm.adapters.qwen2_vl import ChannelLastPatchAdapter
+
+    rows, kwargs = ChannelLastPatchAdapter().inputs_from_images(_CosmosGeometry(), _pixels(batch, seed, 3, 16, 16), {})
+    return {"pixel_values": rows, **kwargs}
+
+
+class _CosmosGeometry(torch.nn.Module):
+    """Stands in for a Cosmos3-Edge model where only the vision patch and merge sizes are read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(vision_config=SimpleNamespace(patch_size=4, spatial_merge_size=2))
+
+
+HUNYUAN_VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, out_hidden_size=32,
+                      text_hidden_size=32, patch_size=4, temporal_patch_size=1)
+
+
 def _kimi_pixels(batch: int, seed: int, grid: int = 4, patch: int = 4) -> dict:
     from fs_mllm.adapters.kimi_k25 import KimiK25Adapter
 
@@ -329,6 +359,19 @@ def _vision_start_prompt(batch: int, n_tokens: int, seed: int) -> dict:
     ids[:, 2] = VISION_START  # the token before the image tokens opens the vision span (M-RoPE positions)
     inputs["mm_token_type_ids"] = (ids == IMAGE_TOKEN).long()
     return inputs
+
+
+def _plain_vision_start_prompt(batch: int, n_tokens: int, seed: int) -> dict:
+    """A vision-start prompt without mm_token_type_ids (the Omni thinkers find the image span from input_ids)."""
+    inputs = _vision_start_prompt(batch, n_tokens, seed)
+    inputs.pop("mm_token_type_ids")
+    return inputs
+
+
+GLM5_LAYERS = ["indexed_attention", "indexed_attention"]  # no linear-attention layer (its fallback kernel is slow on CPU)
+
+OMNI_AUDIO = dict(num_mel_bins=16, encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=64, d_model=32, output_dim=32,
+                  n_window=4)
 
 
 def _token_type_prompt(batch: int, n_tokens: int, seed: int) -> dict:
@@ -451,6 +494,22 @@ def _llama4_output_fix(model) -> None:
     language_model.forward = forward
 
 
+def build_kosmos2(dtype: torch.dtype = torch.float32, seed: int = 0, batch: int = 2, latents: int = 4):
+    """Kosmos2ForConditionalGeneration (CLIP-like tower + its own decoder), 32x32 images -> 4 latent image tokens."""
+    from transformers import Kosmos2Config, Kosmos2ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = dict(vocab_size=VOCAB, embed_dim=32, layers=2, ffn_dim=64, attention_heads=4, max_position_embeddings=128,
+                pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    config = Kosmos2Config(text_config=text, vision_config=dict(TINY_VISION, image_size=32, patch_size=8),
+                           latent_query_num=latents)
+    model = Kosmos2ForConditionalGeneration(config)
+    inputs = _prompt_ids(batch, latents, seed)
+    inputs["image_embeds_position_mask"] = (inputs["input_ids"] == IMAGE_TOKEN).long()
+    inputs["pixel_values"] = _pixels(batch, seed, 3, 32, 32)
+    return _finish(model, inputs, dtype)
+
+
 def build_mllama(dtype: torch.dtype = torch.float32, seed: int = 0, batch: int = 2):
     """MllamaForConditionalGeneration: one 2-tile image (16 px tiles) per prompt, cross-attention in layer 1."""
     from transformers import MllamaConfig, MllamaForConditionalGeneration
@@ -566,6 +625,28 @@ FAMILIES: dict[str, Callable] = {
                                     first_k_dense_replace=1),
                           vision=QWEN_VISION, prompt=_vision_start_prompt, **GLM_TOKENS),
     "glm_ocr": _builder("glm_ocr", _qwen_pixels, text=_qwen_text(), vision=QWEN_VISION, prompt=_vision_start_prompt, **GLM_TOKENS),
+    "glm5_next": _builder("glm5_next", _qwen_pixels, text=_qwen_text(num_key_value_heads=4, layer_types=GLM5_LAYERS), vision=QWEN_VISION,
+                          prompt=_vision_start_prompt, **QWEN_TOKENS),
+    "qwen2_5_omni_thinker": _builder("qwen2_5_omni_thinker", _qwen_pixels, text=_qwen_text(), vision=QWEN_VISION,
+                                     prompt=_plain_vision_start_prompt, audio_config=OMNI_AUDIO, **QWEN_TOKENS),
+    "qwen3_omni_moe_thinker": _builder("qwen3_omni_moe_thinker", _qwen_pixels, text=dict(_qwen_text(), **MOE),
+                                       vision=QWEN_VISION, prompt=_plain_vision_start_prompt, audio_config=OMNI_AUDIO,
+                                       **QWEN_TOKENS),
+    "hunyuan_vl": _builder("hunyuan_vl", _raster_pixels, text=_qwen_text(head_dim=8), vision=HUNYUAN_VISION,
+                           prompt=_vision_start_prompt, **QWEN_TOKENS),
+    "hy_v4_vl": _builder("hy_v4_vl", _raster_pixels, text=_qwen_text(qk_rope_head_dim=8), vision=HUNYUAN_VISION,
+                         prompt=_vision_start_prompt, **QWEN_TOKENS),
+    "cohere_compass": _builder("cohere_compass", _qwen_pixels, vision=QWEN_VISION, prompt=_vision_start_prompt,
+                               text=_text(layer_types=["sliding_attention", "full_attention"],
+                                          rope_parameters={"sliding_attention": _qwen_text()["rope_parameters"],
+                                                           "full_attention": _qwen_text()["rope_parameters"]}),
+                               **QWEN_TOKENS),
+    "qwen4_exp": _builder("qwen4_exp", _qwen_pixels, vision=QWEN_VISION, prompt=_vision_start_prompt,
+                          text=_qwen_text(head_dim=8, layer_types=GLM5_LAYERS, indexer_budget=8, indexer_compress_ratio=4,
+                                          indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8),
+                          **QWEN_TOKENS),
+    "cosmos3_edge": _builder("cosmos3_edge", _channel_last_pixels, text=_qwen_text(head_dim=8),
+                             vision=dict(QWEN_VISION, temporal_patch_size=1), prompt=_vision_start_prompt, **QWEN_TOKENS),
     "kimi_k25": _builder("kimi_k25", _kimi_pixels, text=_deepseek_v3_text(),
                          vision=dict(TINY_VISION, patch_size=4, pos_emb_height=8, pos_emb_width=8, merge_kernel_size=[2, 2]),
                          image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START, vision_end_token_id=103, projection_hidden_size=32),
@@ -578,6 +659,7 @@ FAMILIES: dict[str, Callable] = {
     "idefics3": _builder("idefics3", _idefics_pixels, image_token_id=IMAGE_TOKEN, scale_factor=2),
     "smolvlm": _builder("smolvlm", _idefics_pixels, image_token_id=IMAGE_TOKEN, scale_factor=2),
     "mllama": build_mllama,
+    "kosmos-2": build_kosmos2,
 }
 # the families the detailed tests of tests/test_patching.py run on (their layouts' special cases)
 CORE_FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "paligemma", "gemma3", "mistral3")

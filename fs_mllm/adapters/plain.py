@@ -27,12 +27,13 @@ class PlainAdapter(FamilyAdapter):
 @register_adapter
 class ClipMeanAdapter(PlainAdapter):
     """CLIP-normalised families: VipLLaVA, Aya-Vision, Cohere2-Vision, InternVL, GOT-OCR2, Qianfan-OCR,
-    DeepSeek-VL, Janus (understanding path), Florence-2 (encoder-decoder: the image features enter the
+    DeepSeek-VL, Janus (understanding path), Kosmos-2 (its generate() calls the outer model's own
+    get_image_features, whose output is the resampled latent queries), Florence-2 (encoder-decoder: the image features enter the
     encoder, which generate runs once) and FastVLM (no processor class in transformers: the CLIP values
     are only the last fallback)."""
 
     model_types = ("vipllava", "aya_vision", "cohere2_vision", "internvl", "got_ocr2", "qianfan_ocr", "deepseek_vl",
-                   "janus", "fast_vlm", "florence2")
+                   "janus", "fast_vlm", "florence2", "kosmos-2")
     default_image_mean = OPENAI_CLIP_MEAN
     default_image_std = OPENAI_CLIP_STD
 

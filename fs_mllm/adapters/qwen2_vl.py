@@ -26,7 +26,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, FamilyAdapter, register_adapter, unwrap_model
+from .base import (
+    IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, FamilyAdapter, register_adapter,
+    unwrap_model,
+)
 
 
 def patchify(images: torch.Tensor, patch_size: int, merge_size: int, temporal_patch_size: int) -> torch.Tensor:
@@ -83,10 +86,11 @@ def unpatchify(rows: torch.Tensor, grid_t: int, grid_h: int, grid_w: int, patch_
 
 @register_adapter
 class Qwen2VLAdapter(FamilyAdapter):
-    """Qwen2-VL / Qwen2.5-VL and GLM-4.1V/4.5V/4.6V/OCR: patch rows <-> (3, H, W) images, image_grid_thw
-    travels with each image. Their videos go through the vision tower directly (never smoothed)."""
+    """Qwen2-VL / Qwen2.5-VL, GLM-4.1V/4.5V/4.6V/OCR, GLM-5-Next and the Qwen2.5-Omni thinker: patch rows <->
+    (3, H, W) images, image_grid_thw travels with each image. Their videos go through the vision tower directly
+    (never smoothed); the Omni thinker's audio goes through its audio tower, untouched."""
 
-    model_types = ("qwen2_vl", "qwen2_5_vl", "glm4v", "glm4v_moe", "glm46v", "glm_ocr")
+    model_types = ("qwen2_vl", "qwen2_5_vl", "glm4v", "glm4v_moe", "glm46v", "glm_ocr", "glm5_next", "qwen2_5_omni_thinker")
     default_image_mean = OPENAI_CLIP_MEAN
     default_image_std = OPENAI_CLIP_STD
     per_image_kwargs = ("image_grid_thw",)
@@ -120,10 +124,10 @@ class Qwen2VLAdapter(FamilyAdapter):
 
 @register_adapter
 class Qwen3VLAdapter(Qwen2VLAdapter):
-    """Qwen3-VL / Qwen3-VL-MoE / Cosmos3-Omni: Qwen2-VL patch layout; main and DeepStack features smoothed
+    """Qwen3-VL / Qwen3-VL-MoE / Cosmos3-Omni / Cohere-Compass: Qwen2-VL patch layout; main and DeepStack features smoothed
     together (see the module docstring). Default mean/std are Qwen2VLImageProcessor's (checkpoints save 0.5)."""
 
-    model_types = ("qwen3_vl", "qwen3_vl_moe", "cosmos3_omni")
+    model_types = ("qwen3_vl", "qwen3_vl_moe", "cosmos3_omni", "cohere_compass")
     smooths_video = True  # get_video_features calls get_image_features with the same patch layout
     feature_fields = ("pooler_output", "deepstack_features")
     layout = "patch rows + image_grid_thw; main + DeepStack features as one vector"
@@ -136,9 +140,75 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
 
 @register_adapter
+class RasterPatchAdapter(Qwen2VLAdapter):
+    """HunYuan-VL / HY-V4-VL: image_grid_thw patch rows of (C, T, P, P) like Qwen2-VL, but in plain raster order
+    (their processors do not group the rows into merge blocks; the vision tower merges them itself), so the
+    layout is the Qwen one with a merge size of 1 (T = 1 in their processors). HY-V4-VL's videos reach the image
+    function from get_video_features (passed through: video smoothing is not offered for these two)."""
+
+    model_types = ("hunyuan_vl", "hy_v4_vl")
+    layout = "raster patch rows (sum_patches, C*T*P*P) + image_grid_thw"
+
+    @staticmethod
+    def _geometry(model: nn.Module) -> tuple[int, int, int]:
+        vision = unwrap_model(model).config.vision_config
+        return int(vision.patch_size), 1, int(vision.temporal_patch_size)
+
+
+@register_adapter
+class ChannelLastPatchAdapter(Qwen2VLAdapter):
+    """Cosmos3-Edge: image_grid_thw patch rows in Qwen's merge-block order, but each row is (P, P, C) channel-last
+    (its processor has temporal patch 1; the vision tower embeds the rows with one Linear). Still images only:
+    its videos reach the image function from get_video_features and pass through unsmoothed."""
+
+    model_types = ("cosmos3_edge",)
+    default_image_mean = IMAGENET_STANDARD_MEAN
+    default_image_std = IMAGENET_STANDARD_STD
+    layout = "patch rows (sum_patches, P*P*C) channel-last + image_grid_thw"
+
+    @staticmethod
+    def _geometry(model: nn.Module) -> tuple[int, int, int]:
+        vision = unwrap_model(model).config.vision_config
+        return int(vision.patch_size), int(vision.spatial_merge_size), 1
+
+    def images_from_inputs(self, model: nn.Module, pixel_values: torch.Tensor, kwargs: dict) -> list[torch.Tensor]:
+        patch, merge, _ = self._geometry(model)
+        images = []
+        for rows, (t, h, w) in split_by_grid(pixel_values, kwargs, self.name):
+            if t != 1:
+                raise ValueError(f"{self.name}: a patch block with {t} temporal steps is a video; fs_mllm smooths still images")
+            blocks = rows.reshape(h // merge, w // merge, merge, merge, patch, patch, -1)  # gh/m, gw/m, m, m, P, P, C
+            images.append(blocks.permute(6, 0, 2, 4, 1, 3, 5).reshape(blocks.shape[-1], h * patch, w * patch))
+        return images
+
+    def inputs_from_images(self, model: nn.Module, images: torch.Tensor, extra: dict) -> tuple[torch.Tensor, dict]:
+        if images.ndim != 4:
+            raise ValueError(f"{self.name}: expected still images (N, 3, H, W), got {tuple(images.shape)}")
+        patch, merge, _ = self._geometry(model)
+        patchify(images, patch, merge, 1)  # validates the tiling
+        n, channels, height, width = images.shape
+        grid_h, grid_w = height // patch, width // patch
+        blocks = images.reshape(n, channels, grid_h // merge, merge, patch, grid_w // merge, merge, patch)
+        rows = blocks.permute(0, 2, 5, 3, 6, 4, 7, 1).reshape(n * grid_h * grid_w, patch * patch * channels)
+        grid = extra.get("image_grid_thw")
+        if grid is None:
+            grid = torch.tensor([[1, grid_h, grid_w]] * n, device=images.device)
+        return rows, {"image_grid_thw": grid}
+
+
+@register_adapter
+class Qwen3OmniAdapter(Qwen3VLAdapter):
+    """Qwen3-Omni-MoE thinker: Qwen3-VL patch layout, main + DeepStack features smoothed together; its videos go
+    through the vision tower directly (never smoothed), its audio through the audio tower (untouched)."""
+
+    model_types = ("qwen3_omni_moe_thinker",)
+    smooths_video = False
+
+
+@register_adapter
 class QwenVideoAdapter(Qwen2VLAdapter):
-    """Qwen3.5 (dense, MoE), HyperCLOVA X Vision v2, MiniMax-M3-VL, LFM3-VL: the Qwen2-VL patch layout and
+    """Qwen3.5 (dense, MoE), HyperCLOVA X Vision v2, MiniMax-M3-VL, LFM3-VL, Qwen4-Exp: the Qwen2-VL patch layout and
     output; videos reach the image function from get_video_features (passed through unless smooth_video)."""
 
-    model_types = ("qwen3_5", "qwen3_5_moe", "hyperclovax_vision_v2", "minimax_m3_vl", "lfm3_vl")
+    model_types = ("qwen3_5", "qwen3_5_moe", "hyperclovax_vision_v2", "minimax_m3_vl", "lfm3_vl", "qwen4_exp")
     smooths_video = True
