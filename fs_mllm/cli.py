@@ -130,7 +130,8 @@ def run_certify(args: argparse.Namespace) -> dict:
     os.replace(tmp, certificates_path)
     plot = plot_certified_curve({"FS" if booster is None else "FS+GSB": curve}, out_dir / "certified_curve.png", threshold=0.5,
                                 title=f"{args.model}, sigma={args.sigma}, n={args.n}, alpha={args.alpha}")
-    (out_dir / "summary.json").write_text(json.dumps({"settings": vars(args), "table": table, "curve": curve}, indent=2, default=str))
+    settings = {key: value for key, value in vars(args).items() if not callable(value)}  # not argparse's dispatch function
+    (out_dir / "summary.json").write_text(json.dumps({"settings": settings, "table": table, "curve": curve}, indent=2, default=str))
     write_report(out_dir, f"Certified features of {args.model}", markdown, [f"![certified curve]({Path(plot).name})",
                  CERTIFICATE_MEANING.format(sigma=args.sigma, alpha=args.alpha)])
     print(markdown)

@@ -79,6 +79,8 @@ def _check_outputs(argv: list[str], folder: Path) -> None:
         assert len((folder / "certificates.jsonl").read_text().splitlines()) == 1
         for name in ("certified_curve.png", "report.md", "summary.json"):
             assert (folder / name).stat().st_size > 0, name
+        settings = json.loads((folder / "summary.json").read_text())["settings"]
+        assert settings["command"] == "certify" and "run" not in settings  # plain settings, no function repr
     elif command == "attack":
         rows = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
         assert sorted(r["mode"] for r in rows) == ["base", "fs"]
