@@ -150,6 +150,11 @@ def family_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def vision_patch_size(model: nn.Module) -> int:
+    """The vision tower's patch size (``config.vision_config.patch_size``), for layouts that cut images into patch rows."""
+    return int(unwrap_model(model).config.vision_config.patch_size)
+
+
 def channel_view(values: Union[Sequence[float], torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     """Per-channel values shaped (3, 1, 1) in float32 on ``like``'s device (channels sit on axis -3)."""
     tensor = torch.as_tensor(values, dtype=torch.float32, device=like.device)

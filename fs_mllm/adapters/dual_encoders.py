@@ -40,6 +40,7 @@ from .base import (
     FamilyAdapter,
     register_adapter,
     unwrap_model,
+    vision_patch_size,
 )
 from .lfm2_vl import from_patch_rows, to_patch_rows
 
@@ -96,10 +97,6 @@ class Siglip2Adapter(SiglipStyleAdapter):
     per_image_kwargs = ("spatial_shapes", "pixel_attention_mask")
     layout = "padded patch rows (B, max_patches, P*P*3) + spatial_shapes + pixel_attention_mask"
 
-    @staticmethod
-    def _patch_size(model: nn.Module) -> int:
-        return int(unwrap_model(model).config.vision_config.patch_size)
-
     def images_from_inputs(self, model: nn.Module, pixel_values: torch.Tensor, kwargs: dict) -> list[torch.Tensor]:
         shapes = kwargs.get("spatial_shapes")
         if shapes is None:
@@ -108,7 +105,7 @@ class Siglip2Adapter(SiglipStyleAdapter):
             raise ValueError(f"pixel_values of siglip2 must be (B, max_num_patches, P*P*3) patch rows, got shape "
                              f"{tuple(pixel_values.shape)}")
         mask = kwargs.get("pixel_attention_mask")
-        patch = self._patch_size(model)
+        patch = vision_patch_size(model)
         images = []
         for index, (grid_h, grid_w) in enumerate(torch.as_tensor(shapes).tolist()):
             real = grid_h * grid_w
@@ -124,7 +121,7 @@ class Siglip2Adapter(SiglipStyleAdapter):
         return images
 
     def inputs_from_images(self, model: nn.Module, images: torch.Tensor, extra: dict) -> tuple[torch.Tensor, dict]:
-        patch = self._patch_size(model)
+        patch = vision_patch_size(model)
         rows = siglip2_patchify(images, patch)
         count, real = rows.shape[0], rows.shape[1]
         mask = extra.get("pixel_attention_mask")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import FamilyAdapter, register_adapter, unwrap_model
+from .base import FamilyAdapter, register_adapter, vision_patch_size
 from .lfm2_vl import from_patch_rows, to_patch_rows
 
 
@@ -28,17 +28,13 @@ class Gemma4Adapter(FamilyAdapter):
     per_image_kwargs = ("image_position_ids",)
     layout = "padded patch rows (B, max_patches, P*P*3) + image_position_ids"
 
-    @staticmethod
-    def _patch(model: nn.Module) -> int:
-        return int(unwrap_model(model).config.vision_config.patch_size)
-
     def images_from_inputs(self, model: nn.Module, pixel_values: torch.Tensor, kwargs: dict) -> list[torch.Tensor]:
         positions = kwargs.get("image_position_ids")
         if positions is None:
             raise ValueError(f"image_position_ids is required with {self.name} pixel_values (pass the processor outputs)")
         if pixel_values.ndim != 3:
             raise ValueError(f"{self.name} pixel_values must be (batch, patches, P*P*3), got shape {tuple(pixel_values.shape)}")
-        patch = self._patch(model)
+        patch = vision_patch_size(model)
         images = []
         for rows, position in zip(pixel_values, torch.as_tensor(positions)):
             real = position[(position != -1).all(-1)]
@@ -47,7 +43,7 @@ class Gemma4Adapter(FamilyAdapter):
         return images
 
     def inputs_from_images(self, model: nn.Module, images: torch.Tensor, extra: dict) -> tuple[torch.Tensor, dict]:
-        patch = self._patch(model)
+        patch = vision_patch_size(model)
         count, h, w = images.shape[0], images.shape[-2] // patch, images.shape[-1] // patch
         rows = to_patch_rows(images, patch)
         positions = extra.get("image_position_ids")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, FamilyAdapter, register_adapter, unwrap_model
+from .base import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, FamilyAdapter, register_adapter, vision_patch_size
 from .qwen2_vl import split_by_grid
 
 
@@ -27,14 +27,10 @@ class KimiK25Adapter(FamilyAdapter):
     smooths_video = True
     layout = "raster patch rows (sum_patches, 3, P, P) + image_grid_thw"
 
-    @staticmethod
-    def _patch(model: nn.Module) -> int:
-        return int(unwrap_model(model).config.vision_config.patch_size)
-
     def images_from_inputs(self, model: nn.Module, pixel_values: torch.Tensor, kwargs: dict) -> list[torch.Tensor]:
         if pixel_values.ndim != 4:
             raise ValueError(f"kimi_k25 pixel_values must be (patches, 3, P, P), got shape {tuple(pixel_values.shape)}")
-        patch = self._patch(model)
+        patch = vision_patch_size(model)
         images = []
         for rows, (t, h, w) in split_by_grid(pixel_values, kwargs, "kimi_k25"):
             frames = rows.reshape(t, h, w, 3, patch, patch).permute(0, 3, 1, 4, 2, 5).reshape(t, 3, h * patch, w * patch)
@@ -42,7 +38,7 @@ class KimiK25Adapter(FamilyAdapter):
         return images
 
     def inputs_from_images(self, model: nn.Module, images: torch.Tensor, extra: dict) -> tuple[torch.Tensor, dict]:
-        patch = self._patch(model)
+        patch = vision_patch_size(model)
         clips = images if images.ndim == 5 else images.unsqueeze(1)
         n, t, channels, height, width = clips.shape
         h, w = height // patch, width // patch

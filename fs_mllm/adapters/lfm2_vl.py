@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, FamilyAdapter, register_adapter, unwrap_model
+from .base import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, FamilyAdapter, register_adapter, vision_patch_size
 
 
 def to_patch_rows(images: torch.Tensor, patch: int) -> torch.Tensor:
@@ -42,10 +42,6 @@ class Lfm2VlAdapter(FamilyAdapter):
     layout = "padded patch rows (B, max_patches, P*P*3) + spatial_shapes + pixel_attention_mask"
 
     @staticmethod
-    def _patch(model: nn.Module) -> int:
-        return int(unwrap_model(model).config.vision_config.patch_size)
-
-    @staticmethod
     def _shapes(kwargs: dict) -> list[list[int]]:
         shapes = kwargs.get("spatial_shapes")
         if shapes is None:
@@ -55,7 +51,7 @@ class Lfm2VlAdapter(FamilyAdapter):
     def images_from_inputs(self, model: nn.Module, pixel_values: torch.Tensor, kwargs: dict) -> list[torch.Tensor]:
         if pixel_values.ndim != 3:
             raise ValueError(f"lfm2_vl pixel_values must be (batch, patches, P*P*3), got shape {tuple(pixel_values.shape)}")
-        patch = self._patch(model)
+        patch = vision_patch_size(model)
         return [from_patch_rows(rows, h, w, patch) for rows, (h, w) in zip(pixel_values, self._shapes(kwargs))]
 
     def per_image_rows(self, model: nn.Module, pixel_values: torch.Tensor, kwargs: dict) -> dict[str, list]:
@@ -66,7 +62,7 @@ class Lfm2VlAdapter(FamilyAdapter):
         return rows
 
     def inputs_from_images(self, model: nn.Module, images: torch.Tensor, extra: dict) -> tuple[torch.Tensor, dict]:
-        patch = self._patch(model)
+        patch = vision_patch_size(model)
         count, h, w = images.shape[0], images.shape[-2] // patch, images.shape[-1] // patch
         rows = to_patch_rows(images, patch)
         shapes = extra.get("spatial_shapes")
