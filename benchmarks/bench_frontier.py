@@ -5,7 +5,7 @@ normalisation) of the smoothed model, with and without the shipped booster (FS+G
 inside the booster's trained range), next to base. Prints a table, writes JSON and a plot. This is what
 the README's default sigma and n0 are chosen from.
 
-    python benchmarks/bench_frontier.py [--questions 200] [--sigmas 0.0625,0.125,0.25,0.5] [--n0 2,4,8,16,32]
+    python benchmarks/bench_frontier.py [--questions 200] [--sigmas 0.0625,0.125,0.25,0.5] [--n0 1,4,8,16,32] [--variants fs,fs+gsb]
         [--threads 1] [--out bench_frontier.json] [--plot frontier.png]
     python benchmarks/bench_frontier.py --merge a.json b.json --plot frontier.png   # runs split by n0
 """
@@ -90,7 +90,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--questions", type=positive_int, default=200)
     parser.add_argument("--sigmas", type=floats, default=[0.0625, 0.125, 0.25, 0.5])
-    parser.add_argument("--n0", type=ints, default=[2, 4, 8, 16, 32])  # FSConfig refuses n0 = 1 (no average)
+    parser.add_argument("--n0", type=ints, default=[1, 4, 8, 16, 32])
+    parser.add_argument("--variants", type=lambda text: [v for v in text.split(",") if v], default=["fs", "fs+gsb"],
+                        help="comma-separated subset of fs,fs+gsb (default both)")
     parser.add_argument("--booster", default=str(BOOSTER_DIR))
     parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--out", default="bench_frontier.json")
@@ -100,6 +102,14 @@ def main() -> None:
     if args.merge:
         merge(args.merge, args.plot)
         return
+    unknown = sorted(set(args.variants) - {"fs", "fs+gsb"})
+    if unknown or not args.variants:
+        parser.error(f"--variants must name fs and/or fs+gsb, got {','.join(args.variants) or 'nothing'}")
+    for sigma, n0 in ((s, n) for s in args.sigmas for n in args.n0):
+        try:
+            FSConfig(sigma=sigma, n_samples=n0)  # a bad sigma or n0 fails here, before the model loads
+        except ValueError as error:
+            parser.error(f"--sigmas/--n0: {error}")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     model, processor = load_mini_llava()
@@ -122,7 +132,7 @@ def main() -> None:
     lo, hi = booster.config.sigma_min, booster.config.sigma_max
     for sigma in args.sigmas:
         for n0 in args.n0:
-            for variant in ("fs", "fs+gsb"):
+            for variant in args.variants:
                 if variant == "fs+gsb" and not lo <= sigma <= hi:
                     continue
                 apply_variant(model, variant, FSConfig(sigma=sigma, n_samples=n0), processor, booster)

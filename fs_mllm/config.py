@@ -47,9 +47,11 @@ def check_alpha(alpha: Any, name: str = "alpha") -> float:
     return value
 
 
-def check_n(n: Any, name: str = "n") -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise ValueError(f"{name} must be an integer >= 2 (number of Monte-Carlo noise samples), got {n!r}")
+def check_n(n: Any, name: str = "n", minimum: int = 2) -> int:
+    """Monte-Carlo sample counts: a certificate's statistics need ``n >= 2``; the copies averaged inside
+    ``generate`` (n0) may be 1 (one noisy copy: an unbiased but high-variance estimate of the smoothed features)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum} (number of Monte-Carlo noise samples), got {n!r}")
     return n
 
 
@@ -127,7 +129,7 @@ def dataclass_from_dict(cls: type, data: Any) -> Any:
 
 _FIELD_CHECKS = {
     "sigma": check_sigma,
-    "n_samples": lambda value: check_n(value, "n_samples"),
+    "n_samples": lambda value: check_n(value, "n_samples", minimum=1),
     "chunk_size": check_chunk_size,
     "seed": check_seed,
     "normalize": lambda value: check_choice(value, "normalize", NORMALIZE_MODES),

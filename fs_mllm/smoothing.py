@@ -118,9 +118,9 @@ def iter_noisy_unit_features(
     ``noise_std`` is a float or a tensor broadcastable to one image (e.g. (C, 1, 1) per-channel std in
     a normalised pixel space). Image b's i-th copy is x[b] + std * (the i-th float32 draw of b's own
     generator, seeded by :func:`image_noise_seed`) on x's device; the noisy input is cast back to x's
-    dtype just before the encoder.
+    dtype just before the encoder. ``n`` may be 1 here (generate's n0); certificates check n >= 2 themselves.
     """
-    check_n(n)
+    check_n(n, minimum=1)
     seed = check_seed(seed)
     chunk_size = check_chunk_size(chunk_size) or DEFAULT_CHUNK_SIZE
     generators = [torch.Generator(device=x.device).manual_seed(image_noise_seed(seed, image)) for image in x]

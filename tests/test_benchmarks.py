@@ -62,3 +62,18 @@ def test_bench_efficiency_quick(tmp_path):
     run_quick("bench_efficiency.py", tmp_path)
     result = json.loads((tmp_path / "efficiency_cpu.json").read_text())
     assert set(result["efficiency_at_n"]) == {"hoeffding", "bernstein", "betting", "betting_fixed"}
+
+
+def test_bench_frontier_small_run_with_one_copy(tmp_path):
+    """The frontier script on fs-mini-llava with 2 questions, n0 = 1 (one noisy copy) and FS only: a table,
+    JSON and plot; a bad --variants or n0 fails before the model loads."""
+    command = [sys.executable, str(BENCHMARKS / "bench_frontier.py"), "--questions", "2", "--sigmas", "0.25",
+               "--n0", "1", "--variants", "fs", "--out", "frontier.json", "--plot", "frontier.png"]
+    proc = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, failure(proc)
+    result = json.loads((tmp_path / "frontier.json").read_text())
+    assert result["questions"] == 2 and set(result["results"]["fs"]) == {"0.25,1"} and result["results"]["fs+gsb"] == {}
+    assert 0 <= result["results"]["fs"]["0.25,1"] <= 1 and (tmp_path / "frontier.png").stat().st_size > 0
+    for bad, message in ((["--variants", "gsb"], "--variants"), (["--n0", "0"], "n_samples")):
+        proc = subprocess.run(command[:2] + bad, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and message in proc.stderr, failure(proc)

@@ -396,7 +396,7 @@ def test_mean_std_sources(tmp_path):
     with pytest.raises(ValueError, match="sigma"):
         patch_model(model, sigma=-1)
     with pytest.raises(ValueError, match="n_samples"):
-        patch_model(model, n_samples=1)
+        patch_model(model, n_samples=0)
 
 
 def test_mean_std_from_hf_cache(tmp_path, monkeypatch):

@@ -66,6 +66,21 @@ def test_an_images_smoothing_does_not_depend_on_its_batch(images):
     assert mixed.score_lower == pytest.approx(lone.score_lower, abs=1e-6)
 
 
+def test_one_copy_is_that_noisy_copys_features(images):
+    """n0 = 1 (allowed inside generate, not for certificates): the smoothed features are exactly the
+    features of the image's first noisy copy, the copy that n0 = 8 starts its average with."""
+    identity = lambda x: x.flatten(1)  # noqa: E731
+    one = smooth_features(identity, images, FSConfig(sigma=0.25, n_samples=1, seed=5))
+    first = smoothed_mean(identity, images, 0.25, 8, seed=5, chunk_size=1)  # noise stream is chunk-invariant
+    copy = images.flatten(1) + 0.25 * torch.stack([
+        torch.randn(images.shape[1:], generator=torch.Generator().manual_seed(image_noise_seed(5, image))).flatten()
+        for image in images])
+    torch.testing.assert_close(one, copy, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(one, first.mean_unit * first.mean_norm.unsqueeze(-1), atol=1e-3)  # 8 copies differ
+    with pytest.raises(ValueError, match="n"):
+        certify_features(identity, images, 0.25, n=1)
+
+
 def test_two_images_never_share_noise():
     """Noise is drawn per image from a stream seeded by the seed and the pixels, so different images (even
     differing in one pixel, or identical pixels in another shape) get different noise."""
@@ -139,7 +154,7 @@ def test_bad_input_gets_a_clear_error(images):
         smooth_features(lambda x: torch.full((x.shape[0], 4), float("nan")), images)
     for kwargs, parameter in [
         ({"sigma": 0}, "sigma"), ({"sigma": -1}, "sigma"), ({"sigma": float("nan")}, "sigma"),
-        ({"n_samples": 1}, "n_samples"), ({"alpha": 1.5}, "alpha"), ({"alpha": 0}, "alpha"),
+        ({"n_samples": 0}, "n_samples"), ({"alpha": 1.5}, "alpha"), ({"alpha": 0}, "alpha"),
         ({"normalize": "patch"}, "normalize"), ({"method": "t-test"}, "method"), ({"chunk_size": 0}, "chunk_size"),
     ]:
         with pytest.raises(ValueError, match=parameter):
