@@ -28,7 +28,7 @@ PACKAGE_COMMANDS = {
     "eval-vqa": ("fs_mllm.evaluation.runner", ("vqa",), "VQA robustness evaluation (same as `eval vqa`)"),
     "eval-caption": ("fs_mllm.evaluation.runner", ("caption",), "captioning robustness evaluation (same as `eval caption`)"),
     "train-gsb": ("fs_mllm.gsb_training", (), "train a Gaussian Smoothness Booster"),
-    "train-mapper": ("fs_mllm.gsb_utility", (), "train fs-mini-llava's booster mapper through the frozen language model"),
+    "train-mapper": ("fs_mllm.gsb_utility", (), "train fs-mini-llava's booster through the frozen language model (--stage mapper or denoiser)"),
     "save": ("fs_mllm.hub", (), "patch a model (+ booster) and save it with fs_config.json and a model card"),
 }
 EVAL_TASKS = ("vqa", "caption")

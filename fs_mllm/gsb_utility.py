@@ -1,4 +1,4 @@
-"""Train an MLLM booster's feature mapper through the frozen language model (the paper's "feature utility").
+"""Train an MLLM booster through the frozen language model (the paper's "feature utility").
 
 Why: a booster trained only on feature consistency raises the robustness score S, but what an MLLM user
 sees is answers. Here the mapper (residual, FiLM on the noise level, zero-initialised, so it starts as
@@ -11,10 +11,17 @@ average ``n_copies`` copies, rescale to the mean norm -> frozen language model. 
   booster leaves clean inputs unchanged;
 * consistency: 1 - cos(smoothed features, clean features), which is what S and the certificate reward.
 
-The mapper is a deterministic function of each noisy copy, so certificates of the boosted smoothed
-encoder stay sound. The vision tower, projector, denoiser and language model are frozen, so the noisy
-tower features are computed once (a bank of ``n_copies`` draws per training image) and training only
-runs the mapper and the language model. Checkpoints are atomic and resumable (``gsb_training``'s).
+Two stages, one loop (:func:`_train_utility`):
+
+* ``stage="mapper"``: the vision tower, projector, denoiser and language model are frozen, so the noisy
+  tower features are computed once (a bank of ``n_copies`` draws per training image) and training only
+  runs the mapper and the language model;
+* ``stage="denoiser"``: the pixel-space denoiser is trained through everything downstream, on the
+  patched model's own smoothed path (fresh noise every step; identity here is the denoiser leaving
+  clean pixels unchanged). Each step costs a backward pass through the tower and the language model.
+
+Each stage is a deterministic function of each noisy copy, so certificates of the boosted smoothed
+encoder stay sound. Checkpoints are atomic and resumable (``gsb_training``'s).
 """
 
 from __future__ import annotations
@@ -34,7 +41,10 @@ from .config import FSConfig
 from .gsb import GaussianSmoothnessBooster, GSBConfig
 from .smoothing import rescale_direction, unit_features
 
-__all__ = ["UtilityTrainConfig", "feature_bank", "smoothed_bank_features", "train_mapper_utility", "main"]
+__all__ = ["UtilityTrainConfig", "feature_bank", "smoothed_bank_features", "train_mapper_utility",
+           "train_denoiser_utility", "main"]
+
+STAGES = ("mapper", "denoiser")
 
 
 @dataclass
@@ -51,6 +61,11 @@ class UtilityTrainConfig:
     consistency_weight: float = 1.0
     seed: int = 0
     checkpoint_every: int = 50
+    stage: str = "mapper"  # which booster stage is trained: "mapper" (after the projector) or "denoiser"
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -125,19 +140,14 @@ def answer_loss(model: Any, image_embeds: torch.Tensor, token_rows: Sequence[tup
     return torch.nn.functional.cross_entropy(logits.float(), target[selected])
 
 
-def train_mapper_utility(model: Any, tokenizer: Any, booster: GaussianSmoothnessBooster, bank: dict[str, torch.Tensor],
-                         qa: Sequence[Sequence[tuple[str, list[str]]]], prompt_fn: Any, image_id: int,
-                         train: UtilityTrainConfig, output_dir: Optional[str] = None, progress: bool = True) -> dict:
-    """Train ``booster.mapper`` (everything else frozen) for ``train.steps`` steps; resumes from
-    ``output_dir``/checkpoint. ``qa[i]`` lists (question, accepted answers) of bank image i."""
+def _train_utility(booster: GaussianSmoothnessBooster, module: torch.nn.Module, batch_losses: Any,
+                   train: UtilityTrainConfig, output_dir: Optional[str], progress: bool) -> dict:
+    """The one utility training loop: AdamW on ``module`` (the stage being trained), ``batch_losses(step,
+    rng) -> (utility, identity, consistency)``, atomic checkpoints it resumes from. Batches and noise are
+    pure functions of the step, so a resumed run replays nothing and repeats nothing."""
     from .gsb_training import load_checkpoint_state, save_checkpoint, unflatten_optimizer_state
 
-    if booster.mapper is None:
-        raise ValueError("booster has no mapper to train (GSBConfig(use_mapper=True))")
-    for module in (model, booster):
-        module.requires_grad_(False)
-    booster.mapper.requires_grad_(True)
-    optimizer = torch.optim.AdamW(booster.mapper.parameters(), lr=train.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=train.lr, weight_decay=0.0)
     checkpoint = Path(output_dir) / "checkpoint" if output_dir else None
     step, history, previous_seconds = 0, [], 0.0
     resumed = load_checkpoint_state(checkpoint) if checkpoint is not None else None
@@ -147,28 +157,16 @@ def train_mapper_utility(model: Any, tokenizer: Any, booster: GaussianSmoothness
         booster.load_state_dict(GaussianSmoothnessBooster.from_pretrained(checkpoint).state_dict())
         optimizer.load_state_dict(unflatten_optimizer_state(resumed["optimizer_tensors"], resumed["optimizer"]))
         step, history, previous_seconds = int(resumed["step"]), list(resumed["history"]), float(resumed.get("seconds", 0.0))
-    n_images, tokens = bank["noisy"].shape[0], bank["noisy"].shape[2]
     start = time.time()
-    bar = tqdm(total=train.steps, initial=step, desc="gsb utility", disable=not progress)
-    model.eval()
+    bar = tqdm(total=train.steps, initial=step, desc=f"gsb utility ({train.stage})", disable=not progress)
     booster.train()
     while step < train.steps:
-        rng = random.Random(train.seed * 1_000_003 + step)  # a pure function of the step: resuming replays nothing
-        index = [rng.randrange(n_images) for _ in range(train.batch_size)]
-        rows = []
-        for i in index:
-            question, answers = qa[i][rng.randrange(len(qa[i]))]
-            rows.append(_qa_tokens(tokenizer, prompt_fn(question), answers[0], tokens, image_id))
-        smoothed = smoothed_bank_features(booster, bank["noisy"][index], bank["levels"][index])
-        clean = bank["clean"][index].float()
-        utility = answer_loss(model, smoothed, rows, image_id)
-        residual = booster.mapper.residual(clean, bank["clean_levels"][index])
-        identity = (residual.pow(2).flatten(1).sum(1) / clean.pow(2).flatten(1).sum(1)).mean()
-        consistency = (1 - torch.nn.functional.cosine_similarity(smoothed.flatten(1), clean.flatten(1), dim=1)).mean()
+        rng = random.Random(train.seed * 1_000_003 + step)
+        utility, identity, consistency = batch_losses(step, rng)
         loss = utility + train.identity_weight * identity + train.consistency_weight * consistency
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(booster.mapper.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         optimizer.step()
         step += 1
         history.append({"step": step, "loss": loss.item(), "utility": utility.item(), "identity": identity.item(),
@@ -183,6 +181,84 @@ def train_mapper_utility(model: Any, tokenizer: Any, booster: GaussianSmoothness
     return {"steps": step, "seconds_total": previous_seconds + time.time() - start, "history": history}
 
 
+def _question_rows(rng: random.Random, index: Sequence[int], qa: Sequence[Sequence[tuple[str, list[str]]]], tokenizer: Any,
+                   prompt_fn: Any, tokens: int, image_id: int) -> list[tuple[list[int], list[int]]]:
+    rows = []
+    for i in index:
+        question, answers = qa[i][rng.randrange(len(qa[i]))]
+        rows.append(_qa_tokens(tokenizer, prompt_fn(question), answers[0], tokens, image_id))
+    return rows
+
+
+def _consistency(smoothed: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    return (1 - torch.nn.functional.cosine_similarity(smoothed.flatten(1), clean.flatten(1), dim=1)).mean()
+
+
+def train_mapper_utility(model: Any, tokenizer: Any, booster: GaussianSmoothnessBooster, bank: dict[str, torch.Tensor],
+                         qa: Sequence[Sequence[tuple[str, list[str]]]], prompt_fn: Any, image_id: int,
+                         train: UtilityTrainConfig, output_dir: Optional[str] = None, progress: bool = True) -> dict:
+    """Train ``booster.mapper`` (everything else frozen) for ``train.steps`` steps; resumes from
+    ``output_dir``/checkpoint. ``qa[i]`` lists (question, accepted answers) of bank image i."""
+    if booster.mapper is None:
+        raise ValueError("booster has no mapper to train (GSBConfig(use_mapper=True))")
+    for module in (model, booster):
+        module.requires_grad_(False)
+    booster.mapper.requires_grad_(True)
+    model.eval()
+    n_images, tokens = bank["noisy"].shape[0], bank["noisy"].shape[2]
+
+    def batch_losses(step: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        index = [rng.randrange(n_images) for _ in range(train.batch_size)]
+        rows = _question_rows(rng, index, qa, tokenizer, prompt_fn, tokens, image_id)
+        smoothed = smoothed_bank_features(booster, bank["noisy"][index], bank["levels"][index])
+        clean = bank["clean"][index].float()
+        residual = booster.mapper.residual(clean, bank["clean_levels"][index])
+        identity = (residual.pow(2).flatten(1).sum(1) / clean.pow(2).flatten(1).sum(1)).mean()
+        return answer_loss(model, smoothed, rows, image_id), identity, _consistency(smoothed, clean)
+
+    return _train_utility(booster, booster.mapper, batch_losses, train, output_dir, progress)
+
+
+def train_denoiser_utility(model: Any, processor: Any, booster: GaussianSmoothnessBooster, images01: torch.Tensor,
+                           qa: Sequence[Sequence[tuple[str, list[str]]]], prompt_fn: Any, image_id: int,
+                           train: UtilityTrainConfig, output_dir: Optional[str] = None, progress: bool = True) -> dict:
+    """Train ``booster.denoiser`` through the frozen tower, projector and language model, on the smoothed
+    path ``patch_model`` deploys (``train.n_copies`` noisy copies per image, fresh noise every step: the
+    step is the noise seed). ``model`` must be unpatched; it is patched for training and unpatched after.
+    Identity: relative squared change of clean pixels (told the level measured on them, ~0)."""
+    from .attacks import image_features, noise_seed
+    from .patching import is_patched, patch_model, unpatch_model
+
+    if booster.denoiser is None:
+        raise ValueError("booster has no denoiser to train (GSBConfig(use_denoiser=True))")
+    if is_patched(model):
+        raise ValueError("train_denoiser_utility needs the unpatched model (it patches it with the booster itself)")
+    for module in (model, booster):
+        module.requires_grad_(False)
+    model.eval()
+    with torch.no_grad():
+        clean = torch.cat([image_features(model, images01[i:i + 16], processor=processor).float()
+                           for i in range(0, images01.shape[0], 16)])
+    booster.denoiser.requires_grad_(True)
+    tokens = clean.shape[1]
+    patch_model(model, sigma=train.sigma, n_samples=train.n_copies, processor=processor, booster=booster)
+
+    def batch_losses(step: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        index = [rng.randrange(images01.shape[0]) for _ in range(train.batch_size)]
+        rows = _question_rows(rng, index, qa, processor.tokenizer, prompt_fn, tokens, image_id)
+        with noise_seed(model, train.seed * 1_000_003 + step):
+            smoothed = image_features(model, images01[index], processor=processor)
+        pixels = images01[index]
+        denoised = booster.denoise(pixels, booster.noise_level(pixels, train.sigma))
+        identity = ((denoised - pixels).pow(2).flatten(1).sum(1) / pixels.pow(2).flatten(1).sum(1).clamp_min(1e-6)).mean()
+        return answer_loss(model, smoothed, rows, image_id), identity, _consistency(smoothed.float(), clean[index])
+
+    try:
+        return _train_utility(booster, booster.denoiser, batch_losses, train, output_dir, progress)
+    finally:
+        unpatch_model(model)
+
+
 def with_mapper(booster: GaussianSmoothnessBooster, feature_dim: int, encoder_id: str) -> GaussianSmoothnessBooster:
     """A copy of ``booster`` (its denoiser weights) with a fresh identity-initialised mapper for ``feature_dim``."""
     config = GSBConfig.from_dict({**booster.config.to_dict(), "use_mapper": True, "feature_dim": feature_dim,
@@ -194,7 +270,8 @@ def with_mapper(booster: GaussianSmoothnessBooster, feature_dim: int, encoder_id
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
-    """Train the fs-mini-llava booster's mapper (denoiser from the shipped booster) and save the booster."""
+    """Train a stage of fs-mini-llava's booster through the frozen language model and save the booster:
+    the mapper (--stage mapper; the denoiser is kept from --init) or the denoiser (--stage denoiser)."""
     import argparse
     import shlex
     import sys
@@ -210,9 +287,12 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     kinds = {"seed": non_negative_int, "identity_weight": non_negative_float, "consistency_weight": non_negative_float}
     for field in dataclasses.fields(UtilityTrainConfig):
         default = getattr(defaults, field.name)
+        if field.name == "stage":
+            parser.add_argument("--stage", choices=STAGES, default=default, help=f"booster stage to train (default {default})")
+            continue
         kind = kinds.get(field.name, positive_int if isinstance(default, int) else positive_float)
         parser.add_argument("--" + field.name.replace("_", "-"), type=kind, default=default, help=f"default {default}")
-    parser.add_argument("--init", default=str(BOOSTER_DIR), help="booster whose denoiser is kept (default: the shipped one)")
+    parser.add_argument("--init", default=str(BOOSTER_DIR), help="booster to start from (default: the shipped one)")
     parser.add_argument("--output-dir", required=True, help="checkpoints and the bank go here (rerun to resume)")
     parser.add_argument("--save-to", default=None, help="save the trained booster here (default OUTPUT_DIR/booster)")
     parser.add_argument("--threads", type=positive_int, default=1)
@@ -222,11 +302,42 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, processor = load_mini_llava()
-    start = time.time()
     shipped = GaussianSmoothnessBooster.from_pretrained(args.init).eval()
-    booster = with_mapper(shipped, shipped.config.feature_dim, shipped.config.encoder_id or "fs-mini-llava/projector")
     examples = make_dataset(train.images, split="train", seed=train.seed + 1, size=IMAGE_SIZE)
+    image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     bank_path = out / "bank.safetensors"
+    if train.stage == "denoiser":
+        booster, bank_seconds = shipped, None
+        images = torch.stack([to_tensor01(e.image, IMAGE_SIZE) for e in examples])
+        result = train_denoiser_utility(model, processor, booster, images, [e.qa for e in examples], build_prompt,
+                                        image_id, train, output_dir=str(out))
+        note = ("denoiser fine-tuned through the frozen DINOv2 tower, projector and SmolLM2 on answers of noisy "
+                "synthetic training images (fs_mllm.gsb_utility, stage denoiser)")
+    else:
+        booster = with_mapper(shipped, shipped.config.feature_dim, shipped.config.encoder_id or "fs-mini-llava/projector")
+        bank, bank_seconds = _load_or_build_bank(bank_path, model, processor, booster, examples, train, IMAGE_SIZE, to_tensor01)
+        result = train_mapper_utility(model, processor.tokenizer, booster, bank, [e.qa for e in examples], build_prompt,
+                                      image_id, train, output_dir=str(out))
+        note = ("denoiser from the DINOv2 booster; mapper after the projector, trained through the frozen SmolLM2 on "
+                "answers of noisy synthetic training images (fs_mllm.gsb_utility)")
+    extra = dict(shipped.config.extra)
+    runs = list(extra.get("utility_runs", []))
+    runs.append({"recipe": (prog or "fs-mllm train-mapper") + " " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+                 "train_config": train.to_dict(), "seconds_training": round(result["seconds_total"], 1),
+                 "threads": args.threads, "device": "cpu", "final": result["history"][-1] if result["history"] else None,
+                 **({"seconds_bank": round(bank_seconds, 1)} if train.stage == "mapper" else {})})
+    extra.update({"utility_runs": runs, "note": note})
+    booster.config.extra = extra
+    save_to = Path(args.save_to or out / "booster")
+    booster.save_pretrained(save_to)
+    print(json.dumps({"saved": str(save_to), **runs[-1]}, indent=1))
+    return 0
+
+
+def _load_or_build_bank(bank_path: Path, model: Any, processor: Any, booster: GaussianSmoothnessBooster,
+                        examples: Sequence[Any], train: UtilityTrainConfig, size: int, to_tensor01: Any) -> tuple[dict[str, torch.Tensor], float]:
+    """The mapper stage's feature bank, saved atomically beside the checkpoints and reused on resume."""
+    start = time.time()
     if bank_path.is_file():
         from safetensors.torch import load_file
 
@@ -234,24 +345,9 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     else:
         from safetensors.torch import save_file
 
-        images = torch.stack([to_tensor01(e.image, IMAGE_SIZE) for e in examples])
+        images = torch.stack([to_tensor01(e.image, size) for e in examples])
         bank = feature_bank(model, processor, booster, images, train.n_copies, train.sigma, train.seed)
-        save_file(bank, str(out / "bank.tmp.safetensors"))
-        (out / "bank.tmp.safetensors").replace(bank_path)
-    bank_seconds = time.time() - start
-    image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    result = train_mapper_utility(model, processor.tokenizer, booster, bank, [e.qa for e in examples], build_prompt,
-                                  image_id, train, output_dir=str(out))
-    extra = dict(shipped.config.extra)
-    runs = list(extra.get("utility_runs", []))
-    runs.append({"recipe": (prog or "fs-mllm train-mapper") + " " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
-                 "train_config": train.to_dict(), "seconds_bank": round(bank_seconds, 1),
-                 "seconds_training": round(result["seconds_total"], 1), "threads": args.threads,
-                 "device": "cpu", "final": result["history"][-1] if result["history"] else None})
-    extra.update({"utility_runs": runs, "note": "denoiser from the DINOv2 booster; mapper after the projector, trained "
-                  "through the frozen SmolLM2 on answers of noisy synthetic training images (fs_mllm.gsb_utility)"})
-    booster.config.extra = extra
-    save_to = Path(args.save_to or out / "booster")
-    booster.save_pretrained(save_to)
-    print(json.dumps({"saved": str(save_to), **runs[-1]}, indent=1))
-    return 0
+        partial = bank_path.with_name(bank_path.stem + ".tmp.safetensors")
+        save_file(bank, str(partial))
+        partial.replace(bank_path)
+    return bank, time.time() - start

@@ -1,12 +1,24 @@
-"""Derive a pixel-space booster for fs-mini-llava from the shipped DINOv2 booster.
+"""Derive a pixel-space booster for fs-mini-llava from a DINOv2 booster, and write its training images.
 
-fs-mini-llava's vision tower is the same DINOv2 ViT-S/14 at 112 px that the shipped booster's denoiser
-was trained through (feature consistency on its patch tokens), so the denoiser carries over. The
-mapper does not: it was trained on DINOv2's 384-d patch tokens, while the features that feed
+fs-mini-llava's vision tower is the same DINOv2 ViT-S/14 at 112 px that the shipped DINOv2 booster's
+denoiser was trained through (feature consistency on its patch tokens), so the denoiser carries over.
+The mapper does not: it was trained on DINOv2's 384-d patch tokens, while the features that feed
 fs-mini-llava's decoder are the projector's 576-d outputs. This keeps the denoiser only, declared for
 the decoder-facing feature size, and saves it (safetensors + JSON).
 
     python recipes/make_mini_llava_booster.py [--source DIR] [--out DIR]
+    python recipes/make_mini_llava_booster.py --write-train-images DIR [--synthetic 800]
+
+The shipped ``weights/gsb_mini_llava_s025`` was made in three steps (each run's command, settings and
+times are recorded in its ``gsb_config.json``):
+
+1. a folder of 800 synthetic *training-split* scenes (never the held-out split) plus the DINOv2
+   booster's 19 training photos: ``--write-train-images runs/mini_train``;
+2. the DINOv2 booster's denoiser fine-tuned on that folder (MSE + feature consistency through DINOv2,
+   ``fs-mllm train-gsb --images runs/mini_train --init-from fs_mllm/weights/gsb_dinov2_s025
+   --mapper-steps 0 ...``), then declared for fs-mini-llava by this script (``--source``);
+3. the denoiser fine-tuned through the frozen tower, projector and language model on answers of noisy
+   training scenes (``fs-mllm train-mapper --stage denoiser --init ...``).
 """
 
 from __future__ import annotations
@@ -34,11 +46,35 @@ def denoiser_only(source: GaussianSmoothnessBooster, feature_dim: int, encoder_i
     return booster.eval()
 
 
+def write_train_images(folder: Path, synthetic: int) -> Path:
+    """Synthetic training-split scenes at fs-mini-llava's size, plus the DINOv2 booster's training photos, as PNG."""
+    from PIL import Image
+
+    from fs_mllm.gsb_training import TRAIN_PHOTOS
+    from fs_mllm.image_io import offline_photo
+    from fs_mllm.models.mini_llava import IMAGE_SIZE
+    from fs_mllm.synthetic import make_dataset
+
+    if synthetic < 1:
+        raise SystemExit(f"--synthetic must be >= 1, got {synthetic}")
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, example in enumerate(make_dataset(synthetic, split="train", seed=1, size=IMAGE_SIZE)):
+        example.image.save(folder / f"synth_{i:04d}.png")
+    for name in TRAIN_PHOTOS:
+        Image.fromarray(offline_photo(name)).save(folder / f"photo_{name}.png")
+    print(f"wrote {synthetic} synthetic scenes and {len(TRAIN_PHOTOS)} photos to {folder}")
+    return folder
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default=str(WEIGHTS / "gsb_dinov2_s025"), help="booster folder to take the denoiser from")
     parser.add_argument("--out", default=str(BOOSTER_DIR), help="where to save the derived booster")
+    parser.add_argument("--write-train-images", metavar="DIR", help="write the booster's training images to DIR and stop")
+    parser.add_argument("--synthetic", type=int, default=800, help="synthetic training scenes to write (default 800)")
     args = parser.parse_args(argv)
+    if args.write_train_images:
+        return write_train_images(Path(args.write_train_images), args.synthetic)
     from fs_mllm.models import load_mini_llava
     from fs_mllm.adapters import get_adapter
 
