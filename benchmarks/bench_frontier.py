@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--questions", type=positive_int, default=200)
     parser.add_argument("--sigmas", type=floats, default=[0.0625, 0.125, 0.25, 0.5])
     parser.add_argument("--n0", type=ints, default=[1, 4, 8, 16, 32])
-    parser.add_argument("--variants", type=lambda text: [v for v in text.split(",") if v], default=["fs", "fs+gsb"],
+    parser.add_argument("--variants", type=lambda text: list(dict.fromkeys(v for v in text.split(",") if v)), default=["fs", "fs+gsb"],
                         help="comma-separated subset of fs,fs+gsb (default both)")
     parser.add_argument("--booster", default=str(BOOSTER_DIR))
     parser.add_argument("--threads", type=positive_int, default=1)

@@ -106,7 +106,7 @@ class FeatureTimer:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("tiny", "fs-mini-llava"), default="tiny")
-    parser.add_argument("--n-samples", type=int, default=8)
+    parser.add_argument("--n-samples", type=int, default=8, help="n0 >= 2 (the figure divides by n0 - 1)")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
@@ -118,6 +118,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.model, args.image_size, args.repeats, args.new_tokens, args.n_samples = "tiny", 56, 2, 4, 4
+    if args.n_samples < 2:
+        parser.error(f"--n-samples must be >= 2 (the overhead is per extra copy, n0 - 1), got {args.n_samples}")
     torch.set_num_threads(args.threads)
 
     model, inputs, mean_std, description = tiny_model(args.image_size) if args.model == "tiny" else mini_llava()

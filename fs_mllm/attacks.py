@@ -154,7 +154,7 @@ class AttackConfig:
         if self.eot_chunk_size is not None:
             self.eot_chunk_size = check_int(self.eot_chunk_size, "eot_chunk_size")
         if self.smoothing_samples is not None:
-            self.smoothing_samples = check_int(self.smoothing_samples, "smoothing_samples", minimum=2)
+            self.smoothing_samples = check_int(self.smoothing_samples, "smoothing_samples", minimum=1)
         self.seed = check_seed(self.seed)
         if self.objective == "targeted":
             if not isinstance(self.target_text, str) or not self.target_text.strip():

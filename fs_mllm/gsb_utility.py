@@ -1,17 +1,20 @@
 """Train an MLLM booster through the frozen language model (the paper's "feature utility").
 
 Why: a booster trained only on feature consistency raises the robustness score S, but what an MLLM user
-sees is answers. Here the mapper (residual, FiLM on the noise level, zero-initialised, so it starts as
-the identity) sits after the projector, on the features the decoder reads, and is trained on exactly the
-path ``patch_model`` deploys: per noisy copy denoise -> vision tower -> projector -> map, unit-normalise,
-average ``n_copies`` copies, rescale to the mean norm -> frozen language model. Losses:
+sees is answers. Here a booster stage is trained on exactly the path ``patch_model`` deploys: per noisy
+copy denoise -> vision tower -> projector -> map, unit-normalise, average ``n_copies`` copies, rescale to
+the mean norm -> frozen language model. Losses:
 
 * utility: cross-entropy of the accepted answer given the smoothed features (noisy training images);
-* identity: ||M(z, level)||^2 / ||z||^2 on clean images (told the level measured on them, ~0), so the
-  booster leaves clean inputs unchanged;
-* consistency: 1 - cos(smoothed features, clean features), which is what S and the certificate reward.
+* identity: the trained stage's relative change of clean inputs (told the level measured on them, ~0),
+  so the booster leaves clean inputs unchanged (for a denoiser with an estimated level this is nearly
+  free: it already sees ~0 noise there). Boosters told a fixed level (``noise_level="given"``) are
+  refused: their clean inputs would be told sigma, and the identity term would fight denoising;
+* consistency: 1 - cos(smoothed features, clean features), which is what S and the certificate reward
+  (clean features: through the denoiser for the mapper stage, the plain tower for the denoiser stage).
 
-Two stages, one loop (:func:`_train_utility`):
+Where the mapper sits: after the projector, on the features the decoder reads. Two stages, one loop
+(:func:`_train_utility`):
 
 * ``stage="mapper"``: the vision tower, projector, denoiser and language model are frozen, so the noisy
   tower features are computed once (a bank of ``n_copies`` draws per training image) and training only
@@ -152,9 +155,9 @@ def _train_utility(booster: GaussianSmoothnessBooster, module: torch.nn.Module, 
     step, history, previous_seconds = 0, [], 0.0
     resumed = load_checkpoint_state(checkpoint) if checkpoint is not None else None
     if resumed is not None:
-        if resumed.get("train_config") != train.to_dict():
+        if {"stage": "mapper", **resumed.get("train_config", {})} != train.to_dict():  # 0.1 runs had no stage
             raise ValueError(f"checkpoint in {str(checkpoint)!r} was made with other settings; rerun them or use a new output_dir")
-        booster.load_state_dict(GaussianSmoothnessBooster.from_pretrained(checkpoint).state_dict())
+        booster.load_state_dict(GaussianSmoothnessBooster.from_pretrained(resumed["path"]).state_dict())
         optimizer.load_state_dict(unflatten_optimizer_state(resumed["optimizer_tensors"], resumed["optimizer"]))
         step, history, previous_seconds = int(resumed["step"]), list(resumed["history"]), float(resumed.get("seconds", 0.0))
     start = time.time()
@@ -190,6 +193,21 @@ def _question_rows(rng: random.Random, index: Sequence[int], qa: Sequence[Sequen
     return rows
 
 
+def _freeze_all_but(model: Any, booster: GaussianSmoothnessBooster, stage: str) -> torch.nn.Module:
+    """Freeze the MLLM and the booster except ``stage``; refuse boosters told a fixed noise level."""
+    module = getattr(booster, stage)
+    if module is None:
+        raise ValueError(f"booster has no {stage} to train (GSBConfig(use_{stage}=True))")
+    if booster.config.noise_level == "given":
+        raise ValueError("booster: utility training needs noise_level='estimated' (told 'given', clean images would be "
+                         "told sigma and the identity term would fight denoising); train one with --noise-level estimated")
+    for part in (model, booster):
+        part.requires_grad_(False)
+    module.requires_grad_(True)
+    model.eval()
+    return module
+
+
 def _consistency(smoothed: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
     return (1 - torch.nn.functional.cosine_similarity(smoothed.flatten(1), clean.flatten(1), dim=1)).mean()
 
@@ -199,12 +217,7 @@ def train_mapper_utility(model: Any, tokenizer: Any, booster: GaussianSmoothness
                          train: UtilityTrainConfig, output_dir: Optional[str] = None, progress: bool = True) -> dict:
     """Train ``booster.mapper`` (everything else frozen) for ``train.steps`` steps; resumes from
     ``output_dir``/checkpoint. ``qa[i]`` lists (question, accepted answers) of bank image i."""
-    if booster.mapper is None:
-        raise ValueError("booster has no mapper to train (GSBConfig(use_mapper=True))")
-    for module in (model, booster):
-        module.requires_grad_(False)
-    booster.mapper.requires_grad_(True)
-    model.eval()
+    mapper = _freeze_all_but(model, booster, "mapper")
     n_images, tokens = bank["noisy"].shape[0], bank["noisy"].shape[2]
 
     def batch_losses(step: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -216,7 +229,7 @@ def train_mapper_utility(model: Any, tokenizer: Any, booster: GaussianSmoothness
         identity = (residual.pow(2).flatten(1).sum(1) / clean.pow(2).flatten(1).sum(1)).mean()
         return answer_loss(model, smoothed, rows, image_id), identity, _consistency(smoothed, clean)
 
-    return _train_utility(booster, booster.mapper, batch_losses, train, output_dir, progress)
+    return _train_utility(booster, mapper, batch_losses, train, output_dir, progress)
 
 
 def train_denoiser_utility(model: Any, processor: Any, booster: GaussianSmoothnessBooster, images01: torch.Tensor,
@@ -229,17 +242,16 @@ def train_denoiser_utility(model: Any, processor: Any, booster: GaussianSmoothne
     from .attacks import image_features, noise_seed
     from .patching import is_patched, patch_model, unpatch_model
 
-    if booster.denoiser is None:
-        raise ValueError("booster has no denoiser to train (GSBConfig(use_denoiser=True))")
     if is_patched(model):
         raise ValueError("train_denoiser_utility needs the unpatched model (it patches it with the booster itself)")
-    for module in (model, booster):
-        module.requires_grad_(False)
-    model.eval()
+    denoiser = _freeze_all_but(model, booster, "denoiser")
+    from .adapters import get_adapter
+
+    # another feature size or a sigma outside the booster's range fails before any work
+    booster.check_compatible(get_adapter(model).feature_dim(model), train.sigma)
     with torch.no_grad():
         clean = torch.cat([image_features(model, images01[i:i + 16], processor=processor).float()
                            for i in range(0, images01.shape[0], 16)])
-    booster.denoiser.requires_grad_(True)
     tokens = clean.shape[1]
     patch_model(model, sigma=train.sigma, n_samples=train.n_copies, processor=processor, booster=booster)
 
@@ -254,7 +266,7 @@ def train_denoiser_utility(model: Any, processor: Any, booster: GaussianSmoothne
         return answer_loss(model, smoothed, rows, image_id), identity, _consistency(smoothed.float(), clean[index])
 
     try:
-        return _train_utility(booster, booster.denoiser, batch_losses, train, output_dir, progress)
+        return _train_utility(booster, denoiser, batch_losses, train, output_dir, progress)
     finally:
         unpatch_model(model)
 
@@ -293,7 +305,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         kind = kinds.get(field.name, positive_int if isinstance(default, int) else positive_float)
         parser.add_argument("--" + field.name.replace("_", "-"), type=kind, default=default, help=f"default {default}")
     parser.add_argument("--init", default=str(BOOSTER_DIR), help="booster to start from (default: the shipped one)")
-    parser.add_argument("--output-dir", required=True, help="checkpoints and the bank go here (rerun to resume)")
+    parser.add_argument("--output-dir", required=True, help="checkpoints (and the mapper stage's feature bank) go here; rerun to resume")
     parser.add_argument("--save-to", default=None, help="save the trained booster here (default OUTPUT_DIR/booster)")
     parser.add_argument("--threads", type=positive_int, default=1)
     args = parser.parse_args(argv)
@@ -305,7 +317,6 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     shipped = GaussianSmoothnessBooster.from_pretrained(args.init).eval()
     examples = make_dataset(train.images, split="train", seed=train.seed + 1, size=IMAGE_SIZE)
     image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    bank_path = out / "bank.safetensors"
     if train.stage == "denoiser":
         booster, bank_seconds = shipped, None
         images = torch.stack([to_tensor01(e.image, IMAGE_SIZE) for e in examples])
@@ -315,18 +326,19 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
                 "synthetic training images (fs_mllm.gsb_utility, stage denoiser)")
     else:
         booster = with_mapper(shipped, shipped.config.feature_dim, shipped.config.encoder_id or "fs-mini-llava/projector")
-        bank, bank_seconds = _load_or_build_bank(bank_path, model, processor, booster, examples, train, IMAGE_SIZE, to_tensor01)
+        bank, bank_seconds = _load_or_build_bank(out / "bank.safetensors", model, processor, booster, examples, train, IMAGE_SIZE, to_tensor01)
         result = train_mapper_utility(model, processor.tokenizer, booster, bank, [e.qa for e in examples], build_prompt,
                                       image_id, train, output_dir=str(out))
         note = ("denoiser from the DINOv2 booster; mapper after the projector, trained through the frozen SmolLM2 on "
                 "answers of noisy synthetic training images (fs_mllm.gsb_utility)")
     extra = dict(shipped.config.extra)
-    runs = list(extra.get("utility_runs", []))
-    runs.append({"recipe": (prog or "fs-mllm train-mapper") + " " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+    runs = list(extra.get("finetune_runs", []))  # one record per run, the shipped booster's included
+    runs.append({"step": f"utility fine-tune of the {train.stage} through the frozen language model",
+                 "recipe": (prog or "fs-mllm train-mapper") + " " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
                  "train_config": train.to_dict(), "seconds_training": round(result["seconds_total"], 1),
-                 "threads": args.threads, "device": "cpu", "final": result["history"][-1] if result["history"] else None,
+                 "device": f"cpu, {args.threads} torch thread(s)", "final": result["history"][-1] if result["history"] else None,
                  **({"seconds_bank": round(bank_seconds, 1)} if train.stage == "mapper" else {})})
-    extra.update({"utility_runs": runs, "note": note})
+    extra.update({"finetune_runs": runs, "note": note})
     booster.config.extra = extra
     save_to = Path(args.save_to or out / "booster")
     booster.save_pretrained(save_to)

@@ -27,8 +27,9 @@ import argparse
 from pathlib import Path
 
 
-from fs_mllm.gsb import GaussianSmoothnessBooster, GSBConfig  # noqa: E402
-from fs_mllm.models.mini_llava import BOOSTER_DIR  # noqa: E402
+from fs_mllm.arguments import positive_int
+from fs_mllm.gsb import GaussianSmoothnessBooster, GSBConfig
+from fs_mllm.models.mini_llava import BOOSTER_DIR
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "fs_mllm" / "weights"
 
@@ -55,8 +56,6 @@ def write_train_images(folder: Path, synthetic: int) -> Path:
     from fs_mllm.models.mini_llava import IMAGE_SIZE
     from fs_mllm.synthetic import make_dataset
 
-    if synthetic < 1:
-        raise SystemExit(f"--synthetic must be >= 1, got {synthetic}")
     folder.mkdir(parents=True, exist_ok=True)
     for i, example in enumerate(make_dataset(synthetic, split="train", seed=1, size=IMAGE_SIZE)):
         example.image.save(folder / f"synth_{i:04d}.png")
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--source", default=str(WEIGHTS / "gsb_dinov2_s025"), help="booster folder to take the denoiser from")
     parser.add_argument("--out", default=str(BOOSTER_DIR), help="where to save the derived booster")
     parser.add_argument("--write-train-images", metavar="DIR", help="write the booster's training images to DIR and stop")
-    parser.add_argument("--synthetic", type=int, default=800, help="synthetic training scenes to write (default 800)")
+    parser.add_argument("--synthetic", type=positive_int, default=800, help="synthetic training scenes to write (default 800)")
     args = parser.parse_args(argv)
     if args.write_train_images:
         return write_train_images(Path(args.write_train_images), args.synthetic)

@@ -414,7 +414,7 @@ def test_shipped_mini_llava_booster_is_a_fine_tuned_denoiser_that_leaves_clean_p
     assert [(k, v.shape) for k, v in source.denoiser.state_dict().items()] == \
         [(k, v.shape) for k, v in derived.denoiser.state_dict().items()]
     runs = derived.config.extra["finetune_runs"]
-    assert [run["recipe"].split()[0:3] for run in runs][1] == ["OMP_NUM_THREADS=1", "fs-mllm", "train-mapper"]
+    assert runs[1]["recipe"].split()[:3] == ["OMP_NUM_THREADS=1", "fs-mllm", "train-mapper"]
     assert all(run["seconds"] if "seconds" in run else run["seconds_training"] for run in runs)
     derived.check_compatible(576, 0.25)
     with pytest.raises(ValueError, match="feature_dim mismatch"):
@@ -494,7 +494,7 @@ def test_utility_training_of_the_denoiser_runs_through_the_patched_smoothed_path
     """Stage "denoiser": only the denoiser learns, through the frozen tower, projector and language model on
     the deployed smoothed path; the model comes back unpatched; a finished run resumes to itself."""
     from fs_mllm.gsb_utility import UtilityTrainConfig, train_denoiser_utility
-    from fs_mllm.patching import is_patched, patch_model
+    from fs_mllm.patching import is_patched, patch_model, unpatch_model
     from fs_mllm.testing import IMAGE_TOKEN, build_llava
 
     model, _ = build_llava()
@@ -522,3 +522,47 @@ def test_utility_training_of_the_denoiser_runs_through_the_patched_smoothed_path
         run(train)
     with pytest.raises(ValueError, match="stage"):
         UtilityTrainConfig(stage="projector")
+    unpatch_model(model)
+    told = GaussianSmoothnessBooster(GSBConfig(feature_dim=32, use_mapper=False, denoiser_channels=8, denoiser_depth=2,
+                                               sigma_min=0.1, sigma_max=0.5, noise_level="given"))
+    with pytest.raises(ValueError, match="estimated"):
+        train_denoiser_utility(model, processor, told, images, qa, lambda q: "<image> " + q, IMAGE_TOKEN, train,
+                               output_dir=str(tmp_path / "given"), progress=False)
+    with pytest.raises(ValueError, match="sigma"):
+        train_denoiser_utility(model, processor, booster, images, qa, lambda q: "<image> " + q, IMAGE_TOKEN,
+                               UtilityTrainConfig(stage="denoiser", sigma=0.9, steps=1, batch_size=2, images=3, n_copies=2),
+                               output_dir=str(tmp_path / "far"), progress=False)
+
+
+def test_utility_training_resumes_from_the_copy_a_kill_left_behind(tmp_path):
+    """A kill after the new checkpoint copy (checkpoint.tmp, step 4) was written but before the rename: the
+    resume takes step 4's weights with step 4's optimizer state, not the older folder's weights."""
+    import json
+    import shutil
+
+    from fs_mllm.gsb_utility import UtilityTrainConfig, train_denoiser_utility
+    from fs_mllm.testing import IMAGE_TOKEN, build_llava
+
+    model, _ = build_llava()
+    mean, std = [0.5] * 3, [0.25] * 3
+    processor = type("P", (), {"image_mean": mean, "image_std": std, "tokenizer": _WordTokenizer()})()
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    qa = [[("what?", ["red"])]] * 2
+    make = lambda: GaussianSmoothnessBooster(GSBConfig(feature_dim=32, use_mapper=False, denoiser_channels=8,  # noqa: E731
+                                                       denoiser_depth=2, sigma_min=0.1, sigma_max=0.5))
+    train = UtilityTrainConfig(stage="denoiser", steps=4, batch_size=2, images=2, n_copies=2, checkpoint_every=2)
+    finished = make()
+    train_denoiser_utility(model, processor, finished, images, qa, lambda q: "<image> " + q, IMAGE_TOKEN, train,
+                           output_dir=str(tmp_path / "a"), progress=False)
+    killed = tmp_path / "b" / "checkpoint"
+    shutil.copytree(tmp_path / "a" / "checkpoint", killed.with_name("checkpoint.tmp"))  # complete, step 4
+    shutil.copytree(tmp_path / "a" / "checkpoint", killed)  # the older copy: step 2, other weights
+    make().save_pretrained(killed)
+    state = json.loads((killed / "trainer_state.json").read_text())
+    (killed / "trainer_state.json").write_text(json.dumps({**state, "step": 2, "history": state["history"][:2]}))
+    resumed = make()
+    result = train_denoiser_utility(model, processor, resumed, images, qa, lambda q: "<image> " + q, IMAGE_TOKEN, train,
+                                    output_dir=str(tmp_path / "b"), progress=False)
+    assert result["steps"] == 4
+    for key, value in finished.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key

@@ -40,7 +40,7 @@ __all__ = [
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 PROJECTOR_PATH = WEIGHTS_DIR / "mini_llava_projector.safetensors"
 PROJECTOR_CONFIG_PATH = WEIGHTS_DIR / "mini_llava_projector.json"
-BOOSTER_DIR = WEIGHTS_DIR / "gsb_mini_llava_s025"  # denoiser-only booster (recipes/make_mini_llava_booster.py)
+BOOSTER_DIR = WEIGHTS_DIR / "gsb_mini_llava_s025"  # denoiser-only booster, fine-tuned through the LM (recipes/make_mini_llava_booster.py lists the steps)
 
 IMAGE_SIZE = 112  # 8x8 = 64 patch tokens: keeps CPU training/inference affordable
 IMAGE_TOKEN = "<image>"
