@@ -82,7 +82,7 @@ def cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     (dict(steps=0), "steps"), (dict(steps=2.5), "steps"), (dict(step_size=0), "step_size"),
     (dict(eot_samples=0), "eot_samples"), (dict(eot_chunk_size=0), "eot_chunk_size"),
     (dict(objective="targeted"), "target_text"), (dict(objective="targeted", target_text="   "), "target_text"),
-    (dict(seed=-1), "seed"), (dict(smoothing_samples=1), "smoothing_samples"),
+    (dict(seed=-1), "seed"), (dict(smoothing_samples=0), "smoothing_samples"),
 ])
 def test_config_rejects_bad_values_naming_the_parameter(kwargs, name):
     with pytest.raises(ValueError, match=name):
