@@ -61,18 +61,24 @@ def main() -> None:
     parser.add_argument("--surrogates", type=lambda text: tuple(v.strip() for v in text.split(",") if v.strip()) or None,
                         default=None, help="transfer crafted on these encoders (comma list, e.g. 'dinov2') instead of "
                                            "the undefended model's own image path")
+    parser.add_argument("--variants", type=lambda text: tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip())),
+                        default=None, help="comma list of base,fs,fs+gsb (default all three)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--out", default="bench_defense.json")
     args = parser.parse_args()
-    settings = DefenseSettings(
-        fs=FSConfig(sigma=args.sigma, n_samples=args.n_samples),
-        transfer_linf=tuple(args.transfer_linf), transfer_steps=args.transfer_steps,
-        transfer_step_size=args.transfer_step_size, crop_scale=None if args.no_crops else args.crop_scale,
-        adaptive_l2=tuple(args.adaptive_l2), adaptive_linf=tuple(args.adaptive_linf),
-        adaptive_steps=args.adaptive_steps, eot_samples=args.eot_samples,
-        certify_images=args.certify_images, certify_n=args.certify_n, surrogates=args.surrogates,
-    )
+    try:
+        settings = DefenseSettings(
+            fs=FSConfig(sigma=args.sigma, n_samples=args.n_samples),
+            transfer_linf=tuple(args.transfer_linf), transfer_steps=args.transfer_steps,
+            transfer_step_size=args.transfer_step_size, crop_scale=None if args.no_crops else args.crop_scale,
+            adaptive_l2=tuple(args.adaptive_l2), adaptive_linf=tuple(args.adaptive_linf),
+            adaptive_steps=args.adaptive_steps, eot_samples=args.eot_samples,
+            certify_images=args.certify_images, certify_n=args.certify_n, surrogates=args.surrogates,
+            **({"variants": args.variants} if args.variants else {}),
+        )
+    except ValueError as error:
+        parser.error(str(error))
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     model, processor = load_mini_llava(device=args.device)
