@@ -7,7 +7,7 @@ the README's default sigma and n0 are chosen from.
 
     python benchmarks/bench_frontier.py [--questions 200] [--sigmas 0.0625,0.125,0.25,0.5] [--n0 1,4,8,16,32] [--variants fs,fs+gsb]
         [--threads 1] [--out bench_frontier.json] [--plot frontier.png]
-    python benchmarks/bench_frontier.py --merge a.json b.json --plot frontier.png   # runs split by n0
+    python benchmarks/bench_frontier.py --merge a.json b.json --plot frontier.png --out all.json   # runs split over processes
 """
 
 from __future__ import annotations
@@ -69,8 +69,9 @@ def render(results: dict, sigmas: list[float], n0s: list[int], questions: int, p
     return "\n".join(lines)
 
 
-def merge(paths: list[str], plot_path: str) -> None:
-    """One table and plot from runs split over processes (e.g. by n0), which share the question set."""
+def merge(paths: list[str], plot_path: str, out_path: str) -> None:
+    """One table, plot and JSON from runs split over processes (e.g. by n0), which share the question set.
+    A cell measured by several runs keeps the last run's value (list the runs oldest first)."""
     runs = [json.load(open(path, encoding="utf-8")) for path in paths]
     if len({run["questions"] for run in runs}) != 1:
         raise SystemExit("--merge: the runs used different question counts")
@@ -81,9 +82,15 @@ def merge(paths: list[str], plot_path: str) -> None:
     keys = [k for v in ("fs", "fs+gsb") for k in results[v]]
     sigmas = sorted({float(k.split(",")[0]) for k in keys})
     n0s = sorted({int(k.split(",")[1]) for k in keys})
-    print(render(results, sigmas, n0s, runs[0]["questions"], plot_path))
-    print(f"\n(base accuracy per run: {[run['results']['base'] for run in runs]}; seconds per run: "
-          f"{[round(run['seconds']) for run in runs]})")
+    if len({run["results"]["base"] for run in runs}) != 1:
+        raise SystemExit("--merge: the runs disagree on base accuracy, so they did not share the question set")
+    table = render(results, sigmas, n0s, runs[0]["questions"], plot_path)
+    print(table)
+    print(f"\n(seconds per run: {[round(run['seconds']) for run in runs]})")
+    with open(out_path, "w", encoding="utf-8") as f:
+        json.dump({"questions": runs[0]["questions"], "results": results, "seconds": sum(run["seconds"] for run in runs),
+                   "merged_from": [{"path": path, "booster": run.get("booster"), "seconds": run["seconds"]}
+                                   for path, run in zip(paths, runs)], "table": table}, f, indent=2)
 
 
 def main() -> None:
@@ -100,7 +107,7 @@ def main() -> None:
     parser.add_argument("--merge", nargs="+", metavar="JSON", help="print one table/plot from runs split over processes")
     args = parser.parse_args()
     if args.merge:
-        merge(args.merge, args.plot)
+        merge(args.merge, args.plot, args.out)
         return
     unknown = sorted(set(args.variants) - {"fs", "fs+gsb"})
     if unknown or not args.variants:

@@ -74,6 +74,11 @@ def test_bench_frontier_small_run_with_one_copy(tmp_path):
     result = json.loads((tmp_path / "frontier.json").read_text())
     assert result["questions"] == 2 and set(result["results"]["fs"]) == {"0.25,1"} and result["results"]["fs+gsb"] == {}
     assert 0 <= result["results"]["fs"]["0.25,1"] <= 1 and (tmp_path / "frontier.png").stat().st_size > 0
+    merge = command[:2] + ["--merge", "frontier.json", "frontier.json", "--out", "merged.json", "--plot", "merged.png"]
+    proc = subprocess.run(merge, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, failure(proc)
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert merged["results"] == result["results"] and len(merged["merged_from"]) == 2 and "n0=1" in merged["table"]
     for bad, message in ((["--variants", "gsb"], "--variants"), (["--n0", "0"], "n_samples")):
         proc = subprocess.run(command[:2] + bad, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0 and message in proc.stderr, failure(proc)
