@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -134,6 +136,14 @@ def main() -> None:
             hits += vqa_match(answer, item.answers)
         return hits / len(items)
 
+    def save(results: dict, seconds: float, table: Optional[str]) -> None:
+        """Written after every cell (atomically), so a run stopped early keeps what it measured."""
+        partial = args.out + ".tmp"
+        with open(partial, "w", encoding="utf-8") as f:
+            json.dump({"questions": len(items), "results": results, "seconds": seconds, "booster": args.booster,
+                       "complete": table is not None, "table": table}, f, indent=2)
+        os.replace(partial, args.out)
+
     apply_variant(model, "base", FSConfig())
     results = {"base": accuracy(), "fs": {}, "fs+gsb": {}}
     lo, hi = booster.config.sigma_min, booster.config.sigma_max
@@ -145,14 +155,14 @@ def main() -> None:
                 apply_variant(model, variant, FSConfig(sigma=sigma, n_samples=n0), processor, booster)
                 results[variant][f"{sigma:g},{n0}"] = accuracy()
                 print(f"{variant} sigma={sigma:g} n0={n0}: {results[variant][f'{sigma:g},{n0}']:.3f}", flush=True)
+                save(results, time.perf_counter() - start, None)
     apply_variant(model, "base", FSConfig())
     seconds = time.perf_counter() - start
 
     table = render(results, args.sigmas, args.n0, len(items), args.plot)
     print(table)
     print(f"\n{seconds:.0f} s, {args.threads} thread(s)")
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump({"questions": len(items), "results": results, "seconds": seconds, "booster": args.booster, "table": table}, f, indent=2)
+    save(results, seconds, table)
 
 
 if __name__ == "__main__":

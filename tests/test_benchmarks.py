@@ -73,6 +73,7 @@ def test_bench_frontier_small_run_with_one_copy(tmp_path):
     assert proc.returncode == 0, failure(proc)
     result = json.loads((tmp_path / "frontier.json").read_text())
     assert result["questions"] == 2 and set(result["results"]["fs"]) == {"0.25,1"} and result["results"]["fs+gsb"] == {}
+    assert result["complete"] is True  # (written after every cell; complete once the table is in)
     assert 0 <= result["results"]["fs"]["0.25,1"] <= 1 and (tmp_path / "frontier.png").stat().st_size > 0
     merge = command[:2] + ["--merge", "frontier.json", "frontier.json", "--out", "merged.json", "--plot", "merged.png"]
     proc = subprocess.run(merge, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
