@@ -31,9 +31,13 @@ def run_fs_mllm(args: Sequence[str], cwd: Path, timeout: float = 300) -> subproc
 
 
 def start_fs_mllm(args: Sequence[str], cwd: Path) -> subprocess.Popen:
-    """``fs-mllm ARGS`` started in the background (stdout/stderr piped as text)."""
-    return subprocess.Popen([fs_mllm_script(), *args], cwd=cwd, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    """``fs-mllm ARGS`` started in the background (stdout/stderr piped as text), with SIGINT at its default
+    as in a terminal: a suite run in the background (``cmd &``, nohup) inherits SIGINT ignored, and Python
+    then never raises KeyboardInterrupt, so a Ctrl-C test would see the run finish instead."""
+    import signal
+
+    return subprocess.Popen([fs_mllm_script(), *args], cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def failure(proc: subprocess.CompletedProcess) -> str:

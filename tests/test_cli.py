@@ -200,9 +200,7 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_resumes(tmp_path):
 
     from console_script import failure, run_fs_mllm, start_fs_mllm
 
-    # 3 examples x (base, fs) x (clean, eps 0.5) = 12 rows: interrupted after the first, the run has ~11 rows
-    # of work left, so the signal cannot land after the work is done (with 1 example it sometimes did)
-    argv = ["eval", "vqa", "--limit", "3", "--variants", "base,fs", "--attack-eps", "0.5", "--attack-steps", "1",
+    argv = ["eval", "vqa", "--limit", "1", "--variants", "base,fs", "--attack-eps", "0.5", "--attack-steps", "1",
             "--n-samples", "2", "--max-new-tokens", "3", "--no-progress", "--output-dir", "out"]
     shard = tmp_path / "out" / "results.rank0.jsonl"
     proc = start_fs_mllm(argv, cwd=tmp_path)
@@ -211,7 +209,7 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_resumes(tmp_path):
         while time.time() < deadline and proc.poll() is None:
             if shard.exists() and shard.read_text().count("\n") >= 1:
                 break
-            time.sleep(0.05)
+            time.sleep(0.2)
         assert proc.poll() is None, "the run ended before it could be interrupted"
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
@@ -221,9 +219,9 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_resumes(tmp_path):
     assert proc.returncode == 130, err[-3000:]
     assert "interrupted; rerun the same command to resume" in err and "Traceback" not in err, err[-3000:]
     written = shard.read_text().count("\n")
-    assert 1 <= written < 12
+    assert 1 <= written < 4
     rerun = run_fs_mllm(argv, cwd=tmp_path)
     assert rerun.returncode == 0, failure(rerun)
     keys = [tuple(json.loads(line)["key"]) for line in shard.read_text().splitlines()]
-    assert len(keys) == len(set(keys)) == 3 * 2 * 2  # (examples) x (base, fs) x (clean, eps 0.5)
-    assert json.loads((tmp_path / "out" / "summary.json").read_text())["num_examples"] == 3
+    assert len(keys) == len(set(keys)) == 2 * 2  # (example) x (base, fs) x (clean, eps 0.5)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["num_examples"] == 1
