@@ -61,8 +61,7 @@ def main() -> None:
     parser.add_argument("--surrogates", type=lambda text: tuple(v.strip() for v in text.split(",") if v.strip()) or None,
                         default=None, help="transfer crafted on these encoders (comma list, e.g. 'dinov2') instead of "
                                            "the undefended model's own image path")
-    parser.add_argument("--variants", type=lambda text: tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip())),
-                        default=None, help="comma list of base,fs,fs+gsb (default all three)")
+    parser.add_argument("--variants", default=None, help="comma list of base,fs,fs+gsb (default all three)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--out", default="bench_defense.json")

@@ -39,7 +39,22 @@ TRANSFER_LINF = (4 / 255, 8 / 255, 16 / 255)
 ADAPTIVE_L2 = (0.0625, 0.125, 0.25, 0.5, 1.0)
 ADAPTIVE_LINF = (1 / 255, 2 / 255, 4 / 255)
 
-__all__ = ["VARIANTS", "DefenseSettings", "EvalItem", "answer_metrics", "apply_variant", "defense_table", "evaluate_defense", "synthetic_items"]
+
+def check_variants(variants: Any) -> tuple[str, ...]:
+    """A non-empty tuple of distinct VARIANTS, from a tuple/list or a comma string ("base,fs+gsb")."""
+    if isinstance(variants, str):
+        variants = [v.strip() for v in variants.split(",") if v.strip()]
+    variants = tuple(variants)
+    if not variants:
+        raise ValueError(f"variants must name at least one of {VARIANTS}")
+    for name in variants:
+        if name not in VARIANTS:
+            raise ValueError(f"variants: unknown variant {name!r}; choose from {VARIANTS}")
+    if len(set(variants)) != len(variants):
+        raise ValueError(f"variants must not repeat a variant, got {variants}")
+    return variants
+
+__all__ = ["VARIANTS", "DefenseSettings", "check_variants", "EvalItem", "answer_metrics", "apply_variant", "defense_table", "evaluate_defense", "synthetic_items"]
 
 
 def apply_variant(model: nn.Module, variant: str, config: FSConfig, processor: Any = None, booster: Any = None) -> nn.Module:
@@ -77,9 +92,7 @@ class DefenseSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in self.variants:
-            if name not in VARIANTS:
-                raise ValueError(f"variants: unknown variant {name!r}; choose from {list(VARIANTS)}")
+        self.variants = check_variants(self.variants)
         if self.adaptive_objective not in ("untargeted", "feature"):
             raise ValueError(f"adaptive_objective must be 'untargeted' or 'feature', got {self.adaptive_objective!r}")
         if not isinstance(self.fs, FSConfig):

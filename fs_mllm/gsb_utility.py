@@ -145,9 +145,10 @@ def answer_loss(model: Any, image_embeds: torch.Tensor, token_rows: Sequence[tup
 
 def _train_utility(booster: GaussianSmoothnessBooster, module: torch.nn.Module, batch_losses: Any,
                    train: UtilityTrainConfig, output_dir: Optional[str], progress: bool) -> dict:
-    """The one utility training loop: AdamW on ``module`` (the stage being trained), ``batch_losses(step,
-    rng) -> (utility, identity, consistency)``, atomic checkpoints it resumes from. Batches and noise are
-    pure functions of the step, so a resumed run replays nothing and repeats nothing."""
+    """The one utility training loop: AdamW on ``module`` (the stage being trained), ``batch_losses(step_seed,
+    rng) -> (utility, identity, consistency)`` with ``rng = random.Random(step_seed)``, atomic checkpoints it
+    resumes from. Batches and noise are pure functions of the step's seed, so a resumed run replays nothing
+    and repeats nothing."""
     from .gsb_training import load_checkpoint_state, save_checkpoint, unflatten_optimizer_state
 
     optimizer = torch.optim.AdamW(module.parameters(), lr=train.lr, weight_decay=0.0)
@@ -164,8 +165,8 @@ def _train_utility(booster: GaussianSmoothnessBooster, module: torch.nn.Module, 
     bar = tqdm(total=train.steps, initial=step, desc=f"gsb utility ({train.stage})", disable=not progress)
     booster.train()
     while step < train.steps:
-        rng = random.Random(train.seed * 1_000_003 + step)
-        utility, identity, consistency = batch_losses(step, rng)
+        step_seed = train.seed * 1_000_003 + step
+        utility, identity, consistency = batch_losses(step_seed, random.Random(step_seed))
         loss = utility + train.identity_weight * identity + train.consistency_weight * consistency
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -220,7 +221,7 @@ def train_mapper_utility(model: Any, tokenizer: Any, booster: GaussianSmoothness
     mapper = _freeze_all_but(model, booster, "mapper")
     n_images, tokens = bank["noisy"].shape[0], bank["noisy"].shape[2]
 
-    def batch_losses(step: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch_losses(step_seed: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         index = [rng.randrange(n_images) for _ in range(train.batch_size)]
         rows = _question_rows(rng, index, qa, tokenizer, prompt_fn, tokens, image_id)
         smoothed = smoothed_bank_features(booster, bank["noisy"][index], bank["levels"][index])
@@ -239,14 +240,13 @@ def train_denoiser_utility(model: Any, processor: Any, booster: GaussianSmoothne
     path ``patch_model`` deploys (``train.n_copies`` noisy copies per image, fresh noise every step: the
     step is the noise seed). ``model`` must be unpatched; it is patched for training and unpatched after.
     Identity: relative squared change of clean pixels (told the level measured on them, ~0)."""
+    from .adapters import get_adapter
     from .attacks import image_features, noise_seed
     from .patching import is_patched, patch_model, unpatch_model
 
     if is_patched(model):
         raise ValueError("train_denoiser_utility needs the unpatched model (it patches it with the booster itself)")
     denoiser = _freeze_all_but(model, booster, "denoiser")
-    from .adapters import get_adapter
-
     # another feature size or a sigma outside the booster's range fails before any work
     booster.check_compatible(get_adapter(model).feature_dim(model), train.sigma)
     with torch.no_grad():
@@ -255,12 +255,12 @@ def train_denoiser_utility(model: Any, processor: Any, booster: GaussianSmoothne
     tokens = clean.shape[1]
     patch_model(model, sigma=train.sigma, n_samples=train.n_copies, processor=processor, booster=booster)
 
-    def batch_losses(step: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch_losses(step_seed: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         index = [rng.randrange(images01.shape[0]) for _ in range(train.batch_size)]
         rows = _question_rows(rng, index, qa, processor.tokenizer, prompt_fn, tokens, image_id)
-        with noise_seed(model, train.seed * 1_000_003 + step):
-            smoothed = image_features(model, images01[index], processor=processor)
         pixels = images01[index]
+        with noise_seed(model, step_seed):  # fresh noise every step
+            smoothed = image_features(model, pixels, processor=processor)
         denoised = booster.denoise(pixels, booster.noise_level(pixels, train.sigma))
         identity = ((denoised - pixels).pow(2).flatten(1).sum(1) / pixels.pow(2).flatten(1).sum(1).clamp_min(1e-6)).mean()
         return answer_loss(model, smoothed, rows, image_id), identity, _consistency(smoothed.float(), clean[index])

@@ -165,6 +165,11 @@ def test_attack_errors_name_the_parameter(model):
         apply_variant(model, "fs+gsb", FSConfig())
     with pytest.raises(ValueError, match="eps"):
         DefenseSettings(transfer_linf=(16,))
+    # variants: one check shared with EvalSettings (a comma string is accepted; empty, unknown, repeated refused)
+    assert DefenseSettings(variants="base, fs+gsb").variants == ("base", "fs+gsb")
+    for bad, message in (("", "at least one"), ("base,fs+tta", "unknown variant"), (("fs", "fs"), "repeat")):
+        with pytest.raises(ValueError, match=message):
+            DefenseSettings(variants=bad)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from fs_mllm.arguments import (
 )
 from fs_mllm.attacks import NORMS, OBJECTIVES, PROTOCOLS, AttackConfig  # one definition of each
 from fs_mllm.config import FSConfig
-from fs_mllm.defense import VARIANTS
+from fs_mllm.defense import check_variants
 from fs_mllm.evaluation.results import SHARD_GLOB, ResultsFolderError, read_rows
 from fs_mllm.models.loading import DEFAULT_MODEL
 from fs_mllm.models.mini_llava import BOOSTER_DIR
@@ -104,16 +104,7 @@ class EvalSettings:
         for name in ("model", "dataset"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a non-empty str, got {getattr(self, name)!r}")
-        if isinstance(self.variants, str):
-            self.variants = tuple(v.strip() for v in self.variants.split(",") if v.strip())
-        self.variants = tuple(self.variants)
-        if not self.variants:
-            raise ValueError(f"variants must name at least one of {VARIANTS}")
-        for v in self.variants:
-            if v not in VARIANTS:
-                raise ValueError(f"variants: unknown variant {v!r}; choose from {VARIANTS}")
-        if len(set(self.variants)) != len(self.variants):
-            raise ValueError(f"variants must not repeat a variant, got {self.variants}")
+        self.variants = check_variants(self.variants)
         if "fs+gsb" in self.variants and not self.booster:
             self.booster = _default_booster(self.model)
         # a local folder is stored as an absolute path, so a resume from another cwd compares equal
