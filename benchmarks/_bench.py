@@ -1,4 +1,5 @@
-"""Shared helpers of the benchmark scripts: interleaved timing (min and median), machine line, JSON output.
+"""Shared helpers of the benchmark scripts: interleaved timing (min and median), machine line, JSON output,
+comma-list options.
 
 Every figure the benchmarks report is a ratio of two things timed side by side in one process, with
 the repeats interleaved (A B C A B C ...), so load from other processes on a shared machine hits all
@@ -21,6 +22,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 CLOCKS = ("cpu", "wall")
+
+
+def int_list(text: str) -> list[int]:
+    """A comma-separated option of integers ("100,1000")."""
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def float_list(text: str) -> list[float]:
+    """A comma-separated option of numbers ("0.0625,0.25")."""
+    return [float(v) for v in text.split(",") if v.strip()]
 
 
 def interleaved_times(fns: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1,

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from _bench import CLOCKS, RESULTS, interleaved_times, ratio_of, summary, write_json
+from _bench import CLOCKS, RESULTS, int_list, interleaved_times, ratio_of, summary, write_json
 from fs_mllm import certify_model, patch_model
 from fs_mllm.adapters import get_adapter
 
@@ -439,10 +439,6 @@ def plot_scaling(args, by_n, by_chunk, n_fixed, description) -> str:
     plt.close(fig)
     print(f"wrote {path}")
     return str(path.relative_to(out_dir.parent)) if out_dir == RESULTS else str(path)
-
-
-def int_list(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from _bench import write_json
+from _bench import int_list, write_json
 from fs_mllm import fcsb
 from fs_mllm.certify import sample_scores
 from fs_mllm.config import BOUND_METHODS
@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=0.25)
     parser.add_argument("--alpha", type=float, default=0.001)
     parser.add_argument("--n", type=int, default=1000, help="the sample size the headline efficiency is read at")
-    parser.add_argument("--n-grid", default="100,200,500,1000,2000,5000,10000,25000")
+    parser.add_argument("--n-grid", type=int_list, default=[100, 200, 500, 1000, 2000, 5000, 10000, 25000])
     parser.add_argument("--target", type=float, default=0.95)
     parser.add_argument("--methods", default=",".join(BOUND_METHODS))
     parser.add_argument("--segment", type=int, default=5000, help="samples per photo per cached segment")
@@ -154,16 +154,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (1 photo, 28 px, 400 samples)")
     args = parser.parse_args()
     if args.quick:
-        args.population, args.photos, args.size, args.n, args.n_grid, args.segment = 400, 1, 28, 100, "100,200", 400
+        args.population, args.photos, args.size, args.n, args.n_grid, args.segment = 400, 1, 28, 100, [100, 200], 400
     torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    n_grid = [int(v) for v in args.n_grid.split(",")]
 
     images = load_photos(args.photos, args.size)
     start = time.perf_counter()
     scores = sample_population(args, images)
     seconds = time.perf_counter() - start
-    result = efficiency_table(scores, args.sigma, args.alpha, n_grid, methods)
+    result = efficiency_table(scores, args.sigma, args.alpha, args.n_grid, methods)
     print(f"DINOv2 ViT-S/14 patch tokens, {args.size}px, {args.photos} photos, sigma {args.sigma}, alpha {args.alpha}, "
           f"population n {scores.shape[1]} per photo ({seconds:.0f} s sampling in this run"
           f"{'; samples resumed from --cache' if args.cache else ''})")

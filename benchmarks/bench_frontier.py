@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+from _bench import float_list, int_list
 from fs_mllm.attacks import generate_text
 from fs_mllm.arguments import positive_int
 from fs_mllm.config import FSConfig
@@ -29,14 +30,6 @@ from fs_mllm.gsb import GaussianSmoothnessBooster
 from fs_mllm.models import load_mini_llava
 from fs_mllm.models.mini_llava import BOOSTER_DIR, IMAGE_SIZE, build_prompt
 from fs_mllm.synthetic import vqa_match
-
-
-def floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
-
-
-def ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
 
 
 def render(results: dict, sigmas: list[float], n0s: list[int], questions: int, plot_path: str) -> str:
@@ -98,8 +91,8 @@ def merge(paths: list[str], plot_path: str, out_path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--questions", type=positive_int, default=200)
-    parser.add_argument("--sigmas", type=floats, default=[0.0625, 0.125, 0.25, 0.5])
-    parser.add_argument("--n0", type=ints, default=[1, 4, 8, 16, 32])
+    parser.add_argument("--sigmas", type=float_list, default=[0.0625, 0.125, 0.25, 0.5])
+    parser.add_argument("--n0", type=int_list, default=[1, 4, 8, 16, 32])
     parser.add_argument("--variants", type=lambda text: list(dict.fromkeys(v for v in text.split(",") if v)), default=["fs", "fs+gsb"],
                         help="comma-separated subset of fs,fs+gsb (default both)")
     parser.add_argument("--booster", default=str(BOOSTER_DIR))
