@@ -32,18 +32,25 @@ from .base import (
 )
 
 
-def patchify(images: torch.Tensor, patch_size: int, merge_size: int, temporal_patch_size: int) -> torch.Tensor:
-    """Normalised images (N, C, H, W) or clips (N, F, C, H, W) -> (N*t*h*w, C*T*P*P) patch rows, the
-    processor's layout (differentiable). A still image is repeated over the T temporal copies."""
-    if images.ndim == 4:
-        images = images.unsqueeze(1).expand(-1, temporal_patch_size, -1, -1, -1)
-    n, frames, channels, height, width = images.shape
+def patch_grid(height: int, width: int, patch_size: int, merge_size: int) -> tuple[int, int]:
+    """(grid_h, grid_w) of an image cut into patch_size patches merged merge_size x merge_size; refuses a size
+    that does not tile."""
     grid_h, grid_w = height // patch_size, width // patch_size
     if grid_h * patch_size != height or grid_w * patch_size != width or grid_h % merge_size or grid_w % merge_size:
         raise ValueError(
             f"images of size {height}x{width} do not tile into {patch_size}px patches merged {merge_size}x{merge_size}; "
             "resize to a multiple of patch_size*merge_size first (the processor's smart_resize does)"
         )
+    return grid_h, grid_w
+
+
+def patchify(images: torch.Tensor, patch_size: int, merge_size: int, temporal_patch_size: int) -> torch.Tensor:
+    """Normalised images (N, C, H, W) or clips (N, F, C, H, W) -> (N*t*h*w, C*T*P*P) patch rows, the
+    processor's layout (differentiable). A still image is repeated over the T temporal copies."""
+    if images.ndim == 4:
+        images = images.unsqueeze(1).expand(-1, temporal_patch_size, -1, -1, -1)
+    n, frames, channels, height, width = images.shape
+    grid_h, grid_w = patch_grid(height, width, patch_size, merge_size)
     if frames % temporal_patch_size:
         raise ValueError(f"a clip of {frames} frames does not split into temporal patches of {temporal_patch_size}")
     grid_t = frames // temporal_patch_size
@@ -185,9 +192,8 @@ class ChannelLastPatchAdapter(Qwen2VLAdapter):
         if images.ndim != 4:
             raise ValueError(f"{self.name}: expected still images (N, 3, H, W), got {tuple(images.shape)}")
         patch, merge, _ = self._geometry(model)
-        patchify(images, patch, merge, 1)  # validates the tiling
         n, channels, height, width = images.shape
-        grid_h, grid_w = height // patch, width // patch
+        grid_h, grid_w = patch_grid(height, width, patch, merge)
         blocks = images.reshape(n, channels, grid_h // merge, merge, patch, grid_w // merge, merge, patch)
         rows = blocks.permute(0, 2, 5, 3, 6, 4, 7, 1).reshape(n * grid_h * grid_w, patch * patch * channels)
         grid = extra.get("image_grid_thw")
