@@ -7,10 +7,15 @@ variant's smoothed path with EOT, untargeted on the answer. Defaults are the iss
 clean questions, 100 attacked images, 300 transfer steps, 20 adaptive steps x 8 EOT samples,
 certificates at n = 1000): hours on a CPU, so pass smaller counts there and report them.
 
+The run is resumable: every finished row, each variant's clean answers and certificates, and the crafted
+transfer images go to ``--checkpoint`` (default ``<out>.parts``) as they exist; rerun the same command
+after a stop and only the missing rows are computed. The variants and budgets may change between runs
+(e.g. ``--variants base`` in one call and ``--variants fs+gsb`` in the next); any other setting may not.
+
     python benchmarks/bench_defense.py [--clean-questions 200] [--attack-images 100] [--transfer-steps 300]
         [--adaptive-steps 20] [--eot-samples 8] [--certify-images 16] [--certify-n 1000]
         [--transfer-linf 4/255,8/255,16/255] [--adaptive-l2 0.0625,...] [--adaptive-linf 1/255,2/255,4/255]
-        [--no-crops] [--device cpu] [--threads 1] [--out bench_defense.json]
+        [--no-crops] [--device cpu] [--threads 1] [--out bench_defense.json] [--checkpoint DIR]
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 from fs_mllm.arguments import fraction_pair, positive_float, positive_int
 from fs_mllm.config import FSConfig
 from fs_mllm.defense import ADAPTIVE_L2, ADAPTIVE_LINF, TRANSFER_LINF, DefenseSettings, defense_table, evaluate_defense, synthetic_items
+from fs_mllm.evaluation.results import ResultsFolderError
 from fs_mllm.gsb import GaussianSmoothnessBooster
 from fs_mllm.models import load_mini_llava
 from fs_mllm.models.mini_llava import BOOSTER_DIR, IMAGE_SIZE, build_prompt
@@ -43,28 +49,36 @@ def budgets(text: str) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sigma", type=positive_float, default=0.25)
-    parser.add_argument("--n-samples", type=positive_int, default=8)
-    parser.add_argument("--clean-questions", type=positive_int, default=200)
-    parser.add_argument("--attack-images", type=positive_int, default=100)
-    parser.add_argument("--transfer-steps", type=positive_int, default=300)
-    parser.add_argument("--adaptive-steps", type=positive_int, default=20)
-    parser.add_argument("--eot-samples", type=positive_int, default=8)
-    parser.add_argument("--certify-images", type=int, default=16)
-    parser.add_argument("--certify-n", type=positive_int, default=1000)
-    parser.add_argument("--transfer-linf", type=budgets, default=list(TRANSFER_LINF), help="linf budgets ('none' = skip)")
-    parser.add_argument("--transfer-step-size", type=positive_float, default=1 / 255)
-    parser.add_argument("--crop-scale", type=fraction_pair, default=(0.5, 1.0), help="M-Attack local crops, 'lo,hi'")
-    parser.add_argument("--no-crops", action="store_true")
-    parser.add_argument("--adaptive-l2", type=budgets, default=list(ADAPTIVE_L2), help="l2 budgets ('none' = skip)")
-    parser.add_argument("--adaptive-linf", type=budgets, default=list(ADAPTIVE_LINF), help="linf budgets ('none' = skip)")
+    parser.add_argument("--sigma", type=positive_float, default=0.25, help="smoothing noise std in [0,1] pixels")
+    parser.add_argument("--n-samples", type=positive_int, default=8, help="n0: noisy copies per smoothed forward")
+    parser.add_argument("--clean-questions", type=positive_int, default=200, help="held-out questions for clean accuracy")
+    parser.add_argument("--attack-images", type=positive_int, default=100,
+                        help="held-out images attacked (first question of each) under every budget")
+    parser.add_argument("--transfer-steps", type=positive_int, default=300, help="PGD steps crafting the transfer images")
+    parser.add_argument("--transfer-linf", type=budgets, default=list(TRANSFER_LINF),
+                        help="transfer linf budgets, comma list, a/b allowed (default 4/255,8/255,16/255; 'none' = skip)")
+    parser.add_argument("--transfer-step-size", type=positive_float, default=1 / 255, help="transfer PGD step, [0,1] pixels")
+    parser.add_argument("--crop-scale", type=fraction_pair, default=(0.5, 1.0),
+                        help="M-Attack random local crops: area fraction range 'lo,hi' (default 0.5,1.0)")
+    parser.add_argument("--no-crops", action="store_true", help="craft transfer images without local crops")
     parser.add_argument("--surrogates", type=lambda text: tuple(v.strip() for v in text.split(",") if v.strip()) or None,
                         default=None, help="transfer crafted on these encoders (comma list, e.g. 'dinov2') instead of "
                                            "the undefended model's own image path")
+    parser.add_argument("--adaptive-l2", type=budgets, default=list(ADAPTIVE_L2),
+                        help="adaptive l2 budgets (default 0.0625,0.125,0.25,0.5,1; 'none' = skip)")
+    parser.add_argument("--adaptive-linf", type=budgets, default=list(ADAPTIVE_LINF),
+                        help="adaptive linf budgets (default 1/255,2/255,4/255; 'none' = skip)")
+    parser.add_argument("--adaptive-steps", type=positive_int, default=20, help="adaptive PGD steps")
+    parser.add_argument("--eot-samples", type=positive_int, default=8, help="noisy forwards averaged per adaptive step")
+    parser.add_argument("--certify-images", type=int, default=16, help="attack images certified per FS variant (0 = none)")
+    parser.add_argument("--certify-n", type=positive_int, default=1000, help="noisy samples per certificate")
     parser.add_argument("--variants", default=None, help="comma list of base,fs,fs+gsb (default all three)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=positive_int, default=1)
-    parser.add_argument("--out", default="bench_defense.json")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
+    parser.add_argument("--out", default="bench_defense.json", help="the JSON written at the end")
+    parser.add_argument("--checkpoint", default=None,
+                        help="resumable run folder (default: <out>.parts): every finished row and the crafted transfer "
+                             "images are kept there; rerun the same command to go on after a stop")
     args = parser.parse_args()
     try:
         settings = DefenseSettings(
@@ -88,7 +102,11 @@ def main() -> None:
         clean_items = synthetic_items(n_images, IMAGE_SIZE, build_prompt)
     clean_items = clean_items[:args.clean_questions]
     attack_items = synthetic_items(args.attack_images, IMAGE_SIZE, build_prompt, first_question_only=True)
-    rows = evaluate_defense(model, processor, clean_items, attack_items, settings, booster=booster)
+    checkpoint = args.checkpoint or args.out + ".parts"
+    try:
+        rows = evaluate_defense(model, processor, clean_items, attack_items, settings, booster=booster, checkpoint=checkpoint)
+    except ResultsFolderError as error:
+        parser.error(str(error))
     seconds = time.perf_counter() - start
     table = defense_table(rows)
     print(table)
@@ -96,7 +114,7 @@ def main() -> None:
           f"{args.device} ({platform.processor() or platform.machine()}, {args.threads} thread(s))")
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump({"settings": settings.to_dict(), "clean_questions": len(clean_items), "attack_images": len(attack_items),
-                   "device": args.device, "seconds": seconds, "rows": rows, "table": table}, f, indent=2)
+                   "device": args.device, "seconds": seconds, "checkpoint": checkpoint, "rows": rows, "table": table}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,13 @@ bounds count as -1, the trivial cosine bound).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -54,7 +58,8 @@ def check_variants(variants: Any) -> tuple[str, ...]:
         raise ValueError(f"variants must not repeat a variant, got {variants}")
     return variants
 
-__all__ = ["VARIANTS", "DefenseSettings", "check_variants", "EvalItem", "answer_metrics", "apply_variant", "defense_table", "evaluate_defense", "synthetic_items"]
+__all__ = ["VARIANTS", "DefenseCheckpoint", "DefenseSettings", "check_variants", "EvalItem", "answer_metrics", "apply_variant",
+           "defense_table", "evaluate_defense", "synthetic_items"]
 
 
 def apply_variant(model: nn.Module, variant: str, config: FSConfig, processor: Any = None, booster: Any = None) -> nn.Module:
@@ -158,16 +163,134 @@ def _l2_radius(norm: str, eps: float, image: torch.Tensor) -> float:
     return eps if norm == "l2" else eps * math.sqrt(image.numel())
 
 
-def evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[EvalItem], attack_items: Sequence[EvalItem],
-                     settings: DefenseSettings, booster: Any = None, progress: bool = True) -> list[dict[str, Any]]:
-    """Rows of the defense table (see the module doc); ``clean_items`` give clean accuracy, ``attack_items``
-    are attacked (one question per image) under every budget of both protocols."""
-    from .answers import answers_match as vqa_match
+# settings that only choose which rows a run computes: a resumed run may change them (e.g. one variant per call)
+_ROW_CHOICES = ("variants", "transfer_linf", "adaptive_l2", "adaptive_linf")
 
+
+def _fingerprint(items: Sequence[EvalItem]) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for item in items:
+        for tensor in (item.image, item.target):
+            digest.update(repr(tuple(tensor.shape)).encode())
+            digest.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
+        digest.update(json.dumps([item.question, item.answers, item.prompt]).encode())
+    return digest.hexdigest()
+
+
+def _booster_fingerprint(booster: Any) -> Optional[str]:
+    if booster is None:
+        return None
+    if not isinstance(booster, nn.Module):
+        return type(booster).__name__
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(booster.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class DefenseCheckpoint:
+    """A folder that makes a long defense run resumable: rerun with the same folder and finished work is
+    read back instead of recomputed, so a kill (or a device's per-call time limit) loses at most one row.
+
+    ``settings.json`` names what the folder holds (the settings, the question set, the booster); a run with
+    other settings is refused before any work. ``rows.jsonl`` (the crash-safe store of
+    :mod:`fs_mllm.evaluation.results`) gets every row, and each variant's clean answers and certificates,
+    the moment they exist. ``transfer_linf_<eps>.safetensors`` holds the crafted transfer images, so every
+    variant, in this run or a resumed one, replays the same images. Which variants and budgets a run
+    computes may change between runs: rows are keyed by (variant, protocol, norm, budget).
+    """
+
+    def __init__(self, folder: str | os.PathLike, settings: DefenseSettings, clean_items: Sequence[EvalItem],
+                 attack_items: Sequence[EvalItem], booster: Any = None) -> None:
+        from .evaluation.results import ResultsFolderError, ResultsLock, ResultWriter, read_rows
+
+        self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ValueError(f"checkpoint must be a folder, got the file {self.folder}")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        rows_path = self.folder / "rows.jsonl"
+        lock = ResultsLock(rows_path)  # one run per folder
+        try:
+            chosen = {k: v for k, v in settings.to_dict().items() if k not in _ROW_CHOICES}
+            identity = json.loads(json.dumps({"settings": chosen, "clean_items": _fingerprint(clean_items),
+                                              "attack_items": _fingerprint(attack_items),
+                                              "booster": _booster_fingerprint(booster)}))
+            settings_path = self.folder / "settings.json"
+            if settings_path.exists():
+                saved = json.loads(settings_path.read_text(encoding="utf-8"))
+                if saved != identity:
+                    changed = sorted(k for k in identity if saved.get(k) != identity[k])
+                    if "settings" in changed:
+                        changed += sorted(f"settings.{k}" for k in chosen if saved.get("settings", {}).get(k) != identity["settings"][k])
+                    raise ResultsFolderError(
+                        f"checkpoint {self.folder} holds a run with other {', '.join(changed)}; rerun with the "
+                        "settings it was started with, or use another checkpoint folder")
+            else:
+                temporary = settings_path.with_suffix(".json.tmp")
+                temporary.write_text(json.dumps(identity, indent=2, sort_keys=True), encoding="utf-8")
+                os.replace(temporary, settings_path)
+            self.done = {tuple(row["key"]): row for row in read_rows(rows_path)}
+            self.writer = ResultWriter(rows_path, lock)
+        except BaseException:
+            lock.release()
+            raise
+
+    def get(self, key: tuple) -> Optional[dict[str, Any]]:
+        return self.done.get(tuple(key))
+
+    def put(self, key: tuple, record: dict[str, Any]) -> dict[str, Any]:
+        from .evaluation.results import finite_or_none
+
+        row = {k: finite_or_none(v) for k, v in record.items()}
+        self.writer.write({"key": list(key), **row})
+        self.done[tuple(key)] = {"key": list(key), **row}
+        return record
+
+    def transfer_images(self, eps: float, craft: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The transfer images at ``eps``: read back, or crafted now and saved (atomically) before use."""
+        from safetensors.torch import load_file, save_file
+
+        path = self.folder / f"transfer_linf_{eps:.8f}.safetensors"
+        if path.exists():
+            return load_file(str(path))["adv"]
+        adv = craft()
+        temporary = path.with_suffix(".tmp")
+        save_file({"adv": adv.detach().contiguous().cpu()}, str(temporary))
+        os.replace(temporary, path)
+        return adv
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _row_key(variant: str, protocol: str, norm: str, eps: float) -> tuple:
+    return (variant, protocol, norm, float(eps))
+
+
+def evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[EvalItem], attack_items: Sequence[EvalItem],
+                     settings: DefenseSettings, booster: Any = None, progress: bool = True,
+                     checkpoint: Optional[str | os.PathLike] = None) -> list[dict[str, Any]]:
+    """Rows of the defense table (see the module doc); ``clean_items`` give clean accuracy, ``attack_items``
+    are attacked (one question per image) under every budget of both protocols. With ``checkpoint`` (a
+    folder, :class:`DefenseCheckpoint`) the run is resumable: rerun with the same folder to go on."""
     if not clean_items or not attack_items:
         raise ValueError("clean_items and attack_items must not be empty")
     if "fs+gsb" in settings.variants and booster is None:
         raise ValueError("variants include 'fs+gsb' but booster is None")
+    store = DefenseCheckpoint(checkpoint, settings, clean_items, attack_items, booster) if checkpoint is not None else None
+    try:
+        return _evaluate_defense(model, processor, clean_items, attack_items, settings, booster, progress, store)
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[EvalItem], attack_items: Sequence[EvalItem],
+                      settings: DefenseSettings, booster: Any, progress: bool,
+                      store: Optional[DefenseCheckpoint]) -> list[dict[str, Any]]:
+    from .answers import answers_match as vqa_match
+
     sigma = settings.fs.sigma
     attack_images = torch.stack([item.image for item in attack_items])
     targets = torch.stack([item.target for item in attack_items])
@@ -175,62 +298,90 @@ def evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Eva
     attack_answers = [item.answers for item in attack_items]
     clean_images = torch.stack([item.image for item in clean_items])
     clean_prompts = [item.prompt for item in clean_items]
+    budgets = [("transfer", "linf", eps) for eps in settings.transfer_linf]
+    budgets += [("adaptive", "l2", eps) for eps in settings.adaptive_l2]
+    budgets += [("adaptive", "linf", eps) for eps in settings.adaptive_linf]
+
+    def saved(key: tuple) -> Optional[dict[str, Any]]:
+        if store is None or store.get(key) is None:
+            return None
+        return {k: v for k, v in store.get(key).items() if k != "key"}
+
+    def keep(key: tuple, record: dict[str, Any]) -> dict[str, Any]:
+        return store.put(key, record) if store is not None else record
 
     # transfer images: crafted once, without the defense, before any variant sees them
     unpatch_model(model)
     transfer = {}
-    for eps in tqdm(settings.transfer_linf, desc="crafting transfer images", disable=not progress):
-        config = settings._transfer_config(eps)
-        transfer[eps] = attack(model, processor, attack_images, None, config, target_images=targets,
-                               surrogates=list(settings.surrogates) if settings.surrogates else None).adv_images
+    pending = [eps for eps in settings.transfer_linf
+               if any(saved(_row_key(v, "transfer", "linf", eps)) is None for v in settings.variants)]
+    if store is not None and store.done and progress:
+        tqdm.write(f"resuming from {store.folder}: {sum(key[0] != 'state' for key in store.done)} finished rows read back")
+    for eps in tqdm(pending, desc="crafting transfer images", disable=not progress or not pending):
+        def craft(eps: float = eps) -> torch.Tensor:
+            return attack(model, processor, attack_images, None, settings._transfer_config(eps), target_images=targets,
+                          surrogates=list(settings.surrogates) if settings.surrogates else None).adv_images
+        transfer[eps] = store.transfer_images(eps, craft).to(attack_images.device) if store is not None else craft()
 
-    budgets = [("transfer", "linf", eps) for eps in settings.transfer_linf]
-    budgets += [("adaptive", "l2", eps) for eps in settings.adaptive_l2]
-    budgets += [("adaptive", "linf", eps) for eps in settings.adaptive_linf]
     rows: list[dict[str, Any]] = []
     for variant in settings.variants:
+        keys = [_row_key(variant, "clean", "-", 0.0)] + [_row_key(variant, *budget) for budget in budgets]
+        if all(saved(key) is not None for key in keys):
+            rows += [saved(key) for key in keys]
+            continue
         apply_variant(model, variant, settings.fs, processor, booster)
-        bar = tqdm(total=3 + len(budgets), desc=variant, unit="stage", disable=not progress)
-        clean_out = generate_text(model, processor, clean_images, clean_prompts, settings.max_new_tokens)
-        clean_correct = [vqa_match(o, item.answers) for o, item in zip(clean_out, clean_items)]
-        bar.update()
-        clean_attack_out = generate_text(model, processor, attack_images, attack_prompts, settings.max_new_tokens)
-        target_out = generate_text(model, processor, targets, attack_prompts, settings.max_new_tokens)
-        bar.update()
-        s_low: list[float] = []
-        if variant != "base" and settings.certify_images:
-            certificates = []
-            for i in range(min(settings.certify_images, len(attack_items))):
-                certificates += certify_model(model, attack_images[i:i + 1], n=settings.certify_n, alpha=settings.alpha)
-            s_low = [c.score_lower for c in certificates]
-        bar.update()
+        bar = tqdm(total=len(keys), desc=variant, unit="row", disable=not progress)
+        # the variant's answers on the clean attack images and on their targets, and its certificates
+        state = saved(("state", variant, "", 0.0))
+        if state is None:
+            s_low: list[float] = []
+            if variant != "base" and settings.certify_images:
+                certificates = []
+                for i in range(min(settings.certify_images, len(attack_items))):
+                    certificates += certify_model(model, attack_images[i:i + 1], n=settings.certify_n, alpha=settings.alpha)
+                s_low = [c.score_lower for c in certificates]
+            state = keep(("state", variant, "", 0.0), {
+                "clean_attack_out": generate_text(model, processor, attack_images, attack_prompts, settings.max_new_tokens),
+                "target_out": generate_text(model, processor, targets, attack_prompts, settings.max_new_tokens),
+                "s_low": s_low})
 
         def certified(radius: float) -> Optional[float]:
-            return _mean([float(fcsb(s, radius, sigma)) for s in s_low]) if s_low else None
+            return _mean([float(fcsb(s, radius, sigma)) for s in state["s_low"]]) if state["s_low"] else None
 
-        rows.append({"variant": variant, "protocol": "clean", "norm": "-", "eps": 0.0, "n": len(clean_items),
-                     "accuracy": _mean([float(c) for c in clean_correct]), "attack_success": None,
-                     "targeted_success": None, "fcs": None, "certified_fcsb": certified(sigma / 2),
-                     "certified_radius_l2": sigma / 2})
+        row = saved(keys[0])
+        if row is None:
+            clean_out = generate_text(model, processor, clean_images, clean_prompts, settings.max_new_tokens)
+            clean_correct = [vqa_match(o, item.answers) for o, item in zip(clean_out, clean_items)]
+            row = keep(keys[0], {"variant": variant, "protocol": "clean", "norm": "-", "eps": 0.0, "n": len(clean_items),
+                                 "accuracy": _mean([float(c) for c in clean_correct]), "attack_success": None,
+                                 "targeted_success": None, "fcs": None, "certified_fcsb": certified(sigma / 2),
+                                 "certified_radius_l2": sigma / 2})
+        rows.append(row)
+        bar.update()
         clean_features = None  # the variant's features of the clean attack images, once for every transfer budget
-        for protocol, norm, eps in budgets:
-            if protocol == "transfer":  # FCS as this variant's decoder sees the replayed images
-                adv = transfer[eps]
-                with torch.no_grad():
-                    if clean_features is None:
-                        clean_features = image_features(model, attack_images, processor=processor)
-                    fcs = feature_cosine(clean_features, image_features(model, adv, processor=processor)).tolist()
-            else:
-                # untargeted: push the model away from the accepted answer (what accuracy counts)
-                answers = [a[0] for a in attack_answers] if settings.adaptive_objective == "untargeted" else None
-                result = attack(model, processor, attack_images, attack_prompts if answers else None,
-                                settings._adaptive_config(norm, eps), answers=answers)
-                adv, fcs = result.adv_images, result.fcs
-            adv_out = generate_text(model, processor, adv, attack_prompts, settings.max_new_tokens)
-            metrics = answer_metrics(clean_attack_out, adv_out, attack_answers, target_out if protocol == "transfer" else None)
-            radius = _l2_radius(norm, eps, attack_images[0])
-            rows.append({"variant": variant, "protocol": protocol, "norm": norm, "eps": float(eps), "n": len(attack_items),
-                         **metrics, "fcs": _mean(fcs), "certified_fcsb": certified(radius), "certified_radius_l2": radius})
+        for key, (protocol, norm, eps) in zip(keys[1:], budgets):
+            row = saved(key)
+            if row is None:
+                if protocol == "transfer":  # FCS as this variant's decoder sees the replayed images
+                    adv = transfer[eps]
+                    with torch.no_grad():
+                        if clean_features is None:
+                            clean_features = image_features(model, attack_images, processor=processor)
+                        fcs = feature_cosine(clean_features, image_features(model, adv, processor=processor)).tolist()
+                else:
+                    # untargeted: push the model away from the accepted answer (what accuracy counts)
+                    answers = [a[0] for a in attack_answers] if settings.adaptive_objective == "untargeted" else None
+                    result = attack(model, processor, attack_images, attack_prompts if answers else None,
+                                    settings._adaptive_config(norm, eps), answers=answers)
+                    adv, fcs = result.adv_images, result.fcs
+                adv_out = generate_text(model, processor, adv, attack_prompts, settings.max_new_tokens)
+                metrics = answer_metrics(state["clean_attack_out"], adv_out, attack_answers,
+                                         state["target_out"] if protocol == "transfer" else None)
+                radius = _l2_radius(norm, eps, attack_images[0])
+                row = keep(key, {"variant": variant, "protocol": protocol, "norm": norm, "eps": float(eps),
+                                 "n": len(attack_items), **metrics, "fcs": _mean(fcs), "certified_fcsb": certified(radius),
+                                 "certified_radius_l2": radius})
+            rows.append(row)
             bar.update()
         bar.close()
     unpatch_model(model)

@@ -83,3 +83,24 @@ def test_bench_frontier_small_run_with_one_copy(tmp_path):
     for bad, message in ((["--variants", "gsb"], "--variants"), (["--n0", "0"], "n_samples")):
         proc = subprocess.run(command[:2] + bad, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0 and message in proc.stderr, failure(proc)
+
+
+def test_bench_defense_small_run_resumes_and_refuses_other_settings(tmp_path):
+    """bench_defense on fs-mini-llava, base only, 2 questions and 1 attacked image: JSON and checkpoint
+    written; the same command again reads every row back; other settings on that checkpoint are refused."""
+    command = [sys.executable, str(BENCHMARKS / "bench_defense.py"), "--clean-questions", "2", "--attack-images", "1",
+               "--transfer-linf", "16/255", "--transfer-steps", "1", "--no-crops", "--adaptive-l2", "none",
+               "--adaptive-linf", "none", "--certify-images", "0", "--variants", "base", "--out", "defense.json"]
+    proc = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, failure(proc)
+    first = json.loads((tmp_path / "defense.json").read_text())
+    assert [(r["protocol"], r["n"]) for r in first["rows"]] == [("clean", 2), ("transfer", 1)]
+    assert first["checkpoint"] == "defense.json.parts" and (tmp_path / "defense.json.parts" / "rows.jsonl").exists()
+    proc = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, failure(proc)
+    assert "2 finished rows read back" in proc.stdout + proc.stderr
+    assert "crafting transfer images" not in proc.stderr  # nothing recomputed
+    assert json.loads((tmp_path / "defense.json").read_text())["rows"] == first["rows"]
+    proc = subprocess.run(command[:-2] + ["--transfer-steps", "2", "--out", "defense.json"], cwd=tmp_path, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "settings.transfer_steps" in proc.stderr, failure(proc)

@@ -14,6 +14,8 @@ import subprocess
 import pytest
 import torch
 
+import fs_mllm.defense
+
 from fs_mllm.attacks import AttackConfig, attack, eot_gradient, image_features, make_objective
 from fs_mllm.config import FSConfig
 from fs_mllm.defense import DefenseSettings, EvalItem, answer_metrics, apply_variant, defense_table, evaluate_defense
@@ -208,6 +210,66 @@ def test_evaluate_defense_rows_on_a_tiny_model(model):
     transfer_fs = rows[4]
     assert transfer_fs["certified_radius_l2"] == pytest.approx(8 / 255 * (3 * 32 * 32) ** 0.5)
     assert "linf 8/255" in defense_table(rows)
+
+
+def _resume_setup(**overrides):
+    processor = tiny_processor()
+    x, target = images(2, seed=0), images(2, seed=5)
+    items = [EvalItem(x[i], "what?", ["a"], target[i], "<image> what?") for i in range(2)]
+    settings = DefenseSettings(**{"variants": ("base", "fs"), "fs": FSConfig(n_samples=2), "transfer_linf": (8 / 255,),
+                                  "transfer_steps": 2, "crop_scale": None, "adaptive_l2": (0.0625,), "adaptive_linf": (),
+                                  "adaptive_steps": 1, "eot_samples": 2, "certify_images": 1, "certify_n": 20,
+                                  "max_new_tokens": 2, **overrides})
+    return processor, items, settings
+
+
+def test_a_killed_defense_run_resumes_to_the_same_rows(model, tmp_path, monkeypatch):
+    processor, items, settings = _resume_setup()
+    unbroken = evaluate_defense(model, processor, items, items, settings, progress=False)
+    folder = tmp_path / "run.parts"
+    first = evaluate_defense(model, processor, items, items, settings, progress=False, checkpoint=folder)
+    assert first == unbroken  # the checkpoint changes nothing computed
+    assert (folder / f"transfer_linf_{8 / 255:.8f}.safetensors").exists()
+    # a kill: the last two rows never written, the one before torn mid-line
+    lines = (folder / "rows.jsonl").read_text().splitlines(keepends=True)
+    assert len(lines) == 8  # per variant: its state, the clean row, transfer, adaptive
+    (folder / "rows.jsonl").write_text("".join(lines[:-3]) + lines[-3][:10])
+    crafted = []
+    real_attack = fs_mllm.defense.attack
+
+    def counting_attack(*args, **kwargs):
+        crafted.append(args[4].protocol)
+        return real_attack(*args, **kwargs)
+
+    monkeypatch.setattr(fs_mllm.defense, "attack", counting_attack)
+    resumed = evaluate_defense(model, processor, items, items, settings, progress=False, checkpoint=folder)
+    assert resumed == unbroken
+    assert crafted == ["adaptive"]  # fs's adaptive row only: the transfer images are read back, not crafted again
+    assert not is_patched(model)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished run must not attack again")
+
+    monkeypatch.setattr(fs_mllm.defense, "attack", refuse)
+    assert evaluate_defense(model, processor, items, items, settings, progress=False, checkpoint=folder) == unbroken
+
+
+def test_a_resumed_defense_run_may_change_variants_but_not_settings(model, tmp_path):
+    from fs_mllm.evaluation.results import ResultsFolderError
+
+    processor, items, settings = _resume_setup(variants=("base",))
+    folder = tmp_path / "run.parts"
+    base_rows = evaluate_defense(model, processor, items, items, settings, progress=False, checkpoint=folder)
+    _, _, both = _resume_setup(variants=("base", "fs"))
+    rows = evaluate_defense(model, processor, items, items, both, progress=False, checkpoint=folder)
+    assert rows[:3] == base_rows and [r["variant"] for r in rows[3:]] == ["fs"] * 3
+    before = (folder / "rows.jsonl").read_text()
+    _, _, other = _resume_setup(transfer_steps=3)
+    with pytest.raises(ResultsFolderError, match="settings.transfer_steps"):
+        evaluate_defense(model, processor, items, items, other, progress=False, checkpoint=folder)
+    with pytest.raises(ResultsFolderError, match="attack_items"):
+        evaluate_defense(model, processor, items, items[:1], both, progress=False, checkpoint=folder)
+    assert (folder / "rows.jsonl").read_text() == before  # a refused run writes nothing
 
 
 # ---------------------------------------------------------------------------------------------
