@@ -8,9 +8,11 @@ clean questions, 100 attacked images, 300 transfer steps, 20 adaptive steps x 8 
 certificates at n = 1000): hours on a CPU, so pass smaller counts there and report them.
 
 The run is resumable: every finished row, each variant's clean answers and certificates, and the crafted
-transfer images go to ``--checkpoint`` (default ``<out>.parts``) as they exist; rerun the same command
-after a stop and only the missing rows are computed. The variants and budgets may change between runs
-(e.g. ``--variants base`` in one call and ``--variants fs+gsb`` in the next); any other setting may not.
+transfer images go to ``--checkpoint`` (default ``<out>.parts``, deleted once the JSON is written) as
+they exist; rerun the same command after a stop and only the missing stages are computed, and
+``seconds`` in the JSON sums every call. With a named ``--checkpoint`` the variants and budgets may change
+between runs (e.g. ``--variants base`` in one call and ``--variants fs+gsb`` in the next); any other
+setting, the model's weights or the package version may not.
 
     python benchmarks/bench_defense.py [--clean-questions 200] [--attack-images 100] [--transfer-steps 300]
         [--adaptive-steps 20] [--eot-samples 8] [--certify-images 16] [--certify-n 1000]
@@ -22,8 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shutil
+import signal
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -73,12 +80,13 @@ def main() -> None:
     parser.add_argument("--certify-images", type=int, default=16, help="attack images certified per FS variant (0 = none)")
     parser.add_argument("--certify-n", type=positive_int, default=1000, help="noisy samples per certificate")
     parser.add_argument("--variants", default=None, help="comma list of base,fs,fs+gsb (default all three)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
     parser.add_argument("--out", default="bench_defense.json", help="the JSON written at the end")
     parser.add_argument("--checkpoint", default=None,
-                        help="resumable run folder (default: <out>.parts): every finished row and the crafted transfer "
-                             "images are kept there; rerun the same command to go on after a stop")
+                        help="resumable run folder: every finished row and the crafted transfer images are kept there; "
+                             "rerun the same command to go on after a stop. Default <out>.parts, deleted once the JSON "
+                             "is written (a given folder is kept, so later runs can add variants or budgets to it)")
     args = parser.parse_args()
     try:
         settings = DefenseSettings(
@@ -92,7 +100,13 @@ def main() -> None:
         )
     except ValueError as error:
         parser.error(str(error))
+    if args.checkpoint is not None and not args.checkpoint.strip():
+        parser.error("--checkpoint must name a folder (leave it out for the default <out>.parts)")
+    checkpoint = Path(args.checkpoint if args.checkpoint is not None else args.out + ".parts")
+    if checkpoint.exists() and not checkpoint.is_dir():
+        parser.error(f"--checkpoint {checkpoint} is a file; name a folder")
     torch.set_num_threads(args.threads)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a terminated call still records its time (finally below)
     start = time.perf_counter()
     model, processor = load_mini_llava(device=args.device)
     booster = GaussianSmoothnessBooster.from_pretrained(BOOSTER_DIR).eval().to(args.device)
@@ -102,19 +116,33 @@ def main() -> None:
         clean_items = synthetic_items(n_images, IMAGE_SIZE, build_prompt)
     clean_items = clean_items[:args.clean_questions]
     attack_items = synthetic_items(args.attack_images, IMAGE_SIZE, build_prompt, first_question_only=True)
-    checkpoint = args.checkpoint or args.out + ".parts"
+    calls_path = checkpoint / "calls.jsonl"  # every call's time, so a resumed run reports the whole cost
+    finished = refused = False
     try:
         rows = evaluate_defense(model, processor, clean_items, attack_items, settings, booster=booster, checkpoint=checkpoint)
-    except ResultsFolderError as error:
+        finished = True
+    except ResultsFolderError as error:  # another run's folder (or one in use): leave it untouched
+        refused = True
         parser.error(str(error))
-    seconds = time.perf_counter() - start
+    finally:
+        if not refused and checkpoint.is_dir():
+            with open(calls_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"seconds": time.perf_counter() - start, "device": args.device, "finished": finished,
+                                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}) + "\n")
+    calls = [json.loads(line) for line in calls_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    seconds = sum(call["seconds"] for call in calls)
     table = defense_table(rows)
     print(table)
     print(f"\n{len(clean_items)} clean questions, {len(attack_items)} attacked images, {seconds:.0f} s on "
-          f"{args.device} ({platform.processor() or platform.machine()}, {args.threads} thread(s))")
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump({"settings": settings.to_dict(), "clean_questions": len(clean_items), "attack_images": len(attack_items),
-                   "device": args.device, "seconds": seconds, "checkpoint": checkpoint, "rows": rows, "table": table}, f, indent=2)
+          f"{args.device} ({platform.processor() or platform.machine()}, {args.threads} thread(s))"
+          + (f" over {len(calls)} calls" if len(calls) > 1 else ""))
+    result = {"settings": settings.to_dict(), "clean_questions": len(clean_items), "attack_images": len(attack_items),
+              "device": args.device, "seconds": seconds, "calls": calls, "rows": rows, "table": table}
+    temporary = Path(args.out + ".tmp")
+    temporary.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    os.replace(temporary, args.out)
+    if args.checkpoint is None:
+        shutil.rmtree(checkpoint)  # the run is complete: a rerun starts afresh (and sees any new code or weights)
 
 
 if __name__ == "__main__":

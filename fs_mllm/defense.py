@@ -165,44 +165,82 @@ def _l2_radius(norm: str, eps: float, image: torch.Tensor) -> float:
 
 # settings that only choose which rows a run computes: a resumed run may change them (e.g. one variant per call)
 _ROW_CHOICES = ("variants", "transfer_linf", "adaptive_l2", "adaptive_linf")
+ROW_FIELDS = ("variant", "protocol", "norm", "eps", "n", "accuracy", "attack_success", "targeted_success", "fcs",
+              "certified_fcsb", "certified_radius_l2")
+
+
+def _hash_tensors(digest: Any, named: Sequence[tuple[str, torch.Tensor]]) -> None:
+    for name, tensor in named:
+        flat = tensor.detach().contiguous().cpu().reshape(-1)
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
 
 
 def _fingerprint(items: Sequence[EvalItem]) -> str:
     digest = hashlib.blake2b(digest_size=16)
     for item in items:
-        for tensor in (item.image, item.target):
-            digest.update(repr(tuple(tensor.shape)).encode())
-            digest.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
+        _hash_tensors(digest, [("image", item.image), ("target", item.target)])
         digest.update(json.dumps([item.question, item.answers, item.prompt]).encode())
     return digest.hexdigest()
 
 
-def _booster_fingerprint(booster: Any) -> Optional[str]:
-    if booster is None:
+def _module_fingerprint(module: Any) -> Optional[str]:
+    """A hash of every weight (names, shapes, dtypes, bytes): another checkpoint or a retrained model is another run."""
+    if module is None:
         return None
-    if not isinstance(booster, nn.Module):
-        return type(booster).__name__
+    if not isinstance(module, nn.Module):
+        return f"{type(module).__module__}.{type(module).__qualname__} (not an nn.Module: not fingerprinted)"
     digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(booster.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
+    _hash_tensors(digest, sorted(module.state_dict().items()))
     return digest.hexdigest()
+
+
+def _processor_identity(processor: Any) -> Optional[str]:
+    image_processor = getattr(processor, "image_processor", processor)
+    to_json = getattr(image_processor, "to_json_string", None)
+    return to_json() if callable(to_json) else (None if processor is None else type(processor).__name__)
+
+
+def _changed_fields(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        names = []
+        for key in sorted(set(saved) | set(current)):
+            names += _changed_fields(saved.get(key), current.get(key), f"{prefix}{key}.")
+        return names
+    return [] if saved == current else [prefix.rstrip(".")]
+
+
+def _durable_replace(temporary: Path, path: Path) -> None:
+    """Rename a fully written file into place, flushed to disk first, so a crash leaves the old file or the new one."""
+    with open(temporary, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 class DefenseCheckpoint:
     """A folder that makes a long defense run resumable: rerun with the same folder and finished work is
-    read back instead of recomputed, so a kill (or a device's per-call time limit) loses at most one row.
+    read back instead of recomputed. A stop loses at most the stage in progress: one row, one variant's
+    clean answers and certificates, or the crafting of one transfer budget.
 
-    ``settings.json`` names what the folder holds (the settings, the question set, the booster); a run with
-    other settings is refused before any work. ``rows.jsonl`` (the crash-safe store of
-    :mod:`fs_mllm.evaluation.results`) gets every row, and each variant's clean answers and certificates,
-    the moment they exist. ``transfer_linf_<eps>.safetensors`` holds the crafted transfer images, so every
-    variant, in this run or a resumed one, replays the same images. Which variants and budgets a run
-    computes may change between runs: rows are keyed by (variant, protocol, norm, budget).
+    ``settings.json`` names what the folder holds: the settings, the question set, the model's weights and
+    processor, the package version and the device type; a run that differs in any of them is refused
+    before any work. ``rows.jsonl`` (the crash-safe store of :mod:`fs_mllm.evaluation.results`) gets every
+    row, and each variant's clean answers and certificates, the moment they exist (the fs+gsb ones with
+    the booster's fingerprint, checked on resume). ``transfer_linf_<eps>.safetensors`` holds the crafted
+    transfer images, so every variant, in this run or a resumed one, replays the same images. Which
+    variants and budgets a run computes may change between runs: rows are keyed by
+    (variant, protocol, norm, budget).
     """
 
     def __init__(self, folder: str | os.PathLike, settings: DefenseSettings, clean_items: Sequence[EvalItem],
-                 attack_items: Sequence[EvalItem], booster: Any = None) -> None:
+                 attack_items: Sequence[EvalItem], model: nn.Module, processor: Any = None, booster: Any = None,
+                 device: str = "cpu") -> None:
+        from . import __version__
         from .evaluation.results import ResultsFolderError, ResultsLock, ResultWriter, read_rows
 
         self.folder = Path(folder)
@@ -213,51 +251,76 @@ class DefenseCheckpoint:
         lock = ResultsLock(rows_path)  # one run per folder
         try:
             chosen = {k: v for k, v in settings.to_dict().items() if k not in _ROW_CHOICES}
-            identity = json.loads(json.dumps({"settings": chosen, "clean_items": _fingerprint(clean_items),
-                                              "attack_items": _fingerprint(attack_items),
-                                              "booster": _booster_fingerprint(booster)}))
+            identity = json.loads(json.dumps({
+                "settings": chosen, "clean_items": _fingerprint(clean_items), "attack_items": _fingerprint(attack_items),
+                "model": _module_fingerprint(model), "processor": _processor_identity(processor),
+                "fs_mllm_version": __version__, "device_type": torch.device(device).type}))
             settings_path = self.folder / "settings.json"
             if settings_path.exists():
-                saved = json.loads(settings_path.read_text(encoding="utf-8"))
-                if saved != identity:
-                    changed = sorted(k for k in identity if saved.get(k) != identity[k])
-                    if "settings" in changed:
-                        changed += sorted(f"settings.{k}" for k in chosen if saved.get("settings", {}).get(k) != identity["settings"][k])
+                try:
+                    saved = json.loads(settings_path.read_text(encoding="utf-8"))
+                except ValueError:
+                    raise ResultsFolderError(f"checkpoint {settings_path} is unreadable; delete the folder "
+                                             f"{self.folder} to start the run again") from None
+                changed = _changed_fields(saved, identity)
+                if changed:
                     raise ResultsFolderError(
-                        f"checkpoint {self.folder} holds a run with other {', '.join(changed)}; rerun with the "
-                        "settings it was started with, or use another checkpoint folder")
+                        f"checkpoint {self.folder} holds a run with other {', '.join(changed)}; rerun with what it "
+                        "was started with, or use another checkpoint folder (or delete this one)")
+            elif rows_path.exists() and rows_path.stat().st_size:
+                raise ResultsFolderError(f"checkpoint {self.folder} has rows but no settings.json, so what they "
+                                         "measured is unknown; delete the folder or use another one")
             else:
                 temporary = settings_path.with_suffix(".json.tmp")
                 temporary.write_text(json.dumps(identity, indent=2, sort_keys=True), encoding="utf-8")
-                os.replace(temporary, settings_path)
-            self.done = {tuple(row["key"]): row for row in read_rows(rows_path)}
+                _durable_replace(temporary, settings_path)
+            try:
+                self.done = {tuple(row["key"]): row for row in read_rows(rows_path)}
+            except ValueError as error:
+                raise ResultsFolderError(f"{error}; delete the folder {self.folder} to start the run again") from None
+            boosted = self.done.get(("state", "fs+gsb", "", 0.0))
+            if boosted is not None and "fs+gsb" in settings.variants and boosted.get("booster") != _module_fingerprint(booster):
+                raise ResultsFolderError(f"checkpoint {self.folder} holds fs+gsb rows of another booster; pass the "
+                                         "booster they were made with, or use another checkpoint folder")
             self.writer = ResultWriter(rows_path, lock)
         except BaseException:
             lock.release()
             raise
 
     def get(self, key: tuple) -> Optional[dict[str, Any]]:
-        return self.done.get(tuple(key))
+        """The record saved under ``key`` (without its key), rows in ROW_FIELDS order; None if not done."""
+        found = self.done.get(tuple(key))
+        if found is None:
+            return None
+        record = {k: v for k, v in found.items() if k != "key"}
+        return {k: record[k] for k in ROW_FIELDS} if key[0] != "state" else record
 
     def put(self, key: tuple, record: dict[str, Any]) -> dict[str, Any]:
+        """Save ``record`` under ``key`` (flushed to disk) and return it as a resumed run would read it."""
         from .evaluation.results import finite_or_none
 
         row = {k: finite_or_none(v) for k, v in record.items()}
         self.writer.write({"key": list(key), **row})
         self.done[tuple(key)] = {"key": list(key), **row}
-        return record
+        return self.get(key)
 
     def transfer_images(self, eps: float, craft: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """The transfer images at ``eps``: read back, or crafted now and saved (atomically) before use."""
+        """The transfer images at ``eps``: read back, or crafted now and saved (durably) before use."""
         from safetensors.torch import load_file, save_file
 
-        path = self.folder / f"transfer_linf_{eps:.8f}.safetensors"
+        from .evaluation.results import ResultsFolderError
+
+        path = self.folder / f"transfer_linf_{float(eps)!r}.safetensors"
         if path.exists():
-            return load_file(str(path))["adv"]
+            try:
+                return load_file(str(path))["adv"]
+            except Exception as error:  # a torn or foreign file: crafting again is deterministic
+                raise ResultsFolderError(f"checkpoint file {path} is unreadable ({error}); delete it and rerun "
+                                         "(the images are crafted again, identically)") from None
         adv = craft()
         temporary = path.with_suffix(".tmp")
         save_file({"adv": adv.detach().contiguous().cpu()}, str(temporary))
-        os.replace(temporary, path)
+        _durable_replace(temporary, path)
         return adv
 
     def close(self) -> None:
@@ -278,7 +341,10 @@ def evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Eva
         raise ValueError("clean_items and attack_items must not be empty")
     if "fs+gsb" in settings.variants and booster is None:
         raise ValueError("variants include 'fs+gsb' but booster is None")
-    store = DefenseCheckpoint(checkpoint, settings, clean_items, attack_items, booster) if checkpoint is not None else None
+    store = None
+    if checkpoint is not None:
+        device = str(next(model.parameters()).device)
+        store = DefenseCheckpoint(checkpoint, settings, clean_items, attack_items, model, processor, booster, device)
     try:
         return _evaluate_defense(model, processor, clean_items, attack_items, settings, booster, progress, store)
     finally:
@@ -303,9 +369,7 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
     budgets += [("adaptive", "linf", eps) for eps in settings.adaptive_linf]
 
     def saved(key: tuple) -> Optional[dict[str, Any]]:
-        if store is None or store.get(key) is None:
-            return None
-        return {k: v for k, v in store.get(key).items() if k != "key"}
+        return store.get(key) if store is not None else None
 
     def keep(key: tuple, record: dict[str, Any]) -> dict[str, Any]:
         return store.put(key, record) if store is not None else record
@@ -315,8 +379,10 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
     transfer = {}
     pending = [eps for eps in settings.transfer_linf
                if any(saved(_row_key(v, "transfer", "linf", eps)) is None for v in settings.variants)]
-    if store is not None and store.done and progress:
-        tqdm.write(f"resuming from {store.folder}: {sum(key[0] != 'state' for key in store.done)} finished rows read back")
+    if store is not None and progress:
+        read_back = sum(key[0] in settings.variants for key in store.done)
+        if read_back:
+            tqdm.write(f"resuming from {store.folder}: {read_back} finished rows read back")
     for eps in tqdm(pending, desc="crafting transfer images", disable=not progress or not pending):
         def craft(eps: float = eps) -> torch.Tensor:
             return attack(model, processor, attack_images, None, settings._transfer_config(eps), target_images=targets,
@@ -343,7 +409,7 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
             state = keep(("state", variant, "", 0.0), {
                 "clean_attack_out": generate_text(model, processor, attack_images, attack_prompts, settings.max_new_tokens),
                 "target_out": generate_text(model, processor, targets, attack_prompts, settings.max_new_tokens),
-                "s_low": s_low})
+                "s_low": s_low, "booster": _module_fingerprint(booster) if variant == "fs+gsb" else None})
 
         def certified(radius: float) -> Optional[float]:
             return _mean([float(fcsb(s, radius, sigma)) for s in state["s_low"]]) if state["s_low"] else None

@@ -86,8 +86,9 @@ def test_bench_frontier_small_run_with_one_copy(tmp_path):
 
 
 def test_bench_defense_small_run_resumes_and_refuses_other_settings(tmp_path):
-    """bench_defense on fs-mini-llava, base only, 2 questions and 1 attacked image: JSON and checkpoint
-    written; the same command again reads every row back; other settings on that checkpoint are refused."""
+    """bench_defense on fs-mini-llava, base only, 2 questions and 1 attacked image: the default checkpoint
+    goes once the JSON is written; with a named one, a rerun reads every row back and sums both calls'
+    time; other settings on that checkpoint are refused and leave it untouched."""
     command = [sys.executable, str(BENCHMARKS / "bench_defense.py"), "--clean-questions", "2", "--attack-images", "1",
                "--transfer-linf", "16/255", "--transfer-steps", "1", "--no-crops", "--adaptive-l2", "none",
                "--adaptive-linf", "none", "--certify-images", "0", "--variants", "base", "--out", "defense.json"]
@@ -95,12 +96,19 @@ def test_bench_defense_small_run_resumes_and_refuses_other_settings(tmp_path):
     assert proc.returncode == 0, failure(proc)
     first = json.loads((tmp_path / "defense.json").read_text())
     assert [(r["protocol"], r["n"]) for r in first["rows"]] == [("clean", 2), ("transfer", 1)]
-    assert first["checkpoint"] == "defense.json.parts" and (tmp_path / "defense.json.parts" / "rows.jsonl").exists()
-    proc = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, failure(proc)
+    assert len(first["calls"]) == 1 and first["seconds"] == first["calls"][0]["seconds"] > 0
+    assert not (tmp_path / "defense.json.parts").exists()  # complete: the default checkpoint is gone
+    named = command + ["--checkpoint", "run.parts"]
+    for call in (1, 2):
+        proc = subprocess.run(named, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, failure(proc)
     assert "2 finished rows read back" in proc.stdout + proc.stderr
     assert "crafting transfer images" not in proc.stderr  # nothing recomputed
-    assert json.loads((tmp_path / "defense.json").read_text())["rows"] == first["rows"]
-    proc = subprocess.run(command[:-2] + ["--transfer-steps", "2", "--out", "defense.json"], cwd=tmp_path, env=ENV,
+    second = json.loads((tmp_path / "defense.json").read_text())
+    assert second["rows"] == first["rows"] and len(second["calls"]) == 2
+    assert second["seconds"] == pytest.approx(sum(c["seconds"] for c in second["calls"]))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run.parts").iterdir()}
+    proc = subprocess.run(named[:-4] + ["--transfer-steps", "2"] + named[-4:], cwd=tmp_path, env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "settings.transfer_steps" in proc.stderr, failure(proc)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run.parts").iterdir()} == before

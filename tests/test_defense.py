@@ -229,7 +229,7 @@ def test_a_killed_defense_run_resumes_to_the_same_rows(model, tmp_path, monkeypa
     folder = tmp_path / "run.parts"
     first = evaluate_defense(model, processor, items, items, settings, progress=False, checkpoint=folder)
     assert first == unbroken  # the checkpoint changes nothing computed
-    assert (folder / f"transfer_linf_{8 / 255:.8f}.safetensors").exists()
+    assert (folder / f"transfer_linf_{8 / 255!r}.safetensors").exists()
     # a kill: the last two rows never written, the one before torn mid-line
     lines = (folder / "rows.jsonl").read_text().splitlines(keepends=True)
     assert len(lines) == 8  # per variant: its state, the clean row, transfer, adaptive
@@ -254,22 +254,66 @@ def test_a_killed_defense_run_resumes_to_the_same_rows(model, tmp_path, monkeypa
     assert evaluate_defense(model, processor, items, items, settings, progress=False, checkpoint=folder) == unbroken
 
 
-def test_a_resumed_defense_run_may_change_variants_but_not_settings(model, tmp_path):
+def _tiny_booster(seed: int):
+    from fs_mllm.gsb import GaussianSmoothnessBooster, GSBConfig
+
+    torch.manual_seed(seed)
+    return GaussianSmoothnessBooster(GSBConfig(feature_dim=32, denoiser_channels=4, denoiser_depth=2, denoiser_downscale=1,
+                                               mapper_hidden=16, mapper_layers=1, sigma_embed_dim=8)).eval()
+
+
+def test_a_resumed_defense_run_may_change_variants_and_budgets_but_not_settings(model, tmp_path, monkeypatch):
     from fs_mllm.evaluation.results import ResultsFolderError
 
-    processor, items, settings = _resume_setup(variants=("base",))
+    processor, items, settings = _resume_setup(variants=("base",), adaptive_l2=())
     folder = tmp_path / "run.parts"
     base_rows = evaluate_defense(model, processor, items, items, settings, progress=False, checkpoint=folder)
-    _, _, both = _resume_setup(variants=("base", "fs"))
-    rows = evaluate_defense(model, processor, items, items, both, progress=False, checkpoint=folder)
-    assert rows[:3] == base_rows and [r["variant"] for r in rows[3:]] == ["fs"] * 3
+    assert [r["protocol"] for r in base_rows] == ["clean", "transfer"]
+    # a later call adds a budget and a variant (with a booster the first call never had): base's rows and
+    # the transfer images are read back, not recomputed
+    calls = []
+    real_attack = fs_mllm.defense.attack
+    monkeypatch.setattr(fs_mllm.defense, "attack", lambda *a, **k: calls.append(a[4].protocol) or real_attack(*a, **k))
+    _, _, more = _resume_setup(variants=("base", "fs+gsb"))
+    booster = _tiny_booster(0)
+    rows = evaluate_defense(model, processor, items, items, more, booster=booster, progress=False, checkpoint=folder)
+    assert rows[:2] == base_rows and [(r["variant"], r["protocol"]) for r in rows[2:]] == [
+        ("base", "adaptive"), ("fs+gsb", "clean"), ("fs+gsb", "transfer"), ("fs+gsb", "adaptive")]
+    assert calls == ["adaptive", "adaptive"]  # base's and fs+gsb's new adaptive rows; no transfer crafting
+    unbroken = evaluate_defense(model, processor, items, items, more, booster=booster, progress=False)
+    assert rows == unbroken
     before = (folder / "rows.jsonl").read_text()
-    _, _, other = _resume_setup(transfer_steps=3)
-    with pytest.raises(ResultsFolderError, match="settings.transfer_steps"):
-        evaluate_defense(model, processor, items, items, other, progress=False, checkpoint=folder)
-    with pytest.raises(ResultsFolderError, match="attack_items"):
-        evaluate_defense(model, processor, items, items[:1], both, progress=False, checkpoint=folder)
+    for kwargs, message in (
+            ({"settings": _resume_setup(transfer_steps=3)[2]}, "settings.transfer_steps"),
+            ({"settings": _resume_setup(fs=FSConfig(n_samples=2, sigma=0.5))[2]}, "settings.fs.sigma"),
+            ({"attack_items": items[:1]}, "attack_items"),
+            ({"booster": _tiny_booster(1)}, "another booster")):
+        call = {"settings": more, "attack_items": items, "booster": booster, **kwargs}
+        with pytest.raises(ResultsFolderError, match=message):
+            evaluate_defense(model, processor, items, call["attack_items"], call["settings"], booster=call["booster"],
+                             progress=False, checkpoint=folder)
+    with torch.no_grad():  # another model (a retrained checkpoint) is another run
+        next(model.parameters()).mul_(1.5)
+    with pytest.raises(ResultsFolderError, match="model"):
+        evaluate_defense(model, processor, items, items, more, booster=booster, progress=False, checkpoint=folder)
     assert (folder / "rows.jsonl").read_text() == before  # a refused run writes nothing
+
+
+def test_a_checkpoint_with_rows_but_no_settings_or_a_torn_image_file_is_refused(model, tmp_path):
+    from fs_mllm.evaluation.results import ResultsFolderError
+
+    processor, items, settings = _resume_setup(variants=("base",), adaptive_l2=())
+    folder = tmp_path / "run.parts"
+    evaluate_defense(model, processor, items, items, settings, progress=False, checkpoint=folder)
+    (folder / "settings.json").rename(tmp_path / "settings.json")
+    with pytest.raises(ResultsFolderError, match="no settings.json"):
+        evaluate_defense(model, processor, items, items, settings, progress=False, checkpoint=folder)
+    (tmp_path / "settings.json").rename(folder / "settings.json")
+    (folder / "rows.jsonl").write_text("")  # every row lost: the transfer images must be read back
+    [images_file] = folder.glob("transfer_linf_*.safetensors")
+    images_file.write_bytes(images_file.read_bytes()[:40])
+    with pytest.raises(ResultsFolderError, match="delete it and rerun"):
+        evaluate_defense(model, processor, items, items, settings, progress=False, checkpoint=folder)
 
 
 # ---------------------------------------------------------------------------------------------
