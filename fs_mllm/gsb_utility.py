@@ -44,7 +44,7 @@ from .config import FSConfig
 from .gsb import GaussianSmoothnessBooster, GSBConfig
 from .smoothing import rescale_direction, unit_features
 
-__all__ = ["UtilityTrainConfig", "feature_bank", "smoothed_bank_features", "train_mapper_utility",
+__all__ = ["UtilityTrainConfig", "feature_bank", "smoothed_bank_features", "train_mapper_utility", "training_scenes", "write_train_images",
            "train_denoiser_utility", "main"]
 
 STAGES = ("mapper", "denoiser")
@@ -281,6 +281,32 @@ def with_mapper(booster: GaussianSmoothnessBooster, feature_dim: int, encoder_id
     return boosted
 
 
+def training_scenes(n_images: int, seed: int = 0) -> list:
+    """fs-mini-llava's booster training scenes: the synthetic *training* split (never the held-out one that
+    every accuracy figure is measured on), stream ``seed + 1``, at the model's image size."""
+    from .models.mini_llava import IMAGE_SIZE
+    from .synthetic import make_dataset
+
+    return make_dataset(n_images, split="train", seed=seed + 1, size=IMAGE_SIZE)
+
+
+def write_train_images(folder: str | Path, synthetic: int = 800, seed: int = 0) -> Path:
+    """The shipped booster's image folder for ``fs-mllm train-gsb``, as PNG: ``synthetic`` training scenes
+    (:func:`training_scenes`, the ones the utility stage trains on) plus the DINOv2 booster's training photos."""
+    from PIL import Image
+
+    from .gsb_training import TRAIN_PHOTOS
+    from .image_io import offline_photo
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, example in enumerate(training_scenes(synthetic, seed)):
+        example.image.save(folder / f"synth_{i:04d}.png")
+    for name in TRAIN_PHOTOS:
+        Image.fromarray(offline_photo(name)).save(folder / f"photo_{name}.png")
+    return folder
+
+
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     """Train a stage of fs-mini-llava's booster through the frozen language model and save the booster:
     the mapper (--stage mapper; the denoiser is kept from --init) or the denoiser (--stage denoiser)."""
@@ -292,7 +318,6 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     from .image_io import to_tensor01
     from .models import load_mini_llava
     from .models.mini_llava import BOOSTER_DIR, IMAGE_SIZE, IMAGE_TOKEN, build_prompt
-    from .synthetic import make_dataset
 
     parser = argparse.ArgumentParser(prog=prog, description=main.__doc__)
     defaults = UtilityTrainConfig()
@@ -315,7 +340,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     out.mkdir(parents=True, exist_ok=True)
     model, processor = load_mini_llava()
     shipped = GaussianSmoothnessBooster.from_pretrained(args.init).eval()
-    examples = make_dataset(train.images, split="train", seed=train.seed + 1, size=IMAGE_SIZE)
+    examples = training_scenes(train.images, train.seed)
     image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if train.stage == "denoiser":
         booster, bank_seconds = shipped, None

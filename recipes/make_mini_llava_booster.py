@@ -29,6 +29,7 @@ from pathlib import Path
 
 from fs_mllm.arguments import positive_int
 from fs_mllm.gsb import GaussianSmoothnessBooster, GSBConfig
+from fs_mllm.gsb_utility import write_train_images
 from fs_mllm.models.mini_llava import BOOSTER_DIR
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "fs_mllm" / "weights"
@@ -47,24 +48,6 @@ def denoiser_only(source: GaussianSmoothnessBooster, feature_dim: int, encoder_i
     return booster.eval()
 
 
-def write_train_images(folder: Path, synthetic: int) -> Path:
-    """Synthetic training-split scenes at fs-mini-llava's size, plus the DINOv2 booster's training photos, as PNG."""
-    from PIL import Image
-
-    from fs_mllm.gsb_training import TRAIN_PHOTOS
-    from fs_mllm.image_io import offline_photo
-    from fs_mllm.models.mini_llava import IMAGE_SIZE
-    from fs_mllm.synthetic import make_dataset
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, example in enumerate(make_dataset(synthetic, split="train", seed=1, size=IMAGE_SIZE)):
-        example.image.save(folder / f"synth_{i:04d}.png")
-    for name in TRAIN_PHOTOS:
-        Image.fromarray(offline_photo(name)).save(folder / f"photo_{name}.png")
-    print(f"wrote {synthetic} synthetic scenes and {len(TRAIN_PHOTOS)} photos to {folder}")
-    return folder
-
-
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default=str(WEIGHTS / "gsb_dinov2_s025"), help="booster folder to take the denoiser from")
@@ -73,7 +56,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--synthetic", type=positive_int, default=800, help="synthetic training scenes to write (default 800)")
     args = parser.parse_args(argv)
     if args.write_train_images:
-        return write_train_images(Path(args.write_train_images), args.synthetic)
+        folder = write_train_images(args.write_train_images, args.synthetic)
+        print(f"wrote {args.synthetic} synthetic scenes and the DINOv2 booster's training photos to {folder}")
+        return folder
     from fs_mllm.models import load_mini_llava
     from fs_mllm.adapters import get_adapter
 

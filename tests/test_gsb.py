@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -566,3 +568,28 @@ def test_utility_training_resumes_from_the_copy_a_kill_left_behind(tmp_path):
     assert result["steps"] == 4
     for key, value in finished.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_recipe_writes_the_shipped_boosters_training_images_from_the_utility_training_scenes(tmp_path):
+    """The recipe's image folder (train-gsb's input) holds the very scenes the utility stage trains on:
+    the synthetic *training* split, one seed in one place (fs_mllm.gsb_utility.training_scenes)."""
+    import numpy as np
+    from PIL import Image
+
+    from fs_mllm.gsb_training import TRAIN_PHOTOS
+    from fs_mllm.gsb_utility import training_scenes
+    from fs_mllm.synthetic import make_dataset
+
+    script = Path(__file__).resolve().parent.parent / "recipes" / "make_mini_llava_booster.py"
+    proc = subprocess.run([sys.executable, str(script), "--write-train-images", str(tmp_path / "imgs"), "--synthetic", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    names = sorted(p.name for p in (tmp_path / "imgs").iterdir())
+    assert names == sorted(["synth_0000.png", "synth_0001.png"] + [f"photo_{n}.png" for n in TRAIN_PHOTOS])
+    scenes = training_scenes(2)
+    assert all(s.meta["split"] == "train" for s in scenes)
+    heldout = make_dataset(2, split="heldout", size=scenes[0].image.size[0])
+    for i, scene in enumerate(scenes):
+        written = np.asarray(Image.open(tmp_path / "imgs" / f"synth_{i:04d}.png"))
+        assert np.array_equal(written, np.asarray(scene.image))
+        assert not np.array_equal(written, np.asarray(heldout[i].image))
