@@ -105,7 +105,9 @@ def write_json(name: str, payload: dict, out_dir: Path = RESULTS) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {
-        "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+        # glibc's allocator settings change the memory figures, so a run made under them says so
+        "command": " ".join([f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")]
+                            + ["python", os.path.relpath(sys.argv[0])] + sys.argv[1:]),
         "machine": machine(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         **payload,
