@@ -165,6 +165,7 @@ def _l2_radius(norm: str, eps: float, image: torch.Tensor) -> float:
 
 # settings that only choose which rows a run computes: a resumed run may change them (e.g. one variant per call)
 _ROW_CHOICES = ("variants", "transfer_linf", "adaptive_l2", "adaptive_linf")
+_TRANSFER_FILE = "transfer_linf_{}.safetensors"  # one file of crafted images per budget, in a checkpoint
 ROW_FIELDS = ("variant", "protocol", "norm", "eps", "n", "accuracy", "attack_success", "targeted_success", "fcs",
               "certified_fcsb", "certified_radius_l2")
 
@@ -201,27 +202,6 @@ def _processor_identity(processor: Any) -> Optional[str]:
     return to_json() if callable(to_json) else (None if processor is None else type(processor).__name__)
 
 
-def _changed_fields(saved: Any, current: Any, prefix: str = "") -> list[str]:
-    if isinstance(saved, dict) and isinstance(current, dict):
-        names = []
-        for key in sorted(set(saved) | set(current)):
-            names += _changed_fields(saved.get(key), current.get(key), f"{prefix}{key}.")
-        return names
-    return [] if saved == current else [prefix.rstrip(".")]
-
-
-def _durable_replace(temporary: Path, path: Path) -> None:
-    """Rename a fully written file into place, flushed to disk first, so a crash leaves the old file or the new one."""
-    with open(temporary, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
 class DefenseCheckpoint:
     """A folder that makes a long defense run resumable: rerun with the same folder and finished work is
     read back instead of recomputed. A stop loses at most the stage in progress: one row, one variant's
@@ -241,7 +221,7 @@ class DefenseCheckpoint:
                  attack_items: Sequence[EvalItem], model: nn.Module, processor: Any = None, booster: Any = None,
                  device: str = "cpu") -> None:
         from . import __version__
-        from .evaluation.results import ResultsFolderError, ResultsLock, ResultWriter, read_rows
+        from .evaluation.results import ResultsFolderError, ResultsLock, ResultWriter, check_settings, claim_settings, read_rows
 
         self.folder = Path(folder)
         if self.folder.exists() and not self.folder.is_dir():
@@ -251,33 +231,19 @@ class DefenseCheckpoint:
         lock = ResultsLock(rows_path)  # one run per folder
         try:
             chosen = {k: v for k, v in settings.to_dict().items() if k not in _ROW_CHOICES}
-            identity = json.loads(json.dumps({
+            identity = {
                 "settings": chosen, "clean_items": _fingerprint(clean_items), "attack_items": _fingerprint(attack_items),
                 "model": _module_fingerprint(model), "processor": _processor_identity(processor),
-                "fs_mllm_version": __version__, "device_type": torch.device(device).type}))
-            settings_path = self.folder / "settings.json"
-            if settings_path.exists():
-                try:
-                    saved = json.loads(settings_path.read_text(encoding="utf-8"))
-                except ValueError:
-                    raise ResultsFolderError(f"checkpoint {settings_path} is unreadable; delete the folder "
-                                             f"{self.folder} to start the run again") from None
-                changed = _changed_fields(saved, identity)
-                if changed:
-                    raise ResultsFolderError(
-                        f"checkpoint {self.folder} holds a run with other {', '.join(changed)}; rerun with what it "
-                        "was started with, or use another checkpoint folder (or delete this one)")
-            elif rows_path.exists() and rows_path.stat().st_size:
-                raise ResultsFolderError(f"checkpoint {self.folder} has rows but no settings.json, so what they "
-                                         "measured is unknown; delete the folder or use another one")
-            else:
-                temporary = settings_path.with_suffix(".json.tmp")
-                temporary.write_text(json.dumps(identity, indent=2, sort_keys=True), encoding="utf-8")
-                _durable_replace(temporary, settings_path)
+                "fs_mllm_version": __version__, "device_type": torch.device(device).type}
             try:
-                self.done = {tuple(row["key"]): row for row in read_rows(rows_path)}
+                rows = read_rows(rows_path)
             except ValueError as error:
                 raise ResultsFolderError(f"{error}; delete the folder {self.folder} to start the run again") from None
+            crafted = any(self.folder.glob(_TRANSFER_FILE.format("*")))
+            claim_settings(self.folder, identity, holds_results=bool(rows) or crafted)
+            check_settings(self.folder, identity, label="checkpoint",
+                           fix="rerun with what it was started with, or use another checkpoint folder (or delete this one)")
+            self.done = {tuple(row["key"]): row for row in rows}
             boosted = self.done.get(("state", "fs+gsb", "", 0.0))
             if boosted is not None and "fs+gsb" in settings.variants and boosted.get("booster") != _module_fingerprint(booster):
                 raise ResultsFolderError(f"checkpoint {self.folder} holds fs+gsb rows of another booster; pass the "
@@ -308,9 +274,9 @@ class DefenseCheckpoint:
         """The transfer images at ``eps``: read back, or crafted now and saved (durably) before use."""
         from safetensors.torch import load_file, save_file
 
-        from .evaluation.results import ResultsFolderError
+        from .evaluation.results import ResultsFolderError, durable_replace
 
-        path = self.folder / f"transfer_linf_{float(eps)!r}.safetensors"
+        path = self.folder / _TRANSFER_FILE.format(repr(float(eps)))
         if path.exists():
             try:
                 return load_file(str(path))["adv"]
@@ -320,7 +286,7 @@ class DefenseCheckpoint:
         adv = craft()
         temporary = path.with_suffix(".tmp")
         save_file({"adv": adv.detach().contiguous().cpu()}, str(temporary))
-        _durable_replace(temporary, path)
+        durable_replace(temporary, path)
         return adv
 
     def close(self) -> None:

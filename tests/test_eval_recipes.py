@@ -432,3 +432,30 @@ def test_protocol_settings_are_checked_before_any_work():
         EvalSettings(attack_norm="linf", attack_eps=(16.0,))
     with pytest.raises(ValueError, match="crop_scale"):
         EvalSettings(attack_eps=(0.5,), crop_scale=(0.9, 0.1))
+
+
+def test_the_shared_settings_check_names_each_changed_field(tmp_path):
+    """One settings.json check for every resumable folder (eval runner, defense checkpoint)."""
+    from fs_mllm.evaluation.results import SettingsMismatchError, check_settings, claim_settings
+
+    settings = {"fs": {"sigma": 0.25, "n_samples": 8}, "limit": 2, "model": "m" * 200}
+    claim_settings(tmp_path, settings, holds_results=False)
+    check_settings(tmp_path, settings)
+    check_settings(tmp_path, {**settings, "limit": 5}, may_change=("limit",))  # selects rows only: allowed
+    with pytest.raises(SettingsMismatchError, match=r"fs\.sigma: stored 0\.25, now 0\.5\)") as refused:
+        check_settings(tmp_path, {**settings, "fs": {"sigma": 0.5, "n_samples": 8}}, may_change=("limit",))
+    assert "n_samples" not in str(refused.value) and "limit" not in str(refused.value)
+    with pytest.raises(SettingsMismatchError, match=r"model: stored 'm{56}\.\.\., now 'x'") as refused:
+        check_settings(tmp_path, {**settings, "model": "x"})
+    assert len(str(refused.value)) < 400  # a long value (a processor's JSON, a hash) is shortened
+    # an old file is upgraded before comparing
+    (tmp_path / "settings.json").write_text(json.dumps({"sigma": 0.25, "n_samples": 8, "limit": 2, "model": "m" * 200}))
+    check_settings(tmp_path, settings, upgrade=lambda old: {"fs": {k: old.pop(k) for k in ("sigma", "n_samples")}, **old})
+    # a folder that holds results keeps its settings; one that holds none is claimed again
+    claim_settings(tmp_path, {"other": 1}, holds_results=True)
+    check_settings(tmp_path, settings, upgrade=lambda old: {"fs": {k: old.pop(k) for k in ("sigma", "n_samples")}, **old})
+    claim_settings(tmp_path, {"other": 1}, holds_results=False)
+    check_settings(tmp_path, {"other": 1})
+    (tmp_path / "settings.json").unlink()
+    with pytest.raises(SettingsMismatchError, match="holds results but no settings.json"):
+        check_settings(tmp_path, {"other": 1})

@@ -9,7 +9,10 @@ non-blocking) instead of both appending the same keys. Under ``accelerate`` each
 file, so each rank locks its own.
 
 The eval runner's folder layout lives here too (:func:`shard_path`, :func:`read_results`): the runner,
-the settings check and the summary all read the same shard files.
+the settings check and the summary all read the same shard files. So does the one ``settings.json``
+check every resumable folder uses (:func:`claim_settings`, :func:`check_settings`; the eval runner and
+``fs_mllm.defense``): a rerun under other settings into a folder that holds results is refused, because
+results computed under different settings would be mixed silently.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import IO, Any, Mapping, Optional
+from typing import IO, Any, Callable, Collection, Mapping, Optional
 
-__all__ = ["ResultsFolderError", "ResultsBusyError", "ResultsLock", "ResultWriter", "repair_tail", "read_rows",
-           "finite_or_none", "SHARD_GLOB", "shard_path", "result_key", "read_results"]
+__all__ = ["ResultsFolderError", "ResultsBusyError", "SettingsMismatchError", "ResultsLock", "ResultWriter",
+           "repair_tail", "read_rows", "finite_or_none", "durable_replace", "SETTINGS_FILE", "claim_settings",
+           "check_settings", "SHARD_GLOB", "shard_path", "result_key", "read_results"]
 
 SHARD_GLOB = "results.rank*.jsonl"  # every file :func:`shard_path` names
+SETTINGS_FILE = "settings.json"
 
 
 class ResultsFolderError(RuntimeError):
@@ -33,6 +38,10 @@ class ResultsFolderError(RuntimeError):
 
 class ResultsBusyError(ResultsFolderError):
     """Another run holds the lock of this results file."""
+
+
+class SettingsMismatchError(ResultsFolderError, ValueError):
+    """The folder holds results computed under other settings; resuming would mix them."""
 
 
 class ResultsLock:
@@ -160,6 +169,78 @@ class ResultWriter:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def durable_replace(temporary: Path, path: Path) -> None:
+    """Rename a fully written file into place, flushed to disk first, so a crash leaves the old file or the new one."""
+    with open(temporary, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+# the settings.json of a resumable folder
+
+def claim_settings(folder: str | os.PathLike, settings: Mapping[str, Any], holds_results: bool) -> None:
+    """Write ``settings.json`` for a folder that holds no results yet, even over an existing one: a first run
+    that failed before any result (e.g. a wrong model) computed nothing that could be mixed in."""
+    if not holds_results:
+        path = Path(folder) / SETTINGS_FILE
+        temporary = path.with_suffix(".json.tmp")
+        temporary.write_text(json.dumps(settings, indent=2, sort_keys=True), encoding="utf-8")
+        durable_replace(temporary, path)
+
+
+def _changed_fields(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    """Dotted names of every leaf that differs, e.g. ``settings.fs.sigma``."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        names = []
+        for key in sorted(set(saved) | set(current)):
+            names += _changed_fields(saved.get(key), current.get(key), f"{prefix}{key}.")
+        return names
+    return [] if saved == current else [prefix.rstrip(".")]
+
+
+def _leaf(data: Any, dotted: str) -> Any:
+    for key in dotted.split("."):
+        data = data.get(key) if isinstance(data, dict) else None
+    return data
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def check_settings(folder: str | os.PathLike, settings: Mapping[str, Any], may_change: Collection[str] = (),
+                    upgrade: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None,
+                    label: str = "output_dir", fix: str = "use a new output folder or restore the original settings") -> None:
+    """Raise :class:`SettingsMismatchError`, naming each differing field, unless the folder's ``settings.json``
+    matches ``settings``. ``may_change`` names top-level keys that only select which results are computed;
+    ``upgrade`` converts a file written by an older version. Call after :func:`claim_settings`, so a missing
+    file means results whose settings are unknown."""
+    folder = Path(folder)
+    path = folder / SETTINGS_FILE
+    if not path.exists():
+        raise SettingsMismatchError(f"{label} {str(folder)!r} holds results but no {SETTINGS_FILE}, so what they "
+                                    f"measured is unknown; {fix}")
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SettingsMismatchError(f"{label} {str(folder)!r}: cannot read {SETTINGS_FILE} ({exc}); {fix}") from None
+    saved = upgrade(saved) if upgrade is not None else saved
+    current = json.loads(json.dumps(settings))  # tuples as lists, as the file holds them
+    changed = [name for name in _changed_fields(saved, current) if name.split(".")[0] not in may_change]
+    if changed:
+        detail = "; ".join(f"{name}: stored {_short(_leaf(saved, name))}, now {_short(_leaf(current, name))}"
+                           for name in changed)
+        raise SettingsMismatchError(f"{label} {str(folder)!r} holds results of a run with other settings ({detail}). "
+                                    f"Refusing to resume into it, since results computed under different settings "
+                                    f"would be mixed; {fix}")
 
 
 # the eval runner's folder: one shard file per process (accelerate rank), keys (example id, variant, budget)

@@ -10,7 +10,6 @@ select *which* keys are computed (``--limit``, extra budgets) may change. The co
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,9 @@ from fs_mllm.arguments import (
 from fs_mllm.attacks import NORMS, OBJECTIVES, PROTOCOLS, AttackConfig  # one definition of each
 from fs_mllm.config import FSConfig
 from fs_mllm.defense import check_variants
-from fs_mllm.evaluation.results import SHARD_GLOB, ResultsFolderError, read_rows
+from fs_mllm.evaluation.results import (
+    SETTINGS_FILE, SHARD_GLOB, SettingsMismatchError, check_settings, claim_settings, read_rows,
+)
 from fs_mllm.models.loading import DEFAULT_MODEL
 from fs_mllm.models.mini_llava import BOOSTER_DIR
 
@@ -30,14 +31,9 @@ __all__ = ["TASKS", "SETTINGS_FILE", "EvalSettings", "SettingsMismatchError", "E
            "add_common_arguments", "settings_from_args", "check_or_write_settings", "verify_settings"]
 
 TASKS = ("vqa", "caption")
-SETTINGS_FILE = "settings.json"
 # Settings that may change between a run and its resume: they select *which* keys are computed, never
 # what a key's row contains (a larger --limit or an extra budget just adds rows).
 _EXTENSIBLE = ("limit", "attack_eps")
-
-
-class SettingsMismatchError(ResultsFolderError, ValueError):
-    """The output folder holds results computed under other settings; resuming would mix them."""
 
 
 def _default_booster(model: str) -> str:
@@ -190,45 +186,20 @@ def nest_fs_fields(data: Mapping[str, Any]) -> dict[str, Any]:
     return data
 
 
-def _comparable(settings: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in settings.items() if k not in _EXTENSIBLE}
-
-
 def _has_rows(output_dir: Path) -> bool:
     return any(read_rows(p) for p in output_dir.glob(SHARD_GLOB))
 
 
 def check_or_write_settings(output_dir: Path, stored_settings: dict[str, Any], is_main: bool) -> None:
-    """Write ``settings.json`` for a fresh folder. A folder without result rows is fresh even if a
-    ``settings.json`` is there: its first run failed before any row (e.g. a wrong --model), and nothing
-    computed under those settings could be mixed in."""
-    path = output_dir / SETTINGS_FILE
-    if is_main and not _has_rows(output_dir):
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(stored_settings, indent=2, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, path)
+    """Write ``settings.json`` for a fresh folder (no result rows yet); only the main process writes."""
+    if is_main:
+        claim_settings(output_dir, stored_settings, holds_results=_has_rows(output_dir))
 
 
 def verify_settings(output_dir: Path, stored_settings: dict[str, Any]) -> None:
     """Raise :class:`SettingsMismatchError` unless the folder's ``settings.json`` matches (extensible keys aside)."""
-    path = output_dir / SETTINGS_FILE
-    if not path.exists() and _has_rows(output_dir):
-        raise SettingsMismatchError(f"output_dir {str(output_dir)!r} holds results but no {SETTINGS_FILE}, so its "
-                                    "settings cannot be checked; use a new output folder")
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SettingsMismatchError(f"output_dir {str(output_dir)!r}: cannot read {SETTINGS_FILE} ({exc}); "
-                                    "use a new output folder") from None
-    a, b = _comparable(nest_fs_fields(old)), _comparable(stored_settings)
-    diffs = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    if diffs:
-        detail = "; ".join(f"{k}: stored {a.get(k)!r}, now {b.get(k)!r}" for k in diffs)
-        raise SettingsMismatchError(
-            f"output_dir {str(output_dir)!r} holds results of a run with different settings ({detail}). "
-            "Refusing to resume into it, since rows computed under different settings would be mixed; "
-            "use a new output folder (--output-dir) or restore the original settings."
-        )
+    check_settings(output_dir, stored_settings, may_change=_EXTENSIBLE, upgrade=nest_fs_fields,
+                        fix="use a new output folder (--output-dir) or restore the original settings")
 
 
 def _description(task: str, title: str, example: str, tail: str) -> str:
