@@ -1,9 +1,11 @@
-"""What the defense buys on fs-mini-llava: base / FS / FS+GSB x {clean; transfer linf 4, 8, 16/255;
-adaptive l2 0.0625 .. 1.0; adaptive linf 1, 2, 4/255}, one table (fs_mllm.defense, the demo's code).
+"""What the defense buys on fs-mini-llava: base / FS / FS+GSB x {clean; random-noise control and transfer
+at linf 4, 8, 16/255; adaptive l2 0.0625 .. 1.0; adaptive linf 1, 2, 4/255}, one table (fs_mllm.defense,
+the demo's code).
 
 Transfer = the paper's protocol (targeted feature matching towards the next held-out image, crafted once
 on the undefended model, M-Attack local crops, replayed on every variant); adaptive = PGD through each
-variant's smoothed path with EOT, untargeted on the answer. Defaults are the issue's full size (>= 200
+variant's smoothed path with EOT, untargeted on the answer; noise = random +-eps signs at each transfer
+budget, not an attack: the answers a smoothed variant loses to a fresh Monte-Carlo draw alone. Defaults are the issue's full size (>= 200
 clean questions, 100 attacked images, 300 transfer steps, 20 adaptive steps x 8 EOT samples,
 certificates at n = 1000): hours on a CPU, so pass smaller counts there and report them.
 
@@ -16,7 +18,7 @@ setting, the model's weights or the package version may not.
 
     python benchmarks/bench_defense.py [--clean-questions 200] [--attack-images 100] [--transfer-steps 300]
         [--adaptive-steps 20] [--eot-samples 8] [--certify-images 16] [--certify-n 1000]
-        [--transfer-linf 4/255,8/255,16/255] [--adaptive-l2 0.0625,...] [--adaptive-linf 1/255,2/255,4/255]
+        [--transfer-linf 4/255,8/255,16/255] [--noise-linf LIKE_TRANSFER] [--adaptive-l2 0.0625,...] [--adaptive-linf 1/255,2/255,4/255]
         [--no-crops] [--device cpu] [--threads 1] [--out bench_defense.json] [--checkpoint DIR]
 """
 
@@ -64,6 +66,8 @@ def main() -> None:
     parser.add_argument("--transfer-steps", type=positive_int, default=300, help="PGD steps crafting the transfer images")
     parser.add_argument("--transfer-linf", type=budgets, default=list(TRANSFER_LINF),
                         help="transfer linf budgets, comma list, a/b allowed (default 4/255,8/255,16/255; 'none' = skip)")
+    parser.add_argument("--noise-linf", type=budgets, default=None,
+                        help="budgets of the random-sign-noise control (default: the transfer budgets; 'none' = skip)")
     parser.add_argument("--transfer-step-size", type=positive_float, default=1 / 255, help="transfer PGD step, [0,1] pixels")
     parser.add_argument("--crop-scale", type=fraction_pair, default=(0.5, 1.0),
                         help="M-Attack random local crops: area fraction range 'lo,hi' (default 0.5,1.0)")
@@ -92,6 +96,7 @@ def main() -> None:
         settings = DefenseSettings(
             fs=FSConfig(sigma=args.sigma, n_samples=args.n_samples),
             transfer_linf=tuple(args.transfer_linf), transfer_steps=args.transfer_steps,
+            noise_linf=None if args.noise_linf is None else tuple(args.noise_linf),
             transfer_step_size=args.transfer_step_size, crop_scale=None if args.no_crops else args.crop_scale,
             adaptive_l2=tuple(args.adaptive_l2), adaptive_linf=tuple(args.adaptive_linf),
             adaptive_steps=args.adaptive_steps, eot_samples=args.eot_samples,

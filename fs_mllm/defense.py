@@ -9,6 +9,10 @@ same way, and a robustness figure must always name its protocol (DESIGN.md secti
   whether the attack works at all: an attack that fails on base proves nothing about FS.
 * **adaptive** (white-box against the defense): PGD through each variant's own smoothed path with EOT
   (:mod:`fs_mllm.attacks`), untargeted on the answer by default.
+* **noise** (a control, not an attack): random +-eps sign noise at each transfer budget, replayed on every
+  variant. A smoothed variant's noise stream is seeded by the image's pixels, so any perturbation gets
+  a fresh Monte-Carlo draw and some answers flip without any adversary; an attack's success is only
+  what it adds over this row.
 
 Rows (one per variant x protocol x budget) carry: accuracy on the attacked questions, untargeted attack
 success (a right answer turned wrong), targeted success (transfer: the answer became the variant's own
@@ -84,6 +88,7 @@ class DefenseSettings:
     transfer_steps: int = 300
     transfer_step_size: float = 1 / 255
     crop_scale: Optional[tuple[float, float]] = (0.5, 1.0)
+    noise_linf: Optional[tuple[float, ...]] = None  # the random-noise control's budgets; None: the transfer budgets
     surrogates: Optional[tuple[str, ...]] = None  # None: the undefended model's own image path
     adaptive_l2: tuple[float, ...] = ADAPTIVE_L2
     adaptive_linf: tuple[float, ...] = ADAPTIVE_LINF
@@ -108,12 +113,17 @@ class DefenseSettings:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if isinstance(self.certify_images, bool) or not isinstance(self.certify_images, int) or self.certify_images < 0:
             raise ValueError(f"certify_images must be an integer >= 0, got {self.certify_images!r}")
+        if self.noise_linf is None:
+            self.noise_linf = tuple(self.transfer_linf)
         # every budget goes through AttackConfig's own range checks now, before any model work
-        for eps in self.transfer_linf:
-            self._transfer_config(eps)
-        for norm, budgets in (("l2", self.adaptive_l2), ("linf", self.adaptive_linf)):
-            for eps in budgets:
-                self._adaptive_config(norm, eps)
+        for name, check in (("transfer_linf", self._transfer_config), ("noise_linf", self._transfer_config),
+                            ("adaptive_l2", lambda eps: self._adaptive_config("l2", eps)),
+                            ("adaptive_linf", lambda eps: self._adaptive_config("linf", eps))):
+            for eps in getattr(self, name):
+                try:
+                    check(eps)
+                except ValueError as error:
+                    raise ValueError(f"{name}: {error}") from None
 
     def _transfer_config(self, eps: float) -> AttackConfig:
         return AttackConfig(norm="linf", eps=eps, steps=self.transfer_steps, step_size=self.transfer_step_size,
@@ -164,7 +174,7 @@ def _l2_radius(norm: str, eps: float, image: torch.Tensor) -> float:
 
 
 # settings that only choose which rows a run computes: a resumed run may change them (e.g. one variant per call)
-_ROW_CHOICES = ("variants", "transfer_linf", "adaptive_l2", "adaptive_linf")
+_ROW_CHOICES = ("variants", "transfer_linf", "noise_linf", "adaptive_l2", "adaptive_linf")
 _TRANSFER_FILE = "transfer_linf_{}.safetensors"  # one file of crafted images per budget, in a checkpoint
 ROW_FIELDS = ("variant", "protocol", "norm", "eps", "n", "accuracy", "attack_success", "targeted_success", "fcs",
               "certified_fcsb", "certified_radius_l2")
@@ -330,7 +340,8 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
     attack_answers = [item.answers for item in attack_items]
     clean_images = torch.stack([item.image for item in clean_items])
     clean_prompts = [item.prompt for item in clean_items]
-    budgets = [("transfer", "linf", eps) for eps in settings.transfer_linf]
+    budgets = [("noise", "linf", eps) for eps in settings.noise_linf]
+    budgets += [("transfer", "linf", eps) for eps in settings.transfer_linf]
     budgets += [("adaptive", "l2", eps) for eps in settings.adaptive_l2]
     budgets += [("adaptive", "linf", eps) for eps in settings.adaptive_linf]
 
@@ -354,6 +365,8 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
             return attack(model, processor, attack_images, None, settings._transfer_config(eps), target_images=targets,
                           surrogates=list(settings.surrogates) if settings.surrogates else None).adv_images
         transfer[eps] = store.transfer_images(eps, craft).to(attack_images.device) if store is not None else craft()
+    replayed = {("transfer", eps): images for eps, images in transfer.items()}
+    replayed.update({("noise", eps): _sign_noise(attack_images, eps, settings.seed) for eps in settings.noise_linf})
 
     rows: list[dict[str, Any]] = []
     for variant in settings.variants:
@@ -394,8 +407,8 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
         for key, (protocol, norm, eps) in zip(keys[1:], budgets):
             row = saved(key)
             if row is None:
-                if protocol == "transfer":  # FCS as this variant's decoder sees the replayed images
-                    adv = transfer[eps]
+                if protocol in ("transfer", "noise"):  # FCS as this variant's decoder sees the replayed images
+                    adv = replayed[protocol, eps]
                     with torch.no_grad():
                         if clean_features is None:
                             clean_features = image_features(model, attack_images, processor=processor)
@@ -418,6 +431,14 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
         bar.close()
     unpatch_model(model)
     return rows
+
+
+def _sign_noise(images: torch.Tensor, eps: float, seed: int) -> torch.Tensor:
+    """``images`` moved by +-eps on every pixel (random signs, a corner of the linf ball like most transfer
+    pixels), clipped to [0,1]: the same images for every variant and every run with this seed."""
+    generator = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, images.shape, generator=generator).to(images.device, images.dtype) * 2 - 1
+    return (images + eps * signs).clamp(0, 1)
 
 
 def answer_metrics(clean_outputs: Sequence[str], adv_outputs: Sequence[str], answers: Sequence[Sequence[str]],

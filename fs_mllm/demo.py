@@ -1,8 +1,9 @@
 """``fs-mllm demo``: what the defense buys on the embedded offline model, under both threat models.
 
 Base / FS / FS+GSB on fs-mini-llava's own held-out task, clean; under the paper's transfer protocol
-(targeted feature matching at linf 16/255, crafted once on the undefended model and replayed); and
-under the adaptive white-box attack at an l2 budget inside the certified radius and one far beyond it.
+(targeted feature matching at linf 16/255, crafted once on the undefended model and replayed) beside
+random sign noise of the same size (the control an attack's success is read against); and under the
+adaptive white-box attack at an l2 budget inside the certified radius and one far beyond it.
 Sized to run in a few minutes on a 2-core CPU, so its figures come from few questions (the report says
 how many); ``benchmarks/bench_defense.py`` is the full-size table.
 """
@@ -21,6 +22,11 @@ TRANSFER_MEANING = (
     "vision features of another image by PGD on the *undefended* model, then the same adversarial image is shown "
     "to every variant; base attack success shows that the attack works, and the drop on FS/FS+GSB is what "
     "smoothing buys against attackers who do not model the defense."
+)
+NOISE_MEANING = (
+    "**Noise** (a control, not an attack): the same images moved by random +-eps signs at the transfer budget. "
+    "A smoothed variant draws its noise from the image's own pixels, so any change to the image brings a fresh "
+    "Monte-Carlo draw and some answers flip with no adversary at all; an attack achieves only its success above this row."
 )
 ADAPTIVE_MEANING = (
     "**Adaptive** (white-box against the defense): PGD through each variant's own smoothed path, with the "
@@ -97,6 +103,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         "few questions, so one answer moves these figures by several points (benchmarks/bench_defense.py is the full table).",
         TRANSFER_MEANING + f" Here: linf 16/255, {settings.transfer_steps} steps, target = the next held-out image; "
         "targeted success = the answer became the variant's own answer for the target image.",
+        NOISE_MEANING,
         ADAPTIVE_MEANING + f" Here: untargeted on the answer, l2 {budgets[0]:g} (inside the certified radius where the "
         f"certified FCSB column is above -1) and l2 {budgets[-1]:g} (far beyond it), {settings.adaptive_steps} steps, "
         f"EOT {settings.eot_samples}.",

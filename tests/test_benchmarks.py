@@ -95,14 +95,14 @@ def test_bench_defense_small_run_resumes_and_refuses_other_settings(tmp_path):
     proc = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, failure(proc)
     first = json.loads((tmp_path / "defense.json").read_text())
-    assert [(r["protocol"], r["n"]) for r in first["rows"]] == [("clean", 2), ("transfer", 1)]
+    assert [(r["protocol"], r["n"]) for r in first["rows"]] == [("clean", 2), ("noise", 1), ("transfer", 1)]
     assert len(first["calls"]) == 1 and first["seconds"] == first["calls"][0]["seconds"] > 0
     assert not (tmp_path / "defense.json.parts").exists()  # complete: the default checkpoint is gone
     named = command + ["--checkpoint", "run.parts"]
     for call in (1, 2):
         proc = subprocess.run(named, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, failure(proc)
-    assert "2 finished rows read back" in proc.stdout + proc.stderr
+    assert "3 finished rows read back" in proc.stdout + proc.stderr
     assert "crafting transfer images" not in proc.stderr  # nothing recomputed
     second = json.loads((tmp_path / "defense.json").read_text())
     assert second["rows"] == first["rows"] and len(second["calls"]) == 2

@@ -165,7 +165,7 @@ def test_attack_errors_name_the_parameter(model):
         apply_variant(model, "fs+tta", FSConfig())
     with pytest.raises(ValueError, match="booster"):
         apply_variant(model, "fs+gsb", FSConfig())
-    with pytest.raises(ValueError, match="eps"):
+    with pytest.raises(ValueError, match="transfer_linf: eps=16"):
         DefenseSettings(transfer_linf=(16,))
     # variants: one check shared with EvalSettings (a comma string is accepted; empty, unknown, repeated refused)
     assert DefenseSettings(variants="base, fs+gsb").variants == ("base", "fs+gsb")
@@ -199,7 +199,7 @@ def test_evaluate_defense_rows_on_a_tiny_model(model):
                                eot_samples=2, certify_images=1, certify_n=20, max_new_tokens=2)
     rows = evaluate_defense(model, processor, items, items, settings, progress=False)
     assert [(r["variant"], r["protocol"]) for r in rows] == [
-        ("base", "clean"), ("base", "transfer"), ("base", "adaptive"), ("fs", "clean"), ("fs", "transfer"), ("fs", "adaptive")]
+        (v, p) for v in ("base", "fs") for p in ("clean", "noise", "transfer", "adaptive")]
     assert not is_patched(model)
     for row in rows:
         assert 0 <= row["accuracy"] <= 1
@@ -207,9 +207,30 @@ def test_evaluate_defense_rows_on_a_tiny_model(model):
             assert row["certified_fcsb"] is None
         else:
             assert -1 <= row["certified_fcsb"] <= 1
-    transfer_fs = rows[4]
+    noise_fs, transfer_fs = rows[5], rows[6]
     assert transfer_fs["certified_radius_l2"] == pytest.approx(8 / 255 * (3 * 32 * 32) ** 0.5)
-    assert "linf 8/255" in defense_table(rows)
+    assert noise_fs["eps"] == transfer_fs["eps"] and noise_fs["certified_radius_l2"] == transfer_fs["certified_radius_l2"]
+    assert noise_fs["targeted_success"] is None  # the control has no target
+    assert "linf 8/255" in defense_table(rows) and "| fs | noise | linf 8/255 |" in defense_table(rows)
+    only_transfer = DefenseSettings(**{**settings.to_dict(), "fs": settings.fs, "noise_linf": ()})
+    assert "noise" not in {r["protocol"] for r in evaluate_defense(model, processor, items, items, only_transfer, progress=False)}
+
+
+def test_the_noise_control_is_random_signs_at_the_budget_the_same_for_every_variant():
+    from fs_mllm.defense import _sign_noise
+
+    x = images(2, seed=0) * 0.5 + 0.25  # away from the [0,1] edges, so nothing is clipped
+    moved = _sign_noise(x, 8 / 255, seed=0)
+    assert torch.allclose((moved - x).abs(), torch.full_like(x, 8 / 255), atol=1e-6)
+    signs = torch.sign(moved - x)
+    assert 0.4 < (signs > 0).float().mean() < 0.6  # both signs, about half each
+    assert torch.equal(_sign_noise(x, 8 / 255, seed=0), moved)  # replayed identically
+    assert not torch.equal(_sign_noise(x, 8 / 255, seed=1), moved)
+    edge = _sign_noise(torch.ones(1, 3, 4, 4), 16 / 255, seed=0)
+    assert edge.max() <= 1 and edge.min() >= 1 - 16 / 255 - 1e-6  # clipped to valid pixels
+    assert DefenseSettings(transfer_linf=(4 / 255,)).noise_linf == (4 / 255,)  # default: the transfer budgets
+    with pytest.raises(ValueError, match="noise_linf: eps=16"):
+        DefenseSettings(noise_linf=(16,))
 
 
 def _resume_setup(**overrides):
@@ -232,7 +253,7 @@ def test_a_killed_defense_run_resumes_to_the_same_rows(model, tmp_path, monkeypa
     assert (folder / f"transfer_linf_{8 / 255!r}.safetensors").exists()
     # a kill: the last two rows never written, the one before torn mid-line
     lines = (folder / "rows.jsonl").read_text().splitlines(keepends=True)
-    assert len(lines) == 8  # per variant: its state, the clean row, transfer, adaptive
+    assert len(lines) == 10  # per variant: its state, the clean row, noise, transfer, adaptive
     (folder / "rows.jsonl").write_text("".join(lines[:-3]) + lines[-3][:10])
     crafted = []
     real_attack = fs_mllm.defense.attack
@@ -268,7 +289,7 @@ def test_a_resumed_defense_run_may_change_variants_and_budgets_but_not_settings(
     processor, items, settings = _resume_setup(variants=("base",), adaptive_l2=())
     folder = tmp_path / "run.parts"
     base_rows = evaluate_defense(model, processor, items, items, settings, progress=False, checkpoint=folder)
-    assert [r["protocol"] for r in base_rows] == ["clean", "transfer"]
+    assert [r["protocol"] for r in base_rows] == ["clean", "noise", "transfer"]
     # a later call adds a budget and a variant (with a booster the first call never had): base's rows and
     # the transfer images are read back, not recomputed
     calls = []
@@ -277,8 +298,8 @@ def test_a_resumed_defense_run_may_change_variants_and_budgets_but_not_settings(
     _, _, more = _resume_setup(variants=("base", "fs+gsb"))
     booster = _tiny_booster(0)
     rows = evaluate_defense(model, processor, items, items, more, booster=booster, progress=False, checkpoint=folder)
-    assert rows[:2] == base_rows and [(r["variant"], r["protocol"]) for r in rows[2:]] == [
-        ("base", "adaptive"), ("fs+gsb", "clean"), ("fs+gsb", "transfer"), ("fs+gsb", "adaptive")]
+    assert rows[:3] == base_rows and [(r["variant"], r["protocol"]) for r in rows[3:]] == [
+        ("base", "adaptive"), ("fs+gsb", "clean"), ("fs+gsb", "noise"), ("fs+gsb", "transfer"), ("fs+gsb", "adaptive")]
     assert calls == ["adaptive", "adaptive"]  # base's and fs+gsb's new adaptive rows; no transfer crafting
     unbroken = evaluate_defense(model, processor, items, items, more, booster=booster, progress=False)
     assert rows == unbroken
@@ -331,9 +352,9 @@ def test_demo_console_script_on_tiny_settings(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     protocols = {(r["variant"], r["protocol"]) for r in summary["rows"]}
-    assert protocols == {(v, p) for v in ("base", "fs", "fs+gsb") for p in ("clean", "transfer", "adaptive")}
+    assert protocols == {(v, p) for v in ("base", "fs", "fs+gsb") for p in ("clean", "noise", "transfer", "adaptive")}
     report = (out / "report.md").read_text()
-    assert "Transfer" in report and "Adaptive" in report and "linf 16/255" in report
+    assert "Transfer" in report and "Adaptive" in report and "Noise" in report and "linf 16/255" in report
     assert (out / "accuracy_vs_budget.png").stat().st_size > 0
 
 
