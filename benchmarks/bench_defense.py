@@ -39,7 +39,7 @@ import torch
 from fs_mllm.arguments import fraction_pair, positive_float, positive_int
 from fs_mllm.config import FSConfig
 from fs_mllm.defense import ADAPTIVE_L2, ADAPTIVE_LINF, TRANSFER_LINF, DefenseSettings, defense_table, evaluate_defense, synthetic_items
-from fs_mllm.evaluation.results import ResultsFolderError
+from fs_mllm.evaluation.results import SETTINGS_FILE, ResultsFolderError
 from fs_mllm.gsb import GaussianSmoothnessBooster
 from fs_mllm.models import load_mini_llava
 from fs_mllm.models.mini_llava import BOOSTER_DIR, IMAGE_SIZE, build_prompt
@@ -122,6 +122,8 @@ def main() -> None:
     clean_items = clean_items[:args.clean_questions]
     attack_items = synthetic_items(args.attack_images, IMAGE_SIZE, build_prompt, first_question_only=True)
     calls_path = checkpoint / "calls.jsonl"  # every call's time, so a resumed run reports the whole cost
+    settings_path = checkpoint / SETTINGS_FILE
+    claimed_by = settings_path.read_bytes() if settings_path.exists() else None
     finished = refused = False
     try:
         rows = evaluate_defense(model, processor, clean_items, attack_items, settings, booster=booster, checkpoint=checkpoint)
@@ -131,6 +133,8 @@ def main() -> None:
         parser.error(str(error))
     finally:
         if not refused and checkpoint.is_dir():
+            if claimed_by is not None and settings_path.exists() and settings_path.read_bytes() != claimed_by:
+                calls_path.unlink(missing_ok=True)  # the folder held no results and another run claimed it: a new run
             with open(calls_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"seconds": time.perf_counter() - start, "device": args.device, "finished": finished,
                                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}) + "\n")

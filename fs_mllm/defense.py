@@ -88,7 +88,6 @@ class DefenseSettings:
     transfer_steps: int = 300
     transfer_step_size: float = 1 / 255
     crop_scale: Optional[tuple[float, float]] = (0.5, 1.0)
-    noise_linf: Optional[tuple[float, ...]] = None  # the random-noise control's budgets; None: the transfer budgets
     surrogates: Optional[tuple[str, ...]] = None  # None: the undefended model's own image path
     adaptive_l2: tuple[float, ...] = ADAPTIVE_L2
     adaptive_linf: tuple[float, ...] = ADAPTIVE_LINF
@@ -100,6 +99,7 @@ class DefenseSettings:
     alpha: float = 0.001
     max_new_tokens: int = 6
     seed: int = 0
+    noise_linf: Optional[tuple[float, ...]] = None  # the random-noise control's budgets; None: the transfer budgets
 
     def __post_init__(self) -> None:
         self.variants = check_variants(self.variants)
@@ -113,17 +113,21 @@ class DefenseSettings:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if isinstance(self.certify_images, bool) or not isinstance(self.certify_images, int) or self.certify_images < 0:
             raise ValueError(f"certify_images must be an integer >= 0, got {self.certify_images!r}")
-        if self.noise_linf is None:
-            self.noise_linf = tuple(self.transfer_linf)
-        # every budget goes through AttackConfig's own range checks now, before any model work
-        for name, check in (("transfer_linf", self._transfer_config), ("noise_linf", self._transfer_config),
-                            ("adaptive_l2", lambda eps: self._adaptive_config("l2", eps)),
-                            ("adaptive_linf", lambda eps: self._adaptive_config("linf", eps))):
-            for eps in getattr(self, name):
+        # the attacks' own parameters, then every budget, through AttackConfig's checks before any model work
+        self._transfer_config(1 / 255)
+        self._adaptive_config("l2", 0.5)
+        for name, norm, budgets in (("transfer_linf", "linf", self.transfer_linf), ("noise_linf", "linf", self.noise_budgets),
+                                    ("adaptive_l2", "l2", self.adaptive_l2), ("adaptive_linf", "linf", self.adaptive_linf)):
+            for eps in budgets:
                 try:
-                    check(eps)
+                    AttackConfig(norm=norm, eps=eps)
                 except ValueError as error:
                     raise ValueError(f"{name}: {error}") from None
+
+    @property
+    def noise_budgets(self) -> tuple[float, ...]:
+        """The noise control's budgets: ``noise_linf``, or the transfer budgets when it is None."""
+        return tuple(self.transfer_linf if self.noise_linf is None else self.noise_linf)
 
     def _transfer_config(self, eps: float) -> AttackConfig:
         return AttackConfig(norm="linf", eps=eps, steps=self.transfer_steps, step_size=self.transfer_step_size,
@@ -218,8 +222,9 @@ class DefenseCheckpoint:
     clean answers and certificates, or the crafting of one transfer budget.
 
     ``settings.json`` names what the folder holds: the settings, the question set, the model's weights and
-    processor, the package version and the device type; a run that differs in any of them is refused
-    before any work. ``rows.jsonl`` (the crash-safe store of :mod:`fs_mllm.evaluation.results`) gets every
+    processor, the package version and the device type; once the folder holds any result (a row or crafted
+    images) a run that differs in any of them is refused before any work, while a folder that holds none
+    (its first run stopped before finishing anything) is claimed by the new run. ``rows.jsonl`` (the crash-safe store of :mod:`fs_mllm.evaluation.results`) gets every
     row, and each variant's clean answers and certificates, the moment they exist (the fs+gsb ones with
     the booster's fingerprint, checked on resume). ``transfer_linf_<eps>.safetensors`` holds the crafted
     transfer images, so every variant, in this run or a resumed one, replays the same images. Which
@@ -311,7 +316,8 @@ def evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Eva
                      settings: DefenseSettings, booster: Any = None, progress: bool = True,
                      checkpoint: Optional[str | os.PathLike] = None) -> list[dict[str, Any]]:
     """Rows of the defense table (see the module doc); ``clean_items`` give clean accuracy, ``attack_items``
-    are attacked (one question per image) under every budget of both protocols. With ``checkpoint`` (a
+    are attacked (one question per image) under every budget of both protocols, and replayed with the noise
+    control. With ``checkpoint`` (a
     folder, :class:`DefenseCheckpoint`) the run is resumable: rerun with the same folder to go on."""
     if not clean_items or not attack_items:
         raise ValueError("clean_items and attack_items must not be empty")
@@ -340,7 +346,7 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
     attack_answers = [item.answers for item in attack_items]
     clean_images = torch.stack([item.image for item in clean_items])
     clean_prompts = [item.prompt for item in clean_items]
-    budgets = [("noise", "linf", eps) for eps in settings.noise_linf]
+    budgets = [("noise", "linf", eps) for eps in settings.noise_budgets]
     budgets += [("transfer", "linf", eps) for eps in settings.transfer_linf]
     budgets += [("adaptive", "l2", eps) for eps in settings.adaptive_l2]
     budgets += [("adaptive", "linf", eps) for eps in settings.adaptive_linf]
@@ -366,7 +372,8 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
                           surrogates=list(settings.surrogates) if settings.surrogates else None).adv_images
         transfer[eps] = store.transfer_images(eps, craft).to(attack_images.device) if store is not None else craft()
     replayed = {("transfer", eps): images for eps, images in transfer.items()}
-    replayed.update({("noise", eps): _sign_noise(attack_images, eps, settings.seed) for eps in settings.noise_linf})
+    replayed.update({("noise", eps): _sign_noise(attack_images, eps, settings.seed) for eps in settings.noise_budgets
+                     if any(saved(_row_key(v, "noise", "linf", eps)) is None for v in settings.variants)})
 
     rows: list[dict[str, Any]] = []
     for variant in settings.variants:

@@ -67,7 +67,8 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
-    """Base / FS / FS+GSB on fs-mini-llava: clean, transfer (paper's protocol) and adaptive, with certificates."""
+    """Base / FS / FS+GSB on fs-mini-llava: clean, the noise control, transfer (paper's protocol) and adaptive,
+    with certificates."""
     import torch
 
     from .cli import processor_size, write_report

@@ -99,6 +99,10 @@ def test_bench_defense_small_run_resumes_and_refuses_other_settings(tmp_path):
     assert len(first["calls"]) == 1 and first["seconds"] == first["calls"][0]["seconds"] > 0
     assert not (tmp_path / "defense.json.parts").exists()  # complete: the default checkpoint is gone
     named = command + ["--checkpoint", "run.parts"]
+    # a first run with other settings stopped before any result: its folder is claimed, its call forgotten
+    (tmp_path / "run.parts").mkdir()
+    (tmp_path / "run.parts" / "settings.json").write_text('{"settings": {"transfer_steps": 99}}')
+    (tmp_path / "run.parts" / "calls.jsonl").write_text('{"seconds": 1000.0, "finished": false}\n')
     for call in (1, 2):
         proc = subprocess.run(named, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, failure(proc)

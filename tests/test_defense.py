@@ -6,6 +6,7 @@ Tiny random-weight LLaVA from its config (fs_mllm/testing.py); the demo runs the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -228,7 +229,12 @@ def test_the_noise_control_is_random_signs_at_the_budget_the_same_for_every_vari
     assert not torch.equal(_sign_noise(x, 8 / 255, seed=1), moved)
     edge = _sign_noise(torch.ones(1, 3, 4, 4), 16 / 255, seed=0)
     assert edge.max() <= 1 and edge.min() >= 1 - 16 / 255 - 1e-6  # clipped to valid pixels
-    assert DefenseSettings(transfer_linf=(4 / 255,)).noise_linf == (4 / 255,)  # default: the transfer budgets
+    assert DefenseSettings(transfer_linf=(4 / 255,)).noise_budgets == (4 / 255,)  # default: the transfer budgets
+    assert dataclasses.replace(DefenseSettings(), transfer_linf=(16 / 255,)).noise_budgets == (16 / 255,)
+    for bad, message in ((dict(crop_scale=(0.9, 0.1)), "crop_scale"), (dict(transfer_step_size=0.0), "step_size")):
+        with pytest.raises(ValueError, match=message) as refused:
+            DefenseSettings(**bad)
+        assert not str(refused.value).startswith(("transfer_linf", "noise_linf"))  # blamed on the parameter itself
     with pytest.raises(ValueError, match="noise_linf: eps=16"):
         DefenseSettings(noise_linf=(16,))
 
@@ -290,6 +296,12 @@ def test_a_resumed_defense_run_may_change_variants_and_budgets_but_not_settings(
     folder = tmp_path / "run.parts"
     base_rows = evaluate_defense(model, processor, items, items, settings, progress=False, checkpoint=folder)
     assert [r["protocol"] for r in base_rows] == ["clean", "noise", "transfer"]
+    # the noise control's budgets only choose rows: a later call may add one, and reads the rest back
+    wider = _resume_setup(variants=("base",), adaptive_l2=(), noise_linf=(4 / 255, 8 / 255))[2]
+    widened = evaluate_defense(model, processor, items, items, wider, progress=False, checkpoint=folder)
+    assert [(r["protocol"], r["eps"]) for r in widened] == [("clean", 0.0), ("noise", 4 / 255), ("noise", 8 / 255),
+                                                          ("transfer", 8 / 255)]
+    assert widened[2:] == base_rows[1:]
     # a later call adds a budget and a variant (with a booster the first call never had): base's rows and
     # the transfer images are read back, not recomputed
     calls = []
@@ -318,6 +330,22 @@ def test_a_resumed_defense_run_may_change_variants_and_budgets_but_not_settings(
     with pytest.raises(ResultsFolderError, match="model"):
         evaluate_defense(model, processor, items, items, more, booster=booster, progress=False, checkpoint=folder)
     assert (folder / "rows.jsonl").read_text() == before  # a refused run writes nothing
+
+
+def test_a_checkpoint_is_claimed_afresh_only_while_it_holds_no_results(model, tmp_path):
+    from fs_mllm.evaluation.results import ResultsFolderError
+
+    processor, items, settings = _resume_setup(variants=("base",), adaptive_l2=())
+    folder = tmp_path / "run.parts"
+    folder.mkdir()
+    (folder / "settings.json").write_text('{"settings": {"transfer_steps": 99}}')  # its run stopped before any result
+    rows = evaluate_defense(model, processor, items, items, settings, progress=False, checkpoint=folder)
+    assert json.loads((folder / "settings.json").read_text())["settings"]["transfer_steps"] == 2
+    assert rows == evaluate_defense(model, processor, items, items, settings, progress=False)
+    (folder / "rows.jsonl").write_text("")  # every row lost, but the crafted images are results too
+    with pytest.raises(ResultsFolderError, match="settings.transfer_steps: stored 2, now 3"):
+        evaluate_defense(model, processor, items, items, _resume_setup(variants=("base",), adaptive_l2=(), transfer_steps=3)[2],
+                         progress=False, checkpoint=folder)
 
 
 def test_a_checkpoint_with_rows_but_no_settings_or_a_torn_image_file_is_refused(model, tmp_path):

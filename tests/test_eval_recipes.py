@@ -445,9 +445,17 @@ def test_the_shared_settings_check_names_each_changed_field(tmp_path):
     with pytest.raises(SettingsMismatchError, match=r"fs\.sigma: stored 0\.25, now 0\.5\)") as refused:
         check_settings(tmp_path, {**settings, "fs": {"sigma": 0.5, "n_samples": 8}}, may_change=("limit",))
     assert "n_samples" not in str(refused.value) and "limit" not in str(refused.value)
-    with pytest.raises(SettingsMismatchError, match=r"model: stored 'm{56}\.\.\., now 'x'") as refused:
+    with pytest.raises(SettingsMismatchError, match=r"model: stored 'm{60}'\.\.\., now 'x'") as refused:
         check_settings(tmp_path, {**settings, "model": "x"})
     assert len(str(refused.value)) < 400  # a long value (a processor's JSON, a hash) is shortened
+    # ...to the window where two long values differ, so the message shows the difference
+    late = {**settings, "model": "m" * 150 + "X" + "m" * 49}
+    with pytest.raises(SettingsMismatchError, match=r"stored \.\.\.'m{20}m{40}'\.\.\., now \.\.\.'m{20}X") as refused:
+        check_settings(tmp_path, late)
+    with pytest.raises(SettingsMismatchError, match=r"added: stored \(missing\), now 5"):
+        check_settings(tmp_path, {**settings, "added": 5})
+    check_settings(tmp_path, {**settings, "added": None})  # a field added since, at None (its old behaviour), matches
+
     # an old file is upgraded before comparing
     (tmp_path / "settings.json").write_text(json.dumps({"sigma": 0.25, "n_samples": 8, "limit": 2, "model": "m" * 200}))
     check_settings(tmp_path, settings, upgrade=lambda old: {"fs": {k: old.pop(k) for k in ("sigma", "n_samples")}, **old})
@@ -459,3 +467,18 @@ def test_the_shared_settings_check_names_each_changed_field(tmp_path):
     (tmp_path / "settings.json").unlink()
     with pytest.raises(SettingsMismatchError, match="holds results but no settings.json"):
         check_settings(tmp_path, {"other": 1})
+
+
+def test_an_eval_folder_of_fs_mllm_0_1_resumes_through_the_upgrade(tmp_path):
+    """0.1 stored sigma/n_samples/seed at the top level: the same settings still match, other ones do not."""
+    from fs_mllm.evaluation.results import SettingsMismatchError, shard_path
+    from fs_mllm.evaluation.settings import verify_settings
+
+    current = {"model": "m", "fs": FSConfig(sigma=0.25, n_samples=8, seed=3).to_dict(), "limit": 2}
+    old = {"model": "m", "sigma": 0.25, "n_samples": 8, "seed": 3, "limit": 1}
+    (tmp_path / "settings.json").write_text(json.dumps(old))
+    shard_path(tmp_path, 0).write_text(json.dumps({"key": ["q0", "base", 0.0]}) + "\n")
+    verify_settings(tmp_path, current)  # limit only chooses rows
+    other = {**current, "fs": FSConfig(sigma=0.5, n_samples=8, seed=3).to_dict()}
+    with pytest.raises(SettingsMismatchError, match=r"fs\.sigma: stored 0\.25, now 0\.5"):
+        verify_settings(tmp_path, other)

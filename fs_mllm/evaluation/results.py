@@ -9,10 +9,11 @@ non-blocking) instead of both appending the same keys. Under ``accelerate`` each
 file, so each rank locks its own.
 
 The eval runner's folder layout lives here too (:func:`shard_path`, :func:`read_results`): the runner,
-the settings check and the summary all read the same shard files. So does the one ``settings.json``
-check every resumable folder uses (:func:`claim_settings`, :func:`check_settings`; the eval runner and
-``fs_mllm.defense``): a rerun under other settings into a folder that holds results is refused, because
-results computed under different settings would be mixed silently.
+the settings check and the summary all read the same shard files. The ``settings.json`` check of the
+resumable result folders lives here as well (:func:`claim_settings`, :func:`check_settings`; used by
+the eval runner and ``fs_mllm.defense``; booster training checkpoints keep their own): a rerun under
+other settings into a folder that holds results is refused, because results computed under different
+settings would be mixed silently.
 """
 
 from __future__ import annotations
@@ -195,51 +196,59 @@ def claim_settings(folder: str | os.PathLike, settings: Mapping[str, Any], holds
         durable_replace(temporary, path)
 
 
-def _changed_fields(saved: Any, current: Any, prefix: str = "") -> list[str]:
-    """Dotted names of every leaf that differs, e.g. ``settings.fs.sigma``."""
+_MISSING = object()  # a key one side does not have
+
+
+def _changed_fields(saved: Any, current: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any, Any]]:
+    """(key path, stored value, current value) of every leaf that differs, e.g. (("settings", "fs", "sigma"), 0.25, 0.5)."""
     if isinstance(saved, dict) and isinstance(current, dict):
-        names = []
+        changes = []
         for key in sorted(set(saved) | set(current)):
-            names += _changed_fields(saved.get(key), current.get(key), f"{prefix}{key}.")
-        return names
-    return [] if saved == current else [prefix.rstrip(".")]
+            changes += _changed_fields(saved.get(key, _MISSING), current.get(key, _MISSING), (*path, key))
+        return changes
+    if {id(saved), id(current)} <= {id(None), id(_MISSING)}:
+        return []  # a field added since, left at None (its old behaviour), does not change what was measured
+    return [] if saved == current else [(path, saved, current)]
 
 
-def _leaf(data: Any, dotted: str) -> Any:
-    for key in dotted.split("."):
-        data = data.get(key) if isinstance(data, dict) else None
-    return data
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+def _show(value: Any, other: Any, width: int = 60) -> str:
+    """``value`` for an error message; a long string as the window around its first difference from ``other``
+    (two processor configurations differ deep inside their JSON)."""
+    if value is _MISSING:
+        return "(missing)"
+    if isinstance(value, str) and len(value) > width:
+        first = next((i for i, (a, b) in enumerate(zip(value, other if isinstance(other, str) else "")) if a != b),
+                     min(len(value), len(other)) if isinstance(other, str) else 0)
+        start = max(0, first - width // 3)
+        return f"{'...' if start else ''}{value[start:start + width]!r}{'...' if start + width < len(value) else ''}"
+    return repr(value)
 
 
 def check_settings(folder: str | os.PathLike, settings: Mapping[str, Any], may_change: Collection[str] = (),
-                    upgrade: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None,
-                    label: str = "output_dir", fix: str = "use a new output folder or restore the original settings") -> None:
+                   upgrade: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None, label: str = "output_dir",
+                   fix: str = "use a new output folder or restore the original settings") -> None:
     """Raise :class:`SettingsMismatchError`, naming each differing field, unless the folder's ``settings.json``
     matches ``settings``. ``may_change`` names top-level keys that only select which results are computed;
     ``upgrade`` converts a file written by an older version. Call after :func:`claim_settings`, so a missing
     file means results whose settings are unknown."""
     folder = Path(folder)
     path = folder / SETTINGS_FILE
+    unusable = f"use another {label} folder, or delete this one to start again"
     if not path.exists():
         raise SettingsMismatchError(f"{label} {str(folder)!r} holds results but no {SETTINGS_FILE}, so what they "
-                                    f"measured is unknown; {fix}")
+                                    f"measured is unknown; {unusable}")
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise SettingsMismatchError(f"{label} {str(folder)!r}: cannot read {SETTINGS_FILE} ({exc}); {fix}") from None
-    saved = upgrade(saved) if upgrade is not None else saved
-    current = json.loads(json.dumps(settings))  # tuples as lists, as the file holds them
-    changed = [name for name in _changed_fields(saved, current) if name.split(".")[0] not in may_change]
+        raise SettingsMismatchError(f"{label} {str(folder)!r}: cannot read {SETTINGS_FILE} ({exc}); {unusable}") from None
+    saved = json.loads(json.dumps(upgrade(saved))) if upgrade is not None else saved  # tuples as lists, like the file
+    current = json.loads(json.dumps(settings))
+    changed = [change for change in _changed_fields(saved, current) if change[0][0] not in may_change]
     if changed:
-        detail = "; ".join(f"{name}: stored {_short(_leaf(saved, name))}, now {_short(_leaf(current, name))}"
-                           for name in changed)
+        detail = "; ".join(f"{'.'.join(map(str, keys))}: stored {_show(old, new)}, now {_show(new, old)}"
+                           for keys, old, new in changed)
         raise SettingsMismatchError(f"{label} {str(folder)!r} holds results of a run with other settings ({detail}). "
-                                    f"Refusing to resume into it, since results computed under different settings "
+                                    "Refusing to resume into it, since results computed under different settings "
                                     f"would be mixed; {fix}")
 
 

@@ -199,7 +199,7 @@ def check_or_write_settings(output_dir: Path, stored_settings: dict[str, Any], i
 def verify_settings(output_dir: Path, stored_settings: dict[str, Any]) -> None:
     """Raise :class:`SettingsMismatchError` unless the folder's ``settings.json`` matches (extensible keys aside)."""
     check_settings(output_dir, stored_settings, may_change=_EXTENSIBLE, upgrade=nest_fs_fields,
-                        fix="use a new output folder (--output-dir) or restore the original settings")
+                   fix="use a new output folder (--output-dir) or restore the original settings")
 
 
 def _description(task: str, title: str, example: str, tail: str) -> str:
