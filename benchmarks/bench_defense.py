@@ -5,12 +5,12 @@ the demo's code).
 Transfer = the paper's protocol (targeted feature matching towards the next held-out image, crafted once
 on the undefended model, M-Attack local crops, replayed on every variant); adaptive = PGD through each
 variant's smoothed path with EOT, untargeted on the answer; noise = random +-eps signs at each transfer
-budget, not an attack: the answers a smoothed variant loses to a fresh Monte-Carlo draw alone. Defaults are the issue's full size (>= 200
-clean questions, 100 attacked images, 300 transfer steps, 20 adaptive steps x 8 EOT samples,
-certificates at n = 1000): hours on a CPU, so pass smaller counts there and report them.
+budget, not an attack: the answers a smoothed variant loses to a fresh Monte-Carlo draw alone. Defaults are
+the issue's full size (>= 200 clean questions, 100 attacked images, 300 transfer steps, 20 adaptive steps x 8
+EOT samples, certificates at n = 1000): hours on a CPU, so pass smaller counts there and report them.
 
-The run is resumable: every finished row, each variant's clean answers and certificates, and the crafted
-transfer images go to ``--checkpoint`` (default ``<out>.parts``, deleted once the JSON is written) as
+The run is resumable: every finished row, each variant's clean answers and certificates, the crafted
+transfer images and each finished batch of an adaptive attack go to ``--checkpoint`` (default ``<out>.parts``, deleted once the JSON is written) as
 they exist; rerun the same command after a stop and only the missing stages are computed, and
 ``seconds`` in the JSON sums every call. With a named ``--checkpoint`` the variants and budgets may change
 between runs (e.g. ``--variants base`` in one call and ``--variants fs+gsb`` in the next); any other
@@ -80,6 +80,9 @@ def main() -> None:
     parser.add_argument("--adaptive-linf", type=budgets, default=list(ADAPTIVE_LINF),
                         help="adaptive linf budgets (default 1/255,2/255,4/255; 'none' = skip)")
     parser.add_argument("--adaptive-steps", type=positive_int, default=20, help="adaptive PGD steps")
+    parser.add_argument("--attack-batch-size", type=positive_int, default=8,
+                        help="images per adaptive attack call (default 8): memory holds their gradient graphs through the "
+                             "language model, about 0.2 GB per image for fs-mini-llava in fp32; a checkpoint keeps each batch")
     parser.add_argument("--eot-samples", type=positive_int, default=8, help="noisy forwards averaged per adaptive step")
     parser.add_argument("--certify-images", type=int, default=16, help="attack images certified per FS variant (0 = none)")
     parser.add_argument("--certify-n", type=positive_int, default=1000, help="noisy samples per certificate")
@@ -99,7 +102,7 @@ def main() -> None:
             noise_linf=None if args.noise_linf is None else tuple(args.noise_linf),
             transfer_step_size=args.transfer_step_size, crop_scale=None if args.no_crops else args.crop_scale,
             adaptive_l2=tuple(args.adaptive_l2), adaptive_linf=tuple(args.adaptive_linf),
-            adaptive_steps=args.adaptive_steps, eot_samples=args.eot_samples,
+            adaptive_steps=args.adaptive_steps, eot_samples=args.eot_samples, attack_batch_size=args.attack_batch_size,
             certify_images=args.certify_images, certify_n=args.certify_n, surrogates=args.surrogates,
             **({"variants": args.variants} if args.variants else {}),
         )

@@ -100,6 +100,7 @@ class DefenseSettings:
     max_new_tokens: int = 6
     seed: int = 0
     noise_linf: Optional[tuple[float, ...]] = None  # the random-noise control's budgets; None: the transfer budgets
+    attack_batch_size: int = 8  # images per adaptive attack call: memory holds their graphs through the language model
 
     def __post_init__(self) -> None:
         self.variants = check_variants(self.variants)
@@ -107,7 +108,7 @@ class DefenseSettings:
             raise ValueError(f"adaptive_objective must be 'untargeted' or 'feature', got {self.adaptive_objective!r}")
         if not isinstance(self.fs, FSConfig):
             raise ValueError(f"fs must be an fs_mllm.FSConfig (the smoothing of the FS variants), got {type(self.fs).__name__}")
-        for name in ("transfer_steps", "adaptive_steps", "eot_samples", "certify_n", "max_new_tokens"):
+        for name in ("transfer_steps", "adaptive_steps", "eot_samples", "certify_n", "max_new_tokens", "attack_batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -219,7 +220,7 @@ def _processor_identity(processor: Any) -> Optional[str]:
 class DefenseCheckpoint:
     """A folder that makes a long defense run resumable: rerun with the same folder and finished work is
     read back instead of recomputed. A stop loses at most the stage in progress: one row, one variant's
-    clean answers and certificates, or the crafting of one transfer budget.
+    clean answers and certificates, the crafting of one transfer budget, or one batch of an adaptive attack.
 
     ``settings.json`` names what the folder holds: the settings, the question set, the model's weights and
     processor, the package version and the device type; once the folder holds any result (a row or crafted
@@ -227,7 +228,8 @@ class DefenseCheckpoint:
     (its first run stopped before finishing anything) is claimed by the new run. ``rows.jsonl`` (the crash-safe store of :mod:`fs_mllm.evaluation.results`) gets every
     row, and each variant's clean answers and certificates, the moment they exist (the fs+gsb ones with
     the booster's fingerprint, checked on resume). ``transfer_linf_<eps>.safetensors`` holds the crafted
-    transfer images, so every variant, in this run or a resumed one, replays the same images. Which
+    transfer images, so every variant, in this run or a resumed one, replays the same images; each finished
+    batch of an adaptive attack (``attack_batch_size`` images) is kept until its row is written. Which
     variants and budgets a run computes may change between runs: rows are keyed by
     (variant, protocol, norm, budget).
     """
@@ -254,7 +256,7 @@ class DefenseCheckpoint:
                 rows = read_rows(rows_path)
             except ValueError as error:
                 raise ResultsFolderError(f"{error}; delete the folder {self.folder} to start the run again") from None
-            crafted = any(self.folder.glob(_TRANSFER_FILE.format("*")))
+            crafted = any(self.folder.glob("*.safetensors"))
             claim_settings(self.folder, identity, holds_results=bool(rows) or crafted)
             check_settings(self.folder, identity, label="checkpoint",
                            fix="rerun with what it was started with, or use another checkpoint folder (or delete this one)")
@@ -285,27 +287,35 @@ class DefenseCheckpoint:
         self.done[tuple(key)] = {"key": list(key), **row}
         return self.get(key)
 
-    def transfer_images(self, eps: float, craft: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """The transfer images at ``eps``: read back, or crafted now and saved (durably) before use."""
+    def tensors(self, name: str, make: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The tensors saved as ``name`` (crafted images): read back, or made now and saved (durably) before use."""
         from safetensors.torch import load_file, save_file
 
         from .evaluation.results import ResultsFolderError, durable_replace
 
-        path = self.folder / _TRANSFER_FILE.format(repr(float(eps)))
+        path = self.folder / name
         if path.exists():
             try:
-                return load_file(str(path))["adv"]
-            except Exception as error:  # a torn or foreign file: crafting again is deterministic
+                return load_file(str(path))
+            except Exception as error:  # a torn or foreign file: making it again is deterministic
                 raise ResultsFolderError(f"checkpoint file {path} is unreadable ({error}); delete it and rerun "
                                          "(the images are crafted again, identically)") from None
-        adv = craft()
+        made = make()
         temporary = path.with_suffix(".tmp")
-        save_file({"adv": adv.detach().contiguous().cpu()}, str(temporary))
+        save_file({k: v.detach().contiguous().cpu() for k, v in made.items()}, str(temporary))
         durable_replace(temporary, path)
-        return adv
+        return made
+
+    def forget(self, name: str) -> None:
+        """Delete the tensors saved as ``name`` once the row they were kept for is written."""
+        (self.folder / name).unlink(missing_ok=True)
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _adaptive_file(variant: str, norm: str, eps: float, start: int) -> str:
+    return f"adaptive_{variant}_{norm}_{float(eps)!r}_from{start}.safetensors"
 
 
 def _row_key(variant: str, protocol: str, norm: str, eps: float) -> tuple:
@@ -370,10 +380,33 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
         def craft(eps: float = eps) -> torch.Tensor:
             return attack(model, processor, attack_images, None, settings._transfer_config(eps), target_images=targets,
                           surrogates=list(settings.surrogates) if settings.surrogates else None).adv_images
-        transfer[eps] = store.transfer_images(eps, craft).to(attack_images.device) if store is not None else craft()
+        if store is None:
+            transfer[eps] = craft()
+        else:
+            name = _TRANSFER_FILE.format(repr(float(eps)))
+            transfer[eps] = store.tensors(name, lambda craft=craft: {"adv": craft()})["adv"].to(attack_images.device)
     replayed = {("transfer", eps): images for eps, images in transfer.items()}
     replayed.update({("noise", eps): _sign_noise(attack_images, eps, settings.seed) for eps in settings.noise_budgets
                      if any(saved(_row_key(v, "noise", "linf", eps)) is None for v in settings.variants)})
+
+    def adaptive_attack(variant: str, norm: str, eps: float) -> tuple[torch.Tensor, list[float]]:
+        """The adaptive attack on the patched variant, ``attack_batch_size`` images per call; with a checkpoint
+        each finished batch is kept until its row is written, so a stop loses at most one batch."""
+        # untargeted: push the model away from the accepted answer (what accuracy counts)
+        answers = [a[0] for a in attack_answers] if settings.adaptive_objective == "untargeted" else None
+        batches = []
+        starts = range(0, len(attack_items), settings.attack_batch_size)
+        for start in tqdm(starts, desc=f"{variant} adaptive {norm} {eps:.4g}", leave=False, disable=not progress or len(starts) < 2):
+            stop = start + settings.attack_batch_size
+
+            def run(start: int = start, stop: int = stop) -> dict[str, torch.Tensor]:
+                result = attack(model, processor, attack_images[start:stop], attack_prompts[start:stop] if answers else None,
+                                settings._adaptive_config(norm, eps), answers=answers[start:stop] if answers else None)
+                return {"adv": result.adv_images, "fcs": torch.tensor(result.fcs, dtype=torch.float64)}
+
+            batches.append(store.tensors(_adaptive_file(variant, norm, eps, start), run) if store is not None else run())
+        adv = torch.cat([batch["adv"].to(attack_images.device) for batch in batches])
+        return adv, torch.cat([batch["fcs"] for batch in batches]).tolist()
 
     rows: list[dict[str, Any]] = []
     for variant in settings.variants:
@@ -421,11 +454,7 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
                             clean_features = image_features(model, attack_images, processor=processor)
                         fcs = feature_cosine(clean_features, image_features(model, adv, processor=processor)).tolist()
                 else:
-                    # untargeted: push the model away from the accepted answer (what accuracy counts)
-                    answers = [a[0] for a in attack_answers] if settings.adaptive_objective == "untargeted" else None
-                    result = attack(model, processor, attack_images, attack_prompts if answers else None,
-                                    settings._adaptive_config(norm, eps), answers=answers)
-                    adv, fcs = result.adv_images, result.fcs
+                    adv, fcs = adaptive_attack(variant, norm, eps)
                 adv_out = generate_text(model, processor, adv, attack_prompts, settings.max_new_tokens)
                 metrics = answer_metrics(state["clean_attack_out"], adv_out, attack_answers,
                                          state["target_out"] if protocol == "transfer" else None)
@@ -433,6 +462,9 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
                 row = keep(key, {"variant": variant, "protocol": protocol, "norm": norm, "eps": float(eps),
                                  "n": len(attack_items), **metrics, "fcs": _mean(fcs), "certified_fcsb": certified(radius),
                                  "certified_radius_l2": radius})
+                if store is not None and protocol == "adaptive":
+                    for start in range(0, len(attack_items), settings.attack_batch_size):
+                        store.forget(_adaptive_file(variant, norm, eps, start))
             rows.append(row)
             bar.update()
         bar.close()

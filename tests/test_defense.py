@@ -332,6 +332,43 @@ def test_a_resumed_defense_run_may_change_variants_and_budgets_but_not_settings(
     assert (folder / "rows.jsonl").read_text() == before  # a refused run writes nothing
 
 
+def test_an_adaptive_attack_runs_in_batches_and_a_stop_loses_at_most_one(model, tmp_path, monkeypatch):
+    processor = tiny_processor()
+    x, target = images(3, seed=0), images(3, seed=5)
+    items = [EvalItem(x[i], "what?", ["a"], target[i], "<image> what?") for i in range(3)]
+    settings = _resume_setup(transfer_linf=(), attack_batch_size=2)[2]
+    sizes = []
+    real_attack = fs_mllm.defense.attack
+
+    def counting_attack(model, processor, images, *args, **kwargs):
+        sizes.append(len(images))
+        return real_attack(model, processor, images, *args, **kwargs)
+
+    monkeypatch.setattr(fs_mllm.defense, "attack", counting_attack)
+    unbroken = evaluate_defense(model, processor, items, items, settings, progress=False)
+    assert sizes == [2, 1, 2, 1]  # base, then fs: 3 images in batches of 2
+    # a stop in the middle of fs's adaptive row: its first batch is kept, only the second is attacked again
+    sizes.clear()
+    folder = tmp_path / "run.parts"
+
+    def stop_on_the_fourth(model, processor, images, *args, **kwargs):
+        if len(sizes) == 3:
+            raise KeyboardInterrupt
+        return counting_attack(model, processor, images, *args, **kwargs)
+
+    monkeypatch.setattr(fs_mllm.defense, "attack", stop_on_the_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_defense(model, processor, items, items, settings, progress=False, checkpoint=folder)
+    assert [p.name for p in folder.glob("adaptive_*")] == [f"adaptive_fs_l2_{0.0625!r}_from0.safetensors"]
+    sizes.clear()
+    monkeypatch.setattr(fs_mllm.defense, "attack", counting_attack)
+    assert evaluate_defense(model, processor, items, items, settings, progress=False, checkpoint=folder) == unbroken
+    assert sizes == [1]
+    assert not list(folder.glob("adaptive_*"))  # kept only until the row was written
+    with pytest.raises(ValueError, match="attack_batch_size"):
+        DefenseSettings(attack_batch_size=0)
+
+
 def test_a_checkpoint_is_claimed_afresh_only_while_it_holds_no_results(model, tmp_path):
     from fs_mllm.evaluation.results import ResultsFolderError
 
