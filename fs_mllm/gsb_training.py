@@ -476,12 +476,16 @@ def train_gsb(
     resumed = load_checkpoint_state(checkpoint) if checkpoint is not None else None
     step, history, previous_seconds = 0, [], 0.0
     if resumed is not None:
+        from .evaluation.results import describe_changes
+
         saved = GaussianSmoothnessBooster.from_pretrained(resumed["path"], device=device)
-        if saved.config.to_dict() != booster.config.to_dict():
-            raise ValueError(f"checkpoint in {str(checkpoint)!r} was made for another GSBConfig; use a new output_dir")
-        if resumed.get("train_config") not in (None, train.to_dict()):
-            changed = sorted(k for k, v in train.to_dict().items() if resumed["train_config"].get(k) != v)
-            raise ValueError(f"checkpoint in {str(checkpoint)!r} was made with other training settings ({', '.join(changed)}); "
+        changed = describe_changes(saved.config.to_dict(), booster.config.to_dict())
+        if changed:
+            raise ValueError(f"checkpoint in {str(checkpoint)!r} was made for another GSBConfig ({'; '.join(changed)}); "
+                             "use a new output_dir")
+        changed = describe_changes(resumed["train_config"], train.to_dict()) if resumed.get("train_config") is not None else []
+        if changed:
+            raise ValueError(f"checkpoint in {str(checkpoint)!r} was made with other training settings ({'; '.join(changed)}); "
                              "rerun with the same settings to resume, or use a new output_dir")
         booster.load_state_dict(saved.state_dict())
         step, history = int(resumed["step"]), list(resumed["history"])

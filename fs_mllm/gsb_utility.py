@@ -156,8 +156,12 @@ def _train_utility(booster: GaussianSmoothnessBooster, module: torch.nn.Module, 
     step, history, previous_seconds = 0, [], 0.0
     resumed = load_checkpoint_state(checkpoint) if checkpoint is not None else None
     if resumed is not None:
-        if {"stage": "mapper", **resumed.get("train_config", {})} != train.to_dict():  # 0.1 runs had no stage
-            raise ValueError(f"checkpoint in {str(checkpoint)!r} was made with other settings; rerun them or use a new output_dir")
+        from .evaluation.results import describe_changes
+
+        changed = describe_changes({"stage": "mapper", **resumed.get("train_config", {})}, train.to_dict())  # 0.1: no stage
+        if changed:
+            raise ValueError(f"checkpoint in {str(checkpoint)!r} was made with other settings ({'; '.join(changed)}); "
+                             "rerun them or use a new output_dir")
         booster.load_state_dict(GaussianSmoothnessBooster.from_pretrained(resumed["path"]).state_dict())
         optimizer.load_state_dict(unflatten_optimizer_state(resumed["optimizer_tensors"], resumed["optimizer"]))
         step, history, previous_seconds = int(resumed["step"]), list(resumed["history"]), float(resumed.get("seconds", 0.0))

@@ -257,9 +257,12 @@ def test_resume_continues_step_count(tmp_path):
     # the denoiser trained in the first run was restored, not re-initialised
     torch.testing.assert_close(second.denoiser.state_dict()["inp.weight"], first.denoiser.state_dict()["inp.weight"])
     # other training settings cannot resume into that folder
-    with pytest.raises(ValueError, match="mapper_steps"):
+    with pytest.raises(ValueError, match=rf"mapper_steps: stored {train.mapper_steps}, now 5"):
         train_gsb(GaussianSmoothnessBooster(small_config()), encoder, images,
                   GSBTrainConfig(**{**train.to_dict(), "mapper_steps": 5}), output_dir=tmp_path, progress=False)
+    other_booster = GaussianSmoothnessBooster(small_config(mapper_hidden=8))
+    with pytest.raises(ValueError, match="another GSBConfig .*mapper_hidden: stored"):
+        train_gsb(other_booster, encoder, images, train, output_dir=tmp_path, progress=False)
 
 
 def test_resume_after_a_kill_between_the_checkpoint_renames(tmp_path, monkeypatch):
@@ -486,7 +489,7 @@ def test_utility_training_trains_only_the_mapper_through_the_deployed_smoothing(
     again = train_mapper_utility(model, _WordTokenizer(), booster, bank, qa, lambda q: "<image> " + q, IMAGE_TOKEN,
                                  train, output_dir=str(tmp_path), progress=False)
     assert again["steps"] == 3
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match=r"other settings \(.*steps: stored 3, now 4\)"):
         train_mapper_utility(model, _WordTokenizer(), booster, bank, qa, lambda q: "<image> " + q, IMAGE_TOKEN,
                              UtilityTrainConfig(steps=4, batch_size=2, images=3, n_copies=4), output_dir=str(tmp_path),
                              progress=False)
@@ -517,7 +520,7 @@ def test_utility_training_of_the_denoiser_runs_through_the_patched_smoothed_path
     assert all(torch.equal(a, b) for a, b in zip(frozen, model.parameters()))
     assert not is_patched(model)
     assert run(train)["steps"] == 3
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match=r"other settings \(.*steps: stored 3, now 4\)"):
         run(UtilityTrainConfig(stage="denoiser", steps=4, batch_size=2, images=3, n_copies=2))
     patch_model(model, sigma=0.25, image_mean=mean, image_std=std)
     with pytest.raises(ValueError, match="unpatched"):

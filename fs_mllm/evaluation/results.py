@@ -11,9 +11,10 @@ file, so each rank locks its own.
 The eval runner's folder layout lives here too (:func:`shard_path`, :func:`read_results`): the runner,
 the settings check and the summary all read the same shard files. The ``settings.json`` check of the
 resumable result folders lives here as well (:func:`claim_settings`, :func:`check_settings`; used by
-the eval runner and ``fs_mllm.defense``; booster training checkpoints keep their own): a rerun under
-other settings into a folder that holds results is refused, because results computed under different
-settings would be mixed silently.
+the eval runner and ``fs_mllm.defense``; booster training checkpoints keep their config in their own
+state file but name what differs with the same :func:`describe_changes`): a rerun under other settings
+into a folder that holds results is refused, because results computed under different settings would
+be mixed silently.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Collection, Mapping, Optional
 
 __all__ = ["ResultsFolderError", "ResultsBusyError", "SettingsMismatchError", "ResultsLock", "ResultWriter",
-           "repair_tail", "read_rows", "finite_or_none", "durable_replace", "SETTINGS_FILE", "claim_settings",
+           "repair_tail", "read_rows", "finite_or_none", "durable_replace", "SETTINGS_FILE", "claim_settings", "describe_changes",
            "check_settings", "SHARD_GLOB", "shard_path", "result_key", "read_results"]
 
 SHARD_GLOB = "results.rank*.jsonl"  # every file :func:`shard_path` names
@@ -224,6 +225,14 @@ def _show(value: Any, other: Any, width: int = 60) -> str:
     return repr(value)
 
 
+def describe_changes(saved: Any, current: Any, may_change: Collection[str] = ()) -> list[str]:
+    """One ``field.path: stored A, now B`` per differing leaf of two settings (compared as JSON, tuples as
+    lists), top-level keys in ``may_change`` aside: what every refused resume names."""
+    saved, current = json.loads(json.dumps(saved)), json.loads(json.dumps(current))
+    return [f"{'.'.join(map(str, keys))}: stored {_show(old, new)}, now {_show(new, old)}"
+            for keys, old, new in _changed_fields(saved, current) if not keys or keys[0] not in may_change]
+
+
 def check_settings(folder: str | os.PathLike, settings: Mapping[str, Any], may_change: Collection[str] = (),
                    upgrade: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None, label: str = "output_dir",
                    fix: str = "use a new output folder or restore the original settings") -> None:
@@ -241,12 +250,9 @@ def check_settings(folder: str | os.PathLike, settings: Mapping[str, Any], may_c
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise SettingsMismatchError(f"{label} {str(folder)!r}: cannot read {SETTINGS_FILE} ({exc}); {unusable}") from None
-    saved = json.loads(json.dumps(upgrade(saved))) if upgrade is not None else saved  # tuples as lists, like the file
-    current = json.loads(json.dumps(settings))
-    changed = [change for change in _changed_fields(saved, current) if change[0][0] not in may_change]
+    changed = describe_changes(upgrade(saved) if upgrade is not None else saved, settings, may_change)
     if changed:
-        detail = "; ".join(f"{'.'.join(map(str, keys))}: stored {_show(old, new)}, now {_show(new, old)}"
-                           for keys, old, new in changed)
+        detail = "; ".join(changed)
         raise SettingsMismatchError(f"{label} {str(folder)!r} holds results of a run with other settings ({detail}). "
                                     "Refusing to resume into it, since results computed under different settings "
                                     f"would be mixed; {fix}")
