@@ -10,16 +10,17 @@ the issue's full size (>= 200 clean questions, 100 attacked images, 300 transfer
 EOT samples, certificates at n = 1000): hours on a CPU, so pass smaller counts there and report them.
 
 The run is resumable: every finished row, each variant's clean answers and certificates, the crafted
-transfer images and each finished batch of an adaptive attack go to ``--checkpoint`` (default ``<out>.parts``, deleted once the JSON is written) as
-they exist; rerun the same command after a stop and only the missing stages are computed, and
+transfer images and each finished batch of an adaptive attack go to ``--checkpoint`` (default
+``<out>.parts``, deleted once the JSON is written) as they exist; rerun the same command after a stop
+and only the missing stages are computed, and
 ``seconds`` in the JSON sums every call. With a named ``--checkpoint`` the variants and budgets may change
 between runs (e.g. ``--variants base`` in one call and ``--variants fs+gsb`` in the next); any other
 setting, the model's weights or the package version may not.
 
     python benchmarks/bench_defense.py [--clean-questions 200] [--attack-images 100] [--transfer-steps 300]
         [--adaptive-steps 20] [--eot-samples 8] [--certify-images 16] [--certify-n 1000]
-        [--transfer-linf 4/255,8/255,16/255] [--noise-linf LIKE_TRANSFER] [--adaptive-l2 0.0625,...] [--adaptive-linf 1/255,2/255,4/255]
-        [--no-crops] [--device cpu] [--threads 1] [--out bench_defense.json] [--checkpoint DIR]
+        [--transfer-linf 4/255,8/255,16/255] [--noise-linf LIKE_TRANSFER] [--adaptive-l2 0.0625,...]
+        [--adaptive-linf 1/255,2/255,4/255] [--attack-batch-size 8] [--no-crops] [--device cpu] [--threads 1] [--out bench_defense.json] [--checkpoint DIR]
 """
 
 from __future__ import annotations

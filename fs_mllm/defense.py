@@ -314,10 +314,6 @@ class DefenseCheckpoint:
         self.writer.close()
 
 
-def _adaptive_file(variant: str, norm: str, eps: float, start: int) -> str:
-    return f"adaptive_{variant}_{norm}_{float(eps)!r}_from{start}.safetensors"
-
-
 def _row_key(variant: str, protocol: str, norm: str, eps: float) -> tuple:
     return (variant, protocol, norm, float(eps))
 
@@ -327,8 +323,8 @@ def evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Eva
                      checkpoint: Optional[str | os.PathLike] = None) -> list[dict[str, Any]]:
     """Rows of the defense table (see the module doc); ``clean_items`` give clean accuracy, ``attack_items``
     are attacked (one question per image) under every budget of both protocols, and replayed with the noise
-    control. With ``checkpoint`` (a
-    folder, :class:`DefenseCheckpoint`) the run is resumable: rerun with the same folder to go on."""
+    control. With ``checkpoint`` (a folder, :class:`DefenseCheckpoint`) the run is resumable: rerun with the
+    same folder to go on."""
     if not clean_items or not attack_items:
         raise ValueError("clean_items and attack_items must not be empty")
     if "fs+gsb" in settings.variants and booster is None:
@@ -367,11 +363,14 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
     def keep(key: tuple, record: dict[str, Any]) -> dict[str, Any]:
         return store.put(key, record) if store is not None else record
 
-    # transfer images: crafted once, without the defense, before any variant sees them
+    def missing(protocol: str, eps: float) -> bool:  # a replayed budget some variant has no row for yet
+        return any(saved(_row_key(v, protocol, "linf", eps)) is None for v in settings.variants)
+
+    # the images every variant is shown unchanged, for the budgets some variant still needs: the transfer
+    # images, crafted once without the defense before any variant sees them, and the noise control
     unpatch_model(model)
-    transfer = {}
-    pending = [eps for eps in settings.transfer_linf
-               if any(saved(_row_key(v, "transfer", "linf", eps)) is None for v in settings.variants)]
+    replayed: dict[tuple[str, float], torch.Tensor] = {}
+    pending = [eps for eps in settings.transfer_linf if missing("transfer", eps)]
     if store is not None and progress:
         read_back = sum(key[0] in settings.variants for key in store.done)
         if read_back:
@@ -381,13 +380,17 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
             return attack(model, processor, attack_images, None, settings._transfer_config(eps), target_images=targets,
                           surrogates=list(settings.surrogates) if settings.surrogates else None).adv_images
         if store is None:
-            transfer[eps] = craft()
+            replayed["transfer", eps] = craft()
         else:
             name = _TRANSFER_FILE.format(repr(float(eps)))
-            transfer[eps] = store.tensors(name, lambda craft=craft: {"adv": craft()})["adv"].to(attack_images.device)
-    replayed = {("transfer", eps): images for eps, images in transfer.items()}
+            replayed["transfer", eps] = store.tensors(name, lambda craft=craft: {"adv": craft()})["adv"].to(attack_images.device)
     replayed.update({("noise", eps): _sign_noise(attack_images, eps, settings.seed) for eps in settings.noise_budgets
-                     if any(saved(_row_key(v, "noise", "linf", eps)) is None for v in settings.variants)})
+                     if missing("noise", eps)})
+
+    def adaptive_files(variant: str, norm: str, eps: float) -> list[tuple[int, str]]:
+        """(first image, checkpoint file name) of each batch of one adaptive row."""
+        return [(start, f"adaptive_{variant}_{norm}_{float(eps)!r}_from{start}.safetensors")
+                for start in range(0, len(attack_items), settings.attack_batch_size)]
 
     def adaptive_attack(variant: str, norm: str, eps: float) -> tuple[torch.Tensor, list[float]]:
         """The adaptive attack on the patched variant, ``attack_batch_size`` images per call; with a checkpoint
@@ -395,8 +398,9 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
         # untargeted: push the model away from the accepted answer (what accuracy counts)
         answers = [a[0] for a in attack_answers] if settings.adaptive_objective == "untargeted" else None
         batches = []
-        starts = range(0, len(attack_items), settings.attack_batch_size)
-        for start in tqdm(starts, desc=f"{variant} adaptive {norm} {eps:.4g}", leave=False, disable=not progress or len(starts) < 2):
+        files = adaptive_files(variant, norm, eps)
+        for start, name in tqdm(files, desc=f"{variant} adaptive {norm} {eps:.4g}", leave=False,
+                                disable=not progress or len(files) < 2):
             stop = start + settings.attack_batch_size
 
             def run(start: int = start, stop: int = stop) -> dict[str, torch.Tensor]:
@@ -404,7 +408,7 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
                                 settings._adaptive_config(norm, eps), answers=answers[start:stop] if answers else None)
                 return {"adv": result.adv_images, "fcs": torch.tensor(result.fcs, dtype=torch.float64)}
 
-            batches.append(store.tensors(_adaptive_file(variant, norm, eps, start), run) if store is not None else run())
+            batches.append(store.tensors(name, run) if store is not None else run())
         adv = torch.cat([batch["adv"].to(attack_images.device) for batch in batches])
         return adv, torch.cat([batch["fcs"] for batch in batches]).tolist()
 
@@ -463,8 +467,8 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
                                  "n": len(attack_items), **metrics, "fcs": _mean(fcs), "certified_fcsb": certified(radius),
                                  "certified_radius_l2": radius})
                 if store is not None and protocol == "adaptive":
-                    for start in range(0, len(attack_items), settings.attack_batch_size):
-                        store.forget(_adaptive_file(variant, norm, eps, start))
+                    for _, name in adaptive_files(variant, norm, eps):
+                        store.forget(name)
             rows.append(row)
             bar.update()
         bar.close()
