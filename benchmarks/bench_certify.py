@@ -24,12 +24,18 @@ image-feature function on one chunk and ``certify_model`` with each tower, inter
 eager / compiled (min and median). Compile and warm-up time is reported apart, and the compiled
 tower's features are checked against eager's (max abs diff, cosine) along with the certificates.
 
+``--profile`` (opt-in, with the throughput part) runs ``torch.profiler`` over one ``certify_model`` call
+after a warm-up one and prints the operators that take its time (self time on the device doing the work:
+CUDA kernels on a GPU), so a missed throughput target comes with where the time goes. The throughput
+part's own breakdown (tower on the noisy copies / the engine with precomputed features / the clean
+forward / the rest) is timed on every device.
+
 Models: ``fs-mini-llava`` (real DINOv2 ViT-S/14 @ 112 px + SmolLM2, fp32), ``tiny`` (random-weight
 LLaVA, CLIP 256x6 @ ``--image-size`` px), ``micro`` (the test suite's 32 px LLaVA: its tower costs so
 little that this measures the bookkeeping), ``llava-7b-shape`` (LLaVA-1.5-7B-shaped random weights:
 CLIP ViT-L/14-336 + Llama-7B; ``--device cuda --dtype bfloat16`` on a GPU).
 
-Usage: python benchmarks/bench_certify.py [--model fs-mini-llava] [--parts throughput,memory,scaling] [--quick]
+Usage: python benchmarks/bench_certify.py [--model fs-mini-llava] [--parts throughput,memory,scaling] [--profile] [--quick]
 """
 
 from __future__ import annotations
@@ -149,9 +155,11 @@ def certify(model, inputs, n: int, chunk: int, device: str):
 
 # ---- throughput --------------------------------------------------------------------------------
 
-def engine_without_tower(model, inputs, n: int, chunk: int, device: str):
+def engine_without_tower(model, inputs, n: int, chunk: int, device: str, mean: bool = False):
     """The sampling engine's own work for n copies (noise draws, normalisation, scores) with an encoder
-    that returns precomputed features of the right shape: what certification adds to the tower."""
+    that returns precomputed features of the right shape: what certification adds to the tower.
+    ``mean=True`` also keeps the running mean of unit features (the pass certification made before it
+    went scores-only), for the side-by-side figure of what that saves."""
     from fs_mllm.patching import get_fs_state, original_feature_function
     from fs_mllm.smoothed_path import encoded_groups
     from fs_mllm.smoothing import monte_carlo_pass, unit_features
@@ -169,7 +177,7 @@ def engine_without_tower(model, inputs, n: int, chunk: int, device: str):
     def run():
         with torch.inference_mode():
             monte_carlo_pass(lambda copies: features[: copies.shape[0]], x, noise_std, n, chunk_size=chunk,
-                             normalize=state.config.normalize, reference_unit=reference)
+                             normalize=state.config.normalize, reference_unit=reference, mean=mean)
         sync(device)
 
     return run
@@ -184,10 +192,10 @@ def throughput(args, model, inputs) -> dict:
         for _ in range(calls):
             tower_call()
 
-    fns = {"certify": certify(model, inputs, n, args.chunk_size, args.device), "tower": towers}
-    if args.device == "cpu":
-        fns["engine"] = engine_without_tower(model, inputs, n, args.chunk_size, args.device)
-        fns["tower_1"] = bare_tower(model, inputs, 1, args.device)
+    fns = {"certify": certify(model, inputs, n, args.chunk_size, args.device), "tower": towers,
+           "engine": engine_without_tower(model, inputs, n, args.chunk_size, args.device),
+           "engine_with_mean": engine_without_tower(model, inputs, n, args.chunk_size, args.device, mean=True),
+           "tower_1": bare_tower(model, inputs, 1, args.device)}
     times = interleaved_times(fns, args.repeats, clock=args.clock)
     other = times.other
     median = statistics.median
@@ -206,7 +214,7 @@ def throughput(args, model, inputs) -> dict:
               "certify_samples_per_s": {"best": max(cert_rate), "median": median(cert_rate)},
               "tower_samples_per_s": {"best": max(tower_rate), "median": median(tower_rate)},
               "ratio": {**fig, "target": ">= 0.95"}}
-    if "engine" in times:  # where certification's time goes, as shares of its median time
+    if "engine" in times:  # where certification's time goes, as shares of its median time (on any device)
         total = median(times["certify"])
         parts = {"tower on the noisy copies": median(times["tower"]),
                  "engine: noise draws, normalisation, scores": median(times["engine"]),
@@ -217,7 +225,33 @@ def throughput(args, model, inputs) -> dict:
             print(f"    {key:52s} {value * 1000:9.1f} ms  {value / total:6.1%}")
         result["breakdown_s"] = parts
         result["breakdown_share"] = {k: v / total for k, v in parts.items()}
+        saved = ratio_of(times["engine_with_mean"], times["engine"])
+        print(f"  engine with the running mean as well / scores only (certification's pass): {saved['min']:.3f} (min) / "
+              f"{saved['median']:.3f} (median)")
+        result["engine_with_mean_over_scores_only"] = saved
     return result
+
+
+def profile_certify(args, model, inputs) -> dict:
+    """torch.profiler over one ``certify_model`` call after a warm-up one: the operators that take its
+    time (self time on the device that does the work), to say where a missed throughput target goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n = args.throughput_chunks * args.chunk_size
+    on_gpu = args.device.startswith("cuda")
+    run = certify(model, inputs, n, args.chunk_size, args.device)
+    run()  # warm-up: allocations, kernel selection
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
+        run()
+    sort_by = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    events = prof.key_averages()
+    total = sum(getattr(e, sort_by) for e in events) / 1e3  # ms, every operator's self time
+    table = events.table(sort_by=sort_by, row_limit=args.profile_rows)
+    print(f"profile of one certify_model call, n={n}, batch {args.chunk_size}, sorted by {sort_by} "
+          f"({total:.1f} ms of self time in all):\n{table}")
+    top = sorted(events, key=lambda e: getattr(e, sort_by), reverse=True)[:args.profile_rows]
+    return {"n": n, "chunk_size": args.chunk_size, "sort_by": sort_by, "total_self_ms": total,
+            "top": [{"op": e.key, "calls": e.count, "self_ms": getattr(e, sort_by) / 1e3} for e in top], "table": table}
 
 
 # ---- torch.compile ------------------------------------------------------------------------------
@@ -464,6 +498,10 @@ def main() -> None:
                         help="with the throughput part: also time a torch.compile'd vision tower against eager "
                              "(opt-in; compile takes ~30 s of wall time on a CPU; ignored with --quick)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
+    parser.add_argument("--profile", action="store_true",
+                        help="with the throughput part: also profile one certify_model call (torch.profiler, the "
+                             "top operators by self time on the device) to show where its time goes")
+    parser.add_argument("--profile-rows", type=int, default=15, help="operators listed by --profile")
     parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (micro model, small n)")
     args = parser.parse_args()
@@ -482,6 +520,8 @@ def main() -> None:
     result = {"model": description, "device": args.device, "clock": args.clock}
     if "throughput" in parts:
         result["throughput"] = throughput(args, model, inputs)
+        if args.profile:
+            result["profile"] = profile_certify(args, model, inputs)
         if args.compile:
             result["compile"] = compile_comparison(args, model, inputs)
     if "memory" in parts:
@@ -490,7 +530,7 @@ def main() -> None:
         result["scaling"] = scaling(args, model, inputs, description)
     name = "quick" if args.quick else args.model.replace("-", "_")
     suffix = "cpu" if args.device == "cpu" else "gpu"
-    tag = "_compile" if args.compile and "throughput" in parts else ""
+    tag = ("_compile" if args.compile else "") + ("_profile" if args.profile else "") if "throughput" in parts else ""
     write_json(f"certify_{name}_{'_'.join(parts)}{tag}_{suffix}.json", result,
                **({"out_dir": Path(args.out_dir)} if args.out_dir else {}))
 

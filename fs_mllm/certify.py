@@ -80,7 +80,7 @@ def sample_scores(
     with torch.inference_mode():
         clean, _ = unit_features(encoder(x) if clean_features is None else clean_features, normalize, batch_dims=1)
         return monte_carlo_pass(encoder, x, noise_std, n, seed=seed, chunk_size=chunk_size, normalize=normalize,
-                                reference_unit=clean).scores
+                                reference_unit=clean, mean=False).scores
 
 
 def certificates_from_scores(scores: torch.Tensor, alpha: float, sigma: float, method: str, normalize: str) -> list[Certificate]:

@@ -54,6 +54,23 @@ def test_bench_certify_compile_falls_back_to_aot_eager(tmp_path):
     assert result["speedup_eager_over_compiled"]["certify"]["min"] > 0
 
 
+def test_bench_certify_profile_says_where_the_time_goes(tmp_path):
+    """--profile lists the operators of one certify_model call with their self time, and the throughput
+    part's breakdown (tower / engine / clean forward / rest) is part of the same JSON."""
+    command = [sys.executable, str(BENCHMARKS / "bench_certify.py"), "--model", "micro", "--parts", "throughput",
+               "--chunk-size", "8", "--throughput-chunks", "2", "--repeats", "1", "--profile", "--profile-rows", "5",
+               "--out-dir", str(tmp_path)]
+    proc = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, failure(proc)
+    result = json.loads((tmp_path / "certify_micro_throughput_profile_cpu.json").read_text())
+    profile = result["profile"]
+    assert profile["n"] == 16 and profile["sort_by"] == "self_cpu_time_total"
+    assert len(profile["top"]) == 5 and profile["total_self_ms"] > 0
+    assert any(row["op"].startswith("aten::") and row["self_ms"] > 0 for row in profile["top"])
+    assert "tower on the noisy copies" in result["throughput"]["breakdown_s"]
+    assert "profile of one certify_model call" in proc.stdout
+
+
 def test_bench_efficiency_quick(tmp_path):
     pytest.importorskip("onnx")
     from fs_mllm.testing import require_package

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fs_mllm import FSConfig, certify_features, smooth_features
-from fs_mllm.smoothing import image_noise_seed, smoothed_mean
+from fs_mllm.smoothing import image_noise_seed, monte_carlo_pass, smoothed_mean, unit_features
 
 
 class RecordingEncoder(torch.nn.Module):
@@ -114,6 +114,33 @@ def test_running_mean_equals_the_mean_of_unit_features(images):
     unit = feats / feats.norm(dim=-1, keepdim=True)
     torch.testing.assert_close(result.mean_unit.flatten(1), unit.mean(0), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(result.mean_norm, feats.norm(dim=-1).mean(0), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("normalize", ["global", "token"])
+def test_scores_are_the_cosines_to_the_reference_with_or_without_the_mean(images, normalize):
+    """Certification's scores-only pass (mean=False) gives the scores of the full pass bit for bit, and
+    both are (1 + cos(f(x + e_i), reference)) / 2 computed independently from the same noisy copies."""
+    encoder = RecordingEncoder()
+    reference, _ = unit_features(encoder(images), normalize)
+    full = monte_carlo_pass(encoder, images, 0.3, 12, seed=5, chunk_size=5, normalize=normalize, reference_unit=reference)
+    only = monte_carlo_pass(encoder, images, 0.3, 12, seed=5, chunk_size=5, normalize=normalize, reference_unit=reference,
+                            mean=False)
+    assert only.mean_unit is None and only.mean_norm is None and full.mean_unit is not None
+    assert torch.equal(only.scores, full.scores)
+    generators = [torch.Generator().manual_seed(image_noise_seed(5, image)) for image in images]
+    noise = torch.stack([torch.stack([torch.randn(images.shape[1:], generator=g) for g in generators]) for _ in range(12)])
+    feats = encoder((images.unsqueeze(0) + 0.3 * noise).reshape(-1, 3, 4, 4)).reshape(12, 3, 6, 5)
+    if normalize == "global":
+        cos = torch.nn.functional.cosine_similarity(feats.flatten(2), reference.flatten(1).unsqueeze(0), dim=-1)
+    else:
+        cos = torch.nn.functional.cosine_similarity(feats, reference.unsqueeze(0), dim=-1)
+    assert only.scores.shape == cos.shape
+    torch.testing.assert_close(only.scores, ((1 + cos.double()) / 2).clamp(0, 1), atol=1e-6, rtol=0)
+
+
+def test_scores_only_pass_needs_a_reference(images):
+    with pytest.raises(ValueError, match="reference_unit"):
+        monte_carlo_pass(RecordingEncoder(), images, 0.3, 4, mean=False)
 
 
 def test_tiny_sigma_keeps_the_direction_large_sigma_changes_it(images):
