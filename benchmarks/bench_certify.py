@@ -156,7 +156,7 @@ def certify(model, inputs, n: int, chunk: int, device: str):
 # ---- throughput --------------------------------------------------------------------------------
 
 def engine_without_tower(model, inputs, n: int, chunk: int, device: str, mean: bool = False):
-    """The sampling engine's own work for n copies (noise draws, normalisation, scores) with an encoder
+    """The sampling engine's own work for n copies (noise draws, norms, scores) with an encoder
     that returns precomputed features of the right shape: what certification adds to the tower.
     ``mean=True`` also keeps the running mean of unit features (the pass certification made before it
     went scores-only), for the side-by-side figure of what that saves."""
@@ -214,21 +214,21 @@ def throughput(args, model, inputs) -> dict:
               "certify_samples_per_s": {"best": max(cert_rate), "median": median(cert_rate)},
               "tower_samples_per_s": {"best": max(tower_rate), "median": median(tower_rate)},
               "ratio": {**fig, "target": ">= 0.95"}}
-    if "engine" in times:  # where certification's time goes, as shares of its median time (on any device)
-        total = median(times["certify"])
-        parts = {"tower on the noisy copies": median(times["tower"]),
-                 "engine: noise draws, normalisation, scores": median(times["engine"]),
-                 "clean forward (1 copy, for f(x))": median(times["tower_1"])}
-        parts["rest (model call wrapper, grouping, seeds, bounds)"] = total - sum(parts.values())
-        print("  where certify_model's time goes (medians):")
-        for key, value in parts.items():
-            print(f"    {key:52s} {value * 1000:9.1f} ms  {value / total:6.1%}")
-        result["breakdown_s"] = parts
-        result["breakdown_share"] = {k: v / total for k, v in parts.items()}
-        saved = ratio_of(times["engine_with_mean"], times["engine"])
-        print(f"  engine with the running mean as well / scores only (certification's pass): {saved['min']:.3f} (min) / "
-              f"{saved['median']:.3f} (median)")
-        result["engine_with_mean_over_scores_only"] = saved
+    # where certification's time goes, as shares of its median time (on any device)
+    total = median(times["certify"])
+    parts = {"tower on the noisy copies": median(times["tower"]),
+             "engine: noise draws, norms, scores": median(times["engine"]),
+             "clean forward (1 copy, for f(x))": median(times["tower_1"])}
+    parts["rest (model call wrapper, grouping, seeds, bounds)"] = total - sum(parts.values())
+    print("  where certify_model's time goes (medians):")
+    for key, value in parts.items():
+        print(f"    {key:52s} {value * 1000:9.1f} ms  {value / total:6.1%}")
+    result["breakdown_s"] = parts
+    result["breakdown_share"] = {k: v / total for k, v in parts.items()}
+    saved = ratio_of(times["engine_with_mean"], times["engine"])
+    print(f"  engine with the running mean as well / scores only (certification's pass): {saved['min']:.3f} (min) / "
+          f"{saved['median']:.3f} (median)")
+    result["engine_with_mean_over_scores_only"] = saved
     return result
 
 

@@ -59,8 +59,12 @@ def rows(folder: Path) -> list[tuple]:
             add(r, f"certification throughput / bare tower, {r['model']}, n {r['throughput']['n']}, batch "
                 f"{r['throughput']['chunk_size']}, {r['throughput'].get('clock', 'wall')} time",
                 f"{t['min']:.3f} / {t['median']:.3f}", ">= 0.95", met(t["min"], 0.95))
+            if "engine_with_mean_over_scores_only" in r["throughput"]:
+                e = r["throughput"]["engine_with_mean_over_scores_only"]
+                add(r, f"engine with the running mean as well / scores only (certification's pass), {r['model']}",
+                    f"{e['min']:.3f} / {e['median']:.3f}", "measured (no issue target)", "-")
             if r.get("device", "cpu") != "cpu":  # on an accelerator the issue also asks for the rates themselves
-                tp = r["throughput"]
+                tp = r["throughput"]  # the benchmark certifies one image, so images/s = samples/s / n
                 c, w = tp["certify_samples_per_s"], tp["tower_samples_per_s"]
                 add(r, f"certification images/s at n {tp['n']} (samples/s of certify_model; of the bare tower), "
                     f"{r['model']}, batch {tp['chunk_size']}, best / median",

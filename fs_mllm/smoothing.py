@@ -4,9 +4,9 @@ An encoder maps a batch (B, ...) to features (B, ...). Every image has its own f
 seeded from the config seed and the image itself (:func:`image_noise_seed`), and its copies are drawn
 one at a time from that stream: so an image's smoothed features and certificate do not depend on its
 position in the batch, its neighbours, how a call groups images, or ``chunk_size``, and two different
-images never share noise. The engine encodes ``chunk_size`` copies of the batch per call, normalises the
-features (per image, or per visual token) and hands them on chunk by chunk, so callers keep running
-sums and memory does not grow with n.
+images never share noise. The engine encodes ``chunk_size`` copies of the batch per call and hands the
+features on chunk by chunk; :func:`monte_carlo_pass` normalises them (per image, or per visual token)
+and keeps running sums and/or the scores, so memory does not grow with n.
 """
 
 from __future__ import annotations

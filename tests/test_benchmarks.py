@@ -68,6 +68,7 @@ def test_bench_certify_profile_says_where_the_time_goes(tmp_path):
     assert len(profile["top"]) == 5 and profile["total_self_ms"] > 0
     assert any(row["op"].startswith("aten::") and row["self_ms"] > 0 for row in profile["top"])
     assert "tower on the noisy copies" in result["throughput"]["breakdown_s"]
+    assert result["throughput"]["engine_with_mean_over_scores_only"]["min"] > 0
     assert "profile of one certify_model call" in proc.stdout
 
 
