@@ -396,6 +396,24 @@ def test_two_process_accelerate_launch_equals_one_process(tmp_path, tiny_dir, vq
                 assert a[k] == b[k], k
 
 
+def test_two_process_resume_with_other_settings_is_refused_promptly(tmp_path, tiny_dir, vqa_dir):
+    """Under ``accelerate launch`` the main process checks the folder's settings before the others pass
+    the barrier: a mismatch must end the whole launch with the field named, not leave a rank waiting."""
+    pytest.importorskip("accelerate")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    out = tmp_path / "p2"
+    first = subprocess.run(_launch_cmd(2, out, tiny_dir, vqa_dir), env=env, capture_output=True, text=True,
+                           timeout=400, cwd=tmp_path)
+    assert first.returncode == 0, f"2-process run failed:\n{first.stdout[-3000:]}\n{first.stderr[-5000:]}"
+    rows_before = _all_lines(out)
+    command = _launch_cmd(2, out, tiny_dir, vqa_dir)
+    command[command.index("--n-samples") + 1] = "3"
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert second.returncode != 0
+    assert "n_samples" in second.stdout + second.stderr
+    assert _all_lines(out) == rows_before  # the refused run wrote nothing
+
+
 def test_transfer_protocol_replays_one_crafted_image_on_every_variant(tmp_path, tiny_dir, vqa_dir, loaded):
     """Issue 12: transfer images are crafted on the undefended model and replayed unchanged; rows carry
     the variant's answer for the target image and whether the attacked answer became it."""
