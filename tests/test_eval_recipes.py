@@ -355,13 +355,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _launch(command: list[str], cwd: Path, timeout: int = 400) -> subprocess.CompletedProcess:
+    """Run a launch command the way the README shows it: one torch thread per worker, output captured."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def _launch_two(out: Path, tiny_dir: Path, vqa_dir: Path, cwd: Path) -> None:
+    proc = _launch(_launch_cmd(2, out, tiny_dir, vqa_dir), cwd)
+    assert proc.returncode == 0, f"2-process run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+
 def test_two_process_accelerate_launch_equals_one_process(tmp_path, tiny_dir, vqa_dir, loaded):
     pytest.importorskip("accelerate")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
     out2 = tmp_path / "p2"
-    proc = subprocess.run(_launch_cmd(2, out2, tiny_dir, vqa_dir), env=env, capture_output=True, text=True,
-                          timeout=400, cwd=tmp_path)
-    assert proc.returncode == 0, f"2-process run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    _launch_two(out2, tiny_dir, vqa_dir, tmp_path)
     # the 1-process reference: same settings as the recipe's command line, in this process, one thread
     # like the launched workers (so float reductions run in the same order)
     settings = _settings(tiny_dir, vqa_dir, attack_eps=(0.5,), attack_steps=2, certify_n=4)
@@ -400,15 +408,12 @@ def test_two_process_resume_with_other_settings_is_refused_promptly(tmp_path, ti
     """Under ``accelerate launch`` the main process checks the folder's settings before the others pass
     the barrier: a mismatch must end the whole launch with the field named, not leave a rank waiting."""
     pytest.importorskip("accelerate")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
     out = tmp_path / "p2"
-    first = subprocess.run(_launch_cmd(2, out, tiny_dir, vqa_dir), env=env, capture_output=True, text=True,
-                           timeout=400, cwd=tmp_path)
-    assert first.returncode == 0, f"2-process run failed:\n{first.stdout[-3000:]}\n{first.stderr[-5000:]}"
+    _launch_two(out, tiny_dir, vqa_dir, tmp_path)
     rows_before = _all_lines(out)
     command = _launch_cmd(2, out, tiny_dir, vqa_dir)
     command[command.index("--n-samples") + 1] = "3"
-    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    second = _launch(command, tmp_path, timeout=180)
     assert second.returncode != 0
     assert "n_samples" in second.stdout + second.stderr
     assert _all_lines(out) == rows_before  # the refused run wrote nothing
