@@ -48,6 +48,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -155,11 +156,11 @@ def certify(model, inputs, n: int, chunk: int, device: str):
 
 # ---- throughput --------------------------------------------------------------------------------
 
-def engine_without_tower(model, inputs, n: int, chunk: int, device: str, mean: bool = False):
-    """The sampling engine's own work for n copies (noise draws, norms, scores) with an encoder
-    that returns precomputed features of the right shape: what certification adds to the tower.
-    ``mean=True`` also keeps the running mean of unit features (the pass certification made before it
-    went scores-only), for the side-by-side figure of what that saves."""
+def engines_without_tower(model, inputs, n: int, chunk: int, device: str) -> dict[str, Callable[[], None]]:
+    """The sampling engine's own work for n copies (noise draws, norms, scores) with an encoder that
+    returns precomputed features of the right shape: what certification adds to the tower. Two runs over
+    the same features: ``engine`` (certification's scores-only pass) and ``engine_with_mean`` (also the
+    running mean of unit features, the pass certification made before), for the figure of what that saves."""
     from fs_mllm.patching import get_fs_state, original_feature_function
     from fs_mllm.smoothed_path import encoded_groups
     from fs_mllm.smoothing import monte_carlo_pass, unit_features
@@ -170,17 +171,21 @@ def engine_without_tower(model, inputs, n: int, chunk: int, device: str, mean: b
     pixels = inputs["pixel_values"].to(device=device, dtype=model.dtype)
     (_, x, encode), = list(encoded_groups(model, original, state, pixels, {}))
     with torch.inference_mode():
-        features = encode(x).repeat(chunk, *([1] * (encode(x).ndim - 1)))
-        reference, _ = unit_features(features[: x.shape[0]], state.config.normalize)
+        clean = encode(x)
+        features = clean.repeat(chunk, *([1] * (clean.ndim - 1)))
+        reference, _ = unit_features(clean, state.config.normalize)
     noise_std = adapter.noise_std(state.config.sigma, state.image_std)
 
-    def run():
-        with torch.inference_mode():
-            monte_carlo_pass(lambda copies: features[: copies.shape[0]], x, noise_std, n, chunk_size=chunk,
-                             normalize=state.config.normalize, reference_unit=reference, mean=mean)
-        sync(device)
+    def engine(mean: bool) -> Callable[[], None]:
+        def run():
+            with torch.inference_mode():
+                monte_carlo_pass(lambda copies: features[: copies.shape[0]], x, noise_std, n, chunk_size=chunk,
+                                 normalize=state.config.normalize, reference_unit=reference, mean=mean)
+            sync(device)
 
-    return run
+        return run
+
+    return {"engine": engine(False), "engine_with_mean": engine(True)}
 
 
 def throughput(args, model, inputs) -> dict:
@@ -193,8 +198,7 @@ def throughput(args, model, inputs) -> dict:
             tower_call()
 
     fns = {"certify": certify(model, inputs, n, args.chunk_size, args.device), "tower": towers,
-           "engine": engine_without_tower(model, inputs, n, args.chunk_size, args.device),
-           "engine_with_mean": engine_without_tower(model, inputs, n, args.chunk_size, args.device, mean=True),
+           **engines_without_tower(model, inputs, n, args.chunk_size, args.device),
            "tower_1": bare_tower(model, inputs, 1, args.device)}
     times = interleaved_times(fns, args.repeats, clock=args.clock)
     other = times.other
