@@ -20,7 +20,7 @@ setting, the model's weights or the package version may not.
     python benchmarks/bench_defense.py [--clean-questions 200] [--attack-images 100] [--transfer-steps 300]
         [--adaptive-steps 20] [--eot-samples 8] [--certify-images 16] [--certify-n 1000]
         [--transfer-linf 4/255,8/255,16/255] [--noise-linf LIKE_TRANSFER] [--adaptive-l2 0.0625,...]
-        [--adaptive-linf 1/255,2/255,4/255] [--attack-batch-size 8] [--no-crops] [--device cpu] [--threads 1] [--out bench_defense.json] [--checkpoint DIR]
+        [--adaptive-linf 1/255,2/255,4/255] [--attack-batch-size 8] [--no-crops] [--crop-views 1] [--crop-full-view] [--device cpu] [--threads 1] [--out bench_defense.json] [--checkpoint DIR]
 """
 
 from __future__ import annotations
@@ -73,6 +73,11 @@ def main() -> None:
     parser.add_argument("--crop-scale", type=fraction_pair, default=(0.5, 1.0),
                         help="M-Attack random local crops: area fraction range 'lo,hi' (default 0.5,1.0)")
     parser.add_argument("--no-crops", action="store_true", help="craft transfer images without local crops")
+    parser.add_argument("--crop-views", type=positive_int, default=1,
+                        help="forwards per transfer gradient, each its own crop (M-Attack: 1, the default)")
+    parser.add_argument("--crop-full-view", action="store_true",
+                        help="the first of the --crop-views forwards sees the whole image (the view the answer is "
+                             "judged on); needs --crop-views >= 2")
     parser.add_argument("--surrogates", type=lambda text: tuple(v.strip() for v in text.split(",") if v.strip()) or None,
                         default=None, help="transfer crafted on these encoders (comma list, e.g. 'dinov2') instead of "
                                            "the undefended model's own image path")
@@ -102,6 +107,7 @@ def main() -> None:
             transfer_linf=tuple(args.transfer_linf), transfer_steps=args.transfer_steps,
             noise_linf=None if args.noise_linf is None else tuple(args.noise_linf),
             transfer_step_size=args.transfer_step_size, crop_scale=None if args.no_crops else args.crop_scale,
+            crop_views=args.crop_views, crop_full_view=args.crop_full_view,
             adaptive_l2=tuple(args.adaptive_l2), adaptive_linf=tuple(args.adaptive_linf),
             adaptive_steps=args.adaptive_steps, eot_samples=args.eot_samples, attack_batch_size=args.attack_batch_size,
             certify_images=args.certify_images, certify_n=args.certify_n, surrogates=args.surrogates,

@@ -105,7 +105,11 @@ class AttackConfig:
     ``target_images`` at attack time) | "untargeted" | "targeted" (needs ``target_text``).
     protocol: "adaptive" (through the defense) | "transfer" (crafted without it; see the module doc).
     crop_scale: (lo, hi) area fraction of M-Attack's random local crop taken of the adversarial image
-    at every forward and resized back (None = no crops).
+    at every forward and resized back (None = no crops). crop_views: forwards averaged per gradient on
+    an unpatched (deterministic) model, i.e. when crafting transfer images, each its own crop: M-Attack
+    takes 1. crop_full_view: the first forward of every gradient sees the whole image, the view the
+    model is finally judged on, so the crops add transferability without giving up the attack on that
+    view (with crop_views=2 on fs-mini-llava: base attack success 0.81 vs 0.61 with one crop).
     eot_samples: noisy forwards averaged per gradient on a patched model (ignored, i.e. 1, on an
     unpatched deterministic model). Defaults (20 steps, 8 EOT samples) are the weakest adaptive attack
     worth believing. eot_chunk_size: forwards per backward (memory knob; None = all).
@@ -123,6 +127,8 @@ class AttackConfig:
     target_text: Optional[str] = None
     protocol: str = "adaptive"
     crop_scale: Optional[tuple[float, float]] = None
+    crop_views: int = 1
+    crop_full_view: bool = False
     eot_samples: int = 8
     eot_chunk_size: Optional[int] = None
     smoothing_samples: Optional[int] = None
@@ -150,6 +156,15 @@ class AttackConfig:
             self.crop_scale = (low, high)
         self.steps = check_int(self.steps, "steps")
         self.step_size = 2.5 * self.eps / self.steps if self.step_size is None else check_float(self.step_size, "step_size")
+        self.crop_views = check_int(self.crop_views, "crop_views")
+        if self.crop_scale is None and (self.crop_views > 1 or self.crop_full_view):
+            raise ValueError("crop_views > 1 and crop_full_view need crop_scale (the crops they are about); "
+                             "set crop_scale, e.g. (0.5, 1.0), or leave crop_views at 1 and crop_full_view off")
+        if not isinstance(self.crop_full_view, bool):
+            raise ValueError(f"crop_full_view must be True or False, got {self.crop_full_view!r}")
+        if self.crop_full_view and self.protocol == "transfer" and self.crop_views < 2:
+            raise ValueError("crop_full_view with crop_views=1 leaves no crop when crafting transfer images "
+                             "(the first view is the whole image); set crop_views >= 2")
         self.eot_samples = check_int(self.eot_samples, "eot_samples")
         if self.eot_chunk_size is not None:
             self.eot_chunk_size = check_int(self.eot_chunk_size, "eot_chunk_size")
@@ -551,9 +566,9 @@ def make_objective(model: nn.Module, processor_or_tokenizer: Any, images01: torc
     return text_loss, clean
 
 
-def _step_seeds(config: AttackConfig, step: int) -> list[int]:
-    """One independent noise seed per EOT forward, fresh at every step."""
-    state = np.random.SeedSequence([config.seed, step]).generate_state(config.eot_samples, dtype=np.uint32)
+def _step_seeds(config: AttackConfig, step: int, count: int) -> list[int]:
+    """One independent noise (and crop) seed per forward, fresh at every step."""
+    state = np.random.SeedSequence([config.seed, step]).generate_state(count, dtype=np.uint32)
     return [int(s) for s in state]
 
 
@@ -563,20 +578,21 @@ def eot_gradient(model: nn.Module, objective: Objective, adv_images: torch.Tenso
 
     A patched model runs ``eot_samples`` forwards, each with its own noise seed; a backward runs after
     every ``eot_chunk_size`` forwards and gradients accumulate, so at most that many graphs are alive.
-    An unpatched model is deterministic, so one forward is the exact gradient. With ``crop_scale`` each
-    forward sees its own random local crop (seeded like its noise).
+    An unpatched model is deterministic, so one forward is the exact gradient, or ``crop_views`` forwards
+    with crops. With ``crop_scale`` each forward sees its own random local crop (seeded like its noise),
+    except the first with ``crop_full_view``, which sees the whole image.
     """
-    samples = config.eot_samples if is_patched(model) else 1
-    seeds = _step_seeds(config, step)[:samples]
+    samples = config.eot_samples if is_patched(model) else config.crop_views
+    seeds = _step_seeds(config, step, samples)
     chunk = min(config.eot_chunk_size or samples, samples)
     grad = torch.zeros_like(adv_images, dtype=torch.float32)
     loss_sum = torch.zeros(adv_images.shape[0], dtype=torch.float32, device=adv_images.device)
     for start in range(0, samples, chunk):
         leaf = adv_images.detach().float().clone().requires_grad_(True)
         total = None
-        for seed in seeds[start:start + chunk]:
+        for index, seed in enumerate(seeds[start:start + chunk], start):
             view = leaf
-            if config.crop_scale is not None:
+            if config.crop_scale is not None and not (config.crop_full_view and index == 0):
                 view = _local_crops(leaf, config.crop_scale, torch.Generator().manual_seed(seed))
             with noise_seed(model, seed, config.smoothing_samples):
                 loss = objective(view).float()

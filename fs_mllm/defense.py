@@ -88,6 +88,8 @@ class DefenseSettings:
     transfer_steps: int = 300
     transfer_step_size: float = 1 / 255
     crop_scale: Optional[tuple[float, float]] = (0.5, 1.0)
+    crop_views: int = 1  # forwards per transfer gradient, each its own crop (M-Attack: 1)
+    crop_full_view: bool = False  # the first of them sees the whole image (needs crop_views >= 2)
     surrogates: Optional[tuple[str, ...]] = None  # None: the undefended model's own image path
     adaptive_l2: tuple[float, ...] = ADAPTIVE_L2
     adaptive_linf: tuple[float, ...] = ADAPTIVE_LINF
@@ -132,7 +134,8 @@ class DefenseSettings:
 
     def _transfer_config(self, eps: float) -> AttackConfig:
         return AttackConfig(norm="linf", eps=eps, steps=self.transfer_steps, step_size=self.transfer_step_size,
-                            objective="feature_target", protocol="transfer", crop_scale=self.crop_scale, seed=self.seed)
+                            objective="feature_target", protocol="transfer", crop_scale=self.crop_scale,
+                            crop_views=self.crop_views, crop_full_view=self.crop_full_view, seed=self.seed)
 
     def _adaptive_config(self, norm: str, eps: float) -> AttackConfig:
         return AttackConfig(norm=norm, eps=eps, steps=self.adaptive_steps, objective=self.adaptive_objective,
@@ -179,6 +182,9 @@ def _l2_radius(norm: str, eps: float, image: torch.Tensor) -> float:
 
 
 # settings that only choose which rows a run computes: a resumed run may change them (e.g. one variant per call)
+# settings added after checkpoints were first written: at these values they do what those runs did, so they
+# stay out of a checkpoint's identity there and the older folders resume
+_ADDED_SETTINGS = {"crop_views": 1, "crop_full_view": False}
 _ROW_CHOICES = ("variants", "transfer_linf", "noise_linf", "adaptive_l2", "adaptive_linf")
 _TRANSFER_FILE = "transfer_linf_{}.safetensors"  # one file of crafted images per budget, in a checkpoint
 ROW_FIELDS = ("variant", "protocol", "norm", "eps", "n", "accuracy", "attack_success", "targeted_success", "fcs",
@@ -247,7 +253,8 @@ class DefenseCheckpoint:
         rows_path = self.folder / "rows.jsonl"
         lock = ResultsLock(rows_path)  # one run per folder
         try:
-            chosen = {k: v for k, v in settings.to_dict().items() if k not in _ROW_CHOICES}
+            chosen = {k: v for k, v in settings.to_dict().items()
+                      if k not in _ROW_CHOICES and not (k in _ADDED_SETTINGS and v == _ADDED_SETTINGS[k])}
             identity = {
                 "settings": chosen, "clean_items": _fingerprint(clean_items), "attack_items": _fingerprint(attack_items),
                 "model": _module_fingerprint(model), "processor": _processor_identity(processor),

@@ -99,6 +99,36 @@ def test_local_crops_change_the_gradient_and_stay_in_the_ball(model):
     assert max(cropped.delta_norm) <= 16 / 255 + 1e-6
 
 
+def test_crop_views_average_the_gradients_of_their_crops(model):
+    """crop_views=k on the undefended model: the gradient is the mean of k single-crop gradients, each
+    crop drawn from its own seed of the step, so k = 1 is M-Attack's one crop and more follow the
+    expectation over crops."""
+    from fs_mllm.attacks import _local_crops, _step_seeds
+
+    x, target = images(2, seed=0), images(2, seed=5)
+    config = transfer_config(steps=1, crop_scale=(0.5, 0.9), crop_views=3)
+    objective, _ = make_objective(model, None, x, None, config, image_mean=MEAN, image_std=STD, target_images=target)
+
+    def expected(full_view: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        grad, loss = torch.zeros_like(x), torch.zeros(2)
+        for index, seed in enumerate(_step_seeds(config, 4, 3)):
+            leaf = x.clone().requires_grad_(True)
+            view = leaf if full_view and index == 0 else _local_crops(leaf, config.crop_scale, torch.Generator().manual_seed(seed))
+            one = objective(view)
+            (g,) = torch.autograd.grad(one.sum(), leaf)
+            grad, loss = grad + g / 3, loss + one.detach() / 3
+        return loss, grad
+
+    for full_view in (False, True):
+        loss, grad = eot_gradient(model, objective, x, dataclasses.replace(config, crop_full_view=full_view), step=4)
+        want_loss, want_grad = expected(full_view)
+        assert torch.allclose(grad, want_grad, atol=1e-6) and torch.allclose(loss, want_loss, atol=1e-6)
+    crops_only, _ = eot_gradient(model, objective, x, config, step=4)
+    with_full, _ = eot_gradient(model, objective, x, dataclasses.replace(config, crop_full_view=True), step=4)
+    one_view, _ = eot_gradient(model, objective, x, dataclasses.replace(config, crop_views=1), step=4)
+    assert not torch.allclose(one_view, crops_only) and not torch.allclose(with_full, crops_only)
+
+
 # ---------------------------------------------------------------------------------------------
 # adaptive protocol: the gradient goes through the booster
 # ---------------------------------------------------------------------------------------------
@@ -142,6 +172,11 @@ def test_adaptive_defaults_are_strong_enough_to_believe():
     (dict(crop_scale=(0.0, 1.0)), "crop_scale"),
     (dict(crop_scale=(0.9, 0.5)), "crop_scale"),
     (dict(crop_scale="big"), "crop_scale"),
+    (dict(crop_views=2), "crop_views"),  # views of what: no crop_scale
+    (dict(crop_scale=(0.5, 1.0), crop_views=0), "crop_views"),
+    (dict(crop_full_view=True), "crop_full_view"),  # no crop_scale
+    (dict(crop_scale=(0.5, 1.0), crop_full_view="yes"), "crop_full_view"),
+    (dict(protocol="transfer", crop_scale=(0.5, 1.0), crop_full_view=True), "crop_views"),  # the only view is whole
 ])
 def test_protocol_config_errors_name_the_parameter(kwargs, name):
     with pytest.raises(ValueError, match=name):
