@@ -68,6 +68,14 @@ from .smoothing import check_images
 NORMS = ("l2", "linf")
 OBJECTIVES = ("feature", "feature_target", "untargeted", "targeted")
 PROTOCOLS = ("adaptive", "transfer")
+# AttackConfig fields added after settings were first stored (results folders, checkpoints), at the values
+# that run the attack those runs ran: stored settings without them still resume
+ADDED_FIELDS = {"crop_views": 1, "crop_full_view": False}
+
+
+def without_added_defaults(settings: dict) -> dict:
+    """``settings`` less the ADDED_FIELDS at their old values: how settings stored before them read."""
+    return {k: v for k, v in settings.items() if not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}
 SURROGATES = ("model", "dinov2")  # "model": the undefended model's own image path
 
 __all__ = [

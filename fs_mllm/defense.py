@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .attacks import AttackConfig, attack, feature_cosine, generate_text, image_features
+from .attacks import AttackConfig, attack, feature_cosine, generate_text, image_features, without_added_defaults
 from .certify import certify_model
 from .config import FSConfig
 from .patching import patch_model, unpatch_model
@@ -182,9 +182,6 @@ def _l2_radius(norm: str, eps: float, image: torch.Tensor) -> float:
 
 
 # settings that only choose which rows a run computes: a resumed run may change them (e.g. one variant per call)
-# settings added after checkpoints were first written: at these values they do what those runs did, so they
-# stay out of a checkpoint's identity there and the older folders resume
-_ADDED_SETTINGS = {"crop_views": 1, "crop_full_view": False}
 _ROW_CHOICES = ("variants", "transfer_linf", "noise_linf", "adaptive_l2", "adaptive_linf")
 _TRANSFER_FILE = "transfer_linf_{}.safetensors"  # one file of crafted images per budget, in a checkpoint
 ROW_FIELDS = ("variant", "protocol", "norm", "eps", "n", "accuracy", "attack_success", "targeted_success", "fcs",
@@ -253,8 +250,8 @@ class DefenseCheckpoint:
         rows_path = self.folder / "rows.jsonl"
         lock = ResultsLock(rows_path)  # one run per folder
         try:
-            chosen = {k: v for k, v in settings.to_dict().items()
-                      if k not in _ROW_CHOICES and not (k in _ADDED_SETTINGS and v == _ADDED_SETTINGS[k])}
+            # the crop fields added since checkpoints were first written stay out at their old values: older folders resume
+            chosen = without_added_defaults({k: v for k, v in settings.to_dict().items() if k not in _ROW_CHOICES})
             identity = {
                 "settings": chosen, "clean_items": _fingerprint(clean_items), "attack_items": _fingerprint(attack_items),
                 "model": _module_fingerprint(model), "processor": _processor_identity(processor),

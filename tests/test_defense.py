@@ -350,9 +350,12 @@ def test_a_resumed_defense_run_may_change_variants_and_budgets_but_not_settings(
     assert calls == ["adaptive", "adaptive"]  # base's and fs+gsb's new adaptive rows; no transfer crafting
     unbroken = evaluate_defense(model, processor, items, items, more, booster=booster, progress=False)
     assert rows == unbroken
+    # the crop fields came later and stay out of the identity at their old values: older folders resume
+    assert not {"crop_views", "crop_full_view"} & set(json.loads((folder / "settings.json").read_text())["settings"])
     before = (folder / "rows.jsonl").read_text()
     for kwargs, message in (
             ({"settings": _resume_setup(transfer_steps=3)[2]}, "settings.transfer_steps"),
+            ({"settings": _resume_setup(crop_scale=(0.5, 1.0), crop_views=2, crop_full_view=True)[2]}, "settings.crop_views"),
             ({"settings": _resume_setup(fs=FSConfig(n_samples=2, sigma=0.5))[2]}, "settings.fs.sigma"),
             ({"attack_items": items[:1]}, "attack_items"),
             ({"booster": _tiny_booster(1)}, "another booster")):
@@ -491,3 +494,12 @@ def test_attack_command_transfer_protocol_as_a_user_runs_it(tmp_path):
     assert bad.returncode == 2 and "--surrogates" in bad.stderr
     missing = subprocess.run([c for c in command if c not in ("--target-image", str(target))], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "--target-image" in missing.stderr
+    # two views per gradient, the first one whole: rows of their own settings beside the first run's
+    views = subprocess.run([*command, "--crop-views", "2", "--crop-full-view"], capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert views.returncode == 0, views.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted((r["attack"]["crop_views"], r["attack"]["crop_full_view"]) for r in rows) == [(1, False)] * 2 + [(2, True)] * 2
+    assert len({r["key"][2] for r in rows}) == 2
+    whole = subprocess.run([*command[:-2], "--out", str(tmp_path / "whole"), "--crop-full-view"], capture_output=True, text=True, timeout=120)
+    assert whole.returncode == 2 and "crop_views" in whole.stderr and not (tmp_path / "whole").exists()

@@ -419,12 +419,15 @@ def test_two_process_resume_with_other_settings_is_refused_promptly(tmp_path, ti
     assert _all_lines(out) == rows_before  # the refused run wrote nothing
 
 
-def test_transfer_protocol_replays_one_crafted_image_on_every_variant(tmp_path, tiny_dir, vqa_dir, loaded):
+def test_transfer_protocol_replays_one_crafted_image_on_every_variant(tmp_path, tiny_dir, vqa_dir, loaded, monkeypatch):
     """Issue 12: transfer images are crafted on the undefended model and replayed unchanged; rows carry
     the variant's answer for the target image and whether the attacked answer became it."""
+    import fs_mllm.evaluation.runner as runner
     from fs_mllm.evaluation.runner import fs_attack
 
-    crafted = {}
+    crafted, configs = {}, []
+    real_attack = runner.attack
+    monkeypatch.setattr(runner, "attack", lambda *a, **k: configs.append(a[4]) or real_attack(*a, **k))
 
     def recording_attack(ctx, eps, settings, clean_answer, seed):
         adv = fs_attack(ctx, eps, settings, clean_answer, seed)
@@ -434,12 +437,14 @@ def test_transfer_protocol_replays_one_crafted_image_on_every_variant(tmp_path, 
         return adv
 
     settings = _settings(tiny_dir, vqa_dir, protocol="transfer", objective="feature_target", attack_norm="linf",
-                         attack_eps=(8 / 255,), attack_steps=2, certify_n=0, crop_scale=(0.5, 1.0))
+                         attack_eps=(8 / 255,), attack_steps=2, certify_n=0, crop_scale=(0.5, 1.0), crop_views=2,
+                         crop_full_view=True)
     summary = _run(settings, tmp_path / "out", loaded, attack_fn=recording_attack)
     by_example: dict = {}
     for (prompt, pixels, patched), adv in crafted.items():
         by_example.setdefault((prompt, pixels), {})[patched] = adv
     assert len(by_example) == 4 and all(len(v) == 2 for v in by_example.values())
+    assert configs and all((c.crop_scale, c.crop_views, c.crop_full_view) == ((0.5, 1.0), 2, True) for c in configs)
     for pair in by_example.values():
         assert torch.equal(pair[False], pair[True])  # base and FS saw the very same adversarial image
     attacked = [r for r in _all_lines(tmp_path / "out") if r["budget"] > 0]
@@ -455,6 +460,25 @@ def test_protocol_settings_are_checked_before_any_work():
         EvalSettings(attack_norm="linf", attack_eps=(16.0,))
     with pytest.raises(ValueError, match="crop_scale"):
         EvalSettings(attack_eps=(0.5,), crop_scale=(0.9, 0.1))
+    with pytest.raises(ValueError, match="crop_full_view"):
+        EvalSettings(attack_eps=(0.5,), crop_full_view=True)  # no crop_scale
+    with pytest.raises(ValueError, match="crop_views"):
+        EvalSettings(attack_eps=(0.5,), protocol="transfer", crop_scale=(0.5, 1.0), crop_full_view=True)
+
+
+def test_eval_command_line_carries_the_crop_views():
+    import argparse
+
+    from fs_mllm.evaluation.settings import add_common_arguments, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_common_arguments(parser, "vqa")
+    args = parser.parse_args(["--output-dir", "x", "--protocol", "transfer", "--objective", "feature_target",
+                              "--attack-norm", "linf", "--attack-eps", "0.03", "--crop-scale", "0.5,1",
+                              "--crop-views", "2", "--crop-full-view"])
+    settings = settings_from_args(args, "vqa")
+    assert (settings.crop_scale, settings.crop_views, settings.crop_full_view) == ((0.5, 1.0), 2, True)
+    assert EvalSettings.from_dict(settings.to_dict()) == settings
 
 
 def test_the_shared_settings_check_names_each_changed_field(tmp_path):
@@ -497,11 +521,15 @@ def test_an_eval_folder_of_fs_mllm_0_1_resumes_through_the_upgrade(tmp_path):
     from fs_mllm.evaluation.results import SettingsMismatchError, shard_path
     from fs_mllm.evaluation.settings import verify_settings
 
-    current = {"model": "m", "fs": FSConfig(sigma=0.25, n_samples=8, seed=3).to_dict(), "limit": 2}
+    # the crop fields came later: a folder without them ran what crop_views=1 / crop_full_view=False run
+    current = {"model": "m", "fs": FSConfig(sigma=0.25, n_samples=8, seed=3).to_dict(), "limit": 2,
+               "crop_views": 1, "crop_full_view": False}
     old = {"model": "m", "sigma": 0.25, "n_samples": 8, "seed": 3, "limit": 1}
     (tmp_path / "settings.json").write_text(json.dumps(old))
     shard_path(tmp_path, 0).write_text(json.dumps({"key": ["q0", "base", 0.0]}) + "\n")
     verify_settings(tmp_path, current)  # limit only chooses rows
+    with pytest.raises(SettingsMismatchError, match=r"crop_views: stored 1, now 2"):
+        verify_settings(tmp_path, {**current, "crop_views": 2})
     other = {**current, "fs": FSConfig(sigma=0.5, n_samples=8, seed=3).to_dict()}
     with pytest.raises(SettingsMismatchError, match=r"fs\.sigma: stored 0\.25, now 0\.5"):
         verify_settings(tmp_path, other)

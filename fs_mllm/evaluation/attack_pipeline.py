@@ -37,7 +37,7 @@ import torch
 
 from fs_mllm.adapters import get_adapter
 from fs_mllm.arguments import add_fs_config_arguments, fs_config_from_args, existing_folder, fraction_pair, non_negative_int, positive_float, positive_int
-from fs_mllm.attacks import OBJECTIVES, PROTOCOLS, SURROGATES, AttackConfig, attack, generate_text
+from fs_mllm.attacks import OBJECTIVES, PROTOCOLS, SURROGATES, AttackConfig, attack, generate_text, without_added_defaults
 from fs_mllm.defense import VARIANTS, apply_variant
 from fs_mllm.evaluation.results import ResultWriter, finite_or_none, read_rows
 from fs_mllm.evaluation.robustness import attack_success, summary_table
@@ -75,6 +75,10 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None)
     p.add_argument("--surrogates", help=f"comma-separated surrogate encoders for --protocol transfer ({', '.join(SURROGATES)}); "
                                         "several = an ensemble; default: the model's own undefended path")
     p.add_argument("--crop-scale", type=fraction_pair, help="M-Attack random local crops: 'lo,hi' area fractions")
+    p.add_argument("--crop-views", type=positive_int, default=1,
+                   help="forwards per transfer gradient, each its own crop (M-Attack: 1, the default)")
+    p.add_argument("--crop-full-view", action="store_true",
+                   help="the first forward of every gradient sees the whole image; with --protocol transfer needs --crop-views >= 2")
     p.add_argument("--norm", choices=("l2", "linf"), default="l2")
     p.add_argument("--eps", type=positive_float, default=0.5, help="radius in [0,1] pixel space")
     p.add_argument("--steps", type=positive_int, default=10)
@@ -104,8 +108,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None)
         args.config = AttackConfig(
             norm=args.norm, eps=args.eps, steps=args.steps, step_size=args.step_size,
             random_start=not args.no_random_start, objective=args.objective, target_text=args.target_text,
-            protocol=args.protocol, crop_scale=args.crop_scale,
-            eot_samples=args.eot_samples, eot_chunk_size=args.eot_chunk_size,
+            protocol=args.protocol, crop_scale=args.crop_scale, crop_views=args.crop_views,
+            crop_full_view=args.crop_full_view, eot_samples=args.eot_samples, eot_chunk_size=args.eot_chunk_size,
             smoothing_samples=args.smoothing_samples, seed=args.seed,
         )
     except ValueError as exc:
@@ -129,7 +133,7 @@ def settings_id(args: argparse.Namespace) -> str:
     settings = {
         "model": args.model, "processor": args.processor, "dtype": args.dtype,
         "source": os.path.abspath(args.images) if args.images else (args.offline_eval or "vqa"),
-        "question": args.question, "prompt_template": args.prompt_template, "attack": args.config.to_dict(),
+        "question": args.question, "prompt_template": args.prompt_template, "attack": without_added_defaults(args.config.to_dict()),
         "sigma": args.sigma, "n_samples": args.n_samples, "max_new_tokens": args.max_new_tokens,
         "booster": os.path.abspath(args.booster) if args.booster else None,
         "target_image": os.path.abspath(args.target_image) if args.target_image else None,

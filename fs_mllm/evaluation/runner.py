@@ -162,7 +162,8 @@ def fs_attack(ctx: "_Context", eps: float, settings: EvalSettings, clean_answer:
     objective = objective_for(settings, clean_answer)
     config = AttackConfig(norm=settings.attack_norm, eps=eps, steps=settings.attack_steps,
                           step_size=settings.attack_step_size, objective=objective, protocol=settings.protocol,
-                          crop_scale=settings.crop_scale,
+                          crop_scale=settings.crop_scale, crop_views=settings.crop_views,
+                          crop_full_view=settings.crop_full_view,
                           target_text=settings.target if objective == "targeted" else None,
                           eot_samples=settings.eot_samples, seed=seed)
     prompts = None if objective in ("feature", "feature_target") else [ctx.prompt]

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional
 from fs_mllm.arguments import (
     add_fs_config_arguments, check_float, check_int, fraction_pair, fs_config_from_args, non_negative_int, positive_float, positive_int, probability,
 )
-from fs_mllm.attacks import NORMS, OBJECTIVES, PROTOCOLS, AttackConfig  # one definition of each
+from fs_mllm.attacks import ADDED_FIELDS, NORMS, OBJECTIVES, PROTOCOLS, AttackConfig  # one definition of each
 from fs_mllm.config import FSConfig
 from fs_mllm.defense import check_variants
 from fs_mllm.evaluation.results import (
@@ -66,7 +66,8 @@ class EvalSettings:
     crafted on the undefended model with the same seed for every variant, so every variant sees the same
     images); objective "feature_target" pulls the features towards the next example's image, and rows
     then record the variant's answer for that image and whether the attacked answer became it.
-    crop_scale: M-Attack's random local crops (lo, hi area fraction) or None. certify_n > 0 certifies every FS variant's clean image with that many
+    crop_scale: M-Attack's random local crops (lo, hi area fraction) or None; crop_views and crop_full_view as
+    in :class:`fs_mllm.attacks.AttackConfig` (crops per transfer gradient; the first view whole). certify_n > 0 certifies every FS variant's clean image with that many
     noise samples at level ``certify_alpha``. limit: first N examples only.
     """
 
@@ -85,6 +86,8 @@ class EvalSettings:
     target: Optional[str] = None
     protocol: str = "adaptive"
     crop_scale: Optional[tuple] = None
+    crop_views: int = 1
+    crop_full_view: bool = False
     eot_samples: int = 1
     certify_n: int = 0
     certify_alpha: float = 0.001
@@ -135,7 +138,8 @@ class EvalSettings:
         if self.attack_eps:  # every budget through the attack's own range checks, before any model work
             for eps in self.attack_eps:
                 AttackConfig(norm=self.attack_norm, eps=eps, steps=self.attack_steps, objective=self.objective,
-                             target_text=self.target, protocol=self.protocol, crop_scale=self.crop_scale)
+                             target_text=self.target, protocol=self.protocol, crop_scale=self.crop_scale,
+                             crop_views=self.crop_views, crop_full_view=self.crop_full_view)
         if self.objective == "targeted" and self.attack_eps and not (self.target and self.target.strip()):
             raise ValueError("objective='targeted' needs target (the string the attack makes the model say)")
         if isinstance(self.certify_n, bool) or not isinstance(self.certify_n, int) or self.certify_n < 0 or self.certify_n == 1:
@@ -186,6 +190,12 @@ def nest_fs_fields(data: Mapping[str, Any]) -> dict[str, Any]:
     return data
 
 
+def upgrade_settings(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored settings.json as this version writes it: 0.1's flat fs fields nested, and the fields added
+    since at the values those runs used, so an older results folder resumes."""
+    return {**ADDED_FIELDS, **nest_fs_fields(data)}
+
+
 def _has_rows(output_dir: Path) -> bool:
     return any(read_rows(p) for p in output_dir.glob(SHARD_GLOB))
 
@@ -198,7 +208,7 @@ def check_or_write_settings(output_dir: Path, stored_settings: dict[str, Any], i
 
 def verify_settings(output_dir: Path, stored_settings: dict[str, Any]) -> None:
     """Raise :class:`SettingsMismatchError` unless the folder's ``settings.json`` matches (extensible keys aside)."""
-    check_settings(output_dir, stored_settings, may_change=_EXTENSIBLE, upgrade=nest_fs_fields,
+    check_settings(output_dir, stored_settings, may_change=_EXTENSIBLE, upgrade=upgrade_settings,
                    fix="use a new output folder (--output-dir) or restore the original settings")
 
 
@@ -255,6 +265,10 @@ def add_common_arguments(parser: Any, task: str) -> None:
                              "crafted once on the undefended model and replayed on every variant")
     parser.add_argument("--crop-scale", type=fraction_pair, default=None,
                         help="M-Attack random local crops: 'lo,hi' area fractions (e.g. 0.5,1), default none")
+    parser.add_argument("--crop-views", type=positive_int, default=1,
+                        help="forwards per transfer gradient, each its own crop (M-Attack: 1, the default)")
+    parser.add_argument("--crop-full-view", action="store_true",
+                        help="the first of the --crop-views forwards sees the whole image; needs --crop-views >= 2")
     parser.add_argument("--target", default=None, help="target text for --objective targeted")
     parser.add_argument("--eot-samples", type=positive_int, default=1,
                         help="noisy forwards averaged per attack gradient on FS variants (fresh noise every step)")
@@ -277,8 +291,8 @@ def settings_from_args(args: Any, task: str) -> EvalSettings:
         fs=fs_config_from_args(args), booster=args.booster,
         attack_norm=args.attack_norm, attack_eps=tuple(args.attack_eps or ()), attack_steps=args.attack_steps,
         attack_step_size=args.attack_step_size, objective=args.objective, target=args.target,
-        protocol=args.protocol, crop_scale=args.crop_scale,
-        eot_samples=args.eot_samples,
+        protocol=args.protocol, crop_scale=args.crop_scale, crop_views=args.crop_views,
+        crop_full_view=args.crop_full_view, eot_samples=args.eot_samples,
         certify_n=args.certify_n, certify_alpha=args.certify_alpha, max_new_tokens=args.max_new_tokens,
         limit=args.limit, dtype=args.dtype,
     )
