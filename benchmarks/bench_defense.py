@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from fs_mllm.arguments import fraction_pair, positive_float, positive_int
+from fs_mllm.arguments import add_crop_view_arguments, fraction_pair, positive_float, positive_int
 from fs_mllm.config import FSConfig
 from fs_mllm.defense import ADAPTIVE_L2, ADAPTIVE_LINF, TRANSFER_LINF, DefenseSettings, defense_table, evaluate_defense, synthetic_items
 from fs_mllm.evaluation.results import SETTINGS_FILE, ResultsFolderError
@@ -73,11 +73,7 @@ def main() -> None:
     parser.add_argument("--crop-scale", type=fraction_pair, default=(0.5, 1.0),
                         help="M-Attack random local crops: area fraction range 'lo,hi' (default 0.5,1.0)")
     parser.add_argument("--no-crops", action="store_true", help="craft transfer images without local crops")
-    parser.add_argument("--crop-views", type=positive_int, default=1,
-                        help="forwards per transfer gradient, each its own crop (M-Attack: 1, the default)")
-    parser.add_argument("--crop-full-view", action="store_true",
-                        help="the first of the --crop-views forwards sees the whole image (the view the answer is "
-                             "judged on); needs --crop-views >= 2")
+    add_crop_view_arguments(parser)
     parser.add_argument("--surrogates", type=lambda text: tuple(v.strip() for v in text.split(",") if v.strip()) or None,
                         default=None, help="transfer crafted on these encoders (comma list, e.g. 'dinov2') instead of "
                                            "the undefended model's own image path")

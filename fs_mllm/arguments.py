@@ -101,6 +101,23 @@ def _folder(text: str) -> str:
 existing_folder = _argtype(_folder, "existing_folder")
 
 
+def check_crop_views(crop_views: Any, crop_full_view: Any) -> None:
+    """crop_views an integer >= 1, crop_full_view a bool (the transfer crafting's views per gradient)."""
+    check_int(crop_views, "crop_views")
+    if not isinstance(crop_full_view, bool):
+        raise ValueError(f"crop_full_view must be True or False, got {crop_full_view!r}")
+
+
+def add_crop_view_arguments(parser: argparse.ArgumentParser) -> None:
+    """--crop-views and --crop-full-view: how many views each transfer crafting gradient averages."""
+    parser.add_argument("--crop-views", type=positive_int, default=1,
+                        help="transfer only: forwards per crafting gradient, each its own random crop (M-Attack: 1, "
+                             "the default); needs --crop-scale")
+    parser.add_argument("--crop-full-view", action="store_true",
+                        help="transfer only: the first of the --crop-views forwards sees the whole image, the view "
+                             "the answer is judged on; needs --crop-views >= 2")
+
+
 def add_fs_config_arguments(parser: argparse.ArgumentParser, names: Sequence[str] = ("sigma", "n_samples", "seed")) -> None:
     """Options ``--sigma``, ``--n-samples``, ... built from FSConfig's fields: the defaults and help text
     live on the dataclass (one place), and each value is checked by FSConfig's own validator while parsing."""

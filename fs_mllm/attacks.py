@@ -59,7 +59,7 @@ from torch import nn
 
 from . import adapters as _adapters  # noqa: F401  (registers every family)
 from .adapters.base import FamilyAdapter, get_adapter, unwrap_model
-from .arguments import check_float, check_int
+from .arguments import check_crop_views, check_float, check_int
 from .config import check_seed
 from .normalization import resolve_mean_std
 from .patching import config_override, get_fs_state, is_patched, undefended
@@ -68,15 +68,16 @@ from .smoothing import check_images
 NORMS = ("l2", "linf")
 OBJECTIVES = ("feature", "feature_target", "untargeted", "targeted")
 PROTOCOLS = ("adaptive", "transfer")
-# AttackConfig fields added after settings were first stored (results folders, checkpoints), at the values
-# that run the attack those runs ran: stored settings without them still resume
+SURROGATES = ("model", "dinov2")  # "model": the undefended model's own image path
+# AttackConfig fields added after settings were first stored (results folders, checkpoints), which the
+# settings classes carry under the same names; at these values they run the attack those runs ran
 ADDED_FIELDS = {"crop_views": 1, "crop_full_view": False}
 
 
 def without_added_defaults(settings: dict) -> dict:
-    """``settings`` less the ADDED_FIELDS at their old values: how settings stored before them read."""
+    """A stored identity: ``settings`` less the ADDED_FIELDS at their old values, so a folder written before
+    they existed (whose settings lack them) still matches, and any other value is a difference."""
     return {k: v for k, v in settings.items() if not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}
-SURROGATES = ("model", "dinov2")  # "model": the undefended model's own image path
 
 __all__ = [
     "AttackConfig",
@@ -113,11 +114,10 @@ class AttackConfig:
     ``target_images`` at attack time) | "untargeted" | "targeted" (needs ``target_text``).
     protocol: "adaptive" (through the defense) | "transfer" (crafted without it; see the module doc).
     crop_scale: (lo, hi) area fraction of M-Attack's random local crop taken of the adversarial image
-    at every forward and resized back (None = no crops). crop_views: forwards averaged per gradient on
-    an unpatched (deterministic) model, i.e. when crafting transfer images, each its own crop: M-Attack
-    takes 1. crop_full_view: the first forward of every gradient sees the whole image, the view the
-    model is finally judged on, so the crops add transferability without giving up the attack on that
-    view (with crop_views=2 on fs-mini-llava: base attack success 0.81 vs 0.61 with one crop).
+    at every forward and resized back (None = no crops). crop_views (transfer only): forwards averaged
+    per crafting gradient, each its own crop; M-Attack takes 1. crop_full_view (transfer only): the
+    first of them sees the whole image, the view the model is finally judged on, so the crops add
+    transferability without giving up the attack on that view (README: "Transfer with the whole view").
     eot_samples: noisy forwards averaged per gradient on a patched model (ignored, i.e. 1, on an
     unpatched deterministic model). Defaults (20 steps, 8 EOT samples) are the weakest adaptive attack
     worth believing. eot_chunk_size: forwards per backward (memory knob; None = all).
@@ -164,15 +164,18 @@ class AttackConfig:
             self.crop_scale = (low, high)
         self.steps = check_int(self.steps, "steps")
         self.step_size = 2.5 * self.eps / self.steps if self.step_size is None else check_float(self.step_size, "step_size")
-        self.crop_views = check_int(self.crop_views, "crop_views")
-        if self.crop_scale is None and (self.crop_views > 1 or self.crop_full_view):
-            raise ValueError("crop_views > 1 and crop_full_view need crop_scale (the crops they are about); "
-                             "set crop_scale, e.g. (0.5, 1.0), or leave crop_views at 1 and crop_full_view off")
-        if not isinstance(self.crop_full_view, bool):
-            raise ValueError(f"crop_full_view must be True or False, got {self.crop_full_view!r}")
-        if self.crop_full_view and self.protocol == "transfer" and self.crop_views < 2:
-            raise ValueError("crop_full_view with crop_views=1 leaves no crop when crafting transfer images "
-                             "(the first view is the whole image); set crop_views >= 2")
+        check_crop_views(self.crop_views, self.crop_full_view)
+        if self.crop_views > 1 or self.crop_full_view:  # they shape the crafting gradient of transfer images only
+            if self.protocol != "transfer":
+                raise ValueError("crop_views > 1 and crop_full_view (--crop-views, --crop-full-view) are for "
+                                 "protocol='transfer' (crafting on the undefended model); an adaptive attack's forwards "
+                                 "are its eot_samples, each with its own crop. Use protocol='transfer' or drop them")
+            if self.crop_scale is None:
+                raise ValueError("crop_views > 1 and crop_full_view (--crop-views, --crop-full-view) need crop_scale "
+                                 "(--crop-scale 0.5,1), the crops they are about; set it, or drop them")
+            if self.crop_full_view and self.crop_views < 2:
+                raise ValueError("crop_full_view with crop_views=1 leaves no crop (the first view is the whole image); "
+                                 "set crop_views >= 2 (--crop-views 2), or drop crop_full_view")
         self.eot_samples = check_int(self.eot_samples, "eot_samples")
         if self.eot_chunk_size is not None:
             self.eot_chunk_size = check_int(self.eot_chunk_size, "eot_chunk_size")

@@ -99,6 +99,16 @@ def test_local_crops_change_the_gradient_and_stay_in_the_ball(model):
     assert max(cropped.delta_norm) <= 16 / 255 + 1e-6
 
 
+def test_the_per_step_seeds_are_those_of_earlier_versions():
+    """One crop (and EOT's noise seeds) per forward come from the same stream as before crop_views existed, so
+    transfer images and adaptive attacks crafted by earlier versions are reproduced (pinned values)."""
+    from fs_mllm.attacks import _step_seeds
+
+    config = transfer_config(seed=0)
+    assert _step_seeds(config, 3, 1) == [2613022947]
+    assert _step_seeds(config, 3, 8)[:2] == [2613022947, 1532590702]
+
+
 def test_crop_views_average_the_gradients_of_their_crops(model):
     """crop_views=k on the undefended model: the gradient is the mean of k single-crop gradients, each
     crop drawn from its own seed of the step, so k = 1 is M-Attack's one crop and more follow the
@@ -123,6 +133,9 @@ def test_crop_views_average_the_gradients_of_their_crops(model):
         loss, grad = eot_gradient(model, objective, x, dataclasses.replace(config, crop_full_view=full_view), step=4)
         want_loss, want_grad = expected(full_view)
         assert torch.allclose(grad, want_grad, atol=1e-6) and torch.allclose(loss, want_loss, atol=1e-6)
+    for chunk in (1, 2):  # backward every `chunk` forwards: the first forward of the gradient is still the whole one
+        chunked = dataclasses.replace(config, crop_full_view=True, eot_chunk_size=chunk)
+        assert torch.allclose(eot_gradient(model, objective, x, chunked, step=4)[1], expected(True)[1], atol=1e-6)
     crops_only, _ = eot_gradient(model, objective, x, config, step=4)
     with_full, _ = eot_gradient(model, objective, x, dataclasses.replace(config, crop_full_view=True), step=4)
     one_view, _ = eot_gradient(model, objective, x, dataclasses.replace(config, crop_views=1), step=4)
@@ -172,11 +185,13 @@ def test_adaptive_defaults_are_strong_enough_to_believe():
     (dict(crop_scale=(0.0, 1.0)), "crop_scale"),
     (dict(crop_scale=(0.9, 0.5)), "crop_scale"),
     (dict(crop_scale="big"), "crop_scale"),
-    (dict(crop_views=2), "crop_views"),  # views of what: no crop_scale
-    (dict(crop_scale=(0.5, 1.0), crop_views=0), "crop_views"),
-    (dict(crop_full_view=True), "crop_full_view"),  # no crop_scale
-    (dict(crop_scale=(0.5, 1.0), crop_full_view="yes"), "crop_full_view"),
-    (dict(protocol="transfer", crop_scale=(0.5, 1.0), crop_full_view=True), "crop_views"),  # the only view is whole
+    (dict(protocol="transfer", crop_views=2), "crop_scale"),  # views of what: no crops
+    (dict(protocol="transfer", crop_scale=(0.5, 1.0), crop_views=0), "crop_views"),
+    (dict(protocol="transfer", crop_full_view=True, crop_views=2), "crop_scale"),
+    (dict(protocol="transfer", crop_scale=(0.5, 1.0), crop_full_view="yes"), "crop_full_view"),
+    (dict(protocol="transfer", crop_scale=(0.5, 1.0), crop_full_view=True), "crop_views >= 2"),  # the only view is whole
+    (dict(crop_scale=(0.5, 1.0), crop_views=2), "protocol='transfer'"),  # adaptive: its forwards are the EOT samples
+    (dict(crop_scale=(0.5, 1.0), crop_full_view=True, crop_views=2), "protocol='transfer'"),
 ])
 def test_protocol_config_errors_name_the_parameter(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -355,7 +370,8 @@ def test_a_resumed_defense_run_may_change_variants_and_budgets_but_not_settings(
     before = (folder / "rows.jsonl").read_text()
     for kwargs, message in (
             ({"settings": _resume_setup(transfer_steps=3)[2]}, "settings.transfer_steps"),
-            ({"settings": _resume_setup(crop_scale=(0.5, 1.0), crop_views=2, crop_full_view=True)[2]}, "settings.crop_views"),
+            ({"settings": _resume_setup(crop_scale=(0.5, 1.0), crop_views=2)[2]}, "settings.crop_views"),
+            ({"settings": _resume_setup(crop_scale=(0.5, 1.0), crop_views=2, crop_full_view=True)[2]}, "settings.crop_full_view"),
             ({"settings": _resume_setup(fs=FSConfig(n_samples=2, sigma=0.5))[2]}, "settings.fs.sigma"),
             ({"attack_items": items[:1]}, "attack_items"),
             ({"booster": _tiny_booster(1)}, "another booster")):

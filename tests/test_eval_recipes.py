@@ -280,6 +280,7 @@ def test_folder_without_rows_is_fresh(tmp_path, tiny_dir, vqa_dir, loaded):
     assert summary["num_examples"] == 1
     stored = json.loads((tmp_path / "out" / "settings.json").read_text())
     assert stored["model"] == str(tiny_dir)
+    assert "crop_views" not in stored and "crop_full_view" not in stored  # at their old values: as older folders
     # once a row exists the settings are pinned again
     with pytest.raises(SettingsMismatchError, match="sigma"):
         _run(_settings(tiny_dir, vqa_dir, attack_eps=(), certify_n=0, limit=1, sigma=0.5), tmp_path / "out", loaded)
@@ -518,18 +519,21 @@ def test_the_shared_settings_check_names_each_changed_field(tmp_path):
 
 def test_an_eval_folder_of_fs_mllm_0_1_resumes_through_the_upgrade(tmp_path):
     """0.1 stored sigma/n_samples/seed at the top level: the same settings still match, other ones do not."""
+    from fs_mllm.attacks import without_added_defaults
     from fs_mllm.evaluation.results import SettingsMismatchError, shard_path
     from fs_mllm.evaluation.settings import verify_settings
 
-    # the crop fields came later: a folder without them ran what crop_views=1 / crop_full_view=False run
-    current = {"model": "m", "fs": FSConfig(sigma=0.25, n_samples=8, seed=3).to_dict(), "limit": 2,
-               "crop_views": 1, "crop_full_view": False}
+    # the crop fields came later: a folder without them ran what crop_views=1 / crop_full_view=False run,
+    # and the runner's stored identity leaves them out at those values
+    current = without_added_defaults({"model": "m", "fs": FSConfig(sigma=0.25, n_samples=8, seed=3).to_dict(),
+                                      "limit": 2, "crop_views": 1, "crop_full_view": False})
     old = {"model": "m", "sigma": 0.25, "n_samples": 8, "seed": 3, "limit": 1}
     (tmp_path / "settings.json").write_text(json.dumps(old))
     shard_path(tmp_path, 0).write_text(json.dumps({"key": ["q0", "base", 0.0]}) + "\n")
     verify_settings(tmp_path, current)  # limit only chooses rows
-    with pytest.raises(SettingsMismatchError, match=r"crop_views: stored 1, now 2"):
-        verify_settings(tmp_path, {**current, "crop_views": 2})
+    for field, value in (("crop_views", 2), ("crop_full_view", True)):
+        with pytest.raises(SettingsMismatchError, match=field):
+            verify_settings(tmp_path, without_added_defaults({**current, field: value}))
     other = {**current, "fs": FSConfig(sigma=0.5, n_samples=8, seed=3).to_dict()}
     with pytest.raises(SettingsMismatchError, match=r"fs\.sigma: stored 0\.25, now 0\.5"):
         verify_settings(tmp_path, other)

@@ -36,7 +36,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from fs_mllm.adapters import get_adapter
-from fs_mllm.arguments import add_fs_config_arguments, fs_config_from_args, existing_folder, fraction_pair, non_negative_int, positive_float, positive_int
+from fs_mllm.arguments import add_crop_view_arguments, add_fs_config_arguments, fs_config_from_args, existing_folder, fraction_pair, non_negative_int, positive_float, positive_int
 from fs_mllm.attacks import OBJECTIVES, PROTOCOLS, SURROGATES, AttackConfig, attack, generate_text, without_added_defaults
 from fs_mllm.defense import VARIANTS, apply_variant
 from fs_mllm.evaluation.results import ResultWriter, finite_or_none, read_rows
@@ -75,10 +75,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None)
     p.add_argument("--surrogates", help=f"comma-separated surrogate encoders for --protocol transfer ({', '.join(SURROGATES)}); "
                                         "several = an ensemble; default: the model's own undefended path")
     p.add_argument("--crop-scale", type=fraction_pair, help="M-Attack random local crops: 'lo,hi' area fractions")
-    p.add_argument("--crop-views", type=positive_int, default=1,
-                   help="forwards per transfer gradient, each its own crop (M-Attack: 1, the default)")
-    p.add_argument("--crop-full-view", action="store_true",
-                   help="the first forward of every gradient sees the whole image; with --protocol transfer needs --crop-views >= 2")
+    add_crop_view_arguments(p)
     p.add_argument("--norm", choices=("l2", "linf"), default="l2")
     p.add_argument("--eps", type=positive_float, default=0.5, help="radius in [0,1] pixel space")
     p.add_argument("--steps", type=positive_int, default=10)

@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fs_mllm.adapters import get_adapter
-from fs_mllm.attacks import NORMS, OBJECTIVES, AttackConfig, attack, feature_cosine, input_features
+from fs_mllm.attacks import NORMS, OBJECTIVES, AttackConfig, attack, feature_cosine, input_features, without_added_defaults
 from fs_mllm.certify import certify_model
 from fs_mllm.defense import VARIANTS, apply_variant
 from fs_mllm.evaluation.datasets import load_eval_dataset
@@ -239,7 +239,8 @@ def run_eval(
     rank, world = dist.process_index, dist.num_processes
     out.mkdir(parents=True, exist_ok=True)
     attack, attack_name = _resolve_attack(attack_fn)
-    stored = {**settings.to_dict(), "attack_impl": attack_name}
+    # the crop fields added since folders were first written stay out at their old values: older folders resume
+    stored = {**without_added_defaults(settings.to_dict()), "attack_impl": attack_name}
     # the lock comes first: settings.json of a folder another run is writing to is never replaced
     lock = ResultsLock(shard_path(out, rank))
     try:

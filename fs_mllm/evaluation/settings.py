@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from fs_mllm.arguments import (
-    add_fs_config_arguments, check_float, check_int, fraction_pair, fs_config_from_args, non_negative_int, positive_float, positive_int, probability,
+    add_crop_view_arguments, add_fs_config_arguments, check_crop_views, check_float, check_int, fraction_pair,
+    fs_config_from_args, non_negative_int, positive_float, positive_int, probability,
 )
-from fs_mllm.attacks import ADDED_FIELDS, NORMS, OBJECTIVES, PROTOCOLS, AttackConfig  # one definition of each
+from fs_mllm.attacks import NORMS, OBJECTIVES, PROTOCOLS, AttackConfig  # one definition of each
 from fs_mllm.config import FSConfig
 from fs_mllm.defense import check_variants
 from fs_mllm.evaluation.results import (
@@ -129,6 +130,7 @@ class EvalSettings:
         if self.attack_step_size is not None:
             self.attack_step_size = check_float(self.attack_step_size, "attack_step_size")
         self.eot_samples = check_int(self.eot_samples, "eot_samples")
+        check_crop_views(self.crop_views, self.crop_full_view)
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.protocol not in PROTOCOLS:
@@ -190,12 +192,6 @@ def nest_fs_fields(data: Mapping[str, Any]) -> dict[str, Any]:
     return data
 
 
-def upgrade_settings(data: Mapping[str, Any]) -> dict[str, Any]:
-    """A stored settings.json as this version writes it: 0.1's flat fs fields nested, and the fields added
-    since at the values those runs used, so an older results folder resumes."""
-    return {**ADDED_FIELDS, **nest_fs_fields(data)}
-
-
 def _has_rows(output_dir: Path) -> bool:
     return any(read_rows(p) for p in output_dir.glob(SHARD_GLOB))
 
@@ -208,7 +204,7 @@ def check_or_write_settings(output_dir: Path, stored_settings: dict[str, Any], i
 
 def verify_settings(output_dir: Path, stored_settings: dict[str, Any]) -> None:
     """Raise :class:`SettingsMismatchError` unless the folder's ``settings.json`` matches (extensible keys aside)."""
-    check_settings(output_dir, stored_settings, may_change=_EXTENSIBLE, upgrade=upgrade_settings,
+    check_settings(output_dir, stored_settings, may_change=_EXTENSIBLE, upgrade=nest_fs_fields,
                    fix="use a new output folder (--output-dir) or restore the original settings")
 
 
@@ -265,10 +261,7 @@ def add_common_arguments(parser: Any, task: str) -> None:
                              "crafted once on the undefended model and replayed on every variant")
     parser.add_argument("--crop-scale", type=fraction_pair, default=None,
                         help="M-Attack random local crops: 'lo,hi' area fractions (e.g. 0.5,1), default none")
-    parser.add_argument("--crop-views", type=positive_int, default=1,
-                        help="forwards per transfer gradient, each its own crop (M-Attack: 1, the default)")
-    parser.add_argument("--crop-full-view", action="store_true",
-                        help="the first of the --crop-views forwards sees the whole image; needs --crop-views >= 2")
+    add_crop_view_arguments(parser)
     parser.add_argument("--target", default=None, help="target text for --objective targeted")
     parser.add_argument("--eot-samples", type=positive_int, default=1,
                         help="noisy forwards averaged per attack gradient on FS variants (fresh noise every step)")
