@@ -101,13 +101,6 @@ def _folder(text: str) -> str:
 existing_folder = _argtype(_folder, "existing_folder")
 
 
-def check_crop_views(crop_views: Any, crop_full_view: Any) -> None:
-    """crop_views an integer >= 1, crop_full_view a bool (the transfer crafting's views per gradient)."""
-    check_int(crop_views, "crop_views")
-    if not isinstance(crop_full_view, bool):
-        raise ValueError(f"crop_full_view must be True or False, got {crop_full_view!r}")
-
-
 def add_crop_view_arguments(parser: argparse.ArgumentParser) -> None:
     """--crop-views and --crop-full-view: how many views each transfer crafting gradient averages."""
     parser.add_argument("--crop-views", type=positive_int, default=1,

@@ -59,8 +59,8 @@ from torch import nn
 
 from . import adapters as _adapters  # noqa: F401  (registers every family)
 from .adapters.base import FamilyAdapter, get_adapter, unwrap_model
-from .arguments import check_crop_views, check_float, check_int
-from .config import check_seed
+from .arguments import check_float, check_int
+from .config import check_bool, check_seed
 from .normalization import resolve_mean_std
 from .patching import config_override, get_fs_state, is_patched, undefended
 from .smoothing import check_images
@@ -164,7 +164,8 @@ class AttackConfig:
             self.crop_scale = (low, high)
         self.steps = check_int(self.steps, "steps")
         self.step_size = 2.5 * self.eps / self.steps if self.step_size is None else check_float(self.step_size, "step_size")
-        check_crop_views(self.crop_views, self.crop_full_view)
+        self.crop_views = check_int(self.crop_views, "crop_views")
+        self.crop_full_view = check_bool(self.crop_full_view, "crop_full_view")
         if self.crop_views > 1 or self.crop_full_view:  # they shape the crafting gradient of transfer images only
             if self.protocol != "transfer":
                 raise ValueError("crop_views > 1 and crop_full_view (--crop-views, --crop-full-view) are for "

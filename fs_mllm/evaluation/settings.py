@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from fs_mllm.arguments import (
-    add_crop_view_arguments, add_fs_config_arguments, check_crop_views, check_float, check_int, fraction_pair,
+    add_crop_view_arguments, add_fs_config_arguments, check_float, check_int, fraction_pair,
     fs_config_from_args, non_negative_int, positive_float, positive_int, probability,
 )
 from fs_mllm.attacks import NORMS, OBJECTIVES, PROTOCOLS, AttackConfig  # one definition of each
-from fs_mllm.config import FSConfig
+from fs_mllm.config import FSConfig, check_bool
 from fs_mllm.defense import check_variants
 from fs_mllm.evaluation.results import (
     SETTINGS_FILE, SHARD_GLOB, SettingsMismatchError, check_settings, claim_settings, read_rows,
@@ -130,7 +130,8 @@ class EvalSettings:
         if self.attack_step_size is not None:
             self.attack_step_size = check_float(self.attack_step_size, "attack_step_size")
         self.eot_samples = check_int(self.eot_samples, "eot_samples")
-        check_crop_views(self.crop_views, self.crop_full_view)
+        self.crop_views = check_int(self.crop_views, "crop_views")
+        self.crop_full_view = check_bool(self.crop_full_view, "crop_full_view")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.protocol not in PROTOCOLS:
