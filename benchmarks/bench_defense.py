@@ -15,12 +15,15 @@ transfer images and each finished batch of an adaptive attack go to ``--checkpoi
 and only the missing stages are computed, and
 ``seconds`` in the JSON sums every call. With a named ``--checkpoint`` the variants and budgets may change
 between runs (e.g. ``--variants base`` in one call and ``--variants fs+gsb`` in the next); any other
-setting, the model's weights or the package version may not.
+setting, the model's weights or the package version may not. ``--transfer-images`` replays the images
+another run's checkpoint crafted, so the defense can be measured at another ``--sigma`` or ``--n-samples``
+without crafting them again (its crafting settings are checked against this run's).
 
     python benchmarks/bench_defense.py [--clean-questions 200] [--attack-images 100] [--transfer-steps 300]
         [--adaptive-steps 20] [--eot-samples 8] [--certify-images 16] [--certify-n 1000]
         [--transfer-linf 4/255,8/255,16/255] [--noise-linf LIKE_TRANSFER] [--adaptive-l2 0.0625,...]
-        [--adaptive-linf 1/255,2/255,4/255] [--attack-batch-size 8] [--no-crops] [--crop-views 1] [--crop-full-view] [--device cpu] [--threads 1] [--out bench_defense.json] [--checkpoint DIR]
+        [--adaptive-linf 1/255,2/255,4/255] [--attack-batch-size 8] [--no-crops] [--crop-views 1] [--crop-full-view]
+        [--device cpu] [--threads 1] [--out bench_defense.json] [--checkpoint DIR] [--transfer-images OTHER_CHECKPOINT]
 """
 
 from __future__ import annotations
@@ -96,6 +99,10 @@ def main() -> None:
                         help="resumable run folder: every finished row and the crafted transfer images are kept there; "
                              "rerun the same command to go on after a stop. Default <out>.parts, deleted once the JSON "
                              "is written (a given folder is kept, so later runs can add variants or budgets to it)")
+    parser.add_argument("--transfer-images", default=None,
+                        help="another run's --checkpoint folder: replay the transfer images it crafted instead of crafting "
+                             "them again (checked: same model, attack images, seed and crafting settings; its --sigma, "
+                             "--n-samples, variants and clean questions may differ)")
     args = parser.parse_args()
     try:
         settings = DefenseSettings(
@@ -132,7 +139,8 @@ def main() -> None:
     claimed_by = settings_path.read_bytes() if settings_path.exists() else None
     finished = refused = False
     try:
-        rows = evaluate_defense(model, processor, clean_items, attack_items, settings, booster=booster, checkpoint=checkpoint)
+        rows = evaluate_defense(model, processor, clean_items, attack_items, settings, booster=booster, checkpoint=checkpoint,
+                                transfer_images=args.transfer_images)
         finished = True
     except ResultsFolderError as error:  # another run's folder (or one in use): leave it untouched
         refused = True

@@ -220,6 +220,50 @@ def _processor_identity(processor: Any) -> Optional[str]:
     return to_json() if callable(to_json) else (None if processor is None else type(processor).__name__)
 
 
+# the settings the crafted transfer images depend on; the rest (the smoothing, the variants, the other
+# protocols) only change how they are replayed
+_CRAFTING_FIELDS = ("seed", "transfer_steps", "transfer_step_size", "crop_scale", "crop_views", "crop_full_view", "surrogates")
+
+
+def _identity(settings: DefenseSettings, clean_items: Sequence[EvalItem], attack_items: Sequence[EvalItem],
+              model: nn.Module, processor: Any, device: str) -> dict[str, Any]:
+    """What a checkpoint's ``settings.json`` records: the settings less the row choices, the question sets, the
+    model, the processor, the package version and the device type."""
+    from . import __version__
+
+    # the crop fields added since checkpoints were first written stay out at their old values: older folders resume
+    chosen = without_added_defaults({k: v for k, v in settings.to_dict().items() if k not in _ROW_CHOICES})
+    return {"settings": chosen, "clean_items": _fingerprint(clean_items), "attack_items": _fingerprint(attack_items),
+            "model": _module_fingerprint(model), "processor": _processor_identity(processor),
+            "fs_mllm_version": __version__, "device_type": torch.device(device).type}
+
+
+def _crafting_identity(identity: dict[str, Any]) -> dict[str, Any]:
+    """The part of a checkpoint identity that fixes its crafted transfer images (no clean questions, no smoothing)."""
+    crafting = {k: v for k, v in identity.get("settings", {}).items() if k in _CRAFTING_FIELDS}
+    return {**{k: v for k, v in identity.items() if k not in ("settings", "clean_items")},
+            "settings": without_added_defaults(crafting)}
+
+
+def check_transfer_source(folder: str | os.PathLike, settings: DefenseSettings, attack_items: Sequence[EvalItem],
+                          model: nn.Module, processor: Any = None) -> Path:
+    """``folder``, another run's checkpoint whose crafted transfer images this run may replay instead of crafting
+    them again, after checking it crafted them as this run would: the same model and processor, attack images,
+    crafting settings (seed, steps, step size, crops, surrogates), package version and device type. Its
+    smoothing, variants and clean questions may differ: that is what reusing them is for (e.g. another n0)."""
+    from .evaluation.results import SETTINGS_FILE, SettingsMismatchError, check_settings
+
+    folder = Path(folder)
+    if not (folder / SETTINGS_FILE).is_file():
+        raise SettingsMismatchError(f"transfer_images must be a defense checkpoint folder (one holding {SETTINGS_FILE}), "
+                                    f"got {str(folder)!r}")
+    device = str(next(model.parameters()).device)
+    identity = _identity(settings, (), attack_items, model, processor, device)
+    check_settings(folder, _crafting_identity(identity), upgrade=_crafting_identity, label="transfer_images",
+                   fix="craft them in this run (leave transfer_images out), or name a folder crafted with these settings")
+    return folder
+
+
 class DefenseCheckpoint:
     """A folder that makes a long defense run resumable: rerun with the same folder and finished work is
     read back instead of recomputed. A stop loses at most the stage in progress: one row, one variant's
@@ -240,7 +284,6 @@ class DefenseCheckpoint:
     def __init__(self, folder: str | os.PathLike, settings: DefenseSettings, clean_items: Sequence[EvalItem],
                  attack_items: Sequence[EvalItem], model: nn.Module, processor: Any = None, booster: Any = None,
                  device: str = "cpu") -> None:
-        from . import __version__
         from .evaluation.results import ResultsFolderError, ResultsLock, ResultWriter, check_settings, claim_settings, read_rows
 
         self.folder = Path(folder)
@@ -250,12 +293,7 @@ class DefenseCheckpoint:
         rows_path = self.folder / "rows.jsonl"
         lock = ResultsLock(rows_path)  # one run per folder
         try:
-            # the crop fields added since checkpoints were first written stay out at their old values: older folders resume
-            chosen = without_added_defaults({k: v for k, v in settings.to_dict().items() if k not in _ROW_CHOICES})
-            identity = {
-                "settings": chosen, "clean_items": _fingerprint(clean_items), "attack_items": _fingerprint(attack_items),
-                "model": _module_fingerprint(model), "processor": _processor_identity(processor),
-                "fs_mllm_version": __version__, "device_type": torch.device(device).type}
+            identity = _identity(settings, clean_items, attack_items, model, processor, device)
             try:
                 rows = read_rows(rows_path)
             except ValueError as error:
@@ -324,21 +362,24 @@ def _row_key(variant: str, protocol: str, norm: str, eps: float) -> tuple:
 
 def evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[EvalItem], attack_items: Sequence[EvalItem],
                      settings: DefenseSettings, booster: Any = None, progress: bool = True,
-                     checkpoint: Optional[str | os.PathLike] = None) -> list[dict[str, Any]]:
+                     checkpoint: Optional[str | os.PathLike] = None,
+                     transfer_images: Optional[str | os.PathLike] = None) -> list[dict[str, Any]]:
     """Rows of the defense table (see the module doc); ``clean_items`` give clean accuracy, ``attack_items``
     are attacked (one question per image) under every budget of both protocols, and replayed with the noise
     control. With ``checkpoint`` (a folder, :class:`DefenseCheckpoint`) the run is resumable: rerun with the
-    same folder to go on."""
+    same folder to go on. ``transfer_images`` names another run's checkpoint whose crafted images are replayed
+    where it has them, instead of crafting them again (:func:`check_transfer_source`)."""
     if not clean_items or not attack_items:
         raise ValueError("clean_items and attack_items must not be empty")
     if "fs+gsb" in settings.variants and booster is None:
         raise ValueError("variants include 'fs+gsb' but booster is None")
+    source = None if transfer_images is None else check_transfer_source(transfer_images, settings, attack_items, model, processor)
     store = None
     if checkpoint is not None:
         device = str(next(model.parameters()).device)
         store = DefenseCheckpoint(checkpoint, settings, clean_items, attack_items, model, processor, booster, device)
     try:
-        return _evaluate_defense(model, processor, clean_items, attack_items, settings, booster, progress, store)
+        return _evaluate_defense(model, processor, clean_items, attack_items, settings, booster, progress, store, source)
     finally:
         if store is not None:
             store.close()
@@ -346,7 +387,7 @@ def evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Eva
 
 def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[EvalItem], attack_items: Sequence[EvalItem],
                       settings: DefenseSettings, booster: Any, progress: bool,
-                      store: Optional[DefenseCheckpoint]) -> list[dict[str, Any]]:
+                      store: Optional[DefenseCheckpoint], source: Optional[Path] = None) -> list[dict[str, Any]]:
     from .answers import answers_match as vqa_match
 
     sigma = settings.fs.sigma
@@ -379,14 +420,20 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
         read_back = sum(key[0] in settings.variants for key in store.done)
         if read_back:
             tqdm.write(f"resuming from {store.folder}: {read_back} finished rows read back")
-    for eps in tqdm(pending, desc="crafting transfer images", disable=not progress or not pending):
-        def craft(eps: float = eps) -> torch.Tensor:
+    for eps in tqdm(pending, desc="crafting transfer images" if source is None else f"transfer images from {source}",
+                    disable=not progress or not pending):
+        name = _TRANSFER_FILE.format(repr(float(eps)))
+
+        def craft(eps: float = eps, name: str = name) -> torch.Tensor:
+            if source is not None and (source / name).is_file():
+                return _read_crafted(source / name, attack_images)
+            if source is not None and progress:
+                tqdm.write(f"transfer_images {source} has no images for linf {eps:.4g}: crafting them")
             return attack(model, processor, attack_images, None, settings._transfer_config(eps), target_images=targets,
                           surrogates=list(settings.surrogates) if settings.surrogates else None).adv_images
         if store is None:
             replayed["transfer", eps] = craft()
         else:
-            name = _TRANSFER_FILE.format(repr(float(eps)))
             replayed["transfer", eps] = store.tensors(name, lambda craft=craft: {"adv": craft()})["adv"].to(attack_images.device)
     replayed.update({("noise", eps): _sign_noise(attack_images, eps, settings.seed) for eps in settings.noise_budgets
                      if missing("noise", eps)})
@@ -478,6 +525,22 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
         bar.close()
     unpatch_model(model)
     return rows
+
+
+def _read_crafted(path: Path, like: torch.Tensor) -> torch.Tensor:
+    """Crafted images from another run's checkpoint file, checked to fit the attack images."""
+    from safetensors.torch import load_file
+
+    from .evaluation.results import ResultsFolderError
+
+    try:
+        adv = load_file(str(path))["adv"]
+    except Exception as error:
+        raise ResultsFolderError(f"transfer_images file {path} is unreadable ({error}); name another folder") from None
+    if adv.shape != like.shape:
+        raise ResultsFolderError(f"transfer_images file {path} holds images of shape {tuple(adv.shape)}, "
+                                 f"the attack images are {tuple(like.shape)}; name another folder")
+    return adv.to(device=like.device, dtype=like.dtype)
 
 
 def _sign_noise(images: torch.Tensor, eps: float, seed: int) -> torch.Tensor:

@@ -134,3 +134,14 @@ def test_bench_defense_small_run_resumes_and_refuses_other_settings(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "settings.transfer_steps" in proc.stderr, failure(proc)
     assert {p.name: p.read_bytes() for p in (tmp_path / "run.parts").iterdir()} == before
+    # another n0 replays the images that folder crafted; a run crafted otherwise may not use them
+    other_n0 = command[:-2] + ["--n-samples", "4", "--transfer-images", "run.parts", "--out", "n4.json"]
+    proc = subprocess.run(other_n0, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, failure(proc)
+    assert "crafting transfer images" not in proc.stderr and "transfer images from run.parts" in proc.stderr
+    assert json.loads((tmp_path / "n4.json").read_text())["rows"] == first["rows"]  # base: the same images, the same rows
+    proc = subprocess.run(other_n0[:-2] + ["--transfer-steps", "2", "--out", "n4b.json"], cwd=tmp_path, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "transfer_images" in proc.stderr and "settings.transfer_steps" in proc.stderr, failure(proc)
+    assert not (tmp_path / "n4b.json").exists() and not (tmp_path / "n4b.json.parts").exists()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run.parts").iterdir()} == before

@@ -386,6 +386,45 @@ def test_a_resumed_defense_run_may_change_variants_and_budgets_but_not_settings(
     assert (folder / "rows.jsonl").read_text() == before  # a refused run writes nothing
 
 
+def test_transfer_images_of_another_run_are_replayed_at_another_n0_and_checked_first(model, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from fs_mllm.evaluation.results import SettingsMismatchError
+
+    processor, items, settings = _resume_setup(adaptive_l2=(), noise_linf=(), transfer_linf=(8 / 255, 16 / 255))
+    source = tmp_path / "crafted.parts"
+    first = evaluate_defense(model, processor, items, items, settings, progress=False, checkpoint=source)
+    (source / f"transfer_linf_{16 / 255!r}.safetensors").unlink()  # a budget the source lacks is crafted here
+    calls = []
+    real_attack = fs_mllm.defense.attack
+    monkeypatch.setattr(fs_mllm.defense, "attack", lambda *a, **k: calls.append(a[4].eps) or real_attack(*a, **k))
+    # another n0 and other clean questions: what reusing crafted images is for
+    other_n0 = _resume_setup(adaptive_l2=(), noise_linf=(), transfer_linf=(8 / 255, 16 / 255), fs=FSConfig(n_samples=3))[2]
+    folder = tmp_path / "n0_3.parts"
+    rows = evaluate_defense(model, processor, items[:1], items, other_n0, progress=False, checkpoint=folder,
+                            transfer_images=source)
+    assert calls == [16 / 255]  # only the budget the source had no images for
+    name = f"transfer_linf_{8 / 255!r}.safetensors"
+    torch.testing.assert_close(load_file(str(folder / name))["adv"], load_file(str(source / name))["adv"], rtol=0, atol=0)
+    base_8 = [r for r in rows if r["variant"] == "base" and r["protocol"] == "transfer" and r["eps"] == 8 / 255]
+    assert base_8 == [r for r in first if r["variant"] == "base" and r["protocol"] == "transfer" and r["eps"] == 8 / 255]
+    assert rows == evaluate_defense(model, processor, items[:1], items, other_n0, progress=False)  # as if crafted here
+    # a source crafted otherwise, or no checkpoint at all, is refused before any work, naming what differs
+    calls.clear()
+    for kwargs, given, message in (
+            ({"transfer_steps": 3}, source, "settings.transfer_steps"),
+            ({"seed": 1}, source, "settings.seed"),
+            ({"crop_scale": (0.5, 1.0), "crop_views": 2}, source, "settings.crop_views"),
+            ({}, tmp_path / "nothing", "transfer_images must be a defense checkpoint folder")):
+        other = _resume_setup(adaptive_l2=(), noise_linf=(), fs=FSConfig(n_samples=3), **kwargs)[2]
+        with pytest.raises(SettingsMismatchError, match=message):
+            evaluate_defense(model, processor, items, items, other, progress=False, checkpoint=tmp_path / "refused",
+                             transfer_images=given)
+    with pytest.raises(SettingsMismatchError, match="attack_items"):
+        evaluate_defense(model, processor, items, items[:1], other_n0, progress=False, transfer_images=source)
+    assert calls == [] and not (tmp_path / "refused").exists()
+
+
 def test_an_adaptive_attack_runs_in_batches_and_a_stop_loses_at_most_one(model, tmp_path, monkeypatch):
     processor = tiny_processor()
     x, target = images(3, seed=0), images(3, seed=5)
