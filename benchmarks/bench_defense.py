@@ -102,7 +102,8 @@ def main() -> None:
     parser.add_argument("--transfer-images", default=None,
                         help="another run's --checkpoint folder: replay the transfer images it crafted instead of crafting "
                              "them again (checked: same model, attack images, seed and crafting settings; its --sigma, "
-                             "--n-samples, variants and clean questions may differ)")
+                             "--n-samples, variants and clean questions may differ); name --checkpoint in that run, "
+                             "since a default <out>.parts folder is deleted once its run completes")
     args = parser.parse_args()
     try:
         settings = DefenseSettings(
@@ -120,6 +121,10 @@ def main() -> None:
         parser.error(str(error))
     if args.checkpoint is not None and not args.checkpoint.strip():
         parser.error("--checkpoint must name a folder (leave it out for the default <out>.parts)")
+    if args.transfer_images is not None and not (Path(args.transfer_images) / SETTINGS_FILE).is_file():
+        parser.error(f"--transfer-images {args.transfer_images!r} must name another run's --checkpoint folder (one holding "
+                     f"{SETTINGS_FILE}); a default <out>.parts folder is deleted once its run completes, so name "
+                     "--checkpoint in the run whose images you want to replay")
     checkpoint = Path(args.checkpoint if args.checkpoint is not None else args.out + ".parts")
     if checkpoint.exists() and not checkpoint.is_dir():
         parser.error(f"--checkpoint {checkpoint} is a file; name a folder")
@@ -151,7 +156,8 @@ def main() -> None:
                 calls_path.unlink(missing_ok=True)  # the folder held no results and another run claimed it: a new run
             with open(calls_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"seconds": time.perf_counter() - start, "device": args.device, "finished": finished,
-                                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}) + "\n")
+                                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                    **({"transfer_images": args.transfer_images} if args.transfer_images else {})}) + "\n")
     calls = [json.loads(line) for line in calls_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     seconds = sum(call["seconds"] for call in calls)
     table = defense_table(rows)
@@ -160,7 +166,9 @@ def main() -> None:
           f"{args.device} ({platform.processor() or platform.machine()}, {args.threads} thread(s))"
           + (f" over {len(calls)} calls" if len(calls) > 1 else ""))
     result = {"settings": settings.to_dict(), "clean_questions": len(clean_items), "attack_images": len(attack_items),
-              "device": args.device, "seconds": seconds, "calls": calls, "rows": rows, "table": table}
+              "device": args.device, "seconds": seconds, "calls": calls, "rows": rows, "table": table,
+              # images replayed from another run: their crafting time is that run's, not in ``seconds``
+              "transfer_images": args.transfer_images}
     temporary = Path(args.out + ".tmp")
     temporary.write_text(json.dumps(result, indent=2), encoding="utf-8")
     os.replace(temporary, args.out)

@@ -238,30 +238,63 @@ def _identity(settings: DefenseSettings, clean_items: Sequence[EvalItem], attack
             "fs_mllm_version": __version__, "device_type": torch.device(device).type}
 
 
-def _crafting_identity(identity: dict[str, Any]) -> dict[str, Any]:
+def _crafting_identity(identity: Any) -> dict[str, Any]:
     """The part of a checkpoint identity that fixes its crafted transfer images (no clean questions, no smoothing)."""
-    crafting = {k: v for k, v in identity.get("settings", {}).items() if k in _CRAFTING_FIELDS}
+    identity = identity if isinstance(identity, dict) else {}
+    stored = identity.get("settings") if isinstance(identity.get("settings"), dict) else {}
+    crafting = {k: v for k, v in stored.items() if k in _CRAFTING_FIELDS}
     return {**{k: v for k, v in identity.items() if k not in ("settings", "clean_items")},
             "settings": without_added_defaults(crafting)}
 
 
-def check_transfer_source(folder: str | os.PathLike, settings: DefenseSettings, attack_items: Sequence[EvalItem],
-                          model: nn.Module, processor: Any = None) -> Path:
-    """``folder``, another run's checkpoint whose crafted transfer images this run may replay instead of crafting
-    them again, after checking it crafted them as this run would: the same model and processor, attack images,
-    crafting settings (seed, steps, step size, crops, surrogates), package version and device type. Its
-    smoothing, variants and clean questions may differ: that is what reusing them is for (e.g. another n0)."""
-    from .evaluation.results import SETTINGS_FILE, SettingsMismatchError, check_settings
+class _TransferSource:
+    """Another run's checkpoint whose crafted transfer images this run replays instead of crafting them again,
+    checked first to have crafted them as this run would: the same model and processor, attack images (with
+    their targets, questions and prompts), crafting settings (seed, steps, step size, crops, surrogates),
+    package version and device type. Its smoothing, variants and clean questions may differ: that is what
+    reusing them is for (e.g. another n0). Read only; its settings are checked again before each file is read,
+    so a folder claimed afresh by another run meanwhile is never mixed in."""
 
-    folder = Path(folder)
-    if not (folder / SETTINGS_FILE).is_file():
-        raise SettingsMismatchError(f"transfer_images must be a defense checkpoint folder (one holding {SETTINGS_FILE}), "
-                                    f"got {str(folder)!r}")
-    device = str(next(model.parameters()).device)
-    identity = _identity(settings, (), attack_items, model, processor, device)
-    check_settings(folder, _crafting_identity(identity), upgrade=_crafting_identity, label="transfer_images",
-                   fix="craft them in this run (leave transfer_images out), or name a folder crafted with these settings")
-    return folder
+    def __init__(self, folder: str | os.PathLike, settings: DefenseSettings, attack_items: Sequence[EvalItem],
+                 model: nn.Module, processor: Any = None) -> None:
+        from .evaluation.results import SETTINGS_FILE, SettingsMismatchError, describe_changes
+
+        self.folder = Path(folder)
+        self.settings_path = self.folder / SETTINGS_FILE
+        if not self.settings_path.is_file():
+            raise SettingsMismatchError(f"transfer_images must be a defense checkpoint folder (one holding {SETTINGS_FILE}), "
+                                        f"got {str(self.folder)!r}")
+        self.claimed = self.settings_path.read_bytes()
+        try:
+            stored = json.loads(self.claimed)
+        except ValueError as error:
+            raise SettingsMismatchError(f"transfer_images {str(self.folder)!r}: cannot read {SETTINGS_FILE} ({error})") from None
+        device = str(next(model.parameters()).device)
+        current = _crafting_identity(_identity(settings, (), attack_items, model, processor, device))
+        changed = describe_changes(_crafting_identity(stored), current)
+        if changed:
+            raise SettingsMismatchError(
+                f"transfer_images {str(self.folder)!r} crafted its images otherwise ({'; '.join(changed)}); craft them in "
+                "this run (leave transfer_images out), or name a folder crafted with these settings")
+
+    def read(self, name: str, like: torch.Tensor) -> Optional[torch.Tensor]:
+        """The crafted images saved as ``name`` (on ``like``'s device), or None if the folder has none."""
+        from safetensors.torch import load_file
+
+        path = self.folder / name
+        if not path.is_file():
+            return None
+        if not self.settings_path.is_file() or self.settings_path.read_bytes() != self.claimed:
+            raise ValueError(f"transfer_images {str(self.folder)!r} was claimed by another run since it was checked; "
+                             "name a folder no run is writing to")
+        try:
+            adv = load_file(str(path))["adv"]
+        except Exception as error:
+            raise ValueError(f"transfer_images file {path} is unreadable ({error}); name another folder") from None
+        if adv.shape != like.shape:
+            raise ValueError(f"transfer_images file {path} holds images of shape {tuple(adv.shape)}, "
+                             f"the attack images are {tuple(like.shape)}; name another folder")
+        return adv.to(like.device)
 
 
 class DefenseCheckpoint:
@@ -368,12 +401,12 @@ def evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Eva
     are attacked (one question per image) under every budget of both protocols, and replayed with the noise
     control. With ``checkpoint`` (a folder, :class:`DefenseCheckpoint`) the run is resumable: rerun with the
     same folder to go on. ``transfer_images`` names another run's checkpoint whose crafted images are replayed
-    where it has them, instead of crafting them again (:func:`check_transfer_source`)."""
+    where it has them, instead of crafting them again (checked first, :class:`_TransferSource`)."""
     if not clean_items or not attack_items:
         raise ValueError("clean_items and attack_items must not be empty")
     if "fs+gsb" in settings.variants and booster is None:
         raise ValueError("variants include 'fs+gsb' but booster is None")
-    source = None if transfer_images is None else check_transfer_source(transfer_images, settings, attack_items, model, processor)
+    source = None if transfer_images is None else _TransferSource(transfer_images, settings, attack_items, model, processor)
     store = None
     if checkpoint is not None:
         device = str(next(model.parameters()).device)
@@ -387,7 +420,7 @@ def evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Eva
 
 def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[EvalItem], attack_items: Sequence[EvalItem],
                       settings: DefenseSettings, booster: Any, progress: bool,
-                      store: Optional[DefenseCheckpoint], source: Optional[Path] = None) -> list[dict[str, Any]]:
+                      store: Optional[DefenseCheckpoint], source: Optional[_TransferSource] = None) -> list[dict[str, Any]]:
     from .answers import answers_match as vqa_match
 
     sigma = settings.fs.sigma
@@ -420,15 +453,16 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
         read_back = sum(key[0] in settings.variants for key in store.done)
         if read_back:
             tqdm.write(f"resuming from {store.folder}: {read_back} finished rows read back")
-    for eps in tqdm(pending, desc="crafting transfer images" if source is None else f"transfer images from {source}",
+    for eps in tqdm(pending, desc="crafting transfer images" if source is None else f"transfer images from {source.folder}",
                     disable=not progress or not pending):
         name = _TRANSFER_FILE.format(repr(float(eps)))
 
         def craft(eps: float = eps, name: str = name) -> torch.Tensor:
-            if source is not None and (source / name).is_file():
-                return _read_crafted(source / name, attack_images)
+            reused = None if source is None else source.read(name, attack_images)
+            if reused is not None:
+                return reused
             if source is not None and progress:
-                tqdm.write(f"transfer_images {source} has no images for linf {eps:.4g}: crafting them")
+                tqdm.write(f"transfer_images {source.folder} has no images for linf {eps:.4g}: crafting them")
             return attack(model, processor, attack_images, None, settings._transfer_config(eps), target_images=targets,
                           surrogates=list(settings.surrogates) if settings.surrogates else None).adv_images
         if store is None:
@@ -525,22 +559,6 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
         bar.close()
     unpatch_model(model)
     return rows
-
-
-def _read_crafted(path: Path, like: torch.Tensor) -> torch.Tensor:
-    """Crafted images from another run's checkpoint file, checked to fit the attack images."""
-    from safetensors.torch import load_file
-
-    from .evaluation.results import ResultsFolderError
-
-    try:
-        adv = load_file(str(path))["adv"]
-    except Exception as error:
-        raise ResultsFolderError(f"transfer_images file {path} is unreadable ({error}); name another folder") from None
-    if adv.shape != like.shape:
-        raise ResultsFolderError(f"transfer_images file {path} holds images of shape {tuple(adv.shape)}, "
-                                 f"the attack images are {tuple(like.shape)}; name another folder")
-    return adv.to(device=like.device, dtype=like.dtype)
 
 
 def _sign_noise(images: torch.Tensor, eps: float, seed: int) -> torch.Tensor:

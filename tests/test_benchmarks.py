@@ -139,7 +139,13 @@ def test_bench_defense_small_run_resumes_and_refuses_other_settings(tmp_path):
     proc = subprocess.run(other_n0, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, failure(proc)
     assert "crafting transfer images" not in proc.stderr and "transfer images from run.parts" in proc.stderr
-    assert json.loads((tmp_path / "n4.json").read_text())["rows"] == first["rows"]  # base: the same images, the same rows
+    replayed = json.loads((tmp_path / "n4.json").read_text())
+    assert replayed["rows"] == first["rows"]  # base: the same images, the same rows
+    assert replayed["transfer_images"] == "run.parts" and replayed["calls"][-1]["transfer_images"] == "run.parts"
+    for missing in ("", "defense.json.parts"):  # no folder; a default checkpoint, deleted when its run completed
+        proc = subprocess.run(other_n0[:-4] + ["--transfer-images", missing, "--out", "n4c.json"], cwd=tmp_path, env=ENV,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and "--transfer-images" in proc.stderr and "--checkpoint" in proc.stderr, failure(proc)
     proc = subprocess.run(other_n0[:-2] + ["--transfer-steps", "2", "--out", "n4b.json"], cwd=tmp_path, env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "transfer_images" in proc.stderr and "settings.transfer_steps" in proc.stderr, failure(proc)

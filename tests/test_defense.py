@@ -409,12 +409,19 @@ def test_transfer_images_of_another_run_are_replayed_at_another_n0_and_checked_f
     base_8 = [r for r in rows if r["variant"] == "base" and r["protocol"] == "transfer" and r["eps"] == 8 / 255]
     assert base_8 == [r for r in first if r["variant"] == "base" and r["protocol"] == "transfer" and r["eps"] == 8 / 255]
     assert rows == evaluate_defense(model, processor, items[:1], items, other_n0, progress=False)  # as if crafted here
+    # a folder written before the crop fields existed (its settings lack them) crafted what their old values craft
+    stored = json.loads((source / "settings.json").read_text())
+    assert "crop_views" not in stored["settings"] and "crop_full_view" not in stored["settings"]
+    untouched = {f.name: f.read_bytes() for f in source.iterdir()}
     # a source crafted otherwise, or no checkpoint at all, is refused before any work, naming what differs
     calls.clear()
     for kwargs, given, message in (
-            ({"transfer_steps": 3}, source, "settings.transfer_steps"),
+            ({"transfer_steps": 3}, source, "crafted its images otherwise .*settings.transfer_steps"),
+            ({"transfer_step_size": 2 / 255}, source, "settings.transfer_step_size"),
             ({"seed": 1}, source, "settings.seed"),
+            ({"crop_scale": (0.5, 1.0)}, source, "settings.crop_scale"),
             ({"crop_scale": (0.5, 1.0), "crop_views": 2}, source, "settings.crop_views"),
+            ({"surrogates": ("dinov2",)}, source, "settings.surrogates"),
             ({}, tmp_path / "nothing", "transfer_images must be a defense checkpoint folder")):
         other = _resume_setup(adaptive_l2=(), noise_linf=(), fs=FSConfig(n_samples=3), **kwargs)[2]
         with pytest.raises(SettingsMismatchError, match=message):
@@ -422,7 +429,51 @@ def test_transfer_images_of_another_run_are_replayed_at_another_n0_and_checked_f
                              transfer_images=given)
     with pytest.raises(SettingsMismatchError, match="attack_items"):
         evaluate_defense(model, processor, items, items[:1], other_n0, progress=False, transfer_images=source)
+    with torch.no_grad():  # another model (retrained weights) crafts other images
+        next(model.parameters()).mul_(1.5)
+    with pytest.raises(SettingsMismatchError, match="model"):
+        evaluate_defense(model, processor, items, items, other_n0, progress=False, transfer_images=source)
+    with torch.no_grad():
+        next(model.parameters()).div_(1.5)
     assert calls == [] and not (tmp_path / "refused").exists()
+    assert {f.name: f.read_bytes() for f in source.iterdir()} == untouched  # read only
+
+
+def test_transfer_images_read_later_are_checked_again(model, tmp_path, monkeypatch):
+    """A source claimed afresh by another run after the check, or holding images of another shape, is refused
+    when its file is read, not replayed."""
+    from safetensors.torch import save_file
+
+    processor, items, settings = _resume_setup(variants=("base",), adaptive_l2=(), noise_linf=())
+    source = tmp_path / "crafted.parts"
+    evaluate_defense(model, processor, items, items, settings, progress=False, checkpoint=source)
+    name = f"transfer_linf_{8 / 255!r}.safetensors"
+    real = fs_mllm.defense._TransferSource.read
+
+    def claimed_meanwhile(self, *args):
+        (source / "settings.json").write_text(json.dumps({"settings": {"transfer_steps": 99}}))
+        return real(self, *args)
+
+    monkeypatch.setattr(fs_mllm.defense._TransferSource, "read", claimed_meanwhile)
+    with pytest.raises(ValueError, match="claimed by another run since it was checked"):
+        evaluate_defense(model, processor, items, items, settings, progress=False, transfer_images=source)
+    monkeypatch.undo()
+    source2 = tmp_path / "again.parts"
+    evaluate_defense(model, processor, items, items, settings, progress=False, checkpoint=source2)
+    save_file({"adv": torch.zeros(1, 3, 4, 4)}, str(source2 / name))
+    with pytest.raises(ValueError, match="holds images of shape"):
+        evaluate_defense(model, processor, items, items, settings, progress=False, transfer_images=source2)
+
+
+def test_every_defense_setting_is_known_to_change_the_crafting_or_not():
+    """A field added to DefenseSettings must be sorted into crafting (checked when images are reused) or not."""
+    from fs_mllm.defense import _CRAFTING_FIELDS, _ROW_CHOICES
+
+    replay_only = {"fs", "adaptive_steps", "eot_samples", "adaptive_objective", "certify_images", "certify_n", "alpha",
+                   "max_new_tokens", "attack_batch_size"}
+    fields = {f.name for f in dataclasses.fields(DefenseSettings)}
+    assert fields == set(_CRAFTING_FIELDS) | set(_ROW_CHOICES) | replay_only
+    assert not set(_CRAFTING_FIELDS) & (set(_ROW_CHOICES) | replay_only)
 
 
 def test_an_adaptive_attack_runs_in_batches_and_a_stop_loses_at_most_one(model, tmp_path, monkeypatch):
