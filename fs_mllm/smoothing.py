@@ -69,22 +69,39 @@ def unit_features(features: torch.Tensor, normalize: str = "global", batch_dims:
 
 def float_features_and_norms(features: torch.Tensor, normalize: str = "global", batch_dims: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 features and their checked norms (per image, or per token): :func:`unit_features` without the division."""
+    features, norms = _float_features_and_unchecked_norms(features, normalize, batch_dims)
+    raise_for_invalid_norms(invalid_norms(norms))
+    return features, norms
+
+
+def _float_features_and_unchecked_norms(features: torch.Tensor, normalize: str, batch_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
     check_choice(normalize, "normalize", NORMALIZE_MODES)
     features = features.float()
     if normalize == "global":
-        norms = features.flatten(batch_dims).norm(dim=-1)
-    else:
-        if features.ndim < batch_dims + 1:
-            raise ValueError("normalize='token' needs features of shape (batch, ..., dim)")
-        norms = features.norm(dim=-1)
-    # a NaN or Inf feature makes its vector's norm NaN or Inf: checking the norms (one value per vector)
-    # instead of every feature saves a pass over the features; a norm that overflows is refused as well
-    if not torch.isfinite(norms).all():
+        return features, features.flatten(batch_dims).norm(dim=-1)
+    if features.ndim < batch_dims + 1:
+        raise ValueError("normalize='token' needs features of shape (batch, ..., dim)")
+    return features, features.norm(dim=-1)
+
+
+def invalid_norms(norms: torch.Tensor) -> torch.Tensor:
+    """(any norm NaN or Inf, any norm zero) as a 2-element bool tensor on the norms' device.
+
+    A NaN or Inf feature makes its vector's norm NaN or Inf: checking the norms (one value per vector)
+    instead of every feature saves a pass over the features; a norm that overflows is refused as well.
+    Kept on the device so a loop can OR the flags of its chunks and wait for the device once, at the end.
+    """
+    return torch.stack(((~torch.isfinite(norms)).any(), (norms == 0).any()))
+
+
+def raise_for_invalid_norms(flags: torch.Tensor) -> None:
+    """Raise for flags from :func:`invalid_norms` (this reads them on the host, so it waits for the device)."""
+    not_finite, zero = flags.tolist()
+    if not_finite:
         raise ValueError("encoder returned NaN or Inf features (or features too large to normalise); "
                          "check the encoder and the input images")
-    if (norms == 0).any():
+    if zero:
         raise ValueError("encoder returned an all-zero feature vector; its direction (and so the smoothing) is undefined")
-    return features, norms
 
 
 def broadcast_norms(norms: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -187,13 +204,19 @@ def monte_carlo_pass(
         raise ValueError("monte_carlo_pass(mean=False) computes only the scores, so it needs reference_unit")
     direction_sum = None
     norm_sum = None
-    scores = None  # one (n, B[, ..., T]) buffer, filled chunk by chunk (no per-chunk tensors kept alive)
+    # one (n, B[, ..., T]) buffer on the features' device, filled chunk by chunk (no per-chunk tensors kept alive)
+    scores = None
+    # the norms' validity over all chunks, checked once at the end (before anything is returned): a check,
+    # or a copy of the scores to the host, per chunk would make the host wait for a GPU on every chunk
+    invalid = None
     done = 0
     dtype = torch.float32
     in_place = not torch.is_grad_enabled()  # attacks differentiate through the sums: keep those out of place
     for features in iter_noisy_features(encode, x, noise_std, n, seed=seed, chunk_size=chunk_size):
         dtype = features.dtype
-        values, norms = float_features_and_norms(features, normalize, batch_dims=2)
+        values, norms = _float_features_and_unchecked_norms(features, normalize, batch_dims=2)
+        flags = invalid_norms(norms)
+        invalid = flags if invalid is None else invalid | flags
         if mean:
             unit_sum = (values / broadcast_norms(norms, values.ndim)).sum(0)
             if direction_sum is None:
@@ -206,11 +229,14 @@ def monte_carlo_pass(
         if reference_unit is not None:
             product = values * reference_unit.unsqueeze(0)
             cos = (product.flatten(2).sum(-1) if normalize == "global" else product.sum(-1)) / norms
-            chunk_scores = ((1 + cos) / 2).clamp(0, 1).detach().cpu()
+            chunk_scores = ((1 + cos) / 2).clamp(0, 1).detach()
             if scores is None:
-                scores = torch.empty((n,) + tuple(chunk_scores.shape[1:]), dtype=torch.float64)
+                scores = torch.empty((n,) + tuple(chunk_scores.shape[1:]), dtype=torch.float64, device=chunk_scores.device)
             scores[done:done + chunk_scores.shape[0]] = chunk_scores  # float32 -> float64, as .double() does
         done += values.shape[0]
+    raise_for_invalid_norms(invalid)
+    if scores is not None:
+        scores = scores.cpu()
     if not mean:
         return MonteCarloPass(None, None, scores, dtype)
     return MonteCarloPass(direction_sum / n, norm_sum / n, scores, dtype)

@@ -138,6 +138,40 @@ def test_scores_are_the_cosines_to_the_reference_with_or_without_the_mean(images
     torch.testing.assert_close(only.scores, ((1 + cos.double()) / 2).clamp(0, 1), atol=1e-6, rtol=0)
 
 
+class BreaksOnCall(RecordingEncoder):
+    """Returns NaN, Inf or all-zero features for one image on one call, the others as RecordingEncoder."""
+
+    def __init__(self, call: int, value: float):
+        super().__init__()
+        self.call, self.value, self.calls = call, value, 0
+
+    def forward(self, x):
+        features = super().forward(x)
+        self.calls += 1
+        if self.calls == self.call:
+            features = features.clone()
+            features[1] = 0.0 if self.value == 0 else features[1] * self.value
+        return features
+
+
+@pytest.mark.parametrize("normalize", ["global", "token"])
+@pytest.mark.parametrize("mean", [True, False])
+@pytest.mark.parametrize("value, message", [(float("nan"), "NaN or Inf"), (float("inf"), "NaN or Inf"),
+                                            (0.0, "all-zero feature vector")])
+def test_invalid_features_in_any_chunk_are_an_error_not_a_result(images, normalize, mean, value, message):
+    """The norms of every chunk are checked on the device and read once, after the last chunk: a bad chunk
+    in the middle of the pass still raises, whichever pass, normalisation and kind of bad feature."""
+    reference, _ = unit_features(RecordingEncoder()(images), normalize)
+    encoder = BreaksOnCall(call=2, value=value)  # the second of three chunks
+    with pytest.raises(ValueError, match=message):
+        monte_carlo_pass(encoder, images, 0.3, 12, seed=5, chunk_size=4, normalize=normalize,
+                         reference_unit=reference, mean=mean)
+    assert encoder.calls == 3
+    if normalize == "global":  # token mode: a zero image zeroes every token, the same error
+        with pytest.raises(ValueError, match=message):
+            certify_features(BreaksOnCall(call=3, value=value), images, 0.25, n=12, chunk_size=4)
+
+
 def test_scores_only_pass_needs_a_reference(images):
     with pytest.raises(ValueError, match="reference_unit"):
         monte_carlo_pass(RecordingEncoder(), images, 0.3, 4, mean=False)
