@@ -236,9 +236,14 @@ def throughput(args, model, inputs) -> dict:
     return result
 
 
+# profiler events where the host blocks until the device has finished its queued work
+HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense")
+
+
 def profile_certify(args, model, inputs) -> dict:
     """torch.profiler over one ``certify_model`` call after a warm-up one: the operators that take its
     time (self time on the device that does the work), to say where a missed throughput target goes."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     n = args.throughput_chunks * args.chunk_size
@@ -246,16 +251,26 @@ def profile_certify(args, model, inputs) -> dict:
     run = certify(model, inputs, n, args.chunk_size, args.device)
     run()  # warm-up: allocations, kernel selection
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
+        start = time.perf_counter()
         run()
+        wall = (time.perf_counter() - start) * 1e3  # ms, profiler overhead included
     sort_by = "self_device_time_total" if on_gpu else "self_cpu_time_total"
     events = prof.key_averages()
-    total = sum(getattr(e, sort_by) for e in events) / 1e3  # ms, every operator's self time
+    # ms of self time in all: on a GPU the kernels' own events only (an operator's self device time repeats
+    # its kernels' time, so summing every event would count it twice), as torch's own table total does
+    counted = [e for e in events if not on_gpu or (e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False))]
+    total = sum(getattr(e, sort_by) for e in counted) / 1e3
     table = events.table(sort_by=sort_by, row_limit=args.profile_rows)
     print(f"profile of one certify_model call, n={n}, batch {args.chunk_size}, sorted by {sort_by} "
-          f"({total:.1f} ms of self time in all):\n{table}")
+          f"({total:.1f} ms of self time in all, {wall:.1f} ms wall):\n{table}")
+    result = {"n": n, "chunk_size": args.chunk_size, "sort_by": sort_by, "total_self_ms": total, "wall_ms": wall}
+    if on_gpu:  # a GPU idles while the host waits on it and then launches the next kernels
+        waits = {e.key: e.count for e in events if e.key in HOST_WAITS}
+        print(f"  device busy {total / wall:.1%} of the wall time; host waits on the device: {waits or 'none'}")
+        result.update(device_busy_share=total / wall, host_waits=waits)
     top = sorted(events, key=lambda e: getattr(e, sort_by), reverse=True)[:args.profile_rows]
-    return {"n": n, "chunk_size": args.chunk_size, "sort_by": sort_by, "total_self_ms": total,
-            "top": [{"op": e.key, "calls": e.count, "self_ms": getattr(e, sort_by) / 1e3} for e in top], "table": table}
+    return {**result, "top": [{"op": e.key, "calls": e.count, "self_ms": getattr(e, sort_by) / 1e3} for e in top],
+            "table": table}
 
 
 # ---- torch.compile ------------------------------------------------------------------------------

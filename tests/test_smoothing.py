@@ -172,6 +172,23 @@ def test_invalid_features_in_any_chunk_are_an_error_not_a_result(images, normali
             certify_features(BreaksOnCall(call=3, value=value), images, 0.25, n=12, chunk_size=4)
 
 
+@pytest.mark.parametrize("mean", [True, False])
+def test_the_pass_reads_nothing_back_from_the_device_before_its_last_chunk(images, mean):
+    """A read of a device tensor on the host (a check, a copy of the scores) makes the host wait for a GPU
+    to finish the chunk. Features on the meta device hold no data, so any such read raises: the pass must
+    encode every chunk first, read once at the end, and so never return an unchecked result."""
+    chunks = []
+
+    def encode_on_meta(copies):
+        chunks.append(copies.shape[0])
+        return torch.empty((copies.shape[0], 6, 5), device="meta")
+
+    reference = torch.empty((images.shape[0], 6, 5), device="meta")
+    with pytest.raises(NotImplementedError, match="meta"):
+        monte_carlo_pass(encode_on_meta, images, 0.3, 12, chunk_size=4, reference_unit=reference, mean=mean)
+    assert chunks == [4 * images.shape[0]] * 3
+
+
 def test_scores_only_pass_needs_a_reference(images):
     with pytest.raises(ValueError, match="reference_unit"):
         monte_carlo_pass(RecordingEncoder(), images, 0.3, 4, mean=False)
