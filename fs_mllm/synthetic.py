@@ -5,6 +5,10 @@ with exact ground truth. Each image shows either a group of identical shapes (sh
 count, position) or one rendered word (word, colour, position), composited on a crop of a real
 photo from scikit-image / scikit-learn / matplotlib. Train and held-out splits use *disjoint*
 background photos and disjoint seed streams, so held-out examples are really unseen.
+
+Deterministic for one set of libraries: the pixels come from Pillow's drawing and FreeType text and
+the photo packages' decoders, so other versions of those may move a few pixels (a GPU machine's images
+differed from the CPU's, and base's answers on 2 of 100).
 """
 
 from __future__ import annotations
