@@ -7,8 +7,8 @@ photo from scikit-image / scikit-learn / matplotlib. Train and held-out splits u
 background photos and disjoint seed streams, so held-out examples are really unseen.
 
 Deterministic for one set of libraries: the pixels come from Pillow's drawing and FreeType text and
-the photo packages' decoders, so other versions of those may move a few pixels (a GPU machine's images
-differed from the CPU's, and base's answers on 2 of 100).
+the photo packages' decoders, so other versions of those may move a few pixels (a GPU machine with other
+versions drew images that hash differently from this CPU's).
 """
 
 from __future__ import annotations
