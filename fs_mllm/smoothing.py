@@ -6,7 +6,8 @@ one at a time from that stream: so an image's smoothed features and certificate 
 position in the batch, its neighbours, how a call groups images, or ``chunk_size``, and two different
 images never share noise. The engine encodes ``chunk_size`` copies of the batch per call and hands the
 features on chunk by chunk; :func:`monte_carlo_pass` normalises them (per image, or per visual token)
-and keeps running sums and/or the scores, so memory does not grow with n.
+and keeps running sums and/or the scores, so the memory for features does not grow with n (the scores,
+one float per copy and image, or per copy and token, are kept on the host).
 """
 
 from __future__ import annotations
@@ -204,11 +205,8 @@ def monte_carlo_pass(
         raise ValueError("monte_carlo_pass(mean=False) computes only the scores, so it needs reference_unit")
     direction_sum = None
     norm_sum = None
-    # one (n, B[, ..., T]) buffer on the features' device, filled chunk by chunk (no per-chunk tensors kept alive)
-    scores = None
-    # the norms' validity over all chunks, checked once at the end (before anything is returned): a check,
-    # or a copy of the scores to the host, per chunk would make the host wait for a GPU on every chunk
-    invalid = None
+    scores = _HostScores(n)
+    invalid = None  # on an accelerator: the norms' validity flags of every chunk so far, OR-ed there
     done = 0
     dtype = torch.float32
     in_place = not torch.is_grad_enabled()  # attacks differentiate through the sums: keep those out of place
@@ -216,7 +214,10 @@ def monte_carlo_pass(
         dtype = features.dtype
         values, norms = _float_features_and_unchecked_norms(features, normalize, batch_dims=2)
         flags = invalid_norms(norms)
-        invalid = flags if invalid is None else invalid | flags
+        if checks_each_chunk(features.device):
+            raise_for_invalid_norms(flags)
+        else:
+            invalid = flags if invalid is None else invalid | flags
         if mean:
             unit_sum = (values / broadcast_norms(norms, values.ndim)).sum(0)
             if direction_sum is None:
@@ -229,17 +230,51 @@ def monte_carlo_pass(
         if reference_unit is not None:
             product = values * reference_unit.unsqueeze(0)
             cos = (product.flatten(2).sum(-1) if normalize == "global" else product.sum(-1)) / norms
-            chunk_scores = ((1 + cos) / 2).clamp(0, 1).detach()
-            if scores is None:
-                scores = torch.empty((n,) + tuple(chunk_scores.shape[1:]), dtype=torch.float64, device=chunk_scores.device)
-            scores[done:done + chunk_scores.shape[0]] = chunk_scores  # float32 -> float64, as .double() does
+            scores.add(((1 + cos) / 2).clamp(0, 1).detach())
         done += values.shape[0]
-    raise_for_invalid_norms(invalid)
-    if scores is not None:
-        scores = scores.cpu()
+    if invalid is not None:  # before anything is returned: a result is never computed from invalid features
+        raise_for_invalid_norms(invalid)
     if not mean:
-        return MonteCarloPass(None, None, scores, dtype)
-    return MonteCarloPass(direction_sum / n, norm_sum / n, scores, dtype)
+        return MonteCarloPass(None, None, scores.result(), dtype)
+    return MonteCarloPass(direction_sum / n, norm_sum / n, scores.result(), dtype)
+
+
+def checks_each_chunk(device: torch.device) -> bool:
+    """Whether the pass reads the norms' validity flags per chunk: on a CPU that costs nothing and a broken
+    encoder fails at its first bad chunk; on an accelerator every read makes the host wait for the device
+    (which then idles while the host launches the next chunk), so the flags are OR-ed there and read once,
+    after the last chunk."""
+    return device.type == "cpu"
+
+
+class _HostScores:
+    """The (n, B[, ..., T]) float64 scores on the host, filled chunk by chunk in one buffer (no per-chunk
+    tensors kept alive, no buffer on the device that grows with n).
+
+    From a CUDA device each chunk is copied without waiting, into pinned float32 memory, and
+    :meth:`result` waits for the device once; from elsewhere each chunk is copied straight into float64.
+    float32 -> float64 is exact, so the scores are the same bits either way."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.buffer: Optional[torch.Tensor] = None
+        self.device: Optional[torch.device] = None
+        self.done = 0
+
+    def add(self, chunk: torch.Tensor) -> None:
+        if self.buffer is None:
+            self.device = chunk.device
+            asynchronous = self.device.type == "cuda"
+            self.buffer = torch.empty((self.n,) + tuple(chunk.shape[1:]), pin_memory=asynchronous,
+                                      dtype=torch.float32 if asynchronous else torch.float64)
+        self.buffer[self.done:self.done + chunk.shape[0]].copy_(chunk, non_blocking=self.device.type == "cuda")
+        self.done += chunk.shape[0]
+
+    def result(self) -> Optional[torch.Tensor]:
+        if self.buffer is None or self.buffer.dtype == torch.float64:
+            return self.buffer
+        torch.cuda.current_stream(self.device).synchronize()  # the copies made without waiting have landed
+        return self.buffer.double()
 
 
 def smoothed_mean(

@@ -6,9 +6,9 @@ count, position) or one rendered word (word, colour, position), composited on a 
 photo from scikit-image / scikit-learn / matplotlib. Train and held-out splits use *disjoint*
 background photos and disjoint seed streams, so held-out examples are really unseen.
 
-Deterministic for one set of libraries: the pixels come from Pillow's drawing and FreeType text and
-the photo packages' decoders, so other versions of those may move a few pixels (a GPU machine with other
-versions drew images that hash differently from this CPU's).
+Deterministic for one set of libraries: the pixels come from numpy's random streams, Pillow's drawing,
+resizing and FreeType text, and the photo packages' decoders, so other versions of those may move a few
+pixels (a GPU machine with other versions drew images that hash differently from this CPU's).
 """
 
 from __future__ import annotations

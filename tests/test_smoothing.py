@@ -158,35 +158,70 @@ class BreaksOnCall(RecordingEncoder):
 @pytest.mark.parametrize("mean", [True, False])
 @pytest.mark.parametrize("value, message", [(float("nan"), "NaN or Inf"), (float("inf"), "NaN or Inf"),
                                             (0.0, "all-zero feature vector")])
-def test_invalid_features_in_any_chunk_are_an_error_not_a_result(images, normalize, mean, value, message):
-    """The norms of every chunk are checked on the device and read once, after the last chunk: a bad chunk
-    in the middle of the pass still raises, whichever pass, normalisation and kind of bad feature."""
+@pytest.mark.parametrize("bad_chunk", [1, 2, 3])
+@pytest.mark.parametrize("per_chunk", [True, False])
+def test_invalid_features_in_any_chunk_are_an_error_not_a_result(images, normalize, mean, value, message, bad_chunk,
+                                                                  per_chunk, monkeypatch):
+    """NaN, Inf or all-zero features in the first, a middle or the last (partial) chunk raise, whichever pass
+    and normalisation. On a CPU each chunk is checked as it comes; on an accelerator (simulated here) the
+    flags are OR-ed on the device and read after the last chunk, before anything is returned."""
+    monkeypatch.setattr("fs_mllm.smoothing.checks_each_chunk", lambda device: per_chunk)
     reference, _ = unit_features(RecordingEncoder()(images), normalize)
-    encoder = BreaksOnCall(call=2, value=value)  # the second of three chunks
+    encoder = BreaksOnCall(call=bad_chunk, value=value)  # n 10 in chunks of 4: 4, 4, 2 copies
     with pytest.raises(ValueError, match=message):
-        monte_carlo_pass(encoder, images, 0.3, 12, seed=5, chunk_size=4, normalize=normalize,
+        monte_carlo_pass(encoder, images, 0.3, 10, seed=5, chunk_size=4, normalize=normalize,
                          reference_unit=reference, mean=mean)
-    assert encoder.calls == 3
+    assert encoder.calls == (bad_chunk if per_chunk else 3)
     if normalize == "global":  # token mode: a zero image zeroes every token, the same error
         with pytest.raises(ValueError, match=message):
-            certify_features(BreaksOnCall(call=3, value=value), images, 0.25, n=12, chunk_size=4)
+            certify_features(BreaksOnCall(call=bad_chunk + 1, value=value), images, 0.25, n=10, chunk_size=4)
 
 
-@pytest.mark.parametrize("mean", [True, False])
-def test_the_pass_reads_nothing_back_from_the_device_before_its_last_chunk(images, mean):
-    """A read of a device tensor on the host (a check, a copy of the scores) makes the host wait for a GPU
-    to finish the chunk. Features on the meta device hold no data, so any such read raises: the pass must
-    encode every chunk first, read once at the end, and so never return an unchecked result."""
+def test_on_an_accelerator_the_pass_reads_nothing_back_before_its_last_chunk(images):
+    """A read of a device tensor on the host (a validity check) makes the host wait for a GPU to finish the
+    chunk. Features on the meta device hold no data, so any such read raises: the smoothing pass must encode
+    every chunk first and read its checks once, at the end, and so never return an unchecked result."""
     chunks = []
 
     def encode_on_meta(copies):
         chunks.append(copies.shape[0])
         return torch.empty((copies.shape[0], 6, 5), device="meta")
 
-    reference = torch.empty((images.shape[0], 6, 5), device="meta")
     with pytest.raises(NotImplementedError, match="meta"):
-        monte_carlo_pass(encode_on_meta, images, 0.3, 12, chunk_size=4, reference_unit=reference, mean=mean)
+        monte_carlo_pass(encode_on_meta, images, 0.3, 12, chunk_size=4)
     assert chunks == [4 * images.shape[0]] * 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("normalize", ["global", "token"])
+def test_on_cuda_the_host_waits_as_often_for_any_number_of_chunks(normalize):
+    """On a GPU neither the checks nor the scores make the host wait per chunk, and the scores still reach
+    the host, in float64, whole."""
+    import warnings
+
+    encoder = RecordingEncoder().cuda()
+    images = torch.rand(3, 3, 4, 4, generator=torch.Generator().manual_seed(0)).cuda()
+    reference, _ = unit_features(encoder(images), normalize)
+
+    def waits(n):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                result = monte_carlo_pass(encoder, images, 0.3, n, chunk_size=4, normalize=normalize,
+                                          reference_unit=reference, mean=False)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught), result.scores
+
+    few, scores_few = waits(8)
+    many, scores_many = waits(64)
+    assert few == many
+    assert scores_many.device.type == "cpu" and scores_many.dtype == torch.float64 and scores_many.shape[0] == 64
+    assert torch.equal(scores_many[:8], scores_few)  # the same streams, the same chunks of 4
+    whole = monte_carlo_pass(encoder, images, 0.3, 64, chunk_size=64, normalize=normalize, reference_unit=reference,
+                             mean=False).scores
+    torch.testing.assert_close(scores_many, whole, atol=1e-6, rtol=0)
 
 
 def test_scores_only_pass_needs_a_reference(images):
