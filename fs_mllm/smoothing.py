@@ -251,30 +251,31 @@ class _HostScores:
     """The (n, B[, ..., T]) float64 scores on the host, filled chunk by chunk in one buffer (no per-chunk
     tensors kept alive, no buffer on the device that grows with n).
 
-    From a CUDA device each chunk is copied without waiting, into pinned float32 memory, and
-    :meth:`result` waits for the device once; from elsewhere each chunk is copied straight into float64.
-    float32 -> float64 is exact, so the scores are the same bits either way."""
+    From a CUDA device each chunk is copied without waiting, into pinned memory of the chunk's own dtype
+    (float32, or float64 with a float64 reference), and :meth:`result` waits for the device once; from
+    elsewhere each chunk is copied straight into float64. float32 -> float64 is exact, so the scores are
+    the same bits either way."""
 
     def __init__(self, n: int) -> None:
         self.n = n
         self.buffer: Optional[torch.Tensor] = None
         self.device: Optional[torch.device] = None
+        self.asynchronous = False
         self.done = 0
 
     def add(self, chunk: torch.Tensor) -> None:
         if self.buffer is None:
             self.device = chunk.device
-            asynchronous = self.device.type == "cuda"
-            self.buffer = torch.empty((self.n,) + tuple(chunk.shape[1:]), pin_memory=asynchronous,
-                                      dtype=torch.float32 if asynchronous else torch.float64)
-        self.buffer[self.done:self.done + chunk.shape[0]].copy_(chunk, non_blocking=self.device.type == "cuda")
+            self.asynchronous = self.device.type == "cuda"
+            self.buffer = torch.empty((self.n,) + tuple(chunk.shape[1:]), pin_memory=self.asynchronous,
+                                      dtype=chunk.dtype if self.asynchronous else torch.float64)
+        self.buffer[self.done:self.done + chunk.shape[0]].copy_(chunk, non_blocking=self.asynchronous)
         self.done += chunk.shape[0]
 
     def result(self) -> Optional[torch.Tensor]:
-        if self.buffer is None or self.buffer.dtype == torch.float64:
-            return self.buffer
-        torch.cuda.current_stream(self.device).synchronize()  # the copies made without waiting have landed
-        return self.buffer.double()
+        if self.asynchronous:
+            torch.cuda.current_stream(self.device).synchronize()  # the copies made without waiting have landed
+        return None if self.buffer is None else self.buffer.double()
 
 
 def smoothed_mean(
