@@ -207,7 +207,6 @@ def monte_carlo_pass(
     norm_sum = None
     scores = _HostScores(n)
     invalid = None  # on an accelerator: the norms' validity flags of every chunk so far, OR-ed there
-    done = 0
     dtype = torch.float32
     in_place = not torch.is_grad_enabled()  # attacks differentiate through the sums: keep those out of place
     for features in iter_noisy_features(encode, x, noise_std, n, seed=seed, chunk_size=chunk_size):
@@ -231,7 +230,6 @@ def monte_carlo_pass(
             product = values * reference_unit.unsqueeze(0)
             cos = (product.flatten(2).sum(-1) if normalize == "global" else product.sum(-1)) / norms
             scores.add(((1 + cos) / 2).clamp(0, 1).detach())
-        done += values.shape[0]
     if invalid is not None:  # before anything is returned: a result is never computed from invalid features
         raise_for_invalid_norms(invalid)
     if not mean:
