@@ -116,3 +116,40 @@ def write_json(name: str, payload: dict, out_dir: Path = RESULTS) -> Path:
     path.write_text(json.dumps(record, indent=2, default=float) + "\n")
     print(f"wrote {path}")
     return path
+
+
+# CUDA runtime calls where the host blocks until the device has finished its queued work (a tensor read on
+# the host, e.g. .item(), goes through one of these, so it is counted once)
+HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def profile_call(run: Callable[[], object], device: str, rows: int, what: str, quiet: bool = False) -> dict:
+    """torch.profiler over one call of ``run`` (warm it up first): the operators that take its time, by self
+    time on the device that does the work, to say where a missed target goes. On a GPU also the share of
+    the wall time the device was busy and how often the host waited on it."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.startswith("cuda")
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
+        start = time.perf_counter()
+        run()
+        wall = (time.perf_counter() - start) * 1e3  # ms, profiler overhead included
+    sort_by = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    events = prof.key_averages()
+    # ms of self time in all: on a GPU the kernels' own events only (an operator's self device time repeats
+    # its kernels' time, so summing every event would count it twice), as torch's own table total does
+    counted = [e for e in events if not on_gpu or (e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False))]
+    total = sum(getattr(e, sort_by) for e in counted) / 1e3
+    table = events.table(sort_by=sort_by, row_limit=rows)
+    if not quiet:
+        print(f"profile of {what}, sorted by {sort_by} ({total:.1f} ms of self time in all, {wall:.1f} ms wall):\n{table}")
+    result = {"sort_by": sort_by, "total_self_ms": total, "wall_ms": wall}
+    if on_gpu:  # a GPU idles while the host waits on it and then launches the next kernels
+        waits = {e.key: e.count for e in events if e.key in HOST_WAITS}
+        print(f"  device busy {total / wall:.1%} of the wall time (profiler overhead included); host waits on the "
+              f"device, the benchmark's own final one included: {waits or 'none recorded'}")
+        result.update(device_busy_share=total / wall, host_waits=waits)
+    ranked = [{"op": e.key, "calls": e.count, "self_ms": getattr(e, sort_by) / 1e3}
+              for e in sorted(events, key=lambda e: getattr(e, sort_by), reverse=True)]
+    return {**result, "top": ranked[:rows], "all": ranked, "table": table}

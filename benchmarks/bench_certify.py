@@ -52,7 +52,7 @@ from typing import Callable
 
 import torch
 
-from _bench import CLOCKS, RESULTS, int_list, interleaved_times, ratio_of, summary, write_json
+from _bench import CLOCKS, RESULTS, int_list, interleaved_times, profile_call, ratio_of, summary, write_json
 from fs_mllm import certify_model, patch_model
 from fs_mllm.adapters import get_adapter
 
@@ -236,43 +236,15 @@ def throughput(args, model, inputs) -> dict:
     return result
 
 
-# CUDA runtime calls where the host blocks until the device has finished its queued work (a tensor read on
-# the host, e.g. .item(), goes through one of these, so it is counted once)
-HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
-
-
 def profile_certify(args, model, inputs) -> dict:
-    """torch.profiler over one ``certify_model`` call after a warm-up one: the operators that take its
-    time (self time on the device that does the work), to say where a missed throughput target goes."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
+    """torch.profiler over one ``certify_model`` call after a warm-up one, to say where a missed throughput
+    target goes."""
     n = args.throughput_chunks * args.chunk_size
-    on_gpu = args.device.startswith("cuda")
     run = certify(model, inputs, n, args.chunk_size, args.device)
     run()  # warm-up: allocations, kernel selection
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
-        start = time.perf_counter()
-        run()
-        wall = (time.perf_counter() - start) * 1e3  # ms, profiler overhead included
-    sort_by = "self_device_time_total" if on_gpu else "self_cpu_time_total"
-    events = prof.key_averages()
-    # ms of self time in all: on a GPU the kernels' own events only (an operator's self device time repeats
-    # its kernels' time, so summing every event would count it twice), as torch's own table total does
-    counted = [e for e in events if not on_gpu or (e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False))]
-    total = sum(getattr(e, sort_by) for e in counted) / 1e3
-    table = events.table(sort_by=sort_by, row_limit=args.profile_rows)
-    print(f"profile of one certify_model call, n={n}, batch {args.chunk_size}, sorted by {sort_by} "
-          f"({total:.1f} ms of self time in all, {wall:.1f} ms wall):\n{table}")
-    result = {"n": n, "chunk_size": args.chunk_size, "sort_by": sort_by, "total_self_ms": total, "wall_ms": wall}
-    if on_gpu:  # a GPU idles while the host waits on it and then launches the next kernels
-        waits = {e.key: e.count for e in events if e.key in HOST_WAITS}
-        print(f"  device busy {total / wall:.1%} of the wall time (profiler overhead included); host waits on the "
-              f"device, the benchmark's own final one included: {waits or 'none recorded'}")
-        result.update(device_busy_share=total / wall, host_waits=waits)
-    top = sorted(events, key=lambda e: getattr(e, sort_by), reverse=True)[:args.profile_rows]
-    return {**result, "top": [{"op": e.key, "calls": e.count, "self_ms": getattr(e, sort_by) / 1e3} for e in top],
-            "table": table}
+    profiled = profile_call(run, args.device, args.profile_rows, f"one certify_model call, n={n}, batch {args.chunk_size}")
+    del profiled["all"]  # the listed top operators are enough here
+    return {"n": n, "chunk_size": args.chunk_size, **profiled}
 
 
 # ---- torch.compile ------------------------------------------------------------------------------

@@ -18,11 +18,14 @@ median), with the issue-17 targets:
   and, to read a miss: tower_n / (n0 x tower_1) (the tower's own batching efficiency) and
   (patched - base) / (smoothed - tower_1) (1.0 = nothing outside the image-feature path costs time).
 
+``--profile`` then runs torch.profiler over one smoothed call and one tower_n call and lists, operator by
+operator, the self CPU time the smoothed call spends beyond the tower's: where a missed "smoothed" target goes.
+
 Models: ``--model tiny`` (random-weight LLaVA, CLIP 256x6 + Llama 256x6, 224 px) or ``--model
 fs-mini-llava`` (the embedded real model: DINOv2 ViT-S/14 at 112 px + SmolLM2-135M). Writes
 benchmarks/results/patch_overhead_<model>_cpu.json.
 
-Run: ``python benchmarks/bench_patch_overhead.py [--model tiny] [--n-samples 8] [--repeats 9] [--quick]``.
+Run: ``python benchmarks/bench_patch_overhead.py [--model tiny] [--n-samples 8] [--repeats 9] [--profile] [--quick]``.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from _bench import CLOCKS, ratio_of, summary, write_json
+from _bench import CLOCKS, profile_call, ratio_of, summary, write_json
 from fs_mllm.adapters import get_adapter
 from fs_mllm.patching import patch_model, unpatch_model
 
@@ -114,6 +117,12 @@ def main() -> None:
     parser.add_argument("--clock", choices=CLOCKS, default="cpu",
                         help="headline clock: process CPU time (steady on a shared CPU) or wall time; both are saved")
     parser.add_argument("--out-dir", default=None)
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one smoothed call against one tower_n call, operator by operator")
+    parser.add_argument("--profile-rows", type=int, default=12, help="operators listed by --profile")
+    parser.add_argument("--profile-calls", type=int, default=5,
+                        help="calls profiled per function, alternating (one call's GEMM times alone swing by more than the "
+                             "difference sought)")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny model, 56 px, 2 rounds)")
     args = parser.parse_args()
     if args.quick:
@@ -191,12 +200,52 @@ def main() -> None:
             print(f"  {label:12s} {min(values[clock]) * 1000:9.1f} / {statistics.median(values[clock]) * 1000:9.1f} ms")
         for key, fig in figures[clock].items():
             print(f"  {key:46s} {fig['min']:.3f} / {fig['median']:.3f}" + (f"   target {fig['target']}" if "target" in fig else ""))
-    out = f"patch_overhead_{args.model.replace('-', '_')}_cpu.json" if not args.quick else "patch_overhead_quick_cpu.json"
+    profiles = profile_smoothed(model, steps, n, mean_std, args.profile_rows, args.profile_calls) if args.profile else None
+    out = (f"patch_overhead_{args.model.replace('-', '_')}{'_profile' if args.profile else ''}_cpu.json" if not args.quick
+           else "patch_overhead_quick_cpu.json")
     write_json(out, {"model": description, "n_samples": n, "new_tokens": args.new_tokens, "rounds": args.repeats,
                      "clock": args.clock, "figures": figures[args.clock], "figures_by_clock": figures,
                      "times_ms": {clock: {k: summary([t * 1000 for t in v[clock]]) for k, v in records.items()}
-                                  for clock in CLOCKS}},
+                                  for clock in CLOCKS},
+                     **({"profile": profiles} if profiles else {})},
                **({"out_dir": Path(args.out_dir)} if args.out_dir else {}))
+
+
+def profile_smoothed(model, steps: dict, n: int, mean_std: dict, rows: int, calls: int) -> dict:
+    """``calls`` smoothed calls and as many tower_n calls under torch.profiler (alternating, one profile per
+    call, after a warm-up of each), and the operators by the self CPU time per call that the smoothed call
+    spends beyond the tower's."""
+    per_op = {"tower_n": {}, "smoothed": {}}
+    totals = {"tower_n": 0.0, "smoothed": 0.0}
+    with torch.no_grad():
+        for round_ in range(1 + calls):  # round 0 warms up
+            for label in per_op:
+                patched, fn, _ = steps[label]
+                if patched:
+                    patch_model(model, sigma=0.25, n_samples=n, **mean_std)
+                try:
+                    if round_ == 0:
+                        fn()
+                        continue
+                    profiled = profile_call(fn, "cpu", rows, f"{label} call {round_} of {calls} (n0 {n})", quiet=True)
+                finally:
+                    unpatch_model(model)
+                totals[label] += profiled["total_self_ms"] / calls
+                for row in profiled["all"]:
+                    per_op[label][row["op"]] = per_op[label].get(row["op"], 0.0) + row["self_ms"] / calls
+    ops = set(per_op["smoothed"]) | set(per_op["tower_n"])
+    extra = sorted(((op, per_op["smoothed"].get(op, 0.0) - per_op["tower_n"].get(op, 0.0)) for op in ops),
+                   key=lambda item: -abs(item[1]))[:rows]
+    total = totals["smoothed"] - totals["tower_n"]
+    print(f"self CPU time per call (mean of {calls} profiled calls each): tower_n {totals['tower_n']:.2f} ms, smoothed "
+          f"{totals['smoothed']:.2f} ms, {total:+.2f} ms ({total / totals['tower_n']:+.1%} of the tower's); largest "
+          "differences by operator (profiler overhead included):")
+    for op, ms in extra:
+        print(f"  {op:48s} {ms:+8.2f} ms   (tower_n {per_op['tower_n'].get(op, 0.0):8.2f}, smoothed "
+              f"{per_op['smoothed'].get(op, 0.0):8.2f})")
+    return {"calls": calls, "self_ms_per_call": totals, "extra_self_ms": total,
+            "extra_by_op": [{"op": op, "self_ms": ms, "tower_n_ms": per_op["tower_n"].get(op, 0.0),
+                             "smoothed_ms": per_op["smoothed"].get(op, 0.0)} for op, ms in extra]}
 
 
 if __name__ == "__main__":

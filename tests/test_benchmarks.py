@@ -32,6 +32,17 @@ def test_bench_patch_overhead_quick(tmp_path):
     assert {"generate_overhead_per_extra_copy", "lm_time_patched_over_base", "smoothed_fn_over_tower_n"} <= set(result["figures"])
 
 
+def test_bench_patch_overhead_profile_compares_the_smoothed_call_with_the_tower(tmp_path):
+    """--profile: the operators of the smoothed call against the tower's on n0 copies; the noise draws exist
+    only in the smoothed call, so they must show up as its extra time."""
+    proc = run_quick("bench_patch_overhead.py", tmp_path, "--profile", "--profile-calls", "1", "--profile-rows", "40")
+    profile = json.loads((tmp_path / "patch_overhead_quick_cpu.json").read_text())["profile"]
+    assert profile["calls"] == 1 and all(ms > 0 for ms in profile["self_ms_per_call"].values())
+    noise = [row for row in profile["extra_by_op"] if row["op"] == "aten::normal_"]
+    assert noise and noise[0]["tower_n_ms"] == 0 and noise[0]["smoothed_ms"] > 0
+    assert "self CPU time per call" in proc.stdout
+
+
 def test_bench_certify_quick(tmp_path):
     run_quick("bench_certify.py", tmp_path)
     result = json.loads((tmp_path / "certify_quick_throughput_memory_scaling_cpu.json").read_text())
