@@ -147,8 +147,9 @@ def profile_call(run: Callable[[], object], device: str, rows: int, what: str, q
     result = {"sort_by": sort_by, "total_self_ms": total, "wall_ms": wall}
     if on_gpu:  # a GPU idles while the host waits on it and then launches the next kernels
         waits = {e.key: e.count for e in events if e.key in HOST_WAITS}
-        print(f"  device busy {total / wall:.1%} of the wall time (profiler overhead included); host waits on the "
-              f"device, the benchmark's own final one included: {waits or 'none recorded'}")
+        if not quiet:
+            print(f"  device busy {total / wall:.1%} of the wall time (profiler overhead included); host waits on the "
+                  f"device, the benchmark's own final one included: {waits or 'none recorded'}")
         result.update(device_busy_share=total / wall, host_waits=waits)
     ranked = [{"op": e.key, "calls": e.count, "self_ms": getattr(e, sort_by) / 1e3}
               for e in sorted(events, key=lambda e: getattr(e, sort_by), reverse=True)]

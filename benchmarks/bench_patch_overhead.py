@@ -18,8 +18,9 @@ median), with the issue-17 targets:
   and, to read a miss: tower_n / (n0 x tower_1) (the tower's own batching efficiency) and
   (patched - base) / (smoothed - tower_1) (1.0 = nothing outside the image-feature path costs time).
 
-``--profile`` then runs torch.profiler over one smoothed call and one tower_n call and lists, operator by
-operator, the self CPU time the smoothed call spends beyond the tower's: where a missed "smoothed" target goes.
+``--profile`` then runs torch.profiler over ``--profile-calls`` smoothed calls and as many tower_n calls,
+alternating, and lists, operator by operator, the self CPU time per call the smoothed call spends beyond the
+tower's: where a missed "smoothed" target goes.
 
 Models: ``--model tiny`` (random-weight LLaVA, CLIP 256x6 + Llama 256x6, 224 px) or ``--model
 fs-mini-llava`` (the embedded real model: DINOv2 ViT-S/14 at 112 px + SmolLM2-135M). Writes
@@ -118,7 +119,7 @@ def main() -> None:
                         help="headline clock: process CPU time (steady on a shared CPU) or wall time; both are saved")
     parser.add_argument("--out-dir", default=None)
     parser.add_argument("--profile", action="store_true",
-                        help="also profile one smoothed call against one tower_n call, operator by operator")
+                        help="also profile smoothed calls against tower_n calls, operator by operator")
     parser.add_argument("--profile-rows", type=int, default=12, help="operators listed by --profile")
     parser.add_argument("--profile-calls", type=int, default=5,
                         help="calls profiled per function, alternating (one call's GEMM times alone swing by more than the "
