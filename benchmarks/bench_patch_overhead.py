@@ -67,6 +67,18 @@ def mini_llava():
     return model, inputs, dict(processor=processor), "fs-mini-llava (DINOv2 ViT-S/14 @ 112px + SmolLM2-135M), fp32"
 
 
+@contextlib.contextmanager
+def patched_while(model, patched: bool, n: int, mean_std: dict):
+    """The block runs with the model patched (n0 = ``n`` copies, sigma 0.25) when ``patched``, unpatched
+    otherwise; the model is unpatched again afterwards, so patching is never inside a timed or profiled call."""
+    if patched:
+        patch_model(model, sigma=0.25, n_samples=n, **mean_std)
+    try:
+        yield
+    finally:
+        unpatch_model(model)
+
+
 class Stopwatch:
     """CPU (process) and wall seconds of a block, accumulated: ``with watch: ...``."""
 
@@ -157,14 +169,10 @@ def main() -> None:
     with torch.no_grad():
         for round_ in range(1 + args.repeats):  # round 0 warms up and is dropped
             for label, (patched, fn, split) in steps.items():
-                if patched:  # patching is not timed: only the call is
-                    patch_model(model, sigma=0.25, n_samples=n, **mean_std)
-                try:
+                with patched_while(model, patched, n, mean_std):  # patching is not timed: only the call is
                     timer = FeatureTimer(owner, name) if split else contextlib.nullcontext()
                     with timer, Stopwatch() as watch:
                         fn()
-                finally:
-                    unpatch_model(model)
                 if round_ == 0:
                     continue
                 for clock in CLOCKS:
@@ -222,15 +230,11 @@ def profile_smoothed(model, steps: dict, n: int, mean_std: dict, rows: int, call
         for round_ in range(1 + calls):  # round 0 warms up
             for label in per_op:
                 patched, fn, _ = steps[label]
-                if patched:
-                    patch_model(model, sigma=0.25, n_samples=n, **mean_std)
-                try:
+                with patched_while(model, patched, n, mean_std):
                     if round_ == 0:
                         fn()
                         continue
                     profiled = profile_call(fn, "cpu", rows, f"{label} call {round_} of {calls} (n0 {n})", quiet=True)
-                finally:
-                    unpatch_model(model)
                 totals[label] += profiled["total_self_ms"] / calls
                 for row in profiled["all"]:
                     per_op[label][row["op"]] = per_op[label].get(row["op"], 0.0) + row["self_ms"] / calls
