@@ -1,9 +1,15 @@
-"""Print the figures table of benchmarks/README.md from the JSON files the benchmark scripts wrote.
+"""Print the tables of benchmarks/README.md and README.md from the JSON files the benchmark scripts wrote.
 
-Each row: figure, value (min-based / median-based ratio where it is a timing), target, met?, the
-command that printed it, the machine and the date (all read from the JSON, never typed by hand).
+`--table figures` (the default): benchmarks/README's figures. Each row: figure, value (min-based /
+median-based ratio where it is a timing), target, met?, the command that printed it, the machine and the
+date (all read from the JSON, never typed by hand).
 
-Usage: python benchmarks/summarize.py [--results benchmarks/results]
+`--table defense`: README's one table of what the defense buys on fs-mini-llava (base / FS / FS+GSB under
+every protocol and budget, and the certificate), then the issue's targets with their verdicts. Every
+cell comes from the result files named in its row; a row whose files disagree about a cell, or were run
+at another sigma or n0, stops the script rather than mix them.
+
+Usage: python benchmarks/summarize.py [--table figures|defense] [--results benchmarks/results]
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import json
 from pathlib import Path
 
 from _bench import RESULTS
+
+from fs_mllm.defense import budget_label
 
 
 def load(folder: Path, name: str):
@@ -108,13 +116,162 @@ def rows(folder: Path) -> list[tuple]:
     return out
 
 
+DEFENSE_VARIANTS = ("base", "fs", "fs+gsb")
+DEFENSE_SIGMA, DEFENSE_N0 = 0.25, 8  # the defaults the README's table is about
+
+# One run per entry: protocol, what was run, a short tag for the targets, budgets ((norm, eps)), and the
+# result files searched (bench_defense.py JSONs or a checkpoint's rows.jsonl; glob patterns allowed).
+ADAPTIVE_BUDGETS = (("l2", 0.0625), ("l2", 0.125), ("l2", 0.25), ("l2", 0.5), ("l2", 1.0),
+                    ("linf", 1 / 255), ("linf", 2 / 255), ("linf", 4 / 255))
+DEFENSE_RUNS = (
+    ("clean", "200 held-out questions", "clean", (("-", 0.0),), ("bench_defense_transfer100_cpu.json",)),
+    ("transfer", "crafted once on base, replayed: targeted feature matching, whole view + one random crop per step, "
+     "200 steps at 1/255", "whole view + crop", (("linf", 4 / 255), ("linf", 8 / 255)),
+     ("bench_defense_transfer100_linf4_crops200_fullview_cpu.json", "bench_defense_transfer100_linf8_crops200_fullview_cpu.json")),
+    ("transfer", "the same, 300 steps", "whole view + crop, 300 steps", (("linf", 16 / 255),),
+     ("bench_defense_transfer100_crops300_fullview_cpu.json",)),
+    ("transfer", "the same without crops, 100 steps at 2/255", "no crops, 100 steps", (("linf", 16 / 255),),
+     ("bench_defense_transfer100_cpu.json",)),
+    ("noise", "random signs of the budget: the control", "noise", (("linf", 4 / 255), ("linf", 8 / 255), ("linf", 16 / 255)),
+     ("bench_defense_transfer100_crops300_step2_noise_cpu.json",)),
+    ("adaptive", "untargeted through each variant's smoothed path, 20 steps x EOT 8", "20 steps x EOT 8", ADAPTIVE_BUDGETS,
+     ("bench_defense_adaptive100_20x8_gpu_partial/rows.jsonl", "bench_defense_adaptive100_l2_025_20x8_gpu.json")),
+    ("adaptive", "the same, 5 steps x EOT 2", "5 steps x EOT 2", ADAPTIVE_BUDGETS, ("bench_defense_adaptive100_*_5x2_cpu.json",)),
+)
+CERTIFY_FILES = {"fs": "certify_photos_fs_mini_llava_cpu.json", "fs+gsb": "certify_photos_fs_gsb_mini_llava_cpu.json"}
+
+
+def result_rows(folder: Path, pattern: str) -> list[tuple[str, str, dict]]:
+    """(file name, machine, row) of every defense row in the files matching ``pattern``; each file must be
+    at the README's sigma and n0, so no table mixes settings."""
+    found = []
+    for path in sorted(folder.glob(pattern)):
+        if path.suffix == ".jsonl":  # a checkpoint: its settings sit beside it
+            settings = json.loads((path.parent / "settings.json").read_text())
+            rows_ = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            rows_ = [r for r in rows_ if "protocol" in r]
+            name = path.parent.name + "/" + path.name
+            device = "cpu" if settings["device_type"] == "cpu" else "gpu"
+        else:
+            record = json.loads(path.read_text())
+            settings, rows_, name = record["settings"], record["rows"], path.name
+            device = "cpu" if record["device"] == "cpu" else "gpu"
+        fs = settings.get("fs", settings.get("settings", {}).get("fs"))
+        if fs is None or (fs["sigma"], fs["n_samples"]) != (DEFENSE_SIGMA, DEFENSE_N0):
+            raise SystemExit(f"{name}: not at sigma {DEFENSE_SIGMA}, n0 {DEFENSE_N0} ({fs}); leave it out of DEFENSE_RUNS")
+        found += [(name, device, r) for r in rows_]
+    if not found:
+        raise SystemExit(f"no defense rows in {folder}/{pattern}")
+    return found
+
+
+def defense_cells(folder: Path, protocol: str, files: tuple[str, ...], budgets) -> tuple[dict, set[str]]:
+    """{(variant, norm, eps): (n, accuracy, attack success, targeted success)} over the files, refusing two
+    files that disagree about one cell, and the machines ("cpu", "gpu") the cells came from."""
+    cells, devices = {}, set()
+    wanted = {(norm, round(eps, 9)) for norm, eps in budgets}
+    for pattern in files:
+        for name, device, row in result_rows(folder, pattern):
+            key = (row["variant"], row["norm"], round(row["eps"], 9))
+            if row["protocol"] != protocol or key[1:] not in wanted:
+                continue
+            figures = (row["n"], row["accuracy"], row["attack_success"], row["targeted_success"])
+            if key in cells and cells[key][1] != figures:
+                raise SystemExit(f"{protocol} {key}: {cells[key][0]} and {name} disagree ({cells[key][1]} vs {figures})")
+            cells.setdefault(key, (name, figures))
+            devices.add(device)
+    return {k: v[1] for k, v in cells.items()}, devices
+
+
+def defense_cell(protocol: str, figures) -> str:
+    if figures is None:
+        return "not run"
+    _, accuracy, success, targeted = figures
+    if protocol == "clean":
+        return f"{accuracy:.3f}"
+    if protocol == "transfer" and targeted is not None:
+        return f"{accuracy:.3f} ({success:.3f} / {targeted:.3f})"
+    return f"{accuracy:.3f} ({success:.3f})"
+
+
+def certified_means(folder: Path) -> dict[str, dict[str, float]]:
+    """{variant: {"FCSB@0.0625": mean, ...}} over the offline photos, from the `fs-mllm certify` summaries."""
+    out = {}
+    for variant, name in CERTIFY_FILES.items():
+        record = load(folder, name)
+        if record is None:
+            continue
+        table = record["summary"]["table"]
+        if record["summary"]["settings"]["sigma"] != DEFENSE_SIGMA:
+            raise SystemExit(f"{name}: not at sigma {DEFENSE_SIGMA}")
+        columns = [c for c in table["columns"] if c.startswith("FCSB@")]
+        out[variant] = {c: sum(r[c] for r in table["rows"]) / len(table["rows"]) for c in columns}
+        out[variant]["images"], out[variant]["n"] = len(table["rows"]), record["summary"]["settings"]["n"]
+    return out
+
+
+def defense_table(folder: Path) -> tuple[list[str], dict, dict]:
+    """README's one table (markdown lines), the cells the targets are judged on, and the certified means."""
+    lines = ["| protocol | what was run | budget | n | machine | base | FS | FS+GSB | files |", "|---|---|---|---|---|---|---|---|---|"]
+    judged = {}
+    for protocol, what, tag, budgets, files in DEFENSE_RUNS:
+        cells, devices = defense_cells(folder, protocol, files, budgets)
+        machine = " and ".join(sorted(d.upper() for d in devices))
+        for i, (norm, eps) in enumerate(budgets):
+            figures = [cells.get((v, norm, round(eps, 9))) for v in DEFENSE_VARIANTS]
+            n = {f[0] for f in figures if f is not None}
+            judged[(protocol, tag, norm, round(eps, 9))] = figures
+            first = i == 0  # later budgets of the same run: ditto
+            lines.append(f"| {protocol} | {what if first else chr(34)} | {budget_label(protocol, norm, eps)} | "
+                         f"{'/'.join(str(x) for x in sorted(n))} | {machine} | " +
+                         " | ".join(defense_cell(protocol, f) for f in figures) +
+                         f" | {', '.join(f'`{x}`' for x in files) if first else chr(34)} |")
+    certified = certified_means(folder)
+    count = ", ".join(f"{i} photos x {n} samples" for i, n in sorted({(c["images"], c["n"]) for c in certified.values()}))
+    for i, column in enumerate(("FCSB@0.0625", "FCSB@0.125")):
+        values = ["-"] + [f"{certified[v][column]:.3f}" if v in certified else "not run" for v in DEFENSE_VARIANTS[1:]]
+        files = ", ".join(f"`{CERTIFY_FILES[v]}`" for v in certified)
+        lines.append(f"| certified | {'mean certified FCSB over the offline photos (bernstein, alpha 0.001)' if i == 0 else chr(34)} "
+                     f"| l2 {column[5:]} | {count} | CPU | " + " | ".join(values) + f" | {files if i == 0 else chr(34)} |")
+    return lines, judged, certified
+
+
+def defense_targets(judged: dict, certified: dict) -> list[str]:
+    """The issue's targets at sigma 0.25 with the measured figures and whether each is met."""
+    lines = ["| target (issue 12, sigma 0.25, n0 8) | measured | met? |", "|---|---|---|"]
+    base, _, gsb = judged[("clean", "clean", "-", 0.0)]
+    lines.append(f"| FS+GSB clean accuracy >= 0.95 x base | {gsb[1]:.3f} against 0.95 x {base[1]:.3f} = {0.95 * base[1]:.3f} | "
+                 f"{met(gsb[1], 0.95 * base[1])} |")
+    fcsb = certified.get("fs+gsb", {}).get("FCSB@0.125")
+    if fcsb is not None:
+        lines.append(f"| FS+GSB mean certified FCSB(sigma/2) >= 0.6 (offline photos, n 1000, alpha 0.001) | {fcsb:.3f} | {met(fcsb, 0.6)} |")
+    for (protocol, tag, norm, eps), (b, _, g) in judged.items():
+        if protocol == "transfer" and eps == round(16 / 255, 9) and b is not None and g is not None:
+            lines.append(f"| transfer linf 16/255, {tag}: base attack success >= 0.8, and FS+GSB's <= 0.03 | "
+                         f"base {b[2]:.3f}, FS+GSB {g[2]:.3f} | {met(b[2], 0.8)}, {met(g[2], None, 0.03)} |")
+    for tag in dict.fromkeys(t for p, t, _, _ in judged if p == "adaptive"):
+        margins = {budget_label("adaptive", norm, eps): (g[1] - b[1]) for (p, t, norm, eps), (b, _, g) in judged.items()
+                   if p == "adaptive" and t == tag and b is not None and g is not None}
+        low = min(margins, key=margins.get)
+        lines.append(f"| adaptive, {tag}: FS+GSB accuracy >= base at every budget | {len(margins)} budgets, smallest margin "
+                     f"{margins[low]:+.3f} ({low}) | {met(margins[low], -1e-9)} |")
+        lines.append(f"| the same at l2 0.25: FS+GSB accuracy >= base + 0.2 | {margins['l2 0.25']:+.3f} | {met(margins['l2 0.25'], 0.2 - 1e-9)} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--table", choices=("figures", "defense"), default="figures")
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args()
+    folder = Path(args.results)
+    if args.table == "defense":
+        lines, judged, certified = defense_table(folder)
+        print("\n".join(lines + [""] + defense_targets(judged, certified)))
+        return
     print("| figure | value (min / median) | target | met? | command | machine | date |")
     print("|---|---|---|---|---|---|---|")
-    for row in rows(Path(args.results)):
+    for row in rows(folder):
         print("| " + " | ".join(str(c) for c in row) + " |")
 
 

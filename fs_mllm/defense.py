@@ -63,7 +63,7 @@ def check_variants(variants: Any) -> tuple[str, ...]:
     return variants
 
 __all__ = ["VARIANTS", "DefenseCheckpoint", "DefenseSettings", "check_variants", "EvalItem", "answer_metrics", "apply_variant",
-           "defense_table", "evaluate_defense", "synthetic_items"]
+           "budget_label", "defense_table", "evaluate_defense", "synthetic_items"]
 
 
 def apply_variant(model: nn.Module, variant: str, config: FSConfig, processor: Any = None, booster: Any = None) -> nn.Module:
@@ -589,6 +589,13 @@ def answer_metrics(clean_outputs: Sequence[str], adv_outputs: Sequence[str], ans
             "targeted_success": targeted}
 
 
+def budget_label(protocol: str, norm: str, eps: float) -> str:
+    """A budget as the reader knows it: "none" for clean rows, linf in /255, l2 as a number."""
+    if protocol == "clean":
+        return "none"
+    return f"linf {eps * 255:g}/255" if norm == "linf" else f"l2 {eps:g}"
+
+
 def defense_table(rows: Sequence[dict[str, Any]]) -> str:
     """The rows as a markdown table, budgets written as the reader knows them (linf in /255)."""
     header = "| variant | protocol | budget | n | accuracy | attack success | targeted success | FCS | certified FCSB (l2 radius) |"
@@ -598,12 +605,7 @@ def defense_table(rows: Sequence[dict[str, Any]]) -> str:
         return "-" if value is None else f"{value:.3f}"
 
     for row in rows:
-        if row["protocol"] == "clean":
-            budget = "none"
-        elif row["norm"] == "linf":
-            budget = f"linf {row['eps'] * 255:g}/255"
-        else:
-            budget = f"l2 {row['eps']:g}"
+        budget = budget_label(row["protocol"], row["norm"], row["eps"])
         bound = "-" if row["certified_fcsb"] is None else f"{row['certified_fcsb']:.3f} ({row['certified_radius_l2']:.3g})"
         lines.append(f"| {row['variant']} | {row['protocol']} | {budget} | {row['n']} | {fmt(row['accuracy'])} | "
                      f"{fmt(row['attack_success'])} | {fmt(row['targeted_success'])} | {fmt(row['fcs'])} | {bound} |")

@@ -6,6 +6,7 @@ No timing is asserted here: timings belong to benchmarks/README.md, measured sid
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -162,3 +163,40 @@ def test_bench_defense_small_run_resumes_and_refuses_other_settings(tmp_path):
     assert proc.returncode == 2 and "transfer_images" in proc.stderr and "settings.transfer_steps" in proc.stderr, failure(proc)
     assert not (tmp_path / "n4b.json").exists() and not (tmp_path / "n4b.json.parts").exists()
     assert {p.name: p.read_bytes() for p in (tmp_path / "run.parts").iterdir()} == before
+
+
+def run_summarize(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(BENCHMARKS / "summarize.py"), *extra]
+    return subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("table, readme", [("figures", BENCHMARKS / "README.md"), ("defense", ROOT / "README.md")])
+def test_the_readme_tables_are_what_summarize_prints_from_the_results(table, readme, tmp_path):
+    """The tables are generated, never typed: a result file changed without the README (or the reverse) fails here."""
+    proc = run_summarize(tmp_path, "--table", table)
+    assert proc.returncode == 0, failure(proc)
+    assert proc.stdout.count("\n| ") > 5
+    assert proc.stdout.strip() in readme.read_text(), f"run `python benchmarks/summarize.py --table {table}` and paste it into {readme}"
+
+
+def test_summarize_defense_refuses_results_that_disagree_or_were_run_at_other_settings(tmp_path):
+
+    results = tmp_path / "results"
+    shutil.copytree(BENCHMARKS / "results", results)
+    record = json.loads((results / "bench_defense_adaptive100_l2_025_5x2_cpu.json").read_text())
+    base = next(r for r in record["rows"] if r["variant"] == "base" and r["protocol"] == "adaptive")
+    base["accuracy"] += 0.01
+    (results / "bench_defense_adaptive100_zz_5x2_cpu.json").write_text(json.dumps(record))
+    proc = run_summarize(tmp_path, "--table", "defense", "--results", str(results))
+    assert proc.returncode != 0 and "disagree" in proc.stderr and "bench_defense_adaptive100_zz_5x2_cpu.json" in proc.stderr
+
+    base["accuracy"] -= 0.01
+    record["settings"]["fs"]["n_samples"] = 32
+    (results / "bench_defense_adaptive100_zz_5x2_cpu.json").write_text(json.dumps(record))
+    proc = run_summarize(tmp_path, "--table", "defense", "--results", str(results))
+    assert proc.returncode != 0 and "not at sigma 0.25, n0 8" in proc.stderr
+
+    (results / "bench_defense_adaptive100_zz_5x2_cpu.json").unlink()
+    (results / "bench_defense_transfer100_cpu.json").unlink()
+    proc = run_summarize(tmp_path, "--table", "defense", "--results", str(results))
+    assert proc.returncode != 0 and "no defense rows" in proc.stderr and "bench_defense_transfer100_cpu.json" in proc.stderr
