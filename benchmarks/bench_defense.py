@@ -42,7 +42,8 @@ import torch
 
 from fs_mllm.arguments import add_crop_view_arguments, fraction_pair, positive_float, positive_int
 from fs_mllm.config import FSConfig
-from fs_mllm.defense import ADAPTIVE_L2, ADAPTIVE_LINF, TRANSFER_LINF, DefenseSettings, defense_table, evaluate_defense, synthetic_items
+from fs_mllm.defense import (ADAPTIVE_L2, ADAPTIVE_LINF, TRANSFER_LINF, DefenseSettings, defense_table, evaluate_defense,
+                              module_fingerprint, synthetic_items)
 from fs_mllm.evaluation.results import SETTINGS_FILE, ResultsFolderError
 from fs_mllm.gsb import GaussianSmoothnessBooster
 from fs_mllm.models import load_mini_llava
@@ -167,6 +168,7 @@ def main() -> None:
           + (f" over {len(calls)} calls" if len(calls) > 1 else ""))
     result = {"settings": settings.to_dict(), "clean_questions": len(clean_items), "attack_images": len(attack_items),
               "device": args.device, "seconds": seconds, "calls": calls, "rows": rows, "table": table,
+              "booster": module_fingerprint(booster) if "fs+gsb" in settings.variants else None,
               # images replayed from another run: their crafting time is that run's, not in ``seconds``
               "transfer_images": args.transfer_images}
     temporary = Path(args.out + ".tmp")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from _bench import RESULTS
@@ -118,68 +119,120 @@ def rows(folder: Path) -> list[tuple]:
 
 DEFENSE_VARIANTS = ("base", "fs", "fs+gsb")
 DEFENSE_SIGMA, DEFENSE_N0 = 0.25, 8  # the defaults the README's table is about
-
-# One run per entry: protocol, what was run, a short tag for the targets, budgets ((norm, eps)), and the
-# result files searched (bench_defense.py JSONs or a checkpoint's rows.jsonl; glob patterns allowed).
+# bench_defense.py settings that older result files do not record, as those runs had them
+SETTING_DEFAULTS = {"crop_views": 1, "crop_full_view": False}
 ADAPTIVE_BUDGETS = (("l2", 0.0625), ("l2", 0.125), ("l2", 0.25), ("l2", 0.5), ("l2", 1.0),
                     ("linf", 1 / 255), ("linf", 2 / 255), ("linf", 4 / 255))
+CROPS = {"crop_scale": [0.5, 1.0], "crop_views": 2, "crop_full_view": True, "transfer_step_size": 1 / 255, "surrogates": None}
+NOT_YET = ("fs", ("l2", 0.0625), ("l2", 0.5), ("l2", 1.0), ("linf", 1 / 255), ("linf", 2 / 255), ("linf", 4 / 255))
+
+
+@dataclass(frozen=True)
+class DefenseRun:
+    """One run of the table: every cell must come from ``files`` (glob patterns; a checkpoint's rows.jsonl
+    too), with ``settings`` as recorded there and ``n`` questions, except the cells ``not_run`` names."""
+
+    protocol: str
+    what: str  # what was run, as the table says it
+    tag: str  # the run's short name in the targets
+    budgets: tuple
+    files: tuple
+    settings: dict = field(default_factory=dict)
+    n: int = 100
+    not_run: tuple = ()  # (variant, budget, budget, ...): cells known not to exist yet
+
+    def expected(self, variant: str, budget: tuple) -> bool:
+        return not (self.not_run and variant == self.not_run[0] and budget in self.not_run[1:])
+
+
 DEFENSE_RUNS = (
-    ("clean", "200 held-out questions", "clean", (("-", 0.0),), ("bench_defense_transfer100_cpu.json",)),
-    ("transfer", "crafted once on base, replayed: targeted feature matching, whole view + one random crop per step, "
-     "200 steps at 1/255", "whole view + crop", (("linf", 4 / 255), ("linf", 8 / 255)),
-     ("bench_defense_transfer100_linf4_crops200_fullview_cpu.json", "bench_defense_transfer100_linf8_crops200_fullview_cpu.json")),
-    ("transfer", "the same, 300 steps", "whole view + crop, 300 steps", (("linf", 16 / 255),),
-     ("bench_defense_transfer100_crops300_fullview_cpu.json",)),
-    ("transfer", "the same without crops, 100 steps at 2/255", "no crops, 100 steps", (("linf", 16 / 255),),
-     ("bench_defense_transfer100_cpu.json",)),
-    ("noise", "random signs of the budget: the control", "noise", (("linf", 4 / 255), ("linf", 8 / 255), ("linf", 16 / 255)),
-     ("bench_defense_transfer100_crops300_step2_noise_cpu.json",)),
-    ("adaptive", "untargeted through each variant's smoothed path, 20 steps x EOT 8", "20 steps x EOT 8", ADAPTIVE_BUDGETS,
-     ("bench_defense_adaptive100_20x8_gpu_partial/rows.jsonl", "bench_defense_adaptive100_l2_025_20x8_gpu.json")),
-    ("adaptive", "the same, 5 steps x EOT 2", "5 steps x EOT 2", ADAPTIVE_BUDGETS, ("bench_defense_adaptive100_*_5x2_cpu.json",)),
+    DefenseRun("clean", "200 held-out questions", "clean", (("-", 0.0),), ("bench_defense_transfer100_cpu.json",), n=200),
+    DefenseRun("transfer", "crafted once on base, replayed: targeted feature matching, whole view + one random crop per "
+               "step, 200 steps at 1/255", "whole view + crop", (("linf", 4 / 255), ("linf", 8 / 255)),
+               ("bench_defense_transfer100_linf4_crops200_fullview_cpu.json", "bench_defense_transfer100_linf8_crops200_fullview_cpu.json"),
+               {**CROPS, "transfer_steps": 200}),
+    DefenseRun("transfer", "the same, 300 steps", "whole view + crop, 300 steps", (("linf", 16 / 255),),
+               ("bench_defense_transfer100_crops300_fullview_cpu.json",), {**CROPS, "transfer_steps": 300}),
+    DefenseRun("transfer", "the same without crops, 100 steps at 2/255", "no crops, 100 steps", (("linf", 16 / 255),),
+               ("bench_defense_transfer100_cpu.json",),
+               {"crop_scale": None, "transfer_steps": 100, "transfer_step_size": 0.00784, "surrogates": None}),
+    DefenseRun("noise", "random signs of the budget: the control", "noise", (("linf", 4 / 255), ("linf", 8 / 255), ("linf", 16 / 255)),
+               ("bench_defense_transfer100_crops300_step2_noise_cpu.json",)),
+    DefenseRun("adaptive", "untargeted through each variant's smoothed path, 20 steps x EOT 8", "20 steps x EOT 8", ADAPTIVE_BUDGETS,
+               ("bench_defense_adaptive100_20x8_gpu_partial/rows.jsonl", "bench_defense_adaptive100_*_20x8_gpu.json"),
+               {"adaptive_steps": 20, "eot_samples": 8, "adaptive_objective": "untargeted"}, not_run=NOT_YET),
+    DefenseRun("adaptive", "the same, 5 steps x EOT 2", "5 steps x EOT 2", ADAPTIVE_BUDGETS, ("bench_defense_adaptive100_*_5x2_cpu.json",),
+               {"adaptive_steps": 5, "eot_samples": 2, "adaptive_objective": "untargeted"}),
 )
 CERTIFY_FILES = {"fs": "certify_photos_fs_mini_llava_cpu.json", "fs+gsb": "certify_photos_fs_gsb_mini_llava_cpu.json"}
+CERTIFY_SETTINGS = {"sigma": DEFENSE_SIGMA, "n": 1000, "alpha": 0.001, "method": "bernstein"}
 
 
-def result_rows(folder: Path, pattern: str) -> list[tuple[str, str, dict]]:
-    """(file name, machine, row) of every defense row in the files matching ``pattern``; each file must be
-    at the README's sigma and n0, so no table mixes settings."""
+def shipped_booster() -> str:
+    """The fingerprint of the booster the package ships for fs-mini-llava, which every fs+gsb row must have used."""
+    from fs_mllm import GaussianSmoothnessBooster
+    from fs_mllm.defense import module_fingerprint
+    from fs_mllm.models.mini_llava import BOOSTER_DIR
+
+    return module_fingerprint(GaussianSmoothnessBooster.from_pretrained(BOOSTER_DIR).eval())
+
+
+def result_rows(folder: Path, run: DefenseRun, pattern: str, booster: str) -> list[tuple[str, str, dict]]:
+    """(file name, machine, row) of every row in the files matching ``pattern``, each file checked against the
+    run's settings, sigma, n0 and the shipped booster (where it records one), so no cell mixes settings."""
     found = []
     for path in sorted(folder.glob(pattern)):
-        if path.suffix == ".jsonl":  # a checkpoint: its settings sit beside it
-            settings = json.loads((path.parent / "settings.json").read_text())
-            rows_ = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            rows_ = [r for r in rows_ if "protocol" in r]
+        if path.suffix == ".jsonl":  # a checkpoint: its settings sit beside it, the booster in its state rows
+            recorded = json.loads((path.parent / "settings.json").read_text())
+            settings, device = recorded["settings"], recorded["device_type"]
+            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            rows_ = [r for r in lines if "protocol" in r]
+            boosters = {r["booster"] for r in lines if "protocol" not in r and r.get("booster")}
             name = path.parent.name + "/" + path.name
-            device = "cpu" if settings["device_type"] == "cpu" else "gpu"
         else:
             record = json.loads(path.read_text())
-            settings, rows_, name = record["settings"], record["rows"], path.name
-            device = "cpu" if record["device"] == "cpu" else "gpu"
-        fs = settings.get("fs", settings.get("settings", {}).get("fs"))
-        if fs is None or (fs["sigma"], fs["n_samples"]) != (DEFENSE_SIGMA, DEFENSE_N0):
-            raise SystemExit(f"{name}: not at sigma {DEFENSE_SIGMA}, n0 {DEFENSE_N0} ({fs}); leave it out of DEFENSE_RUNS")
-        found += [(name, device, r) for r in rows_]
+            settings, rows_, name, device = record["settings"], record["rows"], path.name, record["device"]
+            boosters = {record["booster"]} if record.get("booster") else set()
+        fs = settings["fs"]
+        if (fs["sigma"], fs["n_samples"]) != (DEFENSE_SIGMA, DEFENSE_N0):
+            raise SystemExit(f"{name}: not at sigma {DEFENSE_SIGMA}, n0 {DEFENSE_N0} (sigma {fs['sigma']}, n0 {fs['n_samples']})")
+        for key, want in run.settings.items():
+            have = settings.get(key, SETTING_DEFAULTS.get(key))
+            if have != want and not (isinstance(want, float) and isinstance(have, float) and abs(have - want) < 1e-9):
+                raise SystemExit(f"{name}: {key} is {have!r}, but its row of the table says {want!r} ({run.what})")
+        if boosters - {booster}:
+            raise SystemExit(f"{name}: fs+gsb ran with booster {sorted(boosters - {booster})}, not the shipped one ({booster})")
+        found += [(name, "cpu" if device == "cpu" else "gpu", r) for r in rows_]
     if not found:
         raise SystemExit(f"no defense rows in {folder}/{pattern}")
     return found
 
 
-def defense_cells(folder: Path, protocol: str, files: tuple[str, ...], budgets) -> tuple[dict, set[str]]:
-    """{(variant, norm, eps): (n, accuracy, attack success, targeted success)} over the files, refusing two
-    files that disagree about one cell, and the machines ("cpu", "gpu") the cells came from."""
+def defense_cells(folder: Path, run: DefenseRun, booster: str) -> tuple[dict, set[str]]:
+    """{(variant, norm, eps): (n, accuracy, attack success, targeted success)} over the run's files, refusing
+    two files that disagree about one cell, a cell missing or with another count, and the machines ("cpu",
+    "gpu") the cells came from."""
     cells, devices = {}, set()
-    wanted = {(norm, round(eps, 9)) for norm, eps in budgets}
-    for pattern in files:
-        for name, device, row in result_rows(folder, pattern):
+    wanted = {(norm, round(eps, 9)) for norm, eps in run.budgets}
+    for pattern in run.files:
+        for name, device, row in result_rows(folder, run, pattern, booster):
             key = (row["variant"], row["norm"], round(row["eps"], 9))
-            if row["protocol"] != protocol or key[1:] not in wanted:
+            if row["protocol"] != run.protocol or key[1:] not in wanted:
                 continue
             figures = (row["n"], row["accuracy"], row["attack_success"], row["targeted_success"])
             if key in cells and cells[key][1] != figures:
-                raise SystemExit(f"{protocol} {key}: {cells[key][0]} and {name} disagree ({cells[key][1]} vs {figures})")
+                raise SystemExit(f"{run.protocol} {key}: {cells[key][0]} and {name} disagree ({cells[key][1]} vs {figures})")
+            if row["n"] != run.n:
+                raise SystemExit(f"{name}: {run.protocol} {key} counts {row['n']} questions, its row of the table {run.n}")
             cells.setdefault(key, (name, figures))
             devices.add(device)
+    for variant in DEFENSE_VARIANTS:
+        for norm, eps in run.budgets:
+            have, expected = (variant, norm, round(eps, 9)) in cells, run.expected(variant, (norm, eps))
+            if have != expected:
+                raise SystemExit(f"{run.protocol} ({run.tag}) {variant} {budget_label(run.protocol, norm, eps)}: "
+                                 + ("no result file has it" if expected else "now measured: take it out of not_run (and the "
+                                                                              "README's sentence that it was not run)"))
     return {k: v[1] for k, v in cells.items()}, devices
 
 
@@ -201,12 +254,17 @@ def certified_means(folder: Path) -> dict[str, dict[str, float]]:
         record = load(folder, name)
         if record is None:
             continue
-        table = record["summary"]["table"]
-        if record["summary"]["settings"]["sigma"] != DEFENSE_SIGMA:
-            raise SystemExit(f"{name}: not at sigma {DEFENSE_SIGMA}")
-        columns = [c for c in table["columns"] if c.startswith("FCSB@")]
-        out[variant] = {c: sum(r[c] for r in table["rows"]) / len(table["rows"]) for c in columns}
-        out[variant]["images"], out[variant]["n"] = len(table["rows"]), record["summary"]["settings"]["n"]
+        table, settings = record["summary"]["table"], record["summary"]["settings"]
+        differ = {k: settings.get(k) for k, v in CERTIFY_SETTINGS.items() if settings.get(k) != v}
+        if differ or settings.get("images") is not None or settings.get("limit") is not None:
+            raise SystemExit(f"{name}: not certified on every offline photo with {CERTIFY_SETTINGS} ({differ or settings})")
+        if (variant == "fs+gsb") != (settings.get("booster") is not None):
+            raise SystemExit(f"{name}: booster {settings.get('booster')!r} does not fit the {variant} row")
+        missing = {"FCSB@0.0625", "FCSB@0.125"} - set(table["columns"])
+        if missing:
+            raise SystemExit(f"{name}: no {sorted(missing)} column; certify again with --radii 0.0625,0.125")
+        out[variant] = {c: sum(r[c] for r in table["rows"]) / len(table["rows"]) for c in ("FCSB@0.0625", "FCSB@0.125")}
+        out[variant]["images"] = len(table["rows"])
     return out
 
 
@@ -214,25 +272,25 @@ def defense_table(folder: Path) -> tuple[list[str], dict, dict]:
     """README's one table (markdown lines), the cells the targets are judged on, and the certified means."""
     lines = ["| protocol | what was run | budget | n | machine | base | FS | FS+GSB | files |", "|---|---|---|---|---|---|---|---|---|"]
     judged = {}
-    for protocol, what, tag, budgets, files in DEFENSE_RUNS:
-        cells, devices = defense_cells(folder, protocol, files, budgets)
+    booster = shipped_booster()
+    for run in DEFENSE_RUNS:
+        cells, devices = defense_cells(folder, run, booster)
         machine = " and ".join(sorted(d.upper() for d in devices))
-        for i, (norm, eps) in enumerate(budgets):
+        for i, (norm, eps) in enumerate(run.budgets):
             figures = [cells.get((v, norm, round(eps, 9))) for v in DEFENSE_VARIANTS]
-            n = {f[0] for f in figures if f is not None}
-            judged[(protocol, tag, norm, round(eps, 9))] = figures
+            judged[(run.protocol, run.tag, norm, round(eps, 9))] = figures
             first = i == 0  # later budgets of the same run: ditto
-            lines.append(f"| {protocol} | {what if first else chr(34)} | {budget_label(protocol, norm, eps)} | "
-                         f"{'/'.join(str(x) for x in sorted(n))} | {machine} | " +
-                         " | ".join(defense_cell(protocol, f) for f in figures) +
-                         f" | {', '.join(f'`{x}`' for x in files) if first else chr(34)} |")
+            lines.append(f"| {run.protocol} | {run.what if first else chr(34)} | {budget_label(run.protocol, norm, eps)} | "
+                         f"{run.n} | {machine} | " + " | ".join(defense_cell(run.protocol, f) for f in figures) +
+                         f" | {', '.join(f'`{x}`' for x in run.files) if first else chr(34)} |")
     certified = certified_means(folder)
-    count = ", ".join(f"{i} photos x {n} samples" for i, n in sorted({(c["images"], c["n"]) for c in certified.values()}))
+    count = ", ".join(sorted({f"{c['images']} photos x {CERTIFY_SETTINGS['n']} samples" for c in certified.values()}))
     for i, column in enumerate(("FCSB@0.0625", "FCSB@0.125")):
         values = ["-"] + [f"{certified[v][column]:.3f}" if v in certified else "not run" for v in DEFENSE_VARIANTS[1:]]
+        what = f"mean certified FCSB over the offline photos ({CERTIFY_SETTINGS['method']}, alpha {CERTIFY_SETTINGS['alpha']})"
         files = ", ".join(f"`{CERTIFY_FILES[v]}`" for v in certified)
-        lines.append(f"| certified | {'mean certified FCSB over the offline photos (bernstein, alpha 0.001)' if i == 0 else chr(34)} "
-                     f"| l2 {column[5:]} | {count} | CPU | " + " | ".join(values) + f" | {files if i == 0 else chr(34)} |")
+        lines.append(f"| certified | {what if i == 0 else chr(34)} | l2 {column[5:]} | {count} | CPU | " + " | ".join(values) +
+                     f" | {files if i == 0 else chr(34)} |")
     return lines, judged, certified
 
 
@@ -244,7 +302,8 @@ def defense_targets(judged: dict, certified: dict) -> list[str]:
                  f"{met(gsb[1], 0.95 * base[1])} |")
     fcsb = certified.get("fs+gsb", {}).get("FCSB@0.125")
     if fcsb is not None:
-        lines.append(f"| FS+GSB mean certified FCSB(sigma/2) >= 0.6 (offline photos, n 1000, alpha 0.001) | {fcsb:.3f} | {met(fcsb, 0.6)} |")
+        lines.append(f"| FS+GSB mean certified FCSB(sigma/2) >= 0.6 (offline photos, n {CERTIFY_SETTINGS['n']}, alpha "
+                     f"{CERTIFY_SETTINGS['alpha']}) | {fcsb:.3f} | {met(fcsb, 0.6)} |")
     for (protocol, tag, norm, eps), (b, _, g) in judged.items():
         if protocol == "transfer" and eps == round(16 / 255, 9) and b is not None and g is not None:
             lines.append(f"| transfer linf 16/255, {tag}: base attack success >= 0.8, and FS+GSB's <= 0.03 | "

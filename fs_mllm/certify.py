@@ -120,9 +120,16 @@ def certify_features(
     Y_i = (1 + cos(f(x+e_i), f(x)))/2 and a one-sided (1 - alpha) lower bound on S(x) with ``method``.
     """
     config = FSConfig(sigma=sigma, seed=seed, chunk_size=chunk_size, normalize=normalize, alpha=alpha, method=method)
+    return _certify_encoder(encoder, images, config, n)
+
+
+def _certify_encoder(encoder: Encoder, images: torch.Tensor, config: FSConfig, n: int,
+                     clean_features: Optional[torch.Tensor] = None) -> list[Certificate]:
+    """certify_features on a checked config; ``clean_features`` is f(x) when the caller needs that same vector."""
     check_n(n)
     check_images(images)
-    scores = sample_scores(encoder, images, config.sigma, n, seed=config.seed, chunk_size=config.chunk_size, normalize=config.normalize)
+    scores = sample_scores(encoder, images, config.sigma, n, seed=config.seed, chunk_size=config.chunk_size,
+                           normalize=config.normalize, clean_features=clean_features)
     return certificates_from_scores(scores, config.alpha, config.sigma, config.method, config.normalize)
 
 
@@ -174,9 +181,13 @@ def certify_prediction(
     ball contains x), so a zero radius abstains (label ABSTAIN) instead of reporting A.
     """
     classes = _check_class_embeddings(class_embeddings, "class_embeddings")
-    certificates = certify_features(encoder, images, sigma, n, alpha, method, chunk_size, seed, "global")
-    with torch.inference_mode():
+    config = FSConfig(sigma=sigma, seed=seed, chunk_size=chunk_size, normalize="global", alpha=alpha, method=method)
+    check_n(n)
+    check_images(images)
+    with torch.inference_mode():  # one clean pass: the angle argument needs the f(x) that S was measured against
         clean = encoder(images)
+    _check_dims(clean, classes, "class_embeddings")  # before the n forwards, not after
+    certificates = _certify_encoder(encoder, images, config, n, clean_features=clean)
     return prediction_certificates(certificates, clean, classes, "class_embeddings")
 
 

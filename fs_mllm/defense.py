@@ -203,7 +203,7 @@ def _fingerprint(items: Sequence[EvalItem]) -> str:
     return digest.hexdigest()
 
 
-def _module_fingerprint(module: Any) -> Optional[str]:
+def module_fingerprint(module: Any) -> Optional[str]:
     """A hash of every weight (names, shapes, dtypes, bytes): another checkpoint or a retrained model is another run."""
     if module is None:
         return None
@@ -234,7 +234,7 @@ def _identity(settings: DefenseSettings, clean_items: Sequence[EvalItem], attack
     # the crop fields added since checkpoints were first written stay out at their old values: older folders resume
     chosen = without_added_defaults({k: v for k, v in settings.to_dict().items() if k not in _ROW_CHOICES})
     return {"settings": chosen, "clean_items": _fingerprint(clean_items), "attack_items": _fingerprint(attack_items),
-            "model": _module_fingerprint(model), "processor": _processor_identity(processor),
+            "model": module_fingerprint(model), "processor": _processor_identity(processor),
             "fs_mllm_version": __version__, "device_type": torch.device(device).type}
 
 
@@ -337,7 +337,7 @@ class DefenseCheckpoint:
                            fix="rerun with what it was started with, or use another checkpoint folder (or delete this one)")
             self.done = {tuple(row["key"]): row for row in rows}
             boosted = self.done.get(("state", "fs+gsb", "", 0.0))
-            if boosted is not None and "fs+gsb" in settings.variants and boosted.get("booster") != _module_fingerprint(booster):
+            if boosted is not None and "fs+gsb" in settings.variants and boosted.get("booster") != module_fingerprint(booster):
                 raise ResultsFolderError(f"checkpoint {self.folder} holds fs+gsb rows of another booster; pass the "
                                          "booster they were made with, or use another checkpoint folder")
             self.writer = ResultWriter(rows_path, lock)
@@ -517,7 +517,7 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
             state = keep(("state", variant, "", 0.0), {
                 "clean_attack_out": generate_text(model, processor, attack_images, attack_prompts, settings.max_new_tokens),
                 "target_out": generate_text(model, processor, targets, attack_prompts, settings.max_new_tokens),
-                "s_low": s_low, "booster": _module_fingerprint(booster) if variant == "fs+gsb" else None})
+                "s_low": s_low, "booster": module_fingerprint(booster) if variant == "fs+gsb" else None})
 
         def certified(radius: float) -> Optional[float]:
             return _mean([float(fcsb(s, radius, sigma)) for s in state["s_low"]]) if state["s_low"] else None

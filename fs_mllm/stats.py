@@ -42,9 +42,10 @@ def _check_unit_interval(values, name: str) -> None:
 
 
 def _finish(result, like):
-    """Return a Python float for scalar inputs, else the array/tensor type of the input."""
+    """Return a Python float for scalar inputs, else an array, or a float64 tensor for tensor inputs: rounding a
+    bound to the input's dtype (bf16, fp16, even fp32) could round it up, and a bound must never grow."""
     if isinstance(result, torch.Tensor):
-        return result.to(like.dtype) if isinstance(like, torch.Tensor) and like.is_floating_point() else result
+        return result
     result = np.asarray(result)
     return float(result) if result.ndim == 0 else result
 
@@ -74,14 +75,15 @@ def fcsb(score: ArrayLike, radius: ArrayLike, sigma: float) -> ArrayLike:
 
 
 def certified_radius(score: ArrayLike, sigma: float, threshold: float = 0.0) -> ArrayLike:
-    """Largest l2 radius at which the FCSB still guarantees a cosine of at least ``threshold``.
+    """Largest l2 radius at which the FCSB still guarantees a cosine of at least ``threshold`` (in [0, 1)).
 
     R = sigma * (Phi^-1(score) - Phi^-1((1 + threshold) / 2)), 0.0 where negative.
     """
     sigma = check_sigma(sigma)
     threshold = float(threshold)
-    if not (-1.0 <= threshold < 1.0):
-        raise ValueError(f"threshold must lie in [-1, 1) (a cosine similarity), got {threshold!r}")
+    if not (0.0 <= threshold < 1.0):  # below 0 the FCSB bounds <F(x'), u> only, which says nothing about the cosine
+        raise ValueError(f"threshold must lie in [0, 1) (a cosine similarity the FCSB can guarantee; it certifies no "
+                         f"negative cosine: use 0 for the radius where the features stay within 90 degrees), got {threshold!r}")
     s = _as_values(score, "score")
     _check_unit_interval(s, "score")
     offset = float(norm.ppf((1.0 + threshold) / 2.0))
@@ -121,18 +123,18 @@ def score_lower_bound(samples: ArrayLike, alpha: float, method: str = "bernstein
     _check_unit_interval(x, "samples")
     mean = x.mean(axis=-1)
     if method == "hoeffding":
-        lower = mean - math.sqrt(math.log(1.0 / alpha) / (2.0 * n))
+        lower = mean - math.sqrt(-math.log(alpha) / (2.0 * n))  # -log(alpha), not log(1/alpha): 1/alpha overflows
     elif method == "bernstein":
         var = x.var(axis=-1, ddof=1)
-        log_term = math.log(2.0 / alpha)
+        log_term = math.log(2.0) - math.log(alpha)
         lower = mean - np.sqrt(2.0 * var * log_term / n) - 7.0 * log_term / (3.0 * (n - 1))
     elif method == "betting":
         lower = _betting_lower_bound(x, alpha)
     else:
         lower = _betting_lower_bound(x, alpha, fixed_n=True)
     lower = np.clip(lower, 0.0, 1.0)
-    if is_tensor:
-        return torch.as_tensor(lower, dtype=samples.dtype if samples.is_floating_point() else torch.float64)
+    if is_tensor:  # float64 whatever the samples' dtype: rounding to bf16 / fp32 could raise the bound
+        return torch.as_tensor(lower, dtype=torch.float64)
     return float(lower) if np.ndim(lower) == 0 else lower
 
 
@@ -154,7 +156,7 @@ def _betting_bets(x: np.ndarray, alpha: float) -> np.ndarray:
     """Predictable plug-in bets (WSR 2023, eq. 26), using only samples before each step."""
     n = x.shape[-1]
     t = np.arange(1, n + 1, dtype=np.float64)
-    lam = np.sqrt(2.0 * math.log(1.0 / alpha) / (_variance_estimates(x) * t * np.log1p(t)))
+    lam = np.sqrt(2.0 * -math.log(alpha) / (_variance_estimates(x) * t * np.log1p(t)))
     return np.minimum(lam, _BET_CAP)
 
 
@@ -164,7 +166,7 @@ _FIXED_N_CAP = 0.99  # bets up to 0.99 / m keep 1 + lam * (x - m) >= 0.01 > 0 fo
 def _betting_lower_bound(x: np.ndarray, alpha: float, iterations: int = 50, fixed_n: bool = False) -> np.ndarray:
     """Smallest m whose capital process never reaches 1/alpha; bisection returns a point below it."""
     if fixed_n:
-        tuned = np.sqrt(2.0 * math.log(1.0 / alpha) / (x.shape[-1] * _variance_estimates(x)))
+        tuned = np.sqrt(2.0 * -math.log(alpha) / (x.shape[-1] * _variance_estimates(x)))
 
         def bets(m: np.ndarray) -> np.ndarray:
             return np.minimum(tuned, _FIXED_N_CAP / np.maximum(m, 1e-12)[..., None])
@@ -173,7 +175,7 @@ def _betting_lower_bound(x: np.ndarray, alpha: float, iterations: int = 50, fixe
 
         def bets(m: np.ndarray) -> np.ndarray:
             return fixed
-    log_threshold = math.log(1.0 / alpha)
+    log_threshold = -math.log(alpha)
 
     def rejected(m: np.ndarray) -> np.ndarray:
         log_capital = np.cumsum(np.log1p(bets(m) * (x - m[..., None])), axis=-1)

@@ -81,3 +81,21 @@ def test_eval_without_a_task_is_a_usage_error(capsys):
             main(argv)
         assert exc.value.code == 2
         assert "usage: fs-mllm eval {vqa,caption}" in capsys.readouterr().err
+
+
+def test_certify_seed_as_a_user_runs_it(tmp_path):
+    """A published certificate should use a seed the attacker does not know: `fs-mllm certify --seed` sets the
+    noise, is recorded in the summary, and a bad value is a usage error before any work."""
+    import json
+
+    means = {}
+    for seed in (0, 12345):
+        out = f"out{seed}"
+        proc = run_fs_mllm(["certify", "--limit", "1", "--n", "20", "--seed", str(seed), "--output-dir", out], cwd=tmp_path)
+        assert proc.returncode == 0, failure(proc)
+        assert json.loads((tmp_path / out / "summary.json").read_text())["settings"]["seed"] == seed
+        means[seed] = json.loads((tmp_path / out / "certificates.jsonl").read_text())["score_mean"]
+    assert means[0] != means[12345]
+    proc = run_fs_mllm(["certify", "--seed", "-1", "--output-dir", "bad"], cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2 and "--seed" in proc.stderr and "2**63" in proc.stderr, failure(proc)
+    assert not (tmp_path / "bad").exists()

@@ -179,24 +179,43 @@ def test_the_readme_tables_are_what_summarize_prints_from_the_results(table, rea
     assert proc.stdout.strip() in readme.read_text(), f"run `python benchmarks/summarize.py --table {table}` and paste it into {readme}"
 
 
-def test_summarize_defense_refuses_results_that_disagree_or_were_run_at_other_settings(tmp_path):
-
+def test_summarize_defense_refuses_results_that_disagree_miss_a_cell_or_were_run_otherwise(tmp_path):
+    """Each cell of the README's defense table must come from a run made as its row says, and only from one."""
     results = tmp_path / "results"
+
+    def refused(*needles: str) -> None:
+        proc = run_summarize(tmp_path, "--table", "defense", "--results", str(results))
+        assert proc.returncode != 0, proc.stdout
+        for needle in needles:
+            assert needle in proc.stderr, (needle, proc.stderr)
+        shutil.rmtree(results)
+        shutil.copytree(BENCHMARKS / "results", results)
+
     shutil.copytree(BENCHMARKS / "results", results)
     record = json.loads((results / "bench_defense_adaptive100_l2_025_5x2_cpu.json").read_text())
-    base = next(r for r in record["rows"] if r["variant"] == "base" and r["protocol"] == "adaptive")
-    base["accuracy"] += 0.01
-    (results / "bench_defense_adaptive100_zz_5x2_cpu.json").write_text(json.dumps(record))
-    proc = run_summarize(tmp_path, "--table", "defense", "--results", str(results))
-    assert proc.returncode != 0 and "disagree" in proc.stderr and "bench_defense_adaptive100_zz_5x2_cpu.json" in proc.stderr
+    extra = results / "bench_defense_adaptive100_zz_5x2_cpu.json"
 
-    base["accuracy"] -= 0.01
-    record["settings"]["fs"]["n_samples"] = 32
-    (results / "bench_defense_adaptive100_zz_5x2_cpu.json").write_text(json.dumps(record))
-    proc = run_summarize(tmp_path, "--table", "defense", "--results", str(results))
-    assert proc.returncode != 0 and "not at sigma 0.25, n0 8" in proc.stderr
+    changed = json.loads(json.dumps(record))
+    next(r for r in changed["rows"] if r["variant"] == "base" and r["protocol"] == "adaptive")["accuracy"] += 0.01
+    extra.write_text(json.dumps(changed))
+    refused("disagree", extra.name)
 
-    (results / "bench_defense_adaptive100_zz_5x2_cpu.json").unlink()
+    for key, value, needle in (("n_samples", 32, "not at sigma 0.25, n0 8"), ("adaptive_steps", 20, "adaptive_steps is 20")):
+        changed = json.loads(json.dumps(record))
+        (changed["settings"]["fs"] if key == "n_samples" else changed["settings"])[key] = value
+        extra.write_text(json.dumps(changed))
+        refused(needle, extra.name)
+
+    extra.write_text(json.dumps({**record, "booster": "0" * 32}))
+    refused("not the shipped one", extra.name)
+
+    (results / "bench_defense_adaptive100_linf4_5x2_cpu.json").unlink()
+    refused("adaptive (5 steps x EOT 2) base linf 4/255: no result file has it")
+
     (results / "bench_defense_transfer100_cpu.json").unlink()
-    proc = run_summarize(tmp_path, "--table", "defense", "--results", str(results))
-    assert proc.returncode != 0 and "no defense rows" in proc.stderr and "bench_defense_transfer100_cpu.json" in proc.stderr
+    refused("no defense rows", "bench_defense_transfer100_cpu.json")
+
+    gpu = json.loads((results / "bench_defense_adaptive100_fs_l2_0125_20x8_gpu.json").read_text())
+    next(r for r in gpu["rows"] if r["protocol"] == "adaptive").update(eps=1.0)  # FS at 20 x 8, l2 1: now measured
+    (results / "bench_defense_adaptive100_fs_l2_1_20x8_gpu.json").write_text(json.dumps(gpu))
+    refused("fs l2 1: now measured: take it out of not_run")

@@ -173,6 +173,22 @@ def test_prediction_label_is_the_smoothed_prediction_or_an_abstention():
         assert result.certified == (result.label != ABSTAIN)
 
 
+def test_prediction_measures_the_score_and_the_angles_against_one_clean_pass():
+    """The angle argument needs the f(x) that S was measured against. An encoder that answers u1 with
+    probability 0.9 and u2 otherwise, whatever the input (think of dropout left on), has the smoothed
+    prediction 0 everywhere; with two clean passes about one run in ten certified class 1."""
+    u1, u2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+
+    def encoder(z: torch.Tensor) -> torch.Tensor:
+        return torch.where((torch.rand(z.shape[0]) < 0.9)[:, None], u1, u2)
+
+    torch.manual_seed(0)
+    x = torch.full((1, 4), 0.5)
+    labels = [certify_prediction(encoder, x, torch.stack([u1, u2]), 0.25, n=1000, alpha=0.001, seed=s)[0].label
+              for s in range(60)]
+    assert 1 not in labels and labels.count(0) > 30
+
+
 def test_token_mode_certifies_every_token_with_a_union_bound():
     encoder = TwoDimEncoder(seed=0)
     per_token = lambda z: encoder(z.reshape(-1, 2)).reshape(z.shape[0], 3, 4)  # noqa: E731

@@ -42,14 +42,14 @@ def test_fcsb_edges():
     assert all(a >= b for a, b in zip(values, values[1:]))  # monotone in the radius
 
 
-@pytest.mark.parametrize("threshold", [0.0, 0.5, 0.9, -0.5])
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 0.9])
 def test_certified_radius_matches_scipy_and_inverts_fcsb(threshold):
     sigma = 0.25
     for s in SCORES[:-1]:
         expected = max(sigma * (norm.ppf(s) - norm.ppf((1 + threshold) / 2)), 0.0)
         radius = certified_radius(s, sigma, threshold)
         assert radius == pytest.approx(expected, abs=1e-12)
-        if radius > 0 and threshold >= 0:
+        if radius > 0:
             assert fcsb(s, radius, sigma) == pytest.approx(threshold, abs=1e-9)
     assert certified_radius(0.5, sigma) == 0.0
     t = certified_radius(torch.tensor([0.5, 0.9]), sigma, threshold)
@@ -66,6 +66,7 @@ def test_certified_radius_matches_scipy_and_inverts_fcsb(threshold):
         (lambda: fcsb(0.8, 0.1, float("inf")), "sigma"),
         (lambda: certified_radius(0.8, -1.0), "sigma"),
         (lambda: certified_radius(0.8, 0.25, 1.0), "threshold"),
+        (lambda: certified_radius(0.8, 0.25, -0.5), "threshold"),
         (lambda: score_lower_bound([0.5, 1.5], 0.01), "samples"),
         (lambda: score_lower_bound([0.5], 0.01), "samples"),
         (lambda: score_lower_bound([0.5, 0.6], 0.0), "alpha"),
@@ -76,6 +77,56 @@ def test_certified_radius_matches_scipy_and_inverts_fcsb(threshold):
 def test_bad_input_names_the_parameter(call, parameter):
     with pytest.raises(ValueError, match=parameter):
         call()
+
+
+def test_a_radius_for_a_negative_cosine_would_be_violated_so_it_is_refused():
+    """Where <F(x'), u> < 0 the cosine can be lower still (||F(x')|| < 1), so the radius formula at a negative
+    threshold certifies nothing. A 2-D encoder whose F is known by quadrature breaks it: f(z) = u left of
+    z1 = 0, and on the right stripes (width 0.01 along z2) of -u (30%), +v and -v (35% each)."""
+    sigma, share, width = 0.25, 0.3, 0.01
+    u, v = np.array([1.0, 0.0]), np.array([0.0, 1.0])
+    e2 = np.linspace(-8 * sigma, 8 * sigma, 200001)
+    weights = norm.pdf(e2 / sigma) / norm.pdf(e2 / sigma).sum()
+    phase = np.mod((0.5 + e2) / width, 1.0)
+    right = np.where((phase < share)[:, None], -u, np.where((phase < share + (1 - share) / 2)[:, None], v, -v))
+    right_mean = (right * weights[:, None]).sum(0)
+
+    def smoothed(x1: float) -> np.ndarray:  # F at (x1, 0.5)
+        left = norm.cdf(-x1 / sigma)
+        return left * u + (1 - left) * right_mean
+
+    x1 = -0.3
+    left = norm.cdf(-x1 / sigma)
+    score = left + (1 - left) * (1 - share) * 0.5  # S(x) exactly: f(x) = u, cos is 1, -1 or 0 on the right
+    radius = max(sigma * (norm.ppf(score) - norm.ppf((1 - 0.5) / 2)), 0.0)  # the formula at threshold -0.5
+    assert radius > 0.5
+    moved = smoothed(x1 + 0.999 * radius)
+    cosine = moved @ smoothed(x1) / np.linalg.norm(moved) / np.linalg.norm(smoothed(x1))
+    assert cosine < -0.5  # the would-be certificate is broken ...
+    with pytest.raises(ValueError, match="threshold"):
+        certified_radius(score, sigma, -0.5)  # ... so it is refused
+    assert fcsb(score, radius, sigma) == -1.0  # and the FCSB itself gives no guarantee there
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_bounds_of_low_precision_tensors_are_not_rounded_up(dtype):
+    """A bound rounded to the input's dtype can land above the exact one; the results stay float64."""
+    rng = np.random.default_rng(5)
+    samples = torch.tensor(rng.beta(30, 2, size=(64, 200)), dtype=dtype)
+    exact = score_lower_bound(samples.double().numpy(), 0.001)
+    lower = score_lower_bound(samples, 0.001)
+    assert lower.dtype == torch.float64 and np.array_equal(lower.numpy(), exact)
+    scores = torch.tensor(rng.uniform(0.6, 1.0, size=64), dtype=dtype)
+    for result, reference in ((fcsb(scores, 0.1, 0.25), fcsb(scores.double().numpy(), 0.1, 0.25)),
+                              (certified_radius(scores, 0.25, 0.5), certified_radius(scores.double().numpy(), 0.25, 0.5))):
+        assert result.dtype == torch.float64 and np.allclose(result.numpy(), reference, rtol=0, atol=1e-12)
+
+
+def test_bounds_stay_numbers_at_the_smallest_alpha():
+    """1/alpha overflows for alpha below ~1e-308; the bounds use -log(alpha) and stay finite (vacuous)."""
+    for method in ("hoeffding", "bernstein", "betting", "betting_fixed"):
+        lower = score_lower_bound(np.ones(100), 1e-320, method)
+        assert np.isfinite(lower) and 0.0 <= lower <= 1.0, method
 
 
 def test_bounds_follow_their_formulas():
