@@ -213,10 +213,12 @@ def prediction_certificates(certificates: Sequence[Certificate], clean: torch.Te
                             name: str = "class_embeddings") -> list[PredictionCertificate]:
     """The reduction of :func:`certify_prediction`: feature certificates + clean f(x) + class embeddings ->
     per-image certified class and radius (the angle argument in its docstring)."""
-    clean = clean.detach().float().flatten(1)
+    clean = clean.detach().flatten(1)
     _check_dims(clean, classes, name)
-    clean_unit, _ = unit_features(clean)
-    class_unit, _ = unit_features(classes.detach().float().to(clean.device))
+    unit_features(clean)  # refuses zero or non-finite features (the class embeddings were checked already)
+    # in float64: arccos near 1 in float32 can overstate a margin, and so the radius
+    clean_unit = torch.nn.functional.normalize(clean.double(), dim=-1)
+    class_unit = torch.nn.functional.normalize(classes.detach().double().to(clean.device), dim=-1)
     angles = torch.arccos((clean_unit @ class_unit.T).clamp(-1, 1))  # (B, K)
     results = []
     for image_angles, certificate in zip(angles, certificates):
