@@ -85,7 +85,7 @@ def write_report(out_dir: Path, title: str, markdown_table: str, extra: Sequence
 # ---------------------------------------------------------------------------------------------
 
 def certify_images(model, images01, sigma: float, n: int, alpha: float, method: str, booster=None, processor=None,
-                   seed: int = 0):
+                   seed: int = 0, chunk_size: Optional[int] = None, normalize: str = "global"):
     """Certificates of the features feeding the decoder of ``model`` smoothed at ``sigma`` (booster optional)."""
     from .certify import certify_model
     from .patching import is_patched, patch_model, unpatch_model
@@ -94,7 +94,8 @@ def certify_images(model, images01, sigma: float, n: int, alpha: float, method: 
     if not was_patched:
         patch_model(model, sigma=sigma, booster=booster, processor=processor)
     try:
-        return certify_model(model, images01, n=n, alpha=alpha, method=method, seed=seed)
+        return certify_model(model, images01, n=n, alpha=alpha, method=method, seed=seed, chunk_size=chunk_size,
+                             normalize=normalize)
     finally:
         if not was_patched:
             unpatch_model(model)
@@ -113,7 +114,7 @@ def run_certify(args: argparse.Namespace) -> dict:
     certificates = []
     for i in tqdm(range(len(names)), desc="certifying", unit="image"):
         certificates += certify_images(model, images[i:i + 1], args.sigma, args.n, args.alpha, args.method, booster, processor,
-                                       args.seed)
+                                       args.seed, args.chunk_size, args.normalize)
     records, rows = [], []
     for name, cert in zip(names, certificates):
         fcsb = {r: float(cert.fcsb(r)) for r in args.radii}
@@ -196,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     cert.add_argument("--limit", type=positive_int, default=None, help="certify only the first N images")
     cert.add_argument("--size", type=positive_int, default=None, help="input resolution (default: the processor's)")
     cert.add_argument("--n", type=sample_count, default=1000, help="Monte-Carlo samples per image (default 1000, at least 2)")
-    add_fs_config_arguments(cert, ("sigma", "alpha", "method", "seed"))
+    add_fs_config_arguments(cert, ("sigma", "alpha", "method", "seed", "chunk_size", "normalize"))
     cert.add_argument("--radii", type=radii, default=[0.0625, 0.125, 0.25],
                       help="comma-separated l2 radii to report FCSB at (default 0.0625,0.125,0.25)")
     cert.add_argument("--booster", type=existing_folder, default=None, help="folder of a trained GaussianSmoothnessBooster (gsb.safetensors)")

@@ -83,9 +83,10 @@ def test_eval_without_a_task_is_a_usage_error(capsys):
         assert "usage: fs-mllm eval {vqa,caption}" in capsys.readouterr().err
 
 
-def test_certify_seed_as_a_user_runs_it(tmp_path):
+def test_certify_seed_chunk_size_and_normalize_as_a_user_runs_it(tmp_path):
     """A published certificate should use a seed the attacker does not know: `fs-mllm certify --seed` sets the
-    noise, is recorded in the summary, and a bad value is a usage error before any work."""
+    noise and is recorded in the summary; --normalize token certifies per token; bad values are usage errors
+    before any work."""
     import json
 
     means = {}
@@ -96,6 +97,13 @@ def test_certify_seed_as_a_user_runs_it(tmp_path):
         assert json.loads((tmp_path / out / "summary.json").read_text())["settings"]["seed"] == seed
         means[seed] = json.loads((tmp_path / out / "certificates.jsonl").read_text())["score_mean"]
     assert means[0] != means[12345]
-    proc = run_fs_mllm(["certify", "--seed", "-1", "--output-dir", "bad"], cwd=tmp_path, timeout=60)
-    assert proc.returncode == 2 and "--seed" in proc.stderr and "2**63" in proc.stderr, failure(proc)
-    assert not (tmp_path / "bad").exists()
+    proc = run_fs_mllm(["certify", "--limit", "1", "--n", "20", "--normalize", "token", "--chunk-size", "7",
+                        "--output-dir", "token"], cwd=tmp_path)
+    assert proc.returncode == 0, failure(proc)
+    record = json.loads((tmp_path / "token" / "certificates.jsonl").read_text())
+    assert record["normalize"] == "token" and record["n"] == 20
+    for option, value, needle in (("--seed", "-1", "2**63"), ("--chunk-size", "0", "positive integer"),
+                                  ("--normalize", "tokens", "invalid choice")):
+        proc = run_fs_mllm(["certify", option, value, "--output-dir", "bad"], cwd=tmp_path, timeout=60)
+        assert proc.returncode == 2 and option in proc.stderr and needle in proc.stderr, failure(proc)
+        assert not (tmp_path / "bad").exists()
