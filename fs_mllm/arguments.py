@@ -69,6 +69,35 @@ probability = _argtype(lambda text: check_float(text, "value", below_one=True), 
 fraction = _argtype(lambda text: check_float(text, "value", allow_zero=True, below_one=True), "fraction")  # [0, 1)
 
 
+MAX_IMAGE_SIZE = 4096  # pixels per side: larger would need tens of GB per noisy batch
+
+
+def _image_size(text: str) -> int:
+    size = _int(text, 14)
+    if size > MAX_IMAGE_SIZE:
+        raise ValueError(f"value must be an image side in pixels between 14 and {MAX_IMAGE_SIZE}, got {size}")
+    return size
+
+
+image_size = _argtype(_image_size, "image_size")  # 14: the smallest patch of the supported towers
+
+
+def _device(text: str) -> str:
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"value must be a torch device such as cpu, cuda or cuda:1, got {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{text!r} needs a CUDA GPU and a CUDA build of torch; this torch ({torch.__version__}) sees none: "
+                         "use --device cpu")
+    return text
+
+
+device = _argtype(_device, "device")
+
+
 def _radii(text: str) -> list[float]:
     values = [part.strip() for part in text.split(",") if part.strip()]
     if not values:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from . import demo as demo_module
-from .arguments import add_fs_config_arguments, existing_folder, positive_int, radii, sample_count
+from .arguments import add_fs_config_arguments, existing_folder, image_size, positive_int, radii, sample_count
 from .demo import run_demo
 from .image_io import to_tensor01
 from .models.loading import DEFAULT_MODEL, load_model
@@ -52,6 +52,14 @@ def processor_size(processor: Any) -> int:
     raise ValueError("could not read the input resolution from the processor; pass --size")
 
 
+def image_paths(folder: str) -> list[Path]:
+    """The image files of ``folder`` (checked before any model loads)."""
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".webp"})
+    if not paths:
+        raise ValueError(f"--images: no .png/.jpg/.jpeg/.bmp/.webp files in {folder}")
+    return paths
+
+
 def load_images(folder: Optional[str], size: int, limit: Optional[int] = None):
     """[0,1] images (B, 3, size, size) and their names: a folder of images, or the project's real offline photos."""
     import torch
@@ -64,11 +72,14 @@ def load_images(folder: Optional[str], size: int, limit: Optional[int] = None):
         names = [f"offline-photo-{i}" for i in photos["image_id"]]
         images = list(photos["image"])
     else:
-        paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".webp"})
-        if not paths:
-            raise ValueError(f"--images: no .png/.jpg/.jpeg/.bmp/.webp files in {folder}")
+        paths = image_paths(folder)
         names = [p.name for p in paths]
-        images = [Image.open(p) for p in paths]
+        images = []
+        for path in paths[:limit]:
+            try:
+                images.append(Image.open(path))
+            except OSError as error:  # not an image after all (or a damaged one)
+                raise ValueError(f"--images: {path} cannot be read as an image ({error})") from None
     if limit is not None:
         names, images = names[:limit], images[:limit]
     return torch.stack([to_tensor01(image, size) for image in images]), names
@@ -107,8 +118,10 @@ def run_certify(args: argparse.Namespace) -> dict:
 
     from .evaluation import certified_curve, plot_certified_curve, summary_table
 
+    booster = load_booster(args.booster)  # the cheap checks first: a bad booster or folder costs no model load
+    if args.images is not None:
+        image_paths(args.images)
     model, processor = load_model(args.model)
-    booster = load_booster(args.booster)
     size = args.size or processor_size(processor)
     images, names = load_images(args.images, size, args.limit)
     certificates = []
@@ -195,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     cert.add_argument("--model", default=DEFAULT_MODEL, help=f"model id or local folder (default {DEFAULT_MODEL})")
     cert.add_argument("--images", type=existing_folder, default=None, help="folder of images (default: the project's real offline photos)")
     cert.add_argument("--limit", type=positive_int, default=None, help="certify only the first N images")
-    cert.add_argument("--size", type=positive_int, default=None, help="input resolution (default: the processor's)")
+    cert.add_argument("--size", type=image_size, default=None, help="input resolution (default: the processor's)")
     cert.add_argument("--n", type=sample_count, default=1000, help="Monte-Carlo samples per image (default 1000, at least 2)")
     add_fs_config_arguments(cert, ("sigma", "alpha", "method", "seed", "chunk_size", "normalize"))
     cert.add_argument("--radii", type=radii, default=[0.0625, 0.125, 0.25],
@@ -228,8 +241,9 @@ def console_main() -> int:
 
     Why: ``main`` returns the run's results for Python callers; a console script's return value is
     its exit status, and a returned dict would exit 1 and be printed to stderr. Ctrl-C is not a crash:
-    one line saying how to go on, exit status 130 (128 + SIGINT), no traceback. An output folder that
-    cannot be used (another run writing to it, other settings) is a user error: its message, status 1.
+    one line saying how to go on, exit status 130 (128 + SIGINT), no traceback. Bad input found while
+    running (a ValueError or OSError: an unusable output folder, a damaged file, a value out of range)
+    is a user error: its message, status 1; FS_MLLM_TRACEBACK=1 shows the traceback.
     """
     argv = sys.argv[1:]
     try:
@@ -238,12 +252,15 @@ def console_main() -> int:
         resumable = bool(argv) and argv[0] in RESUMABLE
         print("\ninterrupted" + ("; rerun the same command to resume" if resumable else ""), file=sys.stderr)
         return 130
-    except Exception as exc:
+    except Exception as exc:  # bad input found while running (a folder, a file, a value): no traceback
         from .evaluation.results import ResultsFolderError
 
-        if not isinstance(exc, ResultsFolderError):
+        if not isinstance(exc, (ValueError, OSError, ResultsFolderError)) or os.environ.get("FS_MLLM_TRACEBACK"):
             raise
-        print(f"fs-mllm: error: {exc}", file=sys.stderr)
+        command = argv[0] if argv and not argv[0].startswith("-") else ""
+        kind = "" if isinstance(exc, ValueError) else f"{type(exc).__name__}: "
+        print(f"fs-mllm {command}: error: {kind}{exc}".replace("  ", " "), file=sys.stderr)
+        print("(set FS_MLLM_TRACEBACK=1 to see where it was raised)", file=sys.stderr)
         return 1
     return 0
 

@@ -185,7 +185,8 @@ def _l2_radius(norm: str, eps: float, image: torch.Tensor) -> float:
 _ROW_CHOICES = ("variants", "transfer_linf", "noise_linf", "adaptive_l2", "adaptive_linf")
 _TRANSFER_FILE = "transfer_linf_{}.safetensors"  # one file of crafted images per budget, in a checkpoint
 ROW_FIELDS = ("variant", "protocol", "norm", "eps", "n", "accuracy", "attack_success", "targeted_success", "fcs",
-              "certified_fcsb", "certified_radius_l2")
+              "certified_fcsb", "certified_radius_l2", "certified_images")
+_LATER_ROW_FIELDS = ("certified_images",)  # absent (None) in rows that older checkpoints hold
 
 
 def _hash_tensors(digest: Any, named: Sequence[tuple[str, torch.Tensor]]) -> None:
@@ -351,7 +352,9 @@ class DefenseCheckpoint:
         if found is None:
             return None
         record = {k: v for k, v in found.items() if k != "key"}
-        return {k: record[k] for k in ROW_FIELDS} if key[0] != "state" else record
+        if key[0] == "state":
+            return record
+        return {k: record.get(k) if k in _LATER_ROW_FIELDS else record[k] for k in ROW_FIELDS}
 
     def put(self, key: tuple, record: dict[str, Any]) -> dict[str, Any]:
         """Save ``record`` under ``key`` (flushed to disk) and return it as a resumed run would read it."""
@@ -529,7 +532,7 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
             row = keep(keys[0], {"variant": variant, "protocol": "clean", "norm": "-", "eps": 0.0, "n": len(clean_items),
                                  "accuracy": _mean([float(c) for c in clean_correct]), "attack_success": None,
                                  "targeted_success": None, "fcs": None, "certified_fcsb": certified(sigma / 2),
-                                 "certified_radius_l2": sigma / 2})
+                                 "certified_radius_l2": sigma / 2, "certified_images": len(state["s_low"])})
         rows.append(row)
         bar.update()
         clean_features = None  # the variant's features of the clean attack images, once for every transfer budget
@@ -550,7 +553,7 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
                 radius = _l2_radius(norm, eps, attack_images[0])
                 row = keep(key, {"variant": variant, "protocol": protocol, "norm": norm, "eps": float(eps),
                                  "n": len(attack_items), **metrics, "fcs": _mean(fcs), "certified_fcsb": certified(radius),
-                                 "certified_radius_l2": radius})
+                                 "certified_radius_l2": radius, "certified_images": len(state["s_low"])})
                 if store is not None and protocol == "adaptive":
                     for _, name in adaptive_files(variant, norm, eps):
                         store.forget(name)
@@ -598,7 +601,8 @@ def budget_label(protocol: str, norm: str, eps: float) -> str:
 
 def defense_table(rows: Sequence[dict[str, Any]]) -> str:
     """The rows as a markdown table, budgets written as the reader knows them (linf in /255)."""
-    header = "| variant | protocol | budget | n | accuracy | attack success | targeted success | FCS | certified FCSB (l2 radius) |"
+    header = ("| variant | protocol | budget | n | accuracy | attack success | targeted success | FCS | certified FCSB "
+              "(l2 radius; images certified) |")
     lines = [header, "|" + "---|" * 9]
 
     def fmt(value: Optional[float]) -> str:
@@ -606,7 +610,8 @@ def defense_table(rows: Sequence[dict[str, Any]]) -> str:
 
     for row in rows:
         budget = budget_label(row["protocol"], row["norm"], row["eps"])
-        bound = "-" if row["certified_fcsb"] is None else f"{row['certified_fcsb']:.3f} ({row['certified_radius_l2']:.3g})"
+        images = f"; {row['certified_images']}" if row.get("certified_images") is not None else ""  # older rows: not recorded
+        bound = "-" if row["certified_fcsb"] is None else f"{row['certified_fcsb']:.3f} ({row['certified_radius_l2']:.3g}{images})"
         lines.append(f"| {row['variant']} | {row['protocol']} | {budget} | {row['n']} | {fmt(row['accuracy'])} | "
                      f"{fmt(row['attack_success'])} | {fmt(row['targeted_success'])} | {fmt(row['fcs'])} | {bound} |")
     return "\n".join(lines)

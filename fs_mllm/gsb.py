@@ -364,6 +364,14 @@ class GaussianSmoothnessBooster(nn.Module):
             raise ValueError(f"{config_path}: {error}") from None
         weights_path = folder / WEIGHTS_NAME
         state = _read_safetensors(weights_path)
+        expected = booster.state_dict()
+        for name, tensor in state.items():  # load_state_dict would cast silently, and NaN would only show at generate
+            want = expected.get(name)
+            if want is not None and tensor.dtype != want.dtype:
+                raise ValueError(f"{weights_path}: {name} is {tensor.dtype}, the booster keeps {want.dtype}; "
+                                 "save it again with save_pretrained")
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise ValueError(f"{weights_path}: {name} holds NaN or Inf (a diverged training run?); retrain or restore the file")
         try:
             booster.load_state_dict(state, strict=True)
         except RuntimeError as error:

@@ -68,7 +68,7 @@ def load_image_folder(path: Union[str, os.PathLike]) -> list[np.ndarray]:
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
     if not files:
         raise ValueError(f"image folder {str(folder)!r} holds no images")
-    return [to_float_rgb(Image.open(p).convert("RGB")) for p in files]
+    return [to_float_rgb(Image.open(p)) for p in files]
 
 
 def load_image_dataset(name_or_path: str, split: str = "train", image_column: str = "image", limit: Optional[int] = None) -> list[np.ndarray]:
@@ -688,7 +688,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None)
     """The train-gsb command line; numbers are checked by their argparse ``type`` (exit 2 before any work)."""
     import argparse
 
-    from .arguments import existing_folder, fraction, non_negative_float, non_negative_int, positive_float, positive_int, probability
+    from .arguments import existing_folder, fraction, image_size, non_negative_float, non_negative_int, positive_float, positive_int, probability
 
     p = argparse.ArgumentParser(prog=prog, description=TRAIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--encoder", default="dinov2", help="'dinov2' or a local Hugging Face vision model folder")
@@ -697,7 +697,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None)
     p.add_argument("--split", default="train")
     p.add_argument("--image-column", default="image")
     p.add_argument("--heldout-fraction", type=probability, default=0.1, help="share of folder/dataset images held out")
-    p.add_argument("--size", type=positive_int, default=112, help="training/eval resolution (multiple of the patch size)")
+    p.add_argument("--size", type=image_size, default=112, help="training/eval resolution (multiple of the patch size)")
     p.add_argument("--sigma-min", type=positive_float, default=0.2)
     p.add_argument("--sigma-max", type=positive_float, default=0.55)
     p.add_argument("--denoiser-steps", type=non_negative_int, default=200)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-__all__ = ["offline_photo", "to_float_rgb", "to_tensor01"]
+__all__ = ["offline_photo", "rgb", "to_float_rgb", "to_tensor01"]
 
 # Photos that ship inside installed packages (DESIGN section 7), by the short names the project uses.
 # Any other name is a scikit-image ``skimage.data`` loader (e.g. "astronaut", "coins").
@@ -57,6 +57,22 @@ def offline_photo(name: str, package: Optional[str] = None, index: Optional[int]
     return to_uint8_rgb(array)
 
 
+def rgb(image: Image.Image) -> Image.Image:
+    """A PIL image as 8-bit RGB, high-bit-depth greys scaled rather than clipped: Pillow's convert("RGB")
+    clips a 16-bit PNG's values at 255, which turns the picture almost white."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit PNG / TIFF greys (Pillow opens them as I or I;16)
+        array = np.asarray(image, dtype=np.float64) / 65535.0
+    elif image.mode == "F":  # float images: [0, 1] or [0, 255]
+        array = np.asarray(image, dtype=np.float64)
+        array = array / 255.0 if np.nanmax(array) > 1.0 else array
+    else:
+        return image.convert("RGB")
+    if not np.isfinite(array).all():
+        raise ValueError("image: a float image holds NaN or Inf")
+    grey = Image.fromarray((np.clip(array, 0.0, 1.0) * 255.0).round().astype(np.uint8))
+    return grey.convert("RGB")
+
+
 def to_uint8_rgb(array: Any) -> np.ndarray:
     """(H, W), (H, W, 3|4) bool/uint8 -> contiguous (H, W, 3) uint8 (bool True -> 255)."""
     array = np.asarray(array)
@@ -71,7 +87,7 @@ def to_uint8_rgb(array: Any) -> np.ndarray:
 
 def to_float_rgb(image: Any) -> np.ndarray:
     """Any photo array (H,W), (H,W,3|4), bool/uint8/float, or a PIL image -> float32 (H, W, 3) in [0,1]."""
-    array = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else np.asarray(image)
+    array = np.asarray(rgb(image)) if isinstance(image, Image.Image) else np.asarray(image)
     if array.dtype == bool:
         array = array.astype(np.float32)
     elif np.issubdtype(array.dtype, np.integer):
@@ -91,6 +107,6 @@ def to_tensor01(image: Any, size: int) -> torch.Tensor:
     """A PIL/array image as a (3, size, size) float tensor in [0,1] (bilinear, antialiased)."""
     if not isinstance(image, Image.Image):
         image = Image.fromarray(np.asarray(image))
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    array = np.asarray(rgb(image), dtype=np.float32) / 255.0
     tensor = torch.from_numpy(array).permute(2, 0, 1)[None]
     return F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True)[0].clamp(0, 1)

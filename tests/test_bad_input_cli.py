@@ -107,3 +107,56 @@ def test_certify_seed_chunk_size_and_normalize_as_a_user_runs_it(tmp_path):
         proc = run_fs_mllm(["certify", option, value, "--output-dir", "bad"], cwd=tmp_path, timeout=60)
         assert proc.returncode == 2 and option in proc.stderr and needle in proc.stderr, failure(proc)
         assert not (tmp_path / "bad").exists()
+
+
+def _inputs(folder):
+    """Fixtures of the review that found these cases: an empty folder, a file that is no image, two images
+    sharing a stem, a 16-bit grey PNG."""
+    import numpy as np
+    from PIL import Image
+
+    (folder / "empty").mkdir()
+    (folder / "notimage").mkdir()
+    (folder / "notimage" / "a.png").write_bytes(b"not a png")
+    (folder / "stems").mkdir()
+    Image.new("RGB", (32, 32), "red").save(folder / "stems" / "a.png")
+    Image.new("RGB", (32, 32), "blue").save(folder / "stems" / "a.jpg")
+    (folder / "grey16").mkdir()
+    Image.fromarray(np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)).save(folder / "grey16" / "g.png")
+
+
+@pytest.mark.parametrize("args, status, needle", [
+    (["certify", "--images", "empty", "--output-dir", "out"], 1, "--images: no .png"),
+    (["certify", "--booster", "empty", "--output-dir", "out"], 1, "gsb_config.json"),
+    (["certify", "--model", "/no/such/model", "--output-dir", "out"], 1, "not a folder"),
+    (["certify", "--images", "notimage", "--output-dir", "out"], 1, "cannot be read as an image"),
+    (["certify", "--size", "100000", "--output-dir", "out"], 2, "--size"),
+    (["attack", "--images", "empty", "--out", "out"], 1, "holds no images"),
+    (["attack", "--images", "stems", "--out", "out"], 1, "a.jpg, a.png share a name"),
+    (["attack", "--device", "cuda", "--out", "out"], 2, "--device"),
+    (["eval", "vqa", "--dataset", "fs-synthetic-heldout", "--split", "bogus", "--output-dir", "out"], 1, "split 'bogus'"),
+    (["eval", "vqa", "--model", "./missing-folder", "--output-dir", "out"], 1, "not a folder"),
+])
+def test_bad_input_found_while_running_is_one_line_and_leaves_no_folder(args, status, needle, tmp_path):
+    """Errors that only show once a command runs (a folder's content, a model path, a split) are a one-line
+    message and a status, never a traceback, and a failed run leaves no output folder behind."""
+    import torch
+
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    _inputs(tmp_path)
+    proc = run_fs_mllm(args, cwd=tmp_path, timeout=300)
+    assert proc.returncode == status and needle in proc.stderr, failure(proc)
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_16_bit_grey_png_is_scaled_not_clipped_to_white(tmp_path):
+    from PIL import Image
+
+    from fs_mllm.image_io import to_tensor01
+
+    _inputs(tmp_path)
+    image = Image.open(tmp_path / "grey16" / "g.png")
+    assert image.mode.startswith("I")
+    assert to_tensor01(image, 32).mean().item() == pytest.approx(0.5, abs=0.01)  # convert("RGB") alone gave ~1.0

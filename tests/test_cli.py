@@ -225,3 +225,27 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_resumes(tmp_path):
     keys = [tuple(json.loads(line)["key"]) for line in shard.read_text().splitlines()]
     assert len(keys) == len(set(keys)) == 2 * 2  # (example) x (base, fs) x (clean, eps 0.5)
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["num_examples"] == 1
+
+
+def test_a_null_attack_succeeds_nowhere_as_a_user_runs_it(tmp_path):
+    """An attack that moves no answer has attack success 0, whatever the model got wrong before it: a wrong
+    answer staying wrong used to count as a success (100% in `fs-mllm attack`, "answer changed" in eval)."""
+    from console_script import failure, run_fs_mllm
+
+    proc = run_fs_mllm(["eval", "vqa", "--dataset", "fs-synthetic-heldout", "--variants", "base", "--attack-eps", "0.000001",
+                        "--attack-steps", "1", "--limit", "6", "--max-new-tokens", "3", "--no-progress",
+                        "--output-dir", "eval"], cwd=tmp_path)
+    assert proc.returncode == 0, failure(proc)
+    rows = json.loads((tmp_path / "eval" / "summary.json").read_text())["table"]["rows"]
+    clean, attacked = sorted(rows, key=lambda r: r["eps"])
+    assert attacked["vqa_accuracy"] == clean["vqa_accuracy"] > 0  # nothing moved, and something was right
+    assert attacked["attack_success_rate"] == 0.0 and attacked["counted"] == round(clean["vqa_accuracy"] * 6) > 0
+
+    proc = run_fs_mllm(["attack", "--offline-eval", "vqa", "--limit", "3", "--objective", "untargeted", "--norm", "l2",
+                        "--eps", "0.000001", "--steps", "1", "--no-random-start", "--modes", "base", "--max-new-tokens", "3",
+                        "--out", "attack"], cwd=tmp_path)
+    assert proc.returncode == 0, failure(proc)
+    results = [json.loads(line) for line in (tmp_path / "attack" / "results.jsonl").read_text().splitlines()]
+    assert len(results) == 3 and all(r["adv_output"] == r["clean_output"] for r in results)
+    assert all(r["success"] is None or r["success"] is False for r in results)  # None: wrong before the attack
+    assert "| counted |" in proc.stdout  # the table says over how many questions the rate is taken

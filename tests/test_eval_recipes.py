@@ -274,6 +274,10 @@ def test_folder_without_rows_is_fresh(tmp_path, tiny_dir, vqa_dir, loaded):
     wrong = _settings(tiny_dir, vqa_dir, model=str(tmp_path / "no-such-model"), attack_eps=(), certify_n=0, limit=1)
     with pytest.raises(Exception), _quiet():
         run_eval(wrong, tmp_path / "out", progress=False)  # loads the model itself: fails
+    assert not (tmp_path / "out").exists()  # the folder it created is gone: nothing to clean up or resume
+    (tmp_path / "out").mkdir()  # a folder that existed before the failed run is kept, without rows
+    with pytest.raises(Exception), _quiet():
+        run_eval(wrong, tmp_path / "out", progress=False)
     assert (tmp_path / "out" / "settings.json").exists() and not read_results(tmp_path / "out")
     fixed = _settings(tiny_dir, vqa_dir, attack_eps=(), certify_n=0, limit=1)
     summary = _run(fixed, tmp_path / "out", loaded)

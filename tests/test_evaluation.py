@@ -14,6 +14,7 @@ from scipy.stats import norm
 
 import datasets
 from fs_mllm.evaluation import (
+    attack_outcomes,
     attack_success,
     attack_success_rate,
     caption_metrics,
@@ -25,6 +26,7 @@ from fs_mllm.evaluation import (
     load_offline_eval,
     metric_module_path,
     normalize_vqa_answer,
+    outcome_rate,
     plot_accuracy_vs_budget,
     plot_certified_curve,
     simple_tokenize,
@@ -203,6 +205,21 @@ def test_attack_success_rules() -> None:
     assert attack_success(["A cat.", "dog"], clean_outputs=["a cat", "cat"]) == [False, True]
     with pytest.raises(ValueError, match="targets"):
         attack_success(["a"], targets=["a", "b"])
+
+
+def test_attack_outcomes_count_only_what_the_attack_could_win() -> None:
+    """A wrong answer staying wrong is no success (it used to count as one), and a variant that answers
+    less before the attack must not look easier to attack."""
+    refs = [["2"] * 10, ["yes"] * 10, ["red"] * 10, ["cat"] * 10]
+    outcomes = attack_outcomes(["two", "no", "blue", "dog"], ["2", "yes", "green", "dog"], answers_list=refs)
+    assert outcomes == [False, True, None, None]  # right stayed right; right turned wrong; wrong before: not counted
+    assert outcome_rate(outcomes) == 0.5
+    assert outcome_rate(attack_outcomes(["dog"], ["dog"], answers_list=[["cat"]])) is None
+    targeted = attack_outcomes(["a cat", "a cat", "dog"], ["the cat", "dog", "dog"], targets=["cat"] * 3)
+    assert targeted == [None, True, False]  # on target before: not counted
+    assert attack_outcomes(["A cat.", "dog"], ["a cat", "cat"]) == [False, True]  # no labels: the output changed
+    with pytest.raises(ValueError, match="clean_outputs"):
+        attack_outcomes(["a", "b"], ["a"], answers_list=[["a"], ["b"]])
     with pytest.raises(ValueError, match="needs one of"):
         attack_success(["a"])
 

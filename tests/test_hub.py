@@ -607,3 +607,31 @@ def test_eval_fs_gsb_defaults_to_the_booster_saved_with_the_model(saved_llava, t
     without = fs_mllm.save_pretrained(patched("llava", booster=False)[0], tmp_path / "plain", include_weights=True)
     with pytest.raises(ValueError, match="booster"):
         EvalSettings(model=str(without), variants="base,fs+gsb")
+
+
+def test_a_model_folder_with_missing_weights_is_refused_not_filled_with_random_values(saved_llava):
+    folder, _, _ = saved_llava
+    weights = folder / "model.safetensors"
+    state = load_file(weights)
+    dropped = sorted(k for k in state if "multi_modal_projector" in k)
+    assert dropped
+    save_file({k: v for k, v in state.items() if k not in dropped}, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="incomplete") as refused:
+        fs_mllm.from_pretrained(folder)
+    assert str(folder) in str(refused.value) and "multi_modal_projector" in str(refused.value)
+
+
+@pytest.mark.parametrize("damage", ["nan", "int64", "float16"])
+def test_booster_weights_of_another_dtype_or_not_finite_are_refused(tmp_path, damage):
+    booster = GaussianSmoothnessBooster(GSBConfig(feature_dim=32, denoiser_channels=4, denoiser_depth=2, mapper_hidden=16,
+                                                  mapper_layers=1, sigma_embed_dim=8))
+    booster.save_pretrained(tmp_path / "b")
+    path = tmp_path / "b" / "gsb.safetensors"
+    state = load_file(path)
+    name = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
+    state[name] = {"nan": lambda t: torch.full_like(t, float("nan")), "int64": lambda t: t.long(),
+                   "float16": lambda t: t.half()}[damage](state[name])
+    save_file(state, path)
+    with pytest.raises(ValueError, match=name) as refused:
+        GaussianSmoothnessBooster.from_pretrained(tmp_path / "b")
+    assert str(path) in str(refused.value)

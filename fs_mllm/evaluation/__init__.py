@@ -20,11 +20,13 @@ from .datasets import (
     normalize_eval_columns,
 )
 from .robustness import (
+    attack_outcomes,
     attack_success,
     attack_success_rate,
     certified_curve,
     feature_cosine_similarity,
     normalize_text,
+    outcome_rate,
     plot_accuracy_vs_budget,
     plot_certified_curve,
     summary_table,
@@ -73,6 +75,8 @@ __all__ = [
     "SYNTHETIC_EVAL_NAME",
     "attack_success",
     "attack_success_rate",
+    "attack_outcomes",
+    "outcome_rate",
     "caption_metrics",
     "certified_curve",
     "feature_cosine_similarity",

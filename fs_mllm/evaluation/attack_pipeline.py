@@ -36,11 +36,13 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from fs_mllm.adapters import get_adapter
-from fs_mllm.arguments import add_crop_view_arguments, add_fs_config_arguments, fs_config_from_args, existing_folder, fraction_pair, non_negative_int, positive_float, positive_int
+from fs_mllm.arguments import (add_crop_view_arguments, add_fs_config_arguments, device, existing_folder, fraction_pair,
+                               fs_config_from_args, non_negative_int, positive_float, positive_int)
+from fs_mllm.image_io import rgb
 from fs_mllm.attacks import OBJECTIVES, PROTOCOLS, SURROGATES, AttackConfig, attack, generate_text, without_added_defaults
 from fs_mllm.defense import VARIANTS, apply_variant
-from fs_mllm.evaluation.results import ResultWriter, finite_or_none, read_rows
-from fs_mllm.evaluation.robustness import attack_success, summary_table
+from fs_mllm.evaluation.results import ResultWriter, finite_or_none, folder_kept_only_with_rows, read_rows
+from fs_mllm.evaluation.robustness import attack_outcomes, outcome_rate, summary_table
 from fs_mllm.evaluation.runner import build_prompt_for
 from fs_mllm.models.loading import DEFAULT_MODEL, load_model
 from fs_mllm.normalization import resolve_mean_std
@@ -91,7 +93,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None)
     p.add_argument("--booster", type=existing_folder, help="folder of a saved GaussianSmoothnessBooster (mode fs+gsb)")
     p.add_argument("--max-new-tokens", type=positive_int, default=20)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default cuda when torch sees a GPU, else cpu)")
     p.add_argument("--out", required=True, help="output folder (adv/ PNGs and results.jsonl); rerun to resume")
     args = p.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -148,8 +151,12 @@ def iter_examples(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
         files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise SystemExit(f"--images {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        stems = [f.stem for f in files]
+        shared = sorted({f.name for f in files if stems.count(f.stem) > 1})
+        if shared:  # a row's key is the stem, so two such images would be one row
+            raise SystemExit(f"--images {folder}: {', '.join(shared)} share a name before the suffix; rename one of each")
         for path in files[: args.limit]:
-            yield {"id": path.stem, "image": Image.open(path).convert("RGB"), "question": args.question, "answers": None}
+            yield {"id": path.stem, "image": rgb(Image.open(path)), "question": args.question, "answers": None}
         return
     # the shipped eval set, read lazily: only the photos of the examples attacked are decoded
     from fs_mllm.data import OFFLINE_EVAL_ANNOTATIONS
@@ -203,6 +210,15 @@ def save_png(image01: torch.Tensor, path: Path) -> str:
     return str(path)
 
 
+def _outcomes(clean_outputs: list[str], adv_outputs: list[str], answers: list, args: argparse.Namespace) -> list[Optional[bool]]:
+    """Per row: the attack won, lost, or had nothing to win (None: the clean answer was wrong, or on target, already)."""
+    if args.objective == "targeted":
+        return attack_outcomes(adv_outputs, clean_outputs, targets=[args.target_text] * len(adv_outputs))
+    if all(a is not None for a in answers):
+        return attack_outcomes(adv_outputs, clean_outputs, answers_list=answers)
+    return attack_outcomes(adv_outputs, clean_outputs)
+
+
 def _attack_one(model, processor, example: dict, mode: str, args: argparse.Namespace, mean, std,
                 out: Path, run_id: str, settings: str) -> dict[str, Any]:
     """One (example, mode) result row; the model is already patched for ``mode``."""
@@ -215,25 +231,20 @@ def _attack_one(model, processor, example: dict, mode: str, args: argparse.Names
     if args.target_image is not None:
         from PIL import Image
 
-        target, _, _ = processor_resolution_image(model, processor, Image.open(args.target_image).convert("RGB"), prompt, mean, std)
+        target, _, _ = processor_resolution_image(model, processor, rgb(Image.open(args.target_image)), prompt, mean, std)
     # transfer + untargeted: the undefended model's own answer is pushed away, so every mode gets the same image
     untargeted_answers = [clean_output] if args.objective == "untargeted" and args.protocol == "adaptive" else None
     result = attack(model, processor, images01, tokens, config, answers=untargeted_answers,
                     image_mean=mean, image_std=std, target_images=target, surrogates=args.surrogates, **image_kwargs)
     adv_output = generate_text(model, processor, result.adv_images, tokens, args.max_new_tokens, mean, std,
                                **image_kwargs)[0]
-    if args.objective == "targeted":
-        success = attack_success([adv_output], targets=[args.target_text])[0]
-    elif example["answers"] is not None:
-        success = attack_success([adv_output], answers_list=[example["answers"]])[0]
-    else:
-        success = attack_success([adv_output], clean_outputs=[clean_output])[0]
+    success = _outcomes([clean_output], [adv_output], [example["answers"]], args)[0]
     # an absolute path: the row stays valid whatever folder a later run or reader starts in
     png = save_png(result.adv_images[0], out.resolve() / "adv" / f"{example['id']}_{mode.replace('+', '_')}_{settings}.png")
     return {
         "key": [example["id"], mode, settings], "run": run_id, "example": example["id"], "mode": mode,
         "question": example["question"], "answers": example["answers"], "clean_output": clean_output,
-        "adv_output": adv_output, "success": bool(success), "fcs": finite_or_none(result.fcs[0]),
+        "adv_output": adv_output, "success": success, "fcs": finite_or_none(result.fcs[0]),
         "delta_norm": finite_or_none(result.delta_norm[0]), "final_loss": finite_or_none(result.final_loss),
         "adv_image": png, "seconds": round(time.time() - start, 2), "model": args.model,
         "sigma": None if mode == "base" else args.sigma, "n_samples": None if mode == "base" else args.n_samples,
@@ -241,13 +252,10 @@ def _attack_one(model, processor, example: dict, mode: str, args: argparse.Names
     }
 
 
-def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
-    """``fs-mllm attack`` and recipes/attack_pipeline.py: parse ``argv`` (default ``sys.argv[1:]``), attack
-    what is not in ``--out`` yet, print the summary of this command's rows."""
+def _attack_all(args: argparse.Namespace, out: Path) -> tuple[dict, list]:
+    """Attack every (example, mode) not in ``out`` yet; the rows of this command, and its examples."""
     from tqdm.auto import tqdm
 
-    args = parse_args(argv, prog)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / RESULTS_FILE
     settings = settings_id(args)
@@ -281,14 +289,29 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
                             bar.update(1)
             finally:
                 unpatch_model(model)
+    return rows, examples
 
+
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
+    """``fs-mllm attack`` and recipes/attack_pipeline.py: parse ``argv`` (default ``sys.argv[1:]``), attack
+    what is not in ``--out`` yet, print the summary of this command's rows."""
+    args = parse_args(argv, prog)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--out {out} is a file; name a folder")
+    with folder_kept_only_with_rows(out, RESULTS_FILE):  # a run that fails before its first row leaves no folder
+        rows, examples = _attack_all(args, out)
+    results_path = out / RESULTS_FILE
     summary = []
     for mode in args.modes:
         mine = [rows[(e["id"], mode)] for e in examples]
+        # from the stored answers, so rows written before the rule changed are counted by it too
+        outcomes = _outcomes([r["clean_output"] for r in mine], [r["adv_output"] for r in mine], [r["answers"] for r in mine], args)
         summary.append({
             "mode": mode, "examples": len(mine),
             "mean_fcs": _mean(r["fcs"] for r in mine),
-            "attack_success_rate": _mean(r["success"] for r in mine),
+            "attack_success_rate": outcome_rate(outcomes),
+            "counted": sum(o is not None for o in outcomes),
             "mean_delta_norm": _mean(r["delta_norm"] for r in mine),
         })
     table, _ = summary_table(summary)

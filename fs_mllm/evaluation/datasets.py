@@ -225,19 +225,26 @@ def normalize_eval_columns(ds: datasets.Dataset, task: str) -> datasets.Dataset:
     return out.cast(CAPTION_FEATURES)
 
 
+DEFAULT_SPLIT = "validation"  # load_eval_dataset's default: also accepted for a set that has one split only
+
+
 def _pick_split(obj: datasets.Dataset | datasets.DatasetDict, split: str | None, where: str) -> datasets.Dataset:
-    if isinstance(obj, datasets.Dataset):
-        return obj
+    if isinstance(obj, datasets.Dataset):  # one split saved on its own: only its name (or the default) picks it
+        if split in (None, DEFAULT_SPLIT) or (obj.split is not None and str(obj.split) == split):
+            return obj
+        raise ValueError(f"split {split!r} not found in {where}, which holds one split ({obj.split or 'unnamed'}); "
+                         f"leave --split at its default")
     if split is not None and split in obj:
         return obj[split]
-    if split is None and len(obj) == 1:
+    # one split only (imagefolder without split folders names it "train"): the default picks it, another name does not
+    if len(obj) == 1 and split in (None, DEFAULT_SPLIT):
         return next(iter(obj.values()))
-    if len(obj) == 1 and split is not None:
-        # imagefolder without split folders names its only split "train"
-        only = next(iter(obj))
-        if only == "train":
-            return obj[only]
     raise ValueError(f"split {split!r} not found in {where}; available splits: {list(obj)}")
+
+
+def _check_builtin_split(name: str, split: str | None) -> None:
+    if split not in (None, DEFAULT_SPLIT):
+        raise ValueError(f"split {split!r}: {name} has one split, {DEFAULT_SPLIT!r}; leave --split at its default")
 
 
 def load_synthetic_heldout(task: str = "vqa", n_images: int = SYNTHETIC_EVAL_IMAGES) -> datasets.Dataset:
@@ -286,10 +293,9 @@ def load_eval_dataset(name_or_path: str = OFFLINE_EVAL_NAME, task: str = "vqa", 
     _check_task(task)
     if not isinstance(name_or_path, str) or not name_or_path:
         raise ValueError(f"name_or_path must be a non-empty str, got {name_or_path!r}")
-    if name_or_path == OFFLINE_EVAL_NAME:
-        return load_offline_eval(task)
-    if name_or_path == SYNTHETIC_EVAL_NAME:
-        return load_synthetic_heldout(task)
+    if name_or_path in (OFFLINE_EVAL_NAME, SYNTHETIC_EVAL_NAME):
+        _check_builtin_split(name_or_path, split)
+        return load_offline_eval(task) if name_or_path == OFFLINE_EVAL_NAME else load_synthetic_heldout(task)
     if os.path.isdir(name_or_path):
         saved_markers = ("dataset_info.json", "state.json", "dataset_dict.json")
         if any(os.path.exists(os.path.join(name_or_path, m)) for m in saved_markers):

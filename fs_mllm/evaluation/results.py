@@ -23,8 +23,10 @@ import fcntl
 import json
 import math
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Callable, Collection, Mapping, Optional
+from typing import IO, Any, Callable, Collection, Iterator, Mapping, Optional
 
 __all__ = ["ResultsFolderError", "ResultsBusyError", "SettingsMismatchError", "ResultsLock", "ResultWriter",
            "repair_tail", "read_rows", "finite_or_none", "durable_replace", "SETTINGS_FILE", "claim_settings", "describe_changes",
@@ -259,6 +261,20 @@ def check_settings(folder: str | os.PathLike, settings: Mapping[str, Any], may_c
 
 
 # the eval runner's folder: one shard file per process (accelerate rank), keys (example id, variant, budget)
+
+@contextmanager
+def folder_kept_only_with_rows(folder: str | os.PathLike, rows_file: str = "*.jsonl") -> Iterator[None]:
+    """Around a run that may create ``folder``: when the run fails before writing a row, a folder it
+    created is removed, so a typo (a bad split, a missing model) leaves nothing to clean up or resume."""
+    folder = Path(folder)
+    created = not folder.exists()
+    try:
+        yield
+    except BaseException:
+        if created and folder.is_dir() and not any(p.stat().st_size for p in folder.glob(rows_file)):
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
 
 def shard_path(output_dir: str | os.PathLike, rank: int) -> Path:
     """Results file of process ``rank`` (each process appends only to its own file)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -22,6 +22,8 @@ __all__ = [
     "targeted_success",
     "attack_success",
     "attack_success_rate",
+    "attack_outcomes",
+    "outcome_rate",
     "feature_cosine_similarity",
     "certified_curve",
     "plot_certified_curve",
@@ -105,6 +107,37 @@ def attack_success_rate(
         if not success:
             raise ValueError("only_clean_correct=True but the model answered no question correctly before the attack")
     return sum(success) / len(success)
+
+
+def attack_outcomes(
+    adv_outputs: Sequence[str],
+    clean_outputs: Sequence[str],
+    *,
+    targets: Sequence[str] | None = None,
+    answers_list: Sequence[Sequence[str]] | None = None,
+) -> list[Optional[bool]]:
+    """Per item, whether the attack succeeded, or None where it had nothing to win, so a variant that
+    answers less before the attack does not look easier to attack.
+
+    * ``targets``: the target text appears in the adversarial output; None where the clean output has it already.
+    * else ``answers_list``: a right answer (VQA score > 0) turned wrong (score 0); None where the clean
+      answer was wrong already.
+    * else: the normalised output changed (no labels: every item counts).
+    """
+    success = attack_success(adv_outputs, targets=targets, clean_outputs=clean_outputs, answers_list=answers_list)
+    if targets is None and answers_list is None:
+        return list(success)
+    clean = _as_list(clean_outputs, "clean_outputs")
+    if clean is None or len(clean) != len(success):
+        raise ValueError(f"clean_outputs must hold one output per adv_outputs ({len(success)})")
+    won_already = attack_success(clean, targets=targets, answers_list=answers_list)
+    return [None if already else s for s, already in zip(success, won_already)]
+
+
+def outcome_rate(outcomes: Sequence[Optional[bool]]) -> Optional[float]:
+    """Successes over the items that count (None: none counts)."""
+    counted = [o for o in outcomes if o is not None]
+    return sum(counted) / len(counted) if counted else None
 
 
 def _to_numpy(x: Any, name: str) -> np.ndarray:

@@ -43,9 +43,10 @@ from fs_mllm.certify import certify_model
 from fs_mllm.defense import VARIANTS, apply_variant
 from fs_mllm.evaluation.datasets import load_eval_dataset
 from fs_mllm.evaluation.results import (
-    ResultsLock, ResultWriter, finite_or_none, read_results, result_key, shard_path,
+    ResultsLock, ResultWriter, finite_or_none, folder_kept_only_with_rows, read_results, result_key, shard_path,
 )
 from fs_mllm.evaluation.robustness import normalize_text, targeted_success
+from fs_mllm.image_io import rgb
 from fs_mllm.evaluation.settings import (  # the public names stay importable from here
     EVAL_DESCRIPTIONS, SETTINGS_FILE, TASKS, EvalSettings, SettingsMismatchError, check_or_write_settings,
     verify_settings, add_common_arguments, settings_from_args,
@@ -235,6 +236,14 @@ def run_eval(
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output_dir {str(out)!r} exists and is not a folder")
+    if _distributed().num_processes > 1:  # other processes share the folder: none of them removes it
+        return _run_eval(settings, out, model, processor, dataset, attack_fn, on_result, progress)
+    with folder_kept_only_with_rows(out, "results.rank*.jsonl"):
+        return _run_eval(settings, out, model, processor, dataset, attack_fn, on_result, progress)
+
+
+def _run_eval(settings: EvalSettings, out: Path, model: Any, processor: Any, dataset: Any, attack_fn: Optional[AttackFn],
+              on_result: Optional[Callable[[dict[str, Any]], None]], progress: bool) -> Optional[dict[str, Any]]:
     dist = _distributed()
     rank, world = dist.process_index, dist.num_processes
     out.mkdir(parents=True, exist_ok=True)
@@ -304,11 +313,11 @@ def _run_shard(settings: EvalSettings, model: Any, processor: Any, dataset: Any,
             if all(k in done for k in keys.values()):
                 continue
             prompt = build_prompt_for(processor, text, settings.model)
-            ctx = _Context(model, processor, ex["image"].convert("RGB"), prompt)
+            ctx = _Context(model, processor, rgb(ex["image"]), prompt)
             target_answer = None
             if settings.objective == "feature_target" and settings.attack_eps:
                 target_index = (index + 1) % len(dataset)  # another example's image: the AttackVLM target
-                ctx.target = _Context(model, processor, dataset[target_index]["image"].convert("RGB"), prompt)
+                ctx.target = _Context(model, processor, rgb(dataset[target_index]["image"]), prompt)
             base_row = {"index": index, "example_id": example_id, "variant": variant, "task": settings.task}
             if settings.task == "vqa":
                 base_row["answers"] = refs

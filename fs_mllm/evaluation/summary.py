@@ -14,7 +14,8 @@ from typing import Any, Optional, Sequence
 
 from fs_mllm.evaluation.caption import caption_metrics
 from fs_mllm.evaluation.results import read_results, result_key
-from fs_mllm.evaluation.robustness import certified_curve, plot_accuracy_vs_budget, plot_certified_curve, summary_table
+from fs_mllm.evaluation.robustness import (attack_outcomes, certified_curve, outcome_rate, plot_accuracy_vs_budget,
+                                           plot_certified_curve, summary_table)
 from fs_mllm.evaluation.settings import EvalSettings
 
 __all__ = ["SUMMARY_JSON", "SUMMARY_MD", "CURVE_PNG", "BUDGET_PNG", "summarize"]
@@ -61,7 +62,13 @@ def summarize(output_dir: str | os.PathLike, settings: EvalSettings, dataset_ids
                 for m in ("CIDEr", "BLEU-4", "ROUGE-L"):
                     entry[m] = cm[m]
             if budget > 0:
-                entry["attack_success_rate"] = sum(bool(r["changed"]) for r in sel) / len(sel)
+                adv, clean = [r["prediction"] for r in sel], [r["clean_prediction"] for r in sel]
+                if settings.task == "vqa":  # a right answer turned wrong, over the right answers before the attack
+                    outcomes = attack_outcomes(adv, clean, answers_list=[r["answers"] for r in sel])
+                else:  # captions have no right answer: the caption changed
+                    outcomes = attack_outcomes(adv, clean)
+                entry["attack_success_rate"] = outcome_rate(outcomes)
+                entry["counted"] = sum(o is not None for o in outcomes)
                 if settings.objective == "targeted":
                     entry["target_hit_rate"] = sum(bool(r.get("target_hit")) for r in sel) / len(sel)
                 elif settings.objective == "feature_target":
@@ -70,7 +77,7 @@ def summarize(output_dir: str | os.PathLike, settings: EvalSettings, dataset_ids
                 fcs = [r["fcs"] for r in sel if r.get("fcs") is not None]
                 entry["fcs_mean"] = sum(fcs) / len(fcs) if fcs else None
             else:
-                entry["attack_success_rate"] = None
+                entry["attack_success_rate"] = entry["counted"] = None
                 entry["fcs_mean"] = None
             if settings.certify_n and variant != "base":
                 s_low = [rows[result_key(i, variant, 0.0)].get("s_low") for i in dataset_ids]

@@ -28,7 +28,15 @@ def load_safetensors_model(model_class: Any, name_or_folder: Union[str, os.PathL
             f"model folder {str(folder)!r} has no .safetensors weights{found}; fs_mllm loads safetensors only, never "
             "pickle (it can run code on load): convert once with model.save_pretrained(folder) in a trusted environment"
         )
-    return model_class.from_pretrained(name_or_folder, use_safetensors=True, **kwargs)
+    model, info = model_class.from_pretrained(name_or_folder, use_safetensors=True, output_loading_info=True, **kwargs)
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = sorted(str(k[0] if isinstance(k, (tuple, list)) else k) for k in info.get("mismatched_keys") or [])
+    if missing or mismatched:  # transformers would fill them with random values and only log it
+        named = missing[:5] + mismatched[:5]
+        raise ValueError(f"model weights in {str(name_or_folder)!r} are incomplete: {len(missing)} missing and "
+                         f"{len(mismatched)} of another shape (e.g. {', '.join(named)}); the model would run with random "
+                         "values there. Save the folder again, or check that its files were copied whole")
+    return model
 
 
 def load_model(
@@ -49,6 +57,10 @@ def load_model(
     torch_dtype = DTYPES.get(dtype)
     if torch_dtype is None:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    looks_like_path = model.startswith(("/", "./", "../", "~")) or model.count("/") > 1  # a repo id is org/name
+    if model != DEFAULT_MODEL and looks_like_path and not os.path.exists(os.path.expanduser(model)):
+        raise ValueError(f"model {model!r} is not a folder (nothing at that path) and not a Hub repo id (org/name): "
+                         "pass an existing model folder, a repo id, or fs-mini-llava")
     if model == DEFAULT_MODEL:
         from .mini_llava import load_mini_llava
 
