@@ -165,7 +165,8 @@ DEFENSE_RUNS = (
                {"adaptive_steps": 5, "eot_samples": 2, "adaptive_objective": "untargeted"}),
 )
 CERTIFY_FILES = {"fs": "certify_photos_fs_mini_llava_cpu.json", "fs+gsb": "certify_photos_fs_gsb_mini_llava_cpu.json"}
-CERTIFY_SETTINGS = {"sigma": DEFENSE_SIGMA, "n": 1000, "alpha": 0.001, "method": "bernstein"}
+CERTIFY_SETTINGS = {"sigma": DEFENSE_SIGMA, "n": 1000, "alpha": 0.001, "method": "bernstein", "normalize": "global"}
+CERTIFY_DEFAULTS = {"normalize": "global"}  # not recorded by older `fs-mllm certify` summaries
 
 
 def shipped_booster() -> str:
@@ -255,7 +256,7 @@ def certified_means(folder: Path) -> dict[str, dict[str, float]]:
         if record is None:
             continue
         table, settings = record["summary"]["table"], record["summary"]["settings"]
-        differ = {k: settings.get(k) for k, v in CERTIFY_SETTINGS.items() if settings.get(k) != v}
+        differ = {k: settings.get(k) for k, v in CERTIFY_SETTINGS.items() if settings.get(k, CERTIFY_DEFAULTS.get(k)) != v}
         if differ or settings.get("images") is not None or settings.get("limit") is not None:
             raise SystemExit(f"{name}: not certified on every offline photo with {CERTIFY_SETTINGS} ({differ or settings})")
         if (variant == "fs+gsb") != (settings.get("booster") is not None):

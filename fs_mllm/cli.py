@@ -77,7 +77,9 @@ def load_images(folder: Optional[str], size: int, limit: Optional[int] = None):
         images = []
         for path in paths[:limit]:
             try:
-                images.append(Image.open(path))
+                image = Image.open(path)
+                image.load()  # decodes now: a truncated file fails here, named, not later
+                images.append(image)
             except OSError as error:  # not an image after all (or a damaged one)
                 raise ValueError(f"--images: {path} cannot be read as an image ({error})") from None
     if limit is not None:
@@ -257,10 +259,14 @@ def console_main() -> int:
 
         if not isinstance(exc, (ValueError, OSError, ResultsFolderError)) or os.environ.get("FS_MLLM_TRACEBACK"):
             raise
+        import traceback
+
         command = argv[0] if argv and not argv[0].startswith("-") else ""
         kind = "" if isinstance(exc, ValueError) else f"{type(exc).__name__}: "
+        where = traceback.extract_tb(exc.__traceback__)[-1]  # kept for bug reports: a ValueError may be a bug
         print(f"fs-mllm {command}: error: {kind}{exc}".replace("  ", " "), file=sys.stderr)
-        print("(set FS_MLLM_TRACEBACK=1 to see where it was raised)", file=sys.stderr)
+        print(f"(raised at {Path(where.filename).name}:{where.lineno}; FS_MLLM_TRACEBACK=1 shows the traceback)",
+              file=sys.stderr)
         return 1
     return 0
 

@@ -367,9 +367,9 @@ class GaussianSmoothnessBooster(nn.Module):
         expected = booster.state_dict()
         for name, tensor in state.items():  # load_state_dict would cast silently, and NaN would only show at generate
             want = expected.get(name)
-            if want is not None and tensor.dtype != want.dtype:
-                raise ValueError(f"{weights_path}: {name} is {tensor.dtype}, the booster keeps {want.dtype}; "
-                                 "save it again with save_pretrained")
+            if want is not None and want.is_floating_point() and not tensor.is_floating_point():  # fp16/bf16 upcast fine
+                raise ValueError(f"{weights_path}: {name} is {tensor.dtype}, not a floating-point weight; the file was "
+                                 "not written by save_pretrained, or was altered")
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise ValueError(f"{weights_path}: {name} holds NaN or Inf (a diverged training run?); retrain or restore the file")
         try:

@@ -18,6 +18,7 @@ from fs_mllm.attacks import AttackConfig, attack, build_text_inputs, eot_gradien
 from fs_mllm.certify import certify_model
 from fs_mllm.patching import patch_model, unpatch_model
 from fs_mllm.smoothing import smoothed_mean
+from fs_mllm.evaluation.robustness import targeted_success
 
 from fs_mllm.testing import IMAGE_TOKEN, build_llava, build_qwen2_vl, vision_module
 
@@ -352,7 +353,8 @@ def test_attack_pipeline_recipe(tmp_path, saved_model_dir, capsys):
     for row in rows:
         assert -1.0 <= row["fcs"] <= 1.0 + 1e-6
         assert row["delta_norm"] <= 8 / 255 + 1e-6
-        assert isinstance(row["success"], bool)
+        on_target_before = targeted_success(row["clean_output"], "a dog")
+        assert row["success"] is None if on_target_before else isinstance(row["success"], bool)
         assert os.path.isfile(row["adv_image"])
         saved = Image.open(row["adv_image"])
         assert saved.size == (SIZE, SIZE)  # processor resolution, not the file's
@@ -373,8 +375,11 @@ def test_attack_pipeline_on_offline_vqa(tmp_path, saved_model_dir):
     assert _recipe().main(argv) == 0
     (row,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert row["answers"] and row["question"].endswith("?")
-    # untargeted VQA success = the adversarial answer scores 0 against the human answers
-    assert row["success"] == (vqa_score(row["adv_output"], row["answers"]) == 0.0)
+    # untargeted VQA success = a right answer (score > 0) turned wrong (score 0); None: wrong before the attack
+    if vqa_score(row["clean_output"], row["answers"]) == 0.0:
+        assert row["success"] is None
+    else:
+        assert row["success"] == (vqa_score(row["adv_output"], row["answers"]) == 0.0)
     assert row["delta_norm"] <= 0.5 + 1e-6
 
 

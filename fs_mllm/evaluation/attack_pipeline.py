@@ -26,6 +26,7 @@ Success: targeted = target text in the adversarial output; untargeted/feature = 
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import json
 import os
@@ -151,8 +152,8 @@ def iter_examples(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
         files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise SystemExit(f"--images {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        stems = [f.stem for f in files]
-        shared = sorted({f.name for f in files if stems.count(f.stem) > 1})
+        stems = collections.Counter(f.stem for f in files)
+        shared = sorted(f.name for f in files if stems[f.stem] > 1)
         if shared:  # a row's key is the stem, so two such images would be one row
             raise SystemExit(f"--images {folder}: {', '.join(shared)} share a name before the suffix; rename one of each")
         for path in files[: args.limit]:

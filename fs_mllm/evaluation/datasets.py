@@ -225,12 +225,12 @@ def normalize_eval_columns(ds: datasets.Dataset, task: str) -> datasets.Dataset:
     return out.cast(CAPTION_FEATURES)
 
 
-DEFAULT_SPLIT = "validation"  # load_eval_dataset's default: also accepted for a set that has one split only
+DEFAULT_SPLIT = "validation"  # load_eval_dataset's default: also picks the only split of a local folder
 
 
 def _pick_split(obj: datasets.Dataset | datasets.DatasetDict, split: str | None, where: str) -> datasets.Dataset:
     if isinstance(obj, datasets.Dataset):  # one split saved on its own: only its name (or the default) picks it
-        if split in (None, DEFAULT_SPLIT) or (obj.split is not None and str(obj.split) == split):
+        if split in (None, DEFAULT_SPLIT) or obj.split is None or str(obj.split) == split:  # unnamed: cannot tell
             return obj
         raise ValueError(f"split {split!r} not found in {where}, which holds one split ({obj.split or 'unnamed'}); "
                          f"leave --split at its default")

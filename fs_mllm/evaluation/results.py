@@ -267,11 +267,17 @@ def folder_kept_only_with_rows(folder: str | os.PathLike, rows_file: str = "*.js
     """Around a run that may create ``folder``: when the run fails before writing a row, a folder it
     created is removed, so a typo (a bad split, a missing model) leaves nothing to clean up or resume."""
     folder = Path(folder)
-    created = not folder.exists()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir()  # atomic: of two runs starting at once on a new folder, one only made it
+        created = True
+    except FileExistsError:
+        created = False
     try:
         yield
-    except BaseException:
-        if created and folder.is_dir() and not any(p.stat().st_size for p in folder.glob(rows_file)):
+    except BaseException as error:
+        refused = isinstance(error, ResultsFolderError)  # another run's folder, or one in use: never ours to remove
+        if created and not refused and folder.is_dir() and not any(p.stat().st_size for p in folder.glob(rows_file)):
             shutil.rmtree(folder, ignore_errors=True)
         raise
 

@@ -31,7 +31,8 @@ def summarize(output_dir: str | os.PathLike, settings: EvalSettings, dataset_ids
     """Summary table (markdown + JSON) and plots from the result rows of ``output_dir``.
 
     One table row per (variant, budget): accuracy (VQA accuracy, or CIDEr/BLEU-4/ROUGE-L for captions),
-    attack success (answer changed / target hit), mean FCS clean vs adversarial and, for FS variants
+    attack success (VQA: a right answer turned wrong, over the ``counted`` answers right before the attack;
+    captions: the caption changed), target hits, mean FCS clean vs adversarial and, for FS variants
     with certification, the mean S_low and certified FCSB at radius sigma/2. Raises ValueError when
     a key of the run is missing (an unfinished run).
     """

@@ -28,6 +28,7 @@ def load_safetensors_model(model_class: Any, name_or_folder: Union[str, os.PathL
             f"model folder {str(folder)!r} has no .safetensors weights{found}; fs_mllm loads safetensors only, never "
             "pickle (it can run code on load): convert once with model.save_pretrained(folder) in a trusted environment"
         )
+    kwargs.pop("output_loading_info", None)  # always asked for here: the check below needs it
     model, info = model_class.from_pretrained(name_or_folder, use_safetensors=True, output_loading_info=True, **kwargs)
     missing = sorted(info.get("missing_keys") or [])
     mismatched = sorted(str(k[0] if isinstance(k, (tuple, list)) else k) for k in info.get("mismatched_keys") or [])
@@ -57,8 +58,9 @@ def load_model(
     torch_dtype = DTYPES.get(dtype)
     if torch_dtype is None:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    looks_like_path = model.startswith(("/", "./", "../", "~")) or model.count("/") > 1  # a repo id is org/name
-    if model != DEFAULT_MODEL and looks_like_path and not os.path.exists(os.path.expanduser(model)):
+    model = os.path.expanduser(model)  # a quoted "~/models/x" reaches us unexpanded
+    looks_like_path = model.startswith(("/", "./", "../")) or model.count("/") > 1  # a repo id is org/name
+    if model != DEFAULT_MODEL and looks_like_path and not os.path.exists(model):
         raise ValueError(f"model {model!r} is not a folder (nothing at that path) and not a Hub repo id (org/name): "
                          "pass an existing model folder, a repo id, or fs-mini-llava")
     if model == DEFAULT_MODEL:
