@@ -120,14 +120,14 @@ def certify_features(
     Y_i = (1 + cos(f(x+e_i), f(x)))/2 and a one-sided (1 - alpha) lower bound on S(x) with ``method``.
     """
     config = FSConfig(sigma=sigma, seed=seed, chunk_size=chunk_size, normalize=normalize, alpha=alpha, method=method)
+    check_n(n)
+    check_images(images)
     return _certify_encoder(encoder, images, config, n)
 
 
 def _certify_encoder(encoder: Encoder, images: torch.Tensor, config: FSConfig, n: int,
                      clean_features: Optional[torch.Tensor] = None) -> list[Certificate]:
-    """certify_features on a checked config; ``clean_features`` is f(x) when the caller needs that same vector."""
-    check_n(n)
-    check_images(images)
+    """certify_features once config, n and images are checked; ``clean_features``: f(x), when the caller needs that vector."""
     scores = sample_scores(encoder, images, config.sigma, n, seed=config.seed, chunk_size=config.chunk_size,
                            normalize=config.normalize, clean_features=clean_features)
     return certificates_from_scores(scores, config.alpha, config.sigma, config.method, config.normalize)

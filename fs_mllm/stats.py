@@ -41,7 +41,7 @@ def _check_unit_interval(values, name: str) -> None:
         raise ValueError(f"{name} must lie in [0, 1] (a robustness score), got values outside it")
 
 
-def _finish(result, like):
+def _finish(result):
     """Return a Python float for scalar inputs, else an array, or a float64 tensor for tensor inputs: rounding a
     bound to the input's dtype (bf16, fp16, even fp32) could round it up, and a bound must never grow."""
     if isinstance(result, torch.Tensor):
@@ -71,7 +71,7 @@ def fcsb(score: ArrayLike, radius: ArrayLike, sigma: float) -> ArrayLike:
         with np.errstate(invalid="ignore"):
             bound = 2 * _phi(_phi_inv(s) - r / sigma) - 1
         bound = np.where(bound >= 0, bound, NO_GUARANTEE)
-    return _finish(bound, score)
+    return _finish(bound)
 
 
 def certified_radius(score: ArrayLike, sigma: float, threshold: float = 0.0) -> ArrayLike:
@@ -91,7 +91,7 @@ def certified_radius(score: ArrayLike, sigma: float, threshold: float = 0.0) -> 
         radius = torch.clamp(sigma * (_phi_inv(s) - offset), min=0.0)
     else:
         radius = np.maximum(sigma * (_phi_inv(s) - offset), 0.0)
-    return _finish(radius, score)
+    return _finish(radius)
 
 
 def score_lower_bound(samples: ArrayLike, alpha: float, method: str = "bernstein") -> ArrayLike:

@@ -257,8 +257,7 @@ def _attack_all(args: argparse.Namespace, out: Path) -> tuple[dict, list]:
     """Attack every (example, mode) not in ``out`` yet; the rows of this command, and its examples."""
     from tqdm.auto import tqdm
 
-    out.mkdir(parents=True, exist_ok=True)
-    results_path = out / RESULTS_FILE
+    results_path = out / RESULTS_FILE  # the folder exists: folder_kept_only_with_rows made or found it
     settings = settings_id(args)
     with ResultWriter(results_path) as writer:  # locked, torn tail cut, before the rows are read
         done = {tuple(row["key"]): row for row in read_rows(results_path)}
