@@ -32,6 +32,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 from torch import nn
 
+from .compat import check_transformers_version
 from .config import FSConfig, dataclass_from_dict
 
 __all__ = [
@@ -368,8 +369,10 @@ def from_pretrained(
     ``revision`` is the revision of that repo; the base model it references is loaded at the revision
     saved in fs_config.json. ``device_map``, ``dtype``, ``quantization_config`` and other keyword
     arguments go to the Auto class (``model_class``, default ``AutoModelForImageTextToText``, ``AutoModel``
-    for dual encoders), always with ``use_safetensors=True``.
+    for dual encoders), always with ``use_safetensors=True``. An untested transformers is refused
+    before any weights load (see :mod:`fs_mllm.compat`).
     """
+    check_transformers_version()
     model, processor, folder, record = load_base(
         repo_id_or_folder, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
         device_map=device_map, dtype=dtype, quantization_config=quantization_config, model_class=model_class,

@@ -24,6 +24,7 @@ from torch import nn
 
 from . import adapters as _adapters  # noqa: F401  (registers every family)
 from .adapters.base import FamilyAdapter, get_adapter, unwrap_model
+from .compat import check_transformers_version
 from .config import FSConfig
 from .normalization import resolve_mean_std
 from .smoothed_path import FSState, booster_stage, smoothed_image_features
@@ -168,6 +169,7 @@ def patch_model(
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module (a transformers multimodal model), got {type(model).__name__}")
+    check_transformers_version()
     if isinstance(config, (str, os.PathLike)):
         given = sorted(overrides) + [name for name, value in (("booster", booster), ("processor", processor),
                                      ("image_mean", image_mean), ("image_std", image_std)) if value is not None]

@@ -481,7 +481,8 @@ def _lively_connector(model) -> None:
 def _llama4_output_fix(model) -> None:
     """transformers 5.24's Llama4ForConditionalGeneration.forward reads ``image_outputs`` from its language
     model's output, which has no such field (AttributeError on every input, patched or not). The tiny test
-    model's language model gets the field (None), so the image path fs_mllm patches can be exercised."""
+    model's language model gets the field (None), so the image path fs_mllm patches can be exercised.
+    5.25's forward takes the field from the image features instead; there the fix changes nothing."""
     language_model = model.language_model
     original = language_model.forward
 

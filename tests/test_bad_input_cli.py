@@ -83,29 +83,31 @@ def test_eval_without_a_task_is_a_usage_error(capsys):
         assert "usage: fs-mllm eval {vqa,caption}" in capsys.readouterr().err
 
 
-def test_certify_seed_chunk_size_and_normalize_as_a_user_runs_it(tmp_path):
+def test_certify_seed_chunk_size_and_normalize(tmp_path, capsys, monkeypatch):
     """A published certificate should use a seed the attacker does not know: `fs-mllm certify --seed` sets the
     noise and is recorded in the summary; --normalize token certifies per token; bad values are usage errors
-    before any work."""
+    before any work. In-process through the console script's own parser (the README's `fs-mllm certify`
+    runs as a subprocess in tests/test_readme.py)."""
     import json
 
+    monkeypatch.chdir(tmp_path)
     means = {}
     for seed in (0, 12345):
         out = f"out{seed}"
-        proc = run_fs_mllm(["certify", "--limit", "1", "--n", "20", "--seed", str(seed), "--output-dir", out], cwd=tmp_path)
-        assert proc.returncode == 0, failure(proc)
+        main(["certify", "--limit", "1", "--n", "20", "--seed", str(seed), "--output-dir", out])
         assert json.loads((tmp_path / out / "summary.json").read_text())["settings"]["seed"] == seed
         means[seed] = json.loads((tmp_path / out / "certificates.jsonl").read_text())["score_mean"]
     assert means[0] != means[12345]
-    proc = run_fs_mllm(["certify", "--limit", "1", "--n", "20", "--normalize", "token", "--chunk-size", "7",
-                        "--output-dir", "token"], cwd=tmp_path)
-    assert proc.returncode == 0, failure(proc)
+    main(["certify", "--limit", "1", "--n", "20", "--normalize", "token", "--chunk-size", "7", "--output-dir", "token"])
     record = json.loads((tmp_path / "token" / "certificates.jsonl").read_text())
     assert record["normalize"] == "token" and record["n"] == 20
+    capsys.readouterr()
     for option, value, needle in (("--seed", "-1", "2**63"), ("--chunk-size", "0", "positive integer"),
                                   ("--normalize", "tokens", "invalid choice")):
-        proc = run_fs_mllm(["certify", option, value, "--output-dir", "bad"], cwd=tmp_path, timeout=60)
-        assert proc.returncode == 2 and option in proc.stderr and needle in proc.stderr, failure(proc)
+        with pytest.raises(SystemExit) as exc:
+            main(["certify", option, value, "--output-dir", "bad"])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and option in err and needle in err, err
         assert not (tmp_path / "bad").exists()
 
 
@@ -125,7 +127,7 @@ def _inputs(folder):
     Image.fromarray(np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)).save(folder / "grey16" / "g.png")
 
 
-@pytest.mark.parametrize("args, status, needle", [
+FOUND_WHILE_RUNNING = [
     (["certify", "--images", "empty", "--output-dir", "out"], 1, "--images: no .png"),
     (["certify", "--booster", "empty", "--output-dir", "out"], 1, "gsb_config.json"),
     (["certify", "--model", "/no/such/model", "--output-dir", "out"], 1, "not a folder"),
@@ -136,14 +138,47 @@ def _inputs(folder):
     (["attack", "--device", "cuda", "--out", "out"], 2, "--device"),
     (["eval", "vqa", "--dataset", "fs-synthetic-heldout", "--split", "bogus", "--output-dir", "out"], 1, "split 'bogus'"),
     (["eval", "vqa", "--model", "./missing-folder", "--output-dir", "out"], 1, "not a folder"),
-])
-def test_bad_input_found_while_running_is_one_line_and_leaves_no_folder(args, status, needle, tmp_path):
+]
+
+
+def console_status(args: list, monkeypatch, capsys) -> tuple[int, str]:
+    """``fs-mllm ARGS`` in-process through the console script's entry point: (exit status, stderr)."""
+    import sys
+
+    from fs_mllm.cli import console_main
+
+    monkeypatch.setattr(sys, "argv", ["fs-mllm", *args])
+    try:
+        status = console_main()
+    except SystemExit as exc:  # argparse's usage errors (2), or sys.exit(message): Python prints it, status 1
+        status = exc.code
+        if isinstance(status, str):
+            print(status, file=sys.stderr)
+            status = 1
+    return status, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, status, needle", FOUND_WHILE_RUNNING)
+def test_bad_input_found_while_running_is_one_line_and_leaves_no_folder(args, status, needle, tmp_path, monkeypatch,
+                                                                        capsys):
     """Errors that only show once a command runs (a folder's content, a model path, a split) are a one-line
-    message and a status, never a traceback, and a failed run leaves no output folder behind."""
+    message and a status, never a traceback, and a failed run leaves no output folder behind. In-process
+    through console_main; the test below runs one of them as the installed script."""
     import torch
 
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
+    _inputs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FS_MLLM_TRACEBACK", raising=False)
+    got, err = console_status(args, monkeypatch, capsys)
+    assert got == status and needle in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_input_found_while_running_as_a_user_runs_it(tmp_path):
+    args, status, needle = FOUND_WHILE_RUNNING[3]  # a damaged image: found only once the run reads it
     _inputs(tmp_path)
     proc = run_fs_mllm(args, cwd=tmp_path, timeout=300)
     assert proc.returncode == status and needle in proc.stderr, failure(proc)

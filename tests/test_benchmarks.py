@@ -26,6 +26,7 @@ def run_quick(script: str, tmp_path: Path, *extra: str) -> subprocess.CompletedP
     return proc
 
 
+@pytest.mark.slow
 def test_bench_patch_overhead_quick(tmp_path):
     run_quick("bench_patch_overhead.py", tmp_path)
     result = json.loads((tmp_path / "patch_overhead_quick_cpu.json").read_text())
@@ -33,6 +34,7 @@ def test_bench_patch_overhead_quick(tmp_path):
     assert {"generate_overhead_per_extra_copy", "lm_time_patched_over_base", "smoothed_fn_over_tower_n"} <= set(result["figures"])
 
 
+@pytest.mark.slow
 def test_bench_patch_overhead_profile_compares_the_smoothed_call_with_the_tower(tmp_path):
     """--profile: the operators of the smoothed call against the tower's on n0 copies; the noise draws exist
     only in the smoothed call, so they must show up as its extra time."""
@@ -44,6 +46,7 @@ def test_bench_patch_overhead_profile_compares_the_smoothed_call_with_the_tower(
     assert "self CPU time per call" in proc.stdout
 
 
+@pytest.mark.slow
 def test_bench_certify_quick(tmp_path):
     run_quick("bench_certify.py", tmp_path)
     result = json.loads((tmp_path / "certify_quick_throughput_memory_scaling_cpu.json").read_text())
@@ -52,6 +55,7 @@ def test_bench_certify_quick(tmp_path):
     assert (tmp_path / "certify_scaling_micro_cpu.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_bench_certify_compile_falls_back_to_aot_eager(tmp_path):
     """--compile (never part of --quick) on the micro model: an unusable backend is reported verbatim and
     aot_eager (no C++ compiler needed, seconds on the micro tower) is measured instead."""
@@ -66,6 +70,7 @@ def test_bench_certify_compile_falls_back_to_aot_eager(tmp_path):
     assert result["speedup_eager_over_compiled"]["certify"]["min"] > 0
 
 
+@pytest.mark.slow
 def test_bench_certify_profile_says_where_the_time_goes(tmp_path):
     """--profile lists the operators of one certify_model call with their self time, and the throughput
     part's breakdown (tower / engine / clean forward / rest) is part of the same JSON."""
@@ -84,6 +89,7 @@ def test_bench_certify_profile_says_where_the_time_goes(tmp_path):
     assert "profile of one certify_model call" in proc.stdout
 
 
+@pytest.mark.slow
 def test_bench_efficiency_quick(tmp_path):
     pytest.importorskip("onnx")
     from fs_mllm.testing import require_package
@@ -94,6 +100,7 @@ def test_bench_efficiency_quick(tmp_path):
     assert set(result["efficiency_at_n"]) == {"hoeffding", "bernstein", "betting", "betting_fixed"}
 
 
+@pytest.mark.slow
 def test_bench_frontier_small_run_with_one_copy(tmp_path):
     """The frontier script on fs-mini-llava with 2 questions, n0 = 1 (one noisy copy) and FS only: a table,
     JSON and plot; a bad --variants or n0 fails before the model loads."""
@@ -115,6 +122,7 @@ def test_bench_frontier_small_run_with_one_copy(tmp_path):
         assert proc.returncode != 0 and message in proc.stderr, failure(proc)
 
 
+@pytest.mark.slow
 def test_bench_defense_small_run_resumes_and_refuses_other_settings(tmp_path):
     """bench_defense on fs-mini-llava, base only, 2 questions and 1 attacked image: the default checkpoint
     goes once the JSON is written; with a named one, a rerun reads every row back and sums both calls'
@@ -170,7 +178,8 @@ def run_summarize(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("table, readme", [("figures", BENCHMARKS / "README.md"), ("defense", ROOT / "README.md")])
+# the full defense table moved from README.md to the generated docs/results.md (issue 31); README.md keeps the small one
+@pytest.mark.parametrize("table, readme", [("figures", BENCHMARKS / "README.md"), ("defense", ROOT / "docs" / "results.md")])
 def test_the_readme_tables_are_what_summarize_prints_from_the_results(table, readme, tmp_path):
     """The tables are generated, never typed: a result file changed without the README (or the reverse) fails here."""
     proc = run_summarize(tmp_path, "--table", table)
@@ -179,6 +188,19 @@ def test_the_readme_tables_are_what_summarize_prints_from_the_results(table, rea
     assert proc.stdout.strip() in readme.read_text(), f"run `python benchmarks/summarize.py --table {table}` and paste it into {readme}"
 
 
+def test_the_readme_small_table_is_what_summarize_prints_from_the_results(tmp_path):
+    """README's small table (clean / transfer linf 16/255 / adaptive l2 0.25 / certified; base / FS / FS+GSB with
+    counts) is a subset of the defense table's cells, generated the same way (issue 31)."""
+    proc = run_summarize(tmp_path, "--table", "readme")
+    assert proc.returncode == 0, failure(proc)
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and not line.startswith("| sigma")]
+    assert [r.split(" | ")[0][2:].split(" ")[0] for r in rows] == ["clean", "transfer", "adaptive", "certified:"]
+    assert all(len(r.split(" | ")) == 5 for r in rows)
+    assert proc.stdout.strip() in (ROOT / "README.md").read_text(), \
+        "run `python benchmarks/summarize.py --table readme` and paste it into README.md"
+
+
+@pytest.mark.slow
 def test_summarize_defense_refuses_results_that_disagree_miss_a_cell_or_were_run_otherwise(tmp_path):
     """Each cell of the README's defense table must come from a run made as its row says, and only from one."""
     results = tmp_path / "results"

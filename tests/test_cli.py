@@ -227,6 +227,7 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_resumes(tmp_path):
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["num_examples"] == 1
 
 
+@pytest.mark.slow
 def test_a_null_attack_succeeds_nowhere_as_a_user_runs_it(tmp_path):
     """An attack that moves no answer has attack success 0, whatever the model got wrong before it: a wrong
     answer staying wrong used to count as a success (100% in `fs-mllm attack`, "answer changed" in eval)."""

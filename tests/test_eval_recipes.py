@@ -371,6 +371,7 @@ def _launch_two(out: Path, tiny_dir: Path, vqa_dir: Path, cwd: Path) -> None:
     assert proc.returncode == 0, f"2-process run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
 
+@pytest.mark.slow
 def test_two_process_accelerate_launch_equals_one_process(tmp_path, tiny_dir, vqa_dir, loaded):
     pytest.importorskip("accelerate")
     out2 = tmp_path / "p2"
@@ -409,6 +410,7 @@ def test_two_process_accelerate_launch_equals_one_process(tmp_path, tiny_dir, vq
                 assert a[k] == b[k], k
 
 
+@pytest.mark.slow
 def test_two_process_resume_with_other_settings_is_refused_promptly(tmp_path, tiny_dir, vqa_dir):
     """Under ``accelerate launch`` the main process checks the folder's settings before the others pass
     the barrier: a mismatch must end the whole launch with the field named, not leave a rank waiting."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..compat import at_least
 from .base import (
     IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, FamilyAdapter,
     register_adapter, unwrap_model,
@@ -79,16 +80,30 @@ class PerceptionLMAdapter(PlainAdapter):
 
 @register_adapter
 class Llama4Adapter(PlainAdapter):
-    """Llama 4: ``get_image_features`` lives on the outer model and returns the vision encoder's
-    ``last_hidden_state`` (tiles, T, D_vision); the projector runs after it in ``forward``. The smoothed
-    (and certified) features are that vision output; the projector is a fixed map applied to the
-    smoothed features. Each tile (row) is one image."""
+    """Llama 4: ``get_image_features`` lives on the outer model; each tile (row) is one image. What it
+    returns, and so what is smoothed and certified, depends on the transformers release:
+
+    - 5.25 and newer: the projected features (tiles, T, D_text) as ``pooler_output``, which ``forward``
+      feeds the decoder: the certified features are what the decoder reads (as for LLaVA).
+    - 5.24: the vision encoder's ``last_hidden_state`` (tiles, T, D_vision); ``forward`` applies the
+      projector after it, a fixed map of the smoothed (and certified) vision output.
+    """
 
     model_types = ("llama4",)
     default_image_mean = IMAGENET_STANDARD_MEAN
     default_image_std = IMAGENET_STANDARD_STD
-    feature_fields = ("last_hidden_state",)
-    layout = "(tiles, 3, H, W), one tile per row; features = vision output before the projector"
+    layout = "(tiles, 3, H, W), one tile per row; features = projector output (vision output before 5.25)"
+
+    @property
+    def projects_features(self) -> bool:
+        """Whether this transformers' ``get_image_features`` runs the projector (5.25 on)."""
+        return at_least("5.25")
+
+    @property
+    def feature_fields(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("pooler_output",) if self.projects_features else ("last_hidden_state",)
 
     def feature_dim(self, model: nn.Module) -> int:
+        if self.projects_features:
+            return super().feature_dim(model)
         return int(unwrap_model(model).config.vision_config.vision_output_dim)
