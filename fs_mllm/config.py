@@ -21,6 +21,8 @@ BOUND_METHODS = ("hoeffding", "bernstein", "betting", "betting_fixed")
 SIGMA_MAX = 10.0
 # torch.Generator.manual_seed takes a signed 64-bit integer; negative seeds are refused for clarity.
 SEED_LIMIT = 2**63
+# Monte-Carlo samples per certificate (DESIGN.md section 2: n = 1000 for certification; alpha's default is FSConfig.alpha).
+DEFAULT_CERTIFY_N = 1000
 
 
 def _real(value: Any, name: str, what: str) -> float:

@@ -185,8 +185,10 @@ def _l2_radius(norm: str, eps: float, image: torch.Tensor) -> float:
 _ROW_CHOICES = ("variants", "transfer_linf", "noise_linf", "adaptive_l2", "adaptive_linf")
 _TRANSFER_FILE = "transfer_linf_{}.safetensors"  # one file of crafted images per budget, in a checkpoint
 ROW_FIELDS = ("variant", "protocol", "norm", "eps", "n", "accuracy", "attack_success", "targeted_success", "fcs",
-              "certified_fcsb", "certified_radius_l2", "certified_images")
-_LATER_ROW_FIELDS = ("certified_images",)  # absent (None) in rows that older checkpoints hold
+              "right_before", "right_after", "certified_fcsb", "certified_radius_l2", "certified_images",
+              "certified_share", "certified_fcsb_guaranteed")
+# absent (None) in rows that older checkpoints hold
+_LATER_ROW_FIELDS = ("certified_images", "right_before", "right_after", "certified_share", "certified_fcsb_guaranteed")
 
 
 def _hash_tensors(digest: Any, named: Sequence[tuple[str, torch.Tensor]]) -> None:
@@ -522,8 +524,8 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
                 "target_out": generate_text(model, processor, targets, attack_prompts, settings.max_new_tokens),
                 "s_low": s_low, "booster": module_fingerprint(booster) if variant == "fs+gsb" else None})
 
-        def certified(radius: float) -> Optional[float]:
-            return _mean([float(fcsb(s, radius, sigma)) for s in state["s_low"]]) if state["s_low"] else None
+        def certified(radius: float) -> dict[str, Any]:
+            return certified_summary([float(fcsb(s, radius, sigma)) for s in state["s_low"]], radius)
 
         row = saved(keys[0])
         if row is None:
@@ -531,8 +533,8 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
             clean_correct = [vqa_match(o, item.answers) for o, item in zip(clean_out, clean_items)]
             row = keep(keys[0], {"variant": variant, "protocol": "clean", "norm": "-", "eps": 0.0, "n": len(clean_items),
                                  "accuracy": _mean([float(c) for c in clean_correct]), "attack_success": None,
-                                 "targeted_success": None, "fcs": None, "certified_fcsb": certified(sigma / 2),
-                                 "certified_radius_l2": sigma / 2, "certified_images": len(state["s_low"])})
+                                 "targeted_success": None, "fcs": None, "right_before": None,
+                                 "right_after": sum(clean_correct), **certified(sigma / 2)})
         rows.append(row)
         bar.update()
         clean_features = None  # the variant's features of the clean attack images, once for every transfer budget
@@ -552,8 +554,7 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
                                          state["target_out"] if protocol == "transfer" else None)
                 radius = _l2_radius(norm, eps, attack_images[0])
                 row = keep(key, {"variant": variant, "protocol": protocol, "norm": norm, "eps": float(eps),
-                                 "n": len(attack_items), **metrics, "fcs": _mean(fcs), "certified_fcsb": certified(radius),
-                                 "certified_radius_l2": radius, "certified_images": len(state["s_low"])})
+                                 "n": len(attack_items), **metrics, "fcs": _mean(fcs), **certified(radius)})
                 if store is not None and protocol == "adaptive":
                     for _, name in adaptive_files(variant, norm, eps):
                         store.forget(name)
@@ -562,6 +563,17 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
         bar.close()
     unpatch_model(model)
     return rows
+
+
+def certified_summary(bounds: Sequence[float], radius: float) -> dict[str, Any]:
+    """A row's certificate fields from the per-image FCSB at ``radius`` (-1 = no guarantee there):
+    ``certified_fcsb`` the mean with -1 for no guarantee (a valid bound on the mean cosine, as stored since
+    0.1), ``certified_share`` the share of images with a guarantee and ``certified_fcsb_guaranteed`` the mean
+    over those alone (None when none has one): the placeholders never enter that mean."""
+    guaranteed = [b for b in bounds if b >= 0]
+    return {"certified_fcsb": _mean(bounds) if bounds else None, "certified_radius_l2": radius,
+            "certified_images": len(bounds), "certified_share": len(guaranteed) / len(bounds) if bounds else None,
+            "certified_fcsb_guaranteed": _mean(guaranteed) if guaranteed else None}
 
 
 def _sign_noise(images: torch.Tensor, eps: float, seed: int) -> torch.Tensor:
@@ -577,7 +589,9 @@ def answer_metrics(clean_outputs: Sequence[str], adv_outputs: Sequence[str], ans
     """accuracy of the attacked answers; attack_success: of the questions answered right on the clean image,
     the fraction answered wrong after the attack; targeted_success (when ``target_outputs``, the variant's
     answers for the target images): of the questions whose target answer differs from the clean answer, the
-    fraction whose attacked answer became the target answer (a target equal to the clean answer proves nothing)."""
+    fraction whose attacked answer became the target answer (a target equal to the clean answer proves nothing).
+    right_before / right_after: how many questions were answered right on the clean images / after the attack
+    (the counts behind the rates: an attack success of 1.000 may be 1 of 1)."""
     from .answers import answers_match as vqa_match, normalize_answer as norm
 
     if not (len(clean_outputs) == len(adv_outputs) == len(answers)):
@@ -589,7 +603,7 @@ def answer_metrics(clean_outputs: Sequence[str], adv_outputs: Sequence[str], ans
         aimed = [(o, t) for o, t, c in zip(adv_outputs, target_outputs, clean_outputs) if norm(t) != norm(c)]
         targeted = _mean([float(norm(o) == norm(t)) for o, t in aimed])
     return {"accuracy": _mean([float(not w) for w in wrong]), "attack_success": _mean([float(f) for f in flipped]),
-            "targeted_success": targeted}
+            "targeted_success": targeted, "right_before": len(flipped), "right_after": wrong.count(False)}
 
 
 def budget_label(protocol: str, norm: str, eps: float) -> str:
@@ -599,19 +613,43 @@ def budget_label(protocol: str, norm: str, eps: float) -> str:
     return f"linf {eps * 255:g}/255" if norm == "linf" else f"l2 {eps:g}"
 
 
+def certified_cell(row: dict[str, Any]) -> str:
+    """The certified column: the mean FCSB over the images that have a guarantee at the row's l2 radius and
+    how many have one (rows of 0.2 and older, without the share: the mean with -1 for no guarantee)."""
+    if row.get("certified_fcsb") is None:
+        return "-"
+    radius = f"l2 {row['certified_radius_l2']:.3g}"
+    if row.get("certified_share") is None:  # older rows
+        images = f"; {row['certified_images']}" if row.get("certified_images") is not None else ""
+        return f"{row['certified_fcsb']:.3f} ({row['certified_radius_l2']:.3g}{images})"
+    total = row["certified_images"]
+    have = round(row["certified_share"] * total)
+    if not have:
+        return f"none of {total} ({radius})"
+    return f"{row['certified_fcsb_guaranteed']:.3f} on {have}/{total} ({radius})"
+
+
+def right_counts(row: dict[str, Any]) -> str:
+    """How many answers were right before the attack and after it ("12 -> 3"); clean rows: how many are right."""
+    if row.get("right_after") is None:  # rows of 0.2 and older
+        return "-"
+    if row["protocol"] == "clean" or row.get("right_before") is None:
+        return str(row["right_after"])
+    return f"{row['right_before']} -> {row['right_after']}"
+
+
 def defense_table(rows: Sequence[dict[str, Any]]) -> str:
     """The rows as a markdown table, budgets written as the reader knows them (linf in /255)."""
-    header = ("| variant | protocol | budget | n | accuracy | attack success | targeted success | FCS | certified FCSB "
-              "(l2 radius; images certified) |")
-    lines = [header, "|" + "---|" * 9]
+    header = ("| variant | protocol | budget | n | right before -> after | accuracy | attack success | targeted success "
+              "| FCS | certified FCSB (images with a guarantee) |")
+    lines = [header, "|" + "---|" * 10]
 
     def fmt(value: Optional[float]) -> str:
         return "-" if value is None else f"{value:.3f}"
 
     for row in rows:
         budget = budget_label(row["protocol"], row["norm"], row["eps"])
-        images = f"; {row['certified_images']}" if row.get("certified_images") is not None else ""  # older rows: not recorded
-        bound = "-" if row["certified_fcsb"] is None else f"{row['certified_fcsb']:.3f} ({row['certified_radius_l2']:.3g}{images})"
-        lines.append(f"| {row['variant']} | {row['protocol']} | {budget} | {row['n']} | {fmt(row['accuracy'])} | "
+        bound = certified_cell(row)
+        lines.append(f"| {row['variant']} | {row['protocol']} | {budget} | {row['n']} | {right_counts(row)} | {fmt(row['accuracy'])} | "
                      f"{fmt(row['attack_success'])} | {fmt(row['targeted_success'])} | {fmt(row['fcs'])} | {bound} |")
     return "\n".join(lines)

@@ -192,3 +192,27 @@ def _betting_lower_bound(x: np.ndarray, alpha: float, iterations: int = 50, fixe
         hi = np.where(mid_rejected, hi, mid)
     # every m <= lo is rejected (capital is decreasing in m), so the true mean exceeds lo w.p. >= 1 - alpha
     return lo
+
+
+def clopper_pearson_lower(successes: Union[int, np.ndarray], trials: Union[int, np.ndarray], alpha: float) -> Union[float, np.ndarray]:
+    """One-sided (1 - alpha) Clopper-Pearson lower confidence bound on a binomial success probability.
+
+    ``successes`` k out of ``trials`` n independent Bernoulli(p) draws: P(p >= bound) >= 1 - alpha, with
+    bound = Beta(alpha; k, n - k + 1) quantile (scipy.stats.beta.ppf), and 0.0 for k = 0. Exact (never
+    anti-conservative) for every p; Cohen et al. 2019's ``LowerConfBound``. Integers or integer arrays
+    (broadcast); returns a float for scalars, else a float64 array. ValueError unless 0 <= k <= n, n >= 1.
+    """
+    from scipy.stats import beta
+
+    alpha = check_alpha(alpha)
+    k = np.asarray(successes)
+    n = np.asarray(trials)
+    for name, value in (("successes", k), ("trials", n)):
+        if value.dtype == bool or not np.issubdtype(value.dtype, np.integer):
+            raise ValueError(f"{name} must be an integer count (or integer array), got {value.dtype} {value!r}")
+    if np.any(n < 1) or np.any(k < 0) or np.any(k > n):
+        raise ValueError(f"need 0 <= successes <= trials and trials >= 1, got successes={successes!r}, trials={trials!r}")
+    k, n = np.broadcast_arrays(k.astype(np.float64), n.astype(np.float64))
+    with np.errstate(invalid="ignore"):
+        lower = np.where(k > 0, beta.ppf(alpha, np.maximum(k, 1.0), n - k + 1.0), 0.0)
+    return float(lower) if lower.ndim == 0 else lower

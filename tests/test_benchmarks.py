@@ -241,3 +241,13 @@ def test_summarize_defense_refuses_results_that_disagree_miss_a_cell_or_were_run
     next(r for r in gpu["rows"] if r["protocol"] == "adaptive").update(eps=1.0)  # FS at 20 x 8, l2 1: now measured
     (results / "bench_defense_adaptive100_fs_l2_1_20x8_gpu.json").write_text(json.dumps(gpu))
     refused("fs l2 1: now measured: take it out of not_run")
+
+
+@pytest.mark.slow
+def test_bench_certify_answer_quick(tmp_path):
+    run_quick("bench_certify_answer.py", tmp_path)
+    result = json.loads((tmp_path / "certify_answer_quick_cpu.json").read_text())
+    for mode in ("closed", "open"):
+        row = result["modes"][mode]
+        assert row["seconds_per_certified_answer"]["min"] > 0 and row["throughput_ratio_certify_over_plain"]["min"] > 0
+        assert row["decoder_forwards_per_answer"] >= row["plain_forwards_per_answer"]

@@ -239,6 +239,19 @@ def test_answer_metrics_count_right_to_wrong_and_the_target_answer():
     assert metrics["attack_success"] == pytest.approx(2 / 3)
     assert metrics["targeted_success"] == pytest.approx(2 / 3)  # blue hit, three missed, cat hit (dog -> cat)
     assert answer_metrics(clean, adv, answers)["targeted_success"] is None
+    assert (metrics["right_before"], metrics["right_after"]) == (3, 2)  # the counts behind 2/3 and 2/4
+
+
+def test_the_certified_cell_never_averages_the_no_guarantee_placeholders():
+    from fs_mllm.defense import certified_cell, certified_summary
+
+    summary = certified_summary([0.8, 0.6, -1.0, -1.0], 0.0625)
+    assert summary["certified_fcsb"] == pytest.approx(-0.15)  # the stored mean: -1 is the trivial cosine bound
+    assert summary["certified_share"] == 0.5 and summary["certified_fcsb_guaranteed"] == pytest.approx(0.7)
+    row = {"certified_fcsb": -0.15, **summary}
+    assert certified_cell(row) == "0.700 on 2/4 (l2 0.0625)"
+    assert certified_cell(certified_summary([-1.0, -1.0], 1.0)) == "none of 2 (l2 1)"
+    assert certified_cell({"certified_fcsb": None}) == "-"
 
 
 def test_evaluate_defense_rows_on_a_tiny_model(model):
@@ -257,7 +270,11 @@ def test_evaluate_defense_rows_on_a_tiny_model(model):
         if row["variant"] == "base":
             assert row["certified_fcsb"] is None
         else:
-            assert -1 <= row["certified_fcsb"] <= 1
+            assert -1 <= row["certified_fcsb"] <= 1 and row["certified_images"] == 1
+            assert row["certified_share"] in (0.0, 1.0)
+        right_before, right_after = row["right_before"], row["right_after"]
+        assert right_after == round(row["accuracy"] * row["n"])
+        assert (right_before is None) == (row["protocol"] == "clean")
     noise_fs, transfer_fs = rows[5], rows[6]
     assert transfer_fs["certified_radius_l2"] == pytest.approx(8 / 255 * (3 * 32 * 32) ** 0.5)
     assert noise_fs["eps"] == transfer_fs["eps"] and noise_fs["certified_radius_l2"] == transfer_fs["certified_radius_l2"]
