@@ -4,8 +4,10 @@ Base / FS / FS+GSB on fs-mini-llava's own held-out task, clean; under the paper'
 (targeted feature matching at linf 16/255, crafted once on the undefended model and replayed) beside
 random sign noise of the same size (the control an attack's success is read against); and under the
 adaptive white-box attack at an l2 budget inside the certified radius and one far beyond it.
-Sized to run in a few minutes on a 2-core CPU, so its figures come from few questions (the report says
-how many); ``benchmarks/bench_defense.py`` is the full-size table.
+The transfer images are crafted once by the project (``fs_mllm/data/demo_transfer``: the one table's linf
+16/255 protocol, its command and fingerprints in its README) and replayed, so the time goes to answering
+more images; the adaptive attack runs live on the first few of them. Every figure is printed beside its
+count (``benchmarks/bench_defense.py`` is the full-size table).
 """
 
 from __future__ import annotations
@@ -36,16 +38,29 @@ ADAPTIVE_MEANING = (
 )
 
 
+SHIPPED_TRANSFER = Path(__file__).resolve().parent / "data" / "demo_transfer"
+"""The demo's pre-crafted transfer images: a ``benchmarks/bench_defense.py`` checkpoint (settings.json and the
+images), replayed through :func:`fs_mllm.defense.evaluate_defense`'s ``transfer_images`` check."""
+SHIPPED_EXAMPLES = 32  # attacked images in SHIPPED_TRANSFER: the demo's default --examples
+SHIPPED_TRANSFER_STEPS = 300
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .arguments import add_fs_config_arguments, positive_float, positive_int, sample_count
 
     add_fs_config_arguments(parser, ("sigma", "n_samples", "alpha"))
-    parser.add_argument("--examples", type=positive_int, default=4,
-                        help="held-out synthetic images attacked (one question each; default 4)")
-    parser.add_argument("--clean-images", type=positive_int, default=6,
-                        help="held-out synthetic images whose every question measures clean accuracy (default 6)")
-    parser.add_argument("--certify-n", type=sample_count, default=100, help="Monte-Carlo samples per certificate (default 100)")
-    parser.add_argument("--transfer-steps", type=positive_int, default=60, help="PGD steps crafting the transfer images (default 60)")
+    parser.add_argument("--examples", type=positive_int, default=SHIPPED_EXAMPLES,
+                        help=f"held-out synthetic images attacked by transfer and shown the noise control, one question "
+                             f"each (default {SHIPPED_EXAMPLES}: the shipped transfer images; another count crafts them)")
+    parser.add_argument("--adaptive-examples", type=positive_int, default=4,
+                        help="the first of them attacked by the adaptive attack, live (default 4)")
+    parser.add_argument("--clean-images", type=positive_int, default=12,
+                        help="held-out synthetic images whose every question measures clean accuracy (default 12)")
+    parser.add_argument("--certify-n", type=sample_count, default=100,
+                        help="Monte-Carlo samples per certificate, on the adaptive examples (default 100)")
+    parser.add_argument("--transfer-steps", type=positive_int, default=SHIPPED_TRANSFER_STEPS,
+                        help=f"PGD steps crafting the transfer images (default {SHIPPED_TRANSFER_STEPS}, the shipped "
+                             "images; another count crafts them)")
     parser.add_argument("--eps-far", type=positive_float, default=1.0, help="adaptive l2 budget far beyond the certified radius (default 1.0)")
     parser.add_argument("--steps", type=positive_int, default=2, help="adaptive PGD steps (default 2; the benchmark uses 20)")
     parser.add_argument("--eot-samples", type=positive_int, default=2, help="noisy forwards per adaptive gradient (default 2; the benchmark uses 8)")
@@ -54,21 +69,82 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace):
-    """DefenseSettings for the demo (validated before any model is loaded)."""
+    """The demo's two DefenseSettings (validated before any model is loaded): clean, the noise control and
+    transfer on every example (crafted as the shipped images were: the one table's linf 16/255 protocol);
+    the adaptive attack, and the certificates, on the first ``--adaptive-examples``."""
     from .arguments import fs_config_from_args
     from .defense import DefenseSettings
 
-    return DefenseSettings(
-        fs=fs_config_from_args(args), transfer_linf=(16 / 255,), transfer_steps=args.transfer_steps,
-        transfer_step_size=2 / 255, crop_scale=None, adaptive_l2=(args.sigma / 4, args.eps_far), adaptive_linf=(),
-        adaptive_steps=args.steps, eot_samples=args.eot_samples, certify_images=args.examples,
-        certify_n=args.certify_n, alpha=args.alpha, max_new_tokens=args.max_new_tokens,
-    )
+    if args.adaptive_examples > args.examples:
+        raise ValueError(f"--adaptive-examples {args.adaptive_examples} is more than --examples {args.examples}; "
+                         "attack at most every example")
+    shared = dict(fs=fs_config_from_args(args), alpha=args.alpha, max_new_tokens=args.max_new_tokens, certify_n=args.certify_n)
+    replayed = DefenseSettings(transfer_linf=(16 / 255,), transfer_steps=args.transfer_steps, transfer_step_size=1 / 255,
+                               crop_scale=(0.5, 1.0), crop_views=2, crop_full_view=True, adaptive_l2=(), adaptive_linf=(),
+                               certify_images=0, **shared)
+    adaptive = DefenseSettings(transfer_linf=(), noise_linf=(), adaptive_l2=(args.sigma / 4, args.eps_far), adaptive_linf=(),
+                               adaptive_steps=args.steps, eot_samples=args.eot_samples,
+                               certify_images=args.adaptive_examples, **shared)
+    return replayed, adaptive
+
+
+def uses_shipped_transfer(args: argparse.Namespace) -> bool:
+    return args.examples == SHIPPED_EXAMPLES and args.transfer_steps == SHIPPED_TRANSFER_STEPS
+
+
+def variant_name(variant: str) -> str:
+    return {"base": "base", "fs": "FS", "fs+gsb": "FS+GSB"}[variant]
+
+
+def readings(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per protocol and budget: each variant's right answers before and after, and what it means."""
+    from .defense import budget_label
+
+    lines = []
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["protocol"], row["norm"], row["eps"]), []).append(row)
+    for (protocol, norm, eps), group in groups.items():
+        by = {r["variant"]: r for r in group}
+        if protocol == "clean":
+            counts = ", ".join(f"{variant_name(v)} {r['right_after']}/{r['n']}" for v, r in by.items())
+            lines.append(f"clean ({group[0]['n']} questions): right answers {counts}.")
+            continue
+        counts = ", ".join(f"{variant_name(v)} {r['right_before']} -> {r['right_after']}" for v, r in by.items())
+        base, best = by.get("base"), max(group, key=lambda r: r["accuracy"])
+        verdict = ""
+        if base is not None and best["variant"] != "base" and best["accuracy"] > base["accuracy"]:
+            verdict = f"; {variant_name(best['variant'])} keeps the most"
+        elif base is not None:
+            verdict = "; no smoothed variant keeps more than base here"
+        what = {"transfer": "crafted once on base, replayed", "noise": "the control: random signs, no attacker",
+                "adaptive": "through each variant's own smoothed path"}[protocol]
+        lines.append(f"{protocol} {budget_label(protocol, norm, eps)} ({what}; {group[0]['n']} images), right before -> "
+                     f"after: {counts}{verdict}.")
+    return lines
+
+
+def certified_reading(rows: list[dict[str, Any]]) -> list[str]:
+    """The certificates as a user can read them: at each certified radius, the mean FCSB over the images that
+    have a guarantee, and how many have one."""
+    lines = []
+    for row in rows:
+        if row["variant"] == "base" or row["protocol"] not in ("clean", "adaptive") or row.get("certified_share") is None:
+            continue
+        total = row["certified_images"]
+        have = round(row["certified_share"] * total)
+        where = f"within l2 {row['certified_radius_l2']:g} of the clean image"
+        if have:
+            lines.append(f"{variant_name(row['variant'])} certified, {where}: the smoothed features keep cosine >= "
+                         f"{row['certified_fcsb_guaranteed']:.3f} (mean) to the clean ones for {have} of {total} images.")
+        else:
+            lines.append(f"{variant_name(row['variant'])} certified, {where}: no guarantee for any of {total} images.")
+    return list(dict.fromkeys(lines))  # the clean row and an adaptive row at the same radius say the same
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
-    """Base / FS / FS+GSB on fs-mini-llava: clean, the noise control, transfer (paper's protocol) and adaptive,
-    with certificates."""
+    """Base / FS / FS+GSB on fs-mini-llava: clean, the noise control, transfer (paper's protocol, replayed) and
+    adaptive, with certificates; prints the table, the counts and one reading per protocol."""
     import torch
 
     from .cli import processor_size, write_report
@@ -78,7 +154,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from .models.loading import DEFAULT_MODEL, load_model
     from .models.mini_llava import BOOSTER_DIR, build_prompt
 
-    settings = settings_from_args(args)
+    replayed_settings, adaptive_settings = settings_from_args(args)
     torch.manual_seed(0)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -87,33 +163,59 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     size = processor_size(processor)
     clean_items = synthetic_items(args.clean_images, size, build_prompt)
     attack_items = synthetic_items(args.examples, size, build_prompt, first_question_only=True)
-    rows = evaluate_defense(model, processor, clean_items, attack_items, settings, booster=booster)
+    shipped = uses_shipped_transfer(args)
+    rows = evaluate_defense(model, processor, clean_items, attack_items, replayed_settings, booster=booster,
+                            transfer_images=SHIPPED_TRANSFER if shipped else None)
+    # the adaptive attack on the first examples; its one clean question only feeds its certificates' row
+    adaptive_rows = evaluate_defense(model, processor, clean_items[:1], attack_items[:args.adaptive_examples],
+                                     adaptive_settings, booster=booster)
+    certified = {r["variant"]: r for r in adaptive_rows if r["protocol"] == "clean"}
+    for row in rows:
+        if row["protocol"] == "clean":
+            row.update({k: v for k, v in certified[row["variant"]].items() if k.startswith("certified_")})
+    rows = [r for v in replayed_settings.variants for r in rows + [a for a in adaptive_rows if a["protocol"] != "clean"]
+            if r["variant"] == v]
     markdown = defense_table(rows)
     adaptive = [r for r in rows if r["protocol"] == "adaptive"]
     budgets = sorted({r["eps"] for r in adaptive})
     accuracy = {v: [next(r["accuracy"] for r in rows if r["variant"] == v and r["protocol"] == "clean")]
                 + [next(r["accuracy"] for r in adaptive if r["variant"] == v and r["eps"] == e) for e in budgets]
-                for v in settings.variants}
+                for v in replayed_settings.variants}
     plot_accuracy_vs_budget([0.0, *budgets], accuracy, out_dir / "accuracy_vs_budget.png",
                             title="fs-mini-llava, adaptive l2 attack, held-out synthetic questions")
-    (out_dir / "summary.json").write_text(json.dumps({"settings": settings.to_dict(), "rows": rows}, indent=2), encoding="utf-8")
+    settings = {"replayed": replayed_settings.to_dict(), "adaptive": adaptive_settings.to_dict(),
+                "transfer_images": "shipped" if shipped else "crafted", "examples": args.examples,
+                "adaptive_examples": args.adaptive_examples, "clean_questions": len(clean_items)}
+    (out_dir / "summary.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2), encoding="utf-8")
+    lines = readings(rows)
+    certificates = certified_reading(rows)
     notes = [
         f"Model: fs-mini-llava (real DINOv2 ViT-S/14 + SmolLM2-135M-Instruct, projector trained by the project), "
-        f"sigma={settings.fs.sigma}, n0={settings.fs.n_samples}; FS+GSB uses the shipped booster. Clean accuracy on "
-        f"{len(clean_items)} held-out synthetic questions; attacks on {len(attack_items)} images (one question each): "
-        "few questions, so one answer moves these figures by several points (benchmarks/bench_defense.py is the full table).",
-        TRANSFER_MEANING + f" Here: linf 16/255, {settings.transfer_steps} steps, target = the next held-out image; "
-        "targeted success = the answer became the variant's own answer for the target image.",
+        f"sigma={args.sigma}, n0={args.n_samples}; FS+GSB uses the shipped booster. Clean accuracy on "
+        f"{len(clean_items)} held-out synthetic questions; transfer and the noise control on {args.examples} images, "
+        f"the adaptive attack on the first {args.adaptive_examples} (one question each): each row's n is its count, "
+        "and one answer moves a row of n by 1/n (benchmarks/bench_defense.py is the full table).",
+        TRANSFER_MEANING + f" Here: linf 16/255, {args.transfer_steps} steps of 1/255, whole view + one random crop "
+        "(scale 0.5-1) per step, target = the next held-out image; targeted success = the answer became the "
+        "variant's own answer for the target image. " + ("The images are the shipped ones (fs_mllm/data/demo_transfer, "
+                                                         "crafted by the project's own code; see its README)."
+                                                         if shipped else "The images were crafted in this run."),
         NOISE_MEANING,
         ADAPTIVE_MEANING + f" Here: untargeted on the answer, l2 {budgets[0]:g} (inside the certified radius where the "
-        f"certified FCSB column is above -1) and l2 {budgets[-1]:g} (far beyond it), {settings.adaptive_steps} steps, "
-        f"EOT {settings.eot_samples}.",
-        f"Certified FCSB: mean over the {len(attack_items)} attacked images of the bound at the budget's l2 radius "
-        f"(n={settings.certify_n}, alpha={settings.alpha}; an linf ball of radius e lies in the l2 ball of radius "
-        "e*sqrt(3*H*W), far beyond any certified radius, hence -1 there; -1 = no guarantee).",
+        f"certified column names images with a guarantee) and l2 {budgets[-1]:g} (far beyond it), "
+        f"{args.steps} steps, EOT {args.eot_samples}.",
+        f"Certified FCSB (n={args.certify_n}, alpha={args.alpha}, on the {args.adaptive_examples} adaptive images): the "
+        "mean over the images that have a guarantee at the row's l2 radius, and how many have one (an linf ball of "
+        "radius e lies only in the l2 ball of radius e*sqrt(3*H*W), far beyond any certified radius: none there).",
+        "Reading:\n\n" + "\n".join(f"- {line}" for line in lines + certificates),
         "![accuracy vs budget](accuracy_vs_budget.png)",
     ]
     write_report(out_dir, "fs-mllm demo: what the defense buys, under both threat models", markdown, notes)
     print(markdown)
-    print(f"\nwrote {out_dir}/report.md, accuracy_vs_budget.png, summary.json")
+    print()
+    for line in lines + certificates:
+        print(line)
+    print(f"\nCounts: {len(clean_items)} clean questions, {args.examples} transfer/noise images, "
+          f"{args.adaptive_examples} adaptive images; full-size figures: docs/results.md.")
+    print(f"wrote {out_dir}/report.md, accuracy_vs_budget.png, summary.json")
     return {"rows": rows}

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -571,25 +572,107 @@ def test_demo_console_script_on_tiny_settings(tmp_path):
     script = shutil.which("fs-mllm")
     assert script, "the fs-mllm console script is not installed (pip install -e .)"
     out = tmp_path / "demo"
-    result = subprocess.run([script, "demo", "--examples", "1", "--clean-images", "1", "--certify-n", "10",
-                             "--transfer-steps", "1", "--steps", "1", "--eot-samples", "1", "--max-new-tokens", "2",
-                             "--output-dir", str(out)], capture_output=True, text=True, timeout=900,
+    result = subprocess.run([script, "demo", "--examples", "2", "--adaptive-examples", "1", "--clean-images", "1",
+                             "--certify-n", "10", "--transfer-steps", "1", "--steps", "1", "--eot-samples", "1",
+                             "--max-new-tokens", "2", "--output-dir", str(out)], capture_output=True, text=True, timeout=900,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     protocols = {(r["variant"], r["protocol"]) for r in summary["rows"]}
     assert protocols == {(v, p) for v in ("base", "fs", "fs+gsb") for p in ("clean", "noise", "transfer", "adaptive")}
+    counts = {r["protocol"]: r["n"] for r in summary["rows"]}
+    assert counts["transfer"] == counts["noise"] == 2 and counts["adaptive"] == 1
+    assert summary["settings"]["transfer_images"] == "crafted"  # not the shipped count: crafted in the run
     report = (out / "report.md").read_text()
     assert "Transfer" in report and "Adaptive" in report and "Noise" in report and "linf 16/255" in report
+    # the terminal: the table with its counts, one reading per protocol, the certificates' share
+    assert "right before -> after" in result.stdout and "transfer linf 16/255" in result.stdout
+    assert "right before -> after:" in result.stdout and "clean (" in result.stdout
+    assert "certified, within l2 0.125 of the clean image" in result.stdout
     assert (out / "accuracy_vs_budget.png").stat().st_size > 0
 
 
-def test_demo_refuses_bad_arguments_before_loading(tmp_path):
-    script = shutil.which("fs-mllm")
-    for bad in (["--sigma", "0"], ["--examples", "0"], ["--alpha", "2"], ["--n-samples", "x"]):
-        result = subprocess.run([script, "demo", *bad, "--output-dir", str(tmp_path / "d")], capture_output=True, text=True, timeout=120)
-        assert result.returncode == 2 and "usage" in result.stderr, (bad, result.stderr[-500:])
-        assert not (tmp_path / "d").exists()
+@pytest.mark.parametrize("bad, needle", [(["--sigma", "0"], "--sigma"), (["--examples", "0"], "--examples"),
+                                         (["--alpha", "2"], "--alpha"), (["--n-samples", "x"], "--n-samples")])
+def test_demo_refuses_bad_arguments_before_loading(bad, needle, tmp_path, capsys):
+    from fs_mllm.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", *bad, "--output-dir", str(tmp_path / "d")])
+    assert exc.value.code == 2 and needle in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_demo_refuses_more_adaptive_examples_than_examples(tmp_path, monkeypatch):
+    import fs_mllm.models.loading as loading
+    from fs_mllm.cli import main
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    with pytest.raises(ValueError, match="--adaptive-examples 5 is more than --examples 4"):
+        main(["demo", "--examples", "4", "--adaptive-examples", "5", "--output-dir", str(tmp_path / "d")])
+    assert not (tmp_path / "d").exists()
+
+
+def test_the_shipped_transfer_images_fit_the_demo():
+    """The demo replays fs_mllm/data/demo_transfer only if it was crafted as this run would (same model weights,
+    attack images, crafting settings): a change to any of them must show here, not in a user's demo."""
+    import argparse
+
+    from fs_mllm import demo
+    from fs_mllm.defense import _TransferSource, synthetic_items
+    from fs_mllm.models.loading import DEFAULT_MODEL, load_model
+    from fs_mllm.models.mini_llava import IMAGE_SIZE, build_prompt
+
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    args = parser.parse_args([])
+    assert demo.uses_shipped_transfer(args)
+    replayed, _ = demo.settings_from_args(args)
+    model, processor = load_model(DEFAULT_MODEL)
+    items = synthetic_items(args.examples, IMAGE_SIZE, build_prompt, first_question_only=True)
+    source = _TransferSource(demo.SHIPPED_TRANSFER, replayed, items, model, processor)
+    images = torch.stack([item.image for item in items])
+    [name] = [p.name for p in demo.SHIPPED_TRANSFER.glob("transfer_linf_*.safetensors")]
+    adv = source.read(name, images)
+    assert adv.shape == images.shape
+    assert (adv - images).abs().max().item() <= 16 / 255 + 1e-6 and 0 <= adv.min() and adv.max() <= 1
+    assert (adv - images).abs().max().item() > 8 / 255  # crafted, not a copy
+
+
+def test_the_demo_points_the_same_way_as_the_one_table(tmp_path):
+    """benchmarks/results/demo_cpu.json (a default `fs-mllm demo` run) against the one table's result files, and
+    the check fails on a demo whose FS+GSB transfer row is flipped (so it can fail)."""
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    script = root / "benchmarks" / "check_demo.py"
+    committed = root / "benchmarks" / "results" / "demo_cpu.json"
+    proc = subprocess.run([sys.executable, str(script), str(committed)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "agrees" in proc.stdout and "DISAGREES" not in proc.stdout
+    record = json.loads(committed.read_text())
+    rows = record["rows"]
+    base = next(r for r in rows if r["variant"] == "base" and r["protocol"] == "transfer")
+    for row in rows:
+        if row["variant"] == "fs+gsb" and row["protocol"] == "transfer":
+            row["accuracy"] = base["accuracy"] - 0.25
+    flipped = tmp_path / "flipped.json"
+    flipped.write_text(json.dumps({**record, "rows": rows}))
+    proc = subprocess.run([sys.executable, str(script), str(flipped)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "DISAGREES" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_the_committed_demo_figures_are_what_the_default_demo_prints(tmp_path):
+    """The default `fs-mllm demo`, as a user runs it, gives the rows of benchmarks/results/demo_cpu.json."""
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([shutil.which("fs-mllm"), "demo", "--output-dir", str(tmp_path / "demo")], capture_output=True,
+                            text=True, timeout=1800, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "demo" / "summary.json").read_text())["rows"]
+    committed = json.loads((root / "benchmarks" / "results" / "demo_cpu.json").read_text())["rows"]
+    assert [{k: r[k] for k in ("variant", "protocol", "eps", "n", "right_before", "right_after")} for r in rows] == \
+        [{k: r[k] for k in ("variant", "protocol", "eps", "n", "right_before", "right_after")} for r in committed]
 
 
 def test_attack_command_transfer_protocol_as_a_user_runs_it(tmp_path):
