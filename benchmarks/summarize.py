@@ -9,7 +9,15 @@ every protocol and budget, and the certificate), then the issue's targets with t
 cell comes from the result files named in its row; a row whose files disagree about a cell, or were run
 at another sigma or n0, stops the script rather than mix them.
 
-Usage: python benchmarks/summarize.py [--table figures|defense] [--results benchmarks/results]
+`--table readme`: README.md's small table (clean / transfer linf 16/255 / adaptive l2 0.25 / certified, base /
+FS / FS+GSB, each with its count), a subset of the defense table's cells, checked the same way.
+
+`--page results`: writes docs/results.md (the defense table with each run's provenance, the targets, the
+sigma x n0 frontier, the performance figures) and its plots (PNG) under docs/img/, all from the result files.
+A test regenerates the page and fails when the committed one differs.
+
+Usage: python benchmarks/summarize.py [--table figures|defense|readme] [--page results [--docs docs]]
+       [--results benchmarks/results]
 """
 
 from __future__ import annotations
@@ -319,12 +327,245 @@ def defense_targets(judged: dict, certified: dict) -> list[str]:
     return lines
 
 
+# ---------------------------------------------------------------------------------------------
+# README's small table and the generated results page (docs/results.md)
+# ---------------------------------------------------------------------------------------------
+
+README_CELLS = (  # (label, run tag, budget): the runs of DEFENSE_RUNS the README's small table quotes
+    ("clean accuracy", "clean", ("-", 0.0)),
+    ("transfer linf 16/255 (crafted once on base: feature matching, whole view + crop, 300 steps), accuracy",
+     "whole view + crop, 300 steps", ("linf", 16 / 255)),
+    ("adaptive l2 0.25 (through each variant's smoothed path, 20 steps x EOT 8), accuracy", "20 steps x EOT 8", ("l2", 0.25)),
+)
+README_RADIUS = "FCSB@0.125"  # the certified row: mean certified FCSB at l2 sigma/2
+
+
+def readme_table(folder: Path) -> list[str]:
+    """README's small table: accuracy of base / FS / FS+GSB clean, under the transfer attack at linf 16/255 and
+    the adaptive attack at l2 0.25, and the mean certified FCSB at l2 0.125, each row with its count."""
+    booster = shipped_booster()
+    runs = {run.tag: run for run in DEFENSE_RUNS}
+    lines = ["| sigma 0.25, n0 8 | count | base | FS | FS+GSB |", "|---|---|---|---|---|"]
+    for label, tag, (norm, eps) in README_CELLS:
+        run = runs[tag]
+        cells, devices = defense_cells(folder, run, booster)
+        figures = [cells.get((v, norm, round(eps, 9))) for v in DEFENSE_VARIANTS]
+        unit = "questions" if run.protocol == "clean" else "attacked questions"
+        machine = " and ".join(sorted(d.upper() for d in devices))
+        lines.append(f"| {label} | {run.n} {unit} ({machine}) | " +
+                     " | ".join("not run" if f is None else f"{f[1]:.3f}" for f in figures) + " |")
+    certified = certified_means(folder)
+    counts = sorted({c["images"] for c in certified.values()})
+    values = ["-"] + [f"{certified[v][README_RADIUS]:.3f}" if v in certified else "not run" for v in DEFENSE_VARIANTS[1:]]
+    lines.append(f"| certified: mean FCSB at l2 {README_RADIUS[5:]} ({CERTIFY_SETTINGS['method']}, alpha "
+                 f"{CERTIFY_SETTINGS['alpha']}) | {', '.join(map(str, counts))} photos x {CERTIFY_SETTINGS['n']} samples (CPU) | "
+                 + " | ".join(values) + " |")
+    return lines
+
+
+def run_provenance(folder: Path, run: DefenseRun) -> list[str]:
+    """One line per result file of a run: machine, dates, count, time, as the files record them."""
+    out = []
+    for pattern in run.files:
+        for path in sorted(folder.glob(pattern)):
+            if path.suffix == ".jsonl":
+                recorded = json.loads((path.parent / "settings.json").read_text())
+                device = recorded["device_type"]
+                calls_path = path.parent / "calls.jsonl"
+                calls = [json.loads(x) for x in calls_path.read_text().splitlines() if x.strip()] if calls_path.is_file() else []
+                name, n = path.parent.name + "/" + path.name, None
+                seconds = sum(c.get("seconds", 0) for c in calls) or None
+            else:
+                record = json.loads(path.read_text())
+                device, calls, name = record["device"], record.get("calls", []), path.name
+                n, seconds = record.get("attack_images"), record.get("seconds")
+            dates = sorted({c["date"][:10] for c in calls if c.get("date")})
+            date = ", ".join(dates) if dates else "not recorded"
+            count = f"{run.n} questions" + (f" ({n} attacked images)" if n and run.protocol != "clean" else "")
+            time = f"{seconds:.0f} s" if seconds else "not recorded"
+            out.append(f"| `{name}` | `benchmarks/bench_defense.py` (flags not recorded; settings in the file) | "
+                       f"{device} | {date} | {count} | {time} |")
+    return out
+
+
+def budget_value(norm: str, eps: float) -> float:
+    return eps * 255 if norm == "linf" else eps
+
+
+def plot_defense(folder: Path, path: Path) -> None:
+    """Accuracy vs budget per protocol (one panel per run and norm), base / FS / FS+GSB, from the result files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    booster = shipped_booster()
+    clean, _ = defense_cells(folder, DEFENSE_RUNS[0], booster)
+    panels = []
+    for run in DEFENSE_RUNS[1:]:
+        cells, _ = defense_cells(folder, run, booster)
+        for norm in dict.fromkeys(n for n, _ in run.budgets):
+            panels.append((run, norm, cells))
+    columns = (len(panels) + 1) // 2
+    fig, grid = plt.subplots(2, columns, figsize=(3.2 * columns, 6.4), sharey=True, squeeze=False)
+    axes = list(grid.flat)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    for ax, (run, norm, cells) in zip(axes, panels):
+        budgets = [(n, e) for n, e in run.budgets if n == norm]
+        for variant, style in zip(DEFENSE_VARIANTS, ("o-", "s-", "^-")):
+            xs, ys = [0.0], [clean[(variant, "-", 0.0)][1]]
+            for n, e in budgets:
+                f = cells.get((variant, n, round(e, 9)))
+                if f is not None:
+                    xs.append(budget_value(n, e))
+                    ys.append(f[1])
+            ax.plot(xs, ys, style, label=variant.replace("fs", "FS").replace("gsb", "GSB"))
+        ax.set_title(f"{run.protocol}: {run.tag}", fontsize=8)
+        ax.set_xlabel("linf budget (x/255)" if norm == "linf" else "l2 budget ([0,1] pixels)")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    for row in grid:
+        row[0].set_ylabel("accuracy (0 = clean, 200 questions)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80, metadata={"Software": None})
+    plt.close(fig)
+
+
+def plot_certified(folder: Path, path: Path) -> None:
+    """Mean certified FCSB over the offline photos vs the l2 radius, FS and FS+GSB, from the certify summaries."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for variant, name in CERTIFY_FILES.items():
+        record = load(folder, name)
+        if record is None:
+            continue
+        curve = record["summary"]["curve"]
+        ax.plot(curve["radius"], curve["mean_bound"], label=f"{variant.replace('fs', 'FS').replace('gsb', 'GSB')} "
+                f"({curve['num_images']} photos)")
+    ax.set_xlabel("l2 radius ([0,1] pixels)")
+    ax.set_ylabel("mean certified FCSB (-1 = none)")
+    ax.set_title(f"sigma {DEFENSE_SIGMA}, n {CERTIFY_SETTINGS['n']}, {CERTIFY_SETTINGS['method']}, alpha {CERTIFY_SETTINGS['alpha']}",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80, metadata={"Software": None})
+    plt.close(fig)
+
+
+FRONTIER_FILE = "bench_frontier_cpu.json"
+
+
+def frontier_section(folder: Path, plot: Path) -> list[str]:
+    """The sigma x n0 clean-accuracy table from bench_frontier's merged result, and its plot."""
+    record = load(folder, FRONTIER_FILE)
+    if record is None:
+        return []
+    results = record["results"]
+    n0s = sorted({int(k.split(",")[1]) for v in ("fs", "fs+gsb") for k in results.get(v, {})})
+    sigmas = sorted({float(k.split(",")[0]) for v in ("fs", "fs+gsb") for k in results.get(v, {})})
+    lines = [f"Clean accuracy on the first {record['questions']} held-out questions; base (unsmoothed) "
+             f"{results['base']:.3f}.", "",
+             "| sigma | variant | " + " | ".join(f"n0={n}" for n in n0s) + " |", "|---|---|" + "---|" * len(n0s)]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for sigma in sigmas:
+        for variant in ("fs", "fs+gsb"):
+            cells = [results.get(variant, {}).get(f"{sigma:g},{n}") for n in n0s]
+            if all(c is None for c in cells):
+                continue
+            label = variant.replace("fs", "FS").replace("gsb", "GSB")
+            lines.append(f"| {sigma:g} | {label} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
+            ax.plot([n for n, c in zip(n0s, cells) if c is not None], [c for c in cells if c is not None], "o-",
+                    label=f"{label}, sigma {sigma:g}")
+    ax.axhline(results["base"], color="k", ls="--", label="base")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("n0 (noisy copies per generate)")
+    ax.set_ylabel("clean accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(plot, dpi=80, metadata={"Software": None})
+    plt.close(fig)
+    merged = "; ".join(f"`{Path(m['path']).name}` ({m['seconds']:.0f} s)" for m in record.get("merged_from", []))
+    lines += ["", f"Provenance: `benchmarks/bench_frontier.py --questions {record['questions']}` (runs split over "
+              f"processes and joined with `--merge`; per-run flags not recorded); file `{FRONTIER_FILE}`, merged from "
+              f"{merged or 'one run'}; machine CPU (from the file name); date not recorded; {record['seconds']:.0f} s in all.",
+              "", f"![sigma x n0 frontier](img/{plot.name})"]
+    return lines
+
+
+def results_page(folder: Path, docs: Path) -> str:
+    """docs/results.md, and its PNGs under docs/img/."""
+    img = docs / "img"
+    img.mkdir(parents=True, exist_ok=True)
+    lines, judged, certified = defense_table(folder)
+    out = ["# Results", "",
+           "<!-- generated by `python benchmarks/summarize.py --page results` from benchmarks/results/*.json: do not edit; "
+           "a test fails when this page and the files part -->", "",
+           "Every figure on this page is read from `benchmarks/results/*.json` by `benchmarks/summarize.py`. "
+           "Model: the embedded offline `fs-mini-llava`, on its own task (held-out synthetic questions), fp32.", "",
+           "## What the defense buys", "",
+           "Base / FS / FS+GSB at sigma 0.25, n0 8, under each protocol. Each cell is the accuracy on the "
+           "attacked questions, then in brackets the attack success (the share of right answers turned wrong) and, "
+           "for transfer, the targeted success. Base has no certificate. Read the transfer rows against the noise "
+           "row of the same budget. See [Concepts](concepts.md#threat-models) for the two threat models.", ""]
+    out += lines + [""] + defense_targets(judged, certified)  # `--table defense`, verbatim
+    plot_defense(folder, img / "defense_accuracy.png")
+    plot_certified(folder, img / "certified_curves.png")
+    out += ["", "![accuracy vs budget per protocol](img/defense_accuracy.png)", "", "### Provenance", "",
+            "Each result file the table reads, as the file records it (a field the file does not hold says so).", "",
+            "| file | command | machine | date | count | time |", "|---|---|---|---|---|---|"]
+    for run in DEFENSE_RUNS:
+        out += run_provenance(folder, run)
+    for variant, name in CERTIFY_FILES.items():
+        record = load(folder, name)
+        if record is not None:
+            images = len(record["summary"]["table"]["rows"])
+            time = f"{record['seconds_user']:.0f} s user CPU" if record.get("seconds_user") else "not recorded"
+            out.append(f"| `{name}` | `{record['command']}` | {record['machine']} | {record['date']} | "
+                       f"{images} photos x {record['summary']['settings']['n']} samples | {time} |")
+    out += ["", "## Certified curves", "",
+            "Mean certified FCSB of the decoder-facing features over the offline photos, against the l2 radius "
+            "(files and commands: the provenance table above).", "", "![certified curves](img/certified_curves.png)"]
+    frontier = frontier_section(folder, img / "frontier.png")
+    if frontier:
+        out += ["", "## Clean accuracy: the sigma x n0 frontier", ""] + frontier
+    out += ["", "## Performance figures", "",
+            "Each figure with the command that printed it, its machine and date (min / median over interleaved repeats "
+            "where it is a timing). Details in `benchmarks/README.md`.", "",
+            "| figure | value (min / median) | target | met? | command | machine | date |", "|---|---|---|---|---|---|---|"]
+    out += ["| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in rows(folder)]
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--table", choices=("figures", "defense"), default="figures")
+    parser.add_argument("--table", choices=("figures", "defense", "readme"), default="figures")
+    parser.add_argument("--page", choices=("results",), default=None, help="write docs/<page>.md (and its plots) instead")
+    parser.add_argument("--docs", default=str(Path(__file__).resolve().parent.parent / "docs"), help="the docs folder")
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args()
     folder = Path(args.results)
+    if args.page == "results":
+        docs = Path(args.docs)
+        (docs / "results.md").write_text(results_page(folder, docs), encoding="utf-8")
+        print(docs / "results.md")
+        return
+    if args.table == "readme":
+        print("\n".join(readme_table(folder)))
+        return
     if args.table == "defense":
         lines, judged, certified = defense_table(folder)
         print("\n".join(lines + [""] + defense_targets(judged, certified)))

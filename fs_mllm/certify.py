@@ -118,6 +118,11 @@ def certify_features(
 
     Draws n Gaussian copies (std sigma in pixel space), computes the robustness score samples
     Y_i = (1 + cos(f(x+e_i), f(x)))/2 and a one-sided (1 - alpha) lower bound on S(x) with ``method``.
+
+    images: float tensor (B, ...) of [0,1] pixels, batch first; ``encoder`` maps (b, ...) to features (b, ...).
+    sigma: noise std in [0,1] pixel space, in (0, 10]. Returns B :class:`Certificate` objects, in order.
+    Raises ValueError naming the parameter for non-tensor, non-float, empty, non-finite or out-of-[0,1]
+    images, n < 2, and sigma / alpha / method / seed / chunk_size / normalize out of range.
     """
     config = FSConfig(sigma=sigma, seed=seed, chunk_size=chunk_size, normalize=normalize, alpha=alpha, method=method)
     check_n(n)
@@ -179,6 +184,11 @@ def certify_prediction(
     FCSB(eps) > cos((a_B - a_A) / 2); the largest such eps is ``certified_radius(S_low, sigma,
     threshold=cos((a_B - a_A) / 2))``. Only a positive radius ties A to the smoothed predictor (the
     ball contains x), so a zero radius abstains (label ABSTAIN) instead of reporting A.
+
+    images: float (B, ...) [0,1] pixels; class_embeddings: (K, D), D the encoder's flattened feature size;
+    sigma: noise std in [0,1] pixel space. Returns B :class:`PredictionCertificate` objects (radius in l2
+    [0,1]-pixel units). Raises ValueError for bad images (as ``certify_features``), class embeddings that
+    are not (K >= 2, D) with D matching the features, n < 2, and out-of-range sigma / alpha / method.
     """
     classes = _check_class_embeddings(class_embeddings, "class_embeddings")
     config = FSConfig(sigma=sigma, seed=seed, chunk_size=chunk_size, normalize="global", alpha=alpha, method=method)

@@ -306,6 +306,10 @@ def smooth_features(encoder: Encoder, images: torch.Tensor, config: Optional[FSC
     Returns the direction of the Monte-Carlo mean of unit-normalised features over
     ``config.n_samples`` Gaussian copies (std ``config.sigma``), rescaled to the mean feature norm,
     in the encoder's output dtype.
+
+    images: float tensor (B, ...) of [0,1] pixels, batch first; returns features of the encoder's output
+    shape (B, ...). ``config.sigma`` is the noise std in [0,1] pixel space. Raises ValueError for a config
+    that is not an FSConfig and for non-tensor, non-float, empty, non-finite or out-of-[0,1] images.
     """
     if config is None:
         config = FSConfig()

@@ -54,6 +54,11 @@ def fcsb(score: ArrayLike, radius: ArrayLike, sigma: float) -> ArrayLike:
     """Feature Cosine Similarity Bound: 2*Phi(Phi^-1(score) - radius/sigma) - 1, or -1.0 (no guarantee) where negative.
 
     For every x' with ||x' - x||_2 <= radius, cos(F(x'), F(x)) >= fcsb(S(x), radius, sigma).
+
+    score: S(x) (or its lower bound) in [0, 1], scalar or array; radius: l2 distance(s) in [0,1] pixel
+    space, >= 0, broadcast with score; sigma: noise std in the same space, in (0, 10]. Returns a float or
+    an array of the broadcast shape. Raises ValueError for a score outside [0, 1], a negative or
+    non-finite radius, or sigma out of range.
     """
     sigma = check_sigma(sigma)
     s = _as_values(score, "score")
@@ -78,6 +83,10 @@ def certified_radius(score: ArrayLike, sigma: float, threshold: float = 0.0) -> 
     """Largest l2 radius at which the FCSB still guarantees a cosine of at least ``threshold`` (in [0, 1)).
 
     R = sigma * (Phi^-1(score) - Phi^-1((1 + threshold) / 2)), 0.0 where negative.
+
+    score: S(x) (or its lower bound) in [0, 1], scalar or array; sigma: noise std in [0,1] pixel space, in
+    (0, 10]. Returns the radius (l2, [0,1] pixel units) with the shape of ``score``. Raises ValueError for
+    a score outside [0, 1], a threshold outside [0, 1), or sigma out of range.
     """
     sigma = check_sigma(sigma)
     threshold = float(threshold)

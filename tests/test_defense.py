@@ -663,6 +663,7 @@ def test_the_demo_points_the_same_way_as_the_one_table(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.full_demo
 def test_the_committed_demo_figures_are_what_the_default_demo_prints(tmp_path):
     """The default `fs-mllm demo`, as a user runs it, gives the rows of benchmarks/results/demo_cpu.json."""
     root = Path(__file__).resolve().parent.parent
