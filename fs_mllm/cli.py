@@ -115,7 +115,10 @@ def certify_images(model, images01, sigma: float, n: int, alpha: float, method: 
 
 
 def run_certify(args: argparse.Namespace) -> dict:
-    """Certify every image, then write the results (nothing is written when a step fails)."""
+    """Certify every image, then write the results (nothing is written when a step fails); --answers: certify
+    the answers (:func:`run_certify_answers`)."""
+    if args.answers:
+        return run_certify_answers(args)
     from tqdm.auto import tqdm
 
     from .evaluation import certified_curve, plot_certified_curve, summary_table
@@ -164,6 +167,132 @@ CERTIFICATE_MEANING = (
 )
 
 
+# ---------------------------------------------------------------------------------------------
+# certify --answers
+# ---------------------------------------------------------------------------------------------
+
+ANSWERS_OUTPUT_DIR = "fs_mllm_outputs/certify-answers"
+FEATURES_OUTPUT_DIR = "fs_mllm_outputs/certify"
+DEFAULT_N0 = 100
+DEFAULT_MAX_NEW_TOKENS = 10
+# the built-in question sets (fs_mllm.evaluation.datasets; spelled here so `fs-mllm --help` need not import datasets)
+OFFLINE_EVAL_NAME, SYNTHETIC_EVAL_NAME = "fs-offline-eval", "fs-synthetic-heldout"
+ANSWER_ONLY = ("dataset", "question", "candidates", "n0", "batch_size", "max_new_tokens", "variants")
+FEATURE_ONLY = ("size", "radii", "method", "chunk_size", "normalize")
+
+CERTIFY_DESCRIPTION = """Certify a model on a folder of images (default: the real offline photos).
+
+Without --answers: certify the smoothed image features feeding the decoder (FCSB curve, report).
+
+With --answers: certify the smoothed model's answers (fs_mllm.certify_answer, Cohen et al.'s CERTIFY):
+per question and variant (FS, FS+GSB) the certified answer, its l2 radius in [0,1] pixel space, the
+p_A lower bound, the top answer counts, whether it abstained, and whether the answer is right against
+the references. Writes answers.jsonl (append-only rows), settings.json, certified_accuracy.png,
+summary.json and report.md (certified accuracy at r = 0, 0.0625, 0.125, 0.25, 0.5, 1.0, abstention
+rate, clean accuracy of the smoothed classifier). Stop it and rerun the same command to resume; a
+rerun with other settings into a folder that holds rows is refused (--variants and --limit may change).
+
+    fs-mllm certify --answers --dataset fs-synthetic-heldout --limit 50 --n 1000 --sigma 0.25
+    fs-mllm certify --answers --images photos/ --question "What is shown?" --candidates answers.txt
+"""
+
+
+def _candidates_file(text: str) -> list:
+    from .evaluation.certified_answers import read_candidates
+
+    return read_candidates(text)
+
+
+def _argument_type(convert: Any, name: str) -> Any:
+    from .arguments import _argtype
+
+    return _argtype(convert, name)
+
+
+candidates_file = _argument_type(_candidates_file, "candidates_file")
+
+
+def _given(parser: argparse.ArgumentParser, args: argparse.Namespace, name: str) -> bool:
+    return getattr(args, name) != parser.get_default(name)
+
+
+def check_certify_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The checks of ``fs-mllm certify`` that span options: a bad combination is a usage error (exit 2), before
+    any model loads. With --answers, fills in the answer defaults and ``args.answer_settings``."""
+    option = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    if not args.answers:
+        given = [option(name) for name in ANSWER_ONLY if _given(parser, args, name)]
+        if given:
+            parser.error(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} to certified answers only; add --answers")
+        args.output_dir = args.output_dir or FEATURES_OUTPUT_DIR
+        return
+    given = [option(name) for name in FEATURE_ONLY if _given(parser, args, name)]
+    if given:
+        parser.error(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} to feature certification only, "
+                     "not to --answers")
+    from .answer_certify import check_counts
+    from .defense import check_variants
+
+    args.n0 = DEFAULT_N0 if args.n0 is None else args.n0
+    args.max_new_tokens = DEFAULT_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
+    args.output_dir = args.output_dir or ANSWERS_OUTPUT_DIR
+    try:
+        args.n0, args.n, args.alpha = check_counts(args.n0, args.n, args.alpha)
+    except ValueError as error:
+        parser.error(f"--answers: {error}")
+    if args.images is not None:
+        if args.dataset is not None:
+            parser.error("--images and --dataset are two question sources; give one")
+        if args.question is None or not args.question.strip():
+            parser.error("--answers --images needs --question (the question asked about every image)")
+        try:
+            image_paths(args.images)
+        except ValueError as error:
+            parser.error(str(error))
+    else:
+        if args.question is not None:
+            parser.error("--question goes with --images (a dataset brings its own questions)")
+        args.dataset = args.dataset or OFFLINE_EVAL_NAME
+        if args.dataset not in (OFFLINE_EVAL_NAME, SYNTHETIC_EVAL_NAME) and not os.path.isdir(args.dataset):
+            parser.error(f"--dataset must be {OFFLINE_EVAL_NAME!r}, {SYNTHETIC_EVAL_NAME!r} or a local dataset folder, "
+                         f"got {args.dataset!r}")
+    try:
+        variants = check_variants("fs,fs+gsb" if args.variants is None else args.variants)
+    except ValueError as error:
+        parser.error(f"--{error}")
+    if "base" in variants:
+        parser.error("--variants: 'base' has no smoothed classifier to certify; use fs and/or fs+gsb")
+    booster = args.booster
+    if booster is None:
+        from .evaluation.settings import _default_booster
+
+        try:  # the booster fs+gsb would use, stored even when this run has no fs+gsb (so adding it later resumes)
+            booster = _default_booster(args.model)
+        except ValueError as error:
+            if "fs+gsb" in variants:
+                parser.error(f"--booster: {error}")
+            booster = None
+    elif "fs+gsb" not in variants:
+        parser.error("--booster is used by the fs+gsb variant; add it to --variants")
+    from .evaluation.certified_answers import answer_settings
+
+    args.answer_settings = answer_settings(
+        model=args.model, dataset=args.dataset if args.images is None else None, images=args.images,
+        question=args.question, candidates=args.candidates, sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha,
+        seed=args.seed, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, booster=booster,
+        variants=variants, limit=args.limit)
+
+
+def run_certify_answers(args: argparse.Namespace) -> dict:
+    """``fs-mllm certify --answers``: run or resume, print the table; returns the summary."""
+    from .evaluation.certified_answers import run_certify_answers as run
+
+    summary = run(args.answer_settings, args.output_dir, progress=not args.no_progress)
+    print(summary["markdown"])
+    print(f"\nwrote {Path(args.output_dir) / 'answers.jsonl'}, certified_accuracy.png, report.md, summary.json")
+    return summary
+
+
 def load_booster(path: Optional[str]):
     if path is None:
         return None
@@ -204,20 +333,43 @@ def build_parser() -> argparse.ArgumentParser:
     demo_module.add_arguments(demo)
     demo.set_defaults(run=run_demo)
 
-    cert = sub.add_parser("certify", help="certify the features feeding the decoder, per image (FCSB curve + report)",
-                          description="Certify the smoothed image features of a model on a folder of images "
-                                      "(default: the real offline photos).")
+    cert = sub.add_parser("certify", help="certify the features feeding the decoder, per image (FCSB curve + report); "
+                                          "--answers: certify the model's answers (certified accuracy vs l2 radius)",
+                          description=CERTIFY_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cert.add_argument("--answers", action="store_true",
+                      help="certify the answers of the smoothed model (Cohen et al.'s CERTIFY, fs_mllm.certify_answer), "
+                           "one row per question and variant, resumable; without it: certify the features (FCSB)")
     cert.add_argument("--model", default=DEFAULT_MODEL, help=f"model id or local folder (default {DEFAULT_MODEL})")
     cert.add_argument("--images", type=existing_folder, default=None, help="folder of images (default: the project's real offline photos)")
-    cert.add_argument("--limit", type=positive_int, default=None, help="certify only the first N images")
+    cert.add_argument("--dataset", default=None,
+                      help=f"--answers: question set, {OFFLINE_EVAL_NAME!r} (the offline photos' questions, the default), "
+                           f"{SYNTHETIC_EVAL_NAME!r} (fs-mini-llava's held-out task) or a local dataset folder")
+    cert.add_argument("--question", default=None, help="--answers with --images: the question asked about every image")
+    cert.add_argument("--candidates", type=candidates_file, default=None, metavar="FILE",
+                      help="--answers: closed answer set, one candidate per line (stripped) or a JSON list of strings; "
+                           "default: open set (greedy answers, normalised)")
+    cert.add_argument("--limit", type=positive_int, default=None, help="certify only the first N images (--answers: questions)")
     cert.add_argument("--size", type=image_size, default=None, help="input resolution (default: the processor's)")
-    cert.add_argument("--n", type=sample_count, default=1000, help="Monte-Carlo samples per image (default 1000, at least 2)")
+    cert.add_argument("--n", type=sample_count, default=1000,
+                      help="Monte-Carlo samples per image (default 1000, at least 2; --answers: estimation samples, at least 10)")
+    cert.add_argument("--n0", type=positive_int, default=None,
+                      help=f"--answers: selection samples per question (default {DEFAULT_N0}, at most --n)")
     add_fs_config_arguments(cert, ("sigma", "alpha", "method", "seed", "chunk_size", "normalize"))
+    cert.add_argument("--batch-size", type=positive_int, default=None,
+                      help="--answers: noisy copies per decoder call (default 32)")
+    cert.add_argument("--max-new-tokens", type=positive_int, default=None,
+                      help=f"--answers, open set: tokens greedily decoded per noisy copy (default {DEFAULT_MAX_NEW_TOKENS})")
+    cert.add_argument("--variants", default=None,
+                      help="--answers: comma list of fs, fs+gsb (default fs,fs+gsb; fs+gsb uses --booster, by default "
+                           "fs-mini-llava's shipped booster)")
     cert.add_argument("--radii", type=radii, default=[0.0625, 0.125, 0.25],
                       help="comma-separated l2 radii to report FCSB at (default 0.0625,0.125,0.25)")
     cert.add_argument("--booster", type=existing_folder, default=None, help="folder of a trained GaussianSmoothnessBooster (gsb.safetensors)")
-    cert.add_argument("--output-dir", default="fs_mllm_outputs/certify", help="where results go")
-    cert.set_defaults(run=run_certify)
+    cert.add_argument("--no-progress", action="store_true", help="--answers: no progress bar")
+    cert.add_argument("--output-dir", default=None,
+                      help=f"where results go (default fs_mllm_outputs/certify; --answers: {ANSWERS_OUTPUT_DIR}, rerun "
+                           "the same command to resume)")
+    cert.set_defaults(run=run_certify, check=lambda args, parser=cert: check_certify_arguments(parser, args))
 
     for name, (_, _, command_help) in PACKAGE_COMMANDS.items():
         sub.add_parser(name, help=command_help, add_help=False)
@@ -235,6 +387,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Any:
         task = eval_task_parser().parse_args(argv[1:2]).task
         return run_package_command(f"eval-{task}", argv[2:], prog=f"fs-mllm eval {task}")
     args = build_parser().parse_args(argv)
+    if getattr(args, "check", None) is not None:
+        args.check(args)  # usage errors (exit 2) that need more than one option, before anything loads
     return args.run(args)
 
 
@@ -251,7 +405,7 @@ def console_main() -> int:
     try:
         main(argv)
     except KeyboardInterrupt:
-        resumable = bool(argv) and argv[0] in RESUMABLE
+        resumable = bool(argv) and (argv[0] in RESUMABLE or (argv[0] == "certify" and "--answers" in argv))
         print("\ninterrupted" + ("; rerun the same command to resume" if resumable else ""), file=sys.stderr)
         return 130
     except Exception as exc:  # bad input found while running (a folder, a file, a value): no traceback
