@@ -51,7 +51,7 @@ from torch import nn
 from . import stats
 from .adapters.base import unwrap_model
 from .answers import normalize_answer
-from .config import DEFAULT_CERTIFY_N, FSConfig, check_alpha, check_chunk_size, check_seed, check_sigma
+from .config import DEFAULT_ANSWER_N0, DEFAULT_ANSWER_TOKENS, DEFAULT_CERTIFY_N, FSConfig, check_alpha, check_chunk_size, check_seed, check_sigma
 from .smoothed_path import FSState, encoded_groups
 from .smoothing import DEFAULT_CHUNK_SIZE, check_images, image_noise_seed
 
@@ -176,7 +176,7 @@ def certify_smoothed(
     image01: torch.Tensor,
     sigma: float,
     *,
-    n0: int = 100,
+    n0: int = DEFAULT_ANSWER_N0,
     n: int = DEFAULT_CERTIFY_N,
     alpha: float = DEFAULT_ALPHA,
     batch_size: int = DEFAULT_CHUNK_SIZE,
@@ -472,14 +472,14 @@ def certify_answer(
     *,
     candidates: Union[Sequence[str], Mapping[str, Sequence[int]], None] = None,
     sigma: Optional[float] = None,
-    n0: int = 100,
+    n0: int = DEFAULT_ANSWER_N0,
     n: int = DEFAULT_CERTIFY_N,
     alpha: Optional[float] = None,
     batch_size: Optional[int] = None,
     seed: int = 0,
     processor: Any = None,
     tokenizer: Any = None,
-    max_new_tokens: int = 10,
+    max_new_tokens: int = DEFAULT_ANSWER_TOKENS,
 ) -> list[AnswerCertificate]:
     """Certified answers of a patched MLLM: Cohen et al.'s CERTIFY of the smoothed classifier g, per question.
 

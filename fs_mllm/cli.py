@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 
 from . import demo as demo_module
 from .arguments import add_fs_config_arguments, existing_folder, image_size, positive_int, radii, sample_count
+from .config import DEFAULT_ANSWER_N0, DEFAULT_ANSWER_TOKENS, DEFAULT_CERTIFY_N
 from .demo import run_demo
 from .image_io import to_tensor01
 from .models.loading import DEFAULT_MODEL, load_model
@@ -173,8 +174,6 @@ CERTIFICATE_MEANING = (
 
 ANSWERS_OUTPUT_DIR = "fs_mllm_outputs/certify-answers"
 FEATURES_OUTPUT_DIR = "fs_mllm_outputs/certify"
-DEFAULT_N0 = 100
-DEFAULT_MAX_NEW_TOKENS = 10
 # the built-in question sets (fs_mllm.evaluation.datasets; spelled here so `fs-mllm --help` need not import datasets)
 OFFLINE_EVAL_NAME, SYNTHETIC_EVAL_NAME = "fs-offline-eval", "fs-synthetic-heldout"
 ANSWER_ONLY = ("dataset", "question", "candidates", "n0", "batch_size", "max_new_tokens", "variants")
@@ -233,8 +232,8 @@ def check_certify_arguments(parser: argparse.ArgumentParser, args: argparse.Name
     from .answer_certify import check_counts
     from .defense import check_variants
 
-    args.n0 = DEFAULT_N0 if args.n0 is None else args.n0
-    args.max_new_tokens = DEFAULT_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
+    args.n0 = DEFAULT_ANSWER_N0 if args.n0 is None else args.n0
+    args.max_new_tokens = DEFAULT_ANSWER_TOKENS if args.max_new_tokens is None else args.max_new_tokens
     args.output_dir = args.output_dir or ANSWERS_OUTPUT_DIR
     try:
         args.n0, args.n, args.alpha = check_counts(args.n0, args.n, args.alpha)
@@ -350,15 +349,15 @@ def build_parser() -> argparse.ArgumentParser:
                            "default: open set (greedy answers, normalised)")
     cert.add_argument("--limit", type=positive_int, default=None, help="certify only the first N images (--answers: questions)")
     cert.add_argument("--size", type=image_size, default=None, help="input resolution (default: the processor's)")
-    cert.add_argument("--n", type=sample_count, default=1000,
+    cert.add_argument("--n", type=sample_count, default=DEFAULT_CERTIFY_N,
                       help="Monte-Carlo samples per image (default 1000, at least 2; --answers: estimation samples, at least 10)")
     cert.add_argument("--n0", type=positive_int, default=None,
-                      help=f"--answers: selection samples per question (default {DEFAULT_N0}, at most --n)")
+                      help=f"--answers: selection samples per question (default {DEFAULT_ANSWER_N0}, at most --n)")
     add_fs_config_arguments(cert, ("sigma", "alpha", "method", "seed", "chunk_size", "normalize"))
     cert.add_argument("--batch-size", type=positive_int, default=None,
                       help="--answers: noisy copies per decoder call (default 32)")
     cert.add_argument("--max-new-tokens", type=positive_int, default=None,
-                      help=f"--answers, open set: tokens greedily decoded per noisy copy (default {DEFAULT_MAX_NEW_TOKENS})")
+                      help=f"--answers, open set: tokens greedily decoded per noisy copy (default {DEFAULT_ANSWER_TOKENS})")
     cert.add_argument("--variants", default=None,
                       help="--answers: comma list of fs, fs+gsb (default fs,fs+gsb; fs+gsb uses --booster, by default "
                            "fs-mini-llava's shipped booster)")

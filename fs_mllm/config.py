@@ -23,6 +23,8 @@ SIGMA_MAX = 10.0
 SEED_LIMIT = 2**63
 # Monte-Carlo samples per certificate (DESIGN.md section 2: n = 1000 for certification; alpha's default is FSConfig.alpha).
 DEFAULT_CERTIFY_N = 1000
+DEFAULT_ANSWER_N0 = 100  # certify_answer: noisy copies that select the answer before the n that certify it
+DEFAULT_ANSWER_TOKENS = 10  # certify_answer, open set: tokens greedily decoded per noisy copy
 
 
 def _real(value: Any, name: str, what: str) -> float:
