@@ -51,7 +51,10 @@ from torch import nn
 from . import stats
 from .adapters.base import unwrap_model
 from .answers import normalize_answer
-from .config import DEFAULT_ANSWER_N0, DEFAULT_ANSWER_TOKENS, DEFAULT_CERTIFY_N, FSConfig, check_alpha, check_chunk_size, check_seed, check_sigma
+from .config import (
+    DEFAULT_ANSWER_N0, DEFAULT_ANSWER_TOKENS, DEFAULT_CERTIFY_N, FSConfig, check_alpha, check_chunk_size, check_n, check_seed,
+    check_sigma,
+)
 from .smoothed_path import FSState, encoded_groups
 from .smoothing import DEFAULT_CHUNK_SIZE, check_images, image_noise_seed
 
@@ -116,8 +119,8 @@ def _check_int(value: Any, name: str, minimum: int, what: str) -> int:
 
 def check_counts(n0: Any, n: Any, alpha: Any) -> tuple[int, int, float]:
     """n0 >= 1 selection samples, n >= MIN_N estimation samples, n0 <= n, alpha in (0, 0.5)."""
-    n0 = _check_int(n0, "n0", 1, "noise samples that select the top answer")
-    n = _check_int(n, "n", MIN_N, "noise samples that estimate the top answer's probability; use n >= 100 in practice")
+    n0 = check_n(n0, "n0", minimum=1)
+    n = check_n(n, "n", minimum=MIN_N)
     if n0 > n:
         raise ValueError(f"n0={n0} must be <= n={n}: n0 samples only select the answer, the n samples certify it; "
                          "lower n0 or raise n")
@@ -216,7 +219,7 @@ def predict_smoothed(answers_of: AnswersOf, image01: torch.Tensor, sigma: float,
     alpha (two-sided binomial test); returns a wrong answer with probability <= alpha. Same noise as
     :func:`certify_smoothed`'s first draws."""
     sigma = check_sigma(sigma)
-    n = _check_int(n, "n", 1, "noise samples")
+    n = check_n(n, "n", minimum=1)
     alpha = check_alpha(alpha)
     batch_size = check_chunk_size(batch_size) or DEFAULT_CHUNK_SIZE
     image01 = _check_image(image01)
