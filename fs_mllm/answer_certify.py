@@ -73,17 +73,26 @@ _FLOAT_RANGE_TOLERANCE = 1 / 255
 
 @dataclass
 class AnswerCertificate:
-    """Cohen's CERTIFY for one question.
+    """Cohen et al.'s CERTIFY for one question: the smoothed answer and the l2 radius it holds on.
 
-    answer: g's certified answer (a candidate label, or a normalised open-set answer); None when abstained.
-    radius: l2 radius in [0,1] pixel space (sigma * Phi^-1(p_a_lower)); g(x') = answer for ||x' - x|| < radius,
-      with probability >= 1 - alpha over the sampling. ABSTAIN_RADIUS (0.0) when abstained.
-    p_a_lower: one-sided (1 - alpha) Clopper-Pearson lower bound on P(h(x + e) = selected).
-    selected: the top answer c_A of the n0 selection samples (reported also when abstained).
-    top_counts: answer -> count among the n estimation samples, the TOP_COUNTS most frequent (and selected).
-    abstained: p_a_lower <= 1/2 (no certificate).
-    n, n0, sigma, alpha: the settings it was computed with.
-    extra: cost accounting, e.g. ``decoder_forwards`` (model calls made); left out of ``==``.
+    g(x) = argmax_c P(h(x + e) = c), e ~ N(0, sigma^2 I), is the smoothed answer classifier, h the answer
+    the model gives from one noisy copy of the image (see ``certify_answer``).
+
+    Attributes:
+        answer: g's certified answer (a candidate label, or a normalised open-set answer); None when abstained.
+        radius: l2 radius in [0,1] pixel space, sigma * Phi^-1(p_a_lower): g(x') = answer for every
+            ||x' - x||_2 < radius, with probability >= 1 - alpha over the sampling. ABSTAIN_RADIUS (0.0)
+            when abstained.
+        p_a_lower: one-sided (1 - alpha) Clopper-Pearson lower bound on P(h(x + e) = selected).
+        top_counts: answer -> count among the n estimation samples: the TOP_COUNTS most frequent, and
+            ``selected``.
+        abstained: p_a_lower <= 1/2 (no certificate).
+        n: estimation samples.
+        n0: selection samples.
+        sigma: Gaussian noise std in [0,1] pixel space.
+        alpha: failure probability.
+        selected: the top answer c_A of the n0 selection samples (reported also when abstained).
+        extra: cost accounting, e.g. ``decoder_forwards`` (model calls made); left out of ``==``.
     """
 
     answer: Optional[str]
@@ -99,11 +108,24 @@ class AnswerCertificate:
     extra: dict = field(default_factory=dict, compare=False)  # cost accounting (decoder_forwards); not compared
 
     def certified_at(self, radius: float) -> bool:
-        """True when this certificate covers an l2 perturbation of ``radius`` (>= 0) (for certified-accuracy curves,
-        combine with whether ``answer`` is correct)."""
+        """Whether this certificate covers every l2 perturbation of size ``radius``.
+
+        For certified-accuracy curves, combine with whether ``answer`` is correct.
+
+        Args:
+            radius: l2 radius in [0,1] pixel space, >= 0.
+
+        Returns:
+            True when not abstained and ``self.radius >= radius``.
+        """
         return not self.abstained and self.radius >= radius
 
     def to_dict(self) -> dict:
+        """The certificate as JSON-serialisable data.
+
+        Returns:
+            {field name: value}, ``extra`` included.
+        """
         return asdict(self)
 
 
@@ -490,29 +512,42 @@ def certify_answer(
     noisy copy (see the module docstring): the model's own vision path on that copy, the patch's booster, the
     decoder. Each returned certificate holds with probability >= 1 - alpha over this call's sampling: when not
     abstained, g(x') = answer for every ||x' - x||_2 < radius. This is not FCSB (a cosine bound on the smoothed
-    features, :func:`fs_mllm.certify_model`) and not what ``generate()`` does (it decodes once from the n0-copy
+    features, ``fs_mllm.certify_model``) and not what ``generate()`` does (it decodes once from the n0-copy
     feature average; that function is not g).
 
-    model: a model patched with :func:`fs_mllm.patch_model` (its image_mean/std and booster are used; its
-      n_samples averaging is not: each copy is decoded on its own).
-    inputs: processor outputs for B prompts with one image each (input_ids (B, L), attention_mask, float
-      pixel_values and the family kwargs), or a list of such dicts (results concatenated). Padding is removed
-      per row (attention_mask); other per-row tensors are sliced the same way.
-    candidates: None = open set: greedy decoding (``max_new_tokens``), text via ``tokenizer``/``processor``,
-      normalised with fs_mllm.answers.normalize_answer. A list of strings = closed set, tokenised with
-      ``tokenizer`` (or ``processor.tokenizer``) without special tokens and appended right after the prompt
-      (give the leading space your tokenizer expects); a dict answer -> token ids needs no tokenizer. h is the
-      candidate of highest total log-likelihood (ties: the first listed).
-    sigma: noise std in [0,1] pixel space; default the patch's sigma (a booster is told this sigma).
-    n0, n: selection and estimation samples (n0 <= n, n >= MIN_N); alpha: default the patch's FSConfig.alpha,
-      in (0, 0.5). batch_size: noisy copies per decoder call (default the patch's chunk_size, else 32).
-    seed: noise seed; each question's stream is derived from it and its image, so a certificate does not depend
-      on its batch position, its neighbours or batch_size.
+    Args:
+        model: a model patched with ``fs_mllm.patch_model`` (its image_mean/std and booster are used;
+            its n_samples averaging is not: each copy is decoded on its own).
+        inputs: processor outputs for B prompts with one image each (input_ids (B, L), attention_mask,
+            float pixel_values and the family kwargs), or a list of such dicts (results concatenated).
+            Padding is removed per row (attention_mask); other per-row tensors are sliced the same way.
+        candidates: None = open set: greedy decoding (``max_new_tokens``), text via ``tokenizer``/``processor``,
+            normalised with fs_mllm.answers.normalize_answer. A list of strings = closed set, tokenised with
+            ``tokenizer`` (or ``processor.tokenizer``) without special tokens and appended right after the
+            prompt (give the leading space your tokenizer expects); a dict answer -> token ids needs no
+            tokenizer. h is the candidate of highest total log-likelihood (ties: the first listed).
+        sigma: Gaussian noise std in [0,1] pixel space; default the patch's sigma (a booster is told this sigma,
+            and checked against it when it differs from the patch's).
+        n0: selection samples, >= 1 and <= n.
+        n: estimation samples, >= MIN_N (10).
+        alpha: failure probability, in (0, 0.5); default the patch's FSConfig.alpha.
+        batch_size: noisy copies per decoder call (default the patch's chunk_size, else 32).
+        seed: noise seed, 0 <= seed < 2**63; each question's stream is derived from it and its image, so a
+            certificate does not depend on its batch position, its neighbours or batch_size.
+        processor: the processor whose ``.tokenizer`` is used (not together with ``tokenizer``).
+        tokenizer: the tokenizer for string candidates and open-set decoding.
+        max_new_tokens: open set: tokens greedily decoded per noisy copy, >= 1.
 
-    Returns one :class:`AnswerCertificate` per prompt, in order. Cost: n0 + n decoder prefills (closed set, plus
-    one short continuation per multi-token candidate) or greedy decodes (open set) per question.
-    Raises ValueError, before any model call, for an unpatched model, empty/duplicate candidates, n0 > n,
-    n < MIN_N, alpha outside (0, 0.5), non-float pixel values or pixel values that do not decode into [0,1].
+    Returns:
+        One ``AnswerCertificate`` per prompt, in order. Cost: n0 + n decoder prefills (closed set, plus
+        one short continuation per multi-token candidate) or greedy decodes (open set) per question.
+
+    Raises:
+        ValueError: before any model call, for an unpatched model or a dual encoder; n0 > n, n < MIN_N,
+            alpha outside (0, 0.5), sigma, seed, batch_size or max_new_tokens out of range; both ``processor``
+            and ``tokenizer``; empty, duplicate or invalid candidates, or string candidates / open set
+            without a tokenizer; inputs that are not processor outputs, with non-float pixel values, pixel
+            values that do not decode into [0,1], or not one image per prompt.
     """
     from .patching import get_fs_state, is_patched
 

@@ -108,22 +108,38 @@ __all__ = [
 class AttackConfig:
     """One PGD attack, validated on construction (JSON-serialisable via ``to_dict``).
 
-    norm: "l2" or "linf" ball in [0,1] pixel space. eps: its radius (linf at most 1: 16/255, not 16).
-    steps: PGD iterations. step_size: per-step move (None = 2.5 * eps / steps, Madry et al.).
-    random_start: start at a random point of the ball. objective: "feature" | "feature_target" (needs
-    ``target_images`` at attack time) | "untargeted" | "targeted" (needs ``target_text``).
-    protocol: "adaptive" (through the defense) | "transfer" (crafted without it; see the module doc).
-    crop_scale: (lo, hi) area fraction of M-Attack's random local crop taken of the adversarial image
-    at every forward and resized back (None = no crops). crop_views (transfer only): forwards averaged
-    per crafting gradient, each its own crop; M-Attack takes 1. crop_full_view (transfer only): the
-    first of them sees the whole image, the view the model is finally judged on, so the crops add
-    transferability without giving up the attack on that view (README: "Transfer with the whole view").
-    eot_samples: noisy forwards averaged per gradient on a patched model (ignored, i.e. 1, on an
-    unpatched deterministic model). Defaults (20 steps, 8 EOT samples) are the weakest adaptive attack
-    worth believing. eot_chunk_size: forwards per backward (memory knob; None = all).
-    smoothing_samples: noisy copies inside each smoothed forward during the attack (None = the patch's
-    n_samples, i.e. attack what is deployed; larger = a gradient of the exact smoothed encoder F).
-    seed: seeds the random start and the per-step noise. record_steps: keep a StepRecord per step.
+    Defaults (20 steps, 8 EOT samples) are the weakest adaptive attack worth believing.
+
+    Attributes:
+        norm: "l2" or "linf": the ball the perturbation stays in, in [0,1] pixel space.
+        eps: its radius, in [0,1] pixel space (linf at most 1: 16/255, not 16).
+        steps: PGD iterations.
+        step_size: the move per step, in [0,1] pixel units (None = 2.5 * eps / steps, Madry et al.).
+        random_start: start at a random point of the ball.
+        objective: "feature" (push the features from the clean ones) | "feature_target" (pull them to
+            ``target_images``' features) | "untargeted" (push the clean answer away) | "targeted" (make the
+            model say ``target_text``).
+        target_text: the text the "targeted" objective aims at (required there).
+        protocol: "adaptive" (gradients through the defense) | "transfer" (crafted without it, then replayed;
+            see the module doc).
+        crop_scale: (lo, hi) area fraction of M-Attack's random local crop taken of the adversarial image
+            at every forward and resized back (None = no crops).
+        crop_views: transfer only: forwards averaged per crafting gradient, each its own crop; M-Attack takes 1.
+        crop_full_view: transfer only: the first of those views sees the whole image, the view the model is
+            finally judged on, so the crops add transferability without giving up the attack on that view.
+        eot_samples: noisy forwards averaged per gradient on a patched model (1 on an unpatched,
+            deterministic one).
+        eot_chunk_size: forwards per backward, a memory knob (None = all).
+        smoothing_samples: noisy copies inside each smoothed forward during the attack (None = the patch's
+            n_samples, i.e. attack what is deployed; larger = a gradient of the exact smoothed encoder F).
+        seed: seeds the random start and the per-step noise and crops.
+        record_steps: keep a StepRecord per step in the result.
+
+    Raises:
+        ValueError: an unknown norm, objective or protocol; a non-positive eps, or a linf eps above 1;
+            an invalid crop_scale; crop_views > 1 or crop_full_view outside the transfer protocol or
+            without crops (crop_full_view also needs crop_views >= 2); non-positive counts or step size;
+            a seed out of range; "targeted" without a non-empty target_text.
     """
 
     norm: str = "l2"
@@ -193,6 +209,11 @@ class AttackConfig:
             raise ValueError(f"target_text must be a string or None, got {type(self.target_text).__name__}")
 
     def to_dict(self) -> dict:
+        """The config as JSON-serialisable data.
+
+        Returns:
+            {field name: value} (``crop_scale`` a tuple or None).
+        """
         return dataclasses.asdict(self)
 
 
@@ -209,10 +230,19 @@ class StepRecord:
 
 @dataclass
 class AttackResult:
-    """Adversarial [0,1] images (B, ..., 3, H, W), per-image FCS clean vs adversarial, optional step records.
+    """What ``attack`` returns: the adversarial images and how far they moved the features.
 
     ``fcs`` is measured on the features the decoder receives from ``model`` as given (smoothed, with
     the patch's own seed, when it is patched), so it is what the deployed pipeline sees.
+
+    Attributes:
+        adv_images: the adversarial images, float32 [0,1] pixels of the input's shape (B, ..., 3, H, W).
+        clean_images: the input images, float32, same shape.
+        fcs: per-image feature cosine similarity, clean vs adversarial (B floats).
+        delta_norm: per-image size of the perturbation in the attack's norm, in [0,1] pixel units (B floats).
+        final_loss: the objective's mean over the batch at the adversarial images (the loss minimised).
+        config: the ``AttackConfig`` that ran.
+        steps: one StepRecord per step with ``record_steps``, else empty.
     """
 
     adv_images: torch.Tensor
@@ -645,16 +675,41 @@ def attack(model: nn.Module, processor_or_tokenizer: Any, images01: torch.Tensor
            answers: Optional[Sequence[str]] = None, image_mean: Any = None, image_std: Any = None,
            progress: Optional[Callable[[int, float], None]] = None, target_images: Optional[torch.Tensor] = None,
            surrogates: Optional[Sequence[Any]] = None, **image_kwargs: Any) -> AttackResult:
-    """PGD on [0,1] images (B, ..., 3, H, W) at processor resolution against ``model`` (patched or not).
+    """PGD on [0,1] images at processor resolution against ``model`` (patched or not).
 
-    ``prompts``: one string per image (the processor places the image tokens), a dict of token inputs,
-    or None for the feature objectives. ``answers``: clean answers for ``untargeted``. ``target_images``:
-    for ``feature_target``, one per image or one for all. ``surrogates``: for the transfer protocol,
-    names in SURROGATES or encoder modules ([0,1] images -> features), an ensemble when several
-    (default: the model's own undefended path). ``image_kwargs``: per-image family kwargs (e.g.
-    ``image_sizes``). Adaptive: gradients are EOT averages through a patched model. Transfer: crafted
-    without the patch, so the images can be replayed on every variant. Either way the returned FCS is
-    measured on ``model`` as given (the deployed pipeline).
+    Adaptive: gradients are EOT averages through a patched model's smoothed path. Transfer: crafted
+    without the patch (or on surrogates), so the images can be replayed on every variant. Either way the
+    returned FCS is measured on ``model`` as given (the deployed pipeline).
+
+    Args:
+        model: a transformers multimodal model of a supported family, patched or not.
+        processor_or_tokenizer: the model's processor (mean/std, and for the text objectives the
+            tokenizer and the placing of image tokens), or a tokenizer with dict ``prompts``; may be None
+            for the feature objectives when mean/std come from the patch or ``image_mean``/``image_std``.
+        images01: float [0,1] pixels (B, ..., 3, H, W) at the processor's resolution.
+        prompts: one string per image (the processor places the image tokens), a dict of token inputs
+            (``input_ids`` (B, L) with the image tokens in place), or None for the feature objectives.
+        config: the ``AttackConfig``.
+        answers: "untargeted": the clean answer per image (B strings); None = the model's own greedy answer.
+        image_mean: per-channel mean (3 floats), with ``image_std`` (default: the patch's, else the processor's).
+        image_std: per-channel std (3 positive floats), with ``image_mean``.
+        progress: called as ``progress(step, mean loss)`` after every step.
+        target_images: "feature_target": [0,1] images of ``images01``'s shape, or one image (1, ...) for all.
+        surrogates: transfer only: names in SURROGATES ("model": the undefended model's own path;
+            "dinov2") or encoder modules mapping [0,1] images to features; several = an ensemble
+            (default: the model's own undefended path).
+        **image_kwargs: per-image family kwargs (e.g. ``image_sizes``).
+
+    Returns:
+        The ``AttackResult``.
+
+    Raises:
+        ValueError: ``config`` is not an AttackConfig; images that are not finite float [0,1] pixels
+            (B, ..., 3, H, W); an l2 eps beyond the images' diameter; target_images missing for
+            "feature_target", given for another objective, or of another shape; surrogates outside the
+            transfer protocol, with a text objective, or unknown; a text objective without prompts, a
+            tokenizer or one answer per image, or a target_text that tokenises to nothing; a model of an
+            unsupported family; bad mean/std.
     """
     if not isinstance(config, AttackConfig):
         raise ValueError(f"config must be an fs_mllm.attacks.AttackConfig, got {type(config).__name__}")

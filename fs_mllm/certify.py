@@ -28,9 +28,25 @@ from .smoothing import Encoder, NoiseStd, check_images, monte_carlo_pass, unit_f
 class Certificate:
     """Certificate of one image: cos(F(x'), F(x)) >= fcsb(r) for all ||x' - x||_2 <= r, w.p. >= 1 - alpha.
 
-    In token mode each visual token t is smoothed and certified on its own; ``token_score_lower`` holds
-    the per-token bounds at level alpha / T (union bound), and ``score_lower`` is their minimum, so
-    ``fcsb(r)`` holds for all tokens at once.
+    F is the exact smoothed (and boosted, with a booster) encoder, not the n0-copy estimate ``generate``
+    uses; the probability is over the certification noise. In token mode each visual token is smoothed
+    and certified on its own, at level alpha / T (union bound), so ``fcsb(r)``, from the smallest
+    per-token bound, holds for all T tokens at once.
+
+    Attributes:
+        score_mean: mean of the n samples Y_i = (1 + cos(f(x + e_i), f(x))) / 2 (over all tokens in token
+            mode): the estimate of S(x).
+        score_lower: the one-sided (1 - alpha) lower confidence bound on S(x) that ``fcsb`` and
+            ``radius`` use (token mode: the minimum of the per-token bounds).
+        n: Monte-Carlo samples drawn.
+        alpha: failure probability of the certificate.
+        sigma: Gaussian noise std in [0,1] pixel space.
+        method: the bound: "hoeffding", "bernstein", "betting" or "betting_fixed".
+        normalize: "global" (one unit vector per image) or "token".
+        token_score_mean: token mode: per-token score means, shape (T,) (T the visual tokens, leading
+            feature axes flattened); None in global mode.
+        token_score_lower: token mode: per-token lower bounds at level alpha / T, shape (T,); None in
+            global mode.
     """
 
     score_mean: float
@@ -44,17 +60,55 @@ class Certificate:
     token_score_lower: Optional[np.ndarray] = None
 
     def fcsb(self, radius: float) -> float:
+        """The certified lower bound on cos(F(x'), F(x)) for every ||x' - x||_2 <= radius.
+
+        Args:
+            radius: l2 radius in [0,1] pixel space, >= 0 (a float, or an array for several).
+
+        Returns:
+            The bound, in [0, 1], or -1.0 (no guarantee); an array for an array radius.
+
+        Raises:
+            ValueError: a negative or non-finite radius.
+        """
         return stats.fcsb(self.score_lower, radius, self.sigma)
 
     def radius(self, threshold: float = 0.0) -> float:
+        """The largest l2 radius at which the certified cosine is still at least ``threshold``.
+
+        Args:
+            threshold: the cosine to guarantee, in [0, 1).
+
+        Returns:
+            The radius, l2 in [0,1] pixel space, >= 0.
+
+        Raises:
+            ValueError: a threshold outside [0, 1).
+        """
         return stats.certified_radius(self.score_lower, self.sigma, threshold)
 
     def token_fcsb(self, radius: float) -> np.ndarray:
+        """Token mode: each token's certified bound at ``radius`` (all hold at once, w.p. >= 1 - alpha).
+
+        Args:
+            radius: l2 radius in [0,1] pixel space, >= 0.
+
+        Returns:
+            Bounds of shape (T,), each in [0, 1] or -1.0 (no guarantee).
+
+        Raises:
+            ValueError: a certificate made in global mode, or a negative or non-finite radius.
+        """
         if self.token_score_lower is None:
             raise ValueError("token_fcsb needs a certificate made with normalize='token'")
         return stats.fcsb(self.token_score_lower, radius, self.sigma)
 
     def to_dict(self) -> dict:
+        """The certificate as JSON-serialisable data.
+
+        Returns:
+            {field name: value}, the per-token arrays as lists (None in global mode).
+        """
         out = {k: getattr(self, k) for k in ("score_mean", "score_lower", "n", "alpha", "sigma", "method", "normalize")}
         for key in ("token_score_mean", "token_score_lower"):
             value = getattr(self, key)
@@ -114,15 +168,31 @@ def certify_features(
     seed: int = 0,
     normalize: str = "global",
 ) -> list[Certificate]:
-    """Certify the smoothed features of each [0,1] image in ``images`` (batch first).
+    """Certify the smoothed features of each image: a lower bound on cos(F(x'), F(x)) over an l2 ball.
 
-    Draws n Gaussian copies (std sigma in pixel space), computes the robustness score samples
-    Y_i = (1 + cos(f(x+e_i), f(x)))/2 and a one-sided (1 - alpha) lower bound on S(x) with ``method``.
+    Draws n Gaussian copies of each image, computes the robustness score samples
+    Y_i = (1 + cos(f(x + e_i), f(x))) / 2 and a one-sided (1 - alpha) lower bound on S(x) with ``method``;
+    the certificate's ``fcsb(r)`` is then the FCSB at l2 radius r. Runs under ``torch.inference_mode``.
 
-    images: float tensor (B, ...) of [0,1] pixels, batch first; ``encoder`` maps (b, ...) to features (b, ...).
-    sigma: noise std in [0,1] pixel space, in (0, 10]. Returns B :class:`Certificate` objects, in order.
-    Raises ValueError naming the parameter for non-tensor, non-float, empty, non-finite or out-of-[0,1]
-    images, n < 2, and sigma / alpha / method / seed / chunk_size / normalize out of range.
+    Args:
+        encoder: maps a batch (b, ...) of [0,1] pixels to features (b, ...); called on chunks of noisy copies.
+        images: float tensor (B, ...) of [0,1] pixels, batch first.
+        sigma: Gaussian noise std in [0,1] pixel space, in (0, 10].
+        n: Monte-Carlo samples per image, >= 2.
+        alpha: failure probability of each certificate, in (0, 1).
+        method: "hoeffding", "bernstein", "betting" or "betting_fixed" (see ``fs_mllm.score_lower_bound``).
+        chunk_size: noisy copies per encoder call (None = 32); the noise drawn does not depend on it.
+        seed: noise seed, 0 <= seed < 2**63; each image's stream derives from it and the image's pixels.
+        normalize: "global" (one unit vector per image) or "token" (each visual token, the last axis
+            being the feature axis, certified on its own; see ``Certificate``).
+
+    Returns:
+        B ``Certificate`` objects, in batch order.
+
+    Raises:
+        ValueError: images that are not a tensor, have no batch dimension, are not floating point, are
+            empty, not finite or outside [0, 1]; n < 2; sigma, alpha, method, seed, chunk_size or
+            normalize out of range; an encoder that returns all-zero or non-finite features.
     """
     config = FSConfig(sigma=sigma, seed=seed, chunk_size=chunk_size, normalize=normalize, alpha=alpha, method=method)
     check_n(n)
@@ -145,14 +215,15 @@ ABSTAIN = -1  # PredictionCertificate.label when the smoothed prediction at x ca
 class PredictionCertificate:
     """Prediction of the smoothed cosine-similarity predictor, certified on an l2 ball (w.p. >= 1 - alpha).
 
-    label: the class the smoothed predictor returns at x and everywhere within l2 ``radius``, or
-        ABSTAIN (-1) with radius 0.0 when no ball, not even {x}, can be certified: then the smoothed
-        prediction at x is unknown, and returning the clean encoder's class would be a different
-        predictor's answer (issue 14).
-    radius: certified l2 radius in [0,1] pixel space (> 0 exactly when ``label`` is not ABSTAIN).
-    margin_angle: half the angle gap, in radians, between the runner-up and the closest class to f(x).
-    clean_label: the class closest to the clean (unsmoothed) f(x); informational, not certified.
-    certificate: the feature certificate (S lower bound) the radius comes from.
+    Attributes:
+        label: the class the smoothed predictor returns at x and everywhere within l2 ``radius``, or
+            ABSTAIN (-1) with radius 0.0 when no ball, not even {x}, can be certified: then the smoothed
+            prediction at x is unknown, and returning the clean encoder's class would be a different
+            predictor's answer.
+        radius: certified l2 radius in [0,1] pixel space (> 0 exactly when ``label`` is not ABSTAIN).
+        margin_angle: half the angle gap, in radians, between the runner-up and the closest class to f(x).
+        certificate: the feature ``Certificate`` (S lower bound) the radius comes from.
+        clean_label: the class closest to the clean (unsmoothed) f(x); informational, not certified.
     """
 
     label: int
@@ -163,6 +234,7 @@ class PredictionCertificate:
 
     @property
     def certified(self) -> bool:
+        """True unless the prediction abstained (``label`` is ABSTAIN)."""
         return self.label != ABSTAIN
 
 
@@ -177,7 +249,7 @@ def certify_prediction(
     chunk_size: Optional[int] = None,
     seed: int = 0,
 ) -> list[PredictionCertificate]:
-    """Certify the class of the smallest angle between F(x') and the class embeddings (K, D).
+    """Certify the class of the smallest angle between F(x') and the class embeddings, per image.
 
     With theta = arccos(FCSB(eps)) and angles a_k = angle(f(x), t_k), the smoothed prediction is the
     clean argmin A on the whole ball when a_A + theta < a_B - theta for the runner-up B, i.e.
@@ -185,10 +257,24 @@ def certify_prediction(
     threshold=cos((a_B - a_A) / 2))``. Only a positive radius ties A to the smoothed predictor (the
     ball contains x), so a zero radius abstains (label ABSTAIN) instead of reporting A.
 
-    images: float (B, ...) [0,1] pixels; class_embeddings: (K, D), D the encoder's flattened feature size;
-    sigma: noise std in [0,1] pixel space. Returns B :class:`PredictionCertificate` objects (radius in l2
-    [0,1]-pixel units). Raises ValueError for bad images (as ``certify_features``), class embeddings that
-    are not (K >= 2, D) with D matching the features, n < 2, and out-of-range sigma / alpha / method.
+    Args:
+        encoder: maps a batch (b, ...) of [0,1] pixels to features (b, ...), flattened to D per image.
+        images: float tensor (B, ...) of [0,1] pixels, batch first.
+        class_embeddings: float tensor (K, D) of class (e.g. text) embeddings, K >= 2, finite, no zero row.
+        sigma: Gaussian noise std in [0,1] pixel space, in (0, 10].
+        n: Monte-Carlo samples per image, >= 2.
+        alpha: failure probability of each certificate, in (0, 1).
+        method: "hoeffding", "bernstein", "betting" or "betting_fixed".
+        chunk_size: noisy copies per encoder call (None = 32).
+        seed: noise seed, 0 <= seed < 2**63.
+
+    Returns:
+        B ``PredictionCertificate`` objects, in batch order (radius l2 in [0,1] pixel space).
+
+    Raises:
+        ValueError: bad images (as ``certify_features``); class embeddings that are not a float
+            (K >= 2, D) tensor of finite, non-zero rows, or whose D is not the features' size; n < 2;
+            sigma, alpha, method, seed or chunk_size out of range.
     """
     classes = _check_class_embeddings(class_embeddings, "class_embeddings")
     config = FSConfig(sigma=sigma, seed=seed, chunk_size=chunk_size, normalize="global", alpha=alpha, method=method)
@@ -248,7 +334,12 @@ def prediction_certificates(certificates: Sequence[Certificate], clean: torch.Te
 
 @dataclass
 class ModelCertificate(Certificate):
-    """A Certificate plus, when ``certify_model(radius=...)`` was given, the bound at that radius."""
+    """A ``Certificate`` (every field and method of it) plus the bound at the radius asked for.
+
+    Attributes:
+        radius_checked: the ``radius`` passed to ``certify_model`` (l2 in [0,1] pixel space), or None.
+        bound: ``fcsb(radius_checked)``, the certified cosine bound there (-1.0: no guarantee), or None.
+    """
 
     radius_checked: Optional[float] = None
     bound: Optional[float] = None
@@ -272,14 +363,41 @@ def certify_model(
 ) -> list[ModelCertificate]:
     """Certify the smoothed features that feed the language decoder, one certificate per image.
 
-    ``images_or_pixel_values``: [0,1] images (B, 3, H, W) at processor resolution (converted with the
-    adapter; family kwargs such as ``image_sizes`` may be passed as keywords), or processor outputs (a
-    dict with ``pixel_values`` and the family kwargs). For a patched model sigma, normalize, seed,
-    chunk_size, alpha, method, mean/std and booster come from the patch's FSConfig unless given (a
-    differing sigma is an error); for an unpatched model ``sigma`` is required and the rest default to
-    FSConfig's defaults. image_mean and image_std go together. The certificate is about the exact
-    smoothed (boosted) encoder F and holds per image with probability >= 1 - alpha; with ``radius``
-    each result also carries FCSB(radius).
+    The certificate is about the exact smoothed (boosted, with the patch's booster) encoder F and holds
+    per image with probability >= 1 - alpha; it runs the noisy copies through the model's own image
+    path, as the patch does. For a patched model every setting left None comes from the patch's
+    FSConfig, and mean/std and booster from the patch; for an unpatched model ``sigma`` is required and
+    the rest default to FSConfig's defaults.
+
+    Args:
+        model: a transformers multimodal model of a supported family (or a PEFT wrapper), patched or not.
+        images_or_pixel_values: [0,1] images (B, 3, H, W) at the processor's resolution (converted with
+            the adapter and the mean/std), or processor outputs (a dict with normalised ``pixel_values``
+            and the family kwargs).
+        radius: None, or an l2 radius in [0,1] pixel space (>= 0) at which each result also carries the
+            bound (``ModelCertificate.bound``).
+        n: Monte-Carlo samples per image, >= 2.
+        alpha: failure probability of each certificate, in (0, 1) (None: the patch's).
+        method: "hoeffding", "bernstein", "betting" or "betting_fixed" (None: the patch's).
+        sigma: Gaussian noise std in [0,1] pixel space: required for an unpatched model; for a patched
+            one, None or the patch's sigma.
+        normalize: "global" or "token" (None: the patch's).
+        seed: noise seed (None: the patch's).
+        chunk_size: noisy copies per encoder call (None: the patch's).
+        processor: source of the mean/std, as in ``fs_mllm.patch_model`` (None: the patch's, or for
+            an unpatched model the saved preprocessor config, else the family default).
+        image_mean: per-channel mean (3 floats), with ``image_std``.
+        image_std: per-channel std (3 positive floats), with ``image_mean``.
+        **model_inputs: family kwargs for [0,1] images (e.g. ``image_sizes``), or more processor outputs.
+
+    Returns:
+        B ``ModelCertificate`` objects, in image order.
+
+    Raises:
+        ValueError: n < 2; a negative or non-finite radius; a sigma other than the patch's, or none for
+            an unpatched model; images or pixel values that are not finite floats (images also in
+            [0, 1]); a model of an unsupported family; mean/std or settings out of range; all-zero or
+            non-finite features.
     """
     check_n(n)
     if radius is not None:
@@ -381,16 +499,38 @@ def certify_zero_shot(
     """Certify a dual encoder's (CLIP, SigLIP, ...) zero-shot class per image: the paper's CLIP classification setting.
 
     The smoothed classifier returns argmax_k cos(F(x), t_k), F the smoothed image embedding that the patched
-    ``get_image_features`` estimates with n_samples copies; this certifies it with :func:`certify_prediction`'s
+    ``get_image_features`` estimates with n_samples copies; this certifies it with ``certify_prediction``'s
     argument, on the noisy copies of the model's own smoothed path (so what is certified is what is deployed).
     Each result's ``label`` holds on the l2 ball of ``radius`` in [0,1] pixel space w.p. >= 1 - alpha, or is
-    ABSTAIN.
+    ABSTAIN. Settings resolve as in ``certify_model`` (the patch's, or ``sigma=`` for an unpatched model).
 
-    ``images_or_pixel_values``: [0,1] images (B, 3, H, W) at processor resolution, or processor outputs (a
-    dict with pixel_values and the family kwargs). ``text_embeddings``: (K, D) class embeddings, or tokenizer
-    outputs (a dict with input_ids, attention_mask, ...) embedded with ``model.get_text_features``, or None
-    to take the input_ids from a processor output passed as ``images_or_pixel_values``. Settings resolve as
-    in :func:`certify_model` (the patch's, or ``sigma=`` for an unpatched model).
+    Args:
+        model: a dual encoder of a supported family (or a PEFT wrapper), patched or not.
+        images_or_pixel_values: [0,1] images (B, 3, H, W) at the processor's resolution, or processor
+            outputs (a dict with ``pixel_values`` and the family kwargs).
+        text_embeddings: float class embeddings (K, D), K >= 2; or tokenizer outputs (a dict with
+            ``input_ids``, ``attention_mask``, ...) embedded with ``model.get_text_features``; or None to
+            take the ``input_ids`` of a processor output passed as ``images_or_pixel_values``.
+        n: Monte-Carlo samples per image, >= 2.
+        alpha: failure probability of each certificate, in (0, 1) (None: the patch's).
+        method: "hoeffding", "bernstein", "betting" or "betting_fixed" (None: the patch's).
+        sigma: Gaussian noise std in [0,1] pixel space: required for an unpatched model; for a patched
+            one, None or the patch's sigma.
+        seed: noise seed (None: the patch's).
+        chunk_size: noisy copies per encoder call (None: the patch's).
+        processor: source of the mean/std, as in ``certify_model``.
+        image_mean: per-channel mean (3 floats), with ``image_std``.
+        image_std: per-channel std (3 positive floats), with ``image_mean``.
+        **model_inputs: family kwargs for [0,1] images, or more processor outputs.
+
+    Returns:
+        B ``PredictionCertificate`` objects, in image order.
+
+    Raises:
+        ValueError: a generative MLLM (use ``certify_model``); no text embeddings to be found; an
+            integer tensor or tokenizer outputs without ``input_ids`` as ``text_embeddings``; class
+            embeddings that are not (K >= 2, D) finite non-zero rows with D the image embedding's size;
+            and what ``certify_model`` refuses.
     """
     check_n(n)
     if get_adapter(model).generates:

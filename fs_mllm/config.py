@@ -145,19 +145,31 @@ _FIELD_CHECKS = {
 
 @dataclass
 class FSConfig:
-    """Settings of feature-space smoothing.
+    """Settings of feature-space smoothing: what ``patch_model`` runs and what certificates default to.
 
-    sigma: noise std in [0,1] pixel space, in (0, 10] (SIGMA_MAX: beyond 10 the noisy copy is pure
-    noise). n_samples: noisy copies averaged per forward (n0, small, used inside ``generate``).
-    chunk_size: noisy copies per encoder call (memory knob; None = 32). seed: seed of the noise
-    generator, 0 <= seed < 2**63 (same seed, same result). normalize: "global" (one unit vector per
-    image) or "token" (each visual token normalised and certified on its own). alpha, method:
-    confidence and bound used when certifying (``certify_model`` defaults to them). smooth_video: videos
-    whose frames reach the image-feature function (Qwen3-VL, Qwen3.5, GLM-4.1V, Kimi-K2.5, ...) are
-    smoothed too, each frame with its own noise; by default they pass through unsmoothed (the
-    certificate is about images).
+    Every field is validated on construction and on assignment, so a config is never invalid;
+    ``to_dict``/``from_dict`` round-trip it through JSON (fs_config.json holds one).
 
-    Every field is validated on construction and on assignment, so a config is never invalid.
+    Attributes:
+        sigma: Gaussian noise std in [0,1] pixel space (the model's input resolution, before mean/std
+            normalisation), in (0, 10] (``SIGMA_MAX``: beyond 10 a noisy copy is pure noise). Default 0.25.
+        n_samples: noisy copies averaged per image inside ``generate`` (n0), an integer >= 1. Default 8.
+        chunk_size: noisy copies per encoder call, a memory knob (None = 32); the noise drawn does not
+            depend on it.
+        seed: seed of the noise, 0 <= seed < 2**63; each image's stream is derived from it and the image's
+            pixels, so the same seed and image give the same noise in any batch.
+        normalize: "global" (one unit vector per image) or "token" (each visual token normalised, and
+            certified, on its own).
+        alpha: failure probability of a certificate, in (0, 1). Default 0.001.
+        method: lower confidence bound on the robustness score: "hoeffding", "bernstein" (default),
+            "betting" or "betting_fixed" (see ``fs_mllm.score_lower_bound``).
+        smooth_video: also smooth the video frames that reach the image-feature function (Qwen3-VL,
+            Qwen3.5, GLM-4.1V, Kimi-K2.5, ...), each frame with its own noise. Default False: videos pass
+            through unsmoothed (the certificate is about images).
+
+    Raises:
+        ValueError: a field of the wrong type or out of range (naming the field), on construction or
+            assignment.
     """
 
     sigma: float = field(default=0.25, metadata={"help": "smoothing noise std in [0,1] pixel space"})
@@ -177,11 +189,40 @@ class FSConfig:
         super().__setattr__(name, check(value) if check is not None else value)
 
     def to_dict(self) -> dict:
+        """The config as JSON-serialisable data.
+
+        Returns:
+            {field name: value}, what ``from_dict`` reads back.
+        """
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "FSConfig":
+        """Build a config from JSON data, strictly.
+
+        Args:
+            data: {field name: value}; fields left out take their defaults.
+
+        Returns:
+            The validated FSConfig.
+
+        Raises:
+            ValueError: ``data`` is not a dict, names an unknown field, or holds a value of the wrong JSON
+                type (``"0.25"``, ``true`` for a number) or out of range.
+        """
         return dataclass_from_dict(cls, data)
 
     def replace(self, **changes: Any) -> "FSConfig":
+        """A copy with some fields changed (this config is left as it is).
+
+        Args:
+            **changes: FSConfig fields and their new values, e.g. ``config.replace(sigma=0.5)``.
+
+        Returns:
+            The new, validated FSConfig.
+
+        Raises:
+            ValueError: a new value out of range.
+            TypeError: a name that is not an FSConfig field.
+        """
         return dataclasses.replace(self, **changes)

@@ -70,17 +70,34 @@ def estimate_noise_std(pixels01: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class GSBConfig:
-    """Architecture and provenance of a booster.
+    """Architecture and provenance of a ``GaussianSmoothnessBooster``, saved as gsb_config.json.
 
-    feature_dim: last dim of the image features the mapper sees (must match the encoder).
-    sigma_min/sigma_max: the noise range (std in [0,1] pixel space) it was trained for.
-    use_denoiser/use_mapper: which parts exist. denoiser_channels/depth: DnCNN width/conv layers.
-    mapper_hidden/mapper_layers: the residual MLP. sigma_embed_dim: size of the FiLM sigma embedding.
-    encoder_id: free text naming the encoder and feature layout it was trained for (provenance).
-    image_size: resolution the denoiser was trained at (informational; it is fully convolutional).
-    noise_level: "estimated" (tell both stages the noise std measured on each input, so clean inputs
-    are left almost unchanged) or "given" (tell them the smoothing sigma).
-    extra: free JSON-serialisable metadata (training set, steps, measured figures).
+    Validated on construction; ``to_dict``/``from_dict`` round-trip it through JSON.
+
+    Attributes:
+        feature_dim: last dim of the image features the mapper sees; the booster refuses an encoder
+            with another (``check_compatible``).
+        sigma_min: lower end of the noise std range it was trained for, in [0,1] pixel space; a sigma
+            outside [sigma_min, sigma_max] is refused.
+        sigma_max: upper end of that range, in [0,1] pixel space; also the scale of the sigma embedding
+            and the cap of the estimated noise level.
+        use_denoiser: whether the pixel-space denoiser exists.
+        use_mapper: whether the feature-space mapper exists (at least one of the two must).
+        image_channels: channels of the images the denoiser takes (3).
+        denoiser_channels: width of the DnCNN/FFDNet denoiser.
+        denoiser_depth: its conv layers, >= 2.
+        denoiser_downscale: its pixel-unshuffle factor (FFDNet); image height and width must be divisible by it.
+        mapper_hidden: width of the mapper's residual MLP.
+        mapper_layers: hidden layers of that MLP.
+        sigma_embed_dim: size of the FiLM embedding of the noise level.
+        encoder_id: free text naming the encoder and feature layout it was trained for (provenance).
+        image_size: resolution the denoiser was trained at (informational: it is fully convolutional).
+        noise_level: "estimated" (both stages are told the noise std measured on each input, so clean
+            inputs pass almost unchanged) or "given" (they are told the smoothing sigma).
+        extra: free JSON-serialisable metadata (training set, steps, measured figures).
+
+    Raises:
+        ValueError: a field of the wrong type or out of range, sigma_min > sigma_max, or neither stage.
     """
 
     feature_dim: int
@@ -126,10 +143,27 @@ class GSBConfig:
             raise ValueError(f"extra must be a dict of JSON-serialisable metadata, got {type(self.extra).__name__}")
 
     def to_dict(self) -> dict:
+        """The config as JSON-serialisable data.
+
+        Returns:
+            {field name: value}, what ``from_dict`` reads back.
+        """
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "GSBConfig":
+        """Build a config from JSON data, strictly.
+
+        Args:
+            data: {field name: value}; ``feature_dim`` is required, other fields default.
+
+        Returns:
+            The validated GSBConfig.
+
+        Raises:
+            ValueError: ``data`` is not a dict, names an unknown field, lacks ``feature_dim``, or holds a
+                value of the wrong JSON type or out of range.
+        """
         return dataclass_from_dict(cls, data)
 
 
@@ -238,7 +272,20 @@ class FeatureMapper(nn.Module):
 
 
 class GaussianSmoothnessBooster(nn.Module):
-    """Denoiser (pixels) + mapper (features) around a frozen encoder; implements the booster protocol."""
+    """Gaussian Smoothness Booster: a denoiser (pixels) and a mapper (features) around a frozen encoder.
+
+    Raises the Gaussian robustness score S(x), and so the FCSB, without retraining the model: a
+    sigma-conditioned DnCNN/FFDNet denoiser D(y, s) = y - s * eps_hat(y, s) before the vision tower and a
+    residual FiLM-conditioned mapper z + M(z, s) after it, both starting as the identity. It implements
+    the booster protocol that ``fs_mllm.patch_model`` and ``boosted_encoder`` take; the
+    certificate is then about the boosted encoder. Train one with ``fs-mllm train-gsb`` (Booster training page).
+
+    Args:
+        config: the architecture (a ``GSBConfig``); weights start at the identity map.
+
+    Raises:
+        ValueError: ``config`` is not a GSBConfig.
+    """
 
     def __init__(self, config: GSBConfig) -> None:
         super().__init__()
@@ -257,7 +304,16 @@ class GaussianSmoothnessBooster(nn.Module):
 
     # ---- protocol -------------------------------------------------------------------------
     def check_compatible(self, feature_dim: int, sigma: float) -> None:
-        """Refuse an encoder with another feature size, or a sigma outside the trained range."""
+        """Refuse an encoder with another feature size, or a sigma outside the trained range.
+
+        Args:
+            feature_dim: last dim of the encoder's features.
+            sigma: the smoothing noise std, in [0,1] pixel space.
+
+        Raises:
+            ValueError: ``feature_dim`` is not ``config.feature_dim``, or sigma is out of range or outside
+                [sigma_min, sigma_max] (to within 1e-6).
+        """
         if isinstance(feature_dim, bool) or not isinstance(feature_dim, int):
             raise ValueError(f"feature_dim must be an integer, got {feature_dim!r}")
         if feature_dim != self.config.feature_dim:
@@ -274,9 +330,20 @@ class GaussianSmoothnessBooster(nn.Module):
             )
 
     def noise_level(self, pixels01: torch.Tensor, sigma: SigmaLike) -> torch.Tensor:
-        """Per-image level (N,) both stages are told for these pixels (see ``GSBConfig.noise_level``).
+        """The noise level both stages are told for these pixels (see ``GSBConfig.noise_level``).
 
-        Estimates are clamped to [0, sigma_max], the range the booster knows.
+        Args:
+            pixels01: images (N, C, H, W) in [0,1] pixel space (noisy copies, or clean images); H, W >= 2
+                with ``noise_level="estimated"``.
+            sigma: the smoothing noise std in [0,1] pixel space, a float or a per-image (N,) tensor; used
+                only with ``noise_level="given"``.
+
+        Returns:
+            (N,) float32 levels: the noise std estimated on each image, clamped to [0, sigma_max]
+            ("estimated"), or sigma ("given").
+
+        Raises:
+            ValueError: pixels that are not (N, C, H, W) large enough, or a negative or non-finite sigma.
         """
         _check_pixels(pixels01)
         if self.config.noise_level == "given":
@@ -285,7 +352,22 @@ class GaussianSmoothnessBooster(nn.Module):
             return estimate_noise_std(pixels01).clamp(0.0, self.config.sigma_max)
 
     def denoise(self, pixels01: torch.Tensor, sigma: SigmaLike) -> torch.Tensor:
-        """Denoise [0,1] pixels (N, C, H, W) at noise level sigma (float or per-image (N,) tensor)."""
+        """Denoise images at a given noise level.
+
+        Args:
+            pixels01: noisy images (N, C, H, W) in [0,1] pixel space, C = ``config.image_channels``, H and W
+                divisible by ``config.denoiser_downscale``.
+            sigma: the noise level, std in [0,1] pixel space: a float or a per-image (N,) tensor, >= 0
+                (0 = clean: the denoiser is then the identity).
+
+        Returns:
+            Denoised images of the input's shape (N, C, H, W), device and dtype (not clamped); the input
+            itself without a denoiser.
+
+        Raises:
+            ValueError: pixels that are not (N, C, H, W), with another channel count or a side not
+                divisible by the downscale factor, or a negative or non-finite sigma.
+        """
         _check_pixels(pixels01)
         if self.denoiser is None:
             return pixels01
@@ -296,7 +378,21 @@ class GaussianSmoothnessBooster(nn.Module):
         return out.to(device=pixels01.device, dtype=pixels01.dtype)
 
     def map_features(self, features: torch.Tensor, sigma: SigmaLike) -> torch.Tensor:
-        """Apply z + M(z, sigma) to image features (..., feature_dim); keeps shape, device and dtype."""
+        """Map image features: z + M(z, sigma), per token (last dim).
+
+        Args:
+            features: image features (B, ..., feature_dim) (or one vector (feature_dim,)), before
+                normalisation.
+            sigma: the noise level, std in [0,1] pixel space: a float or a per-image (B,) tensor, >= 0.
+
+        Returns:
+            Features of the input's shape (B, ..., feature_dim), device and dtype; the input itself
+            without a mapper.
+
+        Raises:
+            ValueError: not a tensor, a last dim other than ``config.feature_dim``, or a negative or
+                non-finite sigma.
+        """
         if not isinstance(features, torch.Tensor) or features.ndim < 1:
             raise ValueError("features must be a tensor whose last dim is the feature dim")
         if features.shape[-1] != self.config.feature_dim:
@@ -314,7 +410,19 @@ class GaussianSmoothnessBooster(nn.Module):
         return out.reshape(features.shape).to(device=features.device, dtype=features.dtype)
 
     def forward(self, pixels01: torch.Tensor, encoder: Callable[[torch.Tensor], torch.Tensor], sigma: SigmaLike) -> torch.Tensor:
-        """denoise -> encoder -> map at the input's noise level: the features the certificate is about."""
+        """The boosted features: denoise, encode, map, at the level ``noise_level`` gives.
+
+        Args:
+            pixels01: images (N, C, H, W) in [0,1] pixel space.
+            encoder: the frozen encoder, mapping pixels (N, C, H, W) to features (N, ..., feature_dim).
+            sigma: the smoothing noise std in [0,1] pixel space (a float or a per-image (N,) tensor).
+
+        Returns:
+            Features (N, ..., feature_dim), unnormalised (smoothing normalises them).
+
+        Raises:
+            ValueError: as ``noise_level``, ``denoise`` and ``map_features``.
+        """
         level = self.noise_level(pixels01, sigma)
         return self.map_features(encoder(self.denoise(pixels01, level)), level)
 
@@ -331,7 +439,17 @@ class GaussianSmoothnessBooster(nn.Module):
 
     # ---- serialisation ---------------------------------------------------------------------
     def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> Path:
-        """Write gsb.safetensors + gsb_config.json (no pickle) and return the folder."""
+        """Write the weights as gsb.safetensors and the config as gsb_config.json (never pickle).
+
+        Args:
+            save_directory: the folder (created if missing).
+
+        Returns:
+            The folder, as a Path.
+
+        Raises:
+            ValueError: ``save_directory`` exists and is not a folder.
+        """
         from safetensors.torch import save_file
 
         out = Path(save_directory)
@@ -346,9 +464,19 @@ class GaussianSmoothnessBooster(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> "GaussianSmoothnessBooster":
-        """Load a booster saved by :meth:`save_pretrained` (strict: every weight must match).
+        """Load a booster saved by ``save_pretrained``, strictly (every weight must match).
 
-        A damaged folder gives a ValueError naming the file and what is wrong with it.
+        Args:
+            directory: a folder holding gsb_config.json and gsb.safetensors.
+            device: where to put the booster.
+
+        Returns:
+            The booster, on ``device``, in eval mode.
+
+        Raises:
+            ValueError: a missing file, a format version other than this fs_mllm's, an invalid config,
+                damaged or non-floating-point weights, NaN/Inf weights, or weights that do not match the
+                config's architecture; each message names the file.
         """
         folder = Path(directory)
         if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
@@ -379,6 +507,11 @@ class GaussianSmoothnessBooster(nn.Module):
         return booster.to(device).eval()
 
     def num_parameters(self) -> int:
+        """Number of weights (parameters of the denoiser and the mapper).
+
+        Returns:
+            The parameter count.
+        """
         return sum(p.numel() for p in self.parameters())
 
 
@@ -415,8 +548,21 @@ def boosted_encoder(
     """The encoder the certificate is about: x -> map(encoder(denoise(x, s)), s), s = noise_level(x, sigma).
 
     Exactly the function ``patch_model(..., booster=...)`` smooths: pass the result to
-    ``certify_features``/``smooth_features``. Compatibility (feature size, sigma range) is checked
-    on the first call, when the feature size is known.
+    ``fs_mllm.certify_features`` or ``fs_mllm.smooth_features``. Compatibility (feature size,
+    sigma range) is checked on the first call, when the feature size is known.
+
+    Args:
+        encoder: maps [0,1] pixels (N, C, H, W) to features (N, ..., D).
+        booster: a ``GaussianSmoothnessBooster`` (or any object with the booster protocol), or None.
+        sigma: the smoothing noise std, in [0,1] pixel space, in (0, 10].
+
+    Returns:
+        The boosted encoder, mapping pixels (N, C, H, W) to features (N, ..., D); ``encoder`` itself when
+        ``booster`` is None.
+
+    Raises:
+        ValueError: sigma out of range, or a booster without ``check_compatible`` or without either
+            stage; on the first call, a booster trained for another feature size or sigma range.
     """
     sigma = check_sigma(sigma)
     if booster is None:

@@ -363,14 +363,39 @@ def from_pretrained(
     return_processor: bool = False,
     **model_kwargs: Any,
 ) -> Any:
-    """Load a patched model saved by :func:`save_pretrained`: the model, or (model, processor).
+    """Load a patched model saved by ``save_pretrained`` (or ``push_to_hub``).
 
-    ``repo_id_or_folder``: a local folder, or a Hub repo id (resolved in the HF cache when offline).
-    ``revision`` is the revision of that repo; the base model it references is loaded at the revision
-    saved in fs_config.json. ``device_map``, ``dtype``, ``quantization_config`` and other keyword
-    arguments go to the Auto class (``model_class``, default ``AutoModelForImageTextToText``, ``AutoModel``
-    for dual encoders), always with ``use_safetensors=True``. An untested transformers is refused
-    before any weights load (see :mod:`fs_mllm.compat`).
+    The base model comes from the folder's own weights, or from the Hub repo id and revision that
+    fs_config.json references, through a transformers Auto class with safetensors only (``trust_remote_code``
+    is never set for you); it is then patched with the saved FSConfig, mean/std and booster.
+
+    Args:
+        repo_id_or_folder: a local folder holding fs_config.json, or a Hub repo id (resolved from the HF
+            cache when offline, e.g. with ``HF_HUB_OFFLINE=1``).
+        revision: the revision of ``repo_id_or_folder`` when it is a repo id; the base model it
+            references loads at the revision saved in fs_config.json.
+        cache_dir: the HF cache folder (default: huggingface_hub's).
+        local_files_only: read the HF cache only (None: huggingface_hub's default, but True for the embedded
+            fs-mllm/fs-mini-llava, which exists only in the cache).
+        token: Hub token (None: the saved login; False: none).
+        device_map: passed to the Auto class (accelerate placement, e.g. "auto").
+        dtype: passed to the Auto class (e.g. torch.bfloat16).
+        quantization_config: passed to the Auto class (e.g. a BitsAndBytesConfig for the language model).
+        model_class: the transformers class that loads the base (default ``AutoModelForImageTextToText``,
+            ``AutoModel`` for dual encoders).
+        return_processor: also load the processor (the folder's own files, else the base model's).
+        **model_kwargs: further keyword arguments for ``model_class.from_pretrained``.
+
+    Returns:
+        The patched model, or ``(model, processor)`` with ``return_processor=True``.
+
+    Raises:
+        RuntimeError: the installed transformers is outside the tested range (checked before any
+            weights load; see ``fs_mllm.compat``).
+        FileNotFoundError: not a folder with fs_config.json, or a repo that cannot be fetched (or is not
+            in the HF cache when offline).
+        ValueError: an invalid repo id; a damaged fs_config.json or one written by a newer fs_mllm; a base
+            model of another family; a saved booster that does not fit the model.
     """
     check_transformers_version()
     model, processor, folder, record = load_base(
@@ -430,12 +455,39 @@ def save_pretrained(
     license: Optional[str] = None,
     repo_id: Optional[str] = None,
 ) -> Path:
-    """Save a patched model PEFT-style: fs_config.json, booster, processor files and model card README.md.
+    """Save a patched model the way PEFT saves an adapter: settings, booster, processor and model card.
 
-    The base model is referenced by Hub repo id (``base_model``, default ``model.name_or_path``) and
-    ``revision`` (default: the commit it was loaded from, when the HF cache knows it), or its weights
-    are saved too with ``include_weights=True`` (models that are not on the Hub). ``results`` are
-    measured figures for the card (see :func:`render_card`). Returns the folder.
+    Writes fs_config.json (the FSConfig, the processor mean/std, the family, a format version and the
+    base model reference), gsb.safetensors + gsb_config.json when there is a booster, the processor's
+    files and a model card README.md; fs_config.json is written last, so a folder holding it is complete.
+    The base weights are referenced, not copied, unless ``include_weights=True``.
+
+    Args:
+        model: a patched model (see ``fs_mllm.patch_model``).
+        save_directory: the folder to write (created if missing).
+        processor: the model's processor, saved beside (so ``from_pretrained`` can return it).
+        base_model: the Hub repo id the base weights load from (default ``model.name_or_path``, which
+            must then be a repo id, not a local folder); with ``include_weights``, optional provenance.
+        revision: the base model's commit (default: the one the HF cache holds for it, when it knows;
+            otherwise unpinned, with a warning).
+        include_weights: save the base weights (safetensors) in the folder instead of referencing them,
+            for models that are not on the Hub; a PEFT-wrapped model must be merged first.
+        results: measured figures for the model card: ``certified_fcsb`` {l2 radius in [0,1] pixel space:
+            mean certified FCSB}, ``attacks`` (a list of {column: value} rows) and provenance (``images``,
+            ``dataset``, ``n``, ``alpha``, ``command``).
+        name: the card's title (default ``repo_id``, else the folder's name).
+        description: a paragraph for the card.
+        license: the card's licence identifier (e.g. "apache-2.0").
+        repo_id: the Hub repo the card names in its loading example.
+
+    Returns:
+        The folder, as a Path.
+
+    Raises:
+        ValueError: the model is not patched; ``save_directory`` is a file; a booster without
+            ``save_pretrained``; ``include_weights`` on a PEFT-wrapped model; no Hub repo id for the base
+            model, or an invalid one; ``results`` with unknown keys or invalid figures.
+        FileNotFoundError: the model card template is missing (fs_mllm installed without model_cards/).
     """
     from .adapters.base import unwrap_model
     from .patching import get_fs_state
@@ -595,8 +647,34 @@ def push_to_hub(
     create_pr: bool = False,
     **save_kwargs: Any,
 ) -> Any:
-    """Save the patched model (:func:`save_pretrained` options in ``save_kwargs``) and upload it to ``repo_id``
-    in one commit: ``HfApi.create_repo(exist_ok=True)`` then ``HfApi.upload_folder``. Returns the CommitInfo."""
+    """Save the patched model and upload it to a Hub repo in one commit.
+
+    Saves with ``save_pretrained`` into a temporary folder, then ``HfApi.create_repo(exist_ok=True)``
+    and ``HfApi.upload_folder``.
+
+    Args:
+        model: a patched model.
+        repo_id: the Hub repo, "org/name".
+        private: visibility of a repo this call creates (None: the Hub's default; an existing repo keeps
+            its own).
+        commit_message: default "Upload model patched with fs_mllm <version> (sigma=<sigma>)".
+        token: Hub token (None: the saved login).
+        endpoint: the Hub endpoint (None: huggingface_hub's default).
+        revision: the branch to commit to (None: the default branch).
+        create_pr: open a pull request with the upload instead of committing to the branch.
+        **save_kwargs: ``save_pretrained`` options (``processor``, ``base_model``, ``include_weights``,
+            ``results``, ``name``, ``description``, ``license``); ``revision`` is taken by this function
+            (the branch), so the base model's revision is the one ``save_pretrained`` finds itself.
+
+    Returns:
+        The ``huggingface_hub.CommitInfo`` of the upload.
+
+    Raises:
+        ValueError: an invalid ``repo_id``, or what ``save_pretrained`` refuses.
+        FileNotFoundError: the model card template is missing (as ``save_pretrained``).
+        OSError: ``HF_HUB_OFFLINE=1`` is set, or creating the repo or uploading failed (the message names
+            the step and the endpoint).
+    """
     from huggingface_hub import HfApi, constants
 
     _check_repo_id(repo_id, "repo_id")

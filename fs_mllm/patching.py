@@ -117,7 +117,17 @@ def _install(owner: nn.Module, name: str, wrapper_cls: type, hf_model: nn.Module
 # ---------------------------------------------------------------------------------------------
 
 def is_patched(model: nn.Module) -> bool:
-    """True when ``model`` (or the transformers model under its PEFT wrapper) carries the fs_mllm patch."""
+    """Whether ``model`` carries the fs_mllm patch (see ``patch_model``).
+
+    Args:
+        model: a transformers model, or a PEFT wrapper of one (the model under it is checked).
+
+    Returns:
+        True when its image-feature function is the smoothed one.
+
+    Raises:
+        ValueError: ``model`` is not a torch.nn.Module.
+    """
     hf_model = unwrap_model(model)
     state = hf_model.__dict__.get(_STATE_ATTR)
     if state is None:
@@ -127,7 +137,22 @@ def is_patched(model: nn.Module) -> bool:
 
 
 def get_fs_state(model: nn.Module) -> FSState:
-    """The FSState of a patched model (config, adapter, mean/std, booster); ValueError if unpatched."""
+    """The state of a patched model's smoothing, which the patch reads at every call.
+
+    To change the settings, call ``patch_model`` again (it re-checks the booster).
+
+    Args:
+        model: a patched model, or a PEFT wrapper of one.
+
+    Returns:
+        Its ``FSState``: ``config`` (the FSConfig), ``adapter`` (the family adapter), ``image_mean`` and
+        ``image_std`` (the processor's per-channel normalisation, float32 tensors of shape (3,), through
+        which sigma in [0,1] pixel space becomes sigma / std_c in the normalised space) and ``booster``
+        (or None).
+
+    Raises:
+        ValueError: the model is not patched, or not a torch.nn.Module.
+    """
     if not is_patched(model):
         raise ValueError("model is not patched; call fs_mllm.patch_model(model, sigma=...) first")
     return unwrap_model(model).__dict__[_STATE_ATTR]
@@ -157,15 +182,47 @@ def patch_model(
     image_std: Optional[Sequence[float]] = None,
     **overrides: Any,
 ) -> nn.Module:
-    """Swap the model's image features for feature-space smoothed ones, in place; returns ``model``.
+    """Swap the model's image features for feature-space smoothed ones, in place.
 
-    ``config``: an FSConfig (default ``FSConfig()``, the one set of defaults), or a folder / Hub repo id
-    saved by ``fs_mllm.save_pretrained`` (then the settings, mean/std and booster all come from its
-    fs_config.json, and the model's family must match). ``overrides`` are FSConfig fields as sugar:
-    ``patch_model(model, sigma=0.5, n_samples=16)``. Patching an already patched model re-configures
-    it (never wraps twice). mean/std come from ``image_mean``/``image_std``, else ``processor``, else
-    the saved preprocessor config, else the family default (with a warning). ``booster`` follows
-    fs_mllm.adapters.base.Booster.
+    The model's image-feature function (``get_image_features`` on the inner model, the one ``generate()``
+    calls before prefill) is wrapped on the instance: each image is replaced by ``n_samples`` Gaussian
+    copies (std sigma in [0,1] pixel space, i.e. sigma / std_c per channel in the processor's normalised
+    space), optionally denoised and mapped by ``booster``, and the decoder receives the direction of the
+    mean of their unit features at the features' scale. ``forward`` and ``generate`` are untouched, the
+    vision path runs once per prefill, and ``unpatch_model`` restores the original exactly. Patching
+    a patched model re-configures it (it never wraps twice). mean/std come from ``image_mean``/``image_std``,
+    else ``processor``, else the preprocessor config saved with the model, else the family default (with
+    a warning naming the values).
+
+    Args:
+        model: a transformers multimodal model of a supported family (see the Patching page), or a PEFT
+            wrapper of one.
+        config: an FSConfig (default ``FSConfig()``); or a folder / Hub repo id written by
+            ``fs_mllm.save_pretrained``: then the settings, mean/std and booster all come from its
+            fs_config.json (the model's family must match) and no other argument may be given.
+        booster: None, or an object following the booster protocol (``check_compatible(feature_dim,
+            sigma)`` and ``denoise(pixels01, sigma)`` and/or ``map_features(features, sigma)``), such as
+            ``fs_mllm.GaussianSmoothnessBooster``; checked against the model's feature size and sigma.
+        processor: the model's processor or image processor, read for its image_mean/image_std.
+        image_mean: the processor's per-channel mean (3 floats); given with ``image_std``, it wins over
+            ``processor``.
+        image_std: the processor's per-channel std (3 positive floats).
+        **overrides: FSConfig fields applied on top of ``config``, e.g.
+            ``patch_model(model, sigma=0.5, n_samples=16)``.
+
+    Returns:
+        ``model`` itself, patched.
+
+    Raises:
+        ValueError: ``model`` is not a torch.nn.Module or of an unsupported family; ``config`` is of
+            another type, or a saved folder together with other settings; an unknown or out-of-range
+            setting; mean/std that are not 3 finite values (std > 0) or only one of them; a booster
+            without the protocol or trained for another feature size or sigma range; ``smooth_video``
+            for a family whose videos cannot be smoothed; a damaged or mismatched saved fs_config.json.
+        FileNotFoundError: ``config`` names a folder without fs_config.json, or a Hub repo that cannot
+            be fetched (or is not in the HF cache when offline).
+        RuntimeError: the installed transformers is outside the tested range (unless
+            ``FS_MLLM_UNTESTED_TRANSFORMERS=1``).
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module (a transformers multimodal model), got {type(model).__name__}")
@@ -221,7 +278,17 @@ def patch_model(
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
-    """Remove the patch: the original image-feature function comes back exactly; returns ``model``."""
+    """Remove the patch: the original image-feature function comes back exactly.
+
+    Args:
+        model: a patched model (or a PEFT wrapper of one); an unpatched model is returned unchanged.
+
+    Returns:
+        ``model`` itself, unpatched.
+
+    Raises:
+        ValueError: ``model`` is not a torch.nn.Module.
+    """
     hf_model = unwrap_model(model)
     if not is_patched(hf_model):
         return model

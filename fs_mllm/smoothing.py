@@ -301,15 +301,27 @@ def rescale_direction(mean_unit: torch.Tensor, mean_norm: torch.Tensor, normaliz
 
 
 def smooth_features(encoder: Encoder, images: torch.Tensor, config: Optional[FSConfig] = None) -> torch.Tensor:
-    """Smoothed features of a batch of [0,1] images for any ``encoder(images) -> features``.
+    """Feature-space smoothed features of a batch of [0,1] images, for any encoder.
 
-    Returns the direction of the Monte-Carlo mean of unit-normalised features over
-    ``config.n_samples`` Gaussian copies (std ``config.sigma``), rescaled to the mean feature norm,
-    in the encoder's output dtype.
+    The direction of the Monte-Carlo estimate of F(x) = E_e f(x + e), f the unit-normalised features
+    (per image, or per token with ``normalize="token"``), over ``config.n_samples`` Gaussian copies of
+    each image (not clamped), rescaled to the mean feature norm over the copies: what a patched model's
+    decoder receives. Runs under ``torch.inference_mode`` (no gradients).
 
-    images: float tensor (B, ...) of [0,1] pixels, batch first; returns features of the encoder's output
-    shape (B, ...). ``config.sigma`` is the noise std in [0,1] pixel space. Raises ValueError for a config
-    that is not an FSConfig and for non-tensor, non-float, empty, non-finite or out-of-[0,1] images.
+    Args:
+        encoder: any callable mapping a batch (b, ...) of [0,1] pixels to features (b, ...); it is called
+            on chunks of noisy copies.
+        images: float tensor (B, ...) of [0,1] pixels, batch first.
+        config: an FSConfig (default ``FSConfig()``): ``sigma`` (noise std in [0,1] pixel space),
+            ``n_samples``, ``seed``, ``chunk_size`` and ``normalize`` are used.
+
+    Returns:
+        Smoothed features of the encoder's output shape (B, ...) and dtype.
+
+    Raises:
+        ValueError: a config that is not an FSConfig; images that are not a tensor, have no batch
+            dimension, are not floating point, are empty, not finite or outside [0, 1]; or an encoder
+            that returns all-zero or non-finite features.
     """
     if config is None:
         config = FSConfig()

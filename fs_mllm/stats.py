@@ -51,14 +51,24 @@ def _finish(result):
 
 
 def fcsb(score: ArrayLike, radius: ArrayLike, sigma: float) -> ArrayLike:
-    """Feature Cosine Similarity Bound: 2*Phi(Phi^-1(score) - radius/sigma) - 1, or -1.0 (no guarantee) where negative.
+    """Feature Cosine Similarity Bound: 2 Phi(Phi^-1(score) - radius/sigma) - 1, or -1.0 (no guarantee) where negative.
 
-    For every x' with ||x' - x||_2 <= radius, cos(F(x'), F(x)) >= fcsb(S(x), radius, sigma).
+    For every x' with ||x' - x||_2 <= radius, cos(F(x'), F(x)) >= fcsb(S(x), radius, sigma), F the smoothed
+    encoder; given a (1 - alpha) lower confidence bound on S(x) as ``score``, this holds with probability
+    >= 1 - alpha. Below 0 the argument bounds no cosine, hence -1.0.
 
-    score: S(x) (or its lower bound) in [0, 1], scalar or array; radius: l2 distance(s) in [0,1] pixel
-    space, >= 0, broadcast with score; sigma: noise std in the same space, in (0, 10]. Returns a float or
-    an array of the broadcast shape. Raises ValueError for a score outside [0, 1], a negative or
-    non-finite radius, or sigma out of range.
+    Args:
+        score: the robustness score S(x) or its lower bound, in [0, 1]: a float, or an array or tensor of
+            any shape.
+        radius: l2 distance(s) in [0,1] pixel space, >= 0: a float, array or tensor broadcast with ``score``.
+        sigma: Gaussian noise std in [0,1] pixel space, in (0, 10].
+
+    Returns:
+        The bound, in [0, 1] or -1.0: a float for scalar inputs, else an array of the broadcast shape (a
+        float64 tensor when an input is a tensor).
+
+    Raises:
+        ValueError: a score outside [0, 1] or not finite, a negative or non-finite radius, or sigma out of range.
     """
     sigma = check_sigma(sigma)
     s = _as_values(score, "score")
@@ -80,13 +90,22 @@ def fcsb(score: ArrayLike, radius: ArrayLike, sigma: float) -> ArrayLike:
 
 
 def certified_radius(score: ArrayLike, sigma: float, threshold: float = 0.0) -> ArrayLike:
-    """Largest l2 radius at which the FCSB still guarantees a cosine of at least ``threshold`` (in [0, 1)).
+    """Largest l2 radius at which the FCSB still guarantees a cosine of at least ``threshold``.
 
     R = sigma * (Phi^-1(score) - Phi^-1((1 + threshold) / 2)), 0.0 where negative.
 
-    score: S(x) (or its lower bound) in [0, 1], scalar or array; sigma: noise std in [0,1] pixel space, in
-    (0, 10]. Returns the radius (l2, [0,1] pixel units) with the shape of ``score``. Raises ValueError for
-    a score outside [0, 1], a threshold outside [0, 1), or sigma out of range.
+    Args:
+        score: the robustness score S(x) or its lower bound, in [0, 1]: a float, or an array or tensor of
+            any shape.
+        sigma: Gaussian noise std in [0,1] pixel space, in (0, 10].
+        threshold: the cosine similarity to guarantee, in [0, 1) (0: the features stay within 90 degrees).
+
+    Returns:
+        The radius, l2 in [0,1] pixel space, >= 0 (inf where score is 1): a float for a scalar score, else
+        the shape of ``score`` (a float64 tensor for a tensor).
+
+    Raises:
+        ValueError: a score outside [0, 1] or not finite, a threshold outside [0, 1), or sigma out of range.
     """
     sigma = check_sigma(sigma)
     threshold = float(threshold)
@@ -106,19 +125,33 @@ def certified_radius(score: ArrayLike, sigma: float, threshold: float = 0.0) -> 
 def score_lower_bound(samples: ArrayLike, alpha: float, method: str = "bernstein") -> ArrayLike:
     """One-sided (1 - alpha) lower confidence bound on the mean of i.i.d. samples in [0, 1].
 
-    Samples lie along the last axis; leading axes are independent problems (one bound each).
-    hoeffding: mean - sqrt(ln(1/alpha) / (2n)).
-    bernstein: empirical Bernstein (Maurer & Pontil 2009, Thm 4),
-        mean - sqrt(2 V ln(2/alpha) / n) - 7 ln(2/alpha) / (3 (n - 1)), V the unbiased sample variance.
-    betting: a one-sided betting confidence sequence (Waudby-Smith & Ramdas 2023) with predictable
-        plug-in bets that do not depend on the tested mean, so the rejected set is an interval and a
-        bisection finds its end; valid by Ville's inequality.
-    betting_fixed: the same test with bets tuned to the sample size n fixed in advance (Waudby-Smith &
-        Ramdas 2023, sec. 5: lam_t = sqrt(2 ln(1/alpha) / (n var_{t-1}))) and capped at 0.99 / m for
-        the tested mean m (so 1 + lam (x - m) >= 0.01 for every x in [0, 1]): a confidence interval for
-        this n rather than a sequence valid at every n, tighter at that n. Each factor of the capital
-        still falls with m, so the rejected set is an interval; valid by Ville's inequality at the true m.
-    The result is clipped to [0, 1].
+    ``method`` picks the bound:
+
+    - hoeffding: mean - sqrt(ln(1/alpha) / (2n)).
+    - bernstein: empirical Bernstein (Maurer & Pontil 2009, Thm 4),
+      mean - sqrt(2 V ln(2/alpha) / n) - 7 ln(2/alpha) / (3 (n - 1)), V the unbiased sample variance.
+    - betting: a one-sided betting confidence sequence (Waudby-Smith & Ramdas 2023) with predictable
+      plug-in bets that do not depend on the tested mean, so the rejected set is an interval and a
+      bisection finds its end; valid by Ville's inequality.
+    - betting_fixed: the same test with bets tuned to the sample size n fixed in advance (Waudby-Smith &
+      Ramdas 2023, sec. 5: lam_t = sqrt(2 ln(1/alpha) / (n var_{t-1}))) and capped at 0.99 / m for
+      the tested mean m (so 1 + lam (x - m) >= 0.01 for every x in [0, 1]): a confidence interval for
+      this n rather than a sequence valid at every n, tighter at that n. Each factor of the capital
+      still falls with m, so the rejected set is an interval; valid by Ville's inequality at the true m.
+
+    Args:
+        samples: scores in [0, 1], shape (..., n) with n >= 2 along the last axis; leading axes are
+            independent problems (one bound each). A sequence, array or tensor.
+        alpha: failure probability, in (0, 1).
+        method: "hoeffding", "bernstein", "betting" or "betting_fixed".
+
+    Returns:
+        The bound(s), clipped to [0, 1], of shape (...) (``samples`` less its last axis): a float for 1-D
+        samples, else an array, or a float64 tensor for tensor samples.
+
+    Raises:
+        ValueError: scalar samples, fewer than 2 along the last axis, values outside [0, 1] or not
+            finite, alpha outside (0, 1), or an unknown method.
     """
     alpha = check_alpha(alpha)
     check_choice(method, "method", BOUND_METHODS)
@@ -206,10 +239,20 @@ def _betting_lower_bound(x: np.ndarray, alpha: float, iterations: int = 50, fixe
 def clopper_pearson_lower(successes: Union[int, np.ndarray], trials: Union[int, np.ndarray], alpha: float) -> Union[float, np.ndarray]:
     """One-sided (1 - alpha) Clopper-Pearson lower confidence bound on a binomial success probability.
 
-    ``successes`` k out of ``trials`` n independent Bernoulli(p) draws: P(p >= bound) >= 1 - alpha, with
-    bound = Beta(alpha; k, n - k + 1) quantile (scipy.stats.beta.ppf), and 0.0 for k = 0. Exact (never
-    anti-conservative) for every p; Cohen et al. 2019's ``LowerConfBound``. Integers or integer arrays
-    (broadcast); returns a float for scalars, else a float64 array. ValueError unless 0 <= k <= n, n >= 1.
+    For k successes in n independent Bernoulli(p) draws, P(p >= bound) >= 1 - alpha with bound the
+    alpha-quantile of Beta(k, n - k + 1) (scipy.stats.beta.ppf), 0.0 for k = 0: exact (never
+    anti-conservative) for every p; Cohen et al. 2019's ``LowerConfBound``.
+
+    Args:
+        successes: k, an integer or integer array (any shape, broadcast with ``trials``), 0 <= k <= n.
+        trials: n, an integer or integer array (any shape, broadcast with ``successes``), >= 1.
+        alpha: failure probability, in (0, 1).
+
+    Returns:
+        The bound in [0, 1]: a float for scalar counts, else a float64 array of the broadcast shape.
+
+    Raises:
+        ValueError: counts that are not integers (bools included), k < 0, k > n, n < 1, or alpha outside (0, 1).
     """
     from scipy.stats import beta
 
