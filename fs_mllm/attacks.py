@@ -71,7 +71,7 @@ PROTOCOLS = ("adaptive", "transfer")
 SURROGATES = ("model", "dinov2")  # "model": the undefended model's own image path
 # AttackConfig fields added after settings were first stored (results folders, checkpoints), which the
 # settings classes carry under the same names; at these values they run the attack those runs ran
-ADDED_FIELDS = {"crop_views": 1, "crop_full_view": False}
+ADDED_FIELDS = {"crop_views": 1, "crop_full_view": False, "adaptive_examples": None}
 
 
 def without_added_defaults(settings: dict) -> dict:

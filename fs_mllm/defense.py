@@ -103,6 +103,7 @@ class DefenseSettings:
     seed: int = 0
     noise_linf: Optional[tuple[float, ...]] = None  # the random-noise control's budgets; None: the transfer budgets
     attack_batch_size: int = 8  # images per adaptive attack call: memory holds their graphs through the language model
+    adaptive_examples: Optional[int] = None  # the first this many attack items get the adaptive attack; None: all
 
     def __post_init__(self) -> None:
         self.variants = check_variants(self.variants)
@@ -116,6 +117,9 @@ class DefenseSettings:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if isinstance(self.certify_images, bool) or not isinstance(self.certify_images, int) or self.certify_images < 0:
             raise ValueError(f"certify_images must be an integer >= 0, got {self.certify_images!r}")
+        if self.adaptive_examples is not None and (isinstance(self.adaptive_examples, bool)
+                                                   or not isinstance(self.adaptive_examples, int) or self.adaptive_examples < 1):
+            raise ValueError(f"adaptive_examples must be an integer >= 1 or None (every attack item), got {self.adaptive_examples!r}")
         # the attacks' own parameters, then every budget, through AttackConfig's checks before any model work
         self._transfer_config(1 / 255)
         self._adaptive_config("l2", 0.5)
@@ -226,6 +230,11 @@ def _processor_identity(processor: Any) -> Optional[str]:
 # the settings the crafted transfer images depend on; the rest (the smoothing, the variants, the other
 # protocols) only change how they are replayed
 _CRAFTING_FIELDS = ("seed", "transfer_steps", "transfer_step_size", "crop_scale", "crop_views", "crop_full_view", "surrogates")
+# the settings an adaptive attack's images depend on besides the variant (and, for fs+gsb, the booster): the
+# smoothing it attacks through, the attack itself and which items it attacks in which batches
+_ADAPTIVE_FIELDS = ("fs", "seed", "adaptive_steps", "eot_samples", "adaptive_objective", "attack_batch_size",
+                    "adaptive_examples")
+_BOOSTER_KEY = "booster"  # safetensors metadata of a kept fs+gsb adaptive batch: the booster it was crafted through
 
 
 def _identity(settings: DefenseSettings, clean_items: Sequence[EvalItem], attack_items: Sequence[EvalItem],
@@ -241,63 +250,78 @@ def _identity(settings: DefenseSettings, clean_items: Sequence[EvalItem], attack
             "fs_mllm_version": __version__, "device_type": torch.device(device).type}
 
 
-def _crafting_identity(identity: Any) -> dict[str, Any]:
-    """The part of a checkpoint identity that fixes its crafted transfer images (no clean questions, no smoothing)."""
+def _replay_identity(identity: Any, fields: Sequence[str]) -> dict[str, Any]:
+    """The part of a checkpoint identity that fixes its crafted images of one kind: no clean questions, and of
+    the settings only ``fields`` (``_CRAFTING_FIELDS`` for transfer, ``_ADAPTIVE_FIELDS`` for adaptive)."""
     identity = identity if isinstance(identity, dict) else {}
     stored = identity.get("settings") if isinstance(identity.get("settings"), dict) else {}
-    crafting = {k: v for k, v in stored.items() if k in _CRAFTING_FIELDS}
+    chosen = {k: v for k, v in stored.items() if k in fields}
     return {**{k: v for k, v in identity.items() if k not in ("settings", "clean_items")},
-            "settings": without_added_defaults(crafting)}
+            "settings": without_added_defaults(chosen)}
 
 
-class _TransferSource:
-    """Another run's checkpoint whose crafted transfer images this run replays instead of crafting them again,
-    checked first to have crafted them as this run would: the same model and processor, attack images (with
-    their targets, questions and prompts), crafting settings (seed, steps, step size, crops, surrogates),
-    package version and device type. Its smoothing, variants and clean questions may differ: that is what
-    reusing them is for (e.g. another n0). Read only; its settings are checked again before each file is read,
-    so a folder claimed afresh by another run meanwhile is never mixed in."""
+class _ReplaySource:
+    """Another run's checkpoint whose crafted images this run replays instead of crafting them again, checked
+    first to have crafted them as this run would: the same model and processor, attack images (with their
+    targets, questions and prompts), package version and device type, and the settings those images depend
+    on. ``kind`` "transfer": the crafting settings (seed, steps, step size, crops, surrogates); its smoothing,
+    variants and clean questions may differ (that is what reusing them is for, e.g. another n0). ``kind``
+    "adaptive": the images each variant's adaptive attack kept (``keep_adaptive_images``), which depend on the
+    smoothing attacked through and the attack's settings (``_ADAPTIVE_FIELDS``), and for fs+gsb on the booster
+    (its fingerprint, kept with each file, is checked when the file is read). Read only; its settings are
+    checked again before each file is read, so a folder claimed afresh by another run meanwhile is never mixed in."""
 
     def __init__(self, folder: str | os.PathLike, settings: DefenseSettings, attack_items: Sequence[EvalItem],
-                 model: nn.Module, processor: Any = None) -> None:
+                 model: nn.Module, processor: Any = None, kind: str = "transfer") -> None:
         from .evaluation.results import SETTINGS_FILE, SettingsMismatchError, describe_changes
 
+        self.kind = kind
+        self.label = f"{kind}_images"
+        fields = {"transfer": _CRAFTING_FIELDS, "adaptive": _ADAPTIVE_FIELDS}[kind]
         self.folder = Path(folder)
         self.settings_path = self.folder / SETTINGS_FILE
         if not self.settings_path.is_file():
-            raise SettingsMismatchError(f"transfer_images must be a defense checkpoint folder (one holding {SETTINGS_FILE}), "
+            raise SettingsMismatchError(f"{self.label} must be a defense checkpoint folder (one holding {SETTINGS_FILE}), "
                                         f"got {str(self.folder)!r}")
         self.claimed = self.settings_path.read_bytes()
         try:
             stored = json.loads(self.claimed)
         except ValueError as error:
-            raise SettingsMismatchError(f"transfer_images {str(self.folder)!r}: cannot read {SETTINGS_FILE} ({error})") from None
+            raise SettingsMismatchError(f"{self.label} {str(self.folder)!r}: cannot read {SETTINGS_FILE} ({error})") from None
         device = str(next(model.parameters()).device)
-        current = _crafting_identity(_identity(settings, (), attack_items, model, processor, device))
-        changed = describe_changes(_crafting_identity(stored), current)
+        current = _replay_identity(_identity(settings, (), attack_items, model, processor, device), fields)
+        changed = describe_changes(_replay_identity(stored, fields), current)
         if changed:
             raise SettingsMismatchError(
-                f"transfer_images {str(self.folder)!r} crafted its images otherwise ({'; '.join(changed)}); craft them in "
-                "this run (leave transfer_images out), or name a folder crafted with these settings")
+                f"{self.label} {str(self.folder)!r} crafted its images otherwise ({'; '.join(changed)}); craft them in "
+                f"this run (leave {self.label} out), or name a folder crafted with these settings")
 
-    def read(self, name: str, like: torch.Tensor) -> Optional[torch.Tensor]:
-        """The crafted images saved as ``name`` (on ``like``'s device), or None if the folder has none."""
-        from safetensors.torch import load_file
+    def read(self, name: str, like: torch.Tensor, booster: Optional[str] = None) -> Optional[dict[str, torch.Tensor]]:
+        """The tensors saved as ``name`` ("adv" on ``like``'s device), or None if the folder has none; for an
+        fs+gsb adaptive file, ``booster`` is the fingerprint of the booster this run attacks through."""
+        from safetensors import safe_open
 
         path = self.folder / name
         if not path.is_file():
             return None
         if not self.settings_path.is_file() or self.settings_path.read_bytes() != self.claimed:
-            raise ValueError(f"transfer_images {str(self.folder)!r} was claimed by another run since it was checked; "
+            raise ValueError(f"{self.label} {str(self.folder)!r} was claimed by another run since it was checked; "
                              "name a folder no run is writing to")
         try:
-            adv = load_file(str(path))["adv"]
+            with safe_open(str(path), framework="pt") as handle:
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+                metadata = handle.metadata() or {}
+            adv = tensors["adv"]
         except Exception as error:
-            raise ValueError(f"transfer_images file {path} is unreadable ({error}); name another folder") from None
+            raise ValueError(f"{self.label} file {path} is unreadable ({error}); name another folder") from None
+        if booster is not None and metadata.get(_BOOSTER_KEY) != booster:
+            raise ValueError(f"{self.label} file {path} was crafted through another booster "
+                             f"({metadata.get(_BOOSTER_KEY)}, this run's is {booster}); name a folder crafted through "
+                             "this booster, or leave adaptive_images out")
         if adv.shape != like.shape:
-            raise ValueError(f"transfer_images file {path} holds images of shape {tuple(adv.shape)}, "
+            raise ValueError(f"{self.label} file {path} holds images of shape {tuple(adv.shape)}, "
                              f"the attack images are {tuple(like.shape)}; name another folder")
-        return adv.to(like.device)
+        return {**tensors, "adv": adv.to(like.device)}
 
 
 class DefenseCheckpoint:
@@ -367,8 +391,10 @@ class DefenseCheckpoint:
         self.done[tuple(key)] = {"key": list(key), **row}
         return self.get(key)
 
-    def tensors(self, name: str, make: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """The tensors saved as ``name`` (crafted images): read back, or made now and saved (durably) before use."""
+    def tensors(self, name: str, make: Callable[[], dict[str, torch.Tensor]],
+                metadata: Optional[dict[str, str]] = None) -> dict[str, torch.Tensor]:
+        """The tensors saved as ``name`` (crafted images): read back, or made now and saved (durably) before use,
+        with ``metadata`` (safetensors string metadata, e.g. the booster an adaptive batch was crafted through)."""
         from safetensors.torch import load_file, save_file
 
         from .evaluation.results import ResultsFolderError, durable_replace
@@ -382,7 +408,7 @@ class DefenseCheckpoint:
                                          "(the images are crafted again, identically)") from None
         made = make()
         temporary = path.with_suffix(".tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in made.items()}, str(temporary))
+        save_file({k: v.detach().contiguous().cpu() for k, v in made.items()}, str(temporary), metadata=metadata)
         durable_replace(temporary, path)
         return made
 
@@ -401,23 +427,34 @@ def _row_key(variant: str, protocol: str, norm: str, eps: float) -> tuple:
 def evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[EvalItem], attack_items: Sequence[EvalItem],
                      settings: DefenseSettings, booster: Any = None, progress: bool = True,
                      checkpoint: Optional[str | os.PathLike] = None,
-                     transfer_images: Optional[str | os.PathLike] = None) -> list[dict[str, Any]]:
+                     transfer_images: Optional[str | os.PathLike] = None,
+                     adaptive_images: Optional[str | os.PathLike] = None,
+                     keep_adaptive_images: bool = False) -> list[dict[str, Any]]:
     """Rows of the defense table (see the module doc); ``clean_items`` give clean accuracy, ``attack_items``
     are attacked (one question per image) under every budget of both protocols, and replayed with the noise
     control. With ``checkpoint`` (a folder, :class:`DefenseCheckpoint`) the run is resumable: rerun with the
     same folder to go on. ``transfer_images`` names another run's checkpoint whose crafted images are replayed
-    where it has them, instead of crafting them again (checked first, :class:`_TransferSource`)."""
+    where it has them, instead of crafting them again (checked first, :class:`_ReplaySource`);
+    ``adaptive_images`` likewise names a checkpoint whose adaptive attacks kept their images
+    (``keep_adaptive_images=True``: a checkpoint then keeps each adaptive batch instead of deleting it once its
+    row is written), replayed for each variant and budget it has, after the same check plus the smoothing,
+    the adaptive attack's settings and, for fs+gsb, the booster. When ``clean_items`` are the attack items
+    (the same images, questions and prompts), clean accuracy reuses each variant's answers on them."""
     if not clean_items or not attack_items:
         raise ValueError("clean_items and attack_items must not be empty")
     if "fs+gsb" in settings.variants and booster is None:
         raise ValueError("variants include 'fs+gsb' but booster is None")
-    source = None if transfer_images is None else _TransferSource(transfer_images, settings, attack_items, model, processor)
+    if keep_adaptive_images and checkpoint is None:
+        raise ValueError("keep_adaptive_images keeps the adaptive attacks' images in the checkpoint; pass checkpoint= too")
+    sources = {kind: _ReplaySource(folder, settings, attack_items, model, processor, kind=kind)
+               for kind, folder in (("transfer", transfer_images), ("adaptive", adaptive_images)) if folder is not None}
     store = None
     if checkpoint is not None:
         device = str(next(model.parameters()).device)
         store = DefenseCheckpoint(checkpoint, settings, clean_items, attack_items, model, processor, booster, device)
     try:
-        return _evaluate_defense(model, processor, clean_items, attack_items, settings, booster, progress, store, source)
+        return _evaluate_defense(model, processor, clean_items, attack_items, settings, booster, progress, store,
+                                 sources, keep_adaptive_images)
     finally:
         if store is not None:
             store.close()
@@ -425,8 +462,13 @@ def evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Eva
 
 def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[EvalItem], attack_items: Sequence[EvalItem],
                       settings: DefenseSettings, booster: Any, progress: bool,
-                      store: Optional[DefenseCheckpoint], source: Optional[_TransferSource] = None) -> list[dict[str, Any]]:
+                      store: Optional[DefenseCheckpoint], sources: dict[str, _ReplaySource],
+                      keep_adaptive_images: bool) -> list[dict[str, Any]]:
     from .answers import answers_match as vqa_match
+
+    source, adaptive_source = sources.get("transfer"), sources.get("adaptive")
+    clean_is_attack = _fingerprint(clean_items) == _fingerprint(attack_items)
+    adaptive_count = len(attack_items) if settings.adaptive_examples is None else min(settings.adaptive_examples, len(attack_items))
 
     sigma = settings.fs.sigma
     attack_images = torch.stack([item.image for item in attack_items])
@@ -465,7 +507,7 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
         def craft(eps: float = eps, name: str = name) -> torch.Tensor:
             reused = None if source is None else source.read(name, attack_images)
             if reused is not None:
-                return reused
+                return reused["adv"]
             if source is not None and progress:
                 tqdm.write(f"transfer_images {source.folder} has no images for linf {eps:.4g}: crafting them")
             return attack(model, processor, attack_images, None, settings._transfer_config(eps), target_images=targets,
@@ -480,25 +522,32 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
     def adaptive_files(variant: str, norm: str, eps: float) -> list[tuple[int, str]]:
         """(first image, checkpoint file name) of each batch of one adaptive row."""
         return [(start, f"adaptive_{variant}_{norm}_{float(eps)!r}_from{start}.safetensors")
-                for start in range(0, len(attack_items), settings.attack_batch_size)]
+                for start in range(0, adaptive_count, settings.attack_batch_size)]
 
     def adaptive_attack(variant: str, norm: str, eps: float) -> tuple[torch.Tensor, list[float]]:
-        """The adaptive attack on the patched variant, ``attack_batch_size`` images per call; with a checkpoint
-        each finished batch is kept until its row is written, so a stop loses at most one batch."""
+        """The adaptive attack on the patched variant, ``attack_batch_size`` images per call (each batch replayed
+        from ``adaptive_images`` where it has it); with a checkpoint each finished batch is kept until its row is
+        written (or for good, with ``keep_adaptive_images``), so a stop loses at most one batch."""
         # untargeted: push the model away from the accepted answer (what accuracy counts)
         answers = [a[0] for a in attack_answers] if settings.adaptive_objective == "untargeted" else None
+        booster_id = module_fingerprint(booster) if variant == "fs+gsb" else None
+        metadata = {_BOOSTER_KEY: booster_id} if booster_id is not None else None
         batches = []
         files = adaptive_files(variant, norm, eps)
         for start, name in tqdm(files, desc=f"{variant} adaptive {norm} {eps:.4g}", leave=False,
                                 disable=not progress or len(files) < 2):
-            stop = start + settings.attack_batch_size
+            stop = min(start + settings.attack_batch_size, adaptive_count)
 
-            def run(start: int = start, stop: int = stop) -> dict[str, torch.Tensor]:
+            def run(start: int = start, stop: int = stop, name: str = name) -> dict[str, torch.Tensor]:
+                if adaptive_source is not None:
+                    reused = adaptive_source.read(name, attack_images[start:stop], booster=booster_id)
+                    if reused is not None:
+                        return {"adv": reused["adv"], "fcs": reused["fcs"]}
                 result = attack(model, processor, attack_images[start:stop], attack_prompts[start:stop] if answers else None,
                                 settings._adaptive_config(norm, eps), answers=answers[start:stop] if answers else None)
                 return {"adv": result.adv_images, "fcs": torch.tensor(result.fcs, dtype=torch.float64)}
 
-            batches.append(store.tensors(name, run) if store is not None else run())
+            batches.append(store.tensors(name, run, metadata) if store is not None else run())
         adv = torch.cat([batch["adv"].to(attack_images.device) for batch in batches])
         return adv, torch.cat([batch["fcs"] for batch in batches]).tolist()
 
@@ -512,6 +561,12 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
         bar = tqdm(total=len(keys), desc=variant, unit="row", disable=not progress)
         # the variant's answers on the clean attack images and on their targets, and its certificates
         state = saved(("state", variant, "", 0.0))
+        # the variant's answers for the target images, which only targeted success of a transfer row compares with
+        needs_targets = any(saved(key) is None for key, budget in zip(keys[1:], budgets) if budget[0] == "transfer")
+
+        def target_answers() -> list[str]:
+            return generate_text(model, processor, targets, attack_prompts, settings.max_new_tokens) if needs_targets else []
+
         if state is None:
             s_low: list[float] = []
             if variant != "base" and settings.certify_images:
@@ -521,15 +576,18 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
                 s_low = [c.score_lower for c in certificates]
             state = keep(("state", variant, "", 0.0), {
                 "clean_attack_out": generate_text(model, processor, attack_images, attack_prompts, settings.max_new_tokens),
-                "target_out": generate_text(model, processor, targets, attack_prompts, settings.max_new_tokens),
+                "target_out": target_answers(),
                 "s_low": s_low, "booster": module_fingerprint(booster) if variant == "fs+gsb" else None})
+        elif needs_targets and not state["target_out"]:  # a resumed run that adds the first transfer budget
+            state = keep(("state", variant, "", 0.0), {**state, "target_out": target_answers()})
 
         def certified(radius: float) -> dict[str, Any]:
             return certified_summary([float(fcsb(s, radius, sigma)) for s in state["s_low"]], radius)
 
         row = saved(keys[0])
         if row is None:
-            clean_out = generate_text(model, processor, clean_images, clean_prompts, settings.max_new_tokens)
+            clean_out = (state["clean_attack_out"] if clean_is_attack  # the same questions: the same answers
+                         else generate_text(model, processor, clean_images, clean_prompts, settings.max_new_tokens))
             clean_correct = [vqa_match(o, item.answers) for o, item in zip(clean_out, clean_items)]
             row = keep(keys[0], {"variant": variant, "protocol": "clean", "norm": "-", "eps": 0.0, "n": len(clean_items),
                                  "accuracy": _mean([float(c) for c in clean_correct]), "attack_success": None,
@@ -549,13 +607,14 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
                         fcs = feature_cosine(clean_features, image_features(model, adv, processor=processor)).tolist()
                 else:
                     adv, fcs = adaptive_attack(variant, norm, eps)
-                adv_out = generate_text(model, processor, adv, attack_prompts, settings.max_new_tokens)
-                metrics = answer_metrics(state["clean_attack_out"], adv_out, attack_answers,
+                count = adaptive_count if protocol == "adaptive" else len(attack_items)  # the first `count` items
+                adv_out = generate_text(model, processor, adv, attack_prompts[:count], settings.max_new_tokens)
+                metrics = answer_metrics(state["clean_attack_out"][:count], adv_out, attack_answers[:count],
                                          state["target_out"] if protocol == "transfer" else None)
                 radius = _l2_radius(norm, eps, attack_images[0])
                 row = keep(key, {"variant": variant, "protocol": protocol, "norm": norm, "eps": float(eps),
-                                 "n": len(attack_items), **metrics, "fcs": _mean(fcs), **certified(radius)})
-                if store is not None and protocol == "adaptive":
+                                 "n": count, **metrics, "fcs": _mean(fcs), **certified(radius)})
+                if store is not None and protocol == "adaptive" and not keep_adaptive_images:
                     for _, name in adaptive_files(variant, norm, eps):
                         store.forget(name)
             rows.append(row)

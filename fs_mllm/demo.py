@@ -5,9 +5,10 @@ Base / FS / FS+GSB on fs-mini-llava's own held-out task, clean; under the paper'
 random sign noise of the same size (the control an attack's success is read against); and under the
 adaptive white-box attack at an l2 budget inside the certified radius and one far beyond it.
 The transfer images are crafted once by the project (``fs_mllm/data/demo_transfer``: the one table's linf
-16/255 protocol, its command and fingerprints in its README) and replayed, so the time goes to answering
-more images; the adaptive attack runs live on the first few of them. Every figure is printed beside its
-count (``benchmarks/bench_defense.py`` is the full-size table).
+16/255 protocol, its command and fingerprints in its README) and replayed, and so are the adaptive attack's
+images on the first of them (``fs_mllm/data/demo_adaptive``, crafted through each variant's own smoothed
+path with the demo's settings), so the time goes to answering more images. Every figure is printed beside
+its count (``benchmarks/bench_defense.py`` is the full-size table).
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ SHIPPED_TRANSFER = Path(__file__).resolve().parent / "data" / "demo_transfer"
 images), replayed through :func:`fs_mllm.defense.evaluate_defense`'s ``transfer_images`` check."""
 SHIPPED_EXAMPLES = 32  # attacked images in SHIPPED_TRANSFER: the demo's default --examples
 SHIPPED_TRANSFER_STEPS = 300
+SHIPPED_ADAPTIVE = Path(__file__).resolve().parent / "data" / "demo_adaptive"
+"""The demo's pre-crafted adaptive images (:func:`make_shipped_adaptive`): replayed through
+:func:`fs_mllm.defense.evaluate_defense`'s ``adaptive_images`` check (the smoothing, the attack's settings, the
+booster), so any other setting attacks live."""
+SHIPPED_ADAPTIVE_EXAMPLES = 8
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,10 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--examples", type=positive_int, default=SHIPPED_EXAMPLES,
                         help=f"held-out synthetic images attacked by transfer and shown the noise control, one question "
                              f"each (default {SHIPPED_EXAMPLES}: the shipped transfer images; another count crafts them)")
-    parser.add_argument("--adaptive-examples", type=positive_int, default=4,
-                        help="the first of them attacked by the adaptive attack, live (default 4)")
-    parser.add_argument("--clean-images", type=positive_int, default=12,
-                        help="held-out synthetic images whose every question measures clean accuracy (default 12)")
+    parser.add_argument("--adaptive-examples", type=positive_int, default=SHIPPED_ADAPTIVE_EXAMPLES,
+                        help=f"the first of them attacked by the adaptive attack, and certified (default "
+                             f"{SHIPPED_ADAPTIVE_EXAMPLES}: the shipped adaptive images; other settings attack live)")
     parser.add_argument("--certify-n", type=sample_count, default=100,
                         help="Monte-Carlo samples per certificate, on the adaptive examples (default 100)")
     parser.add_argument("--transfer-steps", type=positive_int, default=SHIPPED_TRANSFER_STEPS,
@@ -69,27 +74,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace):
-    """The demo's two DefenseSettings (validated before any model is loaded): clean, the noise control and
-    transfer on every example (crafted as the shipped images were: the one table's linf 16/255 protocol);
-    the adaptive attack, and the certificates, on the first ``--adaptive-examples``."""
+    """The demo's DefenseSettings (validated before any model is loaded): clean accuracy, the noise control and
+    transfer on every example (crafted as the shipped images were: the one table's linf 16/255 protocol); the
+    adaptive attack, and the certificates, on the first ``--adaptive-examples``."""
     from .arguments import fs_config_from_args
     from .defense import DefenseSettings
 
     if args.adaptive_examples > args.examples:
         raise ValueError(f"--adaptive-examples {args.adaptive_examples} is more than --examples {args.examples}; "
                          "attack at most every example")
-    shared = dict(fs=fs_config_from_args(args), alpha=args.alpha, max_new_tokens=args.max_new_tokens, certify_n=args.certify_n)
-    replayed = DefenseSettings(transfer_linf=(16 / 255,), transfer_steps=args.transfer_steps, transfer_step_size=1 / 255,
-                               crop_scale=(0.5, 1.0), crop_views=2, crop_full_view=True, adaptive_l2=(), adaptive_linf=(),
-                               certify_images=0, **shared)
-    adaptive = DefenseSettings(transfer_linf=(), noise_linf=(), adaptive_l2=(args.sigma / 4, args.eps_far), adaptive_linf=(),
-                               adaptive_steps=args.steps, eot_samples=args.eot_samples,
-                               certify_images=args.adaptive_examples, **shared)
-    return replayed, adaptive
+    return DefenseSettings(fs=fs_config_from_args(args), alpha=args.alpha, max_new_tokens=args.max_new_tokens,
+                           certify_n=args.certify_n, transfer_linf=(16 / 255,), transfer_steps=args.transfer_steps,
+                           transfer_step_size=1 / 255, crop_scale=(0.5, 1.0), crop_views=2, crop_full_view=True,
+                           adaptive_l2=(args.sigma / 4, args.eps_far), adaptive_linf=(), adaptive_steps=args.steps,
+                           eot_samples=args.eot_samples, adaptive_examples=args.adaptive_examples,
+                           certify_images=args.adaptive_examples)
 
 
 def uses_shipped_transfer(args: argparse.Namespace) -> bool:
     return args.examples == SHIPPED_EXAMPLES and args.transfer_steps == SHIPPED_TRANSFER_STEPS
+
+
+# the demo's options the shipped adaptive images were crafted with, at their defaults (the replay checks the
+# rest: model, items, smoothing, attack settings, booster)
+_SHIPPED_ADAPTIVE_ARGS = ("examples", "transfer_steps", "adaptive_examples", "sigma", "n_samples", "alpha", "steps",
+                          "eot_samples", "eps_far")
+
+
+def uses_shipped_adaptive(args: argparse.Namespace) -> bool:
+    """Whether the demo runs with the options the shipped adaptive images were crafted with (else it attacks live)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    defaults = parser.parse_args([])
+    return SHIPPED_ADAPTIVE.is_dir() and all(getattr(args, k) == getattr(defaults, k) for k in _SHIPPED_ADAPTIVE_ARGS)
 
 
 def variant_name(variant: str) -> str:
@@ -142,59 +159,77 @@ def certified_reading(rows: list[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(lines))  # the clean row and an adaptive row at the same radius say the same
 
 
-def run_demo(args: argparse.Namespace) -> dict[str, Any]:
-    """Base / FS / FS+GSB on fs-mini-llava: clean, the noise control, transfer (paper's protocol, replayed) and
-    adaptive, with certificates; prints the table, the counts and one reading per protocol."""
-    import torch
-
-    from .cli import processor_size, write_report
-    from .defense import defense_table, evaluate_defense, synthetic_items
-    from .evaluation import plot_accuracy_vs_budget
+def _load(args: argparse.Namespace):
+    """The embedded model, its booster and the demo's items: every example's first question (clean accuracy,
+    transfer, the noise control; the first ``--adaptive-examples`` also adaptive and certified)."""
+    from .cli import processor_size
+    from .defense import synthetic_items
     from .gsb import GaussianSmoothnessBooster
     from .models.loading import DEFAULT_MODEL, load_model
     from .models.mini_llava import BOOSTER_DIR, build_prompt
 
-    replayed_settings, adaptive_settings = settings_from_args(args)
+    model, processor = load_model(DEFAULT_MODEL)
+    booster = GaussianSmoothnessBooster.from_pretrained(BOOSTER_DIR).eval()
+    items = synthetic_items(args.examples, processor_size(processor), build_prompt, first_question_only=True)
+    return model, processor, booster, items
+
+
+def make_shipped_adaptive(folder: str | Path, progress: bool = True) -> list[dict[str, Any]]:
+    """Craft the demo's adaptive images (the default demo's settings, every variant, transfer replayed from the
+    shipped images) into the checkpoint ``folder``, keeping each adaptive batch: its ``settings.json`` and
+    ``adaptive_*.safetensors`` are what ``fs_mllm/data/demo_adaptive`` ships (``recipes/make_demo_adaptive.py``)."""
+    import torch
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([])
+    from .defense import evaluate_defense
+
+    torch.manual_seed(0)
+    model, processor, booster, items = _load(args)
+    return evaluate_defense(model, processor, items, items, settings_from_args(args), booster=booster, progress=progress,
+                            checkpoint=folder, transfer_images=SHIPPED_TRANSFER, keep_adaptive_images=True)
+
+
+def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    """Base / FS / FS+GSB on fs-mini-llava: clean, the noise control, transfer (paper's protocol, replayed) and
+    adaptive (replayed at the default settings), with certificates; prints the table, the counts and one
+    reading per protocol."""
+    import torch
+
+    from .cli import write_report
+    from .defense import defense_table, evaluate_defense
+    from .evaluation import plot_accuracy_vs_budget
+
+    settings = settings_from_args(args)
     torch.manual_seed(0)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, processor = load_model(DEFAULT_MODEL)
-    booster = GaussianSmoothnessBooster.from_pretrained(BOOSTER_DIR).eval()
-    size = processor_size(processor)
-    clean_items = synthetic_items(args.clean_images, size, build_prompt)
-    attack_items = synthetic_items(args.examples, size, build_prompt, first_question_only=True)
-    shipped = uses_shipped_transfer(args)
-    rows = evaluate_defense(model, processor, clean_items, attack_items, replayed_settings, booster=booster,
-                            transfer_images=SHIPPED_TRANSFER if shipped else None)
-    # the adaptive attack on the first examples; its one clean question only feeds its certificates' row
-    adaptive_rows = evaluate_defense(model, processor, clean_items[:1], attack_items[:args.adaptive_examples],
-                                     adaptive_settings, booster=booster)
-    certified = {r["variant"]: r for r in adaptive_rows if r["protocol"] == "clean"}
-    for row in rows:
-        if row["protocol"] == "clean":
-            row.update({k: v for k, v in certified[row["variant"]].items() if k.startswith("certified_")})
-    rows = [r for v in replayed_settings.variants for r in rows + [a for a in adaptive_rows if a["protocol"] != "clean"]
-            if r["variant"] == v]
+    model, processor, booster, items = _load(args)
+    shipped, shipped_adaptive = uses_shipped_transfer(args), uses_shipped_adaptive(args)
+    rows = evaluate_defense(model, processor, items, items, settings, booster=booster,
+                            transfer_images=SHIPPED_TRANSFER if shipped else None,
+                            adaptive_images=SHIPPED_ADAPTIVE if shipped_adaptive else None)
     markdown = defense_table(rows)
     adaptive = [r for r in rows if r["protocol"] == "adaptive"]
     budgets = sorted({r["eps"] for r in adaptive})
     accuracy = {v: [next(r["accuracy"] for r in rows if r["variant"] == v and r["protocol"] == "clean")]
                 + [next(r["accuracy"] for r in adaptive if r["variant"] == v and r["eps"] == e) for e in budgets]
-                for v in replayed_settings.variants}
+                for v in settings.variants}
     plot_accuracy_vs_budget([0.0, *budgets], accuracy, out_dir / "accuracy_vs_budget.png",
                             title="fs-mini-llava, adaptive l2 attack, held-out synthetic questions")
-    settings = {"replayed": replayed_settings.to_dict(), "adaptive": adaptive_settings.to_dict(),
-                "transfer_images": "shipped" if shipped else "crafted", "examples": args.examples,
-                "adaptive_examples": args.adaptive_examples, "clean_questions": len(clean_items)}
-    (out_dir / "summary.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2), encoding="utf-8")
+    summary_settings = {"defense": settings.to_dict(), "transfer_images": "shipped" if shipped else "crafted",
+                        "adaptive_images": "shipped" if shipped_adaptive else "crafted", "examples": args.examples,
+                        "adaptive_examples": args.adaptive_examples, "clean_questions": len(items)}
+    (out_dir / "summary.json").write_text(json.dumps({"settings": summary_settings, "rows": rows}, indent=2), encoding="utf-8")
     lines = readings(rows)
     certificates = certified_reading(rows)
     notes = [
         f"Model: fs-mini-llava (real DINOv2 ViT-S/14 + SmolLM2-135M-Instruct, projector trained by the project), "
-        f"sigma={args.sigma}, n0={args.n_samples}; FS+GSB uses the shipped booster. Clean accuracy on "
-        f"{len(clean_items)} held-out synthetic questions; transfer and the noise control on {args.examples} images, "
-        f"the adaptive attack on the first {args.adaptive_examples} (one question each): each row's n is its count, "
-        "and one answer moves a row of n by 1/n (benchmarks/bench_defense.py is the full table).",
+        f"sigma={args.sigma}, n0={args.n_samples}; FS+GSB uses the shipped booster. {args.examples} held-out synthetic "
+        f"images, one question each: clean accuracy, transfer and the noise control on all of them, the adaptive "
+        f"attack on the first {args.adaptive_examples}: each row's n is its count, and one answer moves a row of n "
+        "by 1/n (benchmarks/bench_defense.py is the full table).",
         TRANSFER_MEANING + f" Here: linf 16/255, {args.transfer_steps} steps of 1/255, whole view + one random crop "
         "(scale 0.5-1) per step, target = the next held-out image; targeted success = the answer became the "
         "variant's own answer for the target image. " + ("The images are the shipped ones (fs_mllm/data/demo_transfer, "
@@ -203,7 +238,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         NOISE_MEANING,
         ADAPTIVE_MEANING + f" Here: untargeted on the answer, l2 {budgets[0]:g} (inside the certified radius where the "
         f"certified column names images with a guarantee) and l2 {budgets[-1]:g} (far beyond it), "
-        f"{args.steps} steps, EOT {args.eot_samples}.",
+        f"{args.steps} steps, EOT {args.eot_samples}. " + (
+            "The images are the shipped ones (fs_mllm/data/demo_adaptive: crafted by the project's own code through "
+            "each variant's own smoothed path with these settings, checked to fit before they are replayed; see its README)."
+            if shipped_adaptive else "The images were crafted in this run."),
         f"Certified FCSB (n={args.certify_n}, alpha={args.alpha}, on the {args.adaptive_examples} adaptive images): the "
         "mean over the images that have a guarantee at the row's l2 radius, and how many have one (an linf ball of "
         "radius e lies only in the l2 ball of radius e*sqrt(3*H*W), far beyond any certified radius: none there).",
@@ -215,7 +253,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     print()
     for line in lines + certificates:
         print(line)
-    print(f"\nCounts: {len(clean_items)} clean questions, {args.examples} transfer/noise images, "
-          f"{args.adaptive_examples} adaptive images; full-size figures: docs/results.md.")
+    print(f"\nCounts: {len(items)} questions (clean, transfer, noise), {args.adaptive_examples} adaptive images; "
+          f"full-size figures: docs/results.md.")
     print(f"wrote {out_dir}/report.md, accuracy_vs_budget.png, summary.json")
     return {"rows": rows}
