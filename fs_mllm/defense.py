@@ -272,7 +272,7 @@ class _ReplaySource:
     checked again before each file is read, so a folder claimed afresh by another run meanwhile is never mixed in."""
 
     def __init__(self, folder: str | os.PathLike, settings: DefenseSettings, attack_items: Sequence[EvalItem],
-                 model: nn.Module, processor: Any = None, kind: str = "transfer") -> None:
+                 model: nn.Module, processor: Any = None, kind: str = "transfer", booster: Optional[str] = None) -> None:
         from .evaluation.results import SETTINGS_FILE, SettingsMismatchError, describe_changes
 
         self.kind = kind
@@ -295,6 +295,16 @@ class _ReplaySource:
             raise SettingsMismatchError(
                 f"{self.label} {str(self.folder)!r} crafted its images otherwise ({'; '.join(changed)}); craft them in "
                 f"this run (leave {self.label} out), or name a folder crafted with these settings")
+        if kind == "adaptive" and booster is not None:  # before any work, not when base and fs are done
+            from safetensors import safe_open
+
+            for path in sorted(self.folder.glob("adaptive_fs+gsb_*.safetensors")):
+                with safe_open(str(path), framework="pt") as handle:
+                    crafted_through = (handle.metadata() or {}).get(_BOOSTER_KEY)
+                if crafted_through != booster:
+                    raise SettingsMismatchError(
+                        f"{self.label} file {path} was crafted through another booster ({crafted_through}, this run's is "
+                        f"{booster}); name a folder crafted through this booster, or leave {self.label} out")
 
     def read(self, name: str, like: torch.Tensor, booster: Optional[str] = None) -> Optional[dict[str, torch.Tensor]]:
         """The tensors saved as ``name`` ("adv" on ``like``'s device), or None if the folder has none; for an
@@ -312,6 +322,8 @@ class _ReplaySource:
                 tensors = {key: handle.get_tensor(key) for key in handle.keys()}
                 metadata = handle.metadata() or {}
             adv = tensors["adv"]
+            if self.kind == "adaptive" and "fcs" not in tensors:
+                raise KeyError("the file holds no 'fcs'")
         except Exception as error:
             raise ValueError(f"{self.label} file {path} is unreadable ({error}); name another folder") from None
         if booster is not None and metadata.get(_BOOSTER_KEY) != booster:
@@ -446,7 +458,8 @@ def evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Eva
         raise ValueError("variants include 'fs+gsb' but booster is None")
     if keep_adaptive_images and checkpoint is None:
         raise ValueError("keep_adaptive_images keeps the adaptive attacks' images in the checkpoint; pass checkpoint= too")
-    sources = {kind: _ReplaySource(folder, settings, attack_items, model, processor, kind=kind)
+    booster_id = module_fingerprint(booster) if "fs+gsb" in settings.variants else None
+    sources = {kind: _ReplaySource(folder, settings, attack_items, model, processor, kind=kind, booster=booster_id)
                for kind, folder in (("transfer", transfer_images), ("adaptive", adaptive_images)) if folder is not None}
     store = None
     if checkpoint is not None:
@@ -542,7 +555,7 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
                 if adaptive_source is not None:
                     reused = adaptive_source.read(name, attack_images[start:stop], booster=booster_id)
                     if reused is not None:
-                        return {"adv": reused["adv"], "fcs": reused["fcs"]}
+                        return reused
                 result = attack(model, processor, attack_images[start:stop], attack_prompts[start:stop] if answers else None,
                                 settings._adaptive_config(norm, eps), answers=answers[start:stop] if answers else None)
                 return {"adv": result.adv_images, "fcs": torch.tensor(result.fcs, dtype=torch.float64)}
@@ -581,8 +594,9 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
         elif needs_targets and not state["target_out"]:  # a resumed run that adds the first transfer budget
             state = keep(("state", variant, "", 0.0), {**state, "target_out": target_answers()})
 
-        def certified(radius: float) -> dict[str, Any]:
-            return certified_summary([float(fcsb(s, radius, sigma)) for s in state["s_low"]], radius)
+        def certified(radius: float, count: Optional[int] = None) -> dict[str, Any]:
+            """The certificates at ``radius`` of the certified images among the first ``count`` (a row's own items)."""
+            return certified_summary([float(fcsb(s, radius, sigma)) for s in state["s_low"][:count]], radius)
 
         row = saved(keys[0])
         if row is None:
@@ -613,7 +627,7 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
                                          state["target_out"] if protocol == "transfer" else None)
                 radius = _l2_radius(norm, eps, attack_images[0])
                 row = keep(key, {"variant": variant, "protocol": protocol, "norm": norm, "eps": float(eps),
-                                 "n": count, **metrics, "fcs": _mean(fcs), **certified(radius)})
+                                 "n": count, **metrics, "fcs": _mean(fcs), **certified(radius, count)})
                 if store is not None and protocol == "adaptive" and not keep_adaptive_images:
                     for _, name in adaptive_files(variant, norm, eps):
                         store.forget(name)

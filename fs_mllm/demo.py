@@ -58,9 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--examples", type=positive_int, default=SHIPPED_EXAMPLES,
                         help=f"held-out synthetic images attacked by transfer and shown the noise control, one question "
                              f"each (default {SHIPPED_EXAMPLES}: the shipped transfer images; another count crafts them)")
-    parser.add_argument("--adaptive-examples", type=positive_int, default=SHIPPED_ADAPTIVE_EXAMPLES,
+    parser.add_argument("--adaptive-examples", type=positive_int, default=None,
                         help=f"the first of them attacked by the adaptive attack, and certified (default "
-                             f"{SHIPPED_ADAPTIVE_EXAMPLES}: the shipped adaptive images; other settings attack live)")
+                             f"{SHIPPED_ADAPTIVE_EXAMPLES}, or --examples if fewer: {SHIPPED_ADAPTIVE_EXAMPLES} replays the "
+                             "shipped adaptive images; other settings attack live)")
     parser.add_argument("--certify-n", type=sample_count, default=100,
                         help="Monte-Carlo samples per certificate, on the adaptive examples (default 100)")
     parser.add_argument("--transfer-steps", type=positive_int, default=SHIPPED_TRANSFER_STEPS,
@@ -80,15 +81,20 @@ def settings_from_args(args: argparse.Namespace):
     from .arguments import fs_config_from_args
     from .defense import DefenseSettings
 
-    if args.adaptive_examples > args.examples:
+    if args.adaptive_examples is not None and args.adaptive_examples > args.examples:
         raise ValueError(f"--adaptive-examples {args.adaptive_examples} is more than --examples {args.examples}; "
                          "attack at most every example")
+    count = adaptive_count(args)
     return DefenseSettings(fs=fs_config_from_args(args), alpha=args.alpha, max_new_tokens=args.max_new_tokens,
                            certify_n=args.certify_n, transfer_linf=(16 / 255,), transfer_steps=args.transfer_steps,
                            transfer_step_size=1 / 255, crop_scale=(0.5, 1.0), crop_views=2, crop_full_view=True,
                            adaptive_l2=(args.sigma / 4, args.eps_far), adaptive_linf=(), adaptive_steps=args.steps,
-                           eot_samples=args.eot_samples, adaptive_examples=args.adaptive_examples,
-                           certify_images=args.adaptive_examples)
+                           eot_samples=args.eot_samples, adaptive_examples=count, certify_images=count)
+
+
+def adaptive_count(args: argparse.Namespace) -> int:
+    """``--adaptive-examples``, or by default the shipped count (or every example, if fewer)."""
+    return min(SHIPPED_ADAPTIVE_EXAMPLES, args.examples) if args.adaptive_examples is None else args.adaptive_examples
 
 
 def uses_shipped_transfer(args: argparse.Namespace) -> bool:
@@ -106,7 +112,8 @@ def uses_shipped_adaptive(args: argparse.Namespace) -> bool:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     defaults = parser.parse_args([])
-    return SHIPPED_ADAPTIVE.is_dir() and all(getattr(args, k) == getattr(defaults, k) for k in _SHIPPED_ADAPTIVE_ARGS)
+    return SHIPPED_ADAPTIVE.is_dir() and adaptive_count(args) == SHIPPED_ADAPTIVE_EXAMPLES and all(
+        getattr(args, k) == getattr(defaults, k) for k in _SHIPPED_ADAPTIVE_ARGS if k != "adaptive_examples")
 
 
 def variant_name(variant: str) -> str:
@@ -220,7 +227,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
                             title="fs-mini-llava, adaptive l2 attack, held-out synthetic questions")
     summary_settings = {"defense": settings.to_dict(), "transfer_images": "shipped" if shipped else "crafted",
                         "adaptive_images": "shipped" if shipped_adaptive else "crafted", "examples": args.examples,
-                        "adaptive_examples": args.adaptive_examples, "clean_questions": len(items)}
+                        "adaptive_examples": adaptive_count(args), "clean_questions": len(items)}
     (out_dir / "summary.json").write_text(json.dumps({"settings": summary_settings, "rows": rows}, indent=2), encoding="utf-8")
     lines = readings(rows)
     certificates = certified_reading(rows)
@@ -228,7 +235,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         f"Model: fs-mini-llava (real DINOv2 ViT-S/14 + SmolLM2-135M-Instruct, projector trained by the project), "
         f"sigma={args.sigma}, n0={args.n_samples}; FS+GSB uses the shipped booster. {args.examples} held-out synthetic "
         f"images, one question each: clean accuracy, transfer and the noise control on all of them, the adaptive "
-        f"attack on the first {args.adaptive_examples}: each row's n is its count, and one answer moves a row of n "
+        f"attack on the first {adaptive_count(args)}: each row's n is its count, and one answer moves a row of n "
         "by 1/n (benchmarks/bench_defense.py is the full table).",
         TRANSFER_MEANING + f" Here: linf 16/255, {args.transfer_steps} steps of 1/255, whole view + one random crop "
         "(scale 0.5-1) per step, target = the next held-out image; targeted success = the answer became the "
@@ -242,7 +249,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             "The images are the shipped ones (fs_mllm/data/demo_adaptive: crafted by the project's own code through "
             "each variant's own smoothed path with these settings, checked to fit before they are replayed; see its README)."
             if shipped_adaptive else "The images were crafted in this run."),
-        f"Certified FCSB (n={args.certify_n}, alpha={args.alpha}, on the {args.adaptive_examples} adaptive images): the "
+        f"Certified FCSB (n={args.certify_n}, alpha={args.alpha}, on the {adaptive_count(args)} adaptive images): the "
         "mean over the images that have a guarantee at the row's l2 radius, and how many have one (an linf ball of "
         "radius e lies only in the l2 ball of radius e*sqrt(3*H*W), far beyond any certified radius: none there).",
         "Reading:\n\n" + "\n".join(f"- {line}" for line in lines + certificates),
@@ -253,7 +260,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     print()
     for line in lines + certificates:
         print(line)
-    print(f"\nCounts: {len(items)} questions (clean, transfer, noise), {args.adaptive_examples} adaptive images; "
+    print(f"\nCounts: {len(items)} questions (clean, transfer, noise), {adaptive_count(args)} adaptive images; "
           f"full-size figures: docs/results.md.")
     print(f"wrote {out_dir}/report.md, accuracy_vs_budget.png, summary.json")
     return {"rows": rows}
