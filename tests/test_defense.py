@@ -457,6 +457,56 @@ def test_transfer_images_of_another_run_are_replayed_at_another_n0_and_checked_f
     assert {f.name: f.read_bytes() for f in source.iterdir()} == untouched  # read only
 
 
+def test_kept_adaptive_images_are_replayed_only_for_the_same_smoothing_attack_and_booster(model, tmp_path, monkeypatch):
+    """keep_adaptive_images keeps each adaptive batch in the checkpoint; another run naming it as adaptive_images
+    replays them (no attack) and gives the rows of a run that attacks, and refuses a folder crafted otherwise."""
+    from fs_mllm.evaluation.results import SettingsMismatchError
+
+    x, target = images(3, seed=0), images(3, seed=5)
+    items = [EvalItem(x[i], "what?", ["a"], target[i], "<image> what?") for i in range(3)]
+    processor, _, settings = _resume_setup(variants=("base", "fs+gsb"), transfer_linf=(), noise_linf=(),
+                                           adaptive_examples=2, attack_batch_size=1, certify_images=2)
+    booster = _tiny_booster(0)
+    with pytest.raises(ValueError, match="pass checkpoint= too"):
+        evaluate_defense(model, processor, items, items, settings, booster=booster, progress=False, keep_adaptive_images=True)
+    source = tmp_path / "adaptive.parts"
+    live = evaluate_defense(model, processor, items, items, settings, booster=booster, progress=False, checkpoint=source,
+                            keep_adaptive_images=True)
+    adaptive_rows = [r for r in live if r["protocol"] == "adaptive"]
+    assert [r["n"] for r in adaptive_rows] == [2, 2] and all(r["n"] == 3 for r in live if r["protocol"] == "clean")
+    kept = sorted(p.name for p in source.glob("adaptive_*.safetensors"))
+    assert kept == [f"adaptive_{v}_l2_{0.0625!r}_from{i}.safetensors" for v in ("base", "fs+gsb") for i in (0, 1)]
+    untouched = {f.name: f.read_bytes() for f in source.iterdir()}
+    calls = []
+    real_attack, real_generate = fs_mllm.defense.attack, fs_mllm.defense.generate_text
+    monkeypatch.setattr(fs_mllm.defense, "attack", lambda *a, **k: calls.append("attack") or real_attack(*a, **k))
+    monkeypatch.setattr(fs_mllm.defense, "generate_text", lambda *a, **k: calls.append(a[2].shape[0]) or real_generate(*a, **k))
+    replayed = evaluate_defense(model, processor, items, items, settings, booster=booster, progress=False,
+                                adaptive_images=source)
+    assert replayed == live
+    # no attack; per variant its answers on the 3 clean items (clean accuracy reuses them) and on the 2 attacked
+    assert calls == [3, 2] * 2
+    assert {f.name: f.read_bytes() for f in source.iterdir()} == untouched  # read only
+    # another smoothing, attack or attacked count crafts other images: refused before any work, naming it
+    for overrides, message in (({"fs": FSConfig(n_samples=3)}, "settings.fs"), ({"eot_samples": 3}, "settings.eot_samples"),
+                               ({"adaptive_steps": 2}, "settings.adaptive_steps"),
+                               ({"adaptive_examples": 3}, "settings.adaptive_examples")):
+        other = _resume_setup(**{"variants": ("base", "fs+gsb"), "transfer_linf": (), "noise_linf": (), "adaptive_examples": 2,
+                                 "attack_batch_size": 1, "certify_images": 2, **overrides})[2]
+        with pytest.raises(SettingsMismatchError, match=f"adaptive_images .*crafted its images otherwise .*{message}"):
+            evaluate_defense(model, processor, items, items, other, booster=booster, progress=False, adaptive_images=source)
+    # another booster: refused before any work (and again by the file read, should the folder change meanwhile)
+    calls.clear()
+    with pytest.raises(SettingsMismatchError, match="another booster"):
+        evaluate_defense(model, processor, items, items, settings, booster=_tiny_booster(1), progress=False,
+                         adaptive_images=source)
+    assert calls == []
+    # adaptive rows certify only their own attacked items
+    fewer = _resume_setup(variants=("fs",), transfer_linf=(), noise_linf=(), adaptive_examples=1, certify_images=2)[2]
+    rows = evaluate_defense(model, processor, items, items, fewer, progress=False)
+    assert [(r["protocol"], r["n"], r["certified_images"]) for r in rows] == [("clean", 3, 2), ("adaptive", 1, 1)]
+
+
 def test_transfer_images_read_later_are_checked_again(model, tmp_path, monkeypatch):
     """A source claimed afresh by another run after the check, or holding images of another shape, is refused
     when its file is read, not replayed."""
@@ -466,13 +516,13 @@ def test_transfer_images_read_later_are_checked_again(model, tmp_path, monkeypat
     source = tmp_path / "crafted.parts"
     evaluate_defense(model, processor, items, items, settings, progress=False, checkpoint=source)
     name = f"transfer_linf_{8 / 255!r}.safetensors"
-    real = fs_mllm.defense._TransferSource.read
+    real = fs_mllm.defense._ReplaySource.read
 
     def claimed_meanwhile(self, *args):
         (source / "settings.json").write_text(json.dumps({"settings": {"transfer_steps": 99}}))
         return real(self, *args)
 
-    monkeypatch.setattr(fs_mllm.defense._TransferSource, "read", claimed_meanwhile)
+    monkeypatch.setattr(fs_mllm.defense._ReplaySource, "read", claimed_meanwhile)
     with pytest.raises(ValueError, match="claimed by another run since it was checked"):
         evaluate_defense(model, processor, items, items, settings, progress=False, transfer_images=source)
     monkeypatch.undo()
@@ -485,13 +535,12 @@ def test_transfer_images_read_later_are_checked_again(model, tmp_path, monkeypat
 
 def test_every_defense_setting_is_known_to_change_the_crafting_or_not():
     """A field added to DefenseSettings must be sorted into crafting (checked when images are reused) or not."""
-    from fs_mllm.defense import _CRAFTING_FIELDS, _ROW_CHOICES
+    from fs_mllm.defense import _ADAPTIVE_FIELDS, _CRAFTING_FIELDS, _ROW_CHOICES
 
-    replay_only = {"fs", "adaptive_steps", "eot_samples", "adaptive_objective", "certify_images", "certify_n", "alpha",
-                   "max_new_tokens", "attack_batch_size"}
+    replay_only = {"certify_images", "certify_n", "alpha", "max_new_tokens"}
     fields = {f.name for f in dataclasses.fields(DefenseSettings)}
-    assert fields == set(_CRAFTING_FIELDS) | set(_ROW_CHOICES) | replay_only
-    assert not set(_CRAFTING_FIELDS) & (set(_ROW_CHOICES) | replay_only)
+    assert fields == set(_CRAFTING_FIELDS) | set(_ADAPTIVE_FIELDS) | set(_ROW_CHOICES) | replay_only
+    assert not (set(_CRAFTING_FIELDS) | set(_ADAPTIVE_FIELDS)) & (set(_ROW_CHOICES) | replay_only)
 
 
 def test_an_adaptive_attack_runs_in_batches_and_a_stop_loses_at_most_one(model, tmp_path, monkeypatch):
@@ -572,7 +621,7 @@ def test_demo_console_script_on_tiny_settings(tmp_path):
     script = shutil.which("fs-mllm")
     assert script, "the fs-mllm console script is not installed (pip install -e .)"
     out = tmp_path / "demo"
-    result = subprocess.run([script, "demo", "--examples", "2", "--adaptive-examples", "1", "--clean-images", "1",
+    result = subprocess.run([script, "demo", "--examples", "2", "--adaptive-examples", "1",
                              "--certify-n", "10", "--transfer-steps", "1", "--steps", "1", "--eot-samples", "1",
                              "--max-new-tokens", "2", "--output-dir", str(out)], capture_output=True, text=True, timeout=900,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -583,6 +632,8 @@ def test_demo_console_script_on_tiny_settings(tmp_path):
     counts = {r["protocol"]: r["n"] for r in summary["rows"]}
     assert counts["transfer"] == counts["noise"] == 2 and counts["adaptive"] == 1
     assert summary["settings"]["transfer_images"] == "crafted"  # not the shipped count: crafted in the run
+    assert summary["settings"]["adaptive_images"] == "crafted"
+    assert counts["clean"] == 2  # clean accuracy on the attacked questions themselves
     report = (out / "report.md").read_text()
     assert "Transfer" in report and "Adaptive" in report and "Noise" in report and "linf 16/255" in report
     # the terminal: the table with its counts, one reading per protocol, the certificates' share
@@ -613,30 +664,55 @@ def test_demo_refuses_more_adaptive_examples_than_examples(tmp_path, monkeypatch
     assert not (tmp_path / "d").exists()
 
 
-def test_the_shipped_transfer_images_fit_the_demo():
-    """The demo replays fs_mllm/data/demo_transfer only if it was crafted as this run would (same model weights,
-    attack images, crafting settings): a change to any of them must show here, not in a user's demo."""
+def test_demo_adaptive_count_defaults_to_the_shipped_count_or_every_example():
     import argparse
 
     from fs_mllm import demo
-    from fs_mllm.defense import _TransferSource, synthetic_items
-    from fs_mllm.models.loading import DEFAULT_MODEL, load_model
-    from fs_mllm.models.mini_llava import IMAGE_SIZE, build_prompt
+
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    assert demo.settings_from_args(parser.parse_args([])).adaptive_examples == demo.SHIPPED_ADAPTIVE_EXAMPLES
+    few = demo.settings_from_args(parser.parse_args(["--examples", "4"]))  # fewer examples than the shipped count
+    assert few.adaptive_examples == few.certify_images == 4
+    assert demo.settings_from_args(parser.parse_args(["--adaptive-examples", "3"])).adaptive_examples == 3
+
+
+def test_the_shipped_images_fit_the_demo():
+    """The demo replays fs_mllm/data/demo_transfer and demo_adaptive only if they were crafted as this run would
+    (same model weights, attack images, crafting settings; for the adaptive images also the smoothing, the
+    attack's settings and the booster): a change to any of them must show here, not in a user's demo."""
+    import argparse
+
+    from fs_mllm import demo
+    from fs_mllm.defense import _ReplaySource, module_fingerprint
 
     parser = argparse.ArgumentParser()
     demo.add_arguments(parser)
     args = parser.parse_args([])
-    assert demo.uses_shipped_transfer(args)
-    replayed, _ = demo.settings_from_args(args)
-    model, processor = load_model(DEFAULT_MODEL)
-    items = synthetic_items(args.examples, IMAGE_SIZE, build_prompt, first_question_only=True)
-    source = _TransferSource(demo.SHIPPED_TRANSFER, replayed, items, model, processor)
+    assert demo.uses_shipped_transfer(args) and demo.uses_shipped_adaptive(args)
+    assert not demo.uses_shipped_adaptive(parser.parse_args(["--sigma", "0.5"]))  # other settings attack live
+    settings = demo.settings_from_args(args)
+    model, processor, booster, items = demo._load(args)
     images = torch.stack([item.image for item in items])
+    source = _ReplaySource(demo.SHIPPED_TRANSFER, settings, items, model, processor)
     [name] = [p.name for p in demo.SHIPPED_TRANSFER.glob("transfer_linf_*.safetensors")]
-    adv = source.read(name, images)
+    adv = source.read(name, images)["adv"]
     assert adv.shape == images.shape
     assert (adv - images).abs().max().item() <= 16 / 255 + 1e-6 and 0 <= adv.min() and adv.max() <= 1
     assert (adv - images).abs().max().item() > 8 / 255  # crafted, not a copy
+    adaptive = _ReplaySource(demo.SHIPPED_ADAPTIVE, settings, items, model, processor, kind="adaptive")
+    first = images[:demo.adaptive_count(args)]
+    files = sorted(p.name for p in demo.SHIPPED_ADAPTIVE.glob("adaptive_*.safetensors"))
+    assert files == sorted(f"adaptive_{v}_l2_{float(e)!r}_from0.safetensors" for v in settings.variants
+                           for e in settings.adaptive_l2)
+    for name in files:
+        variant, eps = name.split("_")[1], float(name.split("_")[3])
+        kept = adaptive.read(name, first, booster=module_fingerprint(booster) if variant == "fs+gsb" else None)
+        delta = (kept["adv"] - first).flatten(1).norm(dim=1)
+        assert delta.max().item() <= eps * (1 + 1e-4) and delta.max().item() > eps / 2  # attacked, within its budget
+        assert kept["fcs"].shape == (demo.adaptive_count(args),)
+    with pytest.raises(ValueError, match="another booster"):
+        adaptive.read(next(n for n in files if "fs+gsb" in n), first, booster="0" * 32)
 
 
 def test_the_demo_points_the_same_way_as_the_one_table(tmp_path):
