@@ -101,6 +101,13 @@ def uses_shipped_transfer(args: argparse.Namespace) -> bool:
     return args.examples == SHIPPED_EXAMPLES and args.transfer_steps == SHIPPED_TRANSFER_STEPS
 
 
+def default_args() -> argparse.Namespace:
+    """The default demo's options (what the shipped images were crafted with)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args([])
+
+
 # the demo's options the shipped adaptive images were crafted with, at their defaults (the replay checks the
 # rest: model, items, smoothing, attack settings, booster)
 _SHIPPED_ADAPTIVE_ARGS = ("examples", "transfer_steps", "adaptive_examples", "sigma", "n_samples", "alpha", "steps",
@@ -109,9 +116,7 @@ _SHIPPED_ADAPTIVE_ARGS = ("examples", "transfer_steps", "adaptive_examples", "si
 
 def uses_shipped_adaptive(args: argparse.Namespace) -> bool:
     """Whether the demo runs with the options the shipped adaptive images were crafted with (else it attacks live)."""
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    defaults = parser.parse_args([])
+    defaults = default_args()
     return SHIPPED_ADAPTIVE.is_dir() and adaptive_count(args) == SHIPPED_ADAPTIVE_EXAMPLES and all(
         getattr(args, k) == getattr(defaults, k) for k in _SHIPPED_ADAPTIVE_ARGS if k != "adaptive_examples")
 
@@ -187,10 +192,9 @@ def make_shipped_adaptive(folder: str | Path, progress: bool = True) -> list[dic
     ``adaptive_*.safetensors`` are what ``fs_mllm/data/demo_adaptive`` ships (``recipes/make_demo_adaptive.py``)."""
     import torch
 
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args([])
     from .defense import evaluate_defense
+
+    args = default_args()
 
     torch.manual_seed(0)
     model, processor, booster, items = _load(args)

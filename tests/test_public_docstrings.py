@@ -200,6 +200,18 @@ DATACLASSES = [cls for cls in CLASSES if dataclasses.is_dataclass(cls)]
 # the checks, as functions returning the problems found (so they can be tested on a bad example)
 # ---------------------------------------------------------------------------------------------
 
+def entry_problems(owner: str, section: str, kind: str, name: str, entry: Optional[str], annotation: Any) -> list[str]:
+    """One parameter's (Args) or field's (Attributes) entry: present, with a shape if a tensor/array, with its unit."""
+    if entry is None:
+        return [f"{owner}: {kind} {name!r} is not an entry of {section}:"]
+    problems = []
+    if ARRAY_TYPES.search(_annotation(annotation)) and not SHAPE.search(entry):
+        problems.append(f"{owner}: {section} entry {name!r} (a tensor/array) gives no shape")
+    if UNIT_NAMES.match(name) and UNIT not in entry:
+        problems.append(f"{owner}: {section} entry {name!r} does not say its unit ({UNIT} space)")
+    return problems
+
+
 def callable_problems(qualname: str, function: Callable, owner: Optional[type], doc: Optional[str],
                       returns: bool) -> list[str]:
     problems = []
@@ -207,14 +219,7 @@ def callable_problems(qualname: str, function: Callable, owner: Optional[type], 
         return [f"{qualname}: no docstring"]
     args = entries(doc, "Args")
     for param in parameters(function, owner):
-        entry = args.get(param.name)
-        if entry is None:
-            problems.append(f"{qualname}: parameter {param.name!r} is not an entry of Args:")
-            continue
-        if ARRAY_TYPES.search(_annotation(param.annotation)) and not SHAPE.search(entry):
-            problems.append(f"{qualname}: Args entry {param.name!r} (a tensor/array) gives no shape")
-        if UNIT_NAMES.match(param.name) and UNIT not in entry:
-            problems.append(f"{qualname}: Args entry {param.name!r} does not say its unit ({UNIT} space)")
+        problems += entry_problems(qualname, "Args", "parameter", param.name, args.get(param.name), param.annotation)
     if returns:
         text = " ".join(sections(doc).get("Returns", [])).strip()
         if not text:
@@ -242,14 +247,7 @@ def class_problems(cls: type) -> list[str]:
         for field in dataclasses.fields(cls):
             if field.name not in own:
                 continue  # inherited: documented on the base class
-            entry = attributes.get(field.name)
-            if entry is None:
-                problems.append(f"{cls.__name__}: field {field.name!r} is not an entry of Attributes:")
-                continue
-            if ARRAY_TYPES.search(_annotation(field.type)) and not SHAPE.search(entry):
-                problems.append(f"{cls.__name__}: Attributes entry {field.name!r} (a tensor/array) gives no shape")
-            if UNIT_NAMES.match(field.name) and UNIT not in entry:
-                problems.append(f"{cls.__name__}: Attributes entry {field.name!r} does not say its unit ({UNIT} space)")
+            problems += entry_problems(cls.__name__, "Attributes", "field", field.name, attributes.get(field.name), field.type)
     return problems
 
 
