@@ -45,7 +45,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
-from scipy.stats import binomtest, norm
 from torch import nn
 
 from . import stats
@@ -228,6 +227,8 @@ def certify_smoothed(
     successes = estimation.get(selected, 0)
     p_lower = float(stats.clopper_pearson_lower(successes, n, alpha))
     abstained = not p_lower > 0.5
+    from scipy.stats import norm  # imported on use: scipy.stats costs every `import fs_mllm` about a second
+
     radius = ABSTAIN_RADIUS if abstained else float(sigma * norm.ppf(p_lower))
     top = dict(estimation.most_common(TOP_COUNTS))
     top.setdefault(selected, successes)
@@ -248,6 +249,8 @@ def predict_smoothed(answers_of: AnswersOf, image01: torch.Tensor, sigma: float,
     counts = _count_answers(answers_of, image01, sigma, n, _generator(image01, check_seed(seed)), batch_size)
     top = counts.most_common(2) + [(None, 0)]
     (answer, count_a), (_, count_b) = top[0], top[1]
+    from scipy.stats import binomtest  # imported on use: scipy.stats costs every `import fs_mllm` about a second
+
     return answer if binomtest(count_a, count_a + count_b, 0.5).pvalue <= alpha else None
 
 

@@ -61,9 +61,10 @@ def image_paths(folder: str) -> list[Path]:
     return paths
 
 
-def load_images(folder: Optional[str], size: int, limit: Optional[int] = None):
-    """[0,1] images (B, 3, size, size) and their names: a folder of images, or the project's real offline photos."""
-    import torch
+def read_images(folder: Optional[str], limit: Optional[int] = None) -> tuple[list, list[str]]:
+    """The decoded images (PIL) and their names: a folder of images, or the project's real offline photos.
+
+    Decoded here, before any model loads: a damaged or truncated file is named at once, not after the load."""
     from PIL import Image
 
     if folder is None:
@@ -85,6 +86,14 @@ def load_images(folder: Optional[str], size: int, limit: Optional[int] = None):
                 raise ValueError(f"--images: {path} cannot be read as an image ({error})") from None
     if limit is not None:
         names, images = names[:limit], images[:limit]
+    return images, names
+
+
+def load_images(folder: Optional[str], size: int, limit: Optional[int] = None):
+    """[0,1] images (B, 3, size, size) and their names: a folder of images, or the project's real offline photos."""
+    import torch
+
+    images, names = read_images(folder, limit)
     return torch.stack([to_tensor01(image, size) for image in images]), names
 
 
@@ -120,16 +129,16 @@ def run_certify(args: argparse.Namespace) -> dict:
     the answers (:func:`run_certify_answers`)."""
     if args.answers:
         return run_certify_answers(args)
+    import torch
     from tqdm.auto import tqdm
 
     from .evaluation import certified_curve, plot_certified_curve, summary_table
 
-    booster = load_booster(args.booster)  # the cheap checks first: a bad booster or folder costs no model load
-    if args.images is not None:
-        image_paths(args.images)
+    booster = load_booster(args.booster)  # the cheap checks first: a bad booster or image costs no model load
+    pictures, names = read_images(args.images, args.limit)
     model, processor = load_model(args.model)
     size = args.size or processor_size(processor)
-    images, names = load_images(args.images, size, args.limit)
+    images = torch.stack([to_tensor01(picture, size) for picture in pictures])
     certificates = []
     for i in tqdm(range(len(names)), desc="certifying", unit="image"):
         certificates += certify_images(model, images[i:i + 1], args.sigma, args.n, args.alpha, args.method, booster, processor,

@@ -34,9 +34,7 @@ def offline_photo(name: str, package: Optional[str] = None, index: Optional[int]
     if package not in PHOTO_PACKAGES:
         raise ValueError(f"package: unknown photo package {package!r} (expected one of {PHOTO_PACKAGES})")
     if package == "sklearn":
-        from sklearn.datasets import load_sample_image
-
-        array = load_sample_image(name if name.endswith(".jpg") else f"{name}.jpg")
+        array = _sklearn_sample_image(name if name.endswith(".jpg") else f"{name}.jpg")
     elif package == "matplotlib":
         import matplotlib.cbook
 
@@ -55,6 +53,24 @@ def offline_photo(name: str, package: Optional[str] = None, index: Optional[int]
         if isinstance(array, tuple):
             array = array[index or 0]
     return to_uint8_rgb(array)
+
+
+def _sklearn_sample_image(filename: str) -> np.ndarray:
+    """``sklearn.datasets.load_sample_image(filename)``, read as it reads it (PIL, ``np.asarray``) from the file it
+    ships, without importing scikit-learn: ``import sklearn.datasets`` (scipy.stats with it) costs every process
+    that shows a photo over a second. Another layout of the package falls back to scikit-learn's loader."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("sklearn")  # locates the package without running it
+    folder = Path(spec.origin).parent / "datasets" / "images" if spec and spec.origin else None
+    path = folder / filename if folder is not None and Path(filename).name == filename else None
+    if path is None or not path.is_file():  # scikit-learn's own loader: its photo, or its error for another name
+        from sklearn.datasets import load_sample_image
+
+        return load_sample_image(filename)
+    with open(path, "rb") as handle:
+        return np.asarray(Image.open(handle))
 
 
 def rgb(image: Image.Image) -> Image.Image:

@@ -11,7 +11,6 @@ from typing import Union
 
 import numpy as np
 import torch
-from scipy.stats import norm
 
 from .config import BOUND_METHODS, check_alpha, check_choice, check_sigma
 
@@ -20,12 +19,20 @@ ArrayLike = Union[float, np.ndarray, torch.Tensor]
 NO_GUARANTEE = -1.0
 
 
+def _norm():
+    """scipy.stats.norm, imported on first use: scipy.stats costs about a second to import, which every
+    ``import fs_mllm`` (every ``fs-mllm`` command, ``--help`` included) would otherwise pay."""
+    from scipy.stats import norm
+
+    return norm
+
+
 def _phi(x):
-    return torch.special.ndtr(x) if isinstance(x, torch.Tensor) else norm.cdf(x)
+    return torch.special.ndtr(x) if isinstance(x, torch.Tensor) else _norm().cdf(x)
 
 
 def _phi_inv(p):
-    return torch.special.ndtri(p) if isinstance(p, torch.Tensor) else norm.ppf(p)
+    return torch.special.ndtri(p) if isinstance(p, torch.Tensor) else _norm().ppf(p)
 
 
 def _as_values(value: ArrayLike, name: str):
@@ -114,7 +121,7 @@ def certified_radius(score: ArrayLike, sigma: float, threshold: float = 0.0) -> 
                          f"negative cosine: use 0 for the radius where the features stay within 90 degrees), got {threshold!r}")
     s = _as_values(score, "score")
     _check_unit_interval(s, "score")
-    offset = float(norm.ppf((1.0 + threshold) / 2.0))
+    offset = float(_norm().ppf((1.0 + threshold) / 2.0))
     if isinstance(s, torch.Tensor):
         radius = torch.clamp(sigma * (_phi_inv(s) - offset), min=0.0)
     else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from console_script import failure, run_fs_mllm
+from console_script import console_in_process, failure, run_fs_mllm
 from fs_mllm.cli import main
 
 OUT = "--output-dir"
@@ -66,9 +66,11 @@ def test_bad_value_exits_2_with_usage_before_any_work(argv, option, tmp_path, ca
     assert not out.exists(), "a rejected command wrote its output folder"
 
 
-def test_certify_radii_nan_as_a_user_runs_it(tmp_path):
-    """Issue 14 item 9: every image certified, then a ValueError and an empty certificates.jsonl."""
-    proc = run_fs_mllm(["certify", "--radii", "0.1,nan", "--output-dir", "out"], cwd=tmp_path, timeout=60)
+def test_certify_radii_nan_as_a_user_runs_it(tmp_path, monkeypatch, capsys):
+    """Issue 14 item 9: every image certified, then a ValueError and an empty certificates.jsonl. Through the
+    console script's entry point in-process (console_main: same parser, exit status, stderr); `fs-mllm certify`
+    runs as the installed script in tests/test_readme.py and below."""
+    proc = console_in_process(["certify", "--radii", "0.1,nan", "--output-dir", "out"], monkeypatch, capsys, cwd=tmp_path)
     assert proc.returncode == 2, failure(proc)
     assert "usage: fs-mllm certify" in proc.stderr and "--radii" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -83,11 +85,11 @@ def test_eval_without_a_task_is_a_usage_error(capsys):
         assert "usage: fs-mllm eval {vqa,caption}" in capsys.readouterr().err
 
 
-def test_certify_seed_chunk_size_and_normalize(tmp_path, capsys, monkeypatch):
+def test_certify_seed_chunk_size_and_normalize(tmp_path, capsys, monkeypatch, shared_mini_llava):
     """A published certificate should use a seed the attacker does not know: `fs-mllm certify --seed` sets the
     noise and is recorded in the summary; --normalize token certifies per token; bad values are usage errors
-    before any work. In-process through the console script's own parser (the README's `fs-mllm certify`
-    runs as a subprocess in tests/test_readme.py)."""
+    before any work. In-process through the console script's own parser, on the session's fs-mini-llava (the
+    README's `fs-mllm certify` runs as a subprocess in tests/test_readme.py)."""
     import json
 
     monkeypatch.chdir(tmp_path)
@@ -141,23 +143,6 @@ FOUND_WHILE_RUNNING = [
 ]
 
 
-def console_status(args: list, monkeypatch, capsys) -> tuple[int, str]:
-    """``fs-mllm ARGS`` in-process through the console script's entry point: (exit status, stderr)."""
-    import sys
-
-    from fs_mllm.cli import console_main
-
-    monkeypatch.setattr(sys, "argv", ["fs-mllm", *args])
-    try:
-        status = console_main()
-    except SystemExit as exc:  # argparse's usage errors (2), or sys.exit(message): Python prints it, status 1
-        status = exc.code
-        if isinstance(status, str):
-            print(status, file=sys.stderr)
-            status = 1
-    return status, capsys.readouterr().err
-
-
 @pytest.mark.parametrize("args, status, needle", FOUND_WHILE_RUNNING)
 def test_bad_input_found_while_running_is_one_line_and_leaves_no_folder(args, status, needle, tmp_path, monkeypatch,
                                                                         capsys):
@@ -171,7 +156,8 @@ def test_bad_input_found_while_running_is_one_line_and_leaves_no_folder(args, st
     _inputs(tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("FS_MLLM_TRACEBACK", raising=False)
-    got, err = console_status(args, monkeypatch, capsys)
+    proc = console_in_process(args, monkeypatch, capsys)
+    got, err = proc.returncode, proc.stderr
     assert got == status and needle in err, err
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists()

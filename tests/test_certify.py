@@ -62,7 +62,9 @@ def worst_case_similarity(encoder, x, eps):
     radii = torch.linspace(0, eps, 13, dtype=torch.float64)
     angles = torch.linspace(0, 2 * math.pi, 49, dtype=torch.float64)[:-1]
     grid = torch.stack([radii[:, None] * torch.cos(angles), radii[:, None] * torch.sin(angles)], -1).reshape(-1, 2)
-    sims = cosine(exact_smoothed(encoder, x[None] + grid), f_x)
+    # one ring of the disk at a time: the same values as all at once (bit for bit), with a working set that fits
+    # the CPU's cache (all 624 points x 1600 nodes at once took ~3x as long)
+    sims = torch.cat([cosine(exact_smoothed(encoder, x[None] + ring), f_x) for ring in grid.split(len(angles))])
     best = sims.argsort()[:3]
     delta = grid[best].clone().requires_grad_(True)
     for _ in range(30):

@@ -20,11 +20,10 @@ TINY = ["--n", "10", "--n0", "2", "--max-new-tokens", "3"]
 SYNTHETIC = ["certify", "--answers", "--dataset", "fs-synthetic-heldout", "--limit", "2", *TINY]
 
 
-@pytest.fixture(scope="module")
-def cached_model():
-    """fs-mini-llava loaded once for the module (each run unpatches it at its end)."""
-    loaded = fs_mllm.models.loading.load_model("fs-mini-llava")
-    return lambda model_id, **kwargs: loaded
+@pytest.fixture
+def cached_model(shared_mini_llava):
+    """fs-mini-llava loaded once for the session (tests/conftest.py; each run unpatches it at its end)."""
+    return lambda model_id, **kwargs: shared_mini_llava
 
 
 @pytest.fixture

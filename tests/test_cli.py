@@ -1,7 +1,6 @@
 """Each fs-mllm subcommand runs end to end on tiny settings, on the embedded real model."""
 
 import json
-import subprocess
 import sys
 
 import pytest
@@ -12,14 +11,24 @@ pytest.importorskip("onnx")
 pytest.importorskip("gguf")
 
 
-def test_help_explains_every_option():
+def test_help_explains_every_option(monkeypatch, capsys):
+    import runpy
+    import warnings
+
     for command in ("demo", "certify"):
         parser = build_parser()
         sub = parser._subparsers._group_actions[0].choices[command]
         for action in sub._actions:
             if action.dest != "help":
                 assert action.help, f"{command} {action.option_strings} has no help"
-    out = subprocess.run([sys.executable, "-m", "fs_mllm.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    # `python -m fs_mllm.cli --help`, in-process: the module run as __main__ with that argv, as -m runs it
+    monkeypatch.setattr(sys, "argv", ["fs_mllm.cli", "--help"])
+    with warnings.catch_warnings(), pytest.raises(SystemExit) as exc:
+        # runpy notes that this test already imported fs_mllm.cli; a fresh `python -m` has not
+        warnings.filterwarnings("ignore", message="'fs_mllm.cli' found in sys.modules", category=RuntimeWarning)
+        runpy.run_module("fs_mllm.cli", run_name="__main__", alter_sys=True)
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
     for command in ("demo", "certify", "attack", "eval", "train-gsb"):
         assert command in out
 
@@ -32,7 +41,7 @@ def test_bad_arguments_get_a_clear_error(capsys):
         main(["eval", "speech"])
 
 
-def test_certify_writes_certificates_curve_and_report(tmp_path):
+def test_certify_writes_certificates_curve_and_report(tmp_path, shared_mini_llava):
     out = tmp_path / "certify"
     main(["certify", "--limit", "1", "--n", "20", "--output-dir", str(out)])
     lines = (out / "certificates.jsonl").read_text().splitlines()
@@ -82,10 +91,12 @@ def test_command_help_lists_its_options(command, capsys):
         assert option in out
 
 
-def test_console_eval_help_as_a_user_runs_it(tmp_path):
-    from console_script import failure, run_fs_mllm
+def test_console_eval_help_as_a_user_runs_it(tmp_path, monkeypatch, capsys):
+    """Through the console script's entry point (console_main), in-process: `fs-mllm eval vqa` itself runs as the
+    installed script in tests/test_readme.py."""
+    from console_script import console_in_process, failure
 
-    proc = run_fs_mllm(["eval", "vqa", "--help"], cwd=tmp_path, timeout=60)
+    proc = console_in_process(["eval", "vqa", "--help"], monkeypatch, capsys, cwd=tmp_path)
     assert proc.returncode == 0, failure(proc)
     assert proc.stdout.startswith("usage: fs-mllm eval vqa") and "--attack-eps" in proc.stdout
 
@@ -114,7 +125,7 @@ def test_recipes_are_shims_over_the_package(name, monkeypatch, capsys):
     assert out.startswith(f"usage: {path.name} ") and "--" in out
 
 
-def test_certify_writes_nothing_when_it_fails_midway(tmp_path, monkeypatch):
+def test_certify_writes_nothing_when_it_fails_midway(tmp_path, monkeypatch, shared_mini_llava):
     """Issue 14 item 9: results are written at the end, all at once, or not at all."""
     import fs_mllm.cli as cli
 
@@ -138,7 +149,7 @@ def _attack_argv(out):
             "--steps", "1", "--max-new-tokens", "3", "--out", str(out)]
 
 
-def test_attack_resumes_after_a_torn_line_and_skips_done_rows(tmp_path, monkeypatch, capsys):
+def test_attack_resumes_after_a_torn_line_and_skips_done_rows(tmp_path, monkeypatch, capsys, shared_mini_llava):
     """Issue 14 item 11: a torn last line is cut, not glued onto; a rerun computes only what is missing."""
     import fs_mllm.evaluation.attack_pipeline as pipeline
 
@@ -165,9 +176,11 @@ def test_attack_resumes_after_a_torn_line_and_skips_done_rows(tmp_path, monkeypa
     assert "| base | 2 |" in capsys.readouterr().out  # the summary covers the rows of earlier runs
 
 
-def test_second_writer_on_a_folder_is_refused(tmp_path):
-    """Issue 14 item 13: while a run holds the folder, another run on it stops with a clear error."""
-    from console_script import failure, run_fs_mllm
+def test_second_writer_on_a_folder_is_refused(tmp_path, monkeypatch, capsys):
+    """Issue 14 item 13: while a run holds the folder, another run on it stops with a clear error. The second
+    run goes through the console script's entry point in-process (console_main: same exit status and stderr;
+    the lock is a flock, which a second open of the file is refused in one process as in another)."""
+    from console_script import console_in_process, failure
     from fs_mllm.evaluation.results import ResultsBusyError, ResultsLock
     from fs_mllm.evaluation.runner import shard_path
 
@@ -175,7 +188,7 @@ def test_second_writer_on_a_folder_is_refused(tmp_path):
     out.mkdir()
     lock = ResultsLock(shard_path(out, 0))
     try:
-        proc = run_fs_mllm(["eval", "vqa", "--limit", "1", "--output-dir", str(out)], cwd=tmp_path, timeout=120)
+        proc = console_in_process(["eval", "vqa", "--limit", "1", "--output-dir", str(out)], monkeypatch, capsys, cwd=tmp_path)
     finally:
         lock.release()
     assert proc.returncode == 1, failure(proc)
@@ -193,12 +206,14 @@ def test_second_writer_on_a_folder_is_refused(tmp_path):
     assert not (attack_out / "results.jsonl").exists()
 
 
-def test_ctrl_c_says_how_to_resume_and_the_rerun_resumes(tmp_path):
-    """Issue 14 item 18: SIGINT mid-run exits 130 with one line (no traceback); the same command resumes."""
+def test_ctrl_c_says_how_to_resume_and_the_rerun_resumes(tmp_path, monkeypatch, capsys, shared_mini_llava, one_thread):
+    """Issue 14 item 18: SIGINT mid-run exits 130 with one line (no traceback); the same command resumes. The
+    interrupted run is the installed script (a real SIGINT); the rerun goes through its entry point in-process
+    (console_main: same parser, exit status and output), on the session's fs-mini-llava."""
     import signal
     import time
 
-    from console_script import failure, run_fs_mllm, start_fs_mllm
+    from console_script import console_in_process, failure, start_fs_mllm
 
     argv = ["eval", "vqa", "--limit", "1", "--variants", "base,fs", "--attack-eps", "0.5", "--attack-steps", "1",
             "--n-samples", "2", "--max-new-tokens", "3", "--no-progress", "--output-dir", "out"]
@@ -220,7 +235,7 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_resumes(tmp_path):
     assert "interrupted; rerun the same command to resume" in err and "Traceback" not in err, err[-3000:]
     written = shard.read_text().count("\n")
     assert 1 <= written < 4
-    rerun = run_fs_mllm(argv, cwd=tmp_path)
+    rerun = console_in_process(argv, monkeypatch, capsys, cwd=tmp_path)
     assert rerun.returncode == 0, failure(rerun)
     keys = [tuple(json.loads(line)["key"]) for line in shard.read_text().splitlines()]
     assert len(keys) == len(set(keys)) == 2 * 2  # (example) x (base, fs) x (clean, eps 0.5)

@@ -752,8 +752,11 @@ def test_the_committed_demo_figures_are_what_the_default_demo_prints(tmp_path):
         [{k: r[k] for k in ("variant", "protocol", "eps", "n", "right_before", "right_after")} for r in committed]
 
 
-def test_attack_command_transfer_protocol_as_a_user_runs_it(tmp_path):
-    """`fs-mllm attack --protocol transfer --objective feature_target --target-image ...` on the embedded model."""
+def test_attack_command_transfer_protocol_as_a_user_runs_it(tmp_path, monkeypatch, capsys):
+    """`fs-mllm attack --protocol transfer --objective feature_target --target-image ...` on the embedded model.
+    The two runs as the installed script; its refusals in-process through the same entry point (console_main:
+    same parser, exit status and stderr)."""
+    from console_script import console_in_process
     from fs_mllm.synthetic import make_example
 
     target = tmp_path / "target.png"
@@ -773,9 +776,9 @@ def test_attack_command_transfer_protocol_as_a_user_runs_it(tmp_path):
 
     base_png, fs_png = (np.asarray(Image.open(r["adv_image"])) for r in sorted(rows, key=lambda r: r["mode"]))
     assert np.array_equal(base_png, fs_png)  # crafted once, without the defense
-    bad = subprocess.run([*command[:-2], "--out", str(tmp_path / "bad"), "--surrogates", "resnet"], capture_output=True, text=True, timeout=120)
+    bad = console_in_process([*command[1:-2], "--out", str(tmp_path / "bad"), "--surrogates", "resnet"], monkeypatch, capsys)
     assert bad.returncode == 2 and "--surrogates" in bad.stderr
-    missing = subprocess.run([c for c in command if c not in ("--target-image", str(target))], capture_output=True, text=True, timeout=120)
+    missing = console_in_process([c for c in command[1:] if c not in ("--target-image", str(target))], monkeypatch, capsys)
     assert missing.returncode == 2 and "--target-image" in missing.stderr
     # two views per gradient, the first one whole: rows of their own settings beside the first run's
     views = subprocess.run([*command, "--crop-views", "2", "--crop-full-view"], capture_output=True, text=True, timeout=600,
@@ -784,5 +787,5 @@ def test_attack_command_transfer_protocol_as_a_user_runs_it(tmp_path):
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert sorted((r["attack"]["crop_views"], r["attack"]["crop_full_view"]) for r in rows) == [(1, False)] * 2 + [(2, True)] * 2
     assert len({r["key"][2] for r in rows}) == 2
-    whole = subprocess.run([*command[:-2], "--out", str(tmp_path / "whole"), "--crop-full-view"], capture_output=True, text=True, timeout=120)
+    whole = console_in_process([*command[1:-2], "--out", str(tmp_path / "whole"), "--crop-full-view"], monkeypatch, capsys)
     assert whole.returncode == 2 and "crop_views" in whole.stderr and not (tmp_path / "whole").exists()

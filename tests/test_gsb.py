@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -573,9 +572,13 @@ def test_utility_training_resumes_from_the_copy_a_kill_left_behind(tmp_path):
         assert torch.equal(value, resumed.state_dict()[key]), key
 
 
-def test_recipe_writes_the_shipped_boosters_training_images_from_the_utility_training_scenes(tmp_path):
+def test_recipe_writes_the_shipped_boosters_training_images_from_the_utility_training_scenes(tmp_path, monkeypatch, capsys):
     """The recipe's image folder (train-gsb's input) holds the very scenes the utility stage trains on:
-    the synthetic *training* split, one seed in one place (fs_mllm.gsb_utility.training_scenes)."""
+    the synthetic *training* split, one seed in one place (fs_mllm.gsb_utility.training_scenes). The recipe
+    runs as `python recipes/make_mini_llava_booster.py ...` does (its file as __main__, that argv), in-process:
+    an exception is what a non-zero exit status would be."""
+    import runpy
+
     import numpy as np
     from PIL import Image
 
@@ -584,9 +587,9 @@ def test_recipe_writes_the_shipped_boosters_training_images_from_the_utility_tra
     from fs_mllm.synthetic import make_dataset
 
     script = Path(__file__).resolve().parent.parent / "recipes" / "make_mini_llava_booster.py"
-    proc = subprocess.run([sys.executable, str(script), "--write-train-images", str(tmp_path / "imgs"), "--synthetic", "2"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    monkeypatch.setattr(sys, "argv", [str(script), "--write-train-images", str(tmp_path / "imgs"), "--synthetic", "2"])
+    runpy.run_path(str(script), run_name="__main__")
+    assert "wrote 2 synthetic scenes" in capsys.readouterr().out
     names = sorted(p.name for p in (tmp_path / "imgs").iterdir())
     assert names == sorted(["synth_0000.png", "synth_0001.png"] + [f"photo_{n}.png" for n in TRAIN_PHOTOS])
     scenes = training_scenes(2)

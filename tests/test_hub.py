@@ -495,7 +495,10 @@ def _tiny_llava_with_processor(out: Path) -> Path:
     return out
 
 
-def test_fs_mllm_save_command_writes_a_loadable_folder(tmp_path):
+def test_fs_mllm_save_command_writes_a_loadable_folder(tmp_path, monkeypatch, capsys):
+    """The command as the installed script; its refusal and --help in-process through the same entry point
+    (console_main: same parser, exit status and output)."""
+    from console_script import console_in_process
     from fs_mllm.models.loading import load_model
 
     command = shutil.which("fs-mllm")
@@ -526,10 +529,10 @@ def test_fs_mllm_save_command_writes_a_loadable_folder(tmp_path):
     base_model, base_processor = load_model(str(out))  # --model accepts a saved folder: its base, unpatched
     assert not is_patched(base_model) and base_processor is not None
 
-    bad = subprocess.run([command, "save", "--model", str(base), "--output-dir", str(tmp_path / "x"), "--sigma", "-1"],
-                         env=_child_env(tmp_path / "hf-cache"), capture_output=True, text=True, timeout=300)
+    bad = console_in_process(["save", "--model", str(base), "--output-dir", str(tmp_path / "x"), "--sigma", "-1"],
+                             monkeypatch, capsys)
     assert bad.returncode != 0 and "sigma must be" in bad.stderr
-    helped = subprocess.run([command, "save", "--help"], env=_child_env(tmp_path / "hf-cache"), capture_output=True, text=True, timeout=300)
+    helped = console_in_process(["save", "--help"], monkeypatch, capsys)
     assert helped.returncode == 0 and "--include-weights" in helped.stdout
 
 
