@@ -21,7 +21,8 @@ This is neither of the project's two other claims:
 - **generate()** on a patched model averages n0 (``FSConfig.n_samples``) noisy copies' unit features and
   decodes *once* from that average. That is a different function from g (g votes over the answers of
   single noisy copies); what generate() returns is not certified by this module, and g is not what
-  generate() deploys. To deploy g, serve :func:`predict_smoothed` / the certificate's ``answer``.
+  generate() deploys. To deploy g, serve :func:`predict_answer` (Cohen's PREDICT) / the certificate's
+  ``answer``; :func:`attack_answer` is the adaptive attack on g that a certificate is checked against.
 
 h has two forms:
 
@@ -42,7 +43,7 @@ import functools
 import inspect
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -57,7 +58,7 @@ from .config import (
 from .smoothed_path import FSState, encoded_groups
 from .smoothing import DEFAULT_CHUNK_SIZE, check_images, image_noise_seed
 
-__all__ = ["AnswerCertificate", "certify_answer", "certify_smoothed", "predict_smoothed", "MIN_N", "ABSTAIN_RADIUS"]
+__all__ = ["AnswerCertificate", "attack_answer", "certify_answer", "certify_smoothed", "predict_answer", "predict_smoothed", "MIN_N", "ABSTAIN_RADIUS"]
 
 AnswersOf = Callable[[torch.Tensor], Sequence[str]]
 
@@ -353,6 +354,27 @@ class _ModelAnswers:
             scores = self._scores(inputs)
         return [self.labels[i] for i in scores.argmax(dim=1).tolist()]
 
+    def differentiable_scores(self, noisy: torch.Tensor) -> torch.Tensor:
+        """(k, C) total log-likelihood of each candidate, differentiable in ``noisy`` (the adaptive attack's):
+        one forward over the prompt scores every candidate's first token; longer candidates get a full forward
+        over prompt + candidate (no cache reuse, so autograd sees plain forwards)."""
+        inputs = self._inputs(noisy)
+        length = inputs["input_ids"].shape[1]
+        with base_feature_path(self.model, self.state):
+            first = self.model(**inputs).logits[:, -1].float().log_softmax(-1)
+            columns = []
+            for tokens in self.token_ids:
+                total = first[:, tokens[0]]
+                if len(tokens) > 1:
+                    rest = torch.tensor(tokens, device=noisy.device).unsqueeze(0).expand(noisy.shape[0], -1)
+                    ids = torch.cat([inputs["input_ids"], rest[:, :-1]], 1)
+                    logits = self.model(**{**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)}).logits
+                    log_probs = logits[:, length:].float().log_softmax(-1)
+                    total = total + log_probs.gather(-1, rest[:, 1:, None]).squeeze(-1).sum(-1)
+                columns.append(total)
+        self.forwards += 1
+        return torch.stack(columns, dim=1)
+
     def _generate(self, inputs: dict) -> list[str]:
         self.forwards += 1
         out = self.model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=self.max_new_tokens)
@@ -552,14 +574,189 @@ def certify_answer(
             without a tokenizer; inputs that are not processor outputs, with non-float pixel values, pixel
             values that do not decode into [0,1], or not one image per prompt.
     """
+    n0, n, alpha = check_counts(n0, n, _patched(model).config.alpha if alpha is None else alpha)
+    run = _prepare(model, inputs, candidates, sigma, batch_size, seed, processor, tokenizer, max_new_tokens)
+    results = []
+    for question, answers_of in run.questions():
+        cert = certify_smoothed(answers_of, question.image01, run.sigma, n0=n0, n=n, alpha=alpha,
+                                batch_size=run.batch_size, seed=run.seed)
+        cert.extra["decoder_forwards"] = answers_of.forwards
+        results.append(cert)
+    return results
+
+
+def predict_answer(
+    model: nn.Module,
+    inputs: Union[Mapping[str, Any], Sequence[Mapping[str, Any]]],
+    *,
+    candidates: Union[Sequence[str], Mapping[str, Sequence[int]], None] = None,
+    sigma: Optional[float] = None,
+    n: int = DEFAULT_ANSWER_N0,
+    alpha: Optional[float] = None,
+    batch_size: Optional[int] = None,
+    seed: int = 0,
+    processor: Any = None,
+    tokenizer: Any = None,
+    max_new_tokens: int = DEFAULT_ANSWER_TOKENS,
+) -> list[Optional[str]]:
+    """The smoothed classifier g's answer per question (Cohen et al.'s PREDICT), or None where it abstains.
+
+    The deployed form of what :func:`certify_answer` certifies: ``n`` noisy copies answered one by one as there;
+    the top answer is returned when its count beats the runner-up's in a two-sided binomial test at level
+    ``alpha``, so a returned answer differs from g(x) with probability <= alpha.
+
+    Args:
+        model: a model patched with ``fs_mllm.patch_model`` (as for :func:`certify_answer`).
+        inputs: processor outputs, one image per prompt (as for :func:`certify_answer`).
+        candidates: None = open set (greedy decoding), else the closed set (as for :func:`certify_answer`).
+        sigma: Gaussian noise std in [0,1] pixel space; default the patch's sigma.
+        n: noisy copies per question, >= 1.
+        alpha: the test's level, in (0, 0.5); default the patch's FSConfig.alpha.
+        batch_size: noisy copies per decoder call (default the patch's chunk_size, else 32).
+        seed: noise seed, 0 <= seed < 2**63 (the same streams as certify_answer's first draws).
+        processor: the processor whose ``.tokenizer`` is used (not together with ``tokenizer``).
+        tokenizer: the tokenizer for string candidates and open-set decoding.
+        max_new_tokens: open set: tokens greedily decoded per noisy copy, >= 1.
+
+    Returns:
+        One answer (a candidate label or a normalised open-set answer) or None (abstain) per prompt, in order.
+
+    Raises:
+        ValueError: before any model call, on the bad input :func:`certify_answer` refuses (n >= 1 here).
+    """
+    n = check_n(n, "n", minimum=1)
+    alpha = check_alpha(_patched(model).config.alpha if alpha is None else alpha)
+    if not alpha < 0.5:
+        raise ValueError(f"alpha must lie in (0, 0.5) (the test's level, e.g. 0.001), got {alpha!r}")
+    run = _prepare(model, inputs, candidates, sigma, batch_size, seed, processor, tokenizer, max_new_tokens)
+    return [predict_smoothed(answers_of, question.image01, run.sigma, n=n, alpha=alpha, batch_size=run.batch_size,
+                             seed=run.seed) for question, answers_of in run.questions()]
+
+
+def attack_answer(
+    model: nn.Module,
+    inputs: Mapping[str, Any],
+    answers: Sequence[str],
+    *,
+    candidates: Union[Sequence[str], Mapping[str, Sequence[int]]],
+    eps: float,
+    sigma: Optional[float] = None,
+    steps: int = 10,
+    eot_samples: int = 16,
+    step_size: Optional[float] = None,
+    seed: int = 0,
+    processor: Any = None,
+    tokenizer: Any = None,
+) -> dict[str, Any]:
+    """The adaptive attack on g (closed set): l2 PGD through the smoothed classifier itself, in pixel space.
+
+    SmoothAdv's objective (Salman et al. 2019): minimise log of g's soft vote for ``answers[b]``, the mean over
+    ``eot_samples`` fresh noisy copies of the softmax over the candidates' log-likelihoods, each copy run through
+    the same single-copy path as :func:`certify_answer` (vision path, booster, decoder). It is what an attacker
+    who knows the defence does; a certificate of radius r promises it cannot change g(x) within r.
+
+    Args:
+        model: a model patched with ``fs_mllm.patch_model``.
+        inputs: processor outputs for B prompts, one image each (a dict, as for :func:`certify_answer`).
+        answers: per prompt, the candidate label to push g away from (e.g. each certificate's answer).
+        candidates: the closed set (as for :func:`certify_answer`).
+        eps: l2 budget in [0,1] pixel space, > 0 (e.g. 0.95 x a certificate's radius).
+        sigma: Gaussian noise std in [0,1] pixel space; default the patch's sigma.
+        steps: PGD steps, >= 1.
+        eot_samples: noisy copies per gradient, >= 1.
+        step_size: l2 length of a step; default 2.5 * eps / steps.
+        seed: the attack's own noise seed (not the certificate's).
+        processor: the processor whose ``.tokenizer`` is used (not together with ``tokenizer``).
+        tokenizer: the tokenizer for string candidates.
+
+    Returns:
+        ``inputs`` with ``pixel_values`` replaced by the adversarial images' (each within l2 ``eps`` of its
+        [0,1] image, clamped to [0,1]), ready for :func:`predict_answer` / :func:`certify_answer`.
+
+    Raises:
+        ValueError: before any model call, on the bad input :func:`certify_answer` refuses, an answer that is not
+            a candidate, one answer count per prompt missing, or eps, steps, eot_samples, step_size out of range.
+    """
+    from .arguments import check_float
+
+    if not isinstance(inputs, Mapping):
+        raise ValueError("inputs must be one dict of processor outputs (attack_answer returns it with new pixel_values)")
+    if candidates is None:
+        raise ValueError("candidates: attack_answer needs the closed set (its objective is the soft vote over candidates)")
+    eps = check_float(eps, "eps")
+    steps = _check_int(steps, "steps", 1, "PGD steps")
+    eot_samples = _check_int(eot_samples, "eot_samples", 1, "noisy copies per gradient")
+    step_size = 2.5 * eps / steps if step_size is None else check_float(step_size, "step_size")
+    run = _prepare(model, inputs, candidates, sigma, None, seed, processor, tokenizer, 1)
+    pairs = list(run.questions())
+    if isinstance(answers, str) or len(answers) != len(pairs):
+        raise ValueError(f"answers must hold one candidate label per prompt ({len(pairs)}), got {answers!r:.200}")
+    unknown = [a for a in answers if a not in run.labels]
+    if unknown:
+        raise ValueError(f"answers {unknown!r:.200} are not candidates {run.labels!r:.200}")
+    generator = torch.Generator(device=pairs[0][0].image01.device).manual_seed(run.seed)
+    adversarial = [_pgd_l2(answers_of, question.image01, run.labels.index(answer), run.sigma, eps, steps, eot_samples,
+                           step_size, generator) for (question, answers_of), answer in zip(pairs, answers)]
+    adapter = run.state.adapter
+    rows = {key: torch.stack([torch.as_tensor(q.image_rows[key]) for q, _ in pairs]) for key in pairs[0][0].image_rows}
+    pixels = adapter.pixels_to_model_inputs(run.hf_model, torch.stack(adversarial), run.state.image_mean,
+                                            run.state.image_std, **rows)["pixel_values"]
+    return {**inputs, "pixel_values": pixels.to(dtype=inputs["pixel_values"].dtype, device=inputs["pixel_values"].device)}
+
+
+def _pgd_l2(answers_of: "_ModelAnswers", image01: torch.Tensor, target: int, sigma: float, eps: float, steps: int,
+            eot_samples: int, step_size: float, generator: torch.Generator) -> torch.Tensor:
+    """l2 PGD on log(mean_j softmax(scores(x' + e_j))[target]), projected to the eps ball and [0,1]."""
+    x = image01.float()
+    delta = torch.zeros_like(x)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        noise = torch.randn((eot_samples,) + tuple(x.shape), generator=generator, device=x.device) * sigma
+        with torch.enable_grad():
+            scores = answers_of.differentiable_scores((x + delta).unsqueeze(0) + noise)
+            loss = scores.softmax(dim=1).mean(0)[target].clamp_min(1e-30).log()
+            (grad,) = torch.autograd.grad(loss, delta)
+        with torch.no_grad():
+            delta = delta - step_size * grad / grad.norm().clamp_min(1e-12)
+            norm = delta.norm()
+            if norm > eps:
+                delta = delta * (eps / norm)
+            delta = (x + delta).clamp(0, 1) - x
+    return (x + delta).detach()
+
+
+class _Prepared(NamedTuple):
+    hf_model: nn.Module
+    state: FSState
+    sigma: float
+    batch_size: int
+    seed: int
+    labels: Optional[list[str]]
+    prepared: list  # (questions, pixel dtype) per batch of inputs
+    answers_for: Callable[[_Question, torch.dtype], "_ModelAnswers"]
+
+    def questions(self) -> Iterator[tuple[_Question, "_ModelAnswers"]]:
+        for questions, pixel_dtype in self.prepared:
+            for question in questions:
+                yield question, self.answers_for(question, pixel_dtype)
+
+
+def _patched(model: nn.Module) -> FSState:
     from .patching import get_fs_state, is_patched
 
     hf_model = unwrap_model(model)
     if not is_patched(hf_model):
         raise ValueError("model is not patched; call fs_mllm.patch_model(model, sigma=..., processor=...) first "
                          "(certify_answer certifies the patched pipeline, booster included)")
-    patched = get_fs_state(hf_model)
-    n0, n, alpha = check_counts(n0, n, patched.config.alpha if alpha is None else alpha)
+    return get_fs_state(hf_model)
+
+
+def _prepare(model: nn.Module, inputs: Any, candidates: Any, sigma: Any, batch_size: Any, seed: Any, processor: Any,
+             tokenizer: Any, max_new_tokens: Any) -> _Prepared:
+    """Every check of certify_answer / predict_answer / attack_answer's shared arguments, before any model call,
+    and the questions with their base answer function h."""
+    hf_model = unwrap_model(model)
+    patched = _patched(hf_model)
     sigma = patched.config.sigma if sigma is None else check_sigma(sigma)
     seed = check_seed(seed)
     batch_size = check_chunk_size(batch_size) or patched.config.chunk_size or DEFAULT_CHUNK_SIZE
@@ -584,13 +781,9 @@ def certify_answer(
     if not batches:
         raise ValueError("inputs is an empty list; pass processor outputs")
     prepared = [_questions(hf_model, state, batch) for batch in batches]  # every input checked before any model call
-    results = []
-    for questions, pixel_dtype in prepared:
-        for question in questions:
-            answers_of = _ModelAnswers(hf_model, state, question, pixel_dtype, labels=labels, token_ids=token_ids,
-                                       tokenizer=tokenizer, max_new_tokens=max_new_tokens)
-            cert = certify_smoothed(answers_of, question.image01, sigma, n0=n0, n=n, alpha=alpha,
-                                    batch_size=batch_size, seed=seed)
-            cert.extra["decoder_forwards"] = answers_of.forwards
-            results.append(cert)
-    return results
+
+    def answers_for(question: _Question, pixel_dtype: torch.dtype) -> _ModelAnswers:
+        return _ModelAnswers(hf_model, state, question, pixel_dtype, labels=labels, token_ids=token_ids,
+                             tokenizer=tokenizer, max_new_tokens=max_new_tokens)
+
+    return _Prepared(hf_model, state, sigma, batch_size, seed, labels, prepared, answers_for)

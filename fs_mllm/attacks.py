@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -497,27 +498,104 @@ def _sequence_loss(model: nn.Module, text_inputs: Mapping[str, torch.Tensor], im
     return (token_loss * counted).sum(1) / counted.sum(1).clamp_min(1.0)
 
 
+GENERATE_BATCH_SIZE = 16
+"""generate_text's default prompts per ``generate`` (a smoothed variant encodes n0 copies of each image)."""
+
+
 @torch.no_grad()
 def generate_text(model: nn.Module, processor_or_tokenizer: Any, images01: torch.Tensor,
                   prompts: Union[Sequence[str], Mapping[str, Any]], max_new_tokens: int = 20,
-                  image_mean: Any = None, image_std: Any = None, **image_kwargs: Any) -> list[str]:
-    """Greedy answers for [0,1] images (one generate per image, so no padding side matters)."""
+                  image_mean: Any = None, image_std: Any = None, batch_size: int = GENERATE_BATCH_SIZE,
+                  features: Optional[list] = None, **image_kwargs: Any) -> list[str]:
+    """Greedy answers for [0,1] images, up to ``batch_size`` prompts of the same token length per ``generate``.
+
+    Rows are grouped by length so no padding enters a batch (answers do not depend on a padding side),
+    and each answer is cut after its first end-of-sequence token, as a generate of its own would stop.
+    Batching shares the decoder's weight reads across the rows of a decoding step. With ``features`` (a
+    list), the image features (B, T, D) the decoder was given, as :func:`image_features` returns them, are
+    appended to it: taken from the model's own call inside ``generate`` (no second pass through a smoothed
+    path), or computed by :func:`image_features` where that call could not be read back.
+    """
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
     adapter = get_adapter(model)
     mean, std = _resolve_mean_std(model, adapter, processor_or_tokenizer, image_mean, image_std)
     text = build_text_inputs(processor_or_tokenizer, images01, prompts)
     tokenizer = _tokenizer_of(processor_or_tokenizer)
     device, _ = _model_device_dtype(model)
     forward_names = set(inspect.signature(unwrap_model(model).forward).parameters)
-    outputs = []
-    for i in range(images01.shape[0]):
-        keep = text["attention_mask"][i].bool()
-        row = {k: v[i][keep].unsqueeze(0).to(device) for k, v in text.items() if k != "labels"}
-        row_kwargs = {k: torch.as_tensor(v)[i:i + 1] for k, v in image_kwargs.items() if v is not None}
-        images = _image_inputs(model, adapter, images01[i:i + 1], mean, std, row_kwargs)
-        images = {k: v for k, v in images.items() if k in forward_names}
-        generated = model.generate(**row, **images, max_new_tokens=max_new_tokens, do_sample=False)
-        outputs.append(tokenizer.decode(generated[0, row["input_ids"].shape[1]:], skip_special_tokens=True))
-    return outputs
+    stop_ids = _stop_token_ids(model)
+    lengths = text["attention_mask"].sum(1).tolist()
+    groups: dict[int, list[int]] = {}
+    for i, length in enumerate(lengths):
+        groups.setdefault(int(length), []).append(i)
+    outputs: list[Optional[str]] = [None] * images01.shape[0]
+    recorded: list[Optional[torch.Tensor]] = [None] * images01.shape[0]
+    for length, members in groups.items():
+        for start in range(0, len(members), batch_size):
+            rows = members[start:start + batch_size]
+            index = torch.tensor(rows)
+            # right padding: a row's first `length` tokens are all of it (every row of the group has that length)
+            batch = {k: v[index, :length].to(device) for k, v in text.items() if k != "labels"}
+            row_kwargs = {k: torch.as_tensor(v)[index] for k, v in image_kwargs.items() if v is not None}
+            images = _image_inputs(model, adapter, images01[index], mean, std, row_kwargs)
+            images = {k: v for k, v in images.items() if k in forward_names}
+            with _recording_features(model, adapter, len(rows), features is not None) as calls:
+                generated = model.generate(**batch, **images, max_new_tokens=max_new_tokens, do_sample=False)
+            for j, i in enumerate(rows):
+                outputs[i] = tokenizer.decode(_until_stop(generated[j, length:].tolist(), stop_ids), skip_special_tokens=True)
+            if features is not None:
+                taken = calls[0] if len(calls) == 1 else image_features(
+                    model, images01[index], image_mean, image_std, processor_or_tokenizer, **row_kwargs)
+                for j, i in enumerate(rows):
+                    recorded[i] = taken[j].detach()
+    if features is not None:
+        features.append(torch.stack(recorded))
+    return outputs  # type: ignore[return-value]
+
+
+def _stop_token_ids(model: nn.Module) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(t) for t in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+def _until_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
+    """A row's new tokens up to and including its first stop token (later ones are a batch's padding)."""
+    for position, token in enumerate(tokens):
+        if token in stop_ids:
+            return tokens[:position + 1]
+    return tokens
+
+
+@contextlib.contextmanager
+def _recording_features(model: nn.Module, adapter: FamilyAdapter, count: int, enabled: bool) -> Iterator[list]:
+    """Within the block, the decoder-facing features of each call of the model's image-feature function
+    (as :func:`image_features` returns them) are appended to the yielded list; the function is restored after."""
+    calls: list[torch.Tensor] = []
+    if not enabled:
+        yield calls
+        return
+    owner = adapter.feature_owner(unwrap_model(model))
+    name = adapter.feature_function
+    had_own, own = name in owner.__dict__, owner.__dict__.get(name)
+    function = getattr(owner, name)
+    names = list(inspect.signature(function).parameters)
+
+    @functools.wraps(function)
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        output = function(*args, **kwargs)
+        calls.append(adapter.call_features(output, count, {**dict(zip(names, args)), **kwargs}))
+        return output
+
+    owner.__dict__[name] = recording
+    try:
+        yield calls
+    finally:
+        if had_own:
+            owner.__dict__[name] = own
+        else:
+            del owner.__dict__[name]
 
 
 # ---------------------------------------------------------------------------------------------

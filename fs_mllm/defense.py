@@ -580,6 +580,9 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
         def target_answers() -> list[str]:
             return generate_text(model, processor, targets, attack_prompts, settings.max_new_tokens) if needs_targets else []
 
+        # the variant's features of the clean attack images (FCS of every transfer and noise row), read back from
+        # the generate that answers them; computed again only when the answers were read back from a checkpoint
+        captured: list[torch.Tensor] = []
         if state is None:
             s_low: list[float] = []
             if variant != "base" and settings.certify_images:
@@ -588,7 +591,8 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
                     certificates += certify_model(model, attack_images[i:i + 1], n=settings.certify_n, alpha=settings.alpha)
                 s_low = [c.score_lower for c in certificates]
             state = keep(("state", variant, "", 0.0), {
-                "clean_attack_out": generate_text(model, processor, attack_images, attack_prompts, settings.max_new_tokens),
+                "clean_attack_out": generate_text(model, processor, attack_images, attack_prompts, settings.max_new_tokens,
+                                                  features=captured),
                 "target_out": target_answers(),
                 "s_low": s_low, "booster": module_fingerprint(booster) if variant == "fs+gsb" else None})
         elif needs_targets and not state["target_out"]:  # a resumed run that adds the first transfer budget
@@ -609,20 +613,21 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
                                  "right_after": sum(clean_correct), **certified(sigma / 2)})
         rows.append(row)
         bar.update()
-        clean_features = None  # the variant's features of the clean attack images, once for every transfer budget
         for key, (protocol, norm, eps) in zip(keys[1:], budgets):
             row = saved(key)
             if row is None:
+                count = adaptive_count if protocol == "adaptive" else len(attack_items)  # the first `count` items
                 if protocol in ("transfer", "noise"):  # FCS as this variant's decoder sees the replayed images
-                    adv = replayed[protocol, eps]
-                    with torch.no_grad():
-                        if clean_features is None:
-                            clean_features = image_features(model, attack_images, processor=processor)
-                        fcs = feature_cosine(clean_features, image_features(model, adv, processor=processor)).tolist()
+                    adv, adv_features = replayed[protocol, eps], []
+                    adv_out = generate_text(model, processor, adv, attack_prompts, settings.max_new_tokens,
+                                            features=adv_features)
+                    if not captured:
+                        with torch.no_grad():
+                            captured.append(image_features(model, attack_images, processor=processor))
+                    fcs = feature_cosine(captured[0], adv_features[0]).tolist()
                 else:
                     adv, fcs = adaptive_attack(variant, norm, eps)
-                count = adaptive_count if protocol == "adaptive" else len(attack_items)  # the first `count` items
-                adv_out = generate_text(model, processor, adv, attack_prompts[:count], settings.max_new_tokens)
+                    adv_out = generate_text(model, processor, adv, attack_prompts[:count], settings.max_new_tokens)
                 metrics = answer_metrics(state["clean_attack_out"][:count], adv_out, attack_answers[:count],
                                          state["target_out"] if protocol == "transfer" else None)
                 radius = _l2_radius(norm, eps, attack_images[0])

@@ -393,3 +393,71 @@ def test_unpatched_model_is_refused_before_any_model_call():
 def test_exported():
     assert fs_mllm.certify_answer is certify_answer and fs_mllm.AnswerCertificate is AnswerCertificate
     assert {"certify_answer", "AnswerCertificate"} <= set(fs_mllm.__all__)
+
+
+# ---------------------------------------------------------------------------------------------
+# (e) the adaptive attack on g through the real pipeline cannot move a certified answer inside its radius
+# ---------------------------------------------------------------------------------------------
+
+SINGLE_TOKEN = {"a": [5], "b": [6], "c": [7], "d": [8]}
+
+
+@pytest.fixture(scope="module")
+def image_driven():
+    """A tiny LLaVA whose answer follows its image: the projector scaled up so image features dominate the
+    decoder's input (at random scale every image gets the same answer, and no attack could move anything)."""
+    model, inputs = build_llava(batch=8)
+    with torch.no_grad():
+        for weight in model.model.multi_modal_projector.parameters():
+            weight.mul_(30.0)
+    fs_mllm.patch_model(model, sigma=SIGMA, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
+    images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(11))
+    inputs["pixel_values"] = get_adapter(model).pixels_to_model_inputs(model, images, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)["pixel_values"]
+    return model, inputs
+
+
+def test_adaptive_attack_inside_the_radius_never_changes_a_certified_answer(image_driven):
+    """SmoothAdv PGD with EOT through each noisy copy's vision path and decoder (attack_answer), at 0.95 x each
+    certified radius, then g at the attacked image estimated with fresh noise (predict_answer): the answer is the
+    certified one or PREDICT abstains. The same attack at 3 x the radius does change g, so it has teeth."""
+    from fs_mllm.answer_certify import attack_answer, predict_answer
+
+    model, inputs = image_driven
+    certs = certify_answer(model, inputs, candidates=SINGLE_TOKEN, n0=20, n=200, alpha=0.001, seed=1)
+    certified = [b for b, c in enumerate(certs) if not c.abstained]
+    assert len(set(certs[b].answer for b in certified)) >= 3  # the answers follow the images
+    changed_beyond = 0
+    for b in certified:
+        one = {k: v[b:b + 1] for k, v in inputs.items()}
+        for scale in (0.95, 3.0):
+            adv = attack_answer(model, one, [certs[b].answer], candidates=SINGLE_TOKEN, eps=scale * certs[b].radius,
+                                steps=10, eot_samples=16, seed=5)
+            moved = get_adapter(model).model_inputs_to_pixels(model, adv["pixel_values"], OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+            start = get_adapter(model).model_inputs_to_pixels(model, one["pixel_values"], OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+            assert (moved - start).norm() <= scale * certs[b].radius * (1 + 1e-4) and 0 <= moved.min() and moved.max() <= 1
+            predicted = predict_answer(model, adv, candidates=SINGLE_TOKEN, n=200, alpha=0.001, seed=99)[0]
+            if scale < 1:
+                assert predicted in (certs[b].answer, None), (b, certs[b], predicted)
+            else:
+                changed_beyond += predicted not in (certs[b].answer, None)
+    assert changed_beyond >= 1
+
+
+def test_attack_and_predict_refuse_bad_input_before_any_model_call(no_model_call):
+    from fs_mllm.answer_certify import attack_answer, predict_answer
+
+    model, inputs = no_model_call
+    with pytest.raises(ValueError, match="eps"):
+        attack_answer(model, inputs, ["a"] * 3, candidates=CANDIDATES, eps=0.0)
+    with pytest.raises(ValueError, match="not candidates"):
+        attack_answer(model, inputs, ["a", "a", "zz"], candidates=CANDIDATES, eps=0.1)
+    with pytest.raises(ValueError, match="one candidate label per prompt"):
+        attack_answer(model, inputs, ["a"], candidates=CANDIDATES, eps=0.1)
+    with pytest.raises(ValueError, match="closed set"):
+        attack_answer(model, inputs, ["a"] * 3, candidates=None, eps=0.1)
+    with pytest.raises(ValueError, match="steps"):
+        attack_answer(model, inputs, ["a"] * 3, candidates=CANDIDATES, eps=0.1, steps=0)
+    with pytest.raises(ValueError, match="alpha"):
+        predict_answer(model, inputs, candidates=CANDIDATES, alpha=0.5)
+    with pytest.raises(ValueError, match="n must"):
+        predict_answer(model, inputs, candidates=CANDIDATES, n=0)

@@ -474,3 +474,46 @@ def test_idefics_padded_pixels_of_a_real_sub_image_are_not_noised(family):
     assert encoded.shape[0] == 4 * N
     padded = [copy for copy in encoded if torch.count_nonzero(copy[:, :, 20:]) == 0]
     assert len(padded) == N and all(torch.count_nonzero(copy[:, :, :20]) > 0 for copy in padded)
+
+
+class _IdsAsText:
+    """A tokenizer stand-in for the tiny models (they have none): decodes token ids as their numbers."""
+
+    def __call__(self, *args, **kwargs):
+        raise AssertionError("generate_text was given token inputs; it must not tokenise")
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(int(i)) for i in ids)
+
+
+@pytest.mark.parametrize("patched", [False, True], ids=["base", "patched"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_text_in_one_batch_answers_and_features_as_one_image_at_a_time(family, patched):
+    """generate_text batches prompts of one length: each answer, and the decoder-facing features it reads back
+    from the model's own call, are those of a generate of that prompt alone (every family's batch layout)."""
+    from fs_mllm.attacks import _TOKEN_KEYS, generate_text, image_features
+
+    model, inputs = build(family)
+    adapter = get_adapter(model)
+    extra = {k: v for k, v in image_kwargs(model, inputs).items() if k != "pixel_values"}
+    pixels = adapter.model_inputs_to_pixels(model, inputs["pixel_values"], MEAN, STD, **extra)
+    rows = {k: torch.stack(v) for k, v in adapter.per_image_rows(model, inputs["pixel_values"], extra).items()}
+    # per-prompt inputs that are neither tokens nor pixels (Mllama's cross-attention mask) go with the image kwargs
+    rows.update({k: v for k, v in inputs.items() if k not in _TOKEN_KEYS and k != "pixel_values" and k not in rows})
+    prompts = {k: v for k, v in inputs.items() if k in _TOKEN_KEYS}
+    count = prompts["input_ids"].shape[0]
+    assert count >= 2
+    if pixels.shape[0] != count:
+        pytest.skip(f"the tiny {family} packs {pixels.shape[0] // count} images per prompt; generate_text takes one per prompt")
+    if patched:
+        patch(model, sigma=0.25, n_samples=N)
+    scale = {} if patched else {"image_mean": MEAN, "image_std": STD}
+    features: list[torch.Tensor] = []
+    together = generate_text(model, _IdsAsText(), pixels, prompts, 3, features=features, **scale, **rows)
+    alone = [generate_text(model, _IdsAsText(), pixels[i:i + 1], {k: v[i:i + 1] for k, v in prompts.items()}, 3,
+                           batch_size=1, **scale, **{k: v[i:i + 1] for k, v in rows.items()})[0] for i in range(count)]
+    assert together == alone
+    with torch.no_grad():
+        expected = image_features(model, pixels, **scale, **{k: v for k, v in rows.items() if k in extra})
+    assert len(features) == 1 and features[0].shape == expected.shape
+    torch.testing.assert_close(features[0].float(), expected.float(), atol=1e-5 * expected.abs().max().item(), rtol=1e-4)
