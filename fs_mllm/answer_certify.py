@@ -52,7 +52,7 @@ from . import stats
 from .adapters.base import unwrap_model
 from .answers import normalize_answer
 from .config import (
-    DEFAULT_ANSWER_N0, DEFAULT_ANSWER_TOKENS, DEFAULT_CERTIFY_N, FSConfig, check_alpha, check_chunk_size, check_n, check_seed,
+    DEFAULT_ALPHA, DEFAULT_ANSWER_N0, DEFAULT_ANSWER_TOKENS, DEFAULT_CERTIFY_N, FSConfig, check_alpha, check_chunk_size, check_n, check_seed,
     check_sigma,
 )
 from .smoothed_path import FSState, encoded_groups
@@ -65,7 +65,6 @@ AnswersOf = Callable[[torch.Tensor], Sequence[str]]
 MIN_N = 10  # fewer estimation samples cannot certify anything useful at any reasonable alpha
 ABSTAIN_RADIUS = 0.0  # the radius of an abstained certificate (its answer is None)
 TOP_COUNTS = 5  # how many of the most frequent answers a certificate reports
-DEFAULT_ALPHA = FSConfig().alpha
 # [0,1] decoding of pixel_values may miss the unit interval by rounding; beyond this it is an input error
 _RANGE_TOLERANCE = {torch.float16: 4 / 255, torch.bfloat16: 4 / 255}
 _FLOAT_RANGE_TOLERANCE = 1 / 255

@@ -61,7 +61,7 @@ from torch import nn
 from . import adapters as _adapters  # noqa: F401  (registers every family)
 from .adapters.base import FamilyAdapter, get_adapter, unwrap_model
 from .arguments import check_float, check_int
-from .config import check_bool, check_seed
+from .config import DEFAULT_GENERATE_BATCH, check_bool, check_seed
 from .normalization import resolve_mean_std
 from .patching import config_override, get_fs_state, is_patched, undefended
 from .smoothing import check_images
@@ -498,14 +498,10 @@ def _sequence_loss(model: nn.Module, text_inputs: Mapping[str, torch.Tensor], im
     return (token_loss * counted).sum(1) / counted.sum(1).clamp_min(1.0)
 
 
-GENERATE_BATCH_SIZE = 16
-"""generate_text's default prompts per ``generate`` (a smoothed variant encodes n0 copies of each image)."""
-
-
 @torch.no_grad()
 def generate_text(model: nn.Module, processor_or_tokenizer: Any, images01: torch.Tensor,
                   prompts: Union[Sequence[str], Mapping[str, Any]], max_new_tokens: int = 20,
-                  image_mean: Any = None, image_std: Any = None, batch_size: int = GENERATE_BATCH_SIZE,
+                  image_mean: Any = None, image_std: Any = None, batch_size: int = DEFAULT_GENERATE_BATCH,
                   features: Optional[list] = None, **image_kwargs: Any) -> list[str]:
     """Greedy answers for [0,1] images, up to ``batch_size`` prompts of the same token length per ``generate``.
 

@@ -23,8 +23,12 @@ SIGMA_MAX = 10.0
 SEED_LIMIT = 2**63
 # Monte-Carlo samples per certificate (DESIGN.md section 2: n = 1000 for certification; alpha's default is FSConfig.alpha).
 DEFAULT_CERTIFY_N = 1000
+DEFAULT_ALPHA = 0.001  # a certificate's failure probability (DESIGN.md section 2)
+DEFAULT_BOUND_METHOD = "bernstein"  # the lower confidence bound on the robustness score (fs_mllm.stats)
+DEFAULT_CHUNK_SIZE = 32  # noisy copies per encoder call when chunk_size is None (a memory knob; results do not depend on it)
 DEFAULT_ANSWER_N0 = 100  # certify_answer: noisy copies that select the answer before the n that certify it
 DEFAULT_ANSWER_TOKENS = 10  # certify_answer, open set: tokens greedily decoded per noisy copy
+DEFAULT_GENERATE_BATCH = 16  # generate_text: prompts per generate() (a smoothed variant encodes n0 copies of each image)
 
 
 def _real(value: Any, name: str, what: str) -> float:
@@ -178,8 +182,8 @@ class FSConfig:
     seed: int = field(default=0, metadata={"help": "seed of the smoothing noise (same seed, same result)"})
     normalize: str = field(default="global", metadata={"help": "global: one unit vector per image; token: per visual token",
                                                        "choices": NORMALIZE_MODES})
-    alpha: float = field(default=0.001, metadata={"help": "certificate failure probability"})
-    method: str = field(default="bernstein", metadata={"help": "lower confidence bound on the robustness score",
+    alpha: float = field(default=DEFAULT_ALPHA, metadata={"help": "certificate failure probability"})
+    method: str = field(default=DEFAULT_BOUND_METHOD, metadata={"help": "lower confidence bound on the robustness score",
                                                        "choices": BOUND_METHODS})
     smooth_video: bool = field(default=False, metadata={"help": "also smooth video frames that reach the image-feature "
                                                                 "function (default: videos pass through unsmoothed)"})

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from .attacks import AttackConfig, attack, feature_cosine, generate_text, image_features, without_added_defaults
 from .certify import certify_model
-from .config import FSConfig
+from .config import DEFAULT_ALPHA, DEFAULT_CERTIFY_N, FSConfig
 from .patching import patch_model, unpatch_model
 from .stats import fcsb
 
@@ -97,8 +97,8 @@ class DefenseSettings:
     eot_samples: int = 8
     adaptive_objective: str = "untargeted"
     certify_images: int = 16
-    certify_n: int = 1000
-    alpha: float = 0.001
+    certify_n: int = DEFAULT_CERTIFY_N
+    alpha: float = DEFAULT_ALPHA
     max_new_tokens: int = 6
     seed: int = 0
     noise_linf: Optional[tuple[float, ...]] = None  # the random-noise control's budgets; None: the transfer budgets

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import SEED_LIMIT, check_seed, check_sigma
+from .config import DEFAULT_ALPHA, DEFAULT_BOUND_METHOD, DEFAULT_CERTIFY_N, SEED_LIMIT, check_seed, check_sigma
 from . import image_io
 from .gsb import CONFIG_NAME, WEIGHTS_NAME, GaussianSmoothnessBooster
 from .image_io import to_float_rgb
@@ -610,10 +610,10 @@ def evaluate_certificates(
     encoder: Encoder,
     images: torch.Tensor,
     sigma: float,
-    n: int = 1000,
-    alpha: float = 0.001,
-    method: str = "bernstein",
-    chunk_size: int = 50,
+    n: int = DEFAULT_CERTIFY_N,
+    alpha: float = DEFAULT_ALPHA,
+    method: str = DEFAULT_BOUND_METHOD,
+    chunk_size: Optional[int] = None,
     seed: int = 0,
     reference: Optional[Encoder] = None,
 ) -> list[dict]:
@@ -804,8 +804,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         device = accelerator.device
         held = held.to(device)
         for sigma in args.eval_sigmas:
-            before = evaluate_certificates(encoder, held, sigma, n=args.eval_n, chunk_size=50)
-            after = evaluate_certificates(boosted_encoder(encoder, booster, sigma), held, sigma, n=args.eval_n, chunk_size=50, reference=encoder)
+            before = evaluate_certificates(encoder, held, sigma, n=args.eval_n)
+            after = evaluate_certificates(boosted_encoder(encoder, booster, sigma), held, sigma, n=args.eval_n, reference=encoder)
             mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)
             summary = {
                 "sigma": sigma, "n": args.eval_n,

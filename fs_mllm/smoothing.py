@@ -17,12 +17,11 @@ from typing import Callable, Iterator, NamedTuple, Optional, Union
 
 import torch
 
-from .config import FSConfig, NORMALIZE_MODES, check_choice, check_chunk_size, check_n, check_seed
+from .config import DEFAULT_CHUNK_SIZE, FSConfig, NORMALIZE_MODES, check_choice, check_chunk_size, check_n, check_seed
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 NoiseStd = Union[float, torch.Tensor]
 
-DEFAULT_CHUNK_SIZE = 32
 
 
 class SmoothedMean(NamedTuple):

@@ -621,7 +621,7 @@ def test_demo_console_script_on_tiny_settings(tmp_path):
     script = shutil.which("fs-mllm")
     assert script, "the fs-mllm console script is not installed (pip install -e .)"
     out = tmp_path / "demo"
-    result = subprocess.run([script, "demo", "--examples", "2", "--adaptive-examples", "1",
+    result = subprocess.run([script, "demo", "--examples", "2", "--adaptive-examples", "1", "--n-samples", "2",
                              "--certify-n", "10", "--transfer-steps", "1", "--steps", "1", "--eot-samples", "1",
                              "--max-new-tokens", "2", "--output-dir", str(out)], capture_output=True, text=True, timeout=900,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -754,8 +754,8 @@ def test_the_committed_demo_figures_are_what_the_default_demo_prints(tmp_path):
 
 def test_attack_command_transfer_protocol_as_a_user_runs_it(tmp_path, monkeypatch, capsys):
     """`fs-mllm attack --protocol transfer --objective feature_target --target-image ...` on the embedded model.
-    The two runs as the installed script; its refusals in-process through the same entry point (console_main:
-    same parser, exit status and stderr)."""
+    The first run as the installed script; the rerun with two views and the refusals in-process through the same
+    entry point (console_main: same parser, exit status and output)."""
     from console_script import console_in_process
     from fs_mllm.synthetic import make_example
 
@@ -781,8 +781,7 @@ def test_attack_command_transfer_protocol_as_a_user_runs_it(tmp_path, monkeypatc
     missing = console_in_process([c for c in command[1:] if c not in ("--target-image", str(target))], monkeypatch, capsys)
     assert missing.returncode == 2 and "--target-image" in missing.stderr
     # two views per gradient, the first one whole: rows of their own settings beside the first run's
-    views = subprocess.run([*command, "--crop-views", "2", "--crop-full-view"], capture_output=True, text=True, timeout=600,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    views = console_in_process([*command[1:], "--crop-views", "2", "--crop-full-view"], monkeypatch, capsys)
     assert views.returncode == 0, views.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert sorted((r["attack"]["crop_views"], r["attack"]["crop_full_view"]) for r in rows) == [(1, False)] * 2 + [(2, True)] * 2

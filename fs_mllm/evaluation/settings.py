@@ -20,7 +20,7 @@ from fs_mllm.arguments import (
     fs_config_from_args, non_negative_int, positive_float, positive_int, probability,
 )
 from fs_mllm.attacks import NORMS, OBJECTIVES, PROTOCOLS, AttackConfig  # one definition of each
-from fs_mllm.config import FSConfig, check_bool
+from fs_mllm.config import DEFAULT_ALPHA, FSConfig, check_bool
 from fs_mllm.defense import check_variants
 from fs_mllm.evaluation.results import (
     SETTINGS_FILE, SHARD_GLOB, SettingsMismatchError, check_settings, claim_settings, read_rows,
@@ -91,7 +91,7 @@ class EvalSettings:
     crop_full_view: bool = False
     eot_samples: int = 1
     certify_n: int = 0
-    certify_alpha: float = 0.001
+    certify_alpha: float = DEFAULT_ALPHA
     max_new_tokens: int = 10
     caption_prompt: str = "Describe the image in one sentence."
     limit: Optional[int] = None
@@ -268,7 +268,7 @@ def add_common_arguments(parser: Any, task: str) -> None:
                         help="noisy forwards averaged per attack gradient on FS variants (fresh noise every step)")
     parser.add_argument("--certify-n", type=non_negative_int, default=0,
                         help="noise samples to certify each image (0 = off, else >= 2)")
-    parser.add_argument("--certify-alpha", type=probability, default=0.001)
+    parser.add_argument("--certify-alpha", type=probability, default=DEFAULT_ALPHA)
     parser.add_argument("--limit", type=positive_int, default=None, help="first N examples only")
     parser.add_argument("--max-new-tokens", type=positive_int, default=10 if task == "vqa" else 24)
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))

@@ -1,0 +1,92 @@
+"""One place for the statistics defaults: fs_mllm/config.py.
+
+The certificate's sample count, failure probability, bound and chunk size are read from config.py's
+constants (DEFAULT_CERTIFY_N, DEFAULT_ALPHA, DEFAULT_BOUND_METHOD, DEFAULT_CHUNK_SIZE, and FSConfig built on
+them) by every function signature, dataclass field and command-line option of the package; a literal restated
+elsewhere would drift when the default moves (chunk_size was 50 in one module and 32 in the others).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import fs_mllm
+from fs_mllm import config
+
+PACKAGE = Path(fs_mllm.__file__).resolve().parent
+# parameter / field names -> the config value a literal default of theirs would restate
+WATCHED = {
+    "n": config.DEFAULT_CERTIFY_N, "certify_n": config.DEFAULT_CERTIFY_N,
+    "alpha": config.DEFAULT_ALPHA, "certify_alpha": config.DEFAULT_ALPHA,
+    "method": config.DEFAULT_BOUND_METHOD,
+    "chunk_size": None,  # any number: None means DEFAULT_CHUNK_SIZE
+}
+OPTIONS = {"--" + name.replace("_", "-"): value for name, value in WATCHED.items()}
+
+
+def _restates(name: str, default: ast.AST, watched: dict) -> bool:
+    if name not in watched or not isinstance(default, ast.Constant) or default.value is None:
+        return False
+    value = watched[name]
+    return isinstance(default.value, (int, float)) and not isinstance(default.value, bool) if value is None \
+        else default.value == value
+
+
+def restated_defaults(source: str) -> list[str]:
+    """'line: name = literal' for each watched default a source restates as a literal."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args
+            positional = args.posonlyargs + args.args
+            pairs = list(zip(positional[len(positional) - len(args.defaults):], args.defaults))
+            pairs += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None]
+            found += [f"{d.lineno}: {a.arg} = {d.value!r}" for a, d in pairs if _restates(a.arg, d, WATCHED)]
+        elif isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name) and item.value is not None:
+                    if _restates(item.target.id, item.value, WATCHED):
+                        found.append(f"{item.lineno}: {item.target.id} = {item.value.value!r}")
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
+            flags = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+            for keyword in node.keywords:
+                if keyword.arg == "default":
+                    found += [f"{keyword.value.lineno}: {flag} default={keyword.value.value!r}" for flag in flags
+                              if _restates(flag, keyword.value, OPTIONS)]
+    return found
+
+
+def test_no_statistics_default_is_restated_outside_config():
+    offenders = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "config.py" and path.parent == PACKAGE:
+            continue
+        found = restated_defaults(path.read_text(encoding="utf-8"))
+        if found:
+            offenders[str(path.relative_to(PACKAGE))] = found
+    assert not offenders, f"literal defaults restated outside fs_mllm/config.py (use its DEFAULT_* constants): {offenders}"
+
+
+def test_the_check_finds_what_it_looks_for():
+    """The scan is not vacuous: each form a restated default takes is found, and the config's names are not."""
+    source = '''
+def certify(images, n: int = 1000, *, alpha=0.001, method="bernstein", chunk_size=50): ...
+def fine(images, n=DEFAULT_CERTIFY_N, alpha=None, chunk_size=None, steps=1000): ...
+class Settings:
+    certify_n: int = 1000
+    certify_alpha: float = DEFAULT_ALPHA
+parser.add_argument("--alpha", type=float, default=0.001)
+parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+'''
+    found = restated_defaults(source)
+    assert [f.split(": ", 1)[1] for f in found] == [
+        "n = 1000", "alpha = 0.001", "method = 'bernstein'", "chunk_size = 50", "certify_n = 1000", "--alpha default=0.001"]
+
+
+def test_fs_config_defaults_are_the_constants():
+    defaults = config.FSConfig()
+    assert (defaults.alpha, defaults.method) == (config.DEFAULT_ALPHA, config.DEFAULT_BOUND_METHOD)
+    from fs_mllm.smoothing import DEFAULT_CHUNK_SIZE
+
+    assert DEFAULT_CHUNK_SIZE is config.DEFAULT_CHUNK_SIZE
