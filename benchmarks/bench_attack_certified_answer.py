@@ -7,7 +7,7 @@ the attacked image estimated with fresh noise (``predict_answer``, n ``--predict
 radius a certified answer must never change (PREDICT gives it or abstains); beyond it the same attack
 changing g shows it has teeth. Abstained questions are counted and not attacked.
 
-Usage: python benchmarks/bench_attack_certified_answer.py [--variant fs+gsb] [--questions 8] [--out-dir DIR]
+Usage: python benchmarks/bench_attack_certified_answer.py [--variant fs+gsb] [--questions 8] [--out-dir DIR] [--quick]
 """
 
 from __future__ import annotations
@@ -50,7 +50,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out-dir", default=None)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 question, n 10 at alpha 0.1, 1 step")
     args = parser.parse_args()
+    if args.quick:
+        # alpha 0.1: at n 10 a unanimous count certifies (at 0.001 it never can), so the attack path runs
+        args.questions, args.n0, args.n, args.predict_n, args.steps, args.eot_samples, args.alpha = 1, 2, 10, 10, 1, 1, 0.1
     torch.set_num_threads(args.threads)
 
     from fs_mllm.config import FSConfig
@@ -98,7 +102,8 @@ def main() -> None:
     payload = {"settings": vars(args), "seconds": time.time() - started, "summary": summary,
                "rows": rows, "model": "fs-mini-llava (DINOv2 ViT-S/14 @ 112px + SmolLM2-135M), float32"}
     if args.out_dir:
-        write_json(f"attack_certified_answer_{args.variant.replace('+', '')}_cpu.json", payload, Path(args.out_dir))
+        tag = "quick" if args.quick else args.variant.replace("+", "")
+        write_json(f"attack_certified_answer_{tag}_cpu.json", payload, Path(args.out_dir))
 
 
 if __name__ == "__main__":

@@ -264,6 +264,17 @@ def test_summarize_defense_refuses_results_that_disagree_miss_a_cell_or_were_run
 
 
 @pytest.mark.slow
+def test_bench_attack_certified_answer_quick(tmp_path):
+    run_quick("bench_attack_certified_answer.py", tmp_path)
+    result = json.loads((tmp_path / "attack_certified_answer_quick_cpu.json").read_text())
+    summary = result["summary"]
+    assert summary["certified"] == len(result["rows"]) == 1  # certified, so the attack ran at both budgets
+    row = result["rows"][0]
+    assert row["inside"]["eps"] < row["certificate"]["radius"] < row["beyond"]["eps"]
+    assert summary["inside_changed"] == 0
+
+
+@pytest.mark.slow
 def test_bench_certify_answer_quick(tmp_path):
     run_quick("bench_certify_answer.py", tmp_path)
     result = json.loads((tmp_path / "certify_answer_quick_cpu.json").read_text())
