@@ -545,6 +545,10 @@ def generate_text(model: nn.Module, processor_or_tokenizer: Any, images01: torch
                 for j, i in enumerate(rows):
                     recorded[i] = taken[j].detach()
     if features is not None:
+        shapes = {tuple(f.shape) for f in recorded}
+        if len(shapes) > 1:
+            raise ValueError(f"features=: the images give features of different shapes {sorted(shapes)}; ask for them "
+                             "per image size (one generate_text call per size)")
         features.append(torch.stack(recorded))
     return outputs  # type: ignore[return-value]
 
