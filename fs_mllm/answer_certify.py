@@ -43,7 +43,7 @@ import functools
 import inspect
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -295,21 +295,12 @@ class _BaseFeatureFunction:
 def base_feature_path(model: nn.Module, state: FSState) -> Iterator[None]:
     """Within the block the patched model's image features are the single-copy (boosted) features of the pixels
     it is given (the base function h's path); the patched function comes back afterwards, also on error."""
-    from .patching import original_feature_function
+    from .patching import original_feature_function, replaced_feature_function
 
     hf_model = unwrap_model(model)
-    adapter = state.adapter
-    owner = adapter.feature_owner(hf_model)
-    name = adapter.feature_function
-    had, previous = name in owner.__dict__, owner.__dict__.get(name)
-    setattr(owner, name, _BaseFeatureFunction(hf_model, original_feature_function(hf_model, adapter), state))
-    try:
+    original = original_feature_function(hf_model, state.adapter)
+    with replaced_feature_function(hf_model, state.adapter, lambda _: _BaseFeatureFunction(hf_model, original, state)):
         yield
-    finally:
-        if had:
-            owner.__dict__[name] = previous
-        else:
-            owner.__dict__.pop(name, None)
 
 
 @dataclass
@@ -431,8 +422,9 @@ def _candidate_tokens(candidates: Any, tokenizer: Any, image_token: Optional[int
     if isinstance(candidates, (str, bytes)) or not isinstance(candidates, (Sequence, Mapping)):
         raise ValueError("candidates must be None (open set), a list of answer strings, or a dict answer -> token ids, "
                          f"got {type(candidates).__name__}")
-    if len(candidates) == 0:
-        raise ValueError("candidates is empty; pass at least two answers, or candidates=None for open-set answers")
+    if len(candidates) < 2:
+        raise ValueError(f"candidates holds {len(candidates)} answer(s); a closed set needs at least two (one answer "
+                         "is certified at any radius), or candidates=None for open-set answers")
     if isinstance(candidates, Mapping):
         labels = list(candidates)
         token_ids = [candidates[label] for label in labels]
@@ -688,19 +680,57 @@ def attack_answer(
     step_size = 2.5 * eps / steps if step_size is None else check_float(step_size, "step_size")
     run = _prepare(model, inputs, candidates, sigma, None, seed, processor, tokenizer, 1)
     pairs = list(run.questions())
-    if isinstance(answers, str) or len(answers) != len(pairs):
+    if not isinstance(answers, str) and isinstance(answers, Iterable):
+        answers = list(answers)  # a generator, a tuple
+    if not isinstance(answers, list) or len(answers) != len(pairs):
         raise ValueError(f"answers must hold one candidate label per prompt ({len(pairs)}), got {answers!r:.200}")
     unknown = [a for a in answers if a not in run.labels]
     if unknown:
         raise ValueError(f"answers {unknown!r:.200} are not candidates {run.labels!r:.200}")
+    shapes = sorted({tuple(question.image01.shape) for question, _ in pairs})
+    if len(shapes) > 1:
+        raise ValueError(f"inputs: attack_answer returns one pixel_values tensor, but the images have different sizes "
+                         f"{shapes}; call it once per image size")
     generator = torch.Generator(device=pairs[0][0].image01.device).manual_seed(run.seed)
     adversarial = [_pgd_l2(answers_of, question.image01, run.labels.index(answer), run.sigma, eps, steps, eot_samples,
                            step_size, generator) for (question, answers_of), answer in zip(pairs, answers)]
-    adapter = run.state.adapter
-    rows = {key: torch.stack([torch.as_tensor(q.image_rows[key]) for q, _ in pairs]) for key in pairs[0][0].image_rows}
-    pixels = adapter.pixels_to_model_inputs(run.hf_model, torch.stack(adversarial), run.state.image_mean,
-                                            run.state.image_std, **rows)["pixel_values"]
-    return {**inputs, "pixel_values": pixels.to(dtype=inputs["pixel_values"].dtype, device=inputs["pixel_values"].device)}
+    clean = torch.stack([question.image01 for question, _ in pairs])
+    return {**inputs, "pixel_values": _encoded_within(run, inputs, clean, torch.stack(adversarial) - clean, eps)}
+
+
+def _encoded_within(run: "_Prepared", inputs: Mapping[str, Any], clean: torch.Tensor, delta: torch.Tensor,
+                    eps: float, halvings: int = 20) -> torch.Tensor:
+    """pixel_values of ``clean + t_b delta_b`` in the inputs' dtype, each t_b in [0, 1] the largest found (by
+    bisection) whose stored pixels decode within l2 ``eps`` of the clean ones: rounding to float16 / bfloat16 moves
+    a pixel by more than a small budget allows, so the budget is checked on what the model will read."""
+    adapter, state, model = run.state.adapter, run.state, run.hf_model
+    original = inputs["pixel_values"]
+    per_image = {k: v for k, v in inputs.items() if k in set(adapter.per_image_kwargs) and v is not None}
+    rows = {key: torch.stack([torch.as_tensor(row) for row in value])
+            for key, value in adapter.per_image_rows(model, original, per_image).items()}
+    start = torch.stack(list(adapter.model_inputs_to_pixels(model, original.float(), state.image_mean, state.image_std,
+                                                            **per_image))).to(clean.device)
+
+    def encode(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = (clean + scale.view((-1,) + (1,) * (clean.ndim - 1)) * delta).clamp(0, 1)
+        pixels = adapter.pixels_to_model_inputs(model, images, state.image_mean, state.image_std, **rows)["pixel_values"]
+        pixels = pixels.to(dtype=original.dtype, device=original.device)
+        read = torch.stack(list(adapter.model_inputs_to_pixels(model, pixels.float(), state.image_mean, state.image_std,
+                                                               **per_image))).to(clean.device)
+        return pixels, (read - start).flatten(1).norm(dim=1)
+
+    low, high = torch.zeros(len(clean)), torch.ones(len(clean))
+    pixels, distance = encode(high)
+    if bool((distance <= eps).all()):
+        return pixels
+    for _ in range(halvings):
+        middle = (low + high) / 2
+        inside = encode(middle)[1].cpu() <= eps
+        low, high = torch.where(inside, middle, low), torch.where(inside, high, middle)
+    pixels, distance = encode(low)
+    if bool((distance > eps).any()):  # t = 0 stores the clean pixels again; anything else is a bug to surface
+        raise RuntimeError(f"attack_answer: stored pixels {distance.tolist()} from the clean ones exceed eps {eps}")
+    return pixels
 
 
 def _pgd_l2(answers_of: "_ModelAnswers", image01: torch.Tensor, target: int, sigma: float, eps: float, steps: int,

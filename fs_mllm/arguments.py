@@ -27,6 +27,8 @@ def check_int(value: Any, name: str, minimum: int = 1) -> int:
 
 def check_float(value: Any, name: str, allow_zero: bool = False, below_one: bool = False) -> float:
     """``value`` as a finite float > 0 (>= 0 with ``allow_zero``; also < 1 with ``below_one``)."""
+    if isinstance(value, bool):  # float(True) is 1.0: a flag passed where a number belongs
+        raise ValueError(f"{name} must be a number, got {value!r}")
     try:
         out = float(value)
     except (TypeError, ValueError):

@@ -63,7 +63,7 @@ from .adapters.base import FamilyAdapter, get_adapter, unwrap_model
 from .arguments import check_float, check_int
 from .config import DEFAULT_GENERATE_BATCH, check_bool, check_seed
 from .normalization import resolve_mean_std
-from .patching import config_override, get_fs_state, is_patched, undefended
+from .patching import config_override, get_fs_state, is_patched, replaced_feature_function, undefended
 from .smoothing import check_images
 
 NORMS = ("l2", "linf")
@@ -540,8 +540,8 @@ def generate_text(model: nn.Module, processor_or_tokenizer: Any, images01: torch
             for j, i in enumerate(rows):
                 outputs[i] = tokenizer.decode(_until_stop(generated[j, length:].tolist(), stop_ids), skip_special_tokens=True)
             if features is not None:
-                taken = calls[0] if len(calls) == 1 else image_features(
-                    model, images01[index], image_mean, image_std, processor_or_tokenizer, **row_kwargs)
+                taken = calls[0] if len(calls) == 1 and calls[0] is not None else _features_of_rows(
+                    model, images01, index, image_mean, image_std, processor_or_tokenizer, row_kwargs)
                 for j, i in enumerate(rows):
                     recorded[i] = taken[j].detach()
     if features is not None:
@@ -551,6 +551,18 @@ def generate_text(model: nn.Module, processor_or_tokenizer: Any, images01: torch
                              "per image size (one generate_text call per size)")
         features.append(torch.stack(recorded))
     return outputs  # type: ignore[return-value]
+
+
+def _features_of_rows(model: nn.Module, images01: torch.Tensor, index: torch.Tensor, image_mean: Any, image_std: Any,
+                      processor: Any, row_kwargs: dict) -> list[torch.Tensor]:
+    """image_features of ``images01[index]``: in one call, or one image at a time where the rows cannot be stacked
+    (images of one batch whose features differ in length)."""
+    try:
+        return list(image_features(model, images01[index], image_mean, image_std, processor, **row_kwargs))
+    except (RuntimeError, ValueError):
+        return [image_features(model, images01[i:i + 1], image_mean, image_std, processor,
+                               **{k: v[j:j + 1] for k, v in row_kwargs.items()})[0]
+                for j, i in enumerate(index.tolist())]
 
 
 def _stop_token_ids(model: nn.Module) -> set[int]:
@@ -571,31 +583,30 @@ def _until_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
 @contextlib.contextmanager
 def _recording_features(model: nn.Module, adapter: FamilyAdapter, count: int, enabled: bool) -> Iterator[list]:
     """Within the block, the decoder-facing features of each call of the model's image-feature function
-    (as :func:`image_features` returns them) are appended to the yielded list; the function is restored after."""
-    calls: list[torch.Tensor] = []
+    (as :func:`image_features` returns them) are appended to the yielded list, or None for a call whose
+    features could not be read as ``count`` rows (the caller then computes them itself); the call's output
+    reaches ``generate`` untouched either way."""
+    calls: list[Optional[torch.Tensor]] = []
     if not enabled:
         yield calls
         return
-    owner = adapter.feature_owner(unwrap_model(model))
-    name = adapter.feature_function
-    had_own, own = name in owner.__dict__, owner.__dict__.get(name)
-    function = getattr(owner, name)
-    names = list(inspect.signature(function).parameters)
 
-    @functools.wraps(function)
-    def recording(*args: Any, **kwargs: Any) -> Any:
-        output = function(*args, **kwargs)
-        calls.append(adapter.call_features(output, count, {**dict(zip(names, args)), **kwargs}))
-        return output
+    def make(function: Callable) -> Callable:
+        names = list(inspect.signature(function).parameters)
 
-    owner.__dict__[name] = recording
-    try:
+        @functools.wraps(function)
+        def recording(*args: Any, **kwargs: Any) -> Any:
+            output = function(*args, **kwargs)
+            try:
+                calls.append(adapter.call_features(output, count, {**dict(zip(names, args)), **kwargs}))
+            except Exception:  # noqa: BLE001 (e.g. images of one batch giving different token counts)
+                calls.append(None)
+            return output
+
+        return recording
+
+    with replaced_feature_function(model, adapter, make):
         yield calls
-    finally:
-        if had_own:
-            owner.__dict__[name] = own
-        else:
-            del owner.__dict__[name]
 
 
 # ---------------------------------------------------------------------------------------------

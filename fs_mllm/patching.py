@@ -112,6 +112,49 @@ def _install(owner: nn.Module, name: str, wrapper_cls: type, hf_model: nn.Module
     setattr(owner, name, wrapper_cls(hf_model, getattr(owner, name)))
 
 
+_CLOSED_EARLY: dict[int, tuple[Callable, bool, Any]] = {}  # id(replacement) -> (it, had, previous), see below
+
+
+@contextlib.contextmanager
+def replaced_feature_function(model: nn.Module, adapter: FamilyAdapter,
+                              make: Callable[[Callable], Callable]) -> Iterator[Callable]:
+    """Within the block the image-feature function is ``make(current function)`` on the owner instance (recording
+    its calls, or running the base function h's path); what was there comes back afterwards, also on error.
+
+    A block that closes while one opened inside it is still in place (generators closed out of order) leaves that
+    one alone; its own function goes when the later block closes, which then restores what was there before
+    both. Not thread-safe: the function is an attribute of the model, which every thread shares.
+    """
+    owner = adapter.feature_owner(unwrap_model(model))
+    name = adapter.feature_function
+    had, previous = name in owner.__dict__, owner.__dict__.get(name)
+    replacement = make(getattr(owner, name))
+    owner.__dict__[name] = replacement
+    try:
+        yield replacement
+    finally:
+        if owner.__dict__.get(name) is not replacement:
+            _CLOSED_EARLY[id(replacement)] = (replacement, had, previous)
+        else:
+            while id(previous) in _CLOSED_EARLY and _CLOSED_EARLY[id(previous)][0] is previous:
+                _, had, previous = _CLOSED_EARLY.pop(id(previous))
+            if had:
+                owner.__dict__[name] = previous
+            else:
+                del owner.__dict__[name]
+
+
+def _smoothed_function(function: Any) -> Optional["SmoothedFeatureFunction"]:
+    """The SmoothedFeatureFunction under ``function``'s wrappers (a recorder's ``__wrapped__`` chain), or None."""
+    for _ in range(8):  # a bounded walk: wrappers here nest at most a few deep
+        if isinstance(function, SmoothedFeatureFunction):
+            return function
+        function = getattr(function, "__wrapped__", None)
+        if function is None:
+            return None
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # public API
 # ---------------------------------------------------------------------------------------------
@@ -133,7 +176,7 @@ def is_patched(model: nn.Module) -> bool:
     if state is None:
         return False
     owner = state.adapter.feature_owner(hf_model)
-    return isinstance(owner.__dict__.get(state.adapter.feature_function), SmoothedFeatureFunction)
+    return _smoothed_function(owner.__dict__.get(state.adapter.feature_function)) is not None
 
 
 def get_fs_state(model: nn.Module) -> FSState:
@@ -308,7 +351,8 @@ def original_feature_function(model: nn.Module, adapter: FamilyAdapter) -> Calla
     """The model's own (unsmoothed) image-feature function, patched or not."""
     owner = adapter.feature_owner(model)
     current = getattr(owner, adapter.feature_function)
-    return current.__wrapped__ if isinstance(current, SmoothedFeatureFunction) else current
+    smoothed = _smoothed_function(current)
+    return current if smoothed is None else smoothed.__wrapped__
 
 
 @contextlib.contextmanager

@@ -340,13 +340,14 @@ def no_model_call(tiny):
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"candidates": []}, "candidates is empty"),
-    ({"candidates": {}}, "candidates is empty"),
+    ({"candidates": []}, "at least two"),
+    ({"candidates": {}}, "at least two"),
+    ({"candidates": {"a": [5]}}, "at least two"),
     ({"candidates": ["w5", "w6", "w5"], "tokenizer": WordTokenizer()}, "duplicates"),
     ({"candidates": {"a": [5], "b": [5]}}, "same tokens"),
     ({"candidates": ["w5", "w6"]}, "tokenizer"),
-    ({"candidates": {"a": []}}, "token ids"),
-    ({"candidates": {"a": [100]}}, "image token"),
+    ({"candidates": {"a": [], "b": [6]}}, "token ids"),
+    ({"candidates": {"a": [100], "b": [6]}}, "image token"),
     ({"n0": 30, "n": 20}, "n0=30 must be <= n=20"),
     ({"n": 9}, "n must be an integer >= 10"),
     ({"alpha": 0.5}, "alpha must lie in \\(0, 0.5\\)"),
@@ -449,6 +450,8 @@ def test_attack_and_predict_refuse_bad_input_before_any_model_call(no_model_call
     model, inputs = no_model_call
     with pytest.raises(ValueError, match="eps"):
         attack_answer(model, inputs, ["a"] * 3, candidates=CANDIDATES, eps=0.0)
+    with pytest.raises(ValueError, match="eps must be a number, got True"):
+        attack_answer(model, inputs, ["a"] * 3, candidates=CANDIDATES, eps=True)
     with pytest.raises(ValueError, match="not candidates"):
         attack_answer(model, inputs, ["a", "a", "zz"], candidates=CANDIDATES, eps=0.1)
     with pytest.raises(ValueError, match="one candidate label per prompt"):
@@ -461,3 +464,41 @@ def test_attack_and_predict_refuse_bad_input_before_any_model_call(no_model_call
         predict_answer(model, inputs, candidates=CANDIDATES, alpha=0.5)
     with pytest.raises(ValueError, match="n must"):
         predict_answer(model, inputs, candidates=CANDIDATES, n=0)
+
+
+def test_attack_budget_holds_on_the_pixels_the_model_reads_in_half_precision(image_driven):
+    """bfloat16 pixel_values round each pixel by far more than a small l2 budget allows: the returned pixels,
+    decoded as the model reads them, stay within eps of the given ones (the step is shrunk until they do), and
+    keep the given dtype."""
+    from fs_mllm.answer_certify import attack_answer
+
+    model, inputs = image_driven
+    adapter = get_adapter(model)
+    one = {k: v[:2] for k, v in inputs.items()}
+    half = {**one, "pixel_values": one["pixel_values"].to(torch.bfloat16)}
+    start = adapter.model_inputs_to_pixels(model, half["pixel_values"].float(), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    for eps in (0.05, 1.0):
+        adv = attack_answer(model, half, ["a", "a"], candidates=SINGLE_TOKEN, eps=eps, steps=2, eot_samples=2, seed=5)
+        assert adv["pixel_values"].dtype == torch.bfloat16
+        moved = adapter.model_inputs_to_pixels(model, adv["pixel_values"].float(), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        distances = (moved - start).flatten(1).norm(dim=1)
+        assert (distances <= eps).all(), (eps, distances)
+    assert (distances > 0.5).all()  # at a budget bf16 can express, the attack still moves the pixels
+
+
+def test_attack_refuses_images_of_different_sizes_before_any_model_call(no_model_call, monkeypatch):
+    """attack_answer hands back one pixel_values tensor: images of different sizes (anyres families) are refused
+    with the fix (one call per size) before the attack runs, not met by torch.stack after it."""
+    import fs_mllm.answer_certify as answer_certify
+
+    model, inputs = no_model_call
+    questions = answer_certify._questions
+
+    def one_bigger(*args, **kwargs):
+        found, dtype = questions(*args, **kwargs)
+        found[0].image01 = torch.nn.functional.interpolate(found[0].image01[None], scale_factor=2)[0]
+        return found, dtype
+
+    monkeypatch.setattr(answer_certify, "_questions", one_bigger)
+    with pytest.raises(ValueError, match="different sizes .* once per image size"):
+        answer_certify.attack_answer(model, inputs, ["a"] * 3, candidates=CANDIDATES, eps=0.1)

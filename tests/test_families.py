@@ -517,3 +517,40 @@ def test_generate_text_in_one_batch_answers_and_features_as_one_image_at_a_time(
         expected = image_features(model, pixels, **scale, **{k: v for k, v in rows.items() if k in extra})
     assert len(features) == 1 and features[0].shape == expected.shape
     torch.testing.assert_close(features[0].float(), expected.float(), atol=1e-5 * expected.abs().max().item(), rtol=1e-4)
+
+
+def test_generate_text_features_when_the_call_cannot_be_read_back(monkeypatch):
+    """Where the model's own feature call cannot be read as one row per image (images of one batch whose
+    features differ in length), generate still answers (the recorder never breaks the call it watches) and the
+    features come from image_features; the recorder also keeps the patch visible (is_patched) while it watches."""
+    from fs_mllm.attacks import _TOKEN_KEYS, generate_text, image_features
+
+    model, inputs = build("llava")
+    adapter = get_adapter(model)
+    pixels = adapter.model_inputs_to_pixels(model, inputs["pixel_values"], MEAN, STD)
+    prompts = {k: v for k, v in inputs.items() if k in _TOKEN_KEYS}
+    patch(model, sigma=0.25, n_samples=N)
+    seen_patched = []
+    original = type(adapter).call_features
+
+    def unreadable(self, output, count, call):
+        """The decoder-facing reads (the recorder's, image_features') of a batch fail; one image, and the smoothed
+        path's own reads of its noisy copies, read back."""
+        caller = inspect.stack()[1].function
+        if caller in ("recording", "_features"):
+            seen_patched.append(is_patched(model))
+            if count > 1:
+                raise RuntimeError("rows of different lengths")
+        return original(self, output, count, call)
+
+    expected_answers = generate_text(model, _IdsAsText(), pixels, prompts, 3)
+    monkeypatch.setattr(type(adapter), "call_features", unreadable)
+    features: list[torch.Tensor] = []
+    answers = generate_text(model, _IdsAsText(), pixels, prompts, 3, features=features)
+    assert seen_patched[0] and answers == expected_answers  # the first call: the recorder's, inside generate
+    assert len(seen_patched) == 1 + 1 + pixels.shape[0]  # then image_features on the batch, then image by image
+    monkeypatch.setattr(type(adapter), "call_features", original)
+    with torch.no_grad():
+        expected = image_features(model, pixels)
+    torch.testing.assert_close(features[0], expected)
+    assert is_patched(model)  # the patch is back in place after the block

@@ -675,3 +675,35 @@ def test_saved_config_fields_it_omits_take_the_processor_class_defaults(tmp_path
         produced = torch.as_tensor(np.asarray(processor(images=pixels, return_tensors="np")["pixel_values"][0]))
     x = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255
     torch.testing.assert_close(produced.float(), (x - mean.view(3, 1, 1)) / std.view(3, 1, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_scoped_replacements_of_the_feature_function_nest_and_refuse_out_of_order_exits():
+    """replaced_feature_function (the recorder's and the base path's swap): nested blocks restore in turn, the patch
+    stays visible under a wrapper, and blocks closed out of order still end with the patch back."""
+    from fs_mllm.patching import replaced_feature_function
+
+    model, _ = build("llava")
+    patch_model(model, sigma=0.25)
+    adapter = get_adapter(model)
+    owner = adapter.feature_owner(model)
+    patched = owner.__dict__[adapter.feature_function]
+
+    def wrap(function):
+        def wrapper(*args, **kwargs):
+            return function(*args, **kwargs)
+        wrapper.__wrapped__ = function
+        return wrapper
+
+    with replaced_feature_function(model, adapter, wrap) as outer:
+        with replaced_feature_function(model, adapter, wrap) as inner:
+            assert owner.__dict__[adapter.feature_function] is inner and is_patched(model)
+        assert owner.__dict__[adapter.feature_function] is outer
+    assert owner.__dict__[adapter.feature_function] is patched
+    first = replaced_feature_function(model, adapter, wrap)
+    second = replaced_feature_function(model, adapter, wrap)
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)  # out of order: the later block's function stays in place
+    assert owner.__dict__[adapter.feature_function] is not patched and is_patched(model)
+    second.__exit__(None, None, None)  # and takes the earlier one's with it
+    assert owner.__dict__[adapter.feature_function] is patched and is_patched(model)
