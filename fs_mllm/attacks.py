@@ -65,11 +65,12 @@ from .config import DEFAULT_GENERATE_BATCH, check_bool, check_seed
 from .normalization import resolve_mean_std
 from .patching import config_override, get_fs_state, is_patched, replaced_feature_function, undefended
 from .smoothing import check_images
+from .surrogates import BUILT_IN_SURROGATES, M_ATTACK_SURROGATES, expand_surrogates, surrogate_encoder
 
 NORMS = ("l2", "linf")
 OBJECTIVES = ("feature", "feature_target", "untargeted", "targeted")
 PROTOCOLS = ("adaptive", "transfer")
-SURROGATES = ("model", "dinov2")  # "model": the undefended model's own image path
+SURROGATES = BUILT_IN_SURROGATES  # "model": the undefended model's own image path; see fs_mllm.surrogates
 # AttackConfig fields added after settings were first stored (results folders, checkpoints), which the
 # settings classes carry under the same names; at these values they run the attack those runs ran
 ADDED_FIELDS = {"crop_views": 1, "crop_full_view": False, "adaptive_examples": None}
@@ -84,6 +85,7 @@ __all__ = [
     "AttackConfig",
     "AttackResult",
     "PROTOCOLS",
+    "M_ATTACK_SURROGATES",
     "SURROGATES",
     "StepRecord",
     "attack",
@@ -319,20 +321,6 @@ def noise_seed(model: nn.Module, seed: Optional[int], n_samples: Optional[int] =
     changes = {"seed": seed, "n_samples": n_samples}
     with config_override(model, **{k: int(v) for k, v in changes.items() if v is not None}):
         yield
-
-
-def surrogate_encoder(name: str) -> nn.Module:
-    """A named surrogate encoder ([0,1] images -> features) for the transfer protocol.
-
-    "dinov2": the real DINOv2 ViT-S/14 shipped offline (all patch tokens). "model" is not built here:
-    it means the attacked model's own undefended image path (see :func:`attack`).
-    """
-    if name == "dinov2":
-        from .gsb_training import PixelEncoder, freeze
-        from .models.convert_dinov2 import IMAGENET_MEAN, IMAGENET_STD, load_dinov2
-
-        return freeze(PixelEncoder(load_dinov2(), IMAGENET_MEAN, IMAGENET_STD, drop_tokens=1))
-    raise ValueError(f"surrogates: unknown surrogate {name!r}; choose from {list(SURROGATES)} or pass an nn.Module")
 
 
 def _local_crops(images: torch.Tensor, scale: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
@@ -625,13 +613,14 @@ def _feature_encoders(model: nn.Module, adapter: FamilyAdapter, mean: torch.Tens
     if not surrogates:
         return [own_path]
     encoders: list[Callable] = []
-    for surrogate in surrogates:
+    for surrogate in expand_surrogates(surrogates):
         if isinstance(surrogate, str):
             encoders.append(own_path if surrogate == "model" else surrogate_encoder(surrogate).to(_model_device_dtype(model)[0]))
         elif callable(surrogate):
             encoders.append(surrogate)
         else:
-            raise ValueError(f"surrogates: each must be a name in {list(SURROGATES)} or an encoder module, got {surrogate!r}")
+            raise ValueError(f"surrogates: each must be a name ({list(SURROGATES)}, 'm-attack', a Hub id or a folder) "
+                             f"or an encoder module, got {surrogate!r}")
     return encoders
 
 
@@ -784,8 +773,9 @@ def attack(model: nn.Module, processor_or_tokenizer: Any, images01: torch.Tensor
         image_std: per-channel std (3 positive floats), with ``image_mean``.
         progress: called as ``progress(step, mean loss)`` after every step.
         target_images: "feature_target": [0,1] images of ``images01``'s shape, or one image (1, ...) for all.
-        surrogates: transfer only: names in SURROGATES ("model": the undefended model's own path;
-            "dinov2") or encoder modules mapping [0,1] images to features; several = an ensemble
+        surrogates: transfer only: names (``fs_mllm.surrogates``: "model", the undefended model's own path;
+            "dinov2"; "dinov2-cls112"; "m-attack", M-Attack's CLIP ensemble; a transformers encoder's Hub id
+            or folder) or encoder modules mapping [0,1] images to features (B, T, D); several = an ensemble
             (default: the model's own undefended path).
         **image_kwargs: per-image family kwargs (e.g. ``image_sizes``).
 

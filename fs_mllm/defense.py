@@ -41,6 +41,7 @@ from .certify import certify_model
 from .config import DEFAULT_ALPHA, DEFAULT_CERTIFY_N, FSConfig
 from .patching import patch_model, unpatch_model
 from .stats import fcsb
+from .surrogates import check_surrogates
 
 VARIANTS = ("base", "fs", "fs+gsb")
 TRANSFER_LINF = (4 / 255, 8 / 255, 16 / 255)
@@ -120,6 +121,11 @@ class DefenseSettings:
         if self.adaptive_examples is not None and (isinstance(self.adaptive_examples, bool)
                                                    or not isinstance(self.adaptive_examples, int) or self.adaptive_examples < 1):
             raise ValueError(f"adaptive_examples must be an integer >= 1 or None (every attack item), got {self.adaptive_examples!r}")
+        if self.surrogates is not None:
+            if isinstance(self.surrogates, str) or not all(isinstance(name, str) for name in self.surrogates):
+                raise ValueError(f"surrogates must be a tuple of names (stored in the settings), got {self.surrogates!r}")
+            self.surrogates = tuple(self.surrogates)
+            check_surrogates(self.surrogates)  # a misspelt or missing encoder is refused before any crafting
         # the attacks' own parameters, then every budget, through AttackConfig's checks before any model work
         self._transfer_config(1 / 255)
         self._adaptive_config("l2", 0.5)

@@ -40,6 +40,7 @@ from fs_mllm.adapters import get_adapter
 from fs_mllm.arguments import (add_crop_view_arguments, add_fs_config_arguments, device, existing_folder, fraction_pair,
                                fs_config_from_args, non_negative_int, positive_float, positive_int)
 from fs_mllm.image_io import rgb
+from fs_mllm.surrogates import check_surrogates
 from fs_mllm.attacks import OBJECTIVES, PROTOCOLS, SURROGATES, AttackConfig, attack, generate_text, without_added_defaults
 from fs_mllm.defense import VARIANTS, apply_variant
 from fs_mllm.evaluation.results import ResultWriter, finite_or_none, folder_kept_only_with_rows, read_rows
@@ -75,8 +76,10 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None)
     p.add_argument("--protocol", choices=PROTOCOLS, default="adaptive",
                    help="adaptive: through each mode's smoothed path (EOT); transfer: the paper's protocol, crafted "
                         "without the defense (the model's own undefended path, or --surrogates) and replayed")
-    p.add_argument("--surrogates", help=f"comma-separated surrogate encoders for --protocol transfer ({', '.join(SURROGATES)}); "
-                                        "several = an ensemble; default: the model's own undefended path")
+    p.add_argument("--surrogates", help=f"comma-separated surrogate encoders for --protocol transfer: {', '.join(SURROGATES)}, "
+                                        "m-attack (M-Attack's three CLIP encoders, from the Hub), or a transformers "
+                                        "encoder's Hub id or folder; several = an ensemble; default: the model's own "
+                                        "undefended path (the stronger, grey-box case)")
     p.add_argument("--crop-scale", type=fraction_pair, help="M-Attack random local crops: 'lo,hi' area fractions")
     add_crop_view_arguments(p)
     p.add_argument("--norm", choices=("l2", "linf"), default="l2")
@@ -123,8 +126,10 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None)
     if args.surrogates:
         if args.protocol != "transfer":
             p.error("--surrogates go with --protocol transfer")
-        if any(name not in SURROGATES for name in args.surrogates):
-            p.error(f"--surrogates: choose from {list(SURROGATES)}, got {args.surrogates}")
+        try:
+            check_surrogates(args.surrogates)
+        except ValueError as error:
+            p.error(f"--{error}")
     return args
 
 

@@ -1,0 +1,134 @@
+"""Surrogate encoders of the transfer protocol (fs_mllm.surrogates): built-in names, M-Attack's ensemble by name,
+and any transformers encoder by Hub id or folder, tested offline with tiny random CLIP encoders saved to a folder
+and to a pre-populated HF cache."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, CLIPVisionModel
+
+from fs_mllm.attacks import AttackConfig, attack, feature_cosine
+from fs_mllm.surrogates import (
+    M_ATTACK_SURROGATES, HubSurrogate, check_surrogates, expand_surrogates, surrogate_encoder,
+)
+from fs_mllm.testing import build_llava
+
+MEAN, STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+
+
+def _vision(size: int = 32) -> CLIPVisionConfig:
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=size, patch_size=8, projection_dim=16)
+
+
+def save_encoder(folder, dual: bool = True, size: int = 32, seed: int = 0):
+    torch.manual_seed(seed)
+    if dual:
+        text = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                              vocab_size=99, projection_dim=16)
+        model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=_vision(size).to_dict(), projection_dim=16))
+    else:
+        model = CLIPVisionModel(_vision(size))
+    model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": MEAN, "image_std": STD,
+                                                                "image_processor_type": "CLIPImageProcessor"}))
+    return model
+
+
+def test_a_dual_encoder_folder_gives_its_projected_image_embedding_at_its_resolution(tmp_path):
+    reference = save_encoder(tmp_path / "clip", size=32).eval()
+    encoder = surrogate_encoder(str(tmp_path / "clip"))
+    assert isinstance(encoder, HubSurrogate) and not any(p.requires_grad for p in encoder.parameters())
+    images = torch.rand(2, 3, 48, 48, requires_grad=True)  # another resolution than the encoder's 32 px
+    features = encoder(images)
+    assert features.shape == (2, 1, 16)  # (B, T=1, projection_dim)
+    resized = torch.nn.functional.interpolate(images.detach(), size=(32, 32), mode="bilinear", align_corners=False)
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        out = reference.get_image_features(pixel_values=(resized - mean) / std)
+    expected = out if isinstance(out, torch.Tensor) else out.pooler_output
+    torch.testing.assert_close(features[:, 0].detach(), expected)
+    features.sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0  # differentiable in the pixels
+
+
+def test_a_vision_model_gives_its_pooled_output(tmp_path):
+    save_encoder(tmp_path / "vision", dual=False)
+    assert surrogate_encoder(str(tmp_path / "vision"))(torch.rand(3, 3, 32, 32)).shape == (3, 1, 32)
+
+
+def test_a_hub_id_loads_offline_from_the_hf_cache(tmp_path, monkeypatch):
+    from fs_mllm.hub import cache_snapshot
+
+    save_encoder(tmp_path / "clip")
+    cache = tmp_path / "cache"
+    cache_snapshot(tmp_path / "clip", "someone/tiny-clip", cache_dir=cache)
+    script = ("import torch; from fs_mllm.surrogates import surrogate_encoder; "
+              "print(tuple(surrogate_encoder('someone/tiny-clip')(torch.rand(1, 3, 32, 32)).shape))")
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "(1, 1, 16)"
+
+
+def test_names_are_checked_before_any_crafting(tmp_path):
+    assert expand_surrogates(["model", "m-attack"]) == ["model", *M_ATTACK_SURROGATES]
+    assert expand_surrogates(None) is None
+    with pytest.raises(ValueError, match="write \\['dinov2'\\]"):
+        expand_surrogates("dinov2")
+    with pytest.raises(ValueError, match="empty name"):
+        expand_surrogates(["dinov2", " "])
+    with pytest.raises(ValueError, match="'no-such-encoder' is neither built in .* preprocessor_config.json"):
+        check_surrogates(["dinov2", "no-such-encoder"])
+    (tmp_path / "no-processor").mkdir()
+    save_encoder(tmp_path / "no-processor")
+    (tmp_path / "no-processor" / "preprocessor_config.json").unlink()
+    with pytest.raises(ValueError, match="no-processor"):
+        check_surrogates([str(tmp_path / "no-processor")])
+    with pytest.raises(ValueError, match="not one encoder"):
+        surrogate_encoder("m-attack")
+
+
+def test_pickle_weights_are_refused(tmp_path):
+    model = save_encoder(tmp_path / "pickled")
+    for weights in (tmp_path / "pickled").glob("model*.safetensors"):
+        weights.unlink()
+    torch.save(model.state_dict(), tmp_path / "pickled" / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="safetensors only, never pickle"):
+        surrogate_encoder(str(tmp_path / "pickled"))
+
+
+def test_a_transfer_attack_on_an_ensemble_of_folders_moves_their_features(tmp_path):
+    """Crafted on two independently initialised encoders (an ensemble by folder name), never on the model: the
+    attack lowers both surrogates' feature cosine, and the images are replayable on the model."""
+    for seed in (0, 1):
+        save_encoder(tmp_path / f"clip{seed}", seed=seed)
+    names = [str(tmp_path / "clip0"), str(tmp_path / "clip1")]
+    model, _ = build_llava(batch=2)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    config = AttackConfig(norm="linf", eps=16 / 255, steps=10, objective="feature", protocol="transfer", seed=0)
+    result = attack(model, None, images, None, config, image_mean=MEAN, image_std=STD, surrogates=names)
+    assert result.adv_images.shape == images.shape
+    assert (result.adv_images - images).abs().max() <= 16 / 255 + 1e-6
+    noise = (images + torch.rand(images.shape, generator=torch.Generator().manual_seed(4)).sub(0.5).sign() * 16 / 255).clamp(0, 1)
+    crafted_mean = torch.zeros(2)
+    for name in names:
+        encoder = surrogate_encoder(name)
+        with torch.no_grad():
+            crafted, control = (feature_cosine(encoder(x), encoder(images)) for x in (result.adv_images, noise))
+        assert (control > 0.99).all() and (crafted < control).all(), (name, crafted, control)
+        crafted_mean += crafted / len(names)
+    # the ensemble's objective (M-Attack's: the mean cosine) is far below what noise of the budget does; the
+    # encoder with the larger gradients takes most of it (here clip0 ~0.6-0.75, clip1 ~0.99)
+    assert (crafted_mean < 0.9).all(), crafted_mean
+
+
+def test_dinov2_at_another_resolution_and_pooling():
+    encoder = surrogate_encoder("dinov2-cls112")
+    assert encoder.size == 112
+    assert encoder(torch.rand(1, 3, 64, 64)).shape == (1, 1, 384)
