@@ -52,6 +52,8 @@ from . import stats
 from .adapters.base import unwrap_model
 from .answers import normalize_answer
 from .config import (
+    ANSWER_ATTACK_EOT_SAMPLES,
+    ANSWER_ATTACK_STEPS,
     DEFAULT_ALPHA, DEFAULT_ANSWER_N0, DEFAULT_ANSWER_TOKENS, DEFAULT_CERTIFY_N, FSConfig, check_alpha, check_chunk_size, check_n, check_seed,
     check_sigma,
 )
@@ -632,8 +634,8 @@ def attack_answer(
     candidates: Union[Sequence[str], Mapping[str, Sequence[int]]],
     eps: float,
     sigma: Optional[float] = None,
-    steps: int = 10,
-    eot_samples: int = 16,
+    steps: int = ANSWER_ATTACK_STEPS,
+    eot_samples: int = ANSWER_ATTACK_EOT_SAMPLES,
     step_size: Optional[float] = None,
     seed: int = 0,
     processor: Any = None,

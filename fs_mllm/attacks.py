@@ -61,7 +61,7 @@ from torch import nn
 from . import adapters as _adapters  # noqa: F401  (registers every family)
 from .adapters.base import FamilyAdapter, get_adapter, unwrap_model
 from .arguments import check_float, check_int
-from .config import DEFAULT_GENERATE_BATCH, check_bool, check_seed
+from .config import ATTACK_EOT_SAMPLES, ATTACK_STEPS, DEFAULT_GENERATE_BATCH, check_bool, check_seed
 from .normalization import resolve_mean_std
 from .patching import config_override, get_fs_state, is_patched, replaced_feature_function, undefended
 from .smoothing import check_images
@@ -147,7 +147,7 @@ class AttackConfig:
 
     norm: str = "l2"
     eps: float = 0.5
-    steps: int = 20
+    steps: int = ATTACK_STEPS
     step_size: Optional[float] = None
     random_start: bool = True
     objective: str = "feature"
@@ -156,7 +156,7 @@ class AttackConfig:
     crop_scale: Optional[tuple[float, float]] = None
     crop_views: int = 1
     crop_full_view: bool = False
-    eot_samples: int = 8
+    eot_samples: int = ATTACK_EOT_SAMPLES
     eot_chunk_size: Optional[int] = None
     smoothing_samples: Optional[int] = None
     seed: int = 0

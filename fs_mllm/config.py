@@ -29,6 +29,19 @@ DEFAULT_CHUNK_SIZE = 32  # noisy copies per encoder call when chunk_size is None
 DEFAULT_ANSWER_N0 = 100  # certify_answer: noisy copies that select the answer before the n that certify it
 DEFAULT_ANSWER_TOKENS = 10  # certify_answer, open set: tokens greedily decoded per noisy copy
 DEFAULT_GENERATE_BATCH = 16  # generate_text: prompts per generate() (a smoothed variant encodes n0 copies of each image)
+# Attack strength, side by side: what each entry point runs unless told otherwise. The adaptive attack of record
+# (AttackConfig, the defense table) is the weakest worth believing; the commands and the demo run weaker ones to
+# answer in minutes (their --help names the benchmark's), and a figure always states the steps and EOT it ran.
+ATTACK_STEPS = 20  # AttackConfig and the defense table's adaptive rows: PGD steps
+ATTACK_EOT_SAMPLES = 8  # ... and noisy forwards per gradient (also fs-mllm attack's)
+TRANSFER_STEPS = 300  # the transfer protocol's crafting (M-Attack's 300 steps at linf 16/255)
+COMMAND_ATTACK_STEPS = 10  # fs-mllm attack and fs-mllm eval: PGD steps
+EVAL_EOT_SAMPLES = 1  # fs-mllm eval: noisy forwards per gradient on the FS variants
+DEMO_ATTACK_STEPS = 2  # fs-mllm demo's adaptive rows (minutes on a CPU)
+DEMO_EOT_SAMPLES = 2
+ANSWER_ATTACK_STEPS = 10  # attack_answer: l2 PGD steps on the smoothed classifier g
+ANSWER_ATTACK_EOT_SAMPLES = 16  # ... and noisy copies per gradient (its soft vote needs more than a feature attack)
+UTILITY_BOOSTER_STEPS = 600  # gsb_utility: optimiser steps of the booster trained through the language model
 
 
 def _real(value: Any, name: str, what: str) -> float:

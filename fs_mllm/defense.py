@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from .attacks import AttackConfig, attack, feature_cosine, generate_text, image_features, without_added_defaults
 from .certify import certify_model
-from .config import DEFAULT_ALPHA, DEFAULT_CERTIFY_N, FSConfig
+from .config import ATTACK_EOT_SAMPLES, ATTACK_STEPS, DEFAULT_ALPHA, DEFAULT_CERTIFY_N, TRANSFER_STEPS, FSConfig
 from .patching import patch_model, unpatch_model
 from .stats import fcsb
 from .surrogates import check_surrogates
@@ -86,7 +86,7 @@ class DefenseSettings:
     fs: FSConfig = field(default_factory=FSConfig)  # the smoothing of the FS variants
     variants: tuple[str, ...] = VARIANTS
     transfer_linf: tuple[float, ...] = TRANSFER_LINF
-    transfer_steps: int = 300
+    transfer_steps: int = TRANSFER_STEPS
     transfer_step_size: float = 1 / 255
     crop_scale: Optional[tuple[float, float]] = (0.5, 1.0)
     crop_views: int = 1  # forwards per transfer gradient, each its own crop (M-Attack: 1)
@@ -94,8 +94,8 @@ class DefenseSettings:
     surrogates: Optional[tuple[str, ...]] = None  # None: the undefended model's own image path
     adaptive_l2: tuple[float, ...] = ADAPTIVE_L2
     adaptive_linf: tuple[float, ...] = ADAPTIVE_LINF
-    adaptive_steps: int = 20
-    eot_samples: int = 8
+    adaptive_steps: int = ATTACK_STEPS
+    eot_samples: int = ATTACK_EOT_SAMPLES
     adaptive_objective: str = "untargeted"
     certify_images: int = 16
     certify_n: int = DEFAULT_CERTIFY_N

@@ -18,6 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .config import ATTACK_EOT_SAMPLES, ATTACK_STEPS, DEMO_ATTACK_STEPS, DEMO_EOT_SAMPLES
+
 DESCRIPTION = __doc__.split("\n\n")[1].replace("\n", " ")
 
 TRANSFER_MEANING = (
@@ -68,8 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"PGD steps crafting the transfer images (default {SHIPPED_TRANSFER_STEPS}, the shipped "
                              "images; another count crafts them)")
     parser.add_argument("--eps-far", type=positive_float, default=1.0, help="adaptive l2 budget far beyond the certified radius (default 1.0)")
-    parser.add_argument("--steps", type=positive_int, default=2, help="adaptive PGD steps (default 2; the benchmark uses 20)")
-    parser.add_argument("--eot-samples", type=positive_int, default=2, help="noisy forwards per adaptive gradient (default 2; the benchmark uses 8)")
+    parser.add_argument("--steps", type=positive_int, default=DEMO_ATTACK_STEPS,
+                        help=f"adaptive PGD steps (default {DEMO_ATTACK_STEPS}; the benchmark uses {ATTACK_STEPS})")
+    parser.add_argument("--eot-samples", type=positive_int, default=DEMO_EOT_SAMPLES,
+                        help=f"noisy forwards per adaptive gradient (default {DEMO_EOT_SAMPLES}; the benchmark uses {ATTACK_EOT_SAMPLES})")
     parser.add_argument("--max-new-tokens", type=positive_int, default=6, help="answer length (default 6)")
     parser.add_argument("--output-dir", default="fs_mllm_outputs/demo", help="where the report and plots go")
 

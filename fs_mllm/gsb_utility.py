@@ -40,7 +40,7 @@ from typing import Any, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .config import FSConfig
+from .config import UTILITY_BOOSTER_STEPS, FSConfig
 from .gsb import GaussianSmoothnessBooster, GSBConfig
 from .smoothing import rescale_direction, unit_features
 
@@ -57,7 +57,7 @@ class UtilityTrainConfig:
     sigma: float = FSConfig.sigma
     n_copies: int = FSConfig.n_samples  # noisy copies averaged per image: the deployed n0
     images: int = 400
-    steps: int = 600
+    steps: int = UTILITY_BOOSTER_STEPS
     batch_size: int = 4
     lr: float = 1e-3
     identity_weight: float = 1.0

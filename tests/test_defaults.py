@@ -1,9 +1,10 @@
-"""One place for the statistics defaults: fs_mllm/config.py.
+"""One place for the statistics and attack-strength defaults: fs_mllm/config.py.
 
 The certificate's sample count, failure probability, bound and chunk size are read from config.py's
 constants (DEFAULT_CERTIFY_N, DEFAULT_ALPHA, DEFAULT_BOUND_METHOD, DEFAULT_CHUNK_SIZE, and FSConfig built on
 them) by every function signature, dataclass field and command-line option of the package; a literal restated
-elsewhere would drift when the default moves (chunk_size was 50 in one module and 32 in the others).
+elsewhere would drift when the default moves (chunk_size was 50 in one module and 32 in the others). So are the
+attacks' steps and EOT samples (ATTACK_STEPS, COMMAND_ATTACK_STEPS, DEMO_ATTACK_STEPS, ... side by side there).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ WATCHED = {
     "alpha": config.DEFAULT_ALPHA, "certify_alpha": config.DEFAULT_ALPHA,
     "method": config.DEFAULT_BOUND_METHOD,
     "chunk_size": None,  # any number: None means DEFAULT_CHUNK_SIZE
+    # attack strength: each entry point's number lives in config.py (ATTACK_STEPS, COMMAND_ATTACK_STEPS, ...)
+    **{name: None for name in ("steps", "attack_steps", "adaptive_steps", "transfer_steps", "eot_samples")},
 }
 OPTIONS = {"--" + name.replace("_", "-"): value for name, value in WATCHED.items()}
 
@@ -72,16 +75,19 @@ def test_the_check_finds_what_it_looks_for():
     """The scan is not vacuous: each form a restated default takes is found, and the config's names are not."""
     source = '''
 def certify(images, n: int = 1000, *, alpha=0.001, method="bernstein", chunk_size=50): ...
-def fine(images, n=DEFAULT_CERTIFY_N, alpha=None, chunk_size=None, steps=1000): ...
+def fine(images, n=DEFAULT_CERTIFY_N, alpha=None, chunk_size=None, steps=ATTACK_STEPS, lr=1000): ...
+def attack(images, steps: int = 20, *, eot_samples=8): ...
 class Settings:
     certify_n: int = 1000
     certify_alpha: float = DEFAULT_ALPHA
 parser.add_argument("--alpha", type=float, default=0.001)
 parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+parser.add_argument("--eot-samples", type=int, default=1)
 '''
     found = restated_defaults(source)
     assert [f.split(": ", 1)[1] for f in found] == [
-        "n = 1000", "alpha = 0.001", "method = 'bernstein'", "chunk_size = 50", "certify_n = 1000", "--alpha default=0.001"]
+        "n = 1000", "alpha = 0.001", "method = 'bernstein'", "chunk_size = 50", "steps = 20", "eot_samples = 8",
+        "certify_n = 1000", "--alpha default=0.001", "--eot-samples default=1"]
 
 
 def test_fs_config_defaults_are_the_constants():

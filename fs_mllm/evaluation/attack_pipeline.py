@@ -40,6 +40,7 @@ from fs_mllm.adapters import get_adapter
 from fs_mllm.arguments import (add_crop_view_arguments, add_fs_config_arguments, device, existing_folder, fraction_pair,
                                fs_config_from_args, non_negative_int, positive_float, positive_int)
 from fs_mllm.image_io import rgb
+from fs_mllm.config import ATTACK_EOT_SAMPLES, ATTACK_STEPS, COMMAND_ATTACK_STEPS
 from fs_mllm.surrogates import check_surrogates
 from fs_mllm.attacks import OBJECTIVES, PROTOCOLS, SURROGATES, AttackConfig, attack, generate_text, without_added_defaults
 from fs_mllm.defense import VARIANTS, apply_variant
@@ -84,10 +85,11 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None)
     add_crop_view_arguments(p)
     p.add_argument("--norm", choices=("l2", "linf"), default="l2")
     p.add_argument("--eps", type=positive_float, default=0.5, help="radius in [0,1] pixel space")
-    p.add_argument("--steps", type=positive_int, default=10)
+    p.add_argument("--steps", type=positive_int, default=COMMAND_ATTACK_STEPS,
+                   help=f"PGD steps (default {COMMAND_ATTACK_STEPS}; the benchmark's adaptive attack runs {ATTACK_STEPS})")
     p.add_argument("--step-size", type=positive_float, help="default 2.5 * eps / steps")
     p.add_argument("--no-random-start", action="store_true")
-    p.add_argument("--eot-samples", type=positive_int, default=8, help="noisy forwards per gradient on smoothed modes")
+    p.add_argument("--eot-samples", type=positive_int, default=ATTACK_EOT_SAMPLES, help="noisy forwards per gradient on smoothed modes")
     p.add_argument("--eot-chunk-size", type=positive_int, help="forwards per backward (memory knob; default all)")
     p.add_argument("--smoothing-samples", type=positive_int, help="noisy copies per smoothed forward while attacking "
                                                                   "(default: --n-samples, i.e. the deployed model)")

@@ -20,7 +20,7 @@ from fs_mllm.arguments import (
     fs_config_from_args, non_negative_int, positive_float, positive_int, probability,
 )
 from fs_mllm.attacks import NORMS, OBJECTIVES, PROTOCOLS, AttackConfig  # one definition of each
-from fs_mllm.config import DEFAULT_ALPHA, FSConfig, check_bool
+from fs_mllm.config import ATTACK_STEPS, COMMAND_ATTACK_STEPS, DEFAULT_ALPHA, EVAL_EOT_SAMPLES, FSConfig, check_bool
 from fs_mllm.defense import check_variants
 from fs_mllm.evaluation.results import (
     SETTINGS_FILE, SHARD_GLOB, SettingsMismatchError, check_settings, claim_settings, read_rows,
@@ -81,7 +81,7 @@ class EvalSettings:
     booster: Optional[str] = None
     attack_norm: str = "l2"
     attack_eps: tuple = ()
-    attack_steps: int = 10
+    attack_steps: int = COMMAND_ATTACK_STEPS
     attack_step_size: Optional[float] = None
     objective: str = "feature"
     target: Optional[str] = None
@@ -89,7 +89,7 @@ class EvalSettings:
     crop_scale: Optional[tuple] = None
     crop_views: int = 1
     crop_full_view: bool = False
-    eot_samples: int = 1
+    eot_samples: int = EVAL_EOT_SAMPLES
     certify_n: int = 0
     certify_alpha: float = DEFAULT_ALPHA
     max_new_tokens: int = 10
@@ -253,7 +253,8 @@ def add_common_arguments(parser: Any, task: str) -> None:
     parser.add_argument("--attack-norm", default="l2", choices=NORMS)
     parser.add_argument("--attack-eps", type=positive_float, nargs="*", default=[],
                         help="attack budgets (several for accuracy vs budget); none = clean only")
-    parser.add_argument("--attack-steps", type=positive_int, default=10)
+    parser.add_argument("--attack-steps", type=positive_int, default=COMMAND_ATTACK_STEPS,
+                        help=f"PGD steps (default {COMMAND_ATTACK_STEPS}; the benchmark's adaptive attack runs {ATTACK_STEPS})")
     parser.add_argument("--attack-step-size", type=positive_float, default=None, help="default 2.5 * eps / steps")
     parser.add_argument("--objective", default="feature", choices=OBJECTIVES,
                         help="feature_target pulls the features towards the next example's image (AttackVLM)")
@@ -264,7 +265,7 @@ def add_common_arguments(parser: Any, task: str) -> None:
                         help="M-Attack random local crops: 'lo,hi' area fractions (e.g. 0.5,1), default none")
     add_crop_view_arguments(parser)
     parser.add_argument("--target", default=None, help="target text for --objective targeted")
-    parser.add_argument("--eot-samples", type=positive_int, default=1,
+    parser.add_argument("--eot-samples", type=positive_int, default=EVAL_EOT_SAMPLES,
                         help="noisy forwards averaged per attack gradient on FS variants (fresh noise every step)")
     parser.add_argument("--certify-n", type=non_negative_int, default=0,
                         help="noise samples to certify each image (0 = off, else >= 2)")
