@@ -529,8 +529,11 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
                 return reused["adv"]
             if source is not None and progress:
                 tqdm.write(f"transfer_images {source.folder} has no images for linf {eps:.4g}: crafting them")
-            return attack(model, processor, attack_images, None, settings._transfer_config(eps), target_images=targets,
-                          surrogates=list(settings.surrogates) if settings.surrogates else None).adv_images
+            config = settings._transfer_config(eps)
+            with tqdm(total=config.steps, desc=f"linf {eps:.4g}", unit="step", leave=False, disable=not progress) as bar:
+                return attack(model, processor, attack_images, None, config, target_images=targets,
+                              surrogates=list(settings.surrogates) if settings.surrogates else None,
+                              progress=lambda step, loss: bar.update(1)).adv_images
         if store is None:
             replayed["transfer", eps] = craft()
         else:
