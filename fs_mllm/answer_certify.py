@@ -721,13 +721,13 @@ def _encoded_within(run: "_Prepared", inputs: Mapping[str, Any], clean: torch.Te
                                                                **per_image))).to(clean.device)
         return pixels, (read - start).flatten(1).norm(dim=1)
 
-    low, high = torch.zeros(len(clean)), torch.ones(len(clean))
+    low, high = torch.zeros(len(clean), device=clean.device), torch.ones(len(clean), device=clean.device)
     pixels, distance = encode(high)
     if bool((distance <= eps).all()):
         return pixels
     for _ in range(halvings):
         middle = (low + high) / 2
-        inside = encode(middle)[1].cpu() <= eps
+        inside = encode(middle)[1] <= eps
         low, high = torch.where(inside, middle, low), torch.where(inside, high, middle)
     pixels, distance = encode(low)
     if bool((distance > eps).any()):  # t = 0 stores the clean pixels again; anything else is a bug to surface

@@ -111,7 +111,8 @@ __all__ = [
 class AttackConfig:
     """One PGD attack, validated on construction (JSON-serialisable via ``to_dict``).
 
-    Defaults (20 steps, 8 EOT samples) are the weakest adaptive attack worth believing.
+    Defaults (config.ATTACK_STEPS steps, config.ATTACK_EOT_SAMPLES EOT samples: 20 and 8) are the weakest adaptive
+    attack worth believing.
 
     Attributes:
         norm: "l2" or "linf": the ball the perturbation stays in, in [0,1] pixel space.
@@ -547,6 +548,8 @@ def _features_of_rows(model: nn.Module, images01: torch.Tensor, index: torch.Ten
     (images of one batch whose features differ in length)."""
     try:
         return list(image_features(model, images01[index], image_mean, image_std, processor, **row_kwargs))
+    except torch.cuda.OutOfMemoryError:
+        raise
     except (RuntimeError, ValueError):
         return [image_features(model, images01[i:i + 1], image_mean, image_std, processor,
                                **{k: v[j:j + 1] for k, v in row_kwargs.items()})[0]
@@ -587,7 +590,9 @@ def _recording_features(model: nn.Module, adapter: FamilyAdapter, count: int, en
             output = function(*args, **kwargs)
             try:
                 calls.append(adapter.call_features(output, count, {**dict(zip(names, args)), **kwargs}))
-            except Exception:  # noqa: BLE001 (e.g. images of one batch giving different token counts)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except (RuntimeError, ValueError):  # rows that do not stack (images giving different token counts)
                 calls.append(None)
             return output
 

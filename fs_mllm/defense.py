@@ -125,7 +125,8 @@ class DefenseSettings:
             if isinstance(self.surrogates, str) or not all(isinstance(name, str) for name in self.surrogates):
                 raise ValueError(f"surrogates must be a tuple of names (stored in the settings), got {self.surrogates!r}")
             self.surrogates = tuple(self.surrogates)
-            check_surrogates(self.surrogates)  # a misspelt or missing encoder is refused before any crafting
+            if self.transfer_linf:  # a misspelt or missing encoder is refused before any crafting
+                check_surrogates(self.surrogates)
         # the attacks' own parameters, then every budget, through AttackConfig's checks before any model work
         self._transfer_config(1 / 255)
         self._adaptive_config("l2", 0.5)

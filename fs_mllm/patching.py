@@ -112,7 +112,7 @@ def _install(owner: nn.Module, name: str, wrapper_cls: type, hf_model: nn.Module
     setattr(owner, name, wrapper_cls(hf_model, getattr(owner, name)))
 
 
-_CLOSED_EARLY: dict[int, tuple[Callable, bool, Any]] = {}  # id(replacement) -> (it, had, previous), see below
+_CLOSED = "__fs_mllm_closed__"  # on a replacement whose block closed while a later one was in place: (had, previous)
 
 
 @contextlib.contextmanager
@@ -122,8 +122,9 @@ def replaced_feature_function(model: nn.Module, adapter: FamilyAdapter,
     its calls, or running the base function h's path); what was there comes back afterwards, also on error.
 
     A block that closes while one opened inside it is still in place (generators closed out of order) leaves that
-    one alone; its own function goes when the later block closes, which then restores what was there before
-    both. Not thread-safe: the function is an attribute of the model, which every thread shares.
+    one alone and marks its own function closed; whoever later restores it (the inner block, or unpatch_model)
+    restores what was there before instead. Not thread-safe: the function is an attribute of the model, which
+    every thread shares.
     """
     owner = adapter.feature_owner(unwrap_model(model))
     name = adapter.feature_function
@@ -134,14 +135,20 @@ def replaced_feature_function(model: nn.Module, adapter: FamilyAdapter,
         yield replacement
     finally:
         if owner.__dict__.get(name) is not replacement:
-            _CLOSED_EARLY[id(replacement)] = (replacement, had, previous)
+            setattr(replacement, _CLOSED, (had, previous))
         else:
-            while id(previous) in _CLOSED_EARLY and _CLOSED_EARLY[id(previous)][0] is previous:
-                _, had, previous = _CLOSED_EARLY.pop(id(previous))
-            if had:
-                owner.__dict__[name] = previous
-            else:
-                del owner.__dict__[name]
+            _restore(owner, name, had, previous)
+
+
+def _restore(owner: nn.Module, name: str, had: bool, previous: Any) -> None:
+    """Put ``previous`` back as ``owner.<name>`` (or remove the instance attribute), skipping functions of blocks
+    that have closed."""
+    while had and hasattr(previous, _CLOSED):
+        had, previous = getattr(previous, _CLOSED)
+    if had:
+        owner.__dict__[name] = previous
+    else:
+        owner.__dict__.pop(name, None)
 
 
 def _smoothed_function(function: Any) -> Optional["SmoothedFeatureFunction"]:
@@ -338,10 +345,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     state: FSState = hf_model.__dict__[_STATE_ATTR]
     owner = state.adapter.feature_owner(hf_model)
     for name, (had, previous) in state.saved.items():
-        if had:
-            owner.__dict__[name] = previous
-        else:
-            del owner.__dict__[name]
+        _restore(owner, name, had, previous)
     del hf_model.__dict__[_STATE_ATTR]
     hf_model.__dict__.pop("fs_config", None)
     return model

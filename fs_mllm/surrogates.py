@@ -15,6 +15,8 @@ crafting on the victim's own undefended path (``"model"``) is the stronger, grey
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 from typing import Any, Optional, Sequence
 
@@ -80,8 +82,10 @@ def _resolve(name_or_folder: str) -> str:
             "cache or save it to a folder (model.save_pretrained and processor.save_pretrained)") from None
 
 
+@functools.lru_cache(maxsize=4)
 def surrogate_encoder(name: str) -> nn.Module:
-    """A frozen surrogate encoder for ``name`` (see the module doc); ``"model"`` is built by the attack.
+    """A frozen surrogate encoder for ``name`` (see the module doc); ``"model"`` is built by the attack. The last
+    few loaded are kept (one load per run, not one per budget); the module is shared, so do not train it.
 
     Raises:
         ValueError: ``"model"`` or an ensemble name (expand it first), or a name that is neither built in
@@ -109,9 +113,10 @@ class HubSurrogate(nn.Module):
     """
 
     def __init__(self, model: nn.Module, image_mean: Sequence[float], image_std: Sequence[float], size: int,
-                 name: str = "") -> None:
+                 name: str = "", interpolate: bool = False) -> None:
         super().__init__()
         self.model, self.size, self.name = model, int(size), name
+        self.interpolate = interpolate  # fed at another size than its config's: interpolate its position embeddings
         self.register_buffer("mean", torch.tensor(image_mean, dtype=torch.float32).reshape(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(image_std, dtype=torch.float32).reshape(1, -1, 1, 1), persistent=False)
 
@@ -127,21 +132,40 @@ class HubSurrogate(nn.Module):
         with open(processor_file, encoding="utf-8") as handle:
             processor = json.load(handle)
         vision = getattr(config, "vision_config", None) or config
-        size = getattr(vision, "image_size", None)
+        size = _processor_size(processor) or getattr(vision, "image_size", None)
         if not isinstance(size, int) or "image_mean" not in processor or "image_std" not in processor:
             raise ValueError(f"surrogates: {name_or_folder!r} states no int image_size in its config or no image_mean/"
                              "image_std in its preprocessor_config.json; fs_mllm cannot feed it as its processor would")
         model = load_safetensors_model(AutoModel, name_or_folder, dtype=torch.float32)
-        return cls(model, processor["image_mean"], processor["image_std"], size, name=str(name_or_folder))
+        return cls(model, processor["image_mean"], processor["image_std"], size, name=str(name_or_folder),
+                   interpolate=size != getattr(vision, "image_size", size))
 
     def forward(self, pixels01: torch.Tensor) -> torch.Tensor:
+        """(B, ..., 3, H, W) [0,1] images -> (B, N, D): one embedding per image of each row (N = 1 for (B, 3, H, W))."""
         images = pixels01.float().reshape((-1,) + tuple(pixels01.shape[-3:]))
         if tuple(images.shape[-2:]) != (self.size, self.size):
             images = nn.functional.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False)
         x = ((images - self.mean) / self.std).to(next(self.model.parameters()).dtype)
-        if callable(getattr(self.model, "get_image_features", None)):
-            out = self.model.get_image_features(pixel_values=x)
-            embedding = out if isinstance(out, torch.Tensor) else out.pooler_output
-        else:
-            embedding = self.model(pixel_values=x).pooler_output
-        return embedding.float().unsqueeze(1)
+        encode = getattr(self.model, "get_image_features", None)  # a dual encoder's projected image embedding
+        encode = encode if callable(encode) else self.model
+        kwargs = {"interpolate_pos_encoding": True} if self.interpolate and "interpolate_pos_encoding" in \
+            inspect.signature(encode).parameters else {}
+        out = encode(pixel_values=x, **kwargs)
+        embedding = out if isinstance(out, torch.Tensor) else out.pooler_output
+        return embedding.float().reshape(pixels01.shape[0], -1, embedding.shape[-1])
+
+
+def _processor_size(processor: dict) -> Optional[int]:
+    """The square side a processor feeds its model (crop_size, else size), or None where it states no square:
+    Hub DINOv2 configs say 518 while their processors crop to 224."""
+    for key in ("crop_size", "size"):
+        value = processor.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, dict):
+            side = value.get("shortest_edge")
+            if value.get("height") is not None and value.get("height") == value.get("width"):
+                side = value["height"]
+            if isinstance(side, int):
+                return side
+    return None

@@ -707,3 +707,19 @@ def test_scoped_replacements_of_the_feature_function_nest_and_refuse_out_of_orde
     assert owner.__dict__[adapter.feature_function] is not patched and is_patched(model)
     second.__exit__(None, None, None)  # and takes the earlier one's with it
     assert owner.__dict__[adapter.feature_function] is patched and is_patched(model)
+
+
+def test_patching_inside_a_scoped_replacement_unpatches_to_the_original():
+    """patch_model while a recorder is in place (the patch wraps the recorder), the recorder's block closing, then
+    unpatch_model: the original function comes back, not the closed recorder."""
+    from fs_mllm.patching import replaced_feature_function
+
+    model, _ = build("llava")
+    adapter = get_adapter(model)
+    owner = adapter.feature_owner(model)
+    assert adapter.feature_function not in owner.__dict__
+    with replaced_feature_function(model, adapter, lambda function: (lambda *a, **k: function(*a, **k))):
+        patch_model(model, sigma=0.25, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    assert is_patched(model)
+    unpatch_model(model)
+    assert adapter.feature_function not in owner.__dict__ and not is_patched(model)

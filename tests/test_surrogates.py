@@ -132,3 +132,19 @@ def test_dinov2_at_another_resolution_and_pooling():
     encoder = surrogate_encoder("dinov2-cls112")
     assert encoder.size == 112
     assert encoder(torch.rand(1, 3, 64, 64)).shape == (1, 1, 384)
+
+
+def test_the_resolution_is_the_processors_and_rows_of_images_keep_their_shape(tmp_path):
+    """A processor that crops to 24 px feeds a 32 px config at 24 (Hub DINOv2: config 518, crop 224); (B, N, 3, H, W)
+    images give (B, N, D)."""
+    from fs_mllm.surrogates import _processor_size
+
+    assert _processor_size({"crop_size": {"height": 224, "width": 224}, "size": {"shortest_edge": 256}}) == 224
+    assert _processor_size({"size": {"shortest_edge": 256}}) == 256 and _processor_size({}) is None
+    save_encoder(tmp_path / "clip", size=32)
+    processor = json.loads((tmp_path / "clip" / "preprocessor_config.json").read_text())
+    (tmp_path / "clip" / "preprocessor_config.json").write_text(json.dumps({**processor, "crop_size": 24}))
+    CLIPModel.from_pretrained(tmp_path / "clip")  # the folder is whole
+    encoder = surrogate_encoder(str(tmp_path / "clip"))
+    assert encoder.size == 24
+    assert encoder(torch.rand(2, 3, 3, 40, 40)).shape == (2, 3, 16)
