@@ -697,10 +697,11 @@ def attack_answer(
     adversarial = [_pgd_l2(answers_of, question.image01, run.labels.index(answer), run.sigma, eps, steps, eot_samples,
                            step_size, generator) for (question, answers_of), answer in zip(pairs, answers)]
     clean = torch.stack([question.image01 for question, _ in pairs])
-    return {**inputs, "pixel_values": _encoded_within(run, inputs, clean, torch.stack(adversarial) - clean, eps)}
+    rows = {key: torch.stack([torch.as_tensor(q.image_rows[key]) for q, _ in pairs]) for key in pairs[0][0].image_rows}
+    return {**inputs, "pixel_values": _encoded_within(run, inputs, rows, clean, torch.stack(adversarial) - clean, eps)}
 
 
-def _encoded_within(run: "_Prepared", inputs: Mapping[str, Any], clean: torch.Tensor, delta: torch.Tensor,
+def _encoded_within(run: "_Prepared", inputs: Mapping[str, Any], rows: dict, clean: torch.Tensor, delta: torch.Tensor,
                     eps: float, halvings: int = 20) -> torch.Tensor:
     """pixel_values of ``clean + t_b delta_b`` in the inputs' dtype, each t_b in [0, 1] the largest found (by
     bisection) whose stored pixels decode within l2 ``eps`` of the clean ones: rounding to float16 / bfloat16 moves
@@ -708,8 +709,6 @@ def _encoded_within(run: "_Prepared", inputs: Mapping[str, Any], clean: torch.Te
     adapter, state, model = run.state.adapter, run.state, run.hf_model
     original = inputs["pixel_values"]
     per_image = {k: v for k, v in inputs.items() if k in set(adapter.per_image_kwargs) and v is not None}
-    rows = {key: torch.stack([torch.as_tensor(row) for row in value])
-            for key, value in adapter.per_image_rows(model, original, per_image).items()}
     start = torch.stack(list(adapter.model_inputs_to_pixels(model, original.float(), state.image_mean, state.image_std,
                                                             **per_image))).to(clean.device)
 

@@ -109,7 +109,8 @@ class HubSurrogate(nn.Module):
 
     Images are resized (bilinear, differentiable) to the encoder's resolution and normalised with its mean/std,
     as its processor would; a dual encoder (CLIP, SigLIP) gives its projected image embedding, a vision model its
-    pooled output (DINOv2: the CLS token after the final layer norm).
+    pooled output (DINOv2: the CLS token after the final layer norm). Not a gsb_training.PixelEncoder (which
+    returns tokens), so that importing fs_mllm does not load the booster's training code.
     """
 
     def __init__(self, model: nn.Module, image_mean: Sequence[float], image_std: Sequence[float], size: int,

@@ -5,6 +5,7 @@ and to a pre-populated HF cache."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -70,7 +71,7 @@ def test_a_hub_id_loads_offline_from_the_hf_cache(tmp_path, monkeypatch):
     cache_snapshot(tmp_path / "clip", "someone/tiny-clip", cache_dir=cache)
     script = ("import torch; from fs_mllm.surrogates import surrogate_encoder; "
               "print(tuple(surrogate_encoder('someone/tiny-clip')(torch.rand(1, 3, 32, 32)).shape))")
-    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home")}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home")}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "(1, 1, 16)"

@@ -39,10 +39,10 @@ import torch
 from fs_mllm.adapters import get_adapter
 from fs_mllm.arguments import (add_crop_view_arguments, add_fs_config_arguments, device, existing_folder, fraction_pair,
                                fs_config_from_args, non_negative_int, positive_float, positive_int)
-from fs_mllm.image_io import rgb
-from fs_mllm.config import ATTACK_EOT_SAMPLES, ATTACK_STEPS, COMMAND_ATTACK_STEPS
-from fs_mllm.surrogates import check_surrogates
 from fs_mllm.attacks import OBJECTIVES, PROTOCOLS, SURROGATES, AttackConfig, attack, generate_text, without_added_defaults
+from fs_mllm.config import ATTACK_EOT_SAMPLES, ATTACK_STEPS, COMMAND_ATTACK_STEPS
+from fs_mllm.image_io import rgb
+from fs_mllm.surrogates import check_surrogates
 from fs_mllm.defense import VARIANTS, apply_variant
 from fs_mllm.evaluation.results import ResultWriter, finite_or_none, folder_kept_only_with_rows, read_rows
 from fs_mllm.evaluation.robustness import attack_outcomes, outcome_rate, summary_table
