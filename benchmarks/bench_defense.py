@@ -44,7 +44,7 @@ from fs_mllm.arguments import add_crop_view_arguments, fraction_pair, positive_f
 from fs_mllm.config import FSConfig
 from fs_mllm.defense import (ADAPTIVE_L2, ADAPTIVE_LINF, TRANSFER_LINF, DefenseSettings, defense_table, evaluate_defense,
                               module_fingerprint, synthetic_items)
-from fs_mllm.evaluation.results import SETTINGS_FILE, ResultsFolderError
+from fs_mllm.results import SETTINGS_FILE, ResultsFolderError
 from fs_mllm.gsb import GaussianSmoothnessBooster
 from fs_mllm.models import load_mini_llava
 from fs_mllm.models.mini_llava import BOOSTER_DIR, IMAGE_SIZE, build_prompt

@@ -16,7 +16,8 @@ import torch
 
 from fs_mllm import GaussianSmoothnessBooster, certify_model, patch_model, unpatch_model
 from fs_mllm.attacks import generate_text
-from fs_mllm.cli import load_images, processor_size, to_tensor01
+from fs_mllm.evaluation.datasets import load_images
+from fs_mllm.image_io import processor_size, to_tensor01
 from fs_mllm.models import load_mini_llava
 from fs_mllm.models.mini_llava import BOOSTER_DIR, build_prompt
 from fs_mllm.synthetic import make_dataset, vqa_match

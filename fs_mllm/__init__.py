@@ -6,12 +6,16 @@ from .certify import Certificate, ModelCertificate, PredictionCertificate, certi
 from .certify import certify_zero_shot
 from .config import FSConfig
 from .gsb import GaussianSmoothnessBooster, GSBConfig, boosted_encoder
-from .hub import from_pretrained, push_to_hub, save_pretrained
+from .hub import from_pretrained, patch_from_saved, push_to_hub, save_pretrained
+from .hub.io import register_local_repo as _register_local_repo
+from .models import MINI_LLAVA_REPO as _MINI_LLAVA_REPO, provide_mini_llava as _provide_mini_llava
 from .patching import get_fs_state, is_patched, patch_model, unpatch_model
 from .smoothing import smooth_features
 from .stats import certified_radius, clopper_pearson_lower, fcsb, score_lower_bound
 
-__version__ = "0.1.0"
+from .version import __version__
+
+_register_local_repo(_MINI_LLAVA_REPO, _provide_mini_llava)  # the embedded model resolves by repo id, offline
 
 __all__ = [
     "AnswerCertificate",
@@ -36,6 +40,7 @@ __all__ = [
     "from_pretrained",
     "get_fs_state",
     "is_patched",
+    "patch_from_saved",
     "patch_model",
     "push_to_hub",
     "save_pretrained",

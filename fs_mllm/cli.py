@@ -20,7 +20,7 @@ from . import demo as demo_module
 from .arguments import add_fs_config_arguments, existing_folder, image_size, positive_int, radii, sample_count
 from .config import DEFAULT_ANSWER_N0, DEFAULT_ANSWER_TOKENS, DEFAULT_CERTIFY_N
 from .demo import run_demo
-from .image_io import to_tensor01
+from .image_io import image_paths, processor_size, to_tensor01
 from .models.loading import DEFAULT_MODEL, load_model
 
 # name -> (module with main(*lead, argv, prog=...), leading arguments of main, help)
@@ -30,7 +30,7 @@ PACKAGE_COMMANDS = {
     "eval-caption": ("fs_mllm.evaluation.runner", ("caption",), "captioning robustness evaluation (same as `eval caption`)"),
     "train-gsb": ("fs_mllm.gsb_training", (), "train a Gaussian Smoothness Booster"),
     "train-mapper": ("fs_mllm.gsb_utility", (), "train fs-mini-llava's booster through the frozen language model (--stage mapper or denoiser)"),
-    "save": ("fs_mllm.hub", (), "patch a model (+ booster) and save it with fs_config.json and a model card"),
+    "save": ("fs_mllm.commands.save", (), "patch a model (+ booster) and save it with fs_config.json and a model card"),
 }
 EVAL_TASKS = ("vqa", "caption")
 # commands whose output folder a rerun of the same command resumes
@@ -40,68 +40,6 @@ RESUMABLE = ("attack", "eval", "eval-vqa", "eval-caption", "train-gsb", "train-m
 # ---------------------------------------------------------------------------------------------
 # shared pieces
 # ---------------------------------------------------------------------------------------------
-
-def processor_size(processor: Any) -> int:
-    """Square input resolution of the processor (crop size, else size)."""
-    image_processor = getattr(processor, "image_processor", processor)
-    for key in ("crop_size", "size"):
-        size = getattr(image_processor, key, None)
-        if size is not None and not isinstance(size, int):
-            size = dict(size).get("height") or dict(size).get("shortest_edge")
-        if size:
-            return int(size)
-    raise ValueError("could not read the input resolution from the processor; pass --size")
-
-
-def image_paths(folder: str) -> list[Path]:
-    """The image files of ``folder`` (checked before any model loads)."""
-    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".webp"})
-    if not paths:
-        raise ValueError(f"--images: no .png/.jpg/.jpeg/.bmp/.webp files in {folder}")
-    return paths
-
-
-def read_images(folder: Optional[str], limit: Optional[int] = None) -> tuple[list, list[str]]:
-    """The decoded images (PIL) and their names: a folder of images, or the project's real offline photos.
-
-    Decoded here, before any model loads: a damaged or truncated file is named at once, not after the load."""
-    from PIL import Image
-
-    if folder is None:
-        from .evaluation import load_offline_eval
-
-        photos = load_offline_eval("caption")
-        names = [f"offline-photo-{i}" for i in photos["image_id"]]
-        images = list(photos["image"])
-    else:
-        paths = image_paths(folder)
-        names = [p.name for p in paths]
-        images = []
-        for path in paths[:limit]:
-            try:
-                image = Image.open(path)
-                image.load()  # decodes now: a truncated file fails here, named, not later
-                images.append(image)
-            except OSError as error:  # not an image after all (or a damaged one)
-                raise ValueError(f"--images: {path} cannot be read as an image ({error})") from None
-    if limit is not None:
-        names, images = names[:limit], images[:limit]
-    return images, names
-
-
-def load_images(folder: Optional[str], size: int, limit: Optional[int] = None):
-    """[0,1] images (B, 3, size, size) and their names: a folder of images, or the project's real offline photos."""
-    import torch
-
-    images, names = read_images(folder, limit)
-    return torch.stack([to_tensor01(image, size) for image in images]), names
-
-
-def write_report(out_dir: Path, title: str, markdown_table: str, extra: Sequence[str] = ()) -> Path:
-    path = out_dir / "report.md"
-    path.write_text("\n\n".join([f"# {title}", markdown_table, *extra]) + "\n", encoding="utf-8")
-    return path
-
 
 # ---------------------------------------------------------------------------------------------
 # certify
@@ -135,9 +73,14 @@ def run_certify(args: argparse.Namespace) -> dict:
     from .evaluation import certified_curve, plot_certified_curve, summary_table
 
     booster = load_booster(args.booster)  # the cheap checks first: a bad booster or image costs no model load
+    from .evaluation.datasets import read_images
+    from .results import write_report
+
     pictures, names = read_images(args.images, args.limit)
     model, processor = load_model(args.model)
     size = args.size or processor_size(processor)
+    if not size:
+        raise ValueError("could not read the input resolution from the processor; pass --size")
     images = torch.stack([to_tensor01(picture, size) for picture in pictures])
     certificates = []
     for i in tqdm(range(len(names)), desc="certifying", unit="image"):
@@ -417,7 +360,7 @@ def console_main() -> int:
         print("\ninterrupted" + ("; rerun the same command to resume" if resumable else ""), file=sys.stderr)
         return 130
     except Exception as exc:  # bad input found while running (a folder, a file, a value): no traceback
-        from .evaluation.results import ResultsFolderError
+        from .results import ResultsFolderError
 
         if not isinstance(exc, (ValueError, OSError, ResultsFolderError)) or os.environ.get("FS_MLLM_TRACEBACK"):
             raise

@@ -248,7 +248,7 @@ def _identity(settings: DefenseSettings, clean_items: Sequence[EvalItem], attack
               model: nn.Module, processor: Any, device: str) -> dict[str, Any]:
     """What a checkpoint's ``settings.json`` records: the settings less the row choices, the question sets, the
     model, the processor, the package version and the device type."""
-    from . import __version__
+    from .version import __version__
 
     # the crop fields added since checkpoints were first written stay out at their old values: older folders resume
     chosen = without_added_defaults({k: v for k, v in settings.to_dict().items() if k not in _ROW_CHOICES})
@@ -280,7 +280,7 @@ class _ReplaySource:
 
     def __init__(self, folder: str | os.PathLike, settings: DefenseSettings, attack_items: Sequence[EvalItem],
                  model: nn.Module, processor: Any = None, kind: str = "transfer", booster: Optional[str] = None) -> None:
-        from .evaluation.results import SETTINGS_FILE, SettingsMismatchError, describe_changes
+        from .results import SETTINGS_FILE, SettingsMismatchError, describe_changes
 
         self.kind = kind
         self.label = f"{kind}_images"
@@ -351,7 +351,7 @@ class DefenseCheckpoint:
     ``settings.json`` names what the folder holds: the settings, the question set, the model's weights and
     processor, the package version and the device type; once the folder holds any result (a row or crafted
     images) a run that differs in any of them is refused before any work, while a folder that holds none
-    (its first run stopped before finishing anything) is claimed by the new run. ``rows.jsonl`` (the crash-safe store of :mod:`fs_mllm.evaluation.results`) gets every
+    (its first run stopped before finishing anything) is claimed by the new run. ``rows.jsonl`` (the crash-safe store of :mod:`fs_mllm.results`) gets every
     row, and each variant's clean answers and certificates, the moment they exist (the fs+gsb ones with
     the booster's fingerprint, checked on resume). ``transfer_linf_<eps>.safetensors`` holds the crafted
     transfer images, so every variant, in this run or a resumed one, replays the same images; each finished
@@ -363,7 +363,7 @@ class DefenseCheckpoint:
     def __init__(self, folder: str | os.PathLike, settings: DefenseSettings, clean_items: Sequence[EvalItem],
                  attack_items: Sequence[EvalItem], model: nn.Module, processor: Any = None, booster: Any = None,
                  device: str = "cpu") -> None:
-        from .evaluation.results import ResultsFolderError, ResultsLock, ResultWriter, check_settings, claim_settings, read_rows
+        from .results import ResultsFolderError, ResultsLock, ResultWriter, check_settings, claim_settings, read_rows
 
         self.folder = Path(folder)
         if self.folder.exists() and not self.folder.is_dir():
@@ -403,7 +403,7 @@ class DefenseCheckpoint:
 
     def put(self, key: tuple, record: dict[str, Any]) -> dict[str, Any]:
         """Save ``record`` under ``key`` (flushed to disk) and return it as a resumed run would read it."""
-        from .evaluation.results import finite_or_none
+        from .results import finite_or_none
 
         row = {k: finite_or_none(v) for k, v in record.items()}
         self.writer.write({"key": list(key), **row})
@@ -416,7 +416,7 @@ class DefenseCheckpoint:
         with ``metadata`` (safetensors string metadata, e.g. the booster an adaptive batch was crafted through)."""
         from safetensors.torch import load_file, save_file
 
-        from .evaluation.results import ResultsFolderError, durable_replace
+        from .results import ResultsFolderError, durable_replace
 
         path = self.folder / name
         if path.exists():

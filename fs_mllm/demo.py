@@ -178,7 +178,7 @@ def certified_reading(rows: list[dict[str, Any]]) -> list[str]:
 def _load(args: argparse.Namespace):
     """The embedded model, its booster and the demo's items: every example's first question (clean accuracy,
     transfer, the noise control; the first ``--adaptive-examples`` also adaptive and certified)."""
-    from .cli import processor_size
+    from .image_io import processor_size
     from .defense import synthetic_items
     from .gsb import GaussianSmoothnessBooster
     from .models.loading import DEFAULT_MODEL, load_model
@@ -212,7 +212,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     reading per protocol."""
     import torch
 
-    from .cli import write_report
+    from .results import write_report
     from .defense import defense_table, evaluate_defense
     from .evaluation import plot_accuracy_vs_budget
 

@@ -476,7 +476,7 @@ def train_gsb(
     resumed = load_checkpoint_state(checkpoint) if checkpoint is not None else None
     step, history, previous_seconds = 0, [], 0.0
     if resumed is not None:
-        from .evaluation.results import describe_changes
+        from .results import describe_changes
 
         saved = GaussianSmoothnessBooster.from_pretrained(resumed["path"], device=device)
         changed = describe_changes(saved.config.to_dict(), booster.config.to_dict())
@@ -679,8 +679,10 @@ def build_encoder(name: str) -> tuple[PixelEncoder, str]:
         return freeze(PixelEncoder(load_dinov2(), IMAGENET_MEAN, IMAGENET_STD, drop_tokens=1)), "dinov2-vits14-imgfocus/patch_tokens"
     from transformers import AutoImageProcessor, AutoModel
 
+    from .hub.io import load_safetensors_model
+
     processor = AutoImageProcessor.from_pretrained(name)
-    model = AutoModel.from_pretrained(name)
+    model = load_safetensors_model(AutoModel, name)  # never pickle weights
     return freeze(PixelEncoder(model, processor.image_mean, processor.image_std, drop_tokens=1)), f"{name}/patch_tokens"
 
 

@@ -156,7 +156,7 @@ def _train_utility(booster: GaussianSmoothnessBooster, module: torch.nn.Module, 
     step, history, previous_seconds = 0, [], 0.0
     resumed = load_checkpoint_state(checkpoint) if checkpoint is not None else None
     if resumed is not None:
-        from .evaluation.results import describe_changes
+        from .results import describe_changes
 
         changed = describe_changes({"stage": "mapper", **resumed.get("train_config", {})}, train.to_dict())  # 0.1: no stage
         if changed:

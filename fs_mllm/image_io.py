@@ -4,6 +4,7 @@ eval set all load their photos here)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -11,7 +12,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-__all__ = ["offline_photo", "rgb", "to_float_rgb", "to_tensor01"]
+__all__ = ["IMAGE_SUFFIXES", "image_paths", "offline_photo", "processor_size", "rgb", "to_float_rgb", "to_tensor01"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+"""What a folder of images may hold (``--images`` of every command)."""
 
 # Photos that ship inside installed packages (DESIGN section 7), by the short names the project uses.
 # Any other name is a scikit-image ``skimage.data`` loader (e.g. "astronaut", "coins").
@@ -126,3 +130,30 @@ def to_tensor01(image: Any, size: int) -> torch.Tensor:
     array = np.asarray(rgb(image), dtype=np.float32) / 255.0
     tensor = torch.from_numpy(array).permute(2, 0, 1)[None]
     return F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True)[0].clamp(0, 1)
+
+
+def image_paths(folder: str | Path) -> list[Path]:
+    """The image files of ``folder`` (checked before any model loads)."""
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise ValueError(f"--images: no {'/'.join(IMAGE_SUFFIXES)} files in {folder}")
+    return paths
+
+
+def processor_size(processor: Any) -> Optional[int]:
+    """The square side a processor feeds its model (``crop_size``, else ``size``), or None where it states no
+    square. ``processor`` is a processor, an image processor or a preprocessor_config.json dict: Hub DINOv2
+    configs say 518 while their processors crop to 224, so the processor is what counts."""
+    image_processor = getattr(processor, "image_processor", processor)
+    for key in ("crop_size", "size"):
+        value = image_processor.get(key) if isinstance(image_processor, dict) else getattr(image_processor, key, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if value is not None and not isinstance(value, (int, float, str)):
+            value = dict(value)
+            side = value.get("shortest_edge")
+            if value.get("height") is not None and value.get("height") == value.get("width"):
+                side = value["height"]
+            if isinstance(side, int):
+                return side
+    return None

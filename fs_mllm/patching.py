@@ -247,9 +247,10 @@ def patch_model(
     Args:
         model: a transformers multimodal model of a supported family (see the Patching page), or a PEFT
             wrapper of one.
-        config: an FSConfig (default ``FSConfig()``); or a folder / Hub repo id written by
-            ``fs_mllm.save_pretrained``: then the settings, mean/std and booster all come from its
-            fs_config.json (the model's family must match) and no other argument may be given.
+        config: an FSConfig (default ``FSConfig()``). A folder / Hub repo id written by
+            ``fs_mllm.save_pretrained`` is refused with the call that applies it,
+            ``fs_mllm.patch_from_saved(model, folder)`` (as PEFT's ``get_peft_model`` takes a config and
+            ``PeftModel.from_pretrained`` a folder).
         booster: None, or an object following the booster protocol (``check_compatible(feature_dim,
             sigma)`` and ``denoise(pixels01, sigma)`` and/or ``map_features(features, sigma)``), such as
             ``fs_mllm.GaussianSmoothnessBooster``; checked against the model's feature size and sigma.
@@ -265,31 +266,24 @@ def patch_model(
 
     Raises:
         ValueError: ``model`` is not a torch.nn.Module or of an unsupported family; ``config`` is of
-            another type, or a saved folder together with other settings; an unknown or out-of-range
+            another type (a saved folder: use ``fs_mllm.patch_from_saved``); an unknown or out-of-range
             setting; mean/std that are not 3 finite values (std > 0) or only one of them; a booster
             without the protocol or trained for another feature size or sigma range; ``smooth_video``
-            for a family whose videos cannot be smoothed; a damaged or mismatched saved fs_config.json.
-        FileNotFoundError: ``config`` names a folder without fs_config.json, or a Hub repo that cannot
-            be fetched (or is not in the HF cache when offline).
+            for a family whose videos cannot be smoothed.
         RuntimeError: the installed transformers is outside the tested range (unless
             ``FS_MLLM_UNTESTED_TRANSFORMERS=1``).
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module (a transformers multimodal model), got {type(model).__name__}")
     check_transformers_version()
-    if isinstance(config, (str, os.PathLike)):
-        given = sorted(overrides) + [name for name, value in (("booster", booster), ("processor", processor),
-                                     ("image_mean", image_mean), ("image_std", image_std)) if value is not None]
-        if given:
-            raise ValueError(f"patch_model(model, {os.fspath(config)!r}) takes every setting from the saved fs_config.json; "
-                             f"drop {given}, or patch with an FSConfig / sigma=<number> and your own settings")
-        from .hub import patch_from_saved
-
-        return patch_from_saved(model, config)
+    if isinstance(config, (str, os.PathLike)):  # the saved format is the hub's, a layer above this one
+        raise ValueError(f"patch_model takes settings (an FSConfig or sigma=...), not a folder: to patch with the settings "
+                         f"and booster saved in {os.fspath(config)!r}, call fs_mllm.patch_from_saved(model, "
+                         f"{os.fspath(config)!r}); fs_mllm.from_pretrained({os.fspath(config)!r}) also loads its base model")
     if config is None:
         config = FSConfig()
     elif not isinstance(config, FSConfig):
-        raise ValueError(f"config must be an fs_mllm.FSConfig, a saved folder / repo id, or None, got {type(config).__name__}")
+        raise ValueError(f"config must be an fs_mllm.FSConfig or None, got {type(config).__name__}")
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(FSConfig)})
     if unknown:
         raise ValueError(f"patch_model got unknown settings {unknown}; FSConfig fields are "

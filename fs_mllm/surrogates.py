@@ -23,6 +23,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
+from .image_io import processor_size
+
 BUILT_IN_SURROGATES = ("model", "dinov2", "dinov2-cls112")
 # M-Attack (Li et al. 2025): ViT-B/16, ViT-B/32 and LAION ViT-g/14, crafted at linf 16/255 with local crops
 M_ATTACK_SURROGATES = ("openai/clip-vit-base-patch16", "openai/clip-vit-base-patch32",
@@ -126,14 +128,14 @@ class HubSurrogate(nn.Module):
         """Load by Hub id (or the HF cache when offline) or local folder, from safetensors weights only."""
         from transformers import AutoConfig, AutoModel
 
-        from .models.loading import load_safetensors_model
+        from .hub.io import load_safetensors_model
 
         processor_file = _resolve(name_or_folder)
         config = AutoConfig.from_pretrained(name_or_folder)
         with open(processor_file, encoding="utf-8") as handle:
             processor = json.load(handle)
         vision = getattr(config, "vision_config", None) or config
-        size = _processor_size(processor) or getattr(vision, "image_size", None)
+        size = processor_size(processor) or getattr(vision, "image_size", None)
         if not isinstance(size, int) or "image_mean" not in processor or "image_std" not in processor:
             raise ValueError(f"surrogates: {name_or_folder!r} states no int image_size in its config or no image_mean/"
                              "image_std in its preprocessor_config.json; fs_mllm cannot feed it as its processor would")
@@ -154,19 +156,3 @@ class HubSurrogate(nn.Module):
         out = encode(pixel_values=x, **kwargs)
         embedding = out if isinstance(out, torch.Tensor) else out.pooler_output
         return embedding.float().reshape(pixels01.shape[0], -1, embedding.shape[-1])
-
-
-def _processor_size(processor: dict) -> Optional[int]:
-    """The square side a processor feeds its model (crop_size, else size), or None where it states no square:
-    Hub DINOv2 configs say 518 while their processors crop to 224."""
-    for key in ("crop_size", "size"):
-        value = processor.get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, dict):
-            side = value.get("shortest_edge")
-            if value.get("height") is not None and value.get("height") == value.get("width"):
-                side = value["height"]
-            if isinstance(side, int):
-                return side
-    return None

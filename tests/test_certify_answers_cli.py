@@ -9,7 +9,7 @@ import fs_mllm.answer_certify
 import fs_mllm.models.loading
 from fs_mllm.cli import main
 from fs_mllm.evaluation.certified_answers import REPORT_RADII, ROWS_FILE, predict_from_counts, read_candidates
-from fs_mllm.evaluation.results import SettingsMismatchError, read_rows
+from fs_mllm.results import SettingsMismatchError, read_rows
 
 from console_script import failure, run_fs_mllm
 

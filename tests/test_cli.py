@@ -181,7 +181,7 @@ def test_second_writer_on_a_folder_is_refused(tmp_path, monkeypatch, capsys):
     run goes through the console script's entry point in-process (console_main: same exit status and stderr;
     the lock is a flock, which a second open of the file is refused in one process as in another)."""
     from console_script import console_in_process, failure
-    from fs_mllm.evaluation.results import ResultsBusyError, ResultsLock
+    from fs_mllm.results import ResultsBusyError, ResultsLock
     from fs_mllm.evaluation.runner import shard_path
 
     out = tmp_path / "vqa"

@@ -81,7 +81,7 @@ def test_llama4_smooths_the_field_its_forward_reads():
 
 
 def test_from_pretrained_refuses_an_untested_version_before_loading(monkeypatch, tmp_path):
-    import fs_mllm.hub as hub
+    import fs_mllm.hub.io as hub
 
     monkeypatch.delenv(compat.UNTESTED_OVERRIDE, raising=False)
     monkeypatch.setattr(importlib.import_module("transformers"), "__version__", "5.26.0")

@@ -358,7 +358,7 @@ def _tiny_booster(seed: int):
 
 
 def test_a_resumed_defense_run_may_change_variants_and_budgets_but_not_settings(model, tmp_path, monkeypatch):
-    from fs_mllm.evaluation.results import ResultsFolderError
+    from fs_mllm.results import ResultsFolderError
 
     processor, items, settings = _resume_setup(variants=("base",), adaptive_l2=())
     folder = tmp_path / "run.parts"
@@ -407,7 +407,7 @@ def test_a_resumed_defense_run_may_change_variants_and_budgets_but_not_settings(
 def test_transfer_images_of_another_run_are_replayed_at_another_n0_and_checked_first(model, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from fs_mllm.evaluation.results import SettingsMismatchError
+    from fs_mllm.results import SettingsMismatchError
 
     processor, items, settings = _resume_setup(adaptive_l2=(), noise_linf=(), transfer_linf=(8 / 255, 16 / 255))
     source = tmp_path / "crafted.parts"
@@ -460,7 +460,7 @@ def test_transfer_images_of_another_run_are_replayed_at_another_n0_and_checked_f
 def test_kept_adaptive_images_are_replayed_only_for_the_same_smoothing_attack_and_booster(model, tmp_path, monkeypatch):
     """keep_adaptive_images keeps each adaptive batch in the checkpoint; another run naming it as adaptive_images
     replays them (no attack) and gives the rows of a run that attacks, and refuses a folder crafted otherwise."""
-    from fs_mllm.evaluation.results import SettingsMismatchError
+    from fs_mllm.results import SettingsMismatchError
 
     x, target = images(3, seed=0), images(3, seed=5)
     items = [EvalItem(x[i], "what?", ["a"], target[i], "<image> what?") for i in range(3)]
@@ -581,7 +581,7 @@ def test_an_adaptive_attack_runs_in_batches_and_a_stop_loses_at_most_one(model, 
 
 
 def test_a_checkpoint_is_claimed_afresh_only_while_it_holds_no_results(model, tmp_path):
-    from fs_mllm.evaluation.results import ResultsFolderError
+    from fs_mllm.results import ResultsFolderError
 
     processor, items, settings = _resume_setup(variants=("base",), adaptive_l2=())
     folder = tmp_path / "run.parts"
@@ -597,7 +597,7 @@ def test_a_checkpoint_is_claimed_afresh_only_while_it_holds_no_results(model, tm
 
 
 def test_a_checkpoint_with_rows_but_no_settings_or_a_torn_image_file_is_refused(model, tmp_path):
-    from fs_mllm.evaluation.results import ResultsFolderError
+    from fs_mllm.results import ResultsFolderError
 
     processor, items, settings = _resume_setup(variants=("base",), adaptive_l2=())
     folder = tmp_path / "run.parts"

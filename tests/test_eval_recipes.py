@@ -292,7 +292,7 @@ def test_folder_without_rows_is_fresh(tmp_path, tiny_dir, vqa_dir, loaded):
 
 def test_second_writer_is_refused_while_the_first_holds_the_shard(tmp_path, tiny_dir, vqa_dir, loaded):
     """Issue 14 item 13: two runs on one folder at once would both write every key."""
-    from fs_mllm.evaluation.results import ResultsBusyError
+    from fs_mllm.results import ResultsBusyError
 
     settings = _settings(tiny_dir, vqa_dir, attack_eps=(), certify_n=0, limit=2)
     refused = []
@@ -490,7 +490,7 @@ def test_eval_command_line_carries_the_crop_views():
 
 def test_the_shared_settings_check_names_each_changed_field(tmp_path):
     """One settings.json check for every resumable folder (eval runner, defense checkpoint)."""
-    from fs_mllm.evaluation.results import SettingsMismatchError, check_settings, claim_settings
+    from fs_mllm.results import SettingsMismatchError, check_settings, claim_settings
 
     settings = {"fs": {"sigma": 0.25, "n_samples": 8}, "limit": 2, "model": "m" * 200}
     claim_settings(tmp_path, settings, holds_results=False)
@@ -526,7 +526,7 @@ def test_the_shared_settings_check_names_each_changed_field(tmp_path):
 def test_an_eval_folder_of_fs_mllm_0_1_resumes_through_the_upgrade(tmp_path):
     """0.1 stored sigma/n_samples/seed at the top level: the same settings still match, other ones do not."""
     from fs_mllm.attacks import without_added_defaults
-    from fs_mllm.evaluation.results import SettingsMismatchError, shard_path
+    from fs_mllm.results import SettingsMismatchError, shard_path
     from fs_mllm.evaluation.settings import verify_settings
 
     # the crop fields came later: a folder without them ran what crop_views=1 / crop_full_view=False run,

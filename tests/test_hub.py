@@ -31,14 +31,9 @@ from fs_mllm.testing import IMAGE_TOKEN, VOCAB, build, build_llava, llava_config
 import fs_mllm
 from fs_mllm import GaussianSmoothnessBooster, GSBConfig, get_fs_state, is_patched, patch_model, unpatch_model
 from fs_mllm.adapters import get_adapter
-from fs_mllm.hub import (
-    FS_CONFIG_NAME,
-    FORMAT_VERSION,
-    MINI_LLAVA_REPO,
-    cache_snapshot,
-    read_saved_patch,
-    render_card,
-)
+from fs_mllm.hub import FORMAT_VERSION, FS_CONFIG_NAME, read_saved_patch, render_card
+from fs_mllm.models import MINI_LLAVA_REPO
+from fs_mllm.models.hf_cache import cache_snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 MEAN, STD = [0.48, 0.45, 0.40], [0.26, 0.26, 0.27]
@@ -118,14 +113,16 @@ def test_from_pretrained_passes_dtype_and_device_map_through_and_generates(tmp_p
     assert out.shape[1] == inputs["input_ids"].shape[1] + 2
 
 
-def test_patch_model_with_a_saved_folder_applies_its_settings_and_booster(tmp_path):
+def test_patch_from_saved_applies_its_settings_and_booster_and_patch_model_points_there(tmp_path):
     model, inputs = patched("llava")
     folder = fs_mllm.save_pretrained(model, tmp_path / "saved", include_weights=True)
     fresh, _ = build("llava")  # same weights (same seed), unpatched
-    assert patch_model(fresh, str(folder)) is fresh
+    for call in (lambda: patch_model(fresh, str(folder)), lambda: patch_model(fresh, folder, n_samples=16)):
+        with pytest.raises(ValueError, match=r"not a folder.*fs_mllm\.patch_from_saved\(model, '.*saved'\)"):
+            call()  # settings below, the saved format above: patching never reads a folder itself
+        assert not is_patched(fresh)
+    assert fs_mllm.patch_from_saved(fresh, str(folder)) is fresh
     assert torch.equal(features(fresh, inputs), features(model, inputs))
-    with pytest.raises(ValueError, match=r"n_samples"):
-        patch_model(fresh, str(folder), n_samples=16)
 
 
 def _cache_base_and_patch(tmp_path: Path, family: str, cache: Path):
@@ -182,8 +179,8 @@ CHILD = textwrap.dedent("""
     inputs = load_file(inputs_path)
     loaded = fs_mllm.from_pretrained(fs_repo)                    # no cache_dir: HF_HUB_CACHE, HF_HUB_OFFLINE=1
     base = AutoModelForImageTextToText.from_pretrained(base_repo)  # transformers' own resolution, offline
-    fs_mllm.patch_model(base, fs_repo)
-    save_file({"from_pretrained": features(loaded, inputs), "patch_model": features(base, inputs)}, out_path)
+    fs_mllm.patch_from_saved(base, fs_repo)
+    save_file({"from_pretrained": features(loaded, inputs), "patch_from_saved": features(base, inputs)}, out_path)
 """)
 
 
@@ -208,7 +205,7 @@ def test_offline_process_loads_by_repo_id_from_hf_hub_cache(tmp_path):
     assert "huggingface.co" not in run.stderr  # nothing asked the Hub
     out = load_file(str(tmp_path / "out.safetensors"))
     expected = features(base, inputs)
-    assert torch.equal(out["from_pretrained"], expected) and torch.equal(out["patch_model"], expected)
+    assert torch.equal(out["from_pretrained"], expected) and torch.equal(out["patch_from_saved"], expected)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +262,7 @@ def test_corrupt_or_missing_fs_config_is_refused(saved_llava, tmp_path):
         fs_mllm.from_pretrained(folder)
     plain = tmp_path / "plain"
     build("llava")[0].save_pretrained(plain)  # a transformers folder, never patched
-    for call in (lambda: fs_mllm.from_pretrained(plain), lambda: patch_model(model, str(plain))):
+    for call in (lambda: fs_mllm.from_pretrained(plain), lambda: fs_mllm.patch_from_saved(model, str(plain))):
         with pytest.raises(FileNotFoundError, match=r"fs_config.json not found.*patch_model\(model, sigma=") as error:
             call()
         assert str(plain / FS_CONFIG_NAME) in str(error.value)
@@ -279,7 +276,7 @@ def test_family_mismatch_is_refused(saved_llava):
     folder, _, _ = saved_llava
     qwen, _ = build("qwen2_vl")
     with pytest.raises(ValueError, match=r"fs_config.json: saved for family 'llava', but the model .* is 'qwen2_vl'"):
-        patch_model(qwen, str(folder))
+        fs_mllm.patch_from_saved(qwen, str(folder))
     _edit(folder, family="qwen2_vl")  # the folder's own weights are a llava
     with pytest.raises(ValueError, match=r"saved for family 'qwen2_vl', but base model .* is 'llava'"):
         fs_mllm.from_pretrained(folder)
@@ -289,7 +286,7 @@ def test_booster_of_another_feature_size_is_refused_naming_its_file(saved_llava)
     folder, _, _ = saved_llava
     wider, _ = build_llava(config=llava_config(text_hidden=48))
     with pytest.raises(ValueError, match=r"gsb_config.json: the booster saved with this patch does not fit .*feature_dim"):
-        patch_model(wider, str(folder))
+        fs_mllm.patch_from_saved(wider, str(folder))
     assert not is_patched(wider)
 
 
@@ -302,8 +299,8 @@ def test_pickle_weights_are_never_read(saved_llava):
 
 
 def test_hub_module_never_sets_trust_remote_code():
-    source = (REPO / "fs_mllm" / "hub.py").read_text()
-    assert "trust_remote_code=" not in source and "pickle.load" not in source and "torch.load" not in source
+    source = "\n".join(path.read_text() for path in sorted((REPO / "fs_mllm" / "hub").glob("*.py")))
+    assert "def load_base" in source and "trust_remote_code=" not in source and "pickle.load" not in source and "torch.load" not in source
 
 
 # ---------------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ def test_a_vision_model_gives_its_pooled_output(tmp_path):
 
 
 def test_a_hub_id_loads_offline_from_the_hf_cache(tmp_path, monkeypatch):
-    from fs_mllm.hub import cache_snapshot
+    from fs_mllm.models.hf_cache import cache_snapshot
 
     save_encoder(tmp_path / "clip")
     cache = tmp_path / "cache"
@@ -138,7 +138,7 @@ def test_dinov2_at_another_resolution_and_pooling():
 def test_the_resolution_is_the_processors_and_rows_of_images_keep_their_shape(tmp_path):
     """A processor that crops to 24 px feeds a 32 px config at 24 (Hub DINOv2: config 518, crop 224); (B, N, 3, H, W)
     images give (B, N, D)."""
-    from fs_mllm.surrogates import _processor_size
+    from fs_mllm.image_io import processor_size as _processor_size
 
     assert _processor_size({"crop_size": {"height": 224, "width": 224}, "size": {"shortest_edge": 256}}) == 224
     assert _processor_size({"size": {"shortest_edge": 256}}) == 256 and _processor_size({}) is None

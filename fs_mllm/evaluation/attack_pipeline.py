@@ -41,10 +41,10 @@ from fs_mllm.arguments import (add_crop_view_arguments, add_fs_config_arguments,
                                fs_config_from_args, non_negative_int, positive_float, positive_int)
 from fs_mllm.attacks import OBJECTIVES, PROTOCOLS, SURROGATES, AttackConfig, attack, generate_text, without_added_defaults
 from fs_mllm.config import ATTACK_EOT_SAMPLES, ATTACK_STEPS, COMMAND_ATTACK_STEPS
-from fs_mllm.image_io import rgb
+from fs_mllm.image_io import IMAGE_SUFFIXES, rgb
 from fs_mllm.surrogates import check_surrogates
 from fs_mllm.defense import VARIANTS, apply_variant
-from fs_mllm.evaluation.results import ResultWriter, finite_or_none, folder_kept_only_with_rows, read_rows
+from fs_mllm.results import ResultWriter, finite_or_none, folder_kept_only_with_rows, read_rows
 from fs_mllm.evaluation.robustness import attack_outcomes, outcome_rate, summary_table
 from fs_mllm.evaluation.runner import build_prompt_for
 from fs_mllm.models.loading import DEFAULT_MODEL, load_model
@@ -53,7 +53,6 @@ from fs_mllm.patching import unpatch_model
 
 __all__ = ["MODES", "RESULTS_FILE", "parse_args", "main"]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 MODES = VARIANTS
 RESULTS_FILE = "results.jsonl"
 TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")

@@ -2,7 +2,7 @@
 
 Why it is built this way: certifying answers costs n0 + n decoder calls per question and variant, so a run
 over a dataset takes hours and must survive a kill. It uses the project's results store
-(:mod:`fs_mllm.evaluation.results`), as ``fs-mllm eval`` does: one row per (question, variant) in the
+(:mod:`fs_mllm.results`), as ``fs-mllm eval`` does: one row per (question, variant) in the
 append-only ``answers.jsonl``, written with flush + fsync the moment its certificate exists; a rerun of the
 same command skips the keys already written (a torn last line is cut off first); ``settings.json`` records
 what decides a row's content, and a rerun with other settings into a folder that holds rows is refused
@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from fs_mllm.evaluation.results import (
+from fs_mllm.results import (
     ResultsLock, ResultWriter, check_settings, claim_settings, durable_replace, finite_or_none,
     folder_kept_only_with_rows, read_rows,
 )
@@ -110,7 +110,7 @@ def _questions(settings: Mapping[str, Any]) -> list[dict[str, Any]]:
     if settings["images"] is not None:
         from PIL import Image
 
-        from fs_mllm.cli import image_paths
+        from fs_mllm.image_io import image_paths
 
         out = []
         for path in image_paths(settings["images"])[:limit]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import datasets
 from PIL import Image as PILImage
@@ -309,3 +309,41 @@ def load_eval_dataset(name_or_path: str = OFFLINE_EVAL_NAME, task: str = "vqa", 
         ds = datasets.load_dataset(name_or_path, split=split, **load_kwargs)
         ds = _pick_split(ds, split, name_or_path)
     return normalize_eval_columns(ds, task)
+
+
+def read_images(folder: Optional[str], limit: Optional[int] = None) -> tuple[list, list[str]]:
+    """The decoded images (PIL) and their names: a folder of images, or the project's real offline photos.
+
+    Decoded here, before any model loads: a damaged or truncated file is named at once, not after the load."""
+    from PIL import Image
+
+    from ..image_io import image_paths
+
+    if folder is None:
+        photos = load_offline_eval("caption")
+        names = [f"offline-photo-{i}" for i in photos["image_id"]]
+        images = list(photos["image"])
+    else:
+        paths = image_paths(folder)
+        names = [p.name for p in paths]
+        images = []
+        for path in paths[:limit]:
+            try:
+                image = Image.open(path)
+                image.load()  # decodes now: a truncated file fails here, named, not later
+                images.append(image)
+            except OSError as error:  # not an image after all (or a damaged one)
+                raise ValueError(f"--images: {path} cannot be read as an image ({error})") from None
+    if limit is not None:
+        names, images = names[:limit], images[:limit]
+    return images, names
+
+
+def load_images(folder: Optional[str], size: int, limit: Optional[int] = None):
+    """[0,1] images (B, 3, size, size) and their names: a folder of images, or the project's real offline photos."""
+    import torch
+
+    from ..image_io import to_tensor01
+
+    images, names = read_images(folder, limit)
+    return torch.stack([to_tensor01(image, size) for image in images]), names

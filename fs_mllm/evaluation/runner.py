@@ -5,7 +5,7 @@ Why it is built this way:
 * **Resumable.** Every (example id, variant, attack budget) result is one JSON line, written with
   flush + fsync the moment it exists. A killed run is rerun with the same command: existing lines are
   read, done keys are skipped, a truncated last line (the crash happened mid-write) is cut off before
-  appending, and nothing already written is rewritten (the store is :mod:`fs_mllm.evaluation.results`,
+  appending, and nothing already written is rewritten (the store is :mod:`fs_mllm.results`,
   which also refuses a second run writing to the same file at once). The run's settings live in
   ``settings.json`` beside the results; a rerun with different settings is refused once the folder
   holds a row, because mixing rows computed under different settings would silently corrupt the summary.
@@ -22,7 +22,7 @@ adaptive against the smoothed model through EOT); FCS is measured here the same 
 the features the decoder receives (smoothed with the patch's own seed on FS variants), clean vs attacked.
 
 Settings and their folder check live in :mod:`fs_mllm.evaluation.settings`, the shard files in
-:mod:`fs_mllm.evaluation.results`, the table and plots in :mod:`fs_mllm.evaluation.summary`; this module
+:mod:`fs_mllm.results`, the table and plots in :mod:`fs_mllm.evaluation.summary`; this module
 keeps the per-example context, the attack glue and the run loop.
 """
 
@@ -42,7 +42,7 @@ from fs_mllm.attacks import NORMS, OBJECTIVES, AttackConfig, attack, feature_cos
 from fs_mllm.certify import certify_model
 from fs_mllm.defense import VARIANTS, apply_variant
 from fs_mllm.evaluation.datasets import load_eval_dataset
-from fs_mllm.evaluation.results import (
+from fs_mllm.results import (
     ResultsLock, ResultWriter, finite_or_none, folder_kept_only_with_rows, read_results, result_key, shard_path,
 )
 from fs_mllm.evaluation.robustness import normalize_text, targeted_success

@@ -22,7 +22,7 @@ from fs_mllm.arguments import (
 from fs_mllm.attacks import NORMS, OBJECTIVES, PROTOCOLS, AttackConfig  # one definition of each
 from fs_mllm.config import ATTACK_STEPS, COMMAND_ATTACK_STEPS, DEFAULT_ALPHA, EVAL_EOT_SAMPLES, FSConfig, check_bool
 from fs_mllm.defense import check_variants
-from fs_mllm.evaluation.results import (
+from fs_mllm.results import (
     SETTINGS_FILE, SHARD_GLOB, SettingsMismatchError, check_settings, claim_settings, read_rows,
 )
 from fs_mllm.models.loading import DEFAULT_MODEL

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from fs_mllm.evaluation.caption import caption_metrics
-from fs_mllm.evaluation.results import read_results, result_key
+from fs_mllm.results import read_results, result_key
 from fs_mllm.evaluation.robustness import (attack_outcomes, certified_curve, outcome_rate, plot_accuracy_vs_budget,
                                            plot_certified_curve, summary_table)
 from fs_mllm.evaluation.settings import EvalSettings

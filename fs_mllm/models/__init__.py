@@ -24,7 +24,13 @@ __all__ = [
     "build_mini_llava",
     "load_model",
     "DEFAULT_MODEL",
+    "MINI_LLAVA_REPO",
+    "provide_mini_llava",
 ]
+
+MINI_LLAVA_REPO = "fs-mllm/fs-mini-llava"
+"""The embedded model's repo id: it exists only in local HF caches, placed there by
+:func:`fs_mllm.models.mini_llava.mini_llava_repo` (registered with ``fs_mllm.hub.register_local_repo``)."""
 
 _LAZY = {
     "load_dinov2": "convert_dinov2",
@@ -72,6 +78,14 @@ def staged_folder(out: Path, force: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def provide_mini_llava(cache_dir: "os.PathLike | str | None" = None) -> str:
+    """Place fs-mini-llava in the HF cache (when missing or stale) and return its repo id: the provider the
+    hub resolves :data:`MINI_LLAVA_REPO` through (imported on use, so ``import fs_mllm`` stays light)."""
+    from .mini_llava import mini_llava_repo
+
+    return mini_llava_repo(cache_dir)
 
 
 def __getattr__(name: str) -> Any:

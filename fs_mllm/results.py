@@ -26,7 +26,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Callable, Collection, Iterator, Mapping, Optional
+from typing import IO, Any, Callable, Collection, Iterator, Mapping, Optional, Sequence
 
 __all__ = ["ResultsFolderError", "ResultsBusyError", "SettingsMismatchError", "ResultsLock", "ResultWriter",
            "repair_tail", "read_rows", "finite_or_none", "durable_replace", "SETTINGS_FILE", "claim_settings", "describe_changes",
@@ -307,3 +307,10 @@ def read_results(output_dir: str | os.PathLike) -> dict[tuple[str, str, float], 
             if key not in out:
                 out[key] = row
     return out
+
+
+def write_report(out_dir: Path, title: str, markdown_table: str, extra: Sequence[str] = ()) -> Path:
+    """A command's ``report.md``: its title, its table, then its notes (the figures' provenance and readings)."""
+    path = out_dir / "report.md"
+    path.write_text("\n\n".join([f"# {title}", markdown_table, *extra]) + "\n", encoding="utf-8")
+    return path
