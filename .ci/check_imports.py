@@ -54,14 +54,23 @@ def imports_of(name: str, path: Path, modules: Iterable[str]) -> dict[str, int]:
     is_package = path.name == "__init__.py"
     found: dict[str, int] = {}
 
-    def add(target: Optional[str], line: int) -> None:
-        if target in known and target != name and not name.startswith(target + "."):
-            found.setdefault(target, line)
+    def add(target: Optional[str], line: int, explicit: bool = False) -> None:
+        # importing a.b.c runs a/__init__ and a/b/__init__ first: those packages are imported too, unless they
+        # are the importer's own parents (run before it anyway); the package root only by a name of its own
+        # (``from fs_mllm import patch_model`` reaches the top layer)
+        if target not in known:
+            return
+        parts = target.split(".")
+        for depth in range(1, len(parts) + 1):
+            package = ".".join(parts[:depth])
+            own_parent = name.startswith(package + ".")
+            if package in known and package != name and (not own_parent or (package == target == PACKAGE and explicit)):
+                found.setdefault(package, line)
 
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                add(alias.name, node.lineno)
+                add(alias.name, node.lineno, explicit=alias.name == PACKAGE)
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = name.split(".") if is_package else name.split(".")[:-1]
@@ -73,7 +82,7 @@ def imports_of(name: str, path: Path, modules: Iterable[str]) -> dict[str, int]:
             for target in submodules:
                 add(target, node.lineno)
             if len(submodules) < len(node.names):  # names defined in ``source`` itself
-                add(source, node.lineno)
+                add(source, node.lineno, explicit=True)
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in known:
             add(node.value, node.lineno)  # a module named by string, e.g. for importlib.import_module
     return found

@@ -36,6 +36,8 @@ def main() -> None:
     model, processor = load_mini_llava()
     booster = GaussianSmoothnessBooster.from_pretrained(BOOSTER_DIR)
     size = processor_size(processor)
+    if size is None:
+        raise SystemExit("the processor states no square input size")
     photos, _ = load_images(None, size, args.photos)
     examples = make_dataset(args.questions, split="heldout", size=size)
     images = torch.stack([to_tensor01(e.image, size) for e in examples])

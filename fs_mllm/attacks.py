@@ -70,10 +70,11 @@ from .surrogates import BUILT_IN_SURROGATES, M_ATTACK_SURROGATES, expand_surroga
 NORMS = ("l2", "linf")
 OBJECTIVES = ("feature", "feature_target", "untargeted", "targeted")
 PROTOCOLS = ("adaptive", "transfer")
+ENSEMBLE_WEIGHTINGS = ("mean", "gradient")
 SURROGATES = BUILT_IN_SURROGATES  # "model": the undefended model's own image path; see fs_mllm.surrogates
 # AttackConfig fields added after settings were first stored (results folders, checkpoints), which the
 # settings classes carry under the same names; at these values they run the attack those runs ran
-ADDED_FIELDS = {"crop_views": 1, "crop_full_view": False, "adaptive_examples": None}
+ADDED_FIELDS = {"crop_views": 1, "crop_full_view": False, "adaptive_examples": None, "ensemble_weighting": "mean"}
 
 
 def without_added_defaults(settings: dict) -> dict:
@@ -131,6 +132,10 @@ class AttackConfig:
         crop_views: transfer only: forwards averaged per crafting gradient, each its own crop; M-Attack takes 1.
         crop_full_view: transfer only: the first of those views sees the whole image, the view the model is
             finally judged on, so the crops add transferability without giving up the attack on that view.
+        ensemble_weighting: how the members of a surrogate ensemble add up: "mean" averages their cosines
+            (M-Attack's); "gradient" first scales each member's gradient to the members' mean norm, per
+            image, so the member with the largest gradients cannot take the whole step (the loss reported
+            is still the mean cosine). The same for one encoder.
         eot_samples: noisy forwards averaged per gradient on a patched model (1 on an unpatched,
             deterministic one).
         eot_chunk_size: forwards per backward, a memory knob (None = all).
@@ -143,7 +148,8 @@ class AttackConfig:
         ValueError: an unknown norm, objective or protocol; a non-positive eps, or a linf eps above 1;
             an invalid crop_scale; crop_views > 1 or crop_full_view outside the transfer protocol or
             without crops (crop_full_view also needs crop_views >= 2); non-positive counts or step size;
-            a seed out of range; "targeted" without a non-empty target_text.
+            a seed out of range; "targeted" without a non-empty target_text; an unknown ensemble_weighting,
+            or "gradient" with an objective that has no ensemble (the answer objectives).
     """
 
     norm: str = "l2"
@@ -157,6 +163,7 @@ class AttackConfig:
     crop_scale: Optional[tuple[float, float]] = None
     crop_views: int = 1
     crop_full_view: bool = False
+    ensemble_weighting: str = "mean"
     eot_samples: int = ATTACK_EOT_SAMPLES
     eot_chunk_size: Optional[int] = None
     smoothing_samples: Optional[int] = None
@@ -170,6 +177,11 @@ class AttackConfig:
             raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {self.objective!r}")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {list(PROTOCOLS)}, got {self.protocol!r}")
+        if self.ensemble_weighting not in ENSEMBLE_WEIGHTINGS:
+            raise ValueError(f"ensemble_weighting must be one of {list(ENSEMBLE_WEIGHTINGS)}, got {self.ensemble_weighting!r}")
+        if self.ensemble_weighting != "mean" and self.objective not in ("feature", "feature_target"):
+            raise ValueError(f"ensemble_weighting={self.ensemble_weighting!r} weighs surrogate encoders, which only the "
+                             f"feature objectives use; drop it for objective={self.objective!r}")
         self.eps = check_float(self.eps, "eps")
         if self.norm == "linf" and self.eps > 1:
             raise ValueError(f"eps={self.eps:g} is outside the linf range (0, 1] of [0,1] pixels; "
@@ -660,8 +672,10 @@ def make_objective(model: nn.Module, processor_or_tokenizer: Any, images01: torc
             anchors = [encode(anchor_images).float().flatten(1) for encode in encoders]
 
         def feature_loss(adv: torch.Tensor) -> torch.Tensor:
-            total = sum(feature_cosine(encode(adv), anchor) for encode, anchor in zip(encoders, anchors))
-            return sign * total / len(encoders)
+            losses = [sign * feature_cosine(encode(adv), anchor) for encode, anchor in zip(encoders, anchors)]
+            if config.ensemble_weighting == "gradient" and len(losses) > 1 and adv.requires_grad and torch.is_grad_enabled():
+                losses = _balanced_by_gradient(losses, adv)
+            return sum(losses) / len(losses)
 
         return feature_loss, clean
 
@@ -689,6 +703,16 @@ def make_objective(model: nn.Module, processor_or_tokenizer: Any, images01: torc
         return sign * _sequence_loss(model, text, _image_inputs(model, adapter, adv, mean, std, image_kwargs))
 
     return text_loss, clean
+
+
+def _balanced_by_gradient(losses: list[torch.Tensor], images: torch.Tensor) -> list[torch.Tensor]:
+    """Each member's per-image loss (B,), its gradient w.r.t. ``images`` rescaled to the members' mean norm
+    for that image, its value unchanged: an ensemble whose direction no single encoder dictates. Costs one
+    extra backward per member."""
+    norms = [torch.autograd.grad(loss.sum(), images, retain_graph=True)[0].flatten(1).norm(dim=1) for loss in losses]
+    mean_norm = torch.stack(norms).mean(0)
+    return [loss.detach() + (loss - loss.detach()) * (mean_norm / norm.clamp_min(1e-12)).detach()
+            for loss, norm in zip(losses, norms)]
 
 
 def _step_seeds(config: AttackConfig, step: int, count: int) -> list[int]:

@@ -186,7 +186,11 @@ def _load(args: argparse.Namespace):
 
     model, processor = load_model(DEFAULT_MODEL)
     booster = GaussianSmoothnessBooster.from_pretrained(BOOSTER_DIR).eval()
-    items = synthetic_items(args.examples, processor_size(processor), build_prompt, first_question_only=True)
+    size = processor_size(processor)
+    if size is None:
+        raise ValueError(f"the demo's processor states no square input size ({type(processor).__name__}); the demo "
+                         "runs on fs-mini-llava's own processor")
+    items = synthetic_items(args.examples, size, build_prompt, first_question_only=True)
     return model, processor, booster, items
 
 

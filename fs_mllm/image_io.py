@@ -147,8 +147,8 @@ def processor_size(processor: Any) -> Optional[int]:
     image_processor = getattr(processor, "image_processor", processor)
     for key in ("crop_size", "size"):
         value = image_processor.get(key) if isinstance(image_processor, dict) else getattr(image_processor, key, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == int(value) and value > 0:
+            return int(value)
         if value is not None and not isinstance(value, (int, float, str)):
             value = dict(value)
             side = value.get("shortest_edge")

@@ -778,6 +778,9 @@ def test_attack_command_transfer_protocol_as_a_user_runs_it(tmp_path, monkeypatc
     assert np.array_equal(base_png, fs_png)  # crafted once, without the defense
     bad = console_in_process([*command[1:-2], "--out", str(tmp_path / "bad"), "--surrogates", "resnet"], monkeypatch, capsys)
     assert bad.returncode == 2 and "--surrogates" in bad.stderr
+    lone = console_in_process([*command[1:-2], "--out", str(tmp_path / "lone"), "--ensemble-weighting", "gradient"],
+                              monkeypatch, capsys)  # a weighting of no ensemble
+    assert lone.returncode == 2 and "--ensemble-weighting" in lone.stderr and not (tmp_path / "lone").exists()
     missing = console_in_process([c for c in command[1:] if c not in ("--target-image", str(target))], monkeypatch, capsys)
     assert missing.returncode == 2 and "--target-image" in missing.stderr
     # two views per gradient, the first one whole: rows of their own settings beside the first run's

@@ -129,6 +129,46 @@ def test_a_transfer_attack_on_an_ensemble_of_folders_moves_their_features(tmp_pa
     assert (crafted_mean < 0.9).all(), crafted_mean
 
 
+def test_gradient_weighting_keeps_one_encoder_from_taking_the_whole_step(tmp_path):
+    """The mean-cosine ensemble above is dominated by the encoder with the larger gradients (clip0); scaling each
+    member's gradient to the same norm per image moves the other one (clip1) too, at the same budget and steps.
+    With one encoder the weighting changes nothing, and the loss an attack reports is the mean cosine either way."""
+    for seed in (0, 1):
+        save_encoder(tmp_path / f"clip{seed}", seed=seed)
+    names = [str(tmp_path / "clip0"), str(tmp_path / "clip1")]
+    model, _ = build_llava(batch=2)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    cosines = {}
+    for weighting in ("mean", "gradient"):
+        config = AttackConfig(norm="linf", eps=16 / 255, steps=10, objective="feature", protocol="transfer", seed=0,
+                              ensemble_weighting=weighting)
+        adv = attack(model, None, images, None, config, image_mean=MEAN, image_std=STD, surrogates=names).adv_images
+        with torch.no_grad():
+            cosines[weighting] = torch.stack([feature_cosine(surrogate_encoder(n)(adv), surrogate_encoder(n)(images))
+                                              for n in names])  # (members, images)
+    # the weaker member: the mean leaves it near 1, the balanced ensemble pulls it clearly lower on every image
+    assert (cosines["mean"][1] > 0.97).all(), cosines
+    assert (cosines["gradient"][1] < cosines["mean"][1] - 0.05).all(), cosines
+    # the worst-attacked member of the ensemble is better attacked
+    assert (cosines["gradient"].max(0).values < cosines["mean"].max(0).values).all(), cosines
+    single = [AttackConfig(norm="linf", eps=16 / 255, steps=3, objective="feature", protocol="transfer", seed=0,
+                           ensemble_weighting=w) for w in ("mean", "gradient")]
+    one = [attack(model, None, images, None, c, image_mean=MEAN, image_std=STD, surrogates=names[:1]).adv_images for c in single]
+    assert torch.equal(one[0], one[1])
+    from fs_mllm.attacks import make_objective
+
+    objective, _ = make_objective(model, None, images, None, config, image_mean=MEAN, image_std=STD, surrogates=names)
+    with torch.no_grad():
+        reported = objective(images)
+    mean_cosine = sum(feature_cosine(surrogate_encoder(n)(images.clone().requires_grad_(True)), surrogate_encoder(n)(images))
+                      for n in names) / 2
+    assert torch.allclose(objective(images.clone().requires_grad_(True)), reported) and torch.allclose(reported, mean_cosine)
+    with pytest.raises(ValueError, match="ensemble_weighting"):
+        AttackConfig(objective="untargeted", ensemble_weighting="gradient")
+    with pytest.raises(ValueError, match="ensemble_weighting must be one of"):
+        AttackConfig(ensemble_weighting="max")
+
+
 def test_dinov2_at_another_resolution_and_pooling():
     encoder = surrogate_encoder("dinov2-cls112")
     assert encoder.size == 112

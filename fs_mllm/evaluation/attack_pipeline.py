@@ -39,7 +39,7 @@ import torch
 from fs_mllm.adapters import get_adapter
 from fs_mllm.arguments import (add_crop_view_arguments, add_fs_config_arguments, device, existing_folder, fraction_pair,
                                fs_config_from_args, non_negative_int, positive_float, positive_int)
-from fs_mllm.attacks import OBJECTIVES, PROTOCOLS, SURROGATES, AttackConfig, attack, generate_text, without_added_defaults
+from fs_mllm.attacks import ENSEMBLE_WEIGHTINGS, OBJECTIVES, PROTOCOLS, SURROGATES, AttackConfig, attack, generate_text, without_added_defaults
 from fs_mllm.config import ATTACK_EOT_SAMPLES, ATTACK_STEPS, COMMAND_ATTACK_STEPS
 from fs_mllm.image_io import IMAGE_SUFFIXES, rgb
 from fs_mllm.surrogates import check_surrogates
@@ -80,6 +80,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None)
                                         "m-attack (M-Attack's three CLIP encoders, from the Hub), or a transformers "
                                         "encoder's Hub id or folder; several = an ensemble; default: the model's own "
                                         "undefended path (the stronger, grey-box case)")
+    p.add_argument("--ensemble-weighting", choices=ENSEMBLE_WEIGHTINGS, default="mean",
+                   help="how several --surrogates add up: mean (their mean cosine, M-Attack's; default) or gradient "
+                        "(each member's gradient scaled to the same norm per image, so no encoder takes the whole step)")
     p.add_argument("--crop-scale", type=fraction_pair, help="M-Attack random local crops: 'lo,hi' area fractions")
     add_crop_view_arguments(p)
     p.add_argument("--norm", choices=("l2", "linf"), default="l2")
@@ -114,7 +117,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None)
             norm=args.norm, eps=args.eps, steps=args.steps, step_size=args.step_size,
             random_start=not args.no_random_start, objective=args.objective, target_text=args.target_text,
             protocol=args.protocol, crop_scale=args.crop_scale, crop_views=args.crop_views,
-            crop_full_view=args.crop_full_view, eot_samples=args.eot_samples, eot_chunk_size=args.eot_chunk_size,
+            crop_full_view=args.crop_full_view, ensemble_weighting=args.ensemble_weighting, eot_samples=args.eot_samples,
+            eot_chunk_size=args.eot_chunk_size,
             smoothing_samples=args.smoothing_samples, seed=args.seed,
         )
     except ValueError as exc:
@@ -124,6 +128,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None)
     if args.target_image is not None and not os.path.isfile(args.target_image):
         p.error(f"--target-image: {args.target_image!r} is not a file")
     args.surrogates = [s.strip() for s in args.surrogates.split(",") if s.strip()] if args.surrogates else None
+    if args.ensemble_weighting != "mean" and not args.surrogates:
+        p.error("--ensemble-weighting weighs the members of --surrogates; give them, or drop it")
     if args.surrogates:
         if args.protocol != "transfer":
             p.error("--surrogates go with --protocol transfer")

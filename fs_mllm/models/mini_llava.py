@@ -268,7 +268,3 @@ def mini_llava_repo(cache_dir: Optional[PathLike] = None) -> str:
         write_patch_files(stage, record, booster, card)
         cache_snapshot(stage, MINI_LLAVA_REPO, commit, cache, move=True)
     return MINI_LLAVA_REPO
-
-
-# ---------------------------------------------------------------------------------------------
-# `fs-mllm save`
