@@ -23,6 +23,7 @@ without crafting them again (its crafting settings are checked against this run'
         [--adaptive-steps 20] [--eot-samples 8] [--certify-images 16] [--certify-n 1000]
         [--transfer-linf 4/255,8/255,16/255] [--noise-linf LIKE_TRANSFER] [--adaptive-l2 0.0625,...]
         [--adaptive-linf 1/255,2/255,4/255] [--attack-batch-size 8] [--no-crops] [--crop-views 1] [--crop-full-view]
+        [--surrogates m-attack] [--ensemble-weighting mean]
         [--device cpu] [--threads 1] [--out bench_defense.json] [--checkpoint DIR] [--transfer-images OTHER_CHECKPOINT]
 """
 
@@ -41,13 +42,14 @@ from pathlib import Path
 import torch
 
 from fs_mllm.arguments import add_crop_view_arguments, fraction_pair, positive_float, positive_int
-from fs_mllm.config import FSConfig
+from fs_mllm.attacks import ENSEMBLE_WEIGHTINGS
+from fs_mllm.config import ATTACK_EOT_SAMPLES, ATTACK_STEPS, DEFAULT_CERTIFY_N, TRANSFER_STEPS, FSConfig
 from fs_mllm.defense import (ADAPTIVE_L2, ADAPTIVE_LINF, TRANSFER_LINF, DefenseSettings, defense_table, evaluate_defense,
                               module_fingerprint, synthetic_items)
-from fs_mllm.results import SETTINGS_FILE, ResultsFolderError
 from fs_mllm.gsb import GaussianSmoothnessBooster
 from fs_mllm.models import load_mini_llava
 from fs_mllm.models.mini_llava import BOOSTER_DIR, IMAGE_SIZE, build_prompt
+from fs_mllm.results import SETTINGS_FILE, ResultsFolderError
 
 
 def budgets(text: str) -> list[float]:
@@ -68,7 +70,7 @@ def main() -> None:
     parser.add_argument("--clean-questions", type=positive_int, default=200, help="held-out questions for clean accuracy")
     parser.add_argument("--attack-images", type=positive_int, default=100,
                         help="held-out images attacked (first question of each) under every budget")
-    parser.add_argument("--transfer-steps", type=positive_int, default=300, help="PGD steps crafting the transfer images")
+    parser.add_argument("--transfer-steps", type=positive_int, default=TRANSFER_STEPS, help="PGD steps crafting the transfer images")
     parser.add_argument("--transfer-linf", type=budgets, default=list(TRANSFER_LINF),
                         help="transfer linf budgets, comma list, a/b allowed (default 4/255,8/255,16/255; 'none' = skip)")
     parser.add_argument("--noise-linf", type=budgets, default=None,
@@ -81,17 +83,20 @@ def main() -> None:
     parser.add_argument("--surrogates", type=lambda text: tuple(v.strip() for v in text.split(",") if v.strip()) or None,
                         default=None, help="transfer crafted on these encoders (comma list, e.g. 'dinov2') instead of "
                                            "the undefended model's own image path")
+    parser.add_argument("--ensemble-weighting", choices=ENSEMBLE_WEIGHTINGS, default="mean",
+                        help="how several --surrogates add up: mean (M-Attack's) or gradient (each member's gradient "
+                             "scaled to the same norm per image); see fs_mllm.AttackConfig")
     parser.add_argument("--adaptive-l2", type=budgets, default=list(ADAPTIVE_L2),
                         help="adaptive l2 budgets (default 0.0625,0.125,0.25,0.5,1; 'none' = skip)")
     parser.add_argument("--adaptive-linf", type=budgets, default=list(ADAPTIVE_LINF),
                         help="adaptive linf budgets (default 1/255,2/255,4/255; 'none' = skip)")
-    parser.add_argument("--adaptive-steps", type=positive_int, default=20, help="adaptive PGD steps")
+    parser.add_argument("--adaptive-steps", type=positive_int, default=ATTACK_STEPS, help="adaptive PGD steps")
     parser.add_argument("--attack-batch-size", type=positive_int, default=8,
                         help="images per adaptive attack call (default 8): memory holds their gradient graphs through the "
                              "language model, about 0.2 GB per image for fs-mini-llava in fp32; a checkpoint keeps each batch")
-    parser.add_argument("--eot-samples", type=positive_int, default=8, help="noisy forwards averaged per adaptive step")
+    parser.add_argument("--eot-samples", type=positive_int, default=ATTACK_EOT_SAMPLES, help="noisy forwards averaged per adaptive step")
     parser.add_argument("--certify-images", type=int, default=16, help="attack images certified per FS variant (0 = none)")
-    parser.add_argument("--certify-n", type=positive_int, default=1000, help="noisy samples per certificate")
+    parser.add_argument("--certify-n", type=positive_int, default=DEFAULT_CERTIFY_N, help="noisy samples per certificate")
     parser.add_argument("--variants", default=None, help="comma list of base,fs,fs+gsb (default all three)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
@@ -116,6 +121,7 @@ def main() -> None:
             adaptive_l2=tuple(args.adaptive_l2), adaptive_linf=tuple(args.adaptive_linf),
             adaptive_steps=args.adaptive_steps, eot_samples=args.eot_samples, attack_batch_size=args.attack_batch_size,
             certify_images=args.certify_images, certify_n=args.certify_n, surrogates=args.surrogates,
+            ensemble_weighting=args.ensemble_weighting,
             **({"variants": args.variants} if args.variants else {}),
         )
     except ValueError as error:

@@ -92,6 +92,7 @@ class DefenseSettings:
     crop_views: int = 1  # forwards per transfer gradient, each its own crop (M-Attack: 1)
     crop_full_view: bool = False  # the first of them sees the whole image (needs crop_views >= 2)
     surrogates: Optional[tuple[str, ...]] = None  # None: the undefended model's own image path
+    ensemble_weighting: str = "mean"  # how several surrogates add up (AttackConfig.ensemble_weighting)
     adaptive_l2: tuple[float, ...] = ADAPTIVE_L2
     adaptive_linf: tuple[float, ...] = ADAPTIVE_LINF
     adaptive_steps: int = ATTACK_STEPS
@@ -127,6 +128,9 @@ class DefenseSettings:
             self.surrogates = tuple(self.surrogates)
             if self.transfer_linf:  # a misspelt or missing encoder is refused before any crafting
                 check_surrogates(self.surrogates)
+        if self.ensemble_weighting != "mean" and not self.surrogates:
+            raise ValueError(f"ensemble_weighting={self.ensemble_weighting!r} weighs the members of surrogates; give them "
+                             "(e.g. surrogates=('m-attack',)), or leave it at 'mean'")
         # the attacks' own parameters, then every budget, through AttackConfig's checks before any model work
         self._transfer_config(1 / 255)
         self._adaptive_config("l2", 0.5)
@@ -146,7 +150,8 @@ class DefenseSettings:
     def _transfer_config(self, eps: float) -> AttackConfig:
         return AttackConfig(norm="linf", eps=eps, steps=self.transfer_steps, step_size=self.transfer_step_size,
                             objective="feature_target", protocol="transfer", crop_scale=self.crop_scale,
-                            crop_views=self.crop_views, crop_full_view=self.crop_full_view, seed=self.seed)
+                            crop_views=self.crop_views, crop_full_view=self.crop_full_view,
+                            ensemble_weighting=self.ensemble_weighting, seed=self.seed)
 
     def _adaptive_config(self, norm: str, eps: float) -> AttackConfig:
         return AttackConfig(norm=norm, eps=eps, steps=self.adaptive_steps, objective=self.adaptive_objective,
@@ -236,7 +241,8 @@ def _processor_identity(processor: Any) -> Optional[str]:
 
 # the settings the crafted transfer images depend on; the rest (the smoothing, the variants, the other
 # protocols) only change how they are replayed
-_CRAFTING_FIELDS = ("seed", "transfer_steps", "transfer_step_size", "crop_scale", "crop_views", "crop_full_view", "surrogates")
+_CRAFTING_FIELDS = ("seed", "transfer_steps", "transfer_step_size", "crop_scale", "crop_views", "crop_full_view", "surrogates",
+                    "ensemble_weighting")
 # the settings an adaptive attack's images depend on besides the variant (and, for fs+gsb, the booster): the
 # smoothing it attacks through, the attack itself and which items it attacks in which batches
 _ADAPTIVE_FIELDS = ("fs", "seed", "adaptive_steps", "eot_samples", "adaptive_objective", "attack_batch_size",
@@ -250,7 +256,7 @@ def _identity(settings: DefenseSettings, clean_items: Sequence[EvalItem], attack
     model, the processor, the package version and the device type."""
     from .version import __version__
 
-    # the crop fields added since checkpoints were first written stay out at their old values: older folders resume
+    # the fields added since checkpoints were first written stay out at their old values: older folders resume
     chosen = without_added_defaults({k: v for k, v in settings.to_dict().items() if k not in _ROW_CHOICES})
     return {"settings": chosen, "clean_items": _fingerprint(clean_items), "attack_items": _fingerprint(attack_items),
             "model": module_fingerprint(model), "processor": _processor_identity(processor),

@@ -219,6 +219,12 @@ def test_attack_errors_name_the_parameter(model):
         apply_variant(model, "fs+gsb", FSConfig())
     with pytest.raises(ValueError, match="transfer_linf: eps=16"):
         DefenseSettings(transfer_linf=(16,))
+    with pytest.raises(ValueError, match="ensemble_weighting='gradient' weighs the members of surrogates"):
+        DefenseSettings(ensemble_weighting="gradient")  # the model's own path is one encoder
+    with pytest.raises(ValueError, match="ensemble_weighting must be one of"):
+        DefenseSettings(surrogates=("dinov2", "dinov2-cls112"), ensemble_weighting="max")
+    weighted = DefenseSettings(surrogates=("dinov2", "dinov2-cls112"), ensemble_weighting="gradient")
+    assert weighted._transfer_config(16 / 255).ensemble_weighting == "gradient"
     # variants: one check shared with EvalSettings (a comma string is accepted; empty, unknown, repeated refused)
     assert DefenseSettings(variants="base, fs+gsb").variants == ("base", "fs+gsb")
     for bad, message in (("", "at least one"), ("base,fs+tta", "unknown variant"), (("fs", "fs"), "repeat")):
