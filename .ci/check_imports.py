@@ -7,9 +7,12 @@ notices at run time) is how the old hub <-> models <-> patching knot grew. Run f
     python .ci/check_imports.py            # exit 0, or 1 with every offending import named
 
 Every import counts: module level or inside a function, ``import x``, ``from x import y``, relative ones,
-and a string literal that is exactly an fs_mllm module name (``importlib.import_module`` dispatch). A
-module's import of its own parent packages is not an edge: Python runs a package's ``__init__`` before
-any of its modules anyway.
+and a string literal that is exactly an fs_mllm module name (``importlib.import_module`` dispatch). An
+import of ``a.b.c`` also counts as importing the packages ``a.b`` and ``a`` (their ``__init__`` runs
+first), except the importer's own parents, which run before it anyway; ``from fs_mllm import name`` is an
+import of the package itself, the top layer. Not seen: module names computed at run time (an f-string or
+a concatenation passed to ``importlib.import_module``; ``fs_mllm.models`` builds its lazy names that way,
+inside its own package): name a module literally where it crosses a layer.
 """
 
 from __future__ import annotations
