@@ -25,7 +25,7 @@ from .models.loading import DEFAULT_MODEL, load_model
 
 # name -> (module with main(*lead, argv, prog=...), leading arguments of main, help)
 PACKAGE_COMMANDS = {
-    "attack": ("fs_mllm.evaluation.attack_pipeline", (), "PGD attacks on the full pipeline (base, FS, FS+GSB)"),
+    "attack": ("fs_mllm.commands.attack", (), "PGD attacks on the full pipeline (base, FS, FS+GSB)"),
     "eval-vqa": ("fs_mllm.evaluation.runner", ("vqa",), "VQA robustness evaluation (same as `eval vqa`)"),
     "eval-caption": ("fs_mllm.evaluation.runner", ("caption",), "captioning robustness evaluation (same as `eval caption`)"),
     "train-gsb": ("fs_mllm.gsb_training", (), "train a Gaussian Smoothness Booster"),

@@ -41,7 +41,7 @@ from .certify import certify_model
 from .config import ATTACK_EOT_SAMPLES, ATTACK_STEPS, DEFAULT_ALPHA, DEFAULT_CERTIFY_N, TRANSFER_STEPS, FSConfig
 from .patching import patch_model, unpatch_model
 from .stats import fcsb
-from .surrogates import check_surrogates
+from .surrogates import check_ensemble_weighting, check_surrogates
 
 VARIANTS = ("base", "fs", "fs+gsb")
 TRANSFER_LINF = (4 / 255, 8 / 255, 16 / 255)
@@ -128,9 +128,7 @@ class DefenseSettings:
             self.surrogates = tuple(self.surrogates)
             if self.transfer_linf:  # a misspelt or missing encoder is refused before any crafting
                 check_surrogates(self.surrogates)
-        if self.ensemble_weighting != "mean" and not self.surrogates:
-            raise ValueError(f"ensemble_weighting={self.ensemble_weighting!r} weighs the members of surrogates; give them "
-                             "(e.g. surrogates=('m-attack',)), or leave it at 'mean'")
+        check_ensemble_weighting(self.ensemble_weighting, self.surrogates)
         # the attacks' own parameters, then every budget, through AttackConfig's checks before any model work
         self._transfer_config(1 / 255)
         self._adaptive_config("l2", 0.5)

@@ -69,6 +69,14 @@ def check_surrogates(names: Optional[Sequence[Any]]) -> Optional[list]:
     return expanded
 
 
+def check_ensemble_weighting(weighting: str, surrogates: Optional[Sequence[Any]]) -> None:
+    """A weighting other than 'mean' weighs the members of ``surrogates``: refused without them, where it
+    would change nothing and a stored setting would claim what did not run."""
+    if weighting != "mean" and not surrogates:
+        raise ValueError(f"ensemble_weighting={weighting!r} weighs the members of surrogates; give them "
+                         "(e.g. surrogates=('m-attack',)), or leave it at 'mean'")
+
+
 def _resolve(name_or_folder: str) -> str:
     """The path of ``name_or_folder``'s preprocessor_config.json, its config.json resolved too."""
     from transformers.utils import cached_file

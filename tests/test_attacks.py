@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -325,9 +326,9 @@ def saved_model_dir(tmp_path_factory, processor):
 
 
 def _recipe():
-    from fs_mllm.evaluation import attack_pipeline  # recipes/attack_pipeline.py and `fs-mllm attack` run its main
+    from fs_mllm.commands import attack  # recipes/attack_pipeline.py and `fs-mllm attack` run its main
 
-    return attack_pipeline
+    return attack
 
 
 def test_attack_pipeline_recipe(tmp_path, saved_model_dir, capsys):
@@ -392,3 +393,85 @@ def test_attack_pipeline_rejects_bad_arguments(tmp_path, saved_model_dir, capsys
     with pytest.raises(SystemExit) as exc:  # checked while parsing, before the model loads
         recipe.main(["--model", str(saved_model_dir), "--out", str(tmp_path), "--eps", "0"])
     assert exc.value.code == 2 and "--eps" in capsys.readouterr().err
+
+
+# The settings keys of rows written before fs-mllm attack had a Python API (computed at 13ad73e with the
+# Namespace the command parsed): a folder written then must resume, so the same options give the same key.
+SETTINGS_IDS_BEFORE_THE_API = [
+    (["--out", "x"], "b9e9d2f6840b"),
+    (["--model", "m", "--offline-eval", "vqa", "--eps", "0.03", "--norm", "linf", "--steps", "3", "--modes", "base,fs",
+      "--sigma", "0.125", "--n-samples", "4", "--out", "x"], "b41fa3ddfd91"),
+    (["--protocol", "transfer", "--surrogates", "dinov2-cls112,dinov2", "--ensemble-weighting", "gradient", "--out", "y",
+      "--max-new-tokens", "5", "--seed", "3", "--question", "Q?", "--prompt-template", "{image} {question}",
+      "--crop-scale", "0.5,0.9", "--crop-views", "2", "--crop-full-view"], "3c224a3a2deb"),
+]
+
+
+@pytest.mark.parametrize("argv, expected", SETTINGS_IDS_BEFORE_THE_API)
+def test_attack_rows_keep_their_settings_key(argv, expected):
+    from fs_mllm.evaluation.attack_pipeline import settings_id
+
+    assert settings_id(_recipe().parse_args(argv)) == expected
+
+
+def test_attack_run_from_python_is_the_command(tmp_path):
+    """AttackRun built in Python is the run the command line parses to (same key, same checks)."""
+    from fs_mllm.attacks import AttackConfig
+    from fs_mllm.evaluation.attack_pipeline import AttackRun, settings_id
+
+    run = AttackRun(out="x", model="m", offline_eval="vqa", modes="base,fs", sigma=0.125, n_samples=4,
+                    attack=AttackConfig(eps=0.03, norm="linf", steps=3))
+    assert settings_id(run) == "b41fa3ddfd91" and run.modes == ("base", "fs")
+    assert AttackRun(out="x").attack.steps == _recipe().build_parser().get_default("steps")
+
+
+@pytest.mark.parametrize("fields, needle", [
+    ({"modes": "base,fancy"}, "modes must be a comma-separated subset"),
+    ({"modes": ()}, "modes must be"),
+    ({"modes": ("fs+gsb",)}, "modes fs+gsb needs booster"),
+    ({"booster": "/no/such/booster"}, "booster: '/no/such/booster' is not a folder"),
+    ({"images": "/no/such/folder"}, "images: '/no/such/folder' is not a folder"),
+    ({"offline_eval": "retrieval"}, "offline_eval must be one of"),
+    ({"limit": 0}, "limit must be an integer >= 1"),
+    ({"target_image": "t.png"}, "target_image goes with objective feature_target"),
+    ({"surrogates": ["dinov2"]}, "surrogates go with protocol transfer"),
+    ({"surrogates": "dinov2"}, "surrogates must be a list"),
+    ({"sigma": 0}, "sigma must be"),
+    ({"n_samples": 0}, "n_samples must be"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be"),
+    ({"dtype": "int8"}, "dtype must be one of"),
+    ({"attack": {"eps": 0.5}}, "attack must be an fs_mllm.attacks.AttackConfig"),
+])
+def test_attack_run_refuses_bad_settings_before_any_model_loads(fields, needle, tmp_path):
+    from fs_mllm.evaluation.attack_pipeline import AttackRun
+
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        AttackRun(out=tmp_path / "out", **fields)
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file; name a folder"):
+        AttackRun(out=tmp_path / "file")
+
+
+def test_attack_command_names_options_where_the_library_names_fields(saved_model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _recipe().main(["--model", str(saved_model_dir), "--out", str(tmp_path / "out"), "--surrogates", "dinov2"])
+    assert exc.value.code == 2 and "--surrogates go with --protocol transfer" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_attack_from_python_writes_and_resumes_the_rows(tmp_path, saved_model_dir, monkeypatch):
+    import fs_mllm.evaluation.attack_pipeline as pipeline
+    from fs_mllm.attacks import AttackConfig
+    from fs_mllm.evaluation.attack_pipeline import AttackRun, run_attack
+
+    run = AttackRun(out=tmp_path / "out", model=str(saved_model_dir), offline_eval="vqa", limit=1, modes=("base",),
+                    prompt_template="{image}{question}", max_new_tokens=3, device="cpu",
+                    attack=AttackConfig(objective="untargeted", norm="l2", eps=0.5, steps=1))
+    report = run_attack(run, progress=False)
+    stored = [json.loads(line) for line in report.results_path.read_text().splitlines()]
+    assert report.rows == stored and len(stored) == 1
+    assert [s["mode"] for s in report.summary] == ["base"] and "| base" in report.table
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("a finished run loaded the model again"))
+    assert run_attack(run, progress=False).rows == stored  # resumed: nothing recomputed, same rows
+    assert len(report.results_path.read_text().splitlines()) == 1

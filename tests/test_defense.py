@@ -796,4 +796,4 @@ def test_attack_command_transfer_protocol_as_a_user_runs_it(tmp_path, monkeypatc
     assert sorted((r["attack"]["crop_views"], r["attack"]["crop_full_view"]) for r in rows) == [(1, False)] * 2 + [(2, True)] * 2
     assert len({r["key"][2] for r in rows}) == 2
     whole = console_in_process([*command[1:-2], "--out", str(tmp_path / "whole"), "--crop-full-view"], monkeypatch, capsys)
-    assert whole.returncode == 2 and "crop_views" in whole.stderr and not (tmp_path / "whole").exists()
+    assert whole.returncode == 2 and "set --crop-views >= 2" in whole.stderr and not (tmp_path / "whole").exists()
