@@ -282,3 +282,13 @@ def test_bench_certify_answer_quick(tmp_path):
         row = result["modes"][mode]
         assert row["seconds_per_certified_answer"]["min"] > 0 and row["throughput_ratio_certify_over_plain"]["min"] > 0
         assert row["decoder_forwards_per_answer"] >= row["plain_forwards_per_answer"]
+
+
+@pytest.mark.slow
+def test_bench_noise_quick(tmp_path):
+    run_quick("bench_noise.py", tmp_path)
+    result = json.loads((tmp_path / "noise_quick_cpu.json").read_text())
+    figures = result["per_number"]
+    assert result["numbers_per_draw"] == 3 * 56 * 56 * 2
+    assert figures["torch float32 normal_"]["ratio_min"] == 1.0
+    assert all(f["min_ns"] > 0 and f["min_ns"] <= f["median_ns"] for f in figures.values())
