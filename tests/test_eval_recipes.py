@@ -171,7 +171,7 @@ def test_settings_validation_names_the_parameter():
 
 
 def test_recipe_command_line_rejects_bad_values(tmp_path, capsys):
-    from fs_mllm.evaluation.runner import main
+    from fs_mllm.commands.eval import main
 
     with pytest.raises(SystemExit):
         main("vqa", ["--output-dir", str(tmp_path / "o"), "--sigma", "-1"])
@@ -474,13 +474,9 @@ def test_protocol_settings_are_checked_before_any_work():
 
 
 def test_eval_command_line_carries_the_crop_views():
-    import argparse
+    from fs_mllm.commands.eval import build_parser, settings_from_args
 
-    from fs_mllm.evaluation.settings import add_common_arguments, settings_from_args
-
-    parser = argparse.ArgumentParser()
-    add_common_arguments(parser, "vqa")
-    args = parser.parse_args(["--output-dir", "x", "--protocol", "transfer", "--objective", "feature_target",
+    args = build_parser("vqa").parse_args(["--output-dir", "x", "--protocol", "transfer", "--objective", "feature_target",
                               "--attack-norm", "linf", "--attack-eps", "0.03", "--crop-scale", "0.5,1",
                               "--crop-views", "2", "--crop-full-view"])
     settings = settings_from_args(args, "vqa")

@@ -28,11 +28,10 @@ keeps the per-example context, the attack glue and the run loop.
 
 from __future__ import annotations
 
-import argparse
 import os
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -48,10 +47,9 @@ from fs_mllm.results import (
 from fs_mllm.evaluation.robustness import normalize_text, targeted_success
 from fs_mllm.image_io import rgb
 from fs_mllm.evaluation.settings import (  # the public names stay importable from here
-    EVAL_DESCRIPTIONS, SETTINGS_FILE, TASKS, EvalSettings, SettingsMismatchError, check_or_write_settings,
-    verify_settings, add_common_arguments, settings_from_args,
+    SETTINGS_FILE, EvalSettings, SettingsMismatchError, check_or_write_settings, verify_settings,
 )
-from fs_mllm.evaluation.summary import SUMMARY_JSON, SUMMARY_MD, summarize
+from fs_mllm.evaluation.summary import summarize
 from fs_mllm.evaluation.vqa import vqa_score
 from fs_mllm.gsb import GaussianSmoothnessBooster
 from fs_mllm.models.loading import DEFAULT_MODEL, load_model  # one loader for all entry points
@@ -75,9 +73,6 @@ __all__ = [
     "shard_path",
     "fs_attack",
     "objective_for",
-    "add_common_arguments",
-    "settings_from_args",
-    "main",
 ]
 
 BARRIER_TIMEOUT_HOURS = 48
@@ -376,25 +371,3 @@ def _run_shard(settings: EvalSettings, model: Any, processor: Any, dataset: Any,
                 if settings.task == "vqa":
                     row["score"] = vqa_score(answer, refs)
                 record(key, row)
-
-
-
-def main(task: str, argv: Optional[Iterable[str]] = None, prog: Optional[str] = None) -> int:
-    """``fs-mllm eval vqa|caption`` and the eval recipes: parse ``argv`` (default ``sys.argv[1:]``), run
-    or resume, print the summary table. Every setting is checked before anything is loaded."""
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    parser = argparse.ArgumentParser(prog=prog, description=EVAL_DESCRIPTIONS[task],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser, task)
-    args = parser.parse_args(None if argv is None else list(argv))
-    try:
-        settings = settings_from_args(args, task)
-    except ValueError as exc:
-        parser.error(str(exc))
-    summary = run_eval(settings, args.output_dir, progress=not args.no_progress)
-    if summary is not None:
-        print(summary["markdown"])
-        print(f"results: {args.output_dir} ({SUMMARY_MD}, {SUMMARY_JSON}"
-              + "".join(f", {os.path.basename(p)}" for p in summary["plots"].values()) + ")")
-    return 0

@@ -4,7 +4,7 @@ Why its own module: ``settings.json`` is the contract between a run and its resu
 settings into a folder that holds rows is refused (:class:`SettingsMismatchError`), because rows
 computed under different settings would be mixed silently in the summary; only the settings that
 select *which* keys are computed (``--limit``, extra budgets) may change. The command line
-(:func:`add_common_arguments`) builds exactly these settings, checked before any model work.
+(fs_mllm/commands/eval.py) builds exactly these settings, checked before any model work.
 """
 
 from __future__ import annotations
@@ -15,12 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from fs_mllm.arguments import (
-    add_crop_view_arguments, add_fs_config_arguments, check_float, check_int, fraction_pair,
-    fs_config_from_args, non_negative_int, positive_float, positive_int, probability,
-)
+from fs_mllm.arguments import check_float, check_int
 from fs_mllm.attacks import NORMS, OBJECTIVES, PROTOCOLS, AttackConfig  # one definition of each
-from fs_mllm.config import ATTACK_STEPS, COMMAND_ATTACK_STEPS, DEFAULT_ALPHA, EVAL_EOT_SAMPLES, FSConfig, check_bool
+from fs_mllm.config import COMMAND_ATTACK_STEPS, DEFAULT_ALPHA, EVAL_EOT_SAMPLES, FSConfig, check_bool
 from fs_mllm.defense import check_variants
 from fs_mllm.results import (
     SETTINGS_FILE, SHARD_GLOB, SettingsMismatchError, check_settings, claim_settings, read_rows,
@@ -28,8 +25,7 @@ from fs_mllm.results import (
 from fs_mllm.models.loading import DEFAULT_MODEL
 from fs_mllm.models.mini_llava import BOOSTER_DIR
 
-__all__ = ["TASKS", "SETTINGS_FILE", "EvalSettings", "SettingsMismatchError", "EVAL_DESCRIPTIONS",
-           "add_common_arguments", "settings_from_args", "check_or_write_settings", "verify_settings"]
+__all__ = ["TASKS", "SETTINGS_FILE", "EvalSettings", "SettingsMismatchError", "check_or_write_settings", "verify_settings"]
 
 TASKS = ("vqa", "caption")
 # Settings that may change between a run and its resume: they select *which* keys are computed, never
@@ -207,90 +203,3 @@ def verify_settings(output_dir: Path, stored_settings: dict[str, Any]) -> None:
     """Raise :class:`SettingsMismatchError` unless the folder's ``settings.json`` matches (extensible keys aside)."""
     check_settings(output_dir, stored_settings, may_change=_EXTENSIBLE, upgrade=nest_fs_fields,
                    fix="use a new output folder (--output-dir) or restore the original settings")
-
-
-def _description(task: str, title: str, example: str, tail: str) -> str:
-    """``--help`` text of one eval task: what it runs out of the box, how it resumes, then ``tail``."""
-    return f"""{title}
-
-Runs out of the box on the embedded offline model and eval set:
-
-    fs-mllm eval {task} --output-dir runs/{task} {example}
-    accelerate launch --num_processes 2 recipes/eval_{task}.py --output-dir runs/{task} ...   # sharded
-
-Stop it (Ctrl-C, a kill) and rerun the same command to resume (results.rank*.jsonl are append-only; a
-rerun with other settings into a folder that holds results is refused, and so is a second run writing
-to the same folder at once). {tail}
-"""
-
-
-EVAL_DESCRIPTIONS = {
-    "vqa": _description(
-        "vqa", "VQA robustness evaluation: base vs FS vs FS+GSB, clean and under attack, with certified FCSB curves.",
-        "--limit 8 --attack-eps 0.5 1.0 --certify-n 100",
-        "Outputs: summary.md, summary.json, certified_curve.png, accuracy_vs_budget.png."),
-    "caption": _description(
-        "caption", "Captioning robustness evaluation (CIDEr, BLEU-4, ROUGE-L): base vs FS vs FS+GSB, clean and attacked.",
-        "--limit 8 --attack-eps 0.5 --certify-n 100",
-        "Caption metrics are corpus-level (CIDEr's IDF comes from the reference\n"
-        "set), so they are computed over the whole set at summary time, with the pure-Python tokenizer and\n"
-        "without METEOR (no JVM start)."),
-}
-
-
-def add_common_arguments(parser: Any, task: str) -> None:
-    """The eval command line (``fs-mllm eval vqa|caption``, recipes/eval_vqa.py, recipes/eval_caption.py).
-
-    Numbers are checked by their argparse ``type`` (exit 2 with usage before anything loads)."""
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="'fs-mini-llava' (embedded offline LLaVA) or a model id / local folder")
-    parser.add_argument("--dataset", default="fs-offline-eval", help="'fs-offline-eval' (real photos), 'fs-synthetic-heldout' (fs-mini-llava's own task), a local folder or a Hub id")
-    parser.add_argument("--split", default="validation")
-    parser.add_argument("--variants", default="base,fs", help="comma list of base, fs, fs+gsb")
-    add_fs_config_arguments(parser, ("sigma", "n_samples", "seed"))
-    parser.add_argument("--booster", default=None,
-                        help="GaussianSmoothnessBooster folder (for fs+gsb; default for fs-mini-llava: its shipped booster)")
-    parser.add_argument("--attack-norm", default="l2", choices=NORMS)
-    parser.add_argument("--attack-eps", type=positive_float, nargs="*", default=[],
-                        help="attack budgets (several for accuracy vs budget); none = clean only")
-    parser.add_argument("--attack-steps", type=positive_int, default=COMMAND_ATTACK_STEPS,
-                        help=f"PGD steps (default {COMMAND_ATTACK_STEPS}; the benchmark's adaptive attack runs {ATTACK_STEPS})")
-    parser.add_argument("--attack-step-size", type=positive_float, default=None, help="default 2.5 * eps / steps")
-    parser.add_argument("--objective", default="feature", choices=OBJECTIVES,
-                        help="feature_target pulls the features towards the next example's image (AttackVLM)")
-    parser.add_argument("--protocol", default="adaptive", choices=PROTOCOLS,
-                        help="adaptive: through each variant's smoothed path (EOT); transfer: the paper's protocol, "
-                             "crafted once on the undefended model and replayed on every variant")
-    parser.add_argument("--crop-scale", type=fraction_pair, default=None,
-                        help="M-Attack random local crops: 'lo,hi' area fractions (e.g. 0.5,1), default none")
-    add_crop_view_arguments(parser)
-    parser.add_argument("--target", default=None, help="target text for --objective targeted")
-    parser.add_argument("--eot-samples", type=positive_int, default=EVAL_EOT_SAMPLES,
-                        help="noisy forwards averaged per attack gradient on FS variants (fresh noise every step)")
-    parser.add_argument("--certify-n", type=non_negative_int, default=0,
-                        help="noise samples to certify each image (0 = off, else >= 2)")
-    parser.add_argument("--certify-alpha", type=probability, default=DEFAULT_ALPHA)
-    parser.add_argument("--limit", type=positive_int, default=None, help="first N examples only")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=10 if task == "vqa" else 24)
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    if task == "caption":
-        parser.add_argument("--prompt", default=EvalSettings.caption_prompt, help="caption instruction")
-    parser.add_argument("--output-dir", required=True, help="results folder; rerun the same command to resume")
-    parser.add_argument("--no-progress", action="store_true")
-
-
-def settings_from_args(args: Any, task: str) -> EvalSettings:
-    """EvalSettings from the parsed command-line arguments."""
-    kwargs = dict(
-        task=task, model=args.model, dataset=args.dataset, split=args.split, variants=args.variants,
-        fs=fs_config_from_args(args), booster=args.booster,
-        attack_norm=args.attack_norm, attack_eps=tuple(args.attack_eps or ()), attack_steps=args.attack_steps,
-        attack_step_size=args.attack_step_size, objective=args.objective, target=args.target,
-        protocol=args.protocol, crop_scale=args.crop_scale, crop_views=args.crop_views,
-        crop_full_view=args.crop_full_view, eot_samples=args.eot_samples,
-        certify_n=args.certify_n, certify_alpha=args.certify_alpha, max_new_tokens=args.max_new_tokens,
-        limit=args.limit, dtype=args.dtype,
-    )
-    if task == "caption":
-        kwargs["caption_prompt"] = args.prompt
-    return EvalSettings(**kwargs)
