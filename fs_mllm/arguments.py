@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import typing
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
@@ -168,3 +169,18 @@ def fs_config_from_args(args: argparse.Namespace, **fixed: Any):
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(FSConfig) if hasattr(args, f.name)}
     return FSConfig(**{**values, **fixed})
+
+# words of a library message that are also plain English, so never turned into options
+_PLAIN_WORDS = frozenset({"model", "processor", "device", "question", "out", "attack", "help", "images", "seed",
+                          "encoder", "dataset", "split", "size"})
+
+
+def as_options(message: str, parser: argparse.ArgumentParser) -> str:
+    """A library message names fields (``target_image``); on the command line they are options
+    (``--target-image``): the message with each of ``parser``'s option fields spelled as its option."""
+    names = {a.dest: a.option_strings[-1] for a in parser._actions
+             if a.option_strings and a.dest not in _PLAIN_WORDS and a.dest != "help"}
+    if not names:
+        return message
+    pattern = r"\b(" + "|".join(sorted(map(re.escape, names), key=len, reverse=True)) + r")\b"
+    return re.sub(pattern, lambda m: names[m.group(1)], message)

@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 from .config import DEFAULT_ALPHA, DEFAULT_BOUND_METHOD, DEFAULT_CERTIFY_N, SEED_LIMIT, check_seed, check_sigma
 from . import image_io
-from .gsb import CONFIG_NAME, WEIGHTS_NAME, GaussianSmoothnessBooster
+from .gsb import CONFIG_NAME, NOISE_LEVELS, WEIGHTS_NAME, GaussianSmoothnessBooster
 from .image_io import to_float_rgb
 from .smoothing import unit_features
 
@@ -643,33 +643,6 @@ def evaluate_certificates(
     ]
 
 
-# ------------------------------------------------------------------------------------------------
-# the command: fs-mllm train-gsb / recipes/train_gsb.py
-# ------------------------------------------------------------------------------------------------
-TRAIN_DESCRIPTION = """\
-Train a Gaussian Smoothness Booster around a frozen vision encoder, then evaluate it on held-out images.
-
-Runs unchanged on CPU, one GPU or several:
-
-    fs-mllm train-gsb --output-dir runs/gsb_dinov2                                # CPU / one GPU
-    accelerate launch recipes/train_gsb.py --output-dir runs/gsb_dinov2 --mixed-precision bf16
-
-Kill it and rerun the same command to resume from ``OUTPUT_DIR/checkpoint`` (weights, AdamW state and
-step count, all safetensors + JSON). Data: ``--images FOLDER``, ``--dataset NAME_OR_PATH`` (a
-``datasets`` image dataset), or by default the offline real photos ``TRAIN_PHOTOS``; the held-out set is
-``HELDOUT_PHOTOS`` (default) or the last ``--heldout-fraction`` of the folder/dataset images, never
-trained on. The encoder is the real DINOv2 ViT-S/14 (``--encoder dinov2``) or a local Hugging Face vision
-model folder; features are all patch tokens of the last hidden state (CLS dropped).
-
-Clean utility: by default (``--noise-level estimated``) both stages are told the noise level measured
-on each input, so a clean image is told ~0 and passes almost unchanged. With ``--noise-level given`` the
-booster is told the smoothing sigma and cannot know an input is noise-free; there ``--clean-fraction``
-(share of each batch fed without noise) and ``--clean-weight`` (their loss weight) set the trade-off
-between S and cos(f_b(x), f(x)) on clean x. ``--init-from DIR`` fine-tunes a saved
-booster of the same architecture (e.g. the shipped one) instead of starting from the identity.
-"""
-
-
 def build_encoder(name: str) -> tuple[PixelEncoder, str]:
     """The frozen encoder ([0,1] pixels -> patch tokens) and its id for the booster config."""
     if name == "dinov2":
@@ -686,111 +659,137 @@ def build_encoder(name: str) -> tuple[PixelEncoder, str]:
     return freeze(PixelEncoder(model, processor.image_mean, processor.image_std, drop_tokens=1)), f"{name}/patch_tokens"
 
 
-def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> Any:
-    """The train-gsb command line; numbers are checked by their argparse ``type`` (exit 2 before any work)."""
-    import argparse
-
-    from .arguments import existing_folder, fraction, image_size, non_negative_float, non_negative_int, positive_float, positive_int, probability
-
-    p = argparse.ArgumentParser(prog=prog, description=TRAIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--encoder", default="dinov2", help="'dinov2' or a local Hugging Face vision model folder")
-    p.add_argument("--images", type=existing_folder, help="training image folder")
-    p.add_argument("--dataset", help="datasets image dataset (name or load_from_disk path)")
-    p.add_argument("--split", default="train")
-    p.add_argument("--image-column", default="image")
-    p.add_argument("--heldout-fraction", type=probability, default=0.1, help="share of folder/dataset images held out")
-    p.add_argument("--size", type=image_size, default=112, help="training/eval resolution (multiple of the patch size)")
-    p.add_argument("--sigma-min", type=positive_float, default=0.2)
-    p.add_argument("--sigma-max", type=positive_float, default=0.55)
-    p.add_argument("--denoiser-steps", type=non_negative_int, default=200)
-    p.add_argument("--mapper-steps", type=non_negative_int, default=300)
-    p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--denoiser-lr", type=positive_float, default=1e-3)
-    p.add_argument("--mapper-lr", type=positive_float, default=1e-3)
-    p.add_argument("--feature-weight", type=non_negative_float, default=1.0)
-    p.add_argument("--stats-weight", type=non_negative_float, default=0.1)
-    p.add_argument("--clean-fraction", type=fraction, default=0.0,
-                   help="share of each batch fed without noise (useful with --noise-level given; estimated levels keep clean inputs by design)")
-    p.add_argument("--clean-weight", type=non_negative_float, default=1.0, help="loss weight of the noise-free samples (noisy: 1)")
-    p.add_argument("--identity-weight", type=non_negative_float, default=1.0, help="stage 2: mapper identity ||M(z,0)||^2/||z||^2")
-    p.add_argument("--init-from", type=existing_folder, help="start from this saved booster's weights (same architecture), e.g. to fine-tune")
-    p.add_argument("--feature-every", type=non_negative_int, default=1, help="stage 1: feature term every k-th step (0: MSE only)")
-    p.add_argument("--mapper-cache-size", type=non_negative_int, default=0, help="stage 2: encode this many crops once, train on them")
-    p.add_argument("--mapper-batch-size", type=positive_int, default=32)
-    p.add_argument("--denoiser-channels", type=positive_int, default=48)
-    p.add_argument("--denoiser-depth", type=positive_int, default=8)
-    p.add_argument("--mapper-hidden", type=positive_int, default=512)
-    p.add_argument("--no-denoiser", action="store_true")
-    p.add_argument("--no-mapper", action="store_true")
-    p.add_argument("--noise-level", choices=["estimated", "given"], default="estimated",
-                   help="level both stages are told: measured on each input (clean inputs pass ~unchanged) or the sigma given")
-    p.add_argument("--checkpoint-every", type=positive_int, default=25)
-    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (0: default)")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--save-to", help="also copy the final booster (gsb.safetensors + gsb_config.json) here")
-    p.add_argument("--eval-n", type=non_negative_int, default=100, help="Monte-Carlo samples per held-out certificate (0: skip, else >= 2)")
-    p.add_argument("--eval-sigmas", type=positive_float, nargs="+", default=[0.25, 0.5])
-    args = p.parse_args(argv)
-    if args.eval_n == 1:
-        p.error("argument --eval-n: 0 (skip) or >= 2 Monte-Carlo samples, got 1")
-    if args.sigma_min > args.sigma_max:
-        p.error(f"--sigma-min ({args.sigma_min}) must be <= --sigma-max ({args.sigma_max})")
-    return args
+# ------------------------------------------------------------------------------------------------
+# a whole run (what fs-mllm train-gsb, fs_mllm/commands/train_gsb.py, parses its command line into)
+# ------------------------------------------------------------------------------------------------
+MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
-def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
-    """``fs-mllm train-gsb`` and recipes/train_gsb.py: parse ``argv`` (default ``sys.argv[1:]``), train,
-    save and evaluate on held-out images."""
-    args = parse_args(argv, prog)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+@dataclass
+class BoosterTrainingRun:
+    """One booster training run: the frozen encoder, the images, the booster's shape, both stages'
+    training, where its checkpoints go and the held-out evaluation after it. Its defaults are the
+    ``fs-mllm train-gsb`` defaults (the command reads them from here). Checked in full on construction
+    (a ValueError naming the field) before any encoder loads.
 
+    Data: ``images`` (a folder), ``dataset`` (a ``datasets`` image dataset), or neither: the offline
+    photos ``TRAIN_PHOTOS``, evaluated on ``HELDOUT_PHOTOS``; with a folder or dataset its last
+    ``heldout_fraction`` is held out. ``init_from`` fine-tunes a saved booster of the same shape.
+    ``eval_n`` Monte-Carlo samples per held-out certificate at each of ``eval_sigmas`` (0: no evaluation).
+    The training fields are :class:`GSBTrainConfig`'s (``size`` is its image_size).
+    """
+
+    output_dir: Union[str, os.PathLike]
+    encoder: str = "dinov2"
+    images: Optional[Union[str, os.PathLike]] = None
+    dataset: Optional[str] = None
+    split: str = "train"
+    image_column: str = "image"
+    heldout_fraction: float = 0.1
+    size: int = 112
+    sigma_min: float = 0.2
+    sigma_max: float = 0.55
+    denoiser_steps: int = 200
+    mapper_steps: int = 300
+    batch_size: int = 8
+    denoiser_lr: float = 1e-3
+    mapper_lr: float = 1e-3
+    feature_weight: float = 1.0
+    stats_weight: float = 0.1
+    clean_fraction: float = 0.0
+    clean_weight: float = 1.0
+    identity_weight: float = 1.0
+    init_from: Optional[Union[str, os.PathLike]] = None
+    feature_every: int = 1
+    mapper_cache_size: int = 0
+    mapper_batch_size: int = 32
+    denoiser_channels: int = 48
+    denoiser_depth: int = 8
+    mapper_hidden: int = 512
+    use_denoiser: bool = True
+    use_mapper: bool = True
+    noise_level: str = "estimated"
+    checkpoint_every: int = 25
+    mixed_precision: str = "no"
+    seed: int = 0
+    save_to: Optional[Union[str, os.PathLike]] = None
+    eval_n: int = 100
+    eval_sigmas: Sequence[float] = (0.25, 0.5)
+
+    def __post_init__(self) -> None:
+        self.output_dir = os.fspath(self.output_dir)
+        for name in ("images", "init_from"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, os.fspath(value))
+                if not os.path.isdir(getattr(self, name)):
+                    raise ValueError(f"{name}: {getattr(self, name)!r} is not a folder")
+        if self.images is not None and self.dataset is not None:
+            raise ValueError("images and dataset are two sources of training images: give one")
+        if isinstance(self.heldout_fraction, bool) or not 0 < float(self.heldout_fraction) < 1:
+            raise ValueError(f"heldout_fraction must be a number in (0, 1), got {self.heldout_fraction!r}")
+        if self.sigma_min > self.sigma_max:
+            raise ValueError(f"sigma_min ({self.sigma_min}) must be <= sigma_max ({self.sigma_max})")
+        if self.noise_level not in NOISE_LEVELS:
+            raise ValueError(f"noise_level must be one of {list(NOISE_LEVELS)}, got {self.noise_level!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision must be one of {list(MIXED_PRECISION)}, got {self.mixed_precision!r}")
+        if isinstance(self.eval_n, bool) or not isinstance(self.eval_n, int) or self.eval_n < 0 or self.eval_n == 1:
+            raise ValueError(f"eval_n must be 0 (no evaluation) or an integer >= 2 (Monte-Carlo samples), got {self.eval_n!r}")
+        self.eval_sigmas = tuple(check_sigma(sigma, "each of eval_sigmas") for sigma in self.eval_sigmas)
+        self.train_config()  # the training fields, through GSBTrainConfig's own checks
+
+    def train_config(self) -> GSBTrainConfig:
+        return GSBTrainConfig(
+            denoiser_steps=self.denoiser_steps, mapper_steps=self.mapper_steps, batch_size=self.batch_size,
+            denoiser_lr=self.denoiser_lr, mapper_lr=self.mapper_lr, feature_weight=self.feature_weight,
+            stats_weight=self.stats_weight, clean_fraction=self.clean_fraction, clean_weight=self.clean_weight,
+            identity_weight=self.identity_weight, image_size=self.size, seed=self.seed,
+            feature_every=self.feature_every, mapper_cache_size=self.mapper_cache_size,
+            mapper_batch_size=self.mapper_batch_size, checkpoint_every=self.checkpoint_every,
+        )
+
+
+def run_booster_training(run: BoosterTrainingRun) -> dict:
+    """Train (resuming from ``run.output_dir/checkpoint`` when it holds one), save, and evaluate on the
+    held-out images: the training result, with ``"heldout"`` the evaluation summary per sigma."""
     from accelerate import Accelerator
 
     from .gsb import GSBConfig, boosted_encoder
 
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
-    encoder, encoder_id = build_encoder(args.encoder)
-    if args.images or args.dataset:
-        images = load_image_folder(args.images) if args.images else load_image_dataset(args.dataset, args.split, args.image_column)
-        k = max(1, int(round(len(images) * args.heldout_fraction)))
+    accelerator = Accelerator(mixed_precision=run.mixed_precision)
+    encoder, encoder_id = build_encoder(run.encoder)
+    if run.images or run.dataset:
+        images = load_image_folder(run.images) if run.images else load_image_dataset(run.dataset, run.split, run.image_column)
+        k = max(1, int(round(len(images) * run.heldout_fraction)))
         if len(images) <= k:
             raise ValueError(f"need more than {k} images to hold out {k}; got {len(images)}")
-        train_images, held = images[:-k], torch.stack([resize_square(im, args.size) for im in images[-k:]])
-        train_names, held_names = f"{len(train_images)} images of {args.images or args.dataset}", f"last {k}"
+        train_images, held = images[:-k], torch.stack([resize_square(im, run.size) for im in images[-k:]])
+        train_names, held_names = f"{len(train_images)} images of {run.images or run.dataset}", f"last {k}"
     else:
-        train_images, held = [offline_photo(n) for n in TRAIN_PHOTOS], heldout_images(args.size)
+        train_images, held = [offline_photo(n) for n in TRAIN_PHOTOS], heldout_images(run.size)
         train_names, held_names = list(TRAIN_PHOTOS), list(HELDOUT_PHOTOS)
 
     with torch.no_grad():
         feature_dim = int(encoder(held[:1]).shape[-1])
     config = GSBConfig(
-        feature_dim=feature_dim, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
-        use_denoiser=not args.no_denoiser, use_mapper=not args.no_mapper,
-        denoiser_channels=args.denoiser_channels, denoiser_depth=args.denoiser_depth, mapper_hidden=args.mapper_hidden,
-        encoder_id=encoder_id, image_size=args.size, noise_level=args.noise_level,
+        feature_dim=feature_dim, sigma_min=run.sigma_min, sigma_max=run.sigma_max,
+        use_denoiser=run.use_denoiser, use_mapper=run.use_mapper,
+        denoiser_channels=run.denoiser_channels, denoiser_depth=run.denoiser_depth, mapper_hidden=run.mapper_hidden,
+        encoder_id=encoder_id, image_size=run.size, noise_level=run.noise_level,
         extra={"train_images": train_names, "heldout_images": held_names},
     )
-    torch.manual_seed(args.seed)
+    torch.manual_seed(run.seed)
     booster = GaussianSmoothnessBooster(config)
-    if args.init_from:
-        init = GaussianSmoothnessBooster.from_pretrained(args.init_from)
+    if run.init_from:
+        init = GaussianSmoothnessBooster.from_pretrained(run.init_from)
         arch = lambda c: {k: v for k, v in c.to_dict().items() if k not in ("extra", "encoder_id", "image_size")}
         if arch(init.config) != arch(config):
-            raise ValueError(f"--init-from {args.init_from!r} has another architecture/sigma range: {arch(init.config)} vs {arch(config)}")
+            raise ValueError(f"init_from {run.init_from!r} has another architecture/sigma range: {arch(init.config)} vs {arch(config)}")
         booster.load_state_dict(init.state_dict())
-        config.extra["init_from"] = str(args.init_from)
-    train = GSBTrainConfig(
-        denoiser_steps=args.denoiser_steps, mapper_steps=args.mapper_steps, batch_size=args.batch_size,
-        denoiser_lr=args.denoiser_lr, mapper_lr=args.mapper_lr, feature_weight=args.feature_weight,
-        stats_weight=args.stats_weight, clean_fraction=args.clean_fraction, clean_weight=args.clean_weight,
-        identity_weight=args.identity_weight, image_size=args.size, seed=args.seed,
-        feature_every=args.feature_every, mapper_cache_size=args.mapper_cache_size, mapper_batch_size=args.mapper_batch_size,
-        checkpoint_every=args.checkpoint_every,
-    )
-    out = Path(args.output_dir)
+        config.extra["init_from"] = str(run.init_from)
+    train = run.train_config()
+    out = Path(run.output_dir)
     start = time.time()
     result = train_gsb(booster, encoder, train_images, train, output_dir=out, accelerator=accelerator)
     elapsed = time.time() - start
@@ -798,23 +797,25 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         booster.config.extra.update({"train_steps": result["step"], "train_seconds": round(result["seconds_total"], 1),
                                      "train_device": str(accelerator.device), "num_processes": accelerator.num_processes,
                                      "train_config": train.to_dict()})
-        if args.save_to:
-            booster.save_pretrained(args.save_to)
+        if run.save_to:
+            booster.save_pretrained(run.save_to)
         accelerator.print(f"trained {result['step']} steps in {elapsed:.0f}s this run ({result['seconds_total']:.0f}s total)")
 
-    if args.eval_n and accelerator.is_main_process:
+    result["heldout"] = []
+    if run.eval_n and accelerator.is_main_process:
         device = accelerator.device
         held = held.to(device)
-        for sigma in args.eval_sigmas:
-            before = evaluate_certificates(encoder, held, sigma, n=args.eval_n)
-            after = evaluate_certificates(boosted_encoder(encoder, booster, sigma), held, sigma, n=args.eval_n, reference=encoder)
+        for sigma in run.eval_sigmas:
+            before = evaluate_certificates(encoder, held, sigma, n=run.eval_n)
+            after = evaluate_certificates(boosted_encoder(encoder, booster, sigma), held, sigma, n=run.eval_n, reference=encoder)
             mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)
             summary = {
-                "sigma": sigma, "n": args.eval_n,
+                "sigma": sigma, "n": run.eval_n,
                 "S_before": mean(before, "score_mean"), "S_after": mean(after, "score_mean"),
                 "fcsb_half_sigma_before": mean(before, "fcsb_half_sigma"), "fcsb_half_sigma_after": mean(after, "fcsb_half_sigma"),
                 "clean_cos_boosted_vs_original": mean(after, "clean_cos_to_reference"),
             }
             accelerator.print(json.dumps(summary))
             (out / f"heldout_eval_sigma{sigma}.json").write_text(json.dumps({"summary": summary, "before": before, "after": after}, indent=1))
-    return 0
+            result["heldout"].append(summary)
+    return result

@@ -3,12 +3,12 @@
     python recipes/train_gsb.py --output-dir runs/gsb_dinov2                     # CPU / one GPU
     accelerate launch recipes/train_gsb.py --output-dir runs/gsb_dinov2 --mixed-precision bf16
 
-The options and the logic live in fs_mllm.gsb_training (``--help`` lists them).
+The options live in fs_mllm.commands.train_gsb (``--help`` lists them), the logic in fs_mllm.gsb_training.
 """
 
 import sys
 
-from fs_mllm.gsb_training import main
+from fs_mllm.commands.train_gsb import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

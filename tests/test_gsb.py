@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -372,9 +373,10 @@ def test_clean_weight_option_validated_and_logged(tmp_path):
 def test_recipe_main_accepts_argv_and_init_from(tmp_path, monkeypatch):
     import inspect
 
-    from fs_mllm import gsb_training as recipe  # recipes/train_gsb.py and `fs-mllm train-gsb` run its main
+    from fs_mllm import gsb_training as recipe  # the library the command calls
+    from fs_mllm.commands import train_gsb as command  # recipes/train_gsb.py and `fs-mllm train-gsb` run its main
 
-    assert list(inspect.signature(recipe.main).parameters) == ["argv", "prog"]
+    assert list(inspect.signature(command.main).parameters) == ["argv", "prog"]
     captured = {}
 
     def fake_train(booster, encoder, images, train, output_dir=None, accelerator=None):
@@ -393,13 +395,13 @@ def test_recipe_main_accepts_argv_and_init_from(tmp_path, monkeypatch):
     init.save_pretrained(tmp_path / "init")
     common = ["--size", str(SIZE), "--output-dir", str(tmp_path / "run"), "--eval-n", "0", "--denoiser-channels", "8",
               "--denoiser-depth", "3", "--mapper-hidden", "16", "--clean-fraction", "0.5", "--clean-weight", "3"]
-    recipe.main(common + ["--init-from", str(tmp_path / "init")])
+    command.main(common + ["--init-from", str(tmp_path / "init")])
     assert captured["train"].clean_fraction == 0.5 and captured["train"].clean_weight == 3.0
     loaded = captured["booster"].state_dict()
     for key, value in init.state_dict().items():
         assert torch.equal(loaded[key], value), key
-    with pytest.raises(ValueError, match="init-from"):
-        recipe.main(common[:-6] + ["--denoiser-depth", "4", "--mapper-hidden", "16", "--init-from", str(tmp_path / "init")])
+    with pytest.raises(ValueError, match="init_from"):
+        command.main(common[:-6] + ["--denoiser-depth", "4", "--mapper-hidden", "16", "--init-from", str(tmp_path / "init")])
 
 
 def test_shipped_mini_llava_booster_is_a_fine_tuned_denoiser_that_leaves_clean_photos_alone():
@@ -599,3 +601,43 @@ def test_recipe_writes_the_shipped_boosters_training_images_from_the_utility_tra
         written = np.asarray(Image.open(tmp_path / "imgs" / f"synth_{i:04d}.png"))
         assert np.array_equal(written, np.asarray(scene.image))
         assert not np.array_equal(written, np.asarray(heldout[i].image))
+
+
+def test_the_training_command_is_a_booster_training_run_with_its_defaults(tmp_path):
+    """fs-mllm train-gsb with no options is BoosterTrainingRun's defaults (one place for them)."""
+    from fs_mllm.commands.train_gsb import build_parser, run_from_args
+    from fs_mllm.gsb_training import BoosterTrainingRun
+
+    run = run_from_args(build_parser().parse_args(["--output-dir", str(tmp_path / "run")]))
+    assert run == BoosterTrainingRun(output_dir=str(tmp_path / "run"))
+    flags = run_from_args(build_parser().parse_args(["--output-dir", "o", "--no-mapper", "--mapper-steps", "7"]))
+    assert (flags.use_mapper, flags.use_denoiser, flags.mapper_steps) == (False, True, 7)
+    assert flags.train_config().mapper_steps == 7 and flags.train_config().image_size == flags.size
+
+
+@pytest.mark.parametrize("fields, needle", [
+    ({"sigma_min": 0.6, "sigma_max": 0.5}, "sigma_min (0.6) must be <= sigma_max (0.5)"),
+    ({"eval_n": 1}, "eval_n must be 0 (no evaluation) or an integer >= 2"),
+    ({"images": "/no/such/folder"}, "images: '/no/such/folder' is not a folder"),
+    ({"init_from": "/no/such/booster"}, "init_from: '/no/such/booster' is not a folder"),
+    ({"dataset": "d", "images": "."}, "images and dataset are two sources"),
+    ({"heldout_fraction": 1.0}, "heldout_fraction must be a number in (0, 1)"),
+    ({"noise_level": "guessed"}, "noise_level must be one of"),
+    ({"mixed_precision": "fp8"}, "mixed_precision must be one of"),
+    ({"eval_sigmas": (0.25, 0.0)}, "each of eval_sigmas"),
+    ({"batch_size": 0}, "batch_size must be a positive integer"),
+    ({"seed": -1}, "seed must be"),
+])
+def test_booster_training_run_refuses_bad_settings(fields, needle):
+    from fs_mllm.gsb_training import BoosterTrainingRun
+
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        BoosterTrainingRun(output_dir="o", **fields)
+
+
+def test_the_training_command_names_options_where_the_library_names_fields(capsys):
+    from fs_mllm.commands.train_gsb import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--output-dir", "o", "--sigma-min", "0.6", "--sigma-max", "0.5"])
+    assert exc.value.code == 2 and "--sigma-min (0.6) must be <= --sigma-max (0.5)" in capsys.readouterr().err

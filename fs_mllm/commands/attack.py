@@ -27,11 +27,10 @@ Success: targeted = target text in the adversarial output; untargeted/feature = 
 from __future__ import annotations
 
 import argparse
-import re
 from typing import Optional, Sequence
 
-from ..arguments import (add_crop_view_arguments, add_fs_config_arguments, device, existing_folder, fraction_pair,
-                         non_negative_int, positive_float, positive_int)
+from ..arguments import (add_crop_view_arguments, add_fs_config_arguments, as_options, device, existing_folder,
+                         fraction_pair, non_negative_int, positive_float, positive_int)
 from ..attacks import ENSEMBLE_WEIGHTINGS, OBJECTIVES, PROTOCOLS, SURROGATES, AttackConfig
 from ..config import ATTACK_EOT_SAMPLES, ATTACK_STEPS, COMMAND_ATTACK_STEPS
 from ..evaluation.attack_pipeline import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_QUESTION, DTYPES, MODES, OFFLINE_EVAL_TASKS, AttackRun,
@@ -113,19 +112,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None)
     try:
         return run_from_args(args)
     except ValueError as error:
-        parser.error(_as_options(str(error)))
-
-
-# words of a library message that are also plain English, so not turned into options
-_PLAIN_WORDS = {"model", "processor", "device", "question", "out", "attack", "help", "images", "seed"}
-
-
-def _as_options(message: str) -> str:
-    """A library message names fields (``target_image``); the command line knows them as options."""
-    names = {a.dest: a.option_strings[0] for a in build_parser()._actions
-             if a.option_strings and a.dest not in _PLAIN_WORDS}
-    return re.sub(r"\b(" + "|".join(sorted(map(re.escape, names), key=len, reverse=True)) + r")\b",
-                  lambda m: names[m.group(1)], message)
+        parser.error(as_options(str(error), parser))
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
