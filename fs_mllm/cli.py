@@ -29,7 +29,7 @@ PACKAGE_COMMANDS = {
     "eval-vqa": ("fs_mllm.commands.eval", ("vqa",), "VQA robustness evaluation (same as `eval vqa`)"),
     "eval-caption": ("fs_mllm.commands.eval", ("caption",), "captioning robustness evaluation (same as `eval caption`)"),
     "train-gsb": ("fs_mllm.commands.train_gsb", (), "train a Gaussian Smoothness Booster"),
-    "train-mapper": ("fs_mllm.gsb_utility", (), "train fs-mini-llava's booster through the frozen language model (--stage mapper or denoiser)"),
+    "train-mapper": ("fs_mllm.commands.train_mapper", (), "train fs-mini-llava's booster through the frozen language model (--stage mapper or denoiser)"),
     "save": ("fs_mllm.commands.save", (), "patch a model (+ booster) and save it with fs_config.json and a model card"),
 }
 EVAL_TASKS = ("vqa", "caption")

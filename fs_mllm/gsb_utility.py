@@ -30,12 +30,12 @@ encoder stay sound. Checkpoints are atomic and resumable (``gsb_training``'s).
 from __future__ import annotations
 
 import dataclasses
-import json
+import os
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -45,7 +45,7 @@ from .gsb import GaussianSmoothnessBooster, GSBConfig
 from .smoothing import rescale_direction, unit_features
 
 __all__ = ["UtilityTrainConfig", "feature_bank", "smoothed_bank_features", "train_mapper_utility", "training_scenes", "write_train_images",
-           "train_denoiser_utility", "main"]
+           "train_denoiser_utility", "train_utility_booster"]
 
 STAGES = ("mapper", "denoiser")
 
@@ -311,39 +311,24 @@ def write_train_images(folder: str | Path, synthetic: int = 800, seed: int = 0) 
     return folder
 
 
-def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
+def train_utility_booster(train: UtilityTrainConfig, output_dir: Union[str, os.PathLike], *, init: Optional[Union[str, os.PathLike]] = None,
+                          save_to: Optional[Union[str, os.PathLike]] = None, recipe: Optional[str] = None) -> dict:
     """Train a stage of fs-mini-llava's booster through the frozen language model and save the booster:
-    the mapper (--stage mapper; the denoiser is kept from --init) or the denoiser (--stage denoiser)."""
-    import argparse
-    import shlex
-    import sys
+    the mapper (``train.stage="mapper"``; the denoiser is kept from ``init``) or the denoiser.
 
-    from .arguments import non_negative_float, non_negative_int, positive_float, positive_int
+    ``init``: the booster to start from (default: the shipped one). ``output_dir`` holds the checkpoints
+    (and the mapper stage's feature bank): the same call again resumes. ``save_to``: where the trained
+    booster goes (default ``output_dir/booster``). ``recipe``: how the run was started, recorded in the
+    booster's config beside its settings (default: this call). Returns the run's record, ``saved`` included.
+    """
     from .image_io import to_tensor01
     from .models import load_mini_llava
     from .models.mini_llava import BOOSTER_DIR, IMAGE_SIZE, IMAGE_TOKEN, build_prompt
 
-    parser = argparse.ArgumentParser(prog=prog, description=main.__doc__)
-    defaults = UtilityTrainConfig()
-    kinds = {"seed": non_negative_int, "identity_weight": non_negative_float, "consistency_weight": non_negative_float}
-    for field in dataclasses.fields(UtilityTrainConfig):
-        default = getattr(defaults, field.name)
-        if field.name == "stage":
-            parser.add_argument("--stage", choices=STAGES, default=default, help=f"booster stage to train (default {default})")
-            continue
-        kind = kinds.get(field.name, positive_int if isinstance(default, int) else positive_float)
-        parser.add_argument("--" + field.name.replace("_", "-"), type=kind, default=default, help=f"default {default}")
-    parser.add_argument("--init", default=str(BOOSTER_DIR), help="booster to start from (default: the shipped one)")
-    parser.add_argument("--output-dir", required=True, help="checkpoints (and the mapper stage's feature bank) go here; rerun to resume")
-    parser.add_argument("--save-to", default=None, help="save the trained booster here (default OUTPUT_DIR/booster)")
-    parser.add_argument("--threads", type=positive_int, default=1)
-    args = parser.parse_args(argv)
-    train = UtilityTrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(UtilityTrainConfig)})
-    torch.set_num_threads(args.threads)
-    out = Path(args.output_dir)
+    out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, processor = load_mini_llava()
-    shipped = GaussianSmoothnessBooster.from_pretrained(args.init).eval()
+    shipped = GaussianSmoothnessBooster.from_pretrained(init or BOOSTER_DIR).eval()
     examples = training_scenes(train.images, train.seed)
     image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if train.stage == "denoiser":
@@ -363,16 +348,15 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     extra = dict(shipped.config.extra)
     runs = list(extra.get("finetune_runs", []))  # one record per run, the shipped booster's included
     runs.append({"step": f"utility fine-tune of the {train.stage} through the frozen language model",
-                 "recipe": (prog or "fs-mllm train-mapper") + " " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+                 "recipe": recipe or f"fs_mllm.gsb_utility.train_utility_booster(stage={train.stage!r})",
                  "train_config": train.to_dict(), "seconds_training": round(result["seconds_total"], 1),
-                 "device": f"cpu, {args.threads} torch thread(s)", "final": result["history"][-1] if result["history"] else None,
+                 "device": f"cpu, {torch.get_num_threads()} torch thread(s)", "final": result["history"][-1] if result["history"] else None,
                  **({"seconds_bank": round(bank_seconds, 1)} if train.stage == "mapper" else {})})
     extra.update({"finetune_runs": runs, "note": note})
     booster.config.extra = extra
-    save_to = Path(args.save_to or out / "booster")
-    booster.save_pretrained(save_to)
-    print(json.dumps({"saved": str(save_to), **runs[-1]}, indent=1))
-    return 0
+    saved = Path(save_to or out / "booster")
+    booster.save_pretrained(saved)
+    return {"saved": str(saved), **runs[-1]}
 
 
 def _load_or_build_bank(bank_path: Path, model: Any, processor: Any, booster: GaussianSmoothnessBooster,

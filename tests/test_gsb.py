@@ -641,3 +641,22 @@ def test_the_training_command_names_options_where_the_library_names_fields(capsy
     with pytest.raises(SystemExit) as exc:
         main(["--output-dir", "o", "--sigma-min", "0.6", "--sigma-max", "0.5"])
     assert exc.value.code == 2 and "--sigma-min (0.6) must be <= --sigma-max (0.5)" in capsys.readouterr().err
+
+
+def test_the_train_mapper_command_is_one_library_call(tmp_path, monkeypatch, capsys):
+    """fs-mllm train-mapper parses into a UtilityTrainConfig and calls train_utility_booster once, recording
+    the command line it ran (the training itself is tested above, through tiny models)."""
+    import fs_mllm.commands.train_mapper as command
+    from fs_mllm.gsb_utility import UtilityTrainConfig
+
+    calls = []
+    monkeypatch.setattr(command, "train_utility_booster", lambda train, out, **kw: calls.append((train, out, kw)) or {"saved": "x"})
+    argv = ["--stage", "denoiser", "--steps", "3", "--output-dir", str(tmp_path / "o"), "--save-to", str(tmp_path / "b")]
+    assert command.main(argv, prog="fs-mllm train-mapper") == 0
+    ((train, out, kw),) = calls
+    assert train == UtilityTrainConfig(stage="denoiser", steps=3) and out == str(tmp_path / "o")
+    assert kw["save_to"] == str(tmp_path / "b") and kw["recipe"].split()[:4] == ["fs-mllm", "train-mapper", "--stage", "denoiser"]
+    assert json.loads(capsys.readouterr().out) == {"saved": "x"}
+    with pytest.raises(SystemExit) as exc:
+        command.main(["--stage", "projector", "--output-dir", "o"])
+    assert exc.value.code == 2 and not calls[1:]
