@@ -79,11 +79,11 @@ def main() -> None:
     parser.add_argument("--crop-scale", type=fraction_pair, default=(0.5, 1.0),
                         help="M-Attack random local crops: area fraction range 'lo,hi' (default 0.5,1.0)")
     parser.add_argument("--no-crops", action="store_true", help="craft transfer images without local crops")
-    add_crop_view_arguments(parser)
+    add_crop_view_arguments(parser, DefenseSettings.crop_views)
     parser.add_argument("--surrogates", type=lambda text: tuple(v.strip() for v in text.split(",") if v.strip()) or None,
                         default=None, help="transfer crafted on these encoders (comma list, e.g. 'dinov2') instead of "
                                            "the undefended model's own image path")
-    parser.add_argument("--ensemble-weighting", choices=ENSEMBLE_WEIGHTINGS, default="mean",
+    parser.add_argument("--ensemble-weighting", choices=ENSEMBLE_WEIGHTINGS, default=DefenseSettings.ensemble_weighting,
                         help="how several --surrogates add up: mean (M-Attack's) or gradient (each member's gradient "
                              "scaled to the same norm per image); see fs_mllm.AttackConfig")
     parser.add_argument("--adaptive-l2", type=budgets, default=list(ADAPTIVE_L2),

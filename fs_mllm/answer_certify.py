@@ -54,7 +54,7 @@ from .answers import normalize_answer
 from .config import (
     ANSWER_ATTACK_EOT_SAMPLES,
     ANSWER_ATTACK_STEPS,
-    DEFAULT_ALPHA, DEFAULT_ANSWER_N0, DEFAULT_ANSWER_TOKENS, DEFAULT_CERTIFY_N, FSConfig, check_alpha, check_chunk_size, check_n, check_seed,
+    DEFAULT_ALPHA, DEFAULT_ANSWER_N0, DEFAULT_ANSWER_TOKENS, DEFAULT_CERTIFY_N, check_alpha, check_chunk_size, check_n, check_seed,
     check_sigma,
 )
 from .smoothed_path import FSState, encoded_groups
@@ -238,7 +238,7 @@ def certify_smoothed(
                              selected=selected)
 
 
-def predict_smoothed(answers_of: AnswersOf, image01: torch.Tensor, sigma: float, *, n: int = 100,
+def predict_smoothed(answers_of: AnswersOf, image01: torch.Tensor, sigma: float, *, n: int = DEFAULT_ANSWER_N0,
                      alpha: float = DEFAULT_ALPHA, batch_size: int = DEFAULT_CHUNK_SIZE, seed: int = 0) -> Optional[str]:
     """Cohen et al.'s PREDICT: g(x), or None (abstain) when the top two answers' counts do not differ at level
     alpha (two-sided binomial test); returns a wrong answer with probability <= alpha. Same noise as

@@ -133,9 +133,10 @@ def _folder(text: str) -> str:
 existing_folder = _argtype(_folder, "existing_folder")
 
 
-def add_crop_view_arguments(parser: argparse.ArgumentParser) -> None:
-    """--crop-views and --crop-full-view: how many views each transfer crafting gradient averages."""
-    parser.add_argument("--crop-views", type=positive_int, default=1,
+def add_crop_view_arguments(parser: argparse.ArgumentParser, default_views: int) -> None:
+    """--crop-views and --crop-full-view: how many views each transfer crafting gradient averages
+    (``default_views``: the settings class's default, AttackConfig's M-Attack 1)."""
+    parser.add_argument("--crop-views", type=positive_int, default=default_views,
                         help="transfer only: forwards per crafting gradient, each its own random crop (M-Attack: 1, "
                              "the default); needs --crop-scale")
     parser.add_argument("--crop-full-view", action="store_true",

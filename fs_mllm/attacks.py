@@ -61,7 +61,7 @@ from torch import nn
 from . import adapters as _adapters  # noqa: F401  (registers every family)
 from .adapters.base import FamilyAdapter, get_adapter, unwrap_model
 from .arguments import check_float, check_int
-from .config import ATTACK_EOT_SAMPLES, ATTACK_STEPS, DEFAULT_GENERATE_BATCH, check_bool, check_seed
+from .config import ATTACK_ANSWER_TOKENS, ATTACK_EOT_SAMPLES, ATTACK_STEPS, DEFAULT_GENERATE_BATCH, check_bool, check_seed
 from .normalization import resolve_mean_std
 from .patching import config_override, get_fs_state, is_patched, replaced_feature_function, undefended
 from .smoothing import check_images
@@ -501,7 +501,7 @@ def _sequence_loss(model: nn.Module, text_inputs: Mapping[str, torch.Tensor], im
 
 @torch.no_grad()
 def generate_text(model: nn.Module, processor_or_tokenizer: Any, images01: torch.Tensor,
-                  prompts: Union[Sequence[str], Mapping[str, Any]], max_new_tokens: int = 20,
+                  prompts: Union[Sequence[str], Mapping[str, Any]], max_new_tokens: int = ATTACK_ANSWER_TOKENS,
                   image_mean: Any = None, image_std: Any = None, batch_size: int = DEFAULT_GENERATE_BATCH,
                   features: Optional[list] = None, **image_kwargs: Any) -> list[str]:
     """Greedy answers for [0,1] images, up to ``batch_size`` prompts of the same token length per ``generate``.

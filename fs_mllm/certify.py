@@ -18,7 +18,7 @@ from torch import nn
 
 from . import stats
 from .adapters.base import get_adapter, unwrap_model
-from .config import DEFAULT_ALPHA, DEFAULT_BOUND_METHOD, DEFAULT_CERTIFY_N, FSConfig, check_n, check_sigma
+from .config import DEFAULT_ALPHA, DEFAULT_BOUND_METHOD, DEFAULT_CERTIFY_N, DEFAULT_NORMALIZE, FSConfig, check_n, check_sigma
 from .normalization import resolve_mean_std
 from .smoothed_path import FSState, encoded_groups
 from .smoothing import Encoder, NoiseStd, check_images, monte_carlo_pass, unit_features
@@ -55,7 +55,7 @@ class Certificate:
     alpha: float
     sigma: float
     method: str
-    normalize: str = "global"
+    normalize: str = DEFAULT_NORMALIZE
     token_score_mean: Optional[np.ndarray] = None
     token_score_lower: Optional[np.ndarray] = None
 
@@ -124,7 +124,7 @@ def sample_scores(
     *,
     seed: int = 0,
     chunk_size: Optional[int] = None,
-    normalize: str = "global",
+    normalize: str = DEFAULT_NORMALIZE,
     clean_features: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Y_i = (1 + cos(f(x + e_i), f(x))) / 2 for n noise draws: shape (n, B) global, (n, B, ..., T) token.
@@ -166,7 +166,7 @@ def certify_features(
     method: str = DEFAULT_BOUND_METHOD,
     chunk_size: Optional[int] = None,
     seed: int = 0,
-    normalize: str = "global",
+    normalize: str = DEFAULT_NORMALIZE,
 ) -> list[Certificate]:
     """Certify the smoothed features of each image: a lower bound on cos(F(x'), F(x)) over an l2 ball.
 

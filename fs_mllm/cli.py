@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 
 from . import demo as demo_module
 from .arguments import add_fs_config_arguments, existing_folder, image_size, positive_int, radii, sample_count
-from .config import DEFAULT_ANSWER_N0, DEFAULT_ANSWER_TOKENS, DEFAULT_CERTIFY_N
+from .config import DEFAULT_ANSWER_N0, DEFAULT_ANSWER_TOKENS, DEFAULT_CERTIFY_N, DEFAULT_NORMALIZE
 from .demo import run_demo
 from .image_io import image_paths, processor_size, to_tensor01
 from .models.loading import DEFAULT_MODEL, load_model
@@ -46,7 +46,7 @@ RESUMABLE = ("attack", "eval", "eval-vqa", "eval-caption", "train-gsb", "train-m
 # ---------------------------------------------------------------------------------------------
 
 def certify_images(model, images01, sigma: float, n: int, alpha: float, method: str, booster=None, processor=None,
-                   seed: int = 0, chunk_size: Optional[int] = None, normalize: str = "global"):
+                   seed: int = 0, chunk_size: Optional[int] = None, normalize: str = DEFAULT_NORMALIZE):
     """Certificates of the features feeding the decoder of ``model`` smoothed at ``sigma`` (booster optional)."""
     from .certify import certify_model
     from .patching import is_patched, patch_model, unpatch_model

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 NORMALIZE_MODES = ("global", "token")
+DEFAULT_NORMALIZE = "global"  # one unit vector per image (FSConfig.normalize)
 BOUND_METHODS = ("hoeffding", "bernstein", "betting", "betting_fixed")
 # Noise std in [0,1] pixel space above which smoothing is pure noise (at sigma = 10 the image is 1% of
 # the input's scale); larger values only overflow float32 and certify nothing.
@@ -39,6 +40,9 @@ COMMAND_ATTACK_STEPS = 10  # fs-mllm attack and fs-mllm eval: PGD steps
 EVAL_EOT_SAMPLES = 1  # fs-mllm eval: noisy forwards per gradient on the FS variants
 DEMO_ATTACK_STEPS = 2  # fs-mllm demo's adaptive rows (minutes on a CPU)
 DEMO_EOT_SAMPLES = 2
+DEMO_CERTIFY_N = 100  # fs-mllm demo: Monte-Carlo samples per certificate (minutes on a CPU)
+ATTACK_ANSWER_TOKENS = 20  # fs-mllm attack and generate_text: tokens generated per answer
+DEFENSE_ANSWER_TOKENS = 6  # the defense table and the demo: tokens per answer (the synthetic task's answers are one word)
 ANSWER_ATTACK_STEPS = 10  # attack_answer: l2 PGD steps on the smoothed classifier g
 ANSWER_ATTACK_EOT_SAMPLES = 16  # ... and noisy copies per gradient (its soft vote needs more than a feature attack)
 UTILITY_BOOSTER_STEPS = 600  # gsb_utility: optimiser steps of the booster trained through the language model
@@ -193,7 +197,7 @@ class FSConfig:
     n_samples: int = field(default=8, metadata={"help": "noisy copies averaged inside generate() (n0)"})
     chunk_size: Optional[int] = field(default=None, metadata={"help": "noisy copies per encoder call (memory knob; default 32)"})
     seed: int = field(default=0, metadata={"help": "seed of the smoothing noise (same seed, same result)"})
-    normalize: str = field(default="global", metadata={"help": "global: one unit vector per image; token: per visual token",
+    normalize: str = field(default=DEFAULT_NORMALIZE, metadata={"help": "global: one unit vector per image; token: per visual token",
                                                        "choices": NORMALIZE_MODES})
     alpha: float = field(default=DEFAULT_ALPHA, metadata={"help": "certificate failure probability"})
     method: str = field(default=DEFAULT_BOUND_METHOD, metadata={"help": "lower confidence bound on the robustness score",

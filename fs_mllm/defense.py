@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from .attacks import AttackConfig, attack, feature_cosine, generate_text, image_features, without_added_defaults
 from .certify import certify_model
-from .config import ATTACK_EOT_SAMPLES, ATTACK_STEPS, DEFAULT_ALPHA, DEFAULT_CERTIFY_N, TRANSFER_STEPS, FSConfig
+from .config import ATTACK_EOT_SAMPLES, ATTACK_STEPS, DEFAULT_ALPHA, DEFAULT_CERTIFY_N, DEFENSE_ANSWER_TOKENS, TRANSFER_STEPS, FSConfig
 from .patching import patch_model, unpatch_model
 from .stats import fcsb
 from .surrogates import check_ensemble_weighting, check_surrogates
@@ -101,7 +101,7 @@ class DefenseSettings:
     certify_images: int = 16
     certify_n: int = DEFAULT_CERTIFY_N
     alpha: float = DEFAULT_ALPHA
-    max_new_tokens: int = 6
+    max_new_tokens: int = DEFENSE_ANSWER_TOKENS
     seed: int = 0
     noise_linf: Optional[tuple[float, ...]] = None  # the random-noise control's budgets; None: the transfer budgets
     attack_batch_size: int = 8  # images per adaptive attack call: memory holds their graphs through the language model

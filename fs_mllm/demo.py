@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .config import ATTACK_EOT_SAMPLES, ATTACK_STEPS, DEMO_ATTACK_STEPS, DEMO_EOT_SAMPLES
+from .config import ATTACK_EOT_SAMPLES, ATTACK_STEPS, DEFENSE_ANSWER_TOKENS, DEMO_ATTACK_STEPS, DEMO_CERTIFY_N, DEMO_EOT_SAMPLES
 
 DESCRIPTION = __doc__.split("\n\n")[1].replace("\n", " ")
 
@@ -64,8 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"the first of them attacked by the adaptive attack, and certified (default "
                              f"{SHIPPED_ADAPTIVE_EXAMPLES}, or --examples if fewer: {SHIPPED_ADAPTIVE_EXAMPLES} replays the "
                              "shipped adaptive images; other settings attack live)")
-    parser.add_argument("--certify-n", type=sample_count, default=100,
-                        help="Monte-Carlo samples per certificate, on the adaptive examples (default 100)")
+    parser.add_argument("--certify-n", type=sample_count, default=DEMO_CERTIFY_N,
+                        help=f"Monte-Carlo samples per certificate, on the adaptive examples (default {DEMO_CERTIFY_N})")
     parser.add_argument("--transfer-steps", type=positive_int, default=SHIPPED_TRANSFER_STEPS,
                         help=f"PGD steps crafting the transfer images (default {SHIPPED_TRANSFER_STEPS}, the shipped "
                              "images; another count crafts them)")
@@ -74,7 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"adaptive PGD steps (default {DEMO_ATTACK_STEPS}; the benchmark uses {ATTACK_STEPS})")
     parser.add_argument("--eot-samples", type=positive_int, default=DEMO_EOT_SAMPLES,
                         help=f"noisy forwards per adaptive gradient (default {DEMO_EOT_SAMPLES}; the benchmark uses {ATTACK_EOT_SAMPLES})")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=6, help="answer length (default 6)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=DEFENSE_ANSWER_TOKENS,
+                        help=f"answer length (default {DEFENSE_ANSWER_TOKENS})")
     parser.add_argument("--output-dir", default="fs_mllm_outputs/demo", help="where the report and plots go")
 
 

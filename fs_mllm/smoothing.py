@@ -17,7 +17,7 @@ from typing import Callable, Iterator, NamedTuple, Optional, Union
 
 import torch
 
-from .config import DEFAULT_CHUNK_SIZE, FSConfig, NORMALIZE_MODES, check_choice, check_chunk_size, check_n, check_seed
+from .config import DEFAULT_CHUNK_SIZE, DEFAULT_NORMALIZE, FSConfig, NORMALIZE_MODES, check_choice, check_chunk_size, check_n, check_seed
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 NoiseStd = Union[float, torch.Tensor]
@@ -57,7 +57,7 @@ def check_images(images: torch.Tensor, name: str = "images", unit_range: bool = 
         )
 
 
-def unit_features(features: torch.Tensor, normalize: str = "global", batch_dims: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def unit_features(features: torch.Tensor, normalize: str = DEFAULT_NORMALIZE, batch_dims: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 unit features and their norms: one unit vector per image (global) or per token (token).
 
     The first ``batch_dims`` axes index images; in token mode the last axis is the feature axis.
@@ -67,7 +67,7 @@ def unit_features(features: torch.Tensor, normalize: str = "global", batch_dims:
     return features / broadcast_norms(norms, features.ndim), norms
 
 
-def float_features_and_norms(features: torch.Tensor, normalize: str = "global", batch_dims: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def float_features_and_norms(features: torch.Tensor, normalize: str = DEFAULT_NORMALIZE, batch_dims: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 features and their checked norms (per image, or per token): :func:`unit_features` without the division."""
     features, norms = _float_features_and_unchecked_norms(features, normalize, batch_dims)
     raise_for_invalid_norms(invalid_norms(norms))
@@ -187,7 +187,7 @@ def monte_carlo_pass(
     *,
     seed: int = 0,
     chunk_size: Optional[int] = None,
-    normalize: str = "global",
+    normalize: str = DEFAULT_NORMALIZE,
     reference_unit: Optional[torch.Tensor] = None,
     mean: bool = True,
 ) -> MonteCarloPass:
@@ -283,7 +283,7 @@ def smoothed_mean(
     *,
     seed: int = 0,
     chunk_size: Optional[int] = None,
-    normalize: str = "global",
+    normalize: str = DEFAULT_NORMALIZE,
 ) -> SmoothedMean:
     """Monte-Carlo estimate of F(x) = E f(x + e) (float32, norm <= 1) and the mean feature norm.
 

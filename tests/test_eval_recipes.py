@@ -539,3 +539,15 @@ def test_an_eval_folder_of_fs_mllm_0_1_resumes_through_the_upgrade(tmp_path):
     other = {**current, "fs": FSConfig(sigma=0.5, n_samples=8, seed=3).to_dict()}
     with pytest.raises(SettingsMismatchError, match=r"fs\.sigma: stored 0\.25, now 0\.5"):
         verify_settings(tmp_path, other)
+
+
+def test_answer_length_defaults_are_the_commands_for_each_task():
+    """EvalSettings built in Python answers as long as the command line does (vqa 10, caption 24 tokens),
+    and stores the number, so a settings.json written before the default moved here still matches."""
+    from fs_mllm.commands.eval import build_parser, settings_from_args
+
+    for task, tokens in (("vqa", 10), ("caption", 24)):
+        settings = EvalSettings(task=task)
+        assert settings.max_new_tokens == tokens == build_parser(task).get_default("max_new_tokens")
+        assert settings_from_args(build_parser(task).parse_args(["--output-dir", "x"]), task) == settings
+        assert settings.to_dict()["max_new_tokens"] == tokens and EvalSettings.from_dict(settings.to_dict()) == settings

@@ -31,55 +31,58 @@ from typing import Optional, Sequence
 
 from ..arguments import (add_crop_view_arguments, add_fs_config_arguments, as_options, device, existing_folder,
                          fraction_pair, non_negative_int, positive_float, positive_int)
-from ..attacks import ENSEMBLE_WEIGHTINGS, OBJECTIVES, PROTOCOLS, SURROGATES, AttackConfig
-from ..config import ATTACK_EOT_SAMPLES, ATTACK_STEPS, COMMAND_ATTACK_STEPS
-from ..evaluation.attack_pipeline import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_QUESTION, DTYPES, MODES, OFFLINE_EVAL_TASKS, AttackRun,
-                                         default_device, run_attack)
-from ..models.loading import DEFAULT_MODEL
+from ..attacks import ENSEMBLE_WEIGHTINGS, NORMS, OBJECTIVES, PROTOCOLS, SURROGATES, AttackConfig
+from ..config import ATTACK_STEPS, COMMAND_ATTACK_STEPS
+from ..evaluation.attack_pipeline import (DTYPES, MODES, OFFLINE_EVAL_TASKS, AttackRun, command_attack_config, default_device,
+                                         run_attack)
+
+
+ATTACK = command_attack_config()  # the command's defaults are AttackRun's and its AttackConfig's
+RUN = AttackRun(out="", device="cpu")
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"Hub id or local folder of a supported multimodal model (+ processor); default {DEFAULT_MODEL}, the embedded offline model")
+    p.add_argument("--model", default=RUN.model, help=f"Hub id or local folder of a supported multimodal model (+ processor); default {RUN.model}, the embedded offline model")
     p.add_argument("--processor", help="processor id/folder if it is not saved with the model")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--images", type=existing_folder, help="folder of images (attacked with --question)")
     src.add_argument("--offline-eval", choices=OFFLINE_EVAL_TASKS, help="the shipped real-photo eval set (default: vqa)")
     p.add_argument("--limit", type=positive_int, help="attack at most this many examples")
-    p.add_argument("--question", default=DEFAULT_QUESTION, help="prompt for --images and --offline-eval caption")
+    p.add_argument("--question", default=RUN.question, help="prompt for --images and --offline-eval caption")
     p.add_argument("--prompt-template", help="e.g. 'USER: {image}\\n{question} ASSISTANT:' ({image} = the image token); "
                                               "default: the processor's chat template, else '{image}{question}'")
-    p.add_argument("--objective", choices=OBJECTIVES, default="feature")
+    p.add_argument("--objective", choices=OBJECTIVES, default=ATTACK.objective)
     p.add_argument("--target-text", help="what the model should say (objective targeted)")
     p.add_argument("--target-image", help="image file whose features the attack pulls towards (objective feature_target)")
-    p.add_argument("--protocol", choices=PROTOCOLS, default="adaptive",
+    p.add_argument("--protocol", choices=PROTOCOLS, default=ATTACK.protocol,
                    help="adaptive: through each mode's smoothed path (EOT); transfer: the paper's protocol, crafted "
                         "without the defense (the model's own undefended path, or --surrogates) and replayed")
     p.add_argument("--surrogates", help=f"comma-separated surrogate encoders for --protocol transfer: {', '.join(SURROGATES)}, "
                                         "m-attack (M-Attack's three CLIP encoders, from the Hub), or a transformers "
                                         "encoder's Hub id or folder; several = an ensemble; default: the model's own "
                                         "undefended path (the stronger, grey-box case)")
-    p.add_argument("--ensemble-weighting", choices=ENSEMBLE_WEIGHTINGS, default="mean",
+    p.add_argument("--ensemble-weighting", choices=ENSEMBLE_WEIGHTINGS, default=ATTACK.ensemble_weighting,
                    help="how several --surrogates add up: mean (their mean cosine, M-Attack's; default) or gradient "
                         "(each member's gradient scaled to the same norm per image, so no encoder takes the whole step)")
     p.add_argument("--crop-scale", type=fraction_pair, help="M-Attack random local crops: 'lo,hi' area fractions")
-    add_crop_view_arguments(p)
-    p.add_argument("--norm", choices=("l2", "linf"), default="l2")
-    p.add_argument("--eps", type=positive_float, default=0.5, help="radius in [0,1] pixel space")
-    p.add_argument("--steps", type=positive_int, default=COMMAND_ATTACK_STEPS,
+    add_crop_view_arguments(p, ATTACK.crop_views)
+    p.add_argument("--norm", choices=NORMS, default=ATTACK.norm)
+    p.add_argument("--eps", type=positive_float, default=ATTACK.eps, help="radius in [0,1] pixel space")
+    p.add_argument("--steps", type=positive_int, default=ATTACK.steps,
                    help=f"PGD steps (default {COMMAND_ATTACK_STEPS}; the benchmark's adaptive attack runs {ATTACK_STEPS})")
     p.add_argument("--step-size", type=positive_float, help="default 2.5 * eps / steps")
     p.add_argument("--no-random-start", action="store_true")
-    p.add_argument("--eot-samples", type=positive_int, default=ATTACK_EOT_SAMPLES, help="noisy forwards per gradient on smoothed modes")
+    p.add_argument("--eot-samples", type=positive_int, default=ATTACK.eot_samples, help="noisy forwards per gradient on smoothed modes")
     p.add_argument("--eot-chunk-size", type=positive_int, help="forwards per backward (memory knob; default all)")
     p.add_argument("--smoothing-samples", type=positive_int, help="noisy copies per smoothed forward while attacking "
                                                                   "(default: --n-samples, i.e. the deployed model)")
-    p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--modes", default="base,fs", help=f"comma-separated subset of {list(MODES)}")
+    p.add_argument("--seed", type=non_negative_int, default=ATTACK.seed)
+    p.add_argument("--modes", default=",".join(RUN.modes), help=f"comma-separated subset of {list(MODES)}")
     add_fs_config_arguments(p, ("sigma", "n_samples"))
     p.add_argument("--booster", type=existing_folder, help="folder of a saved GaussianSmoothnessBooster (mode fs+gsb)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=DEFAULT_MAX_NEW_TOKENS)
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--max-new-tokens", type=positive_int, default=RUN.max_new_tokens)
+    p.add_argument("--dtype", choices=DTYPES, default=RUN.dtype)
     p.add_argument("--device", type=device, default=default_device(),
                    help="torch device (default cuda when torch sees a GPU, else cpu)")
     p.add_argument("--out", required=True, help="output folder (adv/ PNGs and results.jsonl); rerun to resume")

@@ -11,11 +11,10 @@ from typing import Any, Iterable, Optional
 from ..arguments import (add_crop_view_arguments, add_fs_config_arguments, fraction_pair, fs_config_from_args,
                          non_negative_int, positive_float, positive_int, probability)
 from ..attacks import NORMS, OBJECTIVES, PROTOCOLS
-from ..config import ATTACK_STEPS, COMMAND_ATTACK_STEPS, DEFAULT_ALPHA, EVAL_EOT_SAMPLES
+from ..config import ATTACK_STEPS
 from ..evaluation.runner import run_eval
-from ..evaluation.settings import TASKS, EvalSettings
+from ..evaluation.settings import ANSWER_TOKENS, TASKS, EvalSettings
 from ..evaluation.summary import SUMMARY_JSON, SUMMARY_MD
-from ..models.loading import DEFAULT_MODEL
 
 
 def _description(task: str, title: str, example: str, tail: str) -> str:
@@ -59,37 +58,37 @@ def add_common_arguments(parser: Any, task: str) -> None:
     """The eval command line (``fs-mllm eval vqa|caption``, recipes/eval_vqa.py, recipes/eval_caption.py).
 
     Numbers are checked by their argparse ``type`` (exit 2 with usage before anything loads)."""
-    parser.add_argument("--model", default=DEFAULT_MODEL,
+    parser.add_argument("--model", default=EvalSettings.model,
                         help="'fs-mini-llava' (embedded offline LLaVA) or a model id / local folder")
-    parser.add_argument("--dataset", default="fs-offline-eval", help="'fs-offline-eval' (real photos), 'fs-synthetic-heldout' (fs-mini-llava's own task), a local folder or a Hub id")
-    parser.add_argument("--split", default="validation")
-    parser.add_argument("--variants", default="base,fs", help="comma list of base, fs, fs+gsb")
+    parser.add_argument("--dataset", default=EvalSettings.dataset, help="'fs-offline-eval' (real photos), 'fs-synthetic-heldout' (fs-mini-llava's own task), a local folder or a Hub id")
+    parser.add_argument("--split", default=EvalSettings.split)
+    parser.add_argument("--variants", default=",".join(EvalSettings.variants), help="comma list of base, fs, fs+gsb")
     add_fs_config_arguments(parser, ("sigma", "n_samples", "seed"))
     parser.add_argument("--booster", default=None,
                         help="GaussianSmoothnessBooster folder (for fs+gsb; default for fs-mini-llava: its shipped booster)")
-    parser.add_argument("--attack-norm", default="l2", choices=NORMS)
+    parser.add_argument("--attack-norm", default=EvalSettings.attack_norm, choices=NORMS)
     parser.add_argument("--attack-eps", type=positive_float, nargs="*", default=[],
                         help="attack budgets (several for accuracy vs budget); none = clean only")
-    parser.add_argument("--attack-steps", type=positive_int, default=COMMAND_ATTACK_STEPS,
-                        help=f"PGD steps (default {COMMAND_ATTACK_STEPS}; the benchmark's adaptive attack runs {ATTACK_STEPS})")
+    parser.add_argument("--attack-steps", type=positive_int, default=EvalSettings.attack_steps,
+                        help=f"PGD steps (default {EvalSettings.attack_steps}; the benchmark's adaptive attack runs {ATTACK_STEPS})")
     parser.add_argument("--attack-step-size", type=positive_float, default=None, help="default 2.5 * eps / steps")
-    parser.add_argument("--objective", default="feature", choices=OBJECTIVES,
+    parser.add_argument("--objective", default=EvalSettings.objective, choices=OBJECTIVES,
                         help="feature_target pulls the features towards the next example's image (AttackVLM)")
-    parser.add_argument("--protocol", default="adaptive", choices=PROTOCOLS,
+    parser.add_argument("--protocol", default=EvalSettings.protocol, choices=PROTOCOLS,
                         help="adaptive: through each variant's smoothed path (EOT); transfer: the paper's protocol, "
                              "crafted once on the undefended model and replayed on every variant")
     parser.add_argument("--crop-scale", type=fraction_pair, default=None,
                         help="M-Attack random local crops: 'lo,hi' area fractions (e.g. 0.5,1), default none")
-    add_crop_view_arguments(parser)
+    add_crop_view_arguments(parser, EvalSettings.crop_views)
     parser.add_argument("--target", default=None, help="target text for --objective targeted")
-    parser.add_argument("--eot-samples", type=positive_int, default=EVAL_EOT_SAMPLES,
+    parser.add_argument("--eot-samples", type=positive_int, default=EvalSettings.eot_samples,
                         help="noisy forwards averaged per attack gradient on FS variants (fresh noise every step)")
-    parser.add_argument("--certify-n", type=non_negative_int, default=0,
+    parser.add_argument("--certify-n", type=non_negative_int, default=EvalSettings.certify_n,
                         help="noise samples to certify each image (0 = off, else >= 2)")
-    parser.add_argument("--certify-alpha", type=probability, default=DEFAULT_ALPHA)
+    parser.add_argument("--certify-alpha", type=probability, default=EvalSettings.certify_alpha)
     parser.add_argument("--limit", type=positive_int, default=None, help="first N examples only")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=10 if task == "vqa" else 24)
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--max-new-tokens", type=positive_int, default=ANSWER_TOKENS[task])
+    parser.add_argument("--dtype", default=EvalSettings.dtype, choices=("float32", "float16", "bfloat16"))
     if task == "caption":
         parser.add_argument("--prompt", default=EvalSettings.caption_prompt, help="caption instruction")
     parser.add_argument("--output-dir", required=True, help="results folder; rerun the same command to resume")

@@ -42,7 +42,7 @@ import torch
 from fs_mllm.adapters import get_adapter
 from fs_mllm.arguments import check_int
 from fs_mllm.attacks import AttackConfig, attack, generate_text, without_added_defaults
-from fs_mllm.config import COMMAND_ATTACK_STEPS, FSConfig, check_choice, check_n, check_sigma
+from fs_mllm.config import ATTACK_ANSWER_TOKENS, COMMAND_ATTACK_STEPS, FSConfig, check_choice, check_n, check_sigma
 from fs_mllm.image_io import IMAGE_SUFFIXES, rgb
 from fs_mllm.surrogates import check_ensemble_weighting, check_surrogates
 from fs_mllm.defense import VARIANTS, apply_variant
@@ -61,7 +61,6 @@ TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_id
 OFFLINE_EVAL_TASKS = ("vqa", "caption")
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_QUESTION = "Describe the image."  # the prompt of an image folder and of the offline caption set
-DEFAULT_MAX_NEW_TOKENS = 20
 _FS_DEFAULTS = FSConfig()
 
 
@@ -116,7 +115,7 @@ class AttackRun:
     sigma: float = _FS_DEFAULTS.sigma
     n_samples: int = _FS_DEFAULTS.n_samples
     booster: Optional[Union[str, os.PathLike]] = None
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    max_new_tokens: int = ATTACK_ANSWER_TOKENS
     dtype: str = "float32"
     device: str = field(default_factory=default_device)
 

@@ -28,6 +28,7 @@ from fs_mllm.models.mini_llava import BOOSTER_DIR
 __all__ = ["TASKS", "SETTINGS_FILE", "EvalSettings", "SettingsMismatchError", "check_or_write_settings", "verify_settings"]
 
 TASKS = ("vqa", "caption")
+ANSWER_TOKENS = {"vqa": 10, "caption": 24}  # tokens generated per answer unless max_new_tokens says otherwise
 # Settings that may change between a run and its resume: they select *which* keys are computed, never
 # what a key's row contains (a larger --limit or an extra budget just adds rows).
 _EXTENSIBLE = ("limit", "attack_eps")
@@ -75,20 +76,20 @@ class EvalSettings:
     variants: tuple = ("base", "fs")
     fs: FSConfig = field(default_factory=FSConfig)
     booster: Optional[str] = None
-    attack_norm: str = "l2"
+    attack_norm: str = AttackConfig.norm
     attack_eps: tuple = ()
     attack_steps: int = COMMAND_ATTACK_STEPS
     attack_step_size: Optional[float] = None
-    objective: str = "feature"
+    objective: str = AttackConfig.objective
     target: Optional[str] = None
-    protocol: str = "adaptive"
+    protocol: str = AttackConfig.protocol
     crop_scale: Optional[tuple] = None
     crop_views: int = 1
     crop_full_view: bool = False
     eot_samples: int = EVAL_EOT_SAMPLES
     certify_n: int = 0
     certify_alpha: float = DEFAULT_ALPHA
-    max_new_tokens: int = 10
+    max_new_tokens: Optional[int] = None  # None: the task's ANSWER_TOKENS (stored as the number)
     caption_prompt: str = "Describe the image in one sentence."
     limit: Optional[int] = None
     dtype: str = "float32"
@@ -97,6 +98,8 @@ class EvalSettings:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.max_new_tokens is None:
+            self.max_new_tokens = ANSWER_TOKENS[self.task]
         for name in ("model", "dataset"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a non-empty str, got {getattr(self, name)!r}")
