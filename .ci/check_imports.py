@@ -27,7 +27,7 @@ PACKAGE = "fs_mllm"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [  # top first: a module imports its own layer and the ones below
     ("application", ("fs_mllm", "fs_mllm.cli", "fs_mllm.commands", "fs_mllm.demo")),
     ("experiments", ("fs_mllm.evaluation", "fs_mllm.defense", "fs_mllm.gsb_utility")),
-    ("attacks", ("fs_mllm.attacks", "fs_mllm.surrogates")),
+    ("attacks", ("fs_mllm.attacks", "fs_mllm.surrogates", "fs_mllm.surrogate_training")),
     ("booster training", ("fs_mllm.gsb_training",)),
     ("models", ("fs_mllm.models",)),
     ("hub", ("fs_mllm.hub",)),

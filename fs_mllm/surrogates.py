@@ -7,6 +7,9 @@ crafting on the victim's own undefended path (``"model"``) is the stronger, grey
 - ``"dinov2"``: the DINOv2 ViT-S/14 shipped offline, all patch tokens at the input resolution. It is the
   tower of fs-mini-llava, so against that model it is grey-box too.
 - ``"dinov2-cls112"``: the same weights at 112 px with the CLS token only: another resolution and pooling.
+- ``"synthetic-resnet-a"``, ``"synthetic-resnet-b"``, ``"synthetic-resnet-c"``: convolutional encoders *not*
+  related to any victim, trained here from random weights on the synthetic task (fs_mllm.surrogate_training, shipped in
+  fs_mllm/weights/surrogates); ``"synthetic"`` is the three as an ensemble, the offline stand-in for M-Attack's.
 - ``"m-attack"``: M-Attack's ensemble, :data:`M_ATTACK_SURROGATES` (three CLIP encoders from the Hub).
 - any other string: a transformers vision or dual encoder by Hub id or local folder (CLIP, SigLIP, DINOv2,
   ...), loaded with ``from_pretrained`` from safetensors only; its image embedding (CLIP's projected
@@ -24,15 +27,17 @@ import torch
 from torch import nn
 
 from .image_io import processor_size
+from .surrogate_training import SHIPPED_SURROGATES, SPECS
 
-BUILT_IN_SURROGATES = ("model", "dinov2", "dinov2-cls112")
+SYNTHETIC_SURROGATES = tuple(spec.name for spec in SPECS)  # trained offline on the synthetic task, shipped
+BUILT_IN_SURROGATES = ("model", "dinov2", "dinov2-cls112") + SYNTHETIC_SURROGATES
 # M-Attack (Li et al. 2025): ViT-B/16, ViT-B/32 and LAION ViT-g/14, crafted at linf 16/255 with local crops
 M_ATTACK_SURROGATES = ("openai/clip-vit-base-patch16", "openai/clip-vit-base-patch32",
                        "laion/CLIP-ViT-g-14-laion2B-s12B-b42K")
-ENSEMBLES = {"m-attack": M_ATTACK_SURROGATES}
+ENSEMBLES = {"m-attack": M_ATTACK_SURROGATES, "synthetic": SYNTHETIC_SURROGATES}
 
-__all__ = ["BUILT_IN_SURROGATES", "ENSEMBLES", "HubSurrogate", "M_ATTACK_SURROGATES", "check_surrogates",
-           "expand_surrogates", "surrogate_encoder"]
+__all__ = ["BUILT_IN_SURROGATES", "ENSEMBLES", "HubSurrogate", "M_ATTACK_SURROGATES", "SYNTHETIC_SURROGATES",
+           "check_surrogates", "expand_surrogates", "surrogate_encoder"]
 
 
 def expand_surrogates(names: Optional[Sequence[Any]]) -> Optional[list]:
@@ -111,6 +116,8 @@ def surrogate_encoder(name: str) -> nn.Module:
         if name == "dinov2":
             return freeze(PixelEncoder(load_dinov2(), IMAGENET_MEAN, IMAGENET_STD, drop_tokens=1))
         return freeze(HubSurrogate(load_dinov2(), IMAGENET_MEAN, IMAGENET_STD, size=112, name=name))
+    if name in SYNTHETIC_SURROGATES:
+        return freeze(HubSurrogate.from_pretrained(str(SHIPPED_SURROGATES / name)))
     return freeze(HubSurrogate.from_pretrained(name))
 
 
@@ -163,4 +170,6 @@ class HubSurrogate(nn.Module):
             inspect.signature(encode).parameters else {}
         out = encode(pixel_values=x, **kwargs)
         embedding = out if isinstance(out, torch.Tensor) else out.pooler_output
+        if embedding.ndim == 4:  # a convolutional tower's pooled map (B, C, 1, 1)
+            embedding = embedding.flatten(1)
         return embedding.float().reshape(pixels01.shape[0], -1, embedding.shape[-1])

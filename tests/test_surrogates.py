@@ -189,3 +189,52 @@ def test_the_resolution_is_the_processors_and_rows_of_images_keep_their_shape(tm
     encoder = surrogate_encoder(str(tmp_path / "clip"))
     assert encoder.size == 24
     assert encoder(torch.rand(2, 3, 3, 40, 40)).shape == (2, 3, 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# the shipped surrogates trained on the synthetic task (fs_mllm.surrogate_training)
+# ---------------------------------------------------------------------------------------------
+
+def test_the_synthetic_ensemble_is_three_shipped_encoders_of_other_architectures():
+    from fs_mllm.surrogate_training import SHIPPED_SURROGATES, SPECS
+    from fs_mllm.surrogates import SYNTHETIC_SURROGATES
+
+    assert expand_surrogates(["synthetic"]) == list(SYNTHETIC_SURROGATES) == [spec.name for spec in SPECS]
+    assert check_surrogates(["synthetic", "dinov2"]) == [*SYNTHETIC_SURROGATES, "dinov2"]  # built in: no Hub lookup
+    # other architectures than each other's (block type, widths, depths) and other seeds
+    assert len({(spec.layer_type, spec.widths, spec.depths) for spec in SPECS}) == 3 and len({spec.seed for spec in SPECS}) == 3
+    for name in SYNTHETIC_SURROGATES:
+        folder = SHIPPED_SURROGATES / name
+        # transformers folders of safetensors and JSON only (no pickle), with the record of their training
+        assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json",
+                                                            "training.json"], name
+        record = json.loads((folder / "training.json").read_text())
+        # trained, not random: the held-out synthetic scenes' colours and objects are read far above chance (1/6, 1/13)
+        assert record["heldout_accuracy"]["color"] > 0.9 and record["heldout_accuracy"]["object"] > 0.5, record
+
+
+@pytest.mark.parametrize("name", ["synthetic-resnet-a", "synthetic-resnet-b", "synthetic-resnet-c"])
+def test_a_synthetic_surrogate_is_a_differentiable_image_embedding(name):
+    encoder = surrogate_encoder(name)
+    images = torch.rand(2, 3, 96, 96, requires_grad=True)  # resized to its 112 px
+    features = encoder(images)
+    assert features.shape[:2] == (2, 1) and torch.isfinite(features).all()
+    features.sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in encoder.parameters())  # frozen: an attack never trains it
+
+
+def test_training_a_surrogate_saves_a_folder_the_transfer_attack_loads(tmp_path):
+    from fs_mllm.surrogate_training import SurrogateSpec, train_surrogate
+
+    spec = SurrogateSpec("tiny-resnet", seed=3, widths=(8, 16), depths=(1, 1), train_images=64, epochs=1, batch_size=32)
+    record = train_surrogate(spec, tmp_path, progress=False)
+    assert set(record["heldout_accuracy"]) == {"object", "color", "position", "count"} and record["parameters"] > 0
+    encoder = HubSurrogate.from_pretrained(str(tmp_path / "tiny-resnet"))
+    assert encoder.size == 112 and encoder(torch.rand(1, 3, 112, 112)).shape == (1, 1, 16)  # the pooled map, flattened
+    with pytest.raises(ValueError, match="layer_type must be one of"):
+        SurrogateSpec("x", seed=0, layer_type="vit")
+    with pytest.raises(ValueError, match="widths and depths must be"):
+        SurrogateSpec("x", seed=0, widths=(8, 16), depths=(1,))
+    with pytest.raises(ValueError, match="epochs must be a positive integer"):
+        SurrogateSpec("x", seed=0, epochs=0)
