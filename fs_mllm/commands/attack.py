@@ -59,7 +59,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                    help="adaptive: through each mode's smoothed path (EOT); transfer: the paper's protocol, crafted "
                         "without the defense (the model's own undefended path, or --surrogates) and replayed")
     p.add_argument("--surrogates", help=f"comma-separated surrogate encoders for --protocol transfer: {', '.join(SURROGATES)}, "
-                                        "m-attack (M-Attack's three CLIP encoders, from the Hub), or a transformers "
+                                        "m-attack (M-Attack's three CLIP encoders, from the Hub), synthetic (the three shipped encoders "
+                                        "trained offline on the synthetic task), or a transformers "
                                         "encoder's Hub id or folder; several = an ensemble; default: the model's own "
                                         "undefended path (the stronger, grey-box case)")
     p.add_argument("--ensemble-weighting", choices=ENSEMBLE_WEIGHTINGS, default=ATTACK.ensemble_weighting,
