@@ -16,10 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from . import demo as demo_module
+from .commands import demo as demo_command
 from .arguments import add_fs_config_arguments, existing_folder, image_size, positive_int, radii, sample_count
 from .config import DEFAULT_ANSWER_N0, DEFAULT_ANSWER_TOKENS, DEFAULT_CERTIFY_N, DEFAULT_NORMALIZE
-from .demo import run_demo
 from .image_io import image_paths, processor_size, to_tensor01
 from .models.loading import DEFAULT_MODEL, load_model
 
@@ -280,9 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="base / FS / FS+GSB on the embedded offline model, transfer and adaptive attacks (minutes on a CPU)",
-                          description=demo_module.DESCRIPTION)
-    demo_module.add_arguments(demo)
-    demo.set_defaults(run=run_demo)
+                          description=demo_command.DESCRIPTION)
+    demo_command.add_arguments(demo)
+    demo.set_defaults(run=demo_command.run, check=lambda args, parser=demo: demo_command.check(parser, args))
 
     cert = sub.add_parser("certify", help="certify the features feeding the decoder, per image (FCSB curve + report); "
                                           "--answers: certify the model's answers (certified accuracy vs l2 radius)",

@@ -40,6 +40,7 @@ COMMAND_ATTACK_STEPS = 10  # fs-mllm attack and fs-mllm eval: PGD steps
 EVAL_EOT_SAMPLES = 1  # fs-mllm eval: noisy forwards per gradient on the FS variants
 DEMO_ATTACK_STEPS = 2  # fs-mllm demo's adaptive rows (minutes on a CPU)
 DEMO_EOT_SAMPLES = 2
+DEMO_FAR_L2 = 1.0  # fs-mllm demo: the adaptive l2 budget far beyond any certified radius
 DEMO_CERTIFY_N = 100  # fs-mllm demo: Monte-Carlo samples per certificate (minutes on a CPU)
 ATTACK_ANSWER_TOKENS = 20  # fs-mllm attack and generate_text: tokens generated per answer
 DEFENSE_ANSWER_TOKENS = 6  # the defense table and the demo: tokens per answer (the synthetic task's answers are one word)

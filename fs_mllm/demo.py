@@ -13,12 +13,13 @@ its count (``benchmarks/bench_defense.py`` is the full-size table).
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Union
 
-from .config import ATTACK_EOT_SAMPLES, ATTACK_STEPS, DEFENSE_ANSWER_TOKENS, DEMO_ATTACK_STEPS, DEMO_CERTIFY_N, DEMO_EOT_SAMPLES
+from .config import (DEFENSE_ANSWER_TOKENS, DEMO_ATTACK_STEPS, DEMO_CERTIFY_N, DEMO_EOT_SAMPLES, DEMO_FAR_L2, FSConfig)
 
 DESCRIPTION = __doc__.split("\n\n")[1].replace("\n", " ")
 
@@ -51,79 +52,85 @@ SHIPPED_ADAPTIVE = Path(__file__).resolve().parent / "data" / "demo_adaptive"
 :func:`fs_mllm.defense.evaluate_defense`'s ``adaptive_images`` check (the smoothing, the attack's settings, the
 booster), so any other setting attacks live."""
 SHIPPED_ADAPTIVE_EXAMPLES = 8
+_FS_DEFAULTS = FSConfig()
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .arguments import add_fs_config_arguments, positive_float, positive_int, sample_count
+@dataclass
+class DemoSettings:
+    """The demo's settings: the smoothing, how many images, the attacks' strength, where the report goes.
 
-    add_fs_config_arguments(parser, ("sigma", "n_samples", "alpha"))
-    parser.add_argument("--examples", type=positive_int, default=SHIPPED_EXAMPLES,
-                        help=f"held-out synthetic images attacked by transfer and shown the noise control, one question "
-                             f"each (default {SHIPPED_EXAMPLES}: the shipped transfer images; another count crafts them)")
-    parser.add_argument("--adaptive-examples", type=positive_int, default=None,
-                        help=f"the first of them attacked by the adaptive attack, and certified (default "
-                             f"{SHIPPED_ADAPTIVE_EXAMPLES}, or --examples if fewer: {SHIPPED_ADAPTIVE_EXAMPLES} replays the "
-                             "shipped adaptive images; other settings attack live)")
-    parser.add_argument("--certify-n", type=sample_count, default=DEMO_CERTIFY_N,
-                        help=f"Monte-Carlo samples per certificate, on the adaptive examples (default {DEMO_CERTIFY_N})")
-    parser.add_argument("--transfer-steps", type=positive_int, default=SHIPPED_TRANSFER_STEPS,
-                        help=f"PGD steps crafting the transfer images (default {SHIPPED_TRANSFER_STEPS}, the shipped "
-                             "images; another count crafts them)")
-    parser.add_argument("--eps-far", type=positive_float, default=1.0, help="adaptive l2 budget far beyond the certified radius (default 1.0)")
-    parser.add_argument("--steps", type=positive_int, default=DEMO_ATTACK_STEPS,
-                        help=f"adaptive PGD steps (default {DEMO_ATTACK_STEPS}; the benchmark uses {ATTACK_STEPS})")
-    parser.add_argument("--eot-samples", type=positive_int, default=DEMO_EOT_SAMPLES,
-                        help=f"noisy forwards per adaptive gradient (default {DEMO_EOT_SAMPLES}; the benchmark uses {ATTACK_EOT_SAMPLES})")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=DEFENSE_ANSWER_TOKENS,
-                        help=f"answer length (default {DEFENSE_ANSWER_TOKENS})")
-    parser.add_argument("--output-dir", default="fs_mllm_outputs/demo", help="where the report and plots go")
+    The defaults are what the shipped images were crafted with (``fs-mllm demo`` with no options), so the demo
+    replays them; any other ``examples`` or ``transfer_steps`` crafts the transfer images, and any other
+    setting the adaptive images depend on attacks live. Checked on construction (a ValueError naming the field).
+    """
+
+    sigma: float = _FS_DEFAULTS.sigma
+    n_samples: int = _FS_DEFAULTS.n_samples
+    alpha: float = _FS_DEFAULTS.alpha
+    examples: int = SHIPPED_EXAMPLES  # held-out images: clean accuracy, transfer and the noise control on each
+    adaptive_examples: Optional[int] = None  # the first this many also attacked adaptively and certified (None: the shipped count)
+    certify_n: int = DEMO_CERTIFY_N
+    transfer_steps: int = SHIPPED_TRANSFER_STEPS
+    eps_far: float = DEMO_FAR_L2  # the adaptive l2 budget far beyond the certified radius
+    steps: int = DEMO_ATTACK_STEPS
+    eot_samples: int = DEMO_EOT_SAMPLES
+    max_new_tokens: int = DEFENSE_ANSWER_TOKENS
+    output_dir: Union[str, os.PathLike] = "fs_mllm_outputs/demo"
+
+    def __post_init__(self) -> None:
+        from .arguments import check_float, check_int
+        from .config import check_alpha, check_n, check_sigma
+
+        self.sigma = check_sigma(self.sigma)
+        check_n(self.n_samples, "n_samples", minimum=1)
+        self.alpha = check_alpha(self.alpha)
+        check_n(self.certify_n, "certify_n")
+        for name in ("examples", "transfer_steps", "steps", "eot_samples", "max_new_tokens"):
+            check_int(getattr(self, name), name)
+        self.eps_far = check_float(self.eps_far, "eps_far")
+        if self.adaptive_examples is not None:
+            check_int(self.adaptive_examples, "adaptive_examples")
+            if self.adaptive_examples > self.examples:
+                raise ValueError(f"adaptive_examples {self.adaptive_examples} is more than examples {self.examples}; "
+                                 "attack at most every example")
+        self.output_dir = os.fspath(self.output_dir)
 
 
-def settings_from_args(args: argparse.Namespace):
-    """The demo's DefenseSettings (validated before any model is loaded): clean accuracy, the noise control and
-    transfer on every example (crafted as the shipped images were: the one table's linf 16/255 protocol); the
-    adaptive attack, and the certificates, on the first ``--adaptive-examples``."""
-    from .arguments import fs_config_from_args
+def defense_settings(demo: DemoSettings):
+    """The demo's DefenseSettings: clean accuracy, the noise control and transfer on every example (crafted as
+    the shipped images were: the one table's linf 16/255 protocol); the adaptive attack, and the certificates,
+    on the first ``adaptive_examples``."""
     from .defense import DefenseSettings
 
-    if args.adaptive_examples is not None and args.adaptive_examples > args.examples:
-        raise ValueError(f"--adaptive-examples {args.adaptive_examples} is more than --examples {args.examples}; "
-                         "attack at most every example")
-    count = adaptive_count(args)
-    return DefenseSettings(fs=fs_config_from_args(args), alpha=args.alpha, max_new_tokens=args.max_new_tokens,
-                           certify_n=args.certify_n, transfer_linf=(16 / 255,), transfer_steps=args.transfer_steps,
-                           transfer_step_size=1 / 255, crop_scale=(0.5, 1.0), crop_views=2, crop_full_view=True,
-                           adaptive_l2=(args.sigma / 4, args.eps_far), adaptive_linf=(), adaptive_steps=args.steps,
-                           eot_samples=args.eot_samples, adaptive_examples=count, certify_images=count)
+    count = adaptive_count(demo)
+    return DefenseSettings(fs=FSConfig(sigma=demo.sigma, n_samples=demo.n_samples, alpha=demo.alpha), alpha=demo.alpha,
+                           max_new_tokens=demo.max_new_tokens, certify_n=demo.certify_n, transfer_linf=(16 / 255,),
+                           transfer_steps=demo.transfer_steps, transfer_step_size=1 / 255, crop_scale=(0.5, 1.0),
+                           crop_views=2, crop_full_view=True, adaptive_l2=(demo.sigma / 4, demo.eps_far), adaptive_linf=(),
+                           adaptive_steps=demo.steps, eot_samples=demo.eot_samples, adaptive_examples=count,
+                           certify_images=count)
 
 
-def adaptive_count(args: argparse.Namespace) -> int:
-    """``--adaptive-examples``, or by default the shipped count (or every example, if fewer)."""
-    return min(SHIPPED_ADAPTIVE_EXAMPLES, args.examples) if args.adaptive_examples is None else args.adaptive_examples
+def adaptive_count(demo: DemoSettings) -> int:
+    """``adaptive_examples``, or by default the shipped count (or every example, if fewer)."""
+    return min(SHIPPED_ADAPTIVE_EXAMPLES, demo.examples) if demo.adaptive_examples is None else demo.adaptive_examples
 
 
-def uses_shipped_transfer(args: argparse.Namespace) -> bool:
-    return args.examples == SHIPPED_EXAMPLES and args.transfer_steps == SHIPPED_TRANSFER_STEPS
+def uses_shipped_transfer(demo: DemoSettings) -> bool:
+    return demo.examples == SHIPPED_EXAMPLES and demo.transfer_steps == SHIPPED_TRANSFER_STEPS
 
 
-def default_args() -> argparse.Namespace:
-    """The default demo's options (what the shipped images were crafted with)."""
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return parser.parse_args([])
-
-
-# the demo's options the shipped adaptive images were crafted with, at their defaults (the replay checks the
+# the demo's settings the shipped adaptive images were crafted with, at their defaults (the replay checks the
 # rest: model, items, smoothing, attack settings, booster)
-_SHIPPED_ADAPTIVE_ARGS = ("examples", "transfer_steps", "adaptive_examples", "sigma", "n_samples", "alpha", "steps",
+_SHIPPED_ADAPTIVE_FIELDS = ("examples", "transfer_steps", "adaptive_examples", "sigma", "n_samples", "alpha", "steps",
                           "eot_samples", "eps_far")
 
 
-def uses_shipped_adaptive(args: argparse.Namespace) -> bool:
-    """Whether the demo runs with the options the shipped adaptive images were crafted with (else it attacks live)."""
-    defaults = default_args()
-    return SHIPPED_ADAPTIVE.is_dir() and adaptive_count(args) == SHIPPED_ADAPTIVE_EXAMPLES and all(
-        getattr(args, k) == getattr(defaults, k) for k in _SHIPPED_ADAPTIVE_ARGS if k != "adaptive_examples")
+def uses_shipped_adaptive(demo: DemoSettings) -> bool:
+    """Whether the demo runs with the settings the shipped adaptive images were crafted with (else it attacks live)."""
+    defaults = DemoSettings()
+    return SHIPPED_ADAPTIVE.is_dir() and adaptive_count(demo) == SHIPPED_ADAPTIVE_EXAMPLES and all(
+        getattr(demo, k) == getattr(defaults, k) for k in _SHIPPED_ADAPTIVE_FIELDS if k != "adaptive_examples")
 
 
 def variant_name(variant: str) -> str:
@@ -176,7 +183,7 @@ def certified_reading(rows: list[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(lines))  # the clean row and an adaptive row at the same radius say the same
 
 
-def _load(args: argparse.Namespace):
+def _load(demo: DemoSettings):
     """The embedded model, its booster and the demo's items: every example's first question (clean accuracy,
     transfer, the noise control; the first ``--adaptive-examples`` also adaptive and certified)."""
     from .image_io import processor_size
@@ -191,7 +198,7 @@ def _load(args: argparse.Namespace):
     if size is None:
         raise ValueError(f"the demo's processor states no square input size ({type(processor).__name__}); the demo "
                          "runs on fs-mini-llava's own processor")
-    items = synthetic_items(args.examples, size, build_prompt, first_question_only=True)
+    items = synthetic_items(demo.examples, size, build_prompt, first_question_only=True)
     return model, processor, booster, items
 
 
@@ -203,15 +210,15 @@ def make_shipped_adaptive(folder: str | Path, progress: bool = True) -> list[dic
 
     from .defense import evaluate_defense
 
-    args = default_args()
+    demo = DemoSettings()
 
     torch.manual_seed(0)
-    model, processor, booster, items = _load(args)
-    return evaluate_defense(model, processor, items, items, settings_from_args(args), booster=booster, progress=progress,
+    model, processor, booster, items = _load(demo)
+    return evaluate_defense(model, processor, items, items, defense_settings(demo), booster=booster, progress=progress,
                             checkpoint=folder, transfer_images=SHIPPED_TRANSFER, keep_adaptive_images=True)
 
 
-def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+def run_demo(demo: Optional[DemoSettings] = None) -> dict[str, Any]:
     """Base / FS / FS+GSB on fs-mini-llava: clean, the noise control, transfer (paper's protocol, replayed) and
     adaptive (replayed at the default settings), with certificates; prints the table, the counts and one
     reading per protocol."""
@@ -221,12 +228,13 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from .defense import defense_table, evaluate_defense
     from .evaluation import plot_accuracy_vs_budget
 
-    settings = settings_from_args(args)
+    demo = DemoSettings() if demo is None else demo
+    settings = defense_settings(demo)
     torch.manual_seed(0)
-    out_dir = Path(args.output_dir)
+    out_dir = Path(demo.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, processor, booster, items = _load(args)
-    shipped, shipped_adaptive = uses_shipped_transfer(args), uses_shipped_adaptive(args)
+    model, processor, booster, items = _load(demo)
+    shipped, shipped_adaptive = uses_shipped_transfer(demo), uses_shipped_adaptive(demo)
     rows = evaluate_defense(model, processor, items, items, settings, booster=booster,
                             transfer_images=SHIPPED_TRANSFER if shipped else None,
                             adaptive_images=SHIPPED_ADAPTIVE if shipped_adaptive else None)
@@ -239,18 +247,18 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     plot_accuracy_vs_budget([0.0, *budgets], accuracy, out_dir / "accuracy_vs_budget.png",
                             title="fs-mini-llava, adaptive l2 attack, held-out synthetic questions")
     summary_settings = {"defense": settings.to_dict(), "transfer_images": "shipped" if shipped else "crafted",
-                        "adaptive_images": "shipped" if shipped_adaptive else "crafted", "examples": args.examples,
-                        "adaptive_examples": adaptive_count(args), "clean_questions": len(items)}
+                        "adaptive_images": "shipped" if shipped_adaptive else "crafted", "examples": demo.examples,
+                        "adaptive_examples": adaptive_count(demo), "clean_questions": len(items)}
     (out_dir / "summary.json").write_text(json.dumps({"settings": summary_settings, "rows": rows}, indent=2), encoding="utf-8")
     lines = readings(rows)
     certificates = certified_reading(rows)
     notes = [
         f"Model: fs-mini-llava (real DINOv2 ViT-S/14 + SmolLM2-135M-Instruct, projector trained by the project), "
-        f"sigma={args.sigma}, n0={args.n_samples}; FS+GSB uses the shipped booster. {args.examples} held-out synthetic "
+        f"sigma={demo.sigma}, n0={demo.n_samples}; FS+GSB uses the shipped booster. {demo.examples} held-out synthetic "
         f"images, one question each: clean accuracy, transfer and the noise control on all of them, the adaptive "
-        f"attack on the first {adaptive_count(args)}: each row's n is its count, and one answer moves a row of n "
+        f"attack on the first {adaptive_count(demo)}: each row's n is its count, and one answer moves a row of n "
         "by 1/n (benchmarks/bench_defense.py is the full table).",
-        TRANSFER_MEANING + f" Here: linf 16/255, {args.transfer_steps} steps of 1/255, whole view + one random crop "
+        TRANSFER_MEANING + f" Here: linf 16/255, {demo.transfer_steps} steps of 1/255, whole view + one random crop "
         "(scale 0.5-1) per step, target = the next held-out image; targeted success = the answer became the "
         "variant's own answer for the target image. " + ("The images are the shipped ones (fs_mllm/data/demo_transfer, "
                                                          "crafted by the project's own code; see its README)."
@@ -258,11 +266,11 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         NOISE_MEANING,
         ADAPTIVE_MEANING + f" Here: untargeted on the answer, l2 {budgets[0]:g} (inside the certified radius where the "
         f"certified column names images with a guarantee) and l2 {budgets[-1]:g} (far beyond it), "
-        f"{args.steps} steps, EOT {args.eot_samples}. " + (
+        f"{demo.steps} steps, EOT {demo.eot_samples}. " + (
             "The images are the shipped ones (fs_mllm/data/demo_adaptive: crafted by the project's own code through "
             "each variant's own smoothed path with these settings, checked to fit before they are replayed; see its README)."
             if shipped_adaptive else "The images were crafted in this run."),
-        f"Certified FCSB (n={args.certify_n}, alpha={args.alpha}, on the {adaptive_count(args)} adaptive images): the "
+        f"Certified FCSB (n={demo.certify_n}, alpha={demo.alpha}, on the {adaptive_count(demo)} adaptive images): the "
         "mean over the images that have a guarantee at the row's l2 radius, and how many have one (an linf ball of "
         "radius e lies only in the l2 ball of radius e*sqrt(3*H*W), far beyond any certified radius: none there).",
         "Reading:\n\n" + "\n".join(f"- {line}" for line in lines + certificates),
@@ -273,7 +281,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     print()
     for line in lines + certificates:
         print(line)
-    print(f"\nCounts: {len(items)} questions (clean, transfer, noise), {adaptive_count(args)} adaptive images; "
+    print(f"\nCounts: {len(items)} questions (clean, transfer, noise), {adaptive_count(demo)} adaptive images; "
           f"full-size figures: docs/results.md.")
     print(f"wrote {out_dir}/report.md, accuracy_vs_budget.png, summary.json")
     return {"rows": rows}

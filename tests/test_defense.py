@@ -660,44 +660,47 @@ def test_demo_refuses_bad_arguments_before_loading(bad, needle, tmp_path, capsys
     assert not (tmp_path / "d").exists()
 
 
-def test_demo_refuses_more_adaptive_examples_than_examples(tmp_path, monkeypatch):
+def test_demo_refuses_more_adaptive_examples_than_examples(tmp_path, monkeypatch, capsys):
     import fs_mllm.models.loading as loading
     from fs_mllm.cli import main
+    from fs_mllm.demo import DemoSettings
 
     monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the check"))
-    with pytest.raises(ValueError, match="--adaptive-examples 5 is more than --examples 4"):
+    with pytest.raises(SystemExit) as exc:  # a usage error, before any work
         main(["demo", "--examples", "4", "--adaptive-examples", "5", "--output-dir", str(tmp_path / "d")])
+    assert exc.value.code == 2 and "--adaptive-examples 5 is more than --examples 4" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+    with pytest.raises(ValueError, match="adaptive_examples 5 is more than examples 4"):  # the same from Python
+        DemoSettings(examples=4, adaptive_examples=5)
 
 
 def test_demo_adaptive_count_defaults_to_the_shipped_count_or_every_example():
     import argparse
 
     from fs_mllm import demo
+    from fs_mllm.commands import demo as command
 
     parser = argparse.ArgumentParser()
-    demo.add_arguments(parser)
-    assert demo.settings_from_args(parser.parse_args([])).adaptive_examples == demo.SHIPPED_ADAPTIVE_EXAMPLES
-    few = demo.settings_from_args(parser.parse_args(["--examples", "4"]))  # fewer examples than the shipped count
+    command.add_arguments(parser)
+    assert command.settings_from_args(parser.parse_args([])) == demo.DemoSettings()  # the command's defaults are its
+    assert demo.defense_settings(demo.DemoSettings()).adaptive_examples == demo.SHIPPED_ADAPTIVE_EXAMPLES
+    few = demo.defense_settings(demo.DemoSettings(examples=4))  # fewer examples than the shipped count
     assert few.adaptive_examples == few.certify_images == 4
-    assert demo.settings_from_args(parser.parse_args(["--adaptive-examples", "3"])).adaptive_examples == 3
+    assert demo.defense_settings(command.settings_from_args(parser.parse_args(["--adaptive-examples", "3"]))).adaptive_examples == 3
 
 
 def test_the_shipped_images_fit_the_demo():
     """The demo replays fs_mllm/data/demo_transfer and demo_adaptive only if they were crafted as this run would
     (same model weights, attack images, crafting settings; for the adaptive images also the smoothing, the
     attack's settings and the booster): a change to any of them must show here, not in a user's demo."""
-    import argparse
 
     from fs_mllm import demo
     from fs_mllm.defense import _ReplaySource, module_fingerprint
 
-    parser = argparse.ArgumentParser()
-    demo.add_arguments(parser)
-    args = parser.parse_args([])
+    args = demo.DemoSettings()
     assert demo.uses_shipped_transfer(args) and demo.uses_shipped_adaptive(args)
-    assert not demo.uses_shipped_adaptive(parser.parse_args(["--sigma", "0.5"]))  # other settings attack live
-    settings = demo.settings_from_args(args)
+    assert not demo.uses_shipped_adaptive(demo.DemoSettings(sigma=0.5))  # other settings attack live
+    settings = demo.defense_settings(args)
     model, processor, booster, items = demo._load(args)
     images = torch.stack([item.image for item in items])
     source = _ReplaySource(demo.SHIPPED_TRANSFER, settings, items, model, processor)
