@@ -132,6 +132,7 @@ SETTING_DEFAULTS = {"crop_views": 1, "crop_full_view": False}
 ADAPTIVE_BUDGETS = (("l2", 0.0625), ("l2", 0.125), ("l2", 0.25), ("l2", 0.5), ("l2", 1.0),
                     ("linf", 1 / 255), ("linf", 2 / 255), ("linf", 4 / 255))
 CROPS = {"crop_scale": [0.5, 1.0], "crop_views": 2, "crop_full_view": True, "transfer_step_size": 1 / 255, "surrogates": None}
+SURROGATE_TAG = "surrogates"  # the paper's protocol (issue 32: base >= 0.5, FS+GSB <= 0.02), the others on the victim's own path
 NOT_YET = ("fs", ("l2", 0.0625), ("l2", 0.5), ("l2", 1.0), ("linf", 1 / 255), ("linf", 2 / 255), ("linf", 4 / 255))
 
 
@@ -164,6 +165,12 @@ DEFENSE_RUNS = (
     DefenseRun("transfer", "the same without crops, 100 steps at 2/255", "no crops, 100 steps", (("linf", 16 / 255),),
                ("bench_defense_transfer100_cpu.json",),
                {"crop_scale": None, "transfer_steps": 100, "transfer_step_size": 0.00784, "surrogates": None}),
+    DefenseRun("transfer", "the paper's protocol: crafted on surrogates that are not the victim's tower (`synthetic`: three "
+               "ResNets trained offline on the synthetic task), targeted feature matching, one random crop (0.5-0.9) per "
+               "step, 300 steps at 1/255", SURROGATE_TAG, (("linf", 16 / 255),),
+               ("bench_defense_synthetic_surrogates_cpu.json",),
+               {"surrogates": ["synthetic"], "crop_scale": [0.5, 0.9], "crop_views": 1, "crop_full_view": False,
+                "transfer_steps": 300, "transfer_step_size": 1 / 255}),
     DefenseRun("noise", "random signs of the budget: the control", "noise", (("linf", 4 / 255), ("linf", 8 / 255), ("linf", 16 / 255)),
                ("bench_defense_transfer100_crops300_step2_noise_cpu.json",)),
     DefenseRun("adaptive", "untargeted through each variant's smoothed path, 20 steps x EOT 8", "20 steps x EOT 8", ADAPTIVE_BUDGETS,
@@ -315,8 +322,9 @@ def defense_targets(judged: dict, certified: dict) -> list[str]:
                      f"{CERTIFY_SETTINGS['alpha']}) | {fcsb:.3f} | {met(fcsb, 0.6)} |")
     for (protocol, tag, norm, eps), (b, _, g) in judged.items():
         if protocol == "transfer" and eps == round(16 / 255, 9) and b is not None and g is not None:
-            lines.append(f"| transfer linf 16/255, {tag}: base attack success >= 0.8, and FS+GSB's <= 0.03 | "
-                         f"base {b[2]:.3f}, FS+GSB {g[2]:.3f} | {met(b[2], 0.8)}, {met(g[2], None, 0.03)} |")
+            base_bar, gsb_bar = (0.5, 0.02) if tag == SURROGATE_TAG else (0.8, 0.03)
+            lines.append(f"| transfer linf 16/255, {tag}: base attack success >= {base_bar:g}, and FS+GSB's <= {gsb_bar:g} | "
+                         f"base {b[2]:.3f}, FS+GSB {g[2]:.3f} | {met(b[2], base_bar)}, {met(g[2], None, gsb_bar)} |")
     for tag in dict.fromkeys(t for p, t, _, _ in judged if p == "adaptive"):
         margins = {budget_label("adaptive", norm, eps): (g[1] - b[1]) for (p, t, norm, eps), (b, _, g) in judged.items()
                    if p == "adaptive" and t == tag and b is not None and g is not None}
