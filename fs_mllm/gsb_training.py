@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 from .config import DEFAULT_ALPHA, DEFAULT_BOUND_METHOD, DEFAULT_CERTIFY_N, SEED_LIMIT, check_seed, check_sigma
 from . import image_io
-from .gsb import CONFIG_NAME, NOISE_LEVELS, WEIGHTS_NAME, GaussianSmoothnessBooster
+from .gsb import CONFIG_NAME, NOISE_LEVELS, WEIGHTS_NAME, GaussianSmoothnessBooster, GSBConfig
 from .image_io import to_float_rgb
 from .smoothing import unit_features
 
@@ -663,6 +663,8 @@ def build_encoder(name: str) -> tuple[PixelEncoder, str]:
 # a whole run (what fs-mllm train-gsb, fs_mllm/commands/train_gsb.py, parses its command line into)
 # ------------------------------------------------------------------------------------------------
 MIXED_PRECISION = ("no", "fp16", "bf16")
+_TRAIN = GSBTrainConfig()  # the defaults a run shares with the training config and the booster's
+_BOOSTER_FIELDS = {f.name: f.default for f in dataclasses.fields(GSBConfig) if f.default is not dataclasses.MISSING}
 
 
 @dataclass
@@ -686,32 +688,34 @@ class BoosterTrainingRun:
     split: str = "train"
     image_column: str = "image"
     heldout_fraction: float = 0.1
-    size: int = 112
+    size: int = _TRAIN.image_size
+    # the command's own choices, where they differ from GSBConfig's and GSBTrainConfig's: the training noise
+    # range, a longer mapper stage, a wider denoiser and more frequent checkpoints (the shipped DINOv2 booster's)
     sigma_min: float = 0.2
     sigma_max: float = 0.55
-    denoiser_steps: int = 200
     mapper_steps: int = 300
-    batch_size: int = 8
-    denoiser_lr: float = 1e-3
-    mapper_lr: float = 1e-3
-    feature_weight: float = 1.0
-    stats_weight: float = 0.1
-    clean_fraction: float = 0.0
-    clean_weight: float = 1.0
-    identity_weight: float = 1.0
-    init_from: Optional[Union[str, os.PathLike]] = None
-    feature_every: int = 1
-    mapper_cache_size: int = 0
-    mapper_batch_size: int = 32
     denoiser_channels: int = 48
-    denoiser_depth: int = 8
-    mapper_hidden: int = 512
+    checkpoint_every: int = 25
+    denoiser_steps: int = _TRAIN.denoiser_steps
+    batch_size: int = _TRAIN.batch_size
+    denoiser_lr: float = _TRAIN.denoiser_lr
+    mapper_lr: float = _TRAIN.mapper_lr
+    feature_weight: float = _TRAIN.feature_weight
+    stats_weight: float = _TRAIN.stats_weight
+    clean_fraction: float = _TRAIN.clean_fraction
+    clean_weight: float = _TRAIN.clean_weight
+    identity_weight: float = _TRAIN.identity_weight
+    init_from: Optional[Union[str, os.PathLike]] = None
+    feature_every: int = _TRAIN.feature_every
+    mapper_cache_size: int = _TRAIN.mapper_cache_size
+    mapper_batch_size: int = _TRAIN.mapper_batch_size
+    denoiser_depth: int = _BOOSTER_FIELDS["denoiser_depth"]
+    mapper_hidden: int = _BOOSTER_FIELDS["mapper_hidden"]
     use_denoiser: bool = True
     use_mapper: bool = True
-    noise_level: str = "estimated"
-    checkpoint_every: int = 25
+    noise_level: str = _BOOSTER_FIELDS["noise_level"]
     mixed_precision: str = "no"
-    seed: int = 0
+    seed: int = _TRAIN.seed
     save_to: Optional[Union[str, os.PathLike]] = None
     eval_n: int = 100
     eval_sigmas: Sequence[float] = (0.25, 0.5)
@@ -755,7 +759,7 @@ def run_booster_training(run: BoosterTrainingRun) -> dict:
     held-out images: the training result, with ``"heldout"`` the evaluation summary per sigma."""
     from accelerate import Accelerator
 
-    from .gsb import GSBConfig, boosted_encoder
+    from .gsb import boosted_encoder
 
     accelerator = Accelerator(mixed_precision=run.mixed_precision)
     encoder, encoder_id = build_encoder(run.encoder)

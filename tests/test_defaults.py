@@ -30,6 +30,24 @@ WATCHED = {
 OPTIONS = {"--" + name.replace("_", "-"): value for name, value in WATCHED.items()}
 
 
+def defaults_in(source: str):
+    """(kind, line, name, default node) of every default in ``source``: kind "parameter" (a function's, its
+    name "function(parameter)"), "field" (an annotated class attribute) or "option" (add_argument's ``--flag``)."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args
+            positional = args.posonlyargs + args.args
+            pairs = list(zip(positional[len(positional) - len(args.defaults):], args.defaults))
+            pairs += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None]
+            yield from (("parameter", d.lineno, a.arg, d, node.name) for a, d in pairs)
+        elif isinstance(node, ast.ClassDef):
+            yield from (("field", item.lineno, item.target.id, item.value, node.name) for item in node.body
+                        if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name) and item.value is not None)
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
+            flags = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str) and a.value.startswith("--")]
+            yield from (("option", k.value.lineno, flag, k.value, "") for k in node.keywords if k.arg == "default" for flag in flags)
+
+
 def _restates(name: str, default: ast.AST, watched: dict) -> bool:
     if name not in watched or not isinstance(default, ast.Constant) or default.value is None:
         return False
@@ -39,26 +57,11 @@ def _restates(name: str, default: ast.AST, watched: dict) -> bool:
 
 
 def restated_defaults(source: str) -> list[str]:
-    """'line: name = literal' for each watched default a source restates as a literal."""
+    """'line: name = literal' for each watched default a source restates as a literal (fields too)."""
     found = []
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            args = node.args
-            positional = args.posonlyargs + args.args
-            pairs = list(zip(positional[len(positional) - len(args.defaults):], args.defaults))
-            pairs += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None]
-            found += [f"{d.lineno}: {a.arg} = {d.value!r}" for a, d in pairs if _restates(a.arg, d, WATCHED)]
-        elif isinstance(node, ast.ClassDef):
-            for item in node.body:
-                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name) and item.value is not None:
-                    if _restates(item.target.id, item.value, WATCHED):
-                        found.append(f"{item.lineno}: {item.target.id} = {item.value.value!r}")
-        elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
-            flags = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
-            for keyword in node.keywords:
-                if keyword.arg == "default":
-                    found += [f"{keyword.value.lineno}: {flag} default={keyword.value.value!r}" for flag in flags
-                              if _restates(flag, keyword.value, OPTIONS)]
+    for kind, line, name, default, _ in defaults_in(source):
+        if _restates(name, default, OPTIONS if kind == "option" else WATCHED):
+            found.append(f"{line}: {name} default={default.value!r}" if kind == "option" else f"{line}: {name} = {default.value!r}")
     return found
 
 
@@ -116,21 +119,13 @@ def _literal(node: ast.AST | None) -> bool:
 
 
 def restated_setting_defaults(source: str, where: str) -> list[str]:
-    """The places in ``source`` where a setting's default is a literal outside a settings dataclass."""
+    """The places in ``source`` where a setting's default is a literal in a signature or an option."""
     found = []
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            args = node.args
-            positional = args.posonlyargs + args.args
-            pairs = list(zip(positional[len(positional) - len(args.defaults):], args.defaults))
-            pairs += list(zip(args.kwonlyargs, args.kw_defaults))
-            found += [f"{where}:{node.lineno} {node.name}({arg.arg}={default.value!r})"
-                      for arg, default in pairs if arg.arg in SETTINGS and _literal(default)]
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "add_argument" \
-                and node.args and isinstance(node.args[0], ast.Constant) and str(node.args[0].value).startswith("--"):
-            dest = node.args[0].value[2:].replace("-", "_")
-            found += [f"{where}:{node.lineno} {node.args[0].value} default={kw.value.value!r}"
-                      for kw in node.keywords if kw.arg == "default" and dest in SETTINGS and _literal(kw.value)]
+    for kind, line, name, default, owner in defaults_in(source):
+        setting = name[2:].replace("-", "_") if kind == "option" else name
+        if kind != "field" and setting in SETTINGS and _literal(default):
+            found.append(f"{where}:{line} {name} default={default.value!r}" if kind == "option"
+                         else f"{where}:{line} {owner}({name}={default.value!r})")
     return found
 
 
