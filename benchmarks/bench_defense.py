@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import signal
 import sys
@@ -172,7 +173,8 @@ def main() -> None:
     print(f"\n{len(clean_items)} clean questions, {len(attack_items)} attacked images, {seconds:.0f} s on "
           f"{args.device} ({platform.processor() or platform.machine()}, {args.threads} thread(s))"
           + (f" over {len(calls)} calls" if len(calls) > 1 else ""))
-    result = {"settings": settings.to_dict(), "clean_questions": len(clean_items), "attack_images": len(attack_items),
+    result = {"command": " ".join(["python", "benchmarks/bench_defense.py", *map(shlex.quote, sys.argv[1:])]),
+              "settings": settings.to_dict(), "clean_questions": len(clean_items), "attack_images": len(attack_items),
               "device": args.device, "seconds": seconds, "calls": calls, "rows": rows, "table": table,
               "booster": module_fingerprint(booster) if "fs+gsb" in settings.variants else None,
               # images replayed from another run: their crafting time is that run's, not in ``seconds``

@@ -381,18 +381,18 @@ def run_provenance(folder: Path, run: DefenseRun) -> list[str]:
                 device = recorded["device_type"]
                 calls_path = path.parent / "calls.jsonl"
                 calls = [json.loads(x) for x in calls_path.read_text().splitlines() if x.strip()] if calls_path.is_file() else []
-                name, n = path.parent.name + "/" + path.name, None
+                name, n, command = path.parent.name + "/" + path.name, None, None
                 seconds = sum(c.get("seconds", 0) for c in calls) or None
             else:
                 record = json.loads(path.read_text())
                 device, calls, name = record["device"], record.get("calls", []), path.name
-                n, seconds = record.get("attack_images"), record.get("seconds")
+                n, seconds, command = record.get("attack_images"), record.get("seconds"), record.get("command")
             dates = sorted({c["date"][:10] for c in calls if c.get("date")})
             date = ", ".join(dates) if dates else "not recorded"
             count = f"{run.n} questions" + (f" ({n} attacked images)" if n and run.protocol != "clean" else "")
             time = f"{seconds:.0f} s" if seconds else "not recorded"
-            out.append(f"| `{name}` | `benchmarks/bench_defense.py` (flags not recorded; settings in the file) | "
-                       f"{device} | {date} | {count} | {time} |")
+            how = f"`{command}`" if command else "`benchmarks/bench_defense.py` (flags not recorded; settings in the file)"
+            out.append(f"| `{name}` | {how} | {device} | {date} | {count} | {time} |")
     return out
 
 

@@ -136,6 +136,7 @@ def test_bench_defense_small_run_resumes_and_refuses_other_settings(tmp_path):
     assert [(r["protocol"], r["n"]) for r in first["rows"]] == [("clean", 2), ("noise", 1), ("transfer", 1)]
     assert len(first["calls"]) == 1 and first["seconds"] == first["calls"][0]["seconds"] > 0
     assert not (tmp_path / "defense.json.parts").exists()  # complete: the default checkpoint is gone
+    assert first["command"].split()[:2] == ["python", "benchmarks/bench_defense.py"] and "--clean-questions 2" in first["command"]
     named = command + ["--checkpoint", "run.parts"]
     # a first run with other settings stopped before any result: its folder is claimed, its call forgotten
     (tmp_path / "run.parts").mkdir()
