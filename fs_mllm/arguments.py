@@ -178,10 +178,13 @@ _PLAIN_WORDS = frozenset({"model", "processor", "device", "question", "out", "at
 
 def as_options(message: str, parser: argparse.ArgumentParser) -> str:
     """A library message names fields (``target_image``); on the command line they are options
-    (``--target-image``): the message with each of ``parser``'s option fields spelled as its option."""
+    (``--target-image``): the message with each of ``parser``'s option fields spelled as its option, except
+    inside quotes (the values the user gave, e.g. a path) and inside paths or dotted names."""
     names = {a.dest: a.option_strings[-1] for a in parser._actions
              if a.option_strings and a.dest not in _PLAIN_WORDS and a.dest != "help"}
     if not names:
         return message
-    pattern = r"\b(" + "|".join(sorted(map(re.escape, names), key=len, reverse=True)) + r")\b"
-    return re.sub(pattern, lambda m: names[m.group(1)], message)
+    pattern = re.compile(r"(?<![\w/.-])(" + "|".join(sorted(map(re.escape, names), key=len, reverse=True)) + r")(?![\w/.-])")
+    # quoted parts are values the user gave (paths, lists): they keep their words
+    parts = re.split(r"('[^']*'|\"[^\"]*\")", message)
+    return "".join(part if i % 2 else pattern.sub(lambda m: names[m.group(1)], part) for i, part in enumerate(parts))

@@ -742,6 +742,15 @@ class BoosterTrainingRun:
             raise ValueError(f"eval_n must be 0 (no evaluation) or an integer >= 2 (Monte-Carlo samples), got {self.eval_n!r}")
         self.eval_sigmas = tuple(check_sigma(sigma, "each of eval_sigmas") for sigma in self.eval_sigmas)
         self.train_config()  # the training fields, through GSBTrainConfig's own checks
+        self.booster_config(feature_dim=1)  # and the booster's shape through GSBConfig's (the encoder sets feature_dim)
+
+    def booster_config(self, feature_dim: int, encoder_id: str = "", extra: Optional[dict] = None) -> GSBConfig:
+        return GSBConfig(
+            feature_dim=feature_dim, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
+            use_denoiser=self.use_denoiser, use_mapper=self.use_mapper, denoiser_channels=self.denoiser_channels,
+            denoiser_depth=self.denoiser_depth, mapper_hidden=self.mapper_hidden, encoder_id=encoder_id,
+            image_size=self.size, noise_level=self.noise_level, extra=dict(extra or {}),
+        )
 
     def train_config(self) -> GSBTrainConfig:
         return GSBTrainConfig(
@@ -776,13 +785,7 @@ def run_booster_training(run: BoosterTrainingRun) -> dict:
 
     with torch.no_grad():
         feature_dim = int(encoder(held[:1]).shape[-1])
-    config = GSBConfig(
-        feature_dim=feature_dim, sigma_min=run.sigma_min, sigma_max=run.sigma_max,
-        use_denoiser=run.use_denoiser, use_mapper=run.use_mapper,
-        denoiser_channels=run.denoiser_channels, denoiser_depth=run.denoiser_depth, mapper_hidden=run.mapper_hidden,
-        encoder_id=encoder_id, image_size=run.size, noise_level=run.noise_level,
-        extra={"train_images": train_names, "heldout_images": held_names},
-    )
+    config = run.booster_config(feature_dim, encoder_id, {"train_images": train_names, "heldout_images": held_names})
     torch.manual_seed(run.seed)
     booster = GaussianSmoothnessBooster(config)
     if run.init_from:

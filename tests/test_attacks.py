@@ -475,3 +475,13 @@ def test_run_attack_from_python_writes_and_resumes_the_rows(tmp_path, saved_mode
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("a finished run loaded the model again"))
     assert run_attack(run, progress=False).rows == stored  # resumed: nothing recomputed, same rows
     assert len(report.results_path.read_text().splitlines()) == 1
+
+
+def test_option_names_leave_the_values_a_user_gave_alone(capsys):
+    """as_options spells fields as options, but never inside a quoted value (a path, a list the user typed)."""
+    with pytest.raises(SystemExit):
+        _recipe().parse_args(["--out", "o", "--objective", "feature_target", "--target-image", "/tmp/limit/modes/x.png"])
+    assert "--target-image: '/tmp/limit/modes/x.png' is not a file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _recipe().parse_args(["--out", "o", "--modes", "base,booster"])
+    assert "--modes must be a comma-separated subset of ['base', 'fs', 'fs+gsb'], got 'base,booster'" in capsys.readouterr().err

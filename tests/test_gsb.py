@@ -660,3 +660,14 @@ def test_the_train_mapper_command_is_one_library_call(tmp_path, monkeypatch, cap
     with pytest.raises(SystemExit) as exc:
         command.main(["--stage", "projector", "--output-dir", "o"])
     assert exc.value.code == 2 and not calls[1:]
+
+
+def test_a_training_run_checks_the_boosters_shape_before_any_encoder_loads():
+    from fs_mllm.gsb_training import BoosterTrainingRun
+
+    with pytest.raises(ValueError, match="use_denoiser and use_mapper are both False"):
+        BoosterTrainingRun(output_dir="o", use_denoiser=False, use_mapper=False)
+    with pytest.raises(ValueError, match="denoiser_depth must be an integer >= 2"):
+        BoosterTrainingRun(output_dir="o", denoiser_depth=1)
+    config = BoosterTrainingRun(output_dir="o").booster_config(384, "enc", {"k": 1})
+    assert (config.feature_dim, config.encoder_id, config.extra, config.denoiser_channels, config.image_size) == (384, "enc", {"k": 1}, 48, 112)
