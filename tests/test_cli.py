@@ -127,7 +127,7 @@ def test_recipes_are_shims_over_the_package(name, monkeypatch, capsys):
 
 def test_certify_writes_nothing_when_it_fails_midway(tmp_path, monkeypatch, shared_mini_llava):
     """Issue 14 item 9: results are written at the end, all at once, or not at all."""
-    import fs_mllm.cli as cli
+    import fs_mllm.commands.certify as cli
 
     real, calls = cli.certify_images, []
 
