@@ -164,12 +164,27 @@ def add_fs_config_arguments(parser: argparse.ArgumentParser, names: Sequence[str
             parser.add_argument(option, type=parse, default=f.default, help=help_text)
 
 
+def dataclass_from_args(cls: type[T], args: argparse.Namespace, **fixed: Any) -> T:
+    """``cls`` built from the parsed options named like its fields (fields that were not options keep their
+    defaults; ``fixed`` overrides both)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**{**values, **fixed})
+
+
 def fs_config_from_args(args: argparse.Namespace, **fixed: Any):
     """The FSConfig of the parsed options (fields that were not options keep FSConfig's defaults)."""
     from .config import FSConfig
 
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(FSConfig) if hasattr(args, f.name)}
-    return FSConfig(**{**values, **fixed})
+    return dataclass_from_args(FSConfig, args, **fixed)
+
+
+def settings_or_usage_error(parser: argparse.ArgumentParser, build: Callable[[], T]) -> T:
+    """``build()``, the settings object of a command line; its ValueError (a bad value or combination, found
+    by the settings' own checks) is a usage error (exit 2 before any work) naming the options."""
+    try:
+        return build()
+    except ValueError as error:
+        parser.error(as_options(str(error), parser))
 
 # words of a library message that are also plain English, so never turned into options
 _PLAIN_WORDS = frozenset({"model", "processor", "device", "question", "out", "attack", "help", "images", "seed",

@@ -30,6 +30,7 @@ from torch.nn import functional as F
 from .synthetic import COLORS, POSITIONS, SHAPES, WORDS, make_dataset
 
 SURROGATE_SIZE = 112  # the side the encoders are trained and fed at (fs-mini-llava's)
+PIXEL_MEAN = PIXEL_STD = 0.5  # the normalisation they are trained with, saved in their preprocessor_config.json
 SHIPPED_SURROGATES = Path(__file__).resolve().parent / "weights" / "surrogates"
 OBJECTS = SHAPES + WORDS  # what is drawn: a shape or a word
 LAYER_TYPES = ("basic", "bottleneck")
@@ -98,7 +99,7 @@ class _Classifier(nn.Module):
         self.heads = nn.ModuleList(nn.Linear(encoder.config.hidden_sizes[-1], classes) for classes in HEADS.values())
 
     def forward(self, images01: torch.Tensor) -> list[torch.Tensor]:
-        pooled = self.encoder(pixel_values=(images01 - 0.5) / 0.5).pooler_output.flatten(1)
+        pooled = self.encoder(pixel_values=(images01 - PIXEL_MEAN) / PIXEL_STD).pooler_output.flatten(1)
         return [head(pooled) for head in self.heads]
 
 
@@ -144,8 +145,8 @@ def train_surrogate(spec: SurrogateSpec, out_dir: Union[str, os.PathLike], progr
               "seconds": round(time.time() - start, 1), "torch_threads": torch.get_num_threads()}
     folder = Path(out_dir) / spec.name
     model.encoder.save_pretrained(folder, safe_serialization=True)
-    ViTImageProcessor(size={"height": SURROGATE_SIZE, "width": SURROGATE_SIZE}, image_mean=[0.5] * 3,
-                      image_std=[0.5] * 3).save_pretrained(folder)
+    ViTImageProcessor(size={"height": SURROGATE_SIZE, "width": SURROGATE_SIZE}, image_mean=[PIXEL_MEAN] * 3,
+                      image_std=[PIXEL_STD] * 3).save_pretrained(folder)
     (folder / "training.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     return record
 

@@ -29,8 +29,8 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from ..arguments import (add_crop_view_arguments, add_fs_config_arguments, as_options, device, existing_folder,
-                         fraction_pair, non_negative_int, positive_float, positive_int)
+from ..arguments import (add_crop_view_arguments, add_fs_config_arguments, device, existing_folder, fraction_pair,
+                         non_negative_int, positive_float, positive_int, settings_or_usage_error)
 from ..attacks import ENSEMBLE_WEIGHTINGS, NORMS, OBJECTIVES, PROTOCOLS, SURROGATES, AttackConfig
 from ..config import ATTACK_STEPS, COMMAND_ATTACK_STEPS
 from ..evaluation.attack_pipeline import (DTYPES, MODES, OFFLINE_EVAL_TASKS, AttackRun, command_attack_config, default_device,
@@ -113,10 +113,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None)
     """The command line as an AttackRun, checked in full before anything is loaded (a bad value: exit 2)."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)
-    try:
-        return run_from_args(args)
-    except ValueError as error:
-        parser.error(as_options(str(error), parser))
+    return settings_or_usage_error(parser, lambda: run_from_args(args))
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:

@@ -8,9 +8,9 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-from ..arguments import add_fs_config_arguments, existing_folder, image_size, positive_int, radii, sample_count
+from ..arguments import _argtype, add_fs_config_arguments, existing_folder, image_size, positive_int, radii, sample_count
 from ..config import DEFAULT_ANSWER_N0, DEFAULT_ANSWER_TOKENS, DEFAULT_CERTIFY_N, DEFAULT_NORMALIZE
 from ..image_io import image_paths, processor_size, to_tensor01
 from ..models.loading import DEFAULT_MODEL, load_model
@@ -125,13 +125,7 @@ def _candidates_file(text: str) -> list:
     return read_candidates(text)
 
 
-def _argument_type(convert: Any, name: str) -> Any:
-    from ..arguments import _argtype
-
-    return _argtype(convert, name)
-
-
-candidates_file = _argument_type(_candidates_file, "candidates_file")
+candidates_file = _argtype(_candidates_file, "candidates_file")
 
 
 def _given(parser: argparse.ArgumentParser, args: argparse.Namespace, name: str) -> bool:

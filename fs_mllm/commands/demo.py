@@ -4,10 +4,10 @@ before the model loads, then :func:`fs_mllm.demo.run_demo`, the same call a Pyth
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from typing import Any
 
-from ..arguments import add_fs_config_arguments, as_options, positive_float, positive_int, sample_count
+from ..arguments import (add_fs_config_arguments, dataclass_from_args, positive_float, positive_int, sample_count,
+                         settings_or_usage_error)
 from ..config import ATTACK_EOT_SAMPLES, ATTACK_STEPS
 from ..demo import DESCRIPTION, SHIPPED_ADAPTIVE_EXAMPLES, DemoSettings, run_demo  # noqa: F401  (DESCRIPTION: the --help text)
 
@@ -40,15 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> DemoSettings:
-    return DemoSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoSettings)})
+    return dataclass_from_args(DemoSettings, args)
 
 
 def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """A bad combination of options (more adaptive examples than examples) is a usage error, before any work."""
-    try:
-        args.demo = settings_from_args(args)
-    except ValueError as error:
-        parser.error(as_options(str(error), parser))
+    args.demo = settings_or_usage_error(parser, lambda: settings_from_args(args))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from ..arguments import (as_options, existing_folder, fraction, image_size, non_negative_float, non_negative_int,
-                         positive_float, positive_int, probability)
+from ..arguments import (dataclass_from_args, existing_folder, fraction, image_size, non_negative_float, non_negative_int,
+                         positive_float, positive_int, probability, settings_or_usage_error)
 from ..gsb import NOISE_LEVELS
 from ..gsb_training import MIXED_PRECISION, BoosterTrainingRun, run_booster_training
 
@@ -92,10 +92,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 def run_from_args(args: argparse.Namespace) -> BoosterTrainingRun:
-    fields = {f.name for f in dataclasses.fields(BoosterTrainingRun)}
-    values: dict[str, Any] = {k: v for k, v in vars(args).items() if k in fields}
-    values.update(use_denoiser=not args.no_denoiser, use_mapper=not args.no_mapper)
-    return BoosterTrainingRun(**values)
+    return dataclass_from_args(BoosterTrainingRun, args, use_denoiser=not args.no_denoiser, use_mapper=not args.no_mapper)
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
@@ -103,10 +100,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     save and evaluate on held-out images."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)
-    try:
-        run = run_from_args(args)
-    except ValueError as error:
-        parser.error(as_options(str(error), parser))
+    run = settings_or_usage_error(parser, lambda: run_from_args(args))
     if args.threads:
         torch.set_num_threads(args.threads)
     run_booster_training(run)

@@ -13,7 +13,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..arguments import as_options, non_negative_float, non_negative_int, positive_float, positive_int
+from ..arguments import (dataclass_from_args, non_negative_float, non_negative_int, positive_float, positive_int,
+                         settings_or_usage_error)
 from ..gsb_utility import STAGES, UtilityTrainConfig, train_utility_booster
 from ..models.mini_llava import BOOSTER_DIR
 
@@ -43,10 +44,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     """``fs-mllm train-mapper``: parse, train (resuming from --output-dir), save, print the run's record."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)
-    try:
-        train = UtilityTrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(UtilityTrainConfig)})
-    except ValueError as error:
-        parser.error(as_options(str(error), parser))
+    train = settings_or_usage_error(parser, lambda: dataclass_from_args(UtilityTrainConfig, args))
     torch.set_num_threads(args.threads)
     recipe = (prog or "fs-mllm train-mapper") + " " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     record = train_utility_booster(train, args.output_dir, init=args.init, save_to=args.save_to, recipe=recipe)
