@@ -44,7 +44,7 @@ import torch
 
 from fs_mllm.arguments import add_crop_view_arguments, fraction_pair, positive_float, positive_int
 from fs_mllm.attacks import ENSEMBLE_WEIGHTINGS
-from fs_mllm.config import ATTACK_EOT_SAMPLES, ATTACK_STEPS, DEFAULT_CERTIFY_N, TRANSFER_STEPS, FSConfig
+from fs_mllm.config import ATTACK_EOT_SAMPLES, ATTACK_STEPS, CertifyConfig, FSConfig, TRANSFER_STEPS
 from fs_mllm.defense import (ADAPTIVE_L2, ADAPTIVE_LINF, TRANSFER_LINF, DefenseSettings, defense_table, evaluate_defense,
                               module_fingerprint, synthetic_items)
 from fs_mllm.gsb import GaussianSmoothnessBooster
@@ -97,7 +97,7 @@ def main() -> None:
                              "language model, about 0.2 GB per image for fs-mini-llava in fp32; a checkpoint keeps each batch")
     parser.add_argument("--eot-samples", type=positive_int, default=ATTACK_EOT_SAMPLES, help="noisy forwards averaged per adaptive step")
     parser.add_argument("--certify-images", type=int, default=16, help="attack images certified per FS variant (0 = none)")
-    parser.add_argument("--certify-n", type=positive_int, default=DEFAULT_CERTIFY_N, help="noisy samples per certificate")
+    parser.add_argument("--certify-n", type=positive_int, default=CertifyConfig.n, help="noisy samples per certificate")
     parser.add_argument("--variants", default=None, help="comma list of base,fs,fs+gsb (default all three)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")

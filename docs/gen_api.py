@@ -21,8 +21,15 @@ def page() -> str:
              "pixels, batch first; sigma is the noise std in that pixel space; budgets and radii are l2 (or linf) "
              "distances in the same units.", ""]
     for name in fs_mllm.__all__:
-        lines += [f"## `{name}`", "", f"::: fs_mllm.{name}", ""]
+        lines += [f"## `{name}`", "", f"::: fs_mllm.{name}"]
+        if _has_package_base(getattr(fs_mllm, name)):  # e.g. FSConfig's to_dict, defined on config._CheckedConfig
+            lines += ["    options:", "      inherited_members: true"]
+        lines += [""]
     return "\n".join(lines)
+
+
+def _has_package_base(obj: object) -> bool:
+    return isinstance(obj, type) and any(base.__module__.startswith("fs_mllm") for base in obj.__mro__[1:])
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from .answer_certify import AnswerCertificate, certify_answer
 from .attacks import AttackConfig, AttackResult, attack
 from .certify import Certificate, ModelCertificate, PredictionCertificate, certify_features, certify_model, certify_prediction
 from .certify import certify_zero_shot
-from .config import FSConfig
+from .config import CertifyConfig, FSConfig
 from .gsb import GaussianSmoothnessBooster, GSBConfig, boosted_encoder
 from .hub import from_pretrained, patch_from_saved, push_to_hub, save_pretrained
 from .hub.io import register_local_repo as _register_local_repo
@@ -24,6 +24,7 @@ __all__ = [
     "attack",
     "boosted_encoder",
     "Certificate",
+    "CertifyConfig",
     "FSConfig",
     "GSBConfig",
     "GaussianSmoothnessBooster",

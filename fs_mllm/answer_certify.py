@@ -51,12 +51,8 @@ from torch import nn
 from . import stats
 from .adapters.base import unwrap_model
 from .answers import normalize_answer
-from .config import (
-    ANSWER_ATTACK_EOT_SAMPLES,
-    ANSWER_ATTACK_STEPS,
-    DEFAULT_ALPHA, DEFAULT_ANSWER_N0, DEFAULT_ANSWER_TOKENS, DEFAULT_CERTIFY_N, check_alpha, check_chunk_size, check_n, check_seed,
-    check_sigma,
-)
+from .config import (ANSWER_ATTACK_EOT_SAMPLES, ANSWER_ATTACK_STEPS, CertifyConfig, check_alpha, check_chunk_size, check_n,
+                     check_seed, check_sigma)
 from .smoothed_path import FSState, encoded_groups
 from .smoothing import DEFAULT_CHUNK_SIZE, check_images, image_noise_seed
 
@@ -202,9 +198,9 @@ def certify_smoothed(
     image01: torch.Tensor,
     sigma: float,
     *,
-    n0: int = DEFAULT_ANSWER_N0,
-    n: int = DEFAULT_CERTIFY_N,
-    alpha: float = DEFAULT_ALPHA,
+    n0: int = CertifyConfig.n0,
+    n: int = CertifyConfig.n,
+    alpha: float = CertifyConfig.alpha,
     batch_size: int = DEFAULT_CHUNK_SIZE,
     seed: int = 0,
 ) -> AnswerCertificate:
@@ -238,8 +234,8 @@ def certify_smoothed(
                              selected=selected)
 
 
-def predict_smoothed(answers_of: AnswersOf, image01: torch.Tensor, sigma: float, *, n: int = DEFAULT_ANSWER_N0,
-                     alpha: float = DEFAULT_ALPHA, batch_size: int = DEFAULT_CHUNK_SIZE, seed: int = 0) -> Optional[str]:
+def predict_smoothed(answers_of: AnswersOf, image01: torch.Tensor, sigma: float, *, n: int = CertifyConfig.n0,
+                     alpha: float = CertifyConfig.alpha, batch_size: int = DEFAULT_CHUNK_SIZE, seed: int = 0) -> Optional[str]:
     """Cohen et al.'s PREDICT: g(x), or None (abstain) when the top two answers' counts do not differ at level
     alpha (two-sided binomial test); returns a wrong answer with probability <= alpha. Same noise as
     :func:`certify_smoothed`'s first draws."""
@@ -515,14 +511,14 @@ def certify_answer(
     *,
     candidates: Union[Sequence[str], Mapping[str, Sequence[int]], None] = None,
     sigma: Optional[float] = None,
-    n0: int = DEFAULT_ANSWER_N0,
-    n: int = DEFAULT_CERTIFY_N,
+    n0: int = CertifyConfig.n0,
+    n: int = CertifyConfig.n,
     alpha: Optional[float] = None,
     batch_size: Optional[int] = None,
     seed: int = 0,
     processor: Any = None,
     tokenizer: Any = None,
-    max_new_tokens: int = DEFAULT_ANSWER_TOKENS,
+    max_new_tokens: int = CertifyConfig.max_new_tokens,
 ) -> list[AnswerCertificate]:
     """Certified answers of a patched MLLM: Cohen et al.'s CERTIFY of the smoothed classifier g, per question.
 
@@ -584,13 +580,13 @@ def predict_answer(
     *,
     candidates: Union[Sequence[str], Mapping[str, Sequence[int]], None] = None,
     sigma: Optional[float] = None,
-    n: int = DEFAULT_ANSWER_N0,
+    n: int = CertifyConfig.n0,
     alpha: Optional[float] = None,
     batch_size: Optional[int] = None,
     seed: int = 0,
     processor: Any = None,
     tokenizer: Any = None,
-    max_new_tokens: int = DEFAULT_ANSWER_TOKENS,
+    max_new_tokens: int = CertifyConfig.max_new_tokens,
 ) -> list[Optional[str]]:
     """The smoothed classifier g's answer per question (Cohen et al.'s PREDICT), or None where it abstains.
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from . import stats
 from .adapters.base import get_adapter, unwrap_model
-from .config import DEFAULT_ALPHA, DEFAULT_BOUND_METHOD, DEFAULT_CERTIFY_N, DEFAULT_NORMALIZE, FSConfig, check_n, check_sigma
+from .config import CertifyConfig, DEFAULT_NORMALIZE, FSConfig, check_n, check_sigma
 from .normalization import resolve_mean_std
 from .smoothed_path import FSState, encoded_groups
 from .smoothing import Encoder, NoiseStd, check_images, monte_carlo_pass, unit_features
@@ -161,9 +161,9 @@ def certify_features(
     encoder: Encoder,
     images: torch.Tensor,
     sigma: float,
-    n: int = DEFAULT_CERTIFY_N,
-    alpha: float = DEFAULT_ALPHA,
-    method: str = DEFAULT_BOUND_METHOD,
+    n: int = CertifyConfig.n,
+    alpha: float = CertifyConfig.alpha,
+    method: str = CertifyConfig.method,
     chunk_size: Optional[int] = None,
     seed: int = 0,
     normalize: str = DEFAULT_NORMALIZE,
@@ -243,9 +243,9 @@ def certify_prediction(
     images: torch.Tensor,
     class_embeddings: torch.Tensor,
     sigma: float,
-    n: int = DEFAULT_CERTIFY_N,
-    alpha: float = DEFAULT_ALPHA,
-    method: str = DEFAULT_BOUND_METHOD,
+    n: int = CertifyConfig.n,
+    alpha: float = CertifyConfig.alpha,
+    method: str = CertifyConfig.method,
     chunk_size: Optional[int] = None,
     seed: int = 0,
 ) -> list[PredictionCertificate]:
@@ -349,7 +349,7 @@ def certify_model(
     model: nn.Module,
     images_or_pixel_values: Union[torch.Tensor, Mapping[str, Any]],
     radius: Optional[float] = None,
-    n: int = DEFAULT_CERTIFY_N,
+    n: int = CertifyConfig.n,
     alpha: Optional[float] = None,
     method: Optional[str] = None,
     sigma: Optional[float] = None,
@@ -485,7 +485,7 @@ def certify_zero_shot(
     model: nn.Module,
     images_or_pixel_values: Union[torch.Tensor, Mapping[str, Any]],
     text_embeddings: Union[torch.Tensor, Mapping[str, Any], None] = None,
-    n: int = DEFAULT_CERTIFY_N,
+    n: int = CertifyConfig.n,
     alpha: Optional[float] = None,
     method: Optional[str] = None,
     sigma: Optional[float] = None,

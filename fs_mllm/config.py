@@ -22,13 +22,7 @@ BOUND_METHODS = ("hoeffding", "bernstein", "betting", "betting_fixed")
 SIGMA_MAX = 10.0
 # torch.Generator.manual_seed takes a signed 64-bit integer; negative seeds are refused for clarity.
 SEED_LIMIT = 2**63
-# Monte-Carlo samples per certificate (DESIGN.md section 2: n = 1000 for certification; alpha's default is FSConfig.alpha).
-DEFAULT_CERTIFY_N = 1000
-DEFAULT_ALPHA = 0.001  # a certificate's failure probability (DESIGN.md section 2)
-DEFAULT_BOUND_METHOD = "bernstein"  # the lower confidence bound on the robustness score (fs_mllm.stats)
 DEFAULT_CHUNK_SIZE = 32  # noisy copies per encoder call when chunk_size is None (a memory knob; results do not depend on it)
-DEFAULT_ANSWER_N0 = 100  # certify_answer: noisy copies that select the answer before the n that certify it
-DEFAULT_ANSWER_TOKENS = 10  # certify_answer, open set: tokens greedily decoded per noisy copy
 DEFAULT_GENERATE_BATCH = 16  # generate_text: prompts per generate() (a smoothed variant encodes n0 copies of each image)
 # Attack strength, side by side: what each entry point runs unless told otherwise. The adaptive attack of record
 # (AttackConfig, the defense table) is the weakest worth believing; the commands and the demo run weaker ones to
@@ -153,6 +147,91 @@ def dataclass_from_dict(cls: type, data: Any) -> Any:
     return cls(**data)
 
 
+class _CheckedConfig:
+    """A settings dataclass whose every field is checked on construction and on assignment (``_CHECKS``), and
+    that round-trips through JSON: the shared behaviour of FSConfig and CertifyConfig."""
+
+    _CHECKS: typing.ClassVar[dict] = {}
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        check = self._CHECKS.get(name)
+        super().__setattr__(name, check(value) if check is not None else value)
+
+    def to_dict(self) -> dict:
+        """The config as JSON-serialisable data.
+
+        Returns:
+            {field name: value}, what ``from_dict`` reads back.
+        """
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Any:
+        """Build a config from JSON data, strictly.
+
+        Args:
+            data: {field name: value}; fields left out take their defaults.
+
+        Returns:
+            The validated config.
+
+        Raises:
+            ValueError: ``data`` is not a dict, names an unknown field, or holds a value of the wrong JSON
+                type (``"0.25"``, ``true`` for a number) or out of range.
+        """
+        return dataclass_from_dict(cls, data)
+
+    def replace(self, **changes: Any) -> Any:
+        """A copy with some fields changed (this config is left as it is).
+
+        Args:
+            **changes: fields and their new values, e.g. ``config.replace(sigma=0.5)``.
+
+        Returns:
+            The new, validated config.
+
+        Raises:
+            ValueError: a new value out of range.
+            TypeError: a name that is not a field.
+        """
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class CertifyConfig(_CheckedConfig):
+    """How a certificate is estimated: the one home of the defaults that every certifying entry point takes
+    (``certify_features``, ``certify_model``, ``certify_prediction``, ``certify_zero_shot``, ``certify_answer``,
+    ``fs-mllm certify``, the defense table, the booster's held-out check). FSConfig's ``alpha`` and ``method``
+    default to these too, so a patched model certifies as the functions do.
+
+    Attributes:
+        n: Monte-Carlo samples per certificate, >= 2 (DESIGN.md section 2: n = 1000). Default 1000.
+        alpha: failure probability of a certificate, in (0, 1). Default 0.001.
+        method: lower confidence bound on the robustness score (``fs_mllm.stats``): "hoeffding", "bernstein"
+            (default), "betting" or "betting_fixed".
+        n0: certified answers: the noisy copies that select the answer before the ``n`` that certify it, >= 1.
+            Default 100 (Cohen et al.).
+        max_new_tokens: certified answers, open set: tokens greedily decoded per noisy copy, >= 1. Default 10.
+
+    Raises:
+        ValueError: a field of the wrong type or out of range (naming the field), on construction or assignment.
+    """
+
+    n: int = 1000
+    alpha: float = 0.001
+    method: str = "bernstein"
+    n0: int = 100
+    max_new_tokens: int = 10
+
+    _CHECKS: typing.ClassVar[dict] = {
+        "n": check_n,
+        "alpha": check_alpha,
+        "method": lambda value: check_choice(value, "method", BOUND_METHODS),
+        "n0": lambda value: check_n(value, "n0", minimum=1),
+        "max_new_tokens": lambda value: check_n(value, "max_new_tokens", minimum=1),
+    }
+
+
 _FIELD_CHECKS = {
     "sigma": check_sigma,
     "n_samples": lambda value: check_n(value, "n_samples", minimum=1),
@@ -166,7 +245,7 @@ _FIELD_CHECKS = {
 
 
 @dataclass
-class FSConfig:
+class FSConfig(_CheckedConfig):
     """Settings of feature-space smoothing: what ``patch_model`` runs and what certificates default to.
 
     Every field is validated on construction and on assignment, so a config is never invalid;
@@ -200,51 +279,10 @@ class FSConfig:
     seed: int = field(default=0, metadata={"help": "seed of the smoothing noise (same seed, same result)"})
     normalize: str = field(default=DEFAULT_NORMALIZE, metadata={"help": "global: one unit vector per image; token: per visual token",
                                                        "choices": NORMALIZE_MODES})
-    alpha: float = field(default=DEFAULT_ALPHA, metadata={"help": "certificate failure probability"})
-    method: str = field(default=DEFAULT_BOUND_METHOD, metadata={"help": "lower confidence bound on the robustness score",
+    alpha: float = field(default=CertifyConfig.alpha, metadata={"help": "certificate failure probability"})
+    method: str = field(default=CertifyConfig.method, metadata={"help": "lower confidence bound on the robustness score",
                                                        "choices": BOUND_METHODS})
     smooth_video: bool = field(default=False, metadata={"help": "also smooth video frames that reach the image-feature "
                                                                 "function (default: videos pass through unsmoothed)"})
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        check = _FIELD_CHECKS.get(name)
-        super().__setattr__(name, check(value) if check is not None else value)
-
-    def to_dict(self) -> dict:
-        """The config as JSON-serialisable data.
-
-        Returns:
-            {field name: value}, what ``from_dict`` reads back.
-        """
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "FSConfig":
-        """Build a config from JSON data, strictly.
-
-        Args:
-            data: {field name: value}; fields left out take their defaults.
-
-        Returns:
-            The validated FSConfig.
-
-        Raises:
-            ValueError: ``data`` is not a dict, names an unknown field, or holds a value of the wrong JSON
-                type (``"0.25"``, ``true`` for a number) or out of range.
-        """
-        return dataclass_from_dict(cls, data)
-
-    def replace(self, **changes: Any) -> "FSConfig":
-        """A copy with some fields changed (this config is left as it is).
-
-        Args:
-            **changes: FSConfig fields and their new values, e.g. ``config.replace(sigma=0.5)``.
-
-        Returns:
-            The new, validated FSConfig.
-
-        Raises:
-            ValueError: a new value out of range.
-            TypeError: a name that is not an FSConfig field.
-        """
-        return dataclasses.replace(self, **changes)
+    _CHECKS: typing.ClassVar[dict] = _FIELD_CHECKS

@@ -24,6 +24,7 @@ bounds count as -1, the trivial cosine bound).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -38,7 +39,7 @@ from tqdm.auto import tqdm
 
 from .attacks import AttackConfig, attack, feature_cosine, generate_text, image_features, without_added_defaults
 from .certify import certify_model
-from .config import ATTACK_EOT_SAMPLES, ATTACK_STEPS, DEFAULT_ALPHA, DEFAULT_CERTIFY_N, DEFENSE_ANSWER_TOKENS, TRANSFER_STEPS, FSConfig
+from .config import ATTACK_EOT_SAMPLES, ATTACK_STEPS, CertifyConfig, DEFENSE_ANSWER_TOKENS, FSConfig, TRANSFER_STEPS
 from .patching import patch_model, unpatch_model
 from .stats import fcsb
 from .surrogates import check_ensemble_weighting, check_surrogates
@@ -99,8 +100,7 @@ class DefenseSettings:
     eot_samples: int = ATTACK_EOT_SAMPLES
     adaptive_objective: str = "untargeted"
     certify_images: int = 16
-    certify_n: int = DEFAULT_CERTIFY_N
-    alpha: float = DEFAULT_ALPHA
+    certify_n: int = CertifyConfig.n  # the certificates' failure probability is the smoothing's: fs.alpha
     max_new_tokens: int = DEFENSE_ANSWER_TOKENS
     seed: int = 0
     noise_linf: Optional[tuple[float, ...]] = None  # the random-noise control's budgets; None: the transfer budgets
@@ -261,6 +261,28 @@ def _identity(settings: DefenseSettings, clean_items: Sequence[EvalItem], attack
             "fs_mllm_version": __version__, "device_type": torch.device(device).type}
 
 
+def _one_alpha(folder: Path, saved: Any) -> Any:
+    """A checkpoint's settings.json from before DefenseSettings lost its own ``alpha`` (the certificates' failure
+    probability is now ``fs.alpha``, the one of the smoothing): the stored alpha drops out where it was fs.alpha,
+    as it was by default; where the two differed, the folder's certificates are of an alpha no setting names now.
+
+    Raises:
+        SettingsMismatchError: the stored alpha and fs.alpha differ.
+    """
+    from .results import SettingsMismatchError
+
+    settings = saved.get("settings") if isinstance(saved, dict) else None
+    if not isinstance(settings, dict) or "alpha" not in settings:
+        return saved
+    smoothing_alpha = settings.get("fs", {}).get("alpha") if isinstance(settings.get("fs"), dict) else None
+    if settings["alpha"] != smoothing_alpha:
+        raise SettingsMismatchError(
+            f"checkpoint {str(folder)!r} holds certificates at alpha={settings['alpha']!r} while its smoothing's alpha "
+            f"(fs.alpha) was {smoothing_alpha!r}; DefenseSettings has one alpha now, fs.alpha, so it cannot resume: "
+            "use another checkpoint folder (or delete this one)")
+    return {**saved, "settings": {k: v for k, v in settings.items() if k != "alpha"}}
+
+
 def _replay_identity(identity: Any, fields: Sequence[str]) -> dict[str, Any]:
     """The part of a checkpoint identity that fixes its crafted images of one kind: no clean questions, and of
     the settings only ``fields`` (``_CRAFTING_FIELDS`` for transfer, ``_ADAPTIVE_FIELDS`` for adaptive)."""
@@ -383,7 +405,7 @@ class DefenseCheckpoint:
                 raise ResultsFolderError(f"{error}; delete the folder {self.folder} to start the run again") from None
             crafted = any(self.folder.glob("*.safetensors"))
             claim_settings(self.folder, identity, holds_results=bool(rows) or crafted)
-            check_settings(self.folder, identity, label="checkpoint",
+            check_settings(self.folder, identity, label="checkpoint", upgrade=functools.partial(_one_alpha, self.folder),
                            fix="rerun with what it was started with, or use another checkpoint folder (or delete this one)")
             self.done = {tuple(row["key"]): row for row in rows}
             boosted = self.done.get(("state", "fs+gsb", "", 0.0))
@@ -602,7 +624,7 @@ def _evaluate_defense(model: nn.Module, processor: Any, clean_items: Sequence[Ev
             if variant != "base" and settings.certify_images:
                 certificates = []
                 for i in range(min(settings.certify_images, len(attack_items))):
-                    certificates += certify_model(model, attack_images[i:i + 1], n=settings.certify_n, alpha=settings.alpha)
+                    certificates += certify_model(model, attack_images[i:i + 1], n=settings.certify_n, alpha=settings.fs.alpha)
                 s_low = [c.score_lower for c in certificates]
             state = keep(("state", variant, "", 0.0), {
                 "clean_attack_out": generate_text(model, processor, attack_images, attack_prompts, settings.max_new_tokens,

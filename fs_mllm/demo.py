@@ -103,7 +103,7 @@ def defense_settings(demo: DemoSettings):
     from .defense import DefenseSettings
 
     count = adaptive_count(demo)
-    return DefenseSettings(fs=FSConfig(sigma=demo.sigma, n_samples=demo.n_samples, alpha=demo.alpha), alpha=demo.alpha,
+    return DefenseSettings(fs=FSConfig(sigma=demo.sigma, n_samples=demo.n_samples, alpha=demo.alpha),
                            max_new_tokens=demo.max_new_tokens, certify_n=demo.certify_n, transfer_linf=(16 / 255,),
                            transfer_steps=demo.transfer_steps, transfer_step_size=1 / 255, crop_scale=(0.5, 1.0),
                            crop_views=2, crop_full_view=True, adaptive_l2=(demo.sigma / 4, demo.eps_far), adaptive_linf=(),

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import DEFAULT_ALPHA, DEFAULT_BOUND_METHOD, DEFAULT_CERTIFY_N, SEED_LIMIT, check_seed, check_sigma
+from .config import CertifyConfig, SEED_LIMIT, check_seed, check_sigma
 from . import image_io
 from .gsb import CONFIG_NAME, NOISE_LEVELS, WEIGHTS_NAME, GaussianSmoothnessBooster, GSBConfig
 from .image_io import to_float_rgb
@@ -610,9 +610,9 @@ def evaluate_certificates(
     encoder: Encoder,
     images: torch.Tensor,
     sigma: float,
-    n: int = DEFAULT_CERTIFY_N,
-    alpha: float = DEFAULT_ALPHA,
-    method: str = DEFAULT_BOUND_METHOD,
+    n: int = CertifyConfig.n,
+    alpha: float = CertifyConfig.alpha,
+    method: str = CertifyConfig.method,
     chunk_size: Optional[int] = None,
     seed: int = 0,
     reference: Optional[Encoder] = None,

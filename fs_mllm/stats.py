@@ -12,7 +12,7 @@ from typing import Union
 import numpy as np
 import torch
 
-from .config import BOUND_METHODS, DEFAULT_BOUND_METHOD, check_alpha, check_choice, check_sigma
+from .config import BOUND_METHODS, CertifyConfig, check_alpha, check_choice, check_sigma
 
 ArrayLike = Union[float, np.ndarray, torch.Tensor]
 
@@ -129,7 +129,7 @@ def certified_radius(score: ArrayLike, sigma: float, threshold: float = 0.0) -> 
     return _finish(radius)
 
 
-def score_lower_bound(samples: ArrayLike, alpha: float, method: str = DEFAULT_BOUND_METHOD) -> ArrayLike:
+def score_lower_bound(samples: ArrayLike, alpha: float, method: str = CertifyConfig.method) -> ArrayLike:
     """One-sided (1 - alpha) lower confidence bound on the mean of i.i.d. samples in [0, 1].
 
     ``method`` picks the bound:

@@ -44,7 +44,6 @@ def shared_mini_llava(mini_llava_once, monkeypatch):
     ``load_model`` (CPU, float32, its own processor; any other model or setting still loads). Every command
     patches the model for its variants and unpatches it at its end: this checks, after the test, that the
     model is unpatched, in eval mode and has the weights it had (a test that changes it needs its own)."""
-    import fs_mllm.commands.certify
     import fs_mllm.evaluation.attack_pipeline
     import fs_mllm.evaluation.runner
     import fs_mllm.models.loading
@@ -61,7 +60,7 @@ def shared_mini_llava(mini_llava_once, monkeypatch):
             return mini_llava_once
         return real(model_id, device=device, dtype=dtype, processor=processor)
 
-    for module in (fs_mllm.models.loading, fs_mllm.commands.certify, fs_mllm.evaluation.runner, fs_mllm.evaluation.attack_pipeline):
+    for module in (fs_mllm.models.loading, fs_mllm.evaluation.runner, fs_mllm.evaluation.attack_pipeline):
         monkeypatch.setattr(module, "load_model", load_model)
     yield mini_llava_once
     if is_patched(model):

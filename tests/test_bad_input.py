@@ -17,7 +17,7 @@ from fs_mllm import (
     AttackConfig, FSConfig, GaussianSmoothnessBooster, GSBConfig, attack, boosted_encoder, certified_radius,
     certify_features, certify_model, certify_prediction, fcsb, patch_model, score_lower_bound, smooth_features,
 )
-from fs_mllm.config import SIGMA_MAX
+from fs_mllm.config import SIGMA_MAX, CertifyConfig
 from fs_mllm.gsb import CONFIG_NAME, WEIGHTS_NAME
 
 from fs_mllm.testing import build
@@ -125,6 +125,20 @@ def test_mutating_a_config_is_validated():
         with raises_naming(name):
             setattr(config, name, value)
     assert config == FSConfig()
+
+
+def test_certify_config_is_validated_and_round_trips():
+    config = CertifyConfig()
+    for name, value in [("n", 1), ("n", 2.5), ("alpha", 1.0), ("method", "x"), ("n0", 0), ("max_new_tokens", True)]:
+        with raises_naming(name):
+            setattr(config, name, value)
+        with raises_naming(name):
+            CertifyConfig(**{name: value})
+    assert config == CertifyConfig()
+    changed = config.replace(n=50, n0=5)
+    assert CertifyConfig.from_dict(json.loads(json.dumps(changed.to_dict()))) == changed != config
+    with raises_naming("CertifyConfig"):
+        CertifyConfig.from_dict({"n": 50, "sigma": 0.25})  # sigma is FSConfig's
 
 
 BAD_N = [1, 0, -5, 2.5, True, "10", None]
@@ -272,6 +286,8 @@ def test_patch_model_rejects_non_models_and_configs(llava):
     (FSConfig, {"seed": False}, "seed"),
     (FSConfig, {"chunk_size": "4"}, "chunk_size"),
     (FSConfig, {"normalize": None}, "normalize"),
+    (CertifyConfig, {"n": 100.0}, "n"),
+    (CertifyConfig, {"alpha": "0.01"}, "alpha"),
 ])
 def test_config_from_dict_checks_types(cls, data, field):
     with raises_naming(field):

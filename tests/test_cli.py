@@ -127,9 +127,9 @@ def test_recipes_are_shims_over_the_package(name, monkeypatch, capsys):
 
 def test_certify_writes_nothing_when_it_fails_midway(tmp_path, monkeypatch, shared_mini_llava):
     """Issue 14 item 9: results are written at the end, all at once, or not at all."""
-    import fs_mllm.commands.certify as cli
+    import fs_mllm.evaluation.certified_features as features
 
-    real, calls = cli.certify_images, []
+    real, calls = features.certify_images, []
 
     def fail_on_second_image(*args, **kwargs):
         calls.append(1)
@@ -137,7 +137,7 @@ def test_certify_writes_nothing_when_it_fails_midway(tmp_path, monkeypatch, shar
             raise RuntimeError("simulated failure on the second image")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cli, "certify_images", fail_on_second_image)
+    monkeypatch.setattr(features, "certify_images", fail_on_second_image)
     out = tmp_path / "certify"
     with pytest.raises(RuntimeError, match="simulated"):
         main(["certify", "--limit", "2", "--n", "10", "--output-dir", str(out)])
@@ -265,3 +265,24 @@ def test_a_null_attack_succeeds_nowhere_as_a_user_runs_it(tmp_path):
     assert len(results) == 3 and all(r["adv_output"] == r["clean_output"] for r in results)
     assert all(r["success"] is None or r["success"] is False for r in results)  # None: wrong before the attack
     assert "| counted |" in proc.stdout  # the table says over how many questions the rate is taken
+
+
+def test_feature_certification_has_a_python_api_with_the_commands_checks(tmp_path, shared_mini_llava):
+    """``fs-mllm certify`` (features) is run_certify_features over a FeatureCertifySettings: the same files, the
+    same certificates; a bad value is a ValueError naming the field before any model loads."""
+    from fs_mllm.evaluation.certified_features import FeatureCertifySettings, run_certify_features
+
+    for bad, field in (({"n": 1}, "n"), ({"sigma": 0}, "sigma"), ({"method": "x"}, "method"), ({"limit": 0}, "limit"),
+                       ({"radii": ()}, "radii"), ({"booster": str(tmp_path / "none")}, "booster"),
+                       ({"images": str(tmp_path / "none")}, "images")):
+        with pytest.raises(ValueError, match=field):
+            FeatureCertifySettings(**bad)
+    settings = FeatureCertifySettings(limit=1, n=10, seed=3, radii=(0.125,))
+    result = run_certify_features(settings, tmp_path / "py", progress=False)
+    main(["certify", "--limit", "1", "--n", "10", "--seed", "3", "--radii", "0.125", "--output-dir", str(tmp_path / "cli")])
+    for name in ("certificates.jsonl", "certified_curve.png", "report.md", "summary.json"):
+        assert (tmp_path / "py" / name).stat().st_size > 0, name
+    assert (tmp_path / "py" / "certificates.jsonl").read_text() == (tmp_path / "cli" / "certificates.jsonl").read_text()
+    assert result["certificates"][0].n == 10 and "FCSB@0.125" in result["markdown"]
+    stored = json.loads((tmp_path / "py" / "summary.json").read_text())["settings"]
+    assert {k: v for k, v in stored.items() if k not in ("command", "output_dir")} == settings.to_dict()

@@ -1,8 +1,8 @@
 """One place for the statistics and attack-strength defaults: fs_mllm/config.py.
 
-The certificate's sample count, failure probability, bound and chunk size are read from config.py's
-constants (DEFAULT_CERTIFY_N, DEFAULT_ALPHA, DEFAULT_BOUND_METHOD, DEFAULT_CHUNK_SIZE, and FSConfig built on
-them) by every function signature, dataclass field and command-line option of the package; a literal restated
+The certificate's sample count, failure probability, bound and chunk size are read from config.py
+(CertifyConfig's fields, DEFAULT_CHUNK_SIZE, and FSConfig built on them) by every function signature,
+dataclass field and command-line option of the package; a literal restated
 elsewhere would drift when the default moves (chunk_size was 50 in one module and 32 in the others). So are the
 attacks' steps and EOT samples (ATTACK_STEPS, COMMAND_ATTACK_STEPS, DEMO_ATTACK_STEPS, ... side by side there).
 """
@@ -20,9 +20,9 @@ from fs_mllm import config
 PACKAGE = Path(fs_mllm.__file__).resolve().parent
 # parameter / field names -> the config value a literal default of theirs would restate
 WATCHED = {
-    "n": config.DEFAULT_CERTIFY_N, "certify_n": config.DEFAULT_CERTIFY_N,
-    "alpha": config.DEFAULT_ALPHA, "certify_alpha": config.DEFAULT_ALPHA,
-    "method": config.DEFAULT_BOUND_METHOD,
+    "n": config.CertifyConfig.n, "certify_n": config.CertifyConfig.n,
+    "alpha": config.CertifyConfig.alpha, "certify_alpha": config.CertifyConfig.alpha,
+    "method": config.CertifyConfig.method,
     "chunk_size": None,  # any number: None means DEFAULT_CHUNK_SIZE
     # attack strength: each entry point's number lives in config.py (ATTACK_STEPS, COMMAND_ATTACK_STEPS, ...)
     **{name: None for name in ("steps", "attack_steps", "adaptive_steps", "transfer_steps", "eot_samples")},
@@ -73,18 +73,18 @@ def test_no_statistics_default_is_restated_outside_config():
         found = restated_defaults(path.read_text(encoding="utf-8"))
         if found:
             offenders[str(path.relative_to(PACKAGE))] = found
-    assert not offenders, f"literal defaults restated outside fs_mllm/config.py (use its DEFAULT_* constants): {offenders}"
+    assert not offenders, f"literal defaults restated outside fs_mllm/config.py (use CertifyConfig, FSConfig or its constants): {offenders}"
 
 
 def test_the_check_finds_what_it_looks_for():
     """The scan is not vacuous: each form a restated default takes is found, and the config's names are not."""
     source = '''
 def certify(images, n: int = 1000, *, alpha=0.001, method="bernstein", chunk_size=50): ...
-def fine(images, n=DEFAULT_CERTIFY_N, alpha=None, chunk_size=None, steps=ATTACK_STEPS, lr=1000): ...
+def fine(images, n=CertifyConfig.n, alpha=None, chunk_size=None, steps=ATTACK_STEPS, lr=1000): ...
 def attack(images, steps: int = 20, *, eot_samples=8): ...
 class Settings:
     certify_n: int = 1000
-    certify_alpha: float = DEFAULT_ALPHA
+    certify_alpha: float = CertifyConfig.alpha
 parser.add_argument("--alpha", type=float, default=0.001)
 parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
 parser.add_argument("--eot-samples", type=int, default=1)
@@ -95,9 +95,9 @@ parser.add_argument("--eot-samples", type=int, default=1)
         "certify_n = 1000", "--alpha default=0.001", "--eot-samples default=1"]
 
 
-def test_fs_config_defaults_are_the_constants():
-    defaults = config.FSConfig()
-    assert (defaults.alpha, defaults.method) == (config.DEFAULT_ALPHA, config.DEFAULT_BOUND_METHOD)
+def test_fs_config_defaults_are_the_certify_config():
+    defaults, certify = config.FSConfig(), config.CertifyConfig()
+    assert (defaults.alpha, defaults.method) == (certify.alpha, certify.method)
     from fs_mllm.smoothing import DEFAULT_CHUNK_SIZE
 
     assert DEFAULT_CHUNK_SIZE is config.DEFAULT_CHUNK_SIZE
@@ -141,7 +141,7 @@ def test_no_setting_default_is_restated_in_a_signature_or_an_option():
     ("def generate(x, max_new_tokens=20): pass", ["m.py:1 generate(max_new_tokens=20)"]),
     ("def smooth(x, *, normalize='global'): pass", ["m.py:1 smooth(normalize='global')"]),
     ("p.add_argument('--objective', default='feature')", ["m.py:1 --objective default='feature'"]),
-    ("def f(x, n=DEFAULT_CERTIFY_N, seed=0, sigma=None, normalize=FSConfig.normalize): pass", []),
+    ("def f(x, n=CertifyConfig.n, seed=0, sigma=None, normalize=FSConfig.normalize): pass", []),
     ("p.add_argument('--steps', default=ATTACK.steps)\np.add_argument('--threads', default=1)", []),
     ("class C:\n    steps: int = 20", []),  # a settings dataclass owns its defaults
 ])

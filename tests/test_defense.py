@@ -324,6 +324,25 @@ def _resume_setup(**overrides):
     return processor, items, settings
 
 
+def test_a_checkpoint_with_its_own_alpha_resumes_where_it_was_fs_alpha(model, tmp_path):
+    """Until 0.3 DefenseSettings had an alpha beside fs.alpha; a checkpoint that stored the two equal (every run
+    did by default) resumes, one whose certificates used another alpha is refused, naming both."""
+    from fs_mllm.results import SettingsMismatchError
+
+    processor, items, settings = _resume_setup(variants=("fs",), transfer_linf=(), adaptive_l2=())
+    folder = tmp_path / "run.parts"
+    first = evaluate_defense(model, processor, items, items, settings, progress=False, checkpoint=folder)
+    stored = json.loads((folder / "settings.json").read_text())
+    assert "alpha" not in stored["settings"] and stored["settings"]["fs"]["alpha"] == settings.fs.alpha
+    stored["settings"]["alpha"] = settings.fs.alpha
+    (folder / "settings.json").write_text(json.dumps(stored))
+    assert evaluate_defense(model, processor, items, items, settings, progress=False, checkpoint=folder) == first
+    stored["settings"]["alpha"] = 0.05
+    (folder / "settings.json").write_text(json.dumps(stored))
+    with pytest.raises(SettingsMismatchError, match=r"alpha=0\.05 while its smoothing's alpha \(fs\.alpha\) was 0\.001"):
+        evaluate_defense(model, processor, items, items, settings, progress=False, checkpoint=folder)
+
+
 def test_a_killed_defense_run_resumes_to_the_same_rows(model, tmp_path, monkeypatch):
     processor, items, settings = _resume_setup()
     unbroken = evaluate_defense(model, processor, items, items, settings, progress=False)
@@ -543,7 +562,7 @@ def test_every_defense_setting_is_known_to_change_the_crafting_or_not():
     """A field added to DefenseSettings must be sorted into crafting (checked when images are reused) or not."""
     from fs_mllm.defense import _ADAPTIVE_FIELDS, _CRAFTING_FIELDS, _ROW_CHOICES
 
-    replay_only = {"certify_images", "certify_n", "alpha", "max_new_tokens"}
+    replay_only = {"certify_images", "certify_n", "max_new_tokens"}
     fields = {f.name for f in dataclasses.fields(DefenseSettings)}
     assert fields == set(_CRAFTING_FIELDS) | set(_ADAPTIVE_FIELDS) | set(_ROW_CHOICES) | replay_only
     assert not (set(_CRAFTING_FIELDS) | set(_ADAPTIVE_FIELDS)) & (set(_ROW_CHOICES) | replay_only)

@@ -541,6 +541,23 @@ def test_an_eval_folder_of_fs_mllm_0_1_resumes_through_the_upgrade(tmp_path):
         verify_settings(tmp_path, other)
 
 
+def test_an_eval_folder_with_certify_alpha_resumes_as_fs_alpha(tmp_path):
+    """Until 0.3 EvalSettings had certify_alpha beside fs.alpha (which certified nothing there); a stored
+    certify_alpha is now the FSConfig's alpha: the same certificates match, another alpha is named."""
+    from fs_mllm.results import SettingsMismatchError, shard_path
+    from fs_mllm.evaluation.settings import verify_settings
+
+    stored = {"model": "m", "certify_n": 50, "certify_alpha": 0.01, "fs": FSConfig().to_dict()}
+    (tmp_path / "settings.json").write_text(json.dumps(stored))
+    shard_path(tmp_path, 0).write_text(json.dumps({"key": ["q0", "fs", 0.0]}) + "\n")
+    current = {"model": "m", "certify_n": 50, "fs": FSConfig(alpha=0.01).to_dict()}
+    verify_settings(tmp_path, current)
+    with pytest.raises(SettingsMismatchError, match=r"fs\.alpha: stored 0\.01, now 0\.001"):
+        verify_settings(tmp_path, {**current, "fs": FSConfig().to_dict()})
+    assert EvalSettings.from_dict({k: v for k, v in stored.items() if k != "model"}).fs.alpha == 0.01
+    assert "certify_alpha" not in EvalSettings().to_dict()
+
+
 def test_answer_length_defaults_are_the_commands_for_each_task():
     """EvalSettings built in Python answers as long as the command line does (vqa 10, caption 24 tokens),
     and stores the number, so a settings.json written before the default moved here still matches."""

@@ -169,7 +169,7 @@ def public_callables() -> list[tuple[str, Callable, Optional[type], Optional[str
             continue
         if not dataclasses.is_dataclass(obj) and "__init__" in obj.__dict__:
             out.append((f"{name}.__init__", obj.__init__, obj, obj.__doc__, False))
-        for member, value in vars(obj).items():
+        for member, value in own_members(obj).items():
             function = _function(value)
             if member.startswith("_") or function is None:
                 continue
@@ -177,11 +177,22 @@ def public_callables() -> list[tuple[str, Callable, Optional[type], Optional[str
     return out
 
 
+def own_members(cls: type) -> dict[str, Any]:
+    """What ``cls`` and its bases defined in fs_mllm define (a shared private base such as config's
+    _CheckedConfig gives FSConfig its to_dict): the nearest definition of each name, not torch's or object's."""
+    members: dict[str, Any] = {}
+    for klass in cls.__mro__:
+        if klass is cls or klass.__module__.startswith("fs_mllm"):
+            for member, value in vars(klass).items():
+                members.setdefault(member, value)
+    return members
+
+
 def class_raisers(cls: type) -> list[Callable]:
     """The methods whose errors construction (or assignment) raises, documented in the class docstring."""
     names = ("__post_init__", "__setattr__") if dataclasses.is_dataclass(cls) else ("__init__", "__setattr__")  # generated __init__
-    return [_function(cls.__dict__[name]) for name in names
-            if name in cls.__dict__ and _function(cls.__dict__[name]) is not None]
+    members = own_members(cls)
+    return [_function(members[name]) for name in names if name in members and _function(members[name]) is not None]
 
 
 def parameters(function: Callable, owner: Optional[type]) -> list[inspect.Parameter]:

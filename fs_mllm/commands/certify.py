@@ -5,90 +5,27 @@ checks across options (usage errors before any model loads), and the runs."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
-from typing import Optional
 
-from ..arguments import _argtype, add_fs_config_arguments, existing_folder, image_size, positive_int, radii, sample_count
-from ..config import DEFAULT_ANSWER_N0, DEFAULT_ANSWER_TOKENS, DEFAULT_CERTIFY_N, DEFAULT_NORMALIZE
-from ..image_io import image_paths, processor_size, to_tensor01
-from ..models.loading import DEFAULT_MODEL, load_model
-
-
-def certify_images(model, images01, sigma: float, n: int, alpha: float, method: str, booster=None, processor=None,
-                   seed: int = 0, chunk_size: Optional[int] = None, normalize: str = DEFAULT_NORMALIZE):
-    """Certificates of the features feeding the decoder of ``model`` smoothed at ``sigma`` (booster optional)."""
-    from ..certify import certify_model
-    from ..patching import is_patched, patch_model, unpatch_model
-
-    was_patched = is_patched(model)
-    if not was_patched:
-        patch_model(model, sigma=sigma, booster=booster, processor=processor)
-    try:
-        return certify_model(model, images01, n=n, alpha=alpha, method=method, seed=seed, chunk_size=chunk_size,
-                             normalize=normalize)
-    finally:
-        if not was_patched:
-            unpatch_model(model)
+from ..arguments import (_argtype, add_fs_config_arguments, dataclass_from_args, existing_folder, image_size, positive_int,
+                         radii, sample_count, settings_or_usage_error)
+from ..config import CertifyConfig
+from ..evaluation.certified_features import DEFAULT_OUTPUT_DIR as FEATURES_OUTPUT_DIR
+from ..evaluation.certified_features import DEFAULT_RADII, FeatureCertifySettings, run_certify_features
+from ..image_io import image_paths
+from ..models.loading import DEFAULT_MODEL
 
 
 def run_certify(args: argparse.Namespace) -> dict:
-    """Certify every image, then write the results (nothing is written when a step fails); --answers: certify
-    the answers (:func:`run_certify_answers`)."""
+    """Certify the features (:func:`fs_mllm.evaluation.certified_features.run_certify_features`) and print the
+    table; --answers: certify the answers (:func:`run_certify_answers`)."""
     if args.answers:
         return run_certify_answers(args)
-    import torch
-    from tqdm.auto import tqdm
-
-    from ..evaluation import certified_curve, plot_certified_curve, summary_table
-
-    booster = load_booster(args.booster)  # the cheap checks first: a bad booster or image costs no model load
-    from ..evaluation.datasets import read_images
-    from ..results import write_report
-
-    pictures, names = read_images(args.images, args.limit)
-    model, processor = load_model(args.model)
-    size = args.size or processor_size(processor)
-    if not size:
-        raise ValueError("could not read the input resolution from the processor; pass --size")
-    images = torch.stack([to_tensor01(picture, size) for picture in pictures])
-    certificates = []
-    for i in tqdm(range(len(names)), desc="certifying", unit="image"):
-        certificates += certify_images(model, images[i:i + 1], args.sigma, args.n, args.alpha, args.method, booster, processor,
-                                       args.seed, args.chunk_size, args.normalize)
-    records, rows = [], []
-    for name, cert in zip(names, certificates):
-        fcsb = {r: float(cert.fcsb(r)) for r in args.radii}
-        records.append({"image": name, **{k: v for k, v in cert.to_dict().items() if not k.startswith("token_")},
-                        **{f"fcsb@{r:g}": b for r, b in fcsb.items()}})
-        rows.append({"image": name, "S mean": cert.score_mean, "S lower": cert.score_lower,
-                     **{f"FCSB@{r:g}": b for r, b in fcsb.items()}})
-    curve = certified_curve([c.score_lower for c in certificates], args.sigma)
-    markdown, table = summary_table(rows)
-
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    certificates_path = out_dir / "certificates.jsonl"
-    tmp = out_dir / "certificates.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
-    os.replace(tmp, certificates_path)
-    plot = plot_certified_curve({"FS" if booster is None else "FS+GSB": curve}, out_dir / "certified_curve.png", threshold=0.5,
-                                title=f"{args.model}, sigma={args.sigma}, n={args.n}, alpha={args.alpha}")
-    settings = {key: value for key, value in vars(args).items() if not callable(value)}  # not argparse's dispatch function
-    (out_dir / "summary.json").write_text(json.dumps({"settings": settings, "table": table, "curve": curve}, indent=2, default=str))
-    write_report(out_dir, f"Certified features of {args.model}", markdown, [f"![certified curve]({Path(plot).name})",
-                 CERTIFICATE_MEANING.format(sigma=args.sigma, alpha=args.alpha)])
-    print(markdown)
-    print(f"\nwrote {certificates_path}, certified_curve.png, report.md")
-    return {"certificates": certificates, "curve": curve}
-
-
-CERTIFICATE_MEANING = (
-    "Each FCSB@r is a lower bound on cos(F(x'), F(x)) for every x' within l2 distance r of the image "
-    "(in [0,1] pixel space), for the exact smoothed encoder F at sigma={sigma}; it holds per image with "
-    "probability >= 1 - {alpha} over the certification noise. -1 means no guarantee."
-)
+    result = run_certify_features(args.feature_settings, args.output_dir, progress=not args.no_progress)
+    print(result["markdown"])
+    print(f"\nwrote {Path(args.output_dir) / 'certificates.jsonl'}, certified_curve.png, report.md")
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +33,6 @@ CERTIFICATE_MEANING = (
 # ---------------------------------------------------------------------------------------------
 
 ANSWERS_OUTPUT_DIR = "fs_mllm_outputs/certify-answers"
-FEATURES_OUTPUT_DIR = "fs_mllm_outputs/certify"
 # the built-in question sets (fs_mllm.evaluation.datasets; spelled here so `fs-mllm --help` need not import datasets)
 OFFLINE_EVAL_NAME, SYNTHETIC_EVAL_NAME = "fs-offline-eval", "fs-synthetic-heldout"
 ANSWER_ONLY = ("dataset", "question", "candidates", "n0", "batch_size", "max_new_tokens", "variants")
@@ -141,6 +77,7 @@ def check_certify_arguments(parser: argparse.ArgumentParser, args: argparse.Name
         if given:
             parser.error(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} to certified answers only; add --answers")
         args.output_dir = args.output_dir or FEATURES_OUTPUT_DIR
+        args.feature_settings = settings_or_usage_error(parser, lambda: dataclass_from_args(FeatureCertifySettings, args))
         return
     given = [option(name) for name in FEATURE_ONLY if _given(parser, args, name)]
     if given:
@@ -149,8 +86,8 @@ def check_certify_arguments(parser: argparse.ArgumentParser, args: argparse.Name
     from ..answer_certify import check_counts
     from ..defense import check_variants
 
-    args.n0 = DEFAULT_ANSWER_N0 if args.n0 is None else args.n0
-    args.max_new_tokens = DEFAULT_ANSWER_TOKENS if args.max_new_tokens is None else args.max_new_tokens
+    args.n0 = CertifyConfig.n0 if args.n0 is None else args.n0
+    args.max_new_tokens = CertifyConfig.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
     args.output_dir = args.output_dir or ANSWERS_OUTPUT_DIR
     try:
         args.n0, args.n, args.alpha = check_counts(args.n0, args.n, args.alpha)
@@ -209,16 +146,6 @@ def run_certify_answers(args: argparse.Namespace) -> dict:
     return summary
 
 
-def load_booster(path: Optional[str]):
-    if path is None:
-        return None
-    from ..gsb import GaussianSmoothnessBooster
-
-    return GaussianSmoothnessBooster.from_pretrained(path)
-
-
-
-
 def add_arguments(cert: argparse.ArgumentParser) -> None:
     """The options of ``fs-mllm certify`` (features, and with --answers the answers)."""
     cert.add_argument("--answers", action="store_true",
@@ -235,22 +162,23 @@ def add_arguments(cert: argparse.ArgumentParser) -> None:
                            "default: open set (greedy answers, normalised)")
     cert.add_argument("--limit", type=positive_int, default=None, help="certify only the first N images (--answers: questions)")
     cert.add_argument("--size", type=image_size, default=None, help="input resolution (default: the processor's)")
-    cert.add_argument("--n", type=sample_count, default=DEFAULT_CERTIFY_N,
-                      help="Monte-Carlo samples per image (default 1000, at least 2; --answers: estimation samples, at least 10)")
+    cert.add_argument("--n", type=sample_count, default=CertifyConfig.n,
+                      help=f"Monte-Carlo samples per image (default {CertifyConfig.n}, at least 2; --answers: estimation samples, "
+                           "at least 10)")
     cert.add_argument("--n0", type=positive_int, default=None,
-                      help=f"--answers: selection samples per question (default {DEFAULT_ANSWER_N0}, at most --n)")
+                      help=f"--answers: selection samples per question (default {CertifyConfig.n0}, at most --n)")
     add_fs_config_arguments(cert, ("sigma", "alpha", "method", "seed", "chunk_size", "normalize"))
     cert.add_argument("--batch-size", type=positive_int, default=None,
                       help="--answers: noisy copies per decoder call (default 32)")
     cert.add_argument("--max-new-tokens", type=positive_int, default=None,
-                      help=f"--answers, open set: tokens greedily decoded per noisy copy (default {DEFAULT_ANSWER_TOKENS})")
+                      help=f"--answers, open set: tokens greedily decoded per noisy copy (default {CertifyConfig.max_new_tokens})")
     cert.add_argument("--variants", default=None,
                       help="--answers: comma list of fs, fs+gsb (default fs,fs+gsb; fs+gsb uses --booster, by default "
                            "fs-mini-llava's shipped booster)")
-    cert.add_argument("--radii", type=radii, default=[0.0625, 0.125, 0.25],
-                      help="comma-separated l2 radii to report FCSB at (default 0.0625,0.125,0.25)")
+    cert.add_argument("--radii", type=radii, default=DEFAULT_RADII,
+                      help=f"comma-separated l2 radii to report FCSB at (default {','.join(map(str, DEFAULT_RADII))})")
     cert.add_argument("--booster", type=existing_folder, default=None, help="folder of a trained GaussianSmoothnessBooster (gsb.safetensors)")
-    cert.add_argument("--no-progress", action="store_true", help="--answers: no progress bar")
+    cert.add_argument("--no-progress", action="store_true", help="no progress bar")
     cert.add_argument("--output-dir", default=None,
                       help=f"where results go (default fs_mllm_outputs/certify; --answers: {ANSWERS_OUTPUT_DIR}, rerun "
                            "the same command to resume)")

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Optional
 from ..arguments import (add_crop_view_arguments, add_fs_config_arguments, fraction_pair, fs_config_from_args,
                          non_negative_int, positive_float, positive_int, probability)
 from ..attacks import NORMS, OBJECTIVES, PROTOCOLS
-from ..config import ATTACK_STEPS
+from ..config import ATTACK_STEPS, FSConfig
 from ..evaluation.runner import run_eval
 from ..evaluation.settings import ANSWER_TOKENS, TASKS, EvalSettings
 from ..evaluation.summary import SUMMARY_JSON, SUMMARY_MD
@@ -85,7 +85,8 @@ def add_common_arguments(parser: Any, task: str) -> None:
                         help="noisy forwards averaged per attack gradient on FS variants (fresh noise every step)")
     parser.add_argument("--certify-n", type=non_negative_int, default=EvalSettings.certify_n,
                         help="noise samples to certify each image (0 = off, else >= 2)")
-    parser.add_argument("--certify-alpha", type=probability, default=EvalSettings.certify_alpha)
+    parser.add_argument("--certify-alpha", type=probability, default=FSConfig.alpha,
+                        help="failure probability of each certificate (the FS variants' FSConfig.alpha)")
     parser.add_argument("--limit", type=positive_int, default=None, help="first N examples only")
     parser.add_argument("--max-new-tokens", type=positive_int, default=ANSWER_TOKENS[task])
     parser.add_argument("--dtype", default=EvalSettings.dtype, choices=("float32", "float16", "bfloat16"))
@@ -99,12 +100,12 @@ def settings_from_args(args: Any, task: str) -> EvalSettings:
     """EvalSettings from the parsed command-line arguments."""
     kwargs = dict(
         task=task, model=args.model, dataset=args.dataset, split=args.split, variants=args.variants,
-        fs=fs_config_from_args(args), booster=args.booster,
+        fs=fs_config_from_args(args).replace(alpha=args.certify_alpha), booster=args.booster,
         attack_norm=args.attack_norm, attack_eps=tuple(args.attack_eps or ()), attack_steps=args.attack_steps,
         attack_step_size=args.attack_step_size, objective=args.objective, target=args.target,
         protocol=args.protocol, crop_scale=args.crop_scale, crop_views=args.crop_views,
         crop_full_view=args.crop_full_view, eot_samples=args.eot_samples,
-        certify_n=args.certify_n, certify_alpha=args.certify_alpha, max_new_tokens=args.max_new_tokens,
+        certify_n=args.certify_n, max_new_tokens=args.max_new_tokens,
         limit=args.limit, dtype=args.dtype,
     )
     if task == "caption":

@@ -329,7 +329,7 @@ def _run_shard(settings: EvalSettings, model: Any, processor: Any, dataset: Any,
                 if settings.task == "vqa":
                     row["score"] = vqa_score(clean_answer, refs)
                 if settings.certify_n and variant != "base":
-                    cert = certify_model(model, ctx.pixels01, n=settings.certify_n, alpha=settings.certify_alpha,
+                    cert = certify_model(model, ctx.pixels01, n=settings.certify_n, alpha=settings.fs.alpha,
                                          **ctx.extra)[0]
                     row["s_low"] = finite_or_none(float(cert.score_lower))
                     row["s_mean"] = finite_or_none(float(cert.score_mean))

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional
 
 from fs_mllm.arguments import check_float, check_int
 from fs_mllm.attacks import NORMS, OBJECTIVES, PROTOCOLS, AttackConfig  # one definition of each
-from fs_mllm.config import COMMAND_ATTACK_STEPS, DEFAULT_ALPHA, EVAL_EOT_SAMPLES, FSConfig, check_bool
+from fs_mllm.config import COMMAND_ATTACK_STEPS, EVAL_EOT_SAMPLES, FSConfig, check_bool
 from fs_mllm.defense import check_variants
 from fs_mllm.results import (
     SETTINGS_FILE, SHARD_GLOB, SettingsMismatchError, check_settings, claim_settings, read_rows,
@@ -66,7 +66,7 @@ class EvalSettings:
     then record the variant's answer for that image and whether the attacked answer became it.
     crop_scale: M-Attack's random local crops (lo, hi area fraction) or None; crop_views and crop_full_view as
     in :class:`fs_mllm.attacks.AttackConfig` (crops per transfer gradient; the first view whole). certify_n > 0 certifies every FS variant's clean image with that many
-    noise samples at level ``certify_alpha``. limit: first N examples only.
+    noise samples at level ``fs.alpha``. limit: first N examples only.
     """
 
     task: str = "vqa"
@@ -88,7 +88,6 @@ class EvalSettings:
     crop_full_view: bool = False
     eot_samples: int = EVAL_EOT_SAMPLES
     certify_n: int = 0
-    certify_alpha: float = DEFAULT_ALPHA
     max_new_tokens: Optional[int] = None  # None: the task's ANSWER_TOKENS (stored as the number)
     caption_prompt: str = "Describe the image in one sentence."
     limit: Optional[int] = None
@@ -146,9 +145,6 @@ class EvalSettings:
             raise ValueError("objective='targeted' needs target (the string the attack makes the model say)")
         if isinstance(self.certify_n, bool) or not isinstance(self.certify_n, int) or self.certify_n < 0 or self.certify_n == 1:
             raise ValueError(f"certify_n must be 0 (no certification) or an integer >= 2, got {self.certify_n!r}")
-        if not 0.0 < float(self.certify_alpha) < 1.0:
-            raise ValueError(f"certify_alpha must lie in (0, 1), got {self.certify_alpha!r}")
-        self.certify_alpha = float(self.certify_alpha)
         self.max_new_tokens = check_int(self.max_new_tokens, "max_new_tokens")
         if self.limit is not None:
             self.limit = check_int(self.limit, "limit")
@@ -166,7 +162,7 @@ class EvalSettings:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "EvalSettings":
-        data = nest_fs_fields(data)
+        data = upgrade_stored_settings(data)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -182,11 +178,14 @@ class EvalSettings:
 _FLAT_FS_FIELDS = ("sigma", "n_samples", "seed")
 
 
-def nest_fs_fields(data: Mapping[str, Any]) -> dict[str, Any]:
-    """Settings stored by fs_mllm 0.1 kept sigma/n_samples/seed at the top level; they now live in ``fs``
-    (an FSConfig), so an old results folder still resumes under the same settings."""
+def upgrade_stored_settings(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings as older versions stored them, in today's shape, so an old results folder still resumes under
+    the same settings: fs_mllm 0.1 kept sigma/n_samples/seed at the top level, and until 0.3 the certificates'
+    failure probability was ``certify_alpha`` beside the FSConfig's own; all now live in ``fs`` (an FSConfig)."""
     data = dict(data)
     flat = {k: data.pop(k) for k in _FLAT_FS_FIELDS if k in data}
+    if "certify_alpha" in data:  # the only alpha an eval used: fs.alpha certified nothing there
+        flat["alpha"] = data.pop("certify_alpha")
     if flat:
         data["fs"] = FSConfig(**{**dict(data.get("fs") or {}), **flat}).to_dict()
     return data
@@ -204,5 +203,5 @@ def check_or_write_settings(output_dir: Path, stored_settings: dict[str, Any], i
 
 def verify_settings(output_dir: Path, stored_settings: dict[str, Any]) -> None:
     """Raise :class:`SettingsMismatchError` unless the folder's ``settings.json`` matches (extensible keys aside)."""
-    check_settings(output_dir, stored_settings, may_change=_EXTENSIBLE, upgrade=nest_fs_fields,
+    check_settings(output_dir, stored_settings, may_change=_EXTENSIBLE, upgrade=upgrade_stored_settings,
                    fix="use a new output folder (--output-dir) or restore the original settings")
