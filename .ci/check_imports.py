@@ -26,14 +26,15 @@ PACKAGE = "fs_mllm"
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [  # top first: a module imports its own layer and the ones below
     ("application", ("fs_mllm", "fs_mllm.cli", "fs_mllm.commands", "fs_mllm.demo")),
-    ("experiments", ("fs_mllm.evaluation", "fs_mllm.defense", "fs_mllm.gsb_utility")),
+    ("experiments", ("fs_mllm.evaluation", "fs_mllm.defense", "fs_mllm.booster.through_lm")),
     ("attacks", ("fs_mllm.attacks", "fs_mllm.surrogates", "fs_mllm.surrogate_training")),
-    ("booster training", ("fs_mllm.gsb_training",)),
+    ("booster training", ("fs_mllm.booster.data", "fs_mllm.booster.encoders", "fs_mllm.booster.losses",
+                          "fs_mllm.booster.checkpoint", "fs_mllm.booster.training", "fs_mllm.booster.run")),
     ("models", ("fs_mllm.models",)),
     ("hub", ("fs_mllm.hub",)),
     ("certification", ("fs_mllm.certify", "fs_mllm.answer_certify")),
     ("patching", ("fs_mllm.patching",)),
-    ("smoothing", ("fs_mllm.gsb", "fs_mllm.smoothed_path", "fs_mllm.smoothing", "fs_mllm.normalization",
+    ("smoothing", ("fs_mllm.booster", "fs_mllm.booster.model", "fs_mllm.smoothed_path", "fs_mllm.smoothing", "fs_mllm.normalization",
                    "fs_mllm.adapters", "fs_mllm.testing")),
     ("foundations", ("fs_mllm.config", "fs_mllm.compat", "fs_mllm.stats", "fs_mllm.arguments", "fs_mllm.answers",
                      "fs_mllm.image_io", "fs_mllm.synthetic", "fs_mllm.data", "fs_mllm.results", "fs_mllm.version")),

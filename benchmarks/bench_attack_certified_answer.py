@@ -59,7 +59,7 @@ def main() -> None:
 
     from fs_mllm.config import FSConfig
     from fs_mllm.defense import apply_variant
-    from fs_mllm.gsb import GaussianSmoothnessBooster
+    from fs_mllm.booster.model import GaussianSmoothnessBooster
     from fs_mllm.models import load_mini_llava
     from fs_mllm.models.mini_llava import BOOSTER_DIR, build_prompt
     from fs_mllm.synthetic import COLORS

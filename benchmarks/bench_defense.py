@@ -47,7 +47,7 @@ from fs_mllm.attacks import ENSEMBLE_WEIGHTINGS
 from fs_mllm.config import ATTACK_EOT_SAMPLES, ATTACK_STEPS, CertifyConfig, FSConfig, TRANSFER_STEPS
 from fs_mllm.defense import (ADAPTIVE_L2, ADAPTIVE_LINF, TRANSFER_LINF, DefenseSettings, defense_table, evaluate_defense,
                               module_fingerprint, synthetic_items)
-from fs_mllm.gsb import GaussianSmoothnessBooster
+from fs_mllm.booster.model import GaussianSmoothnessBooster
 from fs_mllm.models import load_mini_llava
 from fs_mllm.models.mini_llava import BOOSTER_DIR, IMAGE_SIZE, build_prompt
 from fs_mllm.results import SETTINGS_FILE, ResultsFolderError

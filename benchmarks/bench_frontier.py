@@ -26,7 +26,7 @@ from fs_mllm.attacks import generate_text
 from fs_mllm.arguments import positive_int
 from fs_mllm.config import FSConfig
 from fs_mllm.defense import apply_variant, synthetic_items
-from fs_mllm.gsb import GaussianSmoothnessBooster
+from fs_mllm.booster.model import GaussianSmoothnessBooster
 from fs_mllm.models import load_mini_llava
 from fs_mllm.models.mini_llava import BOOSTER_DIR, IMAGE_SIZE, build_prompt
 from fs_mllm.synthetic import vqa_match

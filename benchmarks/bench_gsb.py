@@ -2,7 +2,7 @@
 
 Why: GSB is only worth shipping if it measurably raises S and the certified FCSB on photos it never saw,
 while keeping clean features. Features are all patch tokens of the last hidden state, flattened (global
-mode). Held-out photos: ``fs_mllm.gsb_training.HELDOUT_PHOTOS`` (training uses ``TRAIN_PHOTOS`` only).
+mode). Held-out photos: ``fs_mllm.booster.data.HELDOUT_PHOTOS`` (training uses ``TRAIN_PHOTOS`` only).
 
     python benchmarks/bench_gsb.py --part before --n 500 --out RESULTS.json      # baseline (no booster)
     python benchmarks/bench_gsb.py --part after --booster DIR --n 500 --out RESULTS.json
@@ -29,8 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fs_mllm.gsb import GaussianSmoothnessBooster, boosted_encoder
-from fs_mllm.gsb_training import HELDOUT_PHOTOS, PixelEncoder, evaluate_certificates, freeze, heldout_images
+from fs_mllm.booster.model import GaussianSmoothnessBooster, boosted_encoder
+from fs_mllm.booster.data import HELDOUT_PHOTOS, heldout_images
+from fs_mllm.booster.encoders import PixelEncoder, freeze
+from fs_mllm.booster.training import evaluate_certificates
 
 
 def dinov2_patch_encoder() -> PixelEncoder:

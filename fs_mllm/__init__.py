@@ -5,7 +5,7 @@ from .attacks import AttackConfig, AttackResult, attack
 from .certify import Certificate, ModelCertificate, PredictionCertificate, certify_features, certify_model, certify_prediction
 from .certify import certify_zero_shot
 from .config import CertifyConfig, FSConfig
-from .gsb import GaussianSmoothnessBooster, GSBConfig, boosted_encoder
+from .booster.model import GaussianSmoothnessBooster, GSBConfig, boosted_encoder
 from .hub import from_pretrained, patch_from_saved, push_to_hub, save_pretrained
 from .hub.io import register_local_repo as _register_local_repo
 from .models import MINI_LLAVA_REPO as _MINI_LLAVA_REPO, provide_mini_llava as _provide_mini_llava

@@ -40,7 +40,7 @@ ATTACK_ANSWER_TOKENS = 20  # fs-mllm attack and generate_text: tokens generated 
 DEFENSE_ANSWER_TOKENS = 6  # the defense table and the demo: tokens per answer (the synthetic task's answers are one word)
 ANSWER_ATTACK_STEPS = 10  # attack_answer: l2 PGD steps on the smoothed classifier g
 ANSWER_ATTACK_EOT_SAMPLES = 16  # ... and noisy copies per gradient (its soft vote needs more than a feature attack)
-UTILITY_BOOSTER_STEPS = 600  # gsb_utility: optimiser steps of the booster trained through the language model
+UTILITY_BOOSTER_STEPS = 600  # booster.through_lm: optimiser steps of the booster trained through the language model
 
 
 def _real(value: Any, name: str, what: str) -> float:

@@ -188,7 +188,7 @@ def _load(demo: DemoSettings):
     transfer, the noise control; the first ``--adaptive-examples`` also adaptive and certified)."""
     from .image_io import processor_size
     from .defense import synthetic_items
-    from .gsb import GaussianSmoothnessBooster
+    from .booster.model import GaussianSmoothnessBooster
     from .models.loading import DEFAULT_MODEL, load_model
     from .models.mini_llava import BOOSTER_DIR, build_prompt
 

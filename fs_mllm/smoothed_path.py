@@ -44,7 +44,7 @@ def booster_stage(booster: Any, name: str) -> Optional[Callable]:
 class BoosterStages:
     """The booster protocol's stages around an encoder, each optional (absent = skipped; an absent
     ``noise_level`` means the stages are told sigma). The one place that applies a booster: the
-    patched path and :func:`fs_mllm.gsb.boosted_encoder` both go through it."""
+    patched path and :func:`fs_mllm.booster.model.boosted_encoder` both go through it."""
 
     def __init__(self, booster: Any, sigma: float) -> None:
         self.sigma = sigma

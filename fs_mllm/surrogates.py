@@ -106,7 +106,7 @@ def surrogate_encoder(name: str) -> nn.Module:
         ValueError: ``"model"`` or an ensemble name (expand it first), or a name that is neither built in
             nor loadable (with the loader's reason and the fix).
     """
-    from .gsb_training import PixelEncoder, freeze
+    from .booster.encoders import PixelEncoder, freeze
 
     if name in ("model",) + tuple(ENSEMBLES):
         raise ValueError(f"surrogates: {name!r} is not one encoder (see fs_mllm.surrogates.expand_surrogates)")
@@ -126,7 +126,7 @@ class HubSurrogate(nn.Module):
 
     Images are resized (bilinear, differentiable) to the encoder's resolution and normalised with its mean/std,
     as its processor would; a dual encoder (CLIP, SigLIP) gives its projected image embedding, a vision model its
-    pooled output (DINOv2: the CLS token after the final layer norm). Not a gsb_training.PixelEncoder (which
+    pooled output (DINOv2: the CLS token after the final layer norm). Not a booster.encoders.PixelEncoder (which
     returns tokens), so that importing fs_mllm does not load the booster's training code.
     """
 

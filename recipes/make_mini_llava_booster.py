@@ -28,8 +28,8 @@ from pathlib import Path
 
 
 from fs_mllm.arguments import positive_int
-from fs_mllm.gsb import GaussianSmoothnessBooster, GSBConfig
-from fs_mllm.gsb_utility import write_train_images
+from fs_mllm.booster.model import GaussianSmoothnessBooster, GSBConfig
+from fs_mllm.booster.through_lm import write_train_images
 from fs_mllm.models.mini_llava import BOOSTER_DIR
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "fs_mllm" / "weights"

@@ -37,8 +37,8 @@ def test_the_check_names_upward_imports_cycles_and_an_unlisted_module(tmp_path):
     plant("compat.py", "def _late():\n    from fs_mllm import config\n")
     plant("stats.py", "def _late():\n    from fs_mllm import from_pretrained\n")  # the package's own name: the top
     # a loop through a package __init__: importing evaluation.caption runs evaluation/__init__ first
-    plant("evaluation/__init__.py", "def _late():\n    from fs_mllm.gsb_utility import main\n")
-    plant("gsb_utility.py", "def _late():\n    from fs_mllm.evaluation.caption import java_available\n")
+    plant("evaluation/__init__.py", "def _late():\n    from fs_mllm.booster.through_lm import main\n")
+    plant("booster/through_lm.py", "def _late():\n    from fs_mllm.evaluation.caption import java_available\n")
     (package / "stray.py").write_text("VALUE = 1\n")
     result = run_check(tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
@@ -47,7 +47,7 @@ def test_the_check_names_upward_imports_cycles_and_an_unlisted_module(tmp_path):
         "upward stats -> package": lambda line: "fs_mllm.stats (layer 'foundations') imports fs_mllm (layer 'application'" in line,
         "cycle hub / patching": lambda line: line.startswith("import cycle among fs_mllm.hub, fs_mllm.hub.io, fs_mllm.patching:"),
         "cycle compat / config": lambda line: line.startswith("import cycle among fs_mllm.compat, fs_mllm.config:"),
-        "cycle evaluation / gsb_utility": lambda line: line.startswith("import cycle among fs_mllm.evaluation, fs_mllm.gsb_utility:"),
+        "cycle evaluation / through_lm": lambda line: line.startswith("import cycle among fs_mllm.booster.through_lm, fs_mllm.evaluation:"),
         "cycle package / stats": lambda line: line.startswith("import cycle among fs_mllm, ") and "fs_mllm.stats -> fs_mllm " in line,
         "unlisted": lambda line: line.startswith("fs_mllm.stray: in no layer"),
     }

@@ -18,7 +18,7 @@ from fs_mllm import (
     certify_features, certify_model, certify_prediction, fcsb, patch_model, score_lower_bound, smooth_features,
 )
 from fs_mllm.config import SIGMA_MAX, CertifyConfig
-from fs_mllm.gsb import CONFIG_NAME, WEIGHTS_NAME
+from fs_mllm.booster.model import CONFIG_NAME, WEIGHTS_NAME
 
 from fs_mllm.testing import build
 

@@ -375,7 +375,7 @@ def test_a_killed_defense_run_resumes_to_the_same_rows(model, tmp_path, monkeypa
 
 
 def _tiny_booster(seed: int):
-    from fs_mllm.gsb import GaussianSmoothnessBooster, GSBConfig
+    from fs_mllm.booster.model import GaussianSmoothnessBooster, GSBConfig
 
     torch.manual_seed(seed)
     return GaussianSmoothnessBooster(GSBConfig(feature_dim=32, denoiser_channels=4, denoiser_depth=2, denoiser_downscale=1,

@@ -53,8 +53,10 @@ def test_shipped_booster_keeps_clean_features_and_denoises_noisy_ones(dinov2):
     """Issue-level clean utility on real weights: cos(boosted, original) >= 0.99 on held-out real photos."""
 
     import fs_mllm
-    from fs_mllm.gsb import GaussianSmoothnessBooster, boosted_encoder
-    from fs_mllm.gsb_training import HELDOUT_PHOTOS, PixelEncoder, flat_cosine, freeze, heldout_images
+    from fs_mllm.booster.model import GaussianSmoothnessBooster, boosted_encoder
+    from fs_mllm.booster.data import HELDOUT_PHOTOS, heldout_images
+    from fs_mllm.booster.encoders import PixelEncoder, freeze
+    from fs_mllm.booster.losses import flat_cosine
     from fs_mllm.models.convert_dinov2 import IMAGENET_MEAN, IMAGENET_STD
 
     booster = GaussianSmoothnessBooster.from_pretrained(Path(fs_mllm.__file__).parent / "weights" / "gsb_dinov2_s025")

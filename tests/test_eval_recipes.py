@@ -315,7 +315,7 @@ def test_caption_run_with_booster(tmp_path, tiny_dir, loaded):
     from PIL import Image
 
     from fs_mllm.evaluation.datasets import CAPTION_FEATURES
-    from fs_mllm.gsb import GaussianSmoothnessBooster, GSBConfig
+    from fs_mllm.booster.model import GaussianSmoothnessBooster, GSBConfig
 
     torch.manual_seed(0)
     booster = GaussianSmoothnessBooster(GSBConfig(feature_dim=32, denoiser_channels=4, denoiser_depth=2,

@@ -15,11 +15,10 @@ import torch
 from torch import nn
 
 from fs_mllm.certify import certify_features
-from fs_mllm.gsb import CONFIG_NAME, WEIGHTS_NAME, GaussianSmoothnessBooster, GSBConfig, boosted_encoder, estimate_noise_std
-from fs_mllm.gsb_training import (
-    GSBTrainConfig, RandomCropDataset, evaluate_certificates, flatten_optimizer_state, load_checkpoint_state,
-    train_gsb, unflatten_optimizer_state,
-)
+from fs_mllm.booster.model import CONFIG_NAME, WEIGHTS_NAME, GaussianSmoothnessBooster, GSBConfig, boosted_encoder, estimate_noise_std
+from fs_mllm.booster.checkpoint import flatten_optimizer_state, load_checkpoint_state, unflatten_optimizer_state
+from fs_mllm.booster.data import RandomCropDataset
+from fs_mllm.booster.training import GSBTrainConfig, evaluate_certificates, train_gsb
 
 SIZE = 16
 DIM = 8
@@ -270,7 +269,7 @@ def test_resume_after_a_kill_between_the_checkpoint_renames(tmp_path, monkeypatc
     run must resume from the newest complete copy (not restart at step 0 and later delete both copies)."""
     import os
 
-    import fs_mllm.gsb_training as training
+    import fs_mllm.booster.checkpoint as training
 
     encoder = TinyEncoder()
     images = smooth_images(4)
@@ -306,7 +305,7 @@ def test_resume_after_a_kill_between_the_checkpoint_renames(tmp_path, monkeypatc
 @pytest.mark.parametrize("left", ["old_only", "tmp_incomplete_and_old", "checkpoint_and_old"])
 def test_checkpoint_recovery_picks_the_newest_complete_copy(tmp_path, left):
     """Every state a kill can leave behind: an incomplete .tmp is never preferred over a complete copy."""
-    from fs_mllm.gsb_training import save_checkpoint
+    from fs_mllm.booster.checkpoint import save_checkpoint
 
     booster = GaussianSmoothnessBooster(small_config())
     optimizer = torch.optim.AdamW(booster.parameters())
@@ -373,7 +372,7 @@ def test_clean_weight_option_validated_and_logged(tmp_path):
 def test_recipe_main_accepts_argv_and_init_from(tmp_path, monkeypatch):
     import inspect
 
-    from fs_mllm import gsb_training as recipe  # the library the command calls
+    from fs_mllm.booster import run as recipe  # the library the command calls
     from fs_mllm.commands import train_gsb as command  # recipes/train_gsb.py and `fs-mllm train-gsb` run its main
 
     assert list(inspect.signature(command.main).parameters) == ["argv", "prog"]
@@ -411,7 +410,7 @@ def test_shipped_mini_llava_booster_is_a_fine_tuned_denoiser_that_leaves_clean_p
     from pathlib import Path
 
     import fs_mllm
-    from fs_mllm.gsb_training import heldout_images
+    from fs_mllm.booster.data import heldout_images
 
     weights = Path(fs_mllm.__file__).parent / "weights"
     source = GaussianSmoothnessBooster.from_pretrained(weights / "gsb_dinov2_s025")
@@ -437,7 +436,7 @@ def test_shipped_mini_llava_booster_is_a_fine_tuned_denoiser_that_leaves_clean_p
 
 
 # ---------------------------------------------------------------------------------------------
-# utility training of an MLLM booster's mapper (fs_mllm.gsb_utility)
+# utility training of an MLLM booster's mapper (fs_mllm.booster.through_lm)
 # ---------------------------------------------------------------------------------------------
 
 class _WordTokenizer:
@@ -448,7 +447,7 @@ class _WordTokenizer:
 
 
 def test_utility_training_trains_only_the_mapper_through_the_deployed_smoothing(tmp_path):
-    from fs_mllm.gsb_utility import UtilityTrainConfig, feature_bank, smoothed_bank_features, train_mapper_utility, with_mapper
+    from fs_mllm.booster.through_lm import UtilityTrainConfig, feature_bank, smoothed_bank_features, train_mapper_utility, with_mapper
     from fs_mllm.patching import patch_model, unpatch_model
     from fs_mllm.attacks import image_features
 
@@ -499,7 +498,7 @@ def test_utility_training_trains_only_the_mapper_through_the_deployed_smoothing(
 def test_utility_training_of_the_denoiser_runs_through_the_patched_smoothed_path(tmp_path):
     """Stage "denoiser": only the denoiser learns, through the frozen tower, projector and language model on
     the deployed smoothed path; the model comes back unpatched; a finished run resumes to itself."""
-    from fs_mllm.gsb_utility import UtilityTrainConfig, train_denoiser_utility
+    from fs_mllm.booster.through_lm import UtilityTrainConfig, train_denoiser_utility
     from fs_mllm.patching import is_patched, patch_model, unpatch_model
     from fs_mllm.testing import IMAGE_TOKEN, build_llava
 
@@ -546,7 +545,7 @@ def test_utility_training_resumes_from_the_copy_a_kill_left_behind(tmp_path):
     import json
     import shutil
 
-    from fs_mllm.gsb_utility import UtilityTrainConfig, train_denoiser_utility
+    from fs_mllm.booster.through_lm import UtilityTrainConfig, train_denoiser_utility
     from fs_mllm.testing import IMAGE_TOKEN, build_llava
 
     model, _ = build_llava()
@@ -576,7 +575,7 @@ def test_utility_training_resumes_from_the_copy_a_kill_left_behind(tmp_path):
 
 def test_recipe_writes_the_shipped_boosters_training_images_from_the_utility_training_scenes(tmp_path, monkeypatch, capsys):
     """The recipe's image folder (train-gsb's input) holds the very scenes the utility stage trains on:
-    the synthetic *training* split, one seed in one place (fs_mllm.gsb_utility.training_scenes). The recipe
+    the synthetic *training* split, one seed in one place (fs_mllm.booster.through_lm.training_scenes). The recipe
     runs as `python recipes/make_mini_llava_booster.py ...` does (its file as __main__, that argv), in-process:
     an exception is what a non-zero exit status would be."""
     import runpy
@@ -584,8 +583,8 @@ def test_recipe_writes_the_shipped_boosters_training_images_from_the_utility_tra
     import numpy as np
     from PIL import Image
 
-    from fs_mllm.gsb_training import TRAIN_PHOTOS
-    from fs_mllm.gsb_utility import training_scenes
+    from fs_mllm.booster.data import TRAIN_PHOTOS
+    from fs_mllm.booster.through_lm import training_scenes
     from fs_mllm.synthetic import make_dataset
 
     script = Path(__file__).resolve().parent.parent / "recipes" / "make_mini_llava_booster.py"
@@ -606,7 +605,7 @@ def test_recipe_writes_the_shipped_boosters_training_images_from_the_utility_tra
 def test_the_training_command_is_a_booster_training_run_with_its_defaults(tmp_path):
     """fs-mllm train-gsb with no options is BoosterTrainingRun's defaults (one place for them)."""
     from fs_mllm.commands.train_gsb import build_parser, run_from_args
-    from fs_mllm.gsb_training import BoosterTrainingRun
+    from fs_mllm.booster.run import BoosterTrainingRun
 
     run = run_from_args(build_parser().parse_args(["--output-dir", str(tmp_path / "run")]))
     assert run == BoosterTrainingRun(output_dir=str(tmp_path / "run"))
@@ -629,7 +628,7 @@ def test_the_training_command_is_a_booster_training_run_with_its_defaults(tmp_pa
     ({"seed": -1}, "seed must be"),
 ])
 def test_booster_training_run_refuses_bad_settings(fields, needle):
-    from fs_mllm.gsb_training import BoosterTrainingRun
+    from fs_mllm.booster.run import BoosterTrainingRun
 
     with pytest.raises(ValueError, match=re.escape(needle)):
         BoosterTrainingRun(output_dir="o", **fields)
@@ -647,7 +646,7 @@ def test_the_train_mapper_command_is_one_library_call(tmp_path, monkeypatch, cap
     """fs-mllm train-mapper parses into a UtilityTrainConfig and calls train_utility_booster once, recording
     the command line it ran (the training itself is tested above, through tiny models)."""
     import fs_mllm.commands.train_mapper as command
-    from fs_mllm.gsb_utility import UtilityTrainConfig
+    from fs_mllm.booster.through_lm import UtilityTrainConfig
 
     calls = []
     monkeypatch.setattr(command, "train_utility_booster", lambda train, out, **kw: calls.append((train, out, kw)) or {"saved": "x"})
@@ -663,7 +662,7 @@ def test_the_train_mapper_command_is_one_library_call(tmp_path, monkeypatch, cap
 
 
 def test_a_training_run_checks_the_boosters_shape_before_any_encoder_loads():
-    from fs_mllm.gsb_training import BoosterTrainingRun
+    from fs_mllm.booster.run import BoosterTrainingRun
 
     with pytest.raises(ValueError, match="use_denoiser and use_mapper are both False"):
         BoosterTrainingRun(output_dir="o", use_denoiser=False, use_mapper=False)

@@ -544,7 +544,7 @@ MINI_CHILD = textwrap.dedent("""
     from huggingface_hub import constants, snapshot_download
     from transformers import AutoModelForImageTextToText
     import fs_mllm
-    from fs_mllm.gsb import GaussianSmoothnessBooster
+    from fs_mllm.booster.model import GaussianSmoothnessBooster
     from fs_mllm.models import mini_llava
     from fs_mllm.models.loading import load_model
 

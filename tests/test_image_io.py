@@ -5,7 +5,7 @@ import pytest
 
 from fs_mllm import image_io
 from fs_mllm.evaluation.datasets import load_offline_photo
-from fs_mllm.gsb_training import offline_photo as booster_photo
+from fs_mllm.booster.data import offline_photo as booster_photo
 from fs_mllm.synthetic import _background
 
 

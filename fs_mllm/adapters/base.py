@@ -49,7 +49,7 @@ FeatureOutput = Any  # a transformers ModelOutput (BaseModelOutputWithPooling or
 
 @runtime_checkable
 class Booster(Protocol):
-    """What ``patch_model(booster=...)`` accepts (fs_mllm.gsb.GaussianSmoothnessBooster implements it).
+    """What ``patch_model(booster=...)`` accepts (fs_mllm.GaussianSmoothnessBooster implements it).
 
     ``denoise`` and ``map_features`` are each optional (absent or None means "skip this stage"):
 

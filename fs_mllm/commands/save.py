@@ -35,7 +35,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> Path:
     """``fs-mllm save``: load (``--model``), patch, save; prints and returns the folder."""
     from ..arguments import fs_config_from_args
-    from ..gsb import GaussianSmoothnessBooster
+    from ..booster.model import GaussianSmoothnessBooster
     from ..models.loading import load_model
     from ..patching import patch_model
 

@@ -1,6 +1,6 @@
 """``fs-mllm train-gsb`` (and recipes/train_gsb.py): the booster training's command line, parsed into a
-:class:`~fs_mllm.gsb_training.BoosterTrainingRun` (whose fields hold the defaults) and run by
-:func:`~fs_mllm.gsb_training.run_booster_training`, the same call a Python user makes."""
+:class:`~fs_mllm.booster.run.BoosterTrainingRun` (whose fields hold the defaults) and run by
+:func:`~fs_mllm.booster.run.run_booster_training`, the same call a Python user makes."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 
 from ..arguments import (dataclass_from_args, existing_folder, fraction, image_size, non_negative_float, non_negative_int,
                          positive_float, positive_int, probability, settings_or_usage_error)
-from ..gsb import NOISE_LEVELS
-from ..gsb_training import MIXED_PRECISION, BoosterTrainingRun, run_booster_training
+from ..booster.model import NOISE_LEVELS
+from ..booster.run import MIXED_PRECISION, BoosterTrainingRun, run_booster_training
 
 TRAIN_DESCRIPTION = """\
 Train a Gaussian Smoothness Booster around a frozen vision encoder, then evaluate it on held-out images.

@@ -1,6 +1,6 @@
 """``fs-mllm train-mapper``: fs-mini-llava's booster trained through the frozen language model, the
-command line of :func:`fs_mllm.gsb_utility.train_utility_booster` (its options are
-:class:`~fs_mllm.gsb_utility.UtilityTrainConfig`'s fields, with its defaults)."""
+command line of :func:`fs_mllm.booster.through_lm.train_utility_booster` (its options are
+:class:`~fs_mllm.booster.through_lm.UtilityTrainConfig`'s fields, with its defaults)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 
 from ..arguments import (dataclass_from_args, non_negative_float, non_negative_int, positive_float, positive_int,
                          settings_or_usage_error)
-from ..gsb_utility import STAGES, UtilityTrainConfig, train_utility_booster
+from ..booster.through_lm import STAGES, UtilityTrainConfig, train_utility_booster
 from ..models.mini_llava import BOOSTER_DIR
 
 DESCRIPTION = ("Train a stage of fs-mini-llava's booster through the frozen language model and save the booster: "

@@ -322,7 +322,7 @@ def _attack_all(run: AttackRun, out: Path, progress: bool) -> tuple[dict, list]:
             mean, std = resolve_mean_std(model, adapter, processor)
             booster = None
             if "fs+gsb" in run.modes:
-                from fs_mllm.gsb import GaussianSmoothnessBooster
+                from fs_mllm.booster.model import GaussianSmoothnessBooster
 
                 booster = GaussianSmoothnessBooster.from_pretrained(run.booster, device=run.device)
             run_id = time.strftime("%Y%m%dT%H%M%S")

@@ -301,7 +301,7 @@ def _certify(settings: Mapping[str, Any], todo: list, done: dict, writer: Result
         from fs_mllm.models.loading import load_model as load
     booster = None
     if any(variant == "fs+gsb" for variant, _ in todo):
-        from fs_mllm.gsb import GaussianSmoothnessBooster
+        from fs_mllm.booster.model import GaussianSmoothnessBooster
 
         booster = GaussianSmoothnessBooster.from_pretrained(settings["booster"]).eval()
     model, processor = load(settings["model"])

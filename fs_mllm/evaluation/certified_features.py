@@ -128,7 +128,7 @@ def run_certify_features(settings: FeatureCertifySettings, output_dir: str | Pat
     import torch
     from tqdm.auto import tqdm
 
-    from ..gsb import GaussianSmoothnessBooster
+    from ..booster.model import GaussianSmoothnessBooster
     from ..image_io import processor_size, to_tensor01
     from ..models.loading import load_model
     from ..results import durable_replace, write_report

@@ -51,7 +51,7 @@ from fs_mllm.evaluation.settings import (  # the public names stay importable fr
 )
 from fs_mllm.evaluation.summary import summarize
 from fs_mllm.evaluation.vqa import vqa_score
-from fs_mllm.gsb import GaussianSmoothnessBooster
+from fs_mllm.booster.model import GaussianSmoothnessBooster
 from fs_mllm.models.loading import DEFAULT_MODEL, load_model  # one loader for all entry points
 from fs_mllm.models.mini_llava import build_prompt
 from fs_mllm.normalization import resolve_mean_std

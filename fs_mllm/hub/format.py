@@ -124,7 +124,7 @@ def check_repo_id(repo_id: Any, name: str) -> str:
 
 def write_patch_files(folder: Path, record: SavedPatch, booster: Any, card: Optional[str]) -> None:
     """Booster, card, then fs_config.json last: a folder with fs_config.json is complete."""
-    from ..gsb import CONFIG_NAME, WEIGHTS_NAME
+    from ..booster.model import CONFIG_NAME, WEIGHTS_NAME
 
     (folder / FS_CONFIG_NAME).unlink(missing_ok=True)
     if booster is not None:

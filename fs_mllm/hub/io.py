@@ -213,7 +213,7 @@ def _saved_booster(folder: Path, record: SavedPatch, model: nn.Module, sigma: fl
     if not record.booster:
         return None
     from ..adapters import get_adapter
-    from ..gsb import CONFIG_NAME, GaussianSmoothnessBooster
+    from ..booster.model import CONFIG_NAME, GaussianSmoothnessBooster
 
     booster = GaussianSmoothnessBooster.from_pretrained(folder)
     try:

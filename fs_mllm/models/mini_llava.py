@@ -230,7 +230,7 @@ def mini_llava_repo(cache_dir: Optional[PathLike] = None) -> str:
     from huggingface_hub import constants
     from huggingface_hub.file_download import repo_folder_name
 
-    from fs_mllm.gsb import GaussianSmoothnessBooster
+    from fs_mllm.booster.model import GaussianSmoothnessBooster
 
     base = mini_llava_dir()  # built once; its name carries the projector's digest
     parts = [f"format {FORMAT_VERSION}", base.name, __version__, sha256(TEMPLATE_PATH) if TEMPLATE_PATH.is_file() else "no card"]

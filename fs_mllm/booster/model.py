@@ -33,9 +33,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .arguments import check_int
-from .config import check_sigma, dataclass_from_dict
-from .smoothed_path import BoosterStages
+from ..arguments import check_int
+from ..config import check_sigma, dataclass_from_dict
+from ..smoothed_path import BoosterStages
 
 WEIGHTS_NAME = "gsb.safetensors"
 CONFIG_NAME = "gsb_config.json"

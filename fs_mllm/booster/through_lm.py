@@ -24,7 +24,7 @@ Where the mapper sits: after the projector, on the features the decoder reads. T
   clean pixels unchanged). Each step costs a backward pass through the tower and the language model.
 
 Each stage is a deterministic function of each noisy copy, so certificates of the boosted smoothed
-encoder stay sound. Checkpoints are atomic and resumable (``gsb_training``'s).
+encoder stay sound. Checkpoints are atomic and resumable (:mod:`fs_mllm.booster.checkpoint`'s).
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from .config import UTILITY_BOOSTER_STEPS, FSConfig
-from .gsb import GaussianSmoothnessBooster, GSBConfig
-from .smoothing import rescale_direction, unit_features
+from ..config import UTILITY_BOOSTER_STEPS, FSConfig
+from ..smoothing import rescale_direction, unit_features
+from .model import GaussianSmoothnessBooster, GSBConfig
 
 __all__ = ["UtilityTrainConfig", "feature_bank", "smoothed_bank_features", "train_mapper_utility", "training_scenes", "write_train_images",
            "train_denoiser_utility", "train_utility_booster"]
@@ -96,8 +96,8 @@ def feature_bank(model: Any, processor: Any, booster: GaussianSmoothnessBooster,
 
 def _plain_features(model: Any, processor: Any, pixels: torch.Tensor) -> torch.Tensor:
     """Features of pixels that may leave [0,1] (noisy copies are fed unclamped, as the patch does)."""
-    from .attacks import image_features
-    from .patching import is_patched
+    from ..attacks import image_features
+    from ..patching import is_patched
 
     if is_patched(model):
         raise ValueError("feature_bank needs the unpatched model (it adds the noise itself)")
@@ -149,14 +149,14 @@ def _train_utility(booster: GaussianSmoothnessBooster, module: torch.nn.Module, 
     rng) -> (utility, identity, consistency)`` with ``rng = random.Random(step_seed)``, atomic checkpoints it
     resumes from. Batches and noise are pure functions of the step's seed, so a resumed run replays nothing
     and repeats nothing."""
-    from .gsb_training import load_checkpoint_state, save_checkpoint, unflatten_optimizer_state
+    from .checkpoint import load_checkpoint_state, save_checkpoint, unflatten_optimizer_state
 
     optimizer = torch.optim.AdamW(module.parameters(), lr=train.lr, weight_decay=0.0)
     checkpoint = Path(output_dir) / "checkpoint" if output_dir else None
     step, history, previous_seconds = 0, [], 0.0
     resumed = load_checkpoint_state(checkpoint) if checkpoint is not None else None
     if resumed is not None:
-        from .results import describe_changes
+        from ..results import describe_changes
 
         changed = describe_changes({"stage": "mapper", **resumed.get("train_config", {})}, train.to_dict())  # 0.1: no stage
         if changed:
@@ -244,9 +244,9 @@ def train_denoiser_utility(model: Any, processor: Any, booster: GaussianSmoothne
     path ``patch_model`` deploys (``train.n_copies`` noisy copies per image, fresh noise every step: the
     step is the noise seed). ``model`` must be unpatched; it is patched for training and unpatched after.
     Identity: relative squared change of clean pixels (told the level measured on them, ~0)."""
-    from .adapters import get_adapter
-    from .attacks import image_features, noise_seed
-    from .patching import is_patched, patch_model, unpatch_model
+    from ..adapters import get_adapter
+    from ..attacks import image_features, noise_seed
+    from ..patching import is_patched, patch_model, unpatch_model
 
     if is_patched(model):
         raise ValueError("train_denoiser_utility needs the unpatched model (it patches it with the booster itself)")
@@ -288,8 +288,8 @@ def with_mapper(booster: GaussianSmoothnessBooster, feature_dim: int, encoder_id
 def training_scenes(n_images: int, seed: int = 0) -> list:
     """fs-mini-llava's booster training scenes: the synthetic *training* split (never the held-out one that
     every accuracy figure is measured on), stream ``seed + 1``, at the model's image size."""
-    from .models.mini_llava import IMAGE_SIZE
-    from .synthetic import make_dataset
+    from ..models.mini_llava import IMAGE_SIZE
+    from ..synthetic import make_dataset
 
     return make_dataset(n_images, split="train", seed=seed + 1, size=IMAGE_SIZE)
 
@@ -299,8 +299,8 @@ def write_train_images(folder: str | Path, synthetic: int = 800, seed: int = 0) 
     (:func:`training_scenes`, the ones the utility stage trains on) plus the DINOv2 booster's training photos."""
     from PIL import Image
 
-    from .gsb_training import TRAIN_PHOTOS
-    from .image_io import offline_photo
+    from ..image_io import offline_photo
+    from .data import TRAIN_PHOTOS
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -321,9 +321,9 @@ def train_utility_booster(train: UtilityTrainConfig, output_dir: Union[str, os.P
     booster goes (default ``output_dir/booster``). ``recipe``: how the run was started, recorded in the
     booster's config beside its settings (default: this call). Returns the run's record, ``saved`` included.
     """
-    from .image_io import to_tensor01
-    from .models import load_mini_llava
-    from .models.mini_llava import BOOSTER_DIR, IMAGE_SIZE, IMAGE_TOKEN, build_prompt
+    from ..image_io import to_tensor01
+    from ..models import load_mini_llava
+    from ..models.mini_llava import BOOSTER_DIR, IMAGE_SIZE, IMAGE_TOKEN, build_prompt
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -337,18 +337,18 @@ def train_utility_booster(train: UtilityTrainConfig, output_dir: Union[str, os.P
         result = train_denoiser_utility(model, processor, booster, images, [e.qa for e in examples], build_prompt,
                                         image_id, train, output_dir=str(out))
         note = ("denoiser fine-tuned through the frozen DINOv2 tower, projector and SmolLM2 on answers of noisy "
-                "synthetic training images (fs_mllm.gsb_utility, stage denoiser)")
+                "synthetic training images (fs_mllm.booster.through_lm, stage denoiser)")
     else:
         booster = with_mapper(shipped, shipped.config.feature_dim, shipped.config.encoder_id or "fs-mini-llava/projector")
         bank, bank_seconds = _load_or_build_bank(out / "bank.safetensors", model, processor, booster, examples, train, IMAGE_SIZE, to_tensor01)
         result = train_mapper_utility(model, processor.tokenizer, booster, bank, [e.qa for e in examples], build_prompt,
                                       image_id, train, output_dir=str(out))
         note = ("denoiser from the DINOv2 booster; mapper after the projector, trained through the frozen SmolLM2 on "
-                "answers of noisy synthetic training images (fs_mllm.gsb_utility)")
+                "answers of noisy synthetic training images (fs_mllm.booster.through_lm)")
     extra = dict(shipped.config.extra)
     runs = list(extra.get("finetune_runs", []))  # one record per run, the shipped booster's included
     runs.append({"step": f"utility fine-tune of the {train.stage} through the frozen language model",
-                 "recipe": recipe or f"fs_mllm.gsb_utility.train_utility_booster(stage={train.stage!r})",
+                 "recipe": recipe or f"fs_mllm.booster.through_lm.train_utility_booster(stage={train.stage!r})",
                  "train_config": train.to_dict(), "seconds_training": round(result["seconds_total"], 1),
                  "device": f"cpu, {torch.get_num_threads()} torch thread(s)", "final": result["history"][-1] if result["history"] else None,
                  **({"seconds_bank": round(bank_seconds, 1)} if train.stage == "mapper" else {})})
