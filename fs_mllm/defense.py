@@ -389,33 +389,23 @@ class DefenseCheckpoint:
     def __init__(self, folder: str | os.PathLike, settings: DefenseSettings, clean_items: Sequence[EvalItem],
                  attack_items: Sequence[EvalItem], model: nn.Module, processor: Any = None, booster: Any = None,
                  device: str = "cpu") -> None:
-        from .results import ResultsFolderError, ResultsLock, ResultWriter, check_settings, claim_settings, read_rows
+        from .results import ResultsFolder, ResultsFolderError
 
         self.folder = Path(folder)
         if self.folder.exists() and not self.folder.is_dir():
             raise ValueError(f"checkpoint must be a folder, got the file {self.folder}")
         self.folder.mkdir(parents=True, exist_ok=True)
-        rows_path = self.folder / "rows.jsonl"
-        lock = ResultsLock(rows_path)  # one run per folder
-        try:
-            identity = _identity(settings, clean_items, attack_items, model, processor, device)
-            try:
-                rows = read_rows(rows_path)
-            except ValueError as error:
-                raise ResultsFolderError(f"{error}; delete the folder {self.folder} to start the run again") from None
-            crafted = any(self.folder.glob("*.safetensors"))
-            claim_settings(self.folder, identity, holds_results=bool(rows) or crafted)
-            check_settings(self.folder, identity, label="checkpoint", upgrade=functools.partial(_one_alpha, self.folder),
-                           fix="rerun with what it was started with, or use another checkpoint folder (or delete this one)")
-            self.done = {tuple(row["key"]): row for row in rows}
-            boosted = self.done.get(("state", "fs+gsb", "", 0.0))
-            if boosted is not None and "fs+gsb" in settings.variants and boosted.get("booster") != module_fingerprint(booster):
-                raise ResultsFolderError(f"checkpoint {self.folder} holds fs+gsb rows of another booster; pass the "
-                                         "booster they were made with, or use another checkpoint folder")
-            self.writer = ResultWriter(rows_path, lock)
-        except BaseException:
-            lock.release()
-            raise
+        identity = _identity(settings, clean_items, attack_items, model, processor, device)
+        self.results = ResultsFolder(
+            self.folder, identity, label="checkpoint", upgrade=functools.partial(_one_alpha, self.folder),
+            fix="rerun with what it was started with, or use another checkpoint folder (or delete this one)",
+            other_results=any(self.folder.glob("*.safetensors")))  # crafted images are results too
+        self.done = self.results.done
+        boosted = self.done.get(("state", "fs+gsb", "", 0.0))
+        if boosted is not None and "fs+gsb" in settings.variants and boosted.get("booster") != module_fingerprint(booster):
+            self.results.close()
+            raise ResultsFolderError(f"checkpoint {self.folder} holds fs+gsb rows of another booster; pass the "
+                                     "booster they were made with, or use another checkpoint folder")
 
     def get(self, key: tuple) -> Optional[dict[str, Any]]:
         """The record saved under ``key`` (without its key), rows in ROW_FIELDS order; None if not done."""
@@ -429,11 +419,7 @@ class DefenseCheckpoint:
 
     def put(self, key: tuple, record: dict[str, Any]) -> dict[str, Any]:
         """Save ``record`` under ``key`` (flushed to disk) and return it as a resumed run would read it."""
-        from .results import finite_or_none
-
-        row = {k: finite_or_none(v) for k, v in record.items()}
-        self.writer.write({"key": list(key), **row})
-        self.done[tuple(key)] = {"key": list(key), **row}
+        self.results.put(key, record)
         return self.get(key)
 
     def tensors(self, name: str, make: Callable[[], dict[str, torch.Tensor]],
@@ -462,7 +448,7 @@ class DefenseCheckpoint:
         (self.folder / name).unlink(missing_ok=True)
 
     def close(self) -> None:
-        self.writer.close()
+        self.results.close()
 
 
 def _row_key(variant: str, protocol: str, norm: str, eps: float) -> tuple:

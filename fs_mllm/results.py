@@ -175,6 +175,62 @@ class ResultWriter:
         self.close()
 
 
+class ResultsFolder:
+    """A resumable run's folder: ``settings.json`` (what its results measured), one append-only rows file (each
+    row with its ``key``, written durably the moment it exists) and one run at a time (the rows file's lock).
+
+    The one claiming and resume rule of the resumable runs (the defense table's checkpoints, ``fs-mllm certify
+    --answers``): a folder that holds no results is claimed by the run (its ``settings.json`` written over: a
+    first run that stopped before any result computed nothing to mix in); one that holds results resumes only
+    under the same settings (keys in ``may_change`` aside; ``upgrade`` reads a settings.json of an older
+    version), else :class:`SettingsMismatchError` names each differing field. ``done`` maps each key already
+    written to its row as a resume reads it back, so a rerun computes only what is missing.
+
+    Raises:
+        ResultsBusyError: another run holds the folder.
+        ResultsFolderError: the rows file is corrupt (not only a torn last line).
+        SettingsMismatchError: the folder holds results of other settings.
+    """
+
+    def __init__(self, folder: str | os.PathLike, settings: Mapping[str, Any], *, rows_file: str = "rows.jsonl",
+                 may_change: Collection[str] = (), upgrade: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None,
+                 label: str = "output_dir", fix: str = "use a new output folder or restore the original settings",
+                 other_results: bool = False) -> None:
+        self.folder = Path(folder)
+        rows_path = self.folder / rows_file
+        lock = ResultsLock(rows_path)  # first: the settings.json of a folder another run writes to is never replaced
+        try:
+            try:
+                rows = read_rows(rows_path)
+            except ValueError as error:
+                raise ResultsFolderError(f"{error}; delete the folder {self.folder} to start the run again") from None
+            claim_settings(self.folder, settings, holds_results=bool(rows) or other_results)
+            check_settings(self.folder, settings, may_change=may_change, upgrade=upgrade, label=label, fix=fix)
+            self.done: dict[tuple, dict[str, Any]] = {tuple(row["key"]): row for row in rows}
+            self._writer = ResultWriter(rows_path, lock)
+        except BaseException:
+            lock.release()
+            raise
+
+    def put(self, key: Sequence[Any], record: Mapping[str, Any]) -> dict[str, Any]:
+        """Write ``record`` under ``key`` (flushed and fsynced: the key counts as done once this returns) and return
+        the row as a resumed run reads it back (strict JSON: NaN and inf as None, keys sorted)."""
+        row = {**{k: finite_or_none(v) for k, v in record.items()}, "key": list(key)}
+        self._writer.write(row)
+        self.done[tuple(key)] = json.loads(json.dumps(row, sort_keys=True))
+        return self.done[tuple(key)]
+
+    def close(self) -> None:
+        """Release the folder (its lock); the rows written stay."""
+        self._writer.close()
+
+    def __enter__(self) -> "ResultsFolder":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
 def durable_replace(temporary: Path, path: Path) -> None:
     """Rename a fully written file into place, flushed to disk first, so a crash leaves the old file or the new one."""
     with open(temporary, "rb+") as f:

@@ -568,3 +568,31 @@ def test_answer_length_defaults_are_the_commands_for_each_task():
         assert settings.max_new_tokens == tokens == build_parser(task).get_default("max_new_tokens")
         assert settings_from_args(build_parser(task).parse_args(["--output-dir", "x"]), task) == settings
         assert settings.to_dict()["max_new_tokens"] == tokens and EvalSettings.from_dict(settings.to_dict()) == settings
+
+
+def test_a_results_folder_claims_resumes_and_refuses_by_one_rule(tmp_path):
+    """fs_mllm.results.ResultsFolder, the store of the defense checkpoints and certified answers: an empty folder
+    is claimed (its settings.json written over), a folder with rows resumes only under its settings (may_change
+    aside) and reads its rows back by key, one run at a time, a corrupt file is named, a torn tail is cut."""
+    from fs_mllm.results import ResultsBusyError, ResultsFolder, ResultsFolderError, SettingsMismatchError
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "settings.json").write_text(json.dumps({"sigma": 9}))  # a first run that stopped before any row
+    with ResultsFolder(folder, {"sigma": 0.25, "limit": 1}, may_change=("limit",)) as results:
+        assert results.done == {}
+        row = results.put(("q0", "fs"), {"radius": float("nan"), "span": (1, 2)})
+        assert row == {"key": ["q0", "fs"], "radius": None, "span": [1, 2]}  # as a resume reads it back
+        with pytest.raises(ResultsBusyError):
+            ResultsFolder(folder, {"sigma": 0.25, "limit": 1}, may_change=("limit",))
+    assert json.loads((folder / "settings.json").read_text()) == {"sigma": 0.25, "limit": 1}
+    with (folder / "rows.jsonl").open("a") as handle:
+        handle.write('{"key": ["q1", "fs"], "rad')  # killed mid-write
+    with ResultsFolder(folder, {"sigma": 0.25, "limit": 2}, may_change=("limit",)) as results:
+        assert results.done == {("q0", "fs"): row}
+    with pytest.raises(SettingsMismatchError, match=r"sigma: stored 0\.25, now 0\.5"):
+        ResultsFolder(folder, {"sigma": 0.5, "limit": 1}, may_change=("limit",))
+    ResultsFolder(folder, {"sigma": 0.25, "limit": 1}).close()  # the refusal above released the folder
+    (folder / "rows.jsonl").write_text("not json\n" + (folder / "rows.jsonl").read_text())
+    with pytest.raises(ResultsFolderError, match="line 1 is not a valid result row"):
+        ResultsFolder(folder, {"sigma": 0.25, "limit": 1})

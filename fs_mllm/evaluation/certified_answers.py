@@ -27,10 +27,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from fs_mllm.results import (
-    ResultsLock, ResultWriter, check_settings, claim_settings, durable_replace, finite_or_none,
-    folder_kept_only_with_rows, read_rows,
-)
+from fs_mllm.results import ResultsFolder, durable_replace, finite_or_none, folder_kept_only_with_rows
 
 __all__ = ["ROWS_FILE", "REPORT_RADII", "MAY_CHANGE", "read_candidates", "answer_settings", "run_certify_answers",
            "summarize_answers", "predict_from_counts"]
@@ -161,7 +158,7 @@ def _row(item: dict[str, Any], variant: str, cert: Any, question: str, reference
     judge = (lambda answer: None if references is None else (answer is not None and answers_match(answer, references)))
     predicted = predict_from_counts(cert.top_counts, alpha)
     return {
-        "key": [item["id"], variant], "question_id": item["id"], "variant": variant, "question": question,
+        "question_id": item["id"], "variant": variant, "question": question,
         "image_id": image_id, "references": references,
         "answer": cert.answer, "correct": judge(cert.answer), "selected": cert.selected,
         "selected_correct": judge(cert.selected), "radius": finite_or_none(float(cert.radius)),
@@ -258,37 +255,27 @@ def run_certify_answers(settings: Mapping[str, Any], output_dir: str | os.PathLi
         raise ValueError(f"--output-dir {str(out)!r} exists and is not a folder")
     settings = dict(settings)
     with folder_kept_only_with_rows(out, ROWS_FILE):
-        rows_path = out / ROWS_FILE
-        lock = ResultsLock(rows_path)  # first: settings.json of a folder another run writes to is never replaced
-        try:
-            claim_settings(out, settings, holds_results=bool(read_rows(rows_path)))
-            check_settings(out, settings, may_change=MAY_CHANGE, label="--output-dir",
-                           fix="use a new --output-dir or rerun with the original settings")
-            writer = ResultWriter(rows_path, lock)
-        except BaseException:
-            lock.release()
-            raise
+        results = ResultsFolder(out, settings, rows_file=ROWS_FILE, may_change=MAY_CHANGE, label="--output-dir",
+                                fix="use a new --output-dir or rerun with the original settings")
         model = None
         try:
-            done = {tuple(row["key"]): row for row in read_rows(rows_path)}
             items = _questions(settings)
             if not items:
                 raise ValueError("no questions to certify")
             todo = [(variant, item) for variant in settings["variants"] for item in items
-                    if (item["id"], variant) not in done]
+                    if (item["id"], variant) not in results.done]
             if todo:
-                model = _certify(settings, todo, done, writer, progress, load)
+                model = _certify(settings, todo, results, progress, load)
         finally:
-            writer.close()
+            results.close()
             if model is not None:
                 from fs_mllm.patching import unpatch_model
 
                 unpatch_model(model)
-        return summarize_answers(done, [item["id"] for item in items], settings, out)
+        return summarize_answers(results.done, [item["id"] for item in items], settings, out)
 
 
-def _certify(settings: Mapping[str, Any], todo: list, done: dict, writer: ResultWriter, progress: bool,
-             load: Any) -> Any:
+def _certify(settings: Mapping[str, Any], todo: list, results: ResultsFolder, progress: bool, load: Any) -> Any:
     from tqdm.auto import tqdm
 
     from fs_mllm.answer_certify import certify_answer
@@ -322,8 +309,6 @@ def _certify(settings: Mapping[str, Any], todo: list, done: dict, writer: Result
                               n0=settings["n0"], n=settings["n"], alpha=settings["alpha"],
                               batch_size=settings["batch_size"], seed=settings["seed"], processor=processor,
                               max_new_tokens=settings["max_new_tokens"])[0]
-        row = _row(item, variant, cert, question, references, image_id, settings["alpha"])
-        writer.write(row)  # durable first: a key counts as done once its row is on disk
-        done[(item["id"], variant)] = json.loads(json.dumps(row, sort_keys=True))  # as a resume reads it back
+        results.put((item["id"], variant), _row(item, variant, cert, question, references, image_id, settings["alpha"]))
     return model
 
