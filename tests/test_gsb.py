@@ -498,7 +498,7 @@ def test_utility_training_trains_only_the_mapper_through_the_deployed_smoothing(
 def test_utility_training_of_the_denoiser_runs_through_the_patched_smoothed_path(tmp_path):
     """Stage "denoiser": only the denoiser learns, through the frozen tower, projector and language model on
     the deployed smoothed path; the model comes back unpatched; a finished run resumes to itself."""
-    from fs_mllm.booster.through_lm import UtilityTrainConfig, train_denoiser_utility
+    from fs_mllm.booster.through_lm import UtilityTrainConfig, train_path_utility
     from fs_mllm.patching import is_patched, patch_model, unpatch_model
     from fs_mllm.testing import IMAGE_TOKEN, build_llava
 
@@ -512,8 +512,8 @@ def test_utility_training_of_the_denoiser_runs_through_the_patched_smoothed_path
     before = {k: v.clone() for k, v in booster.state_dict().items()}
     frozen = [p.clone() for p in model.parameters()]
     train = UtilityTrainConfig(stage="denoiser", steps=3, batch_size=2, images=3, n_copies=2, checkpoint_every=2)
-    run = lambda config: train_denoiser_utility(model, processor, booster, images, qa, lambda q: "<image> " + q,  # noqa: E731
-                                                IMAGE_TOKEN, config, output_dir=str(tmp_path), progress=False)
+    run = lambda config: train_path_utility(model, processor, booster, images, qa, lambda q: "<image> " + q,  # noqa: E731
+                                            IMAGE_TOKEN, config, output_dir=str(tmp_path), progress=False)
     result = run(train)
     assert result["steps"] == 3 and all(math.isfinite(h["loss"]) for h in result["history"])
     assert any(not torch.equal(before[k], v) for k, v in booster.state_dict().items())
@@ -531,12 +531,49 @@ def test_utility_training_of_the_denoiser_runs_through_the_patched_smoothed_path
     told = GaussianSmoothnessBooster(GSBConfig(feature_dim=32, use_mapper=False, denoiser_channels=8, denoiser_depth=2,
                                                sigma_min=0.1, sigma_max=0.5, noise_level="given"))
     with pytest.raises(ValueError, match="estimated"):
-        train_denoiser_utility(model, processor, told, images, qa, lambda q: "<image> " + q, IMAGE_TOKEN, train,
-                               output_dir=str(tmp_path / "given"), progress=False)
+        train_path_utility(model, processor, told, images, qa, lambda q: "<image> " + q, IMAGE_TOKEN, train,
+                           output_dir=str(tmp_path / "given"), progress=False)
     with pytest.raises(ValueError, match="sigma"):
-        train_denoiser_utility(model, processor, booster, images, qa, lambda q: "<image> " + q, IMAGE_TOKEN,
-                               UtilityTrainConfig(stage="denoiser", sigma=0.9, steps=1, batch_size=2, images=3, n_copies=2),
-                               output_dir=str(tmp_path / "far"), progress=False)
+        train_path_utility(model, processor, booster, images, qa, lambda q: "<image> " + q, IMAGE_TOKEN,
+                           UtilityTrainConfig(stage="denoiser", sigma=0.9, steps=1, batch_size=2, images=3, n_copies=2),
+                           output_dir=str(tmp_path / "far"), progress=False)
+
+
+def test_joint_utility_training_trains_denoiser_and_mapper_on_the_smoothed_path(tmp_path):
+    """Stage "joint" (booster v2): the denoiser and the mapper learn together on the deployed smoothed path, fresh
+    noise every step, with the statistics term when stats_weight > 0; everything else stays frozen; a booster
+    without a mapper, or the bank-trained mapper stage, is refused by this path."""
+    from fs_mllm.booster.through_lm import UtilityTrainConfig, train_path_utility
+    from fs_mllm.patching import is_patched
+    from fs_mllm.testing import IMAGE_TOKEN, build_llava
+
+    model, _ = build_llava()
+    processor = type("P", (), {"image_mean": [0.5] * 3, "image_std": [0.25] * 3, "tokenizer": _WordTokenizer()})()
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    qa = [[("what?", ["red"])]] * 3
+    torch.manual_seed(0)
+    booster = GaussianSmoothnessBooster(GSBConfig(feature_dim=32, denoiser_channels=8, denoiser_depth=2, mapper_hidden=16,
+                                                  sigma_min=0.1, sigma_max=0.5))
+    denoiser_before = {k: v.clone() for k, v in booster.denoiser.state_dict().items()}
+    mapper_before = {k: v.clone() for k, v in booster.mapper.state_dict().items()}
+    frozen = [p.clone() for p in model.parameters()]
+    train = UtilityTrainConfig(stage="joint", steps=2, batch_size=2, images=3, n_copies=2, stats_weight=0.5)
+    run = lambda booster, config, folder: train_path_utility(  # noqa: E731
+        model, processor, booster, images, qa, lambda q: "<image> " + q, IMAGE_TOKEN, config, output_dir=str(tmp_path / folder),
+        progress=False)
+    result = run(booster, train, "joint")
+    assert result["steps"] == 2 and all(math.isfinite(h["stats"]) and h["stats"] >= 0 for h in result["history"])
+    assert any(not torch.equal(denoiser_before[k], v) for k, v in booster.denoiser.state_dict().items())
+    assert any(not torch.equal(mapper_before[k], v) for k, v in booster.mapper.state_dict().items())
+    assert all(torch.equal(a, b) for a, b in zip(frozen, model.parameters())) and not is_patched(model)
+    no_mapper = GaussianSmoothnessBooster(GSBConfig(feature_dim=32, use_mapper=False, denoiser_channels=8, denoiser_depth=2,
+                                                    sigma_min=0.1, sigma_max=0.5))
+    with pytest.raises(ValueError, match="no mapper"):
+        run(no_mapper, train, "none")
+    with pytest.raises(ValueError, match="feature bank"):
+        run(booster, UtilityTrainConfig(stage="mapper", steps=1), "bank")
+    plain = UtilityTrainConfig(stage="denoiser", steps=1, batch_size=2, images=3, n_copies=2)
+    assert "stats" not in run(no_mapper, plain, "plain")["history"][0]  # off at its default: the old stages' loss
 
 
 def test_utility_training_resumes_from_the_copy_a_kill_left_behind(tmp_path):
@@ -545,7 +582,7 @@ def test_utility_training_resumes_from_the_copy_a_kill_left_behind(tmp_path):
     import json
     import shutil
 
-    from fs_mllm.booster.through_lm import UtilityTrainConfig, train_denoiser_utility
+    from fs_mllm.booster.through_lm import UtilityTrainConfig, train_path_utility
     from fs_mllm.testing import IMAGE_TOKEN, build_llava
 
     model, _ = build_llava()
@@ -557,8 +594,8 @@ def test_utility_training_resumes_from_the_copy_a_kill_left_behind(tmp_path):
                                                        denoiser_depth=2, sigma_min=0.1, sigma_max=0.5))
     train = UtilityTrainConfig(stage="denoiser", steps=4, batch_size=2, images=2, n_copies=2, checkpoint_every=2)
     finished = make()
-    train_denoiser_utility(model, processor, finished, images, qa, lambda q: "<image> " + q, IMAGE_TOKEN, train,
-                           output_dir=str(tmp_path / "a"), progress=False)
+    train_path_utility(model, processor, finished, images, qa, lambda q: "<image> " + q, IMAGE_TOKEN, train,
+                       output_dir=str(tmp_path / "a"), progress=False)
     killed = tmp_path / "b" / "checkpoint"
     shutil.copytree(tmp_path / "a" / "checkpoint", killed.with_name("checkpoint.tmp"))  # complete, step 4
     shutil.copytree(tmp_path / "a" / "checkpoint", killed)  # the older copy: step 2, other weights
@@ -566,8 +603,8 @@ def test_utility_training_resumes_from_the_copy_a_kill_left_behind(tmp_path):
     state = json.loads((killed / "trainer_state.json").read_text())
     (killed / "trainer_state.json").write_text(json.dumps({**state, "step": 2, "history": state["history"][:2]}))
     resumed = make()
-    result = train_denoiser_utility(model, processor, resumed, images, qa, lambda q: "<image> " + q, IMAGE_TOKEN, train,
-                                    output_dir=str(tmp_path / "b"), progress=False)
+    result = train_path_utility(model, processor, resumed, images, qa, lambda q: "<image> " + q, IMAGE_TOKEN, train,
+                                output_dir=str(tmp_path / "b"), progress=False)
     assert result["steps"] == 4
     for key, value in finished.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key

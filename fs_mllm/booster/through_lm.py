@@ -21,7 +21,11 @@ Where the mapper sits: after the projector, on the features the decoder reads. T
   runs the mapper and the language model;
 * ``stage="denoiser"``: the pixel-space denoiser is trained through everything downstream, on the
   patched model's own smoothed path (fresh noise every step; identity here is the denoiser leaving
-  clean pixels unchanged). Each step costs a backward pass through the tower and the language model.
+  clean pixels unchanged). Each step costs a backward pass through the tower and the language model;
+* ``stage="joint"``: the denoiser and the mapper together on that path, fresh noise every step (no bank);
+  identity holds for both (clean pixels through the denoiser, clean features through the mapper), and
+  ``stats_weight`` adds the statistics term (per-dimension mean/std of the smoothed features matched to the
+  clean ones, :func:`fs_mllm.booster.losses.stats_matching_loss`).
 
 Each stage is a deterministic function of each noisy copy, so certificates of the boosted smoothed
 encoder stay sound. Checkpoints are atomic and resumable (:mod:`fs_mllm.booster.checkpoint`'s).
@@ -42,12 +46,14 @@ from tqdm.auto import tqdm
 
 from ..config import UTILITY_BOOSTER_STEPS, FSConfig
 from ..smoothing import rescale_direction, unit_features
+from .losses import stats_matching_loss
 from .model import GaussianSmoothnessBooster, GSBConfig
 
 __all__ = ["UtilityTrainConfig", "feature_bank", "smoothed_bank_features", "train_mapper_utility", "training_scenes", "write_train_images",
-           "train_denoiser_utility", "train_utility_booster"]
+           "train_path_utility", "train_utility_booster"]
 
-STAGES = ("mapper", "denoiser")
+STAGES = ("mapper", "denoiser", "joint")
+PATH_STAGES = ("denoiser", "joint")  # trained on the patched model's own smoothed path, fresh noise every step
 
 
 @dataclass
@@ -62,9 +68,10 @@ class UtilityTrainConfig:
     lr: float = 1e-3
     identity_weight: float = 1.0
     consistency_weight: float = 1.0
+    stats_weight: float = 0.0  # the statistics term (smoothed vs clean features, per dimension); 0: off
     seed: int = 0
     checkpoint_every: int = 50
-    stage: str = "mapper"  # which booster stage is trained: "mapper" (after the projector) or "denoiser"
+    stage: str = "mapper"  # which booster stage is trained: "mapper" (after the projector), "denoiser" or "joint" (both)
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -145,9 +152,9 @@ def answer_loss(model: Any, image_embeds: torch.Tensor, token_rows: Sequence[tup
 
 def _train_utility(booster: GaussianSmoothnessBooster, module: torch.nn.Module, batch_losses: Any,
                    train: UtilityTrainConfig, output_dir: Optional[str], progress: bool) -> dict:
-    """The one utility training loop: AdamW on ``module`` (the stage being trained), ``batch_losses(step_seed,
-    rng) -> (utility, identity, consistency)`` with ``rng = random.Random(step_seed)``, atomic checkpoints it
-    resumes from. Batches and noise are pure functions of the step's seed, so a resumed run replays nothing
+    """The one utility training loop: AdamW on ``module`` (the stages being trained), ``batch_losses(step_seed,
+    rng) -> {"utility", "identity", "consistency"[, "stats"]: loss terms}`` with ``rng = random.Random(step_seed)``,
+    weighted by ``train``, atomic checkpoints it resumes from. Batches and noise are pure functions of the step's seed, so a resumed run replays nothing
     and repeats nothing."""
     from .checkpoint import load_checkpoint_state, save_checkpoint, unflatten_optimizer_state
 
@@ -158,7 +165,8 @@ def _train_utility(booster: GaussianSmoothnessBooster, module: torch.nn.Module, 
     if resumed is not None:
         from ..results import describe_changes
 
-        changed = describe_changes({"stage": "mapper", **resumed.get("train_config", {})}, train.to_dict())  # 0.1: no stage
+        # fields added since: 0.1 stored no stage (it trained the mapper), 0.2 no stats_weight (it had none)
+        changed = describe_changes({"stage": "mapper", "stats_weight": 0.0, **resumed.get("train_config", {})}, train.to_dict())
         if changed:
             raise ValueError(f"checkpoint in {str(checkpoint)!r} was made with other settings ({'; '.join(changed)}); "
                              "rerun them or use a new output_dir")
@@ -170,15 +178,16 @@ def _train_utility(booster: GaussianSmoothnessBooster, module: torch.nn.Module, 
     booster.train()
     while step < train.steps:
         step_seed = train.seed * 1_000_003 + step
-        utility, identity, consistency = batch_losses(step_seed, random.Random(step_seed))
-        loss = utility + train.identity_weight * identity + train.consistency_weight * consistency
+        terms = batch_losses(step_seed, random.Random(step_seed))
+        loss = terms["utility"] + train.identity_weight * terms["identity"] + train.consistency_weight * terms["consistency"]
+        if "stats" in terms:
+            loss = loss + train.stats_weight * terms["stats"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         optimizer.step()
         step += 1
-        history.append({"step": step, "loss": loss.item(), "utility": utility.item(), "identity": identity.item(),
-                        "consistency": consistency.item()})
+        history.append({"step": step, "loss": loss.item(), **{name: term.item() for name, term in terms.items()}})
         bar.update()
         bar.set_postfix(utility=f"{history[-1]['utility']:.3f}", cos=f"{1 - history[-1]['consistency']:.3f}")
         if checkpoint is not None and (step % train.checkpoint_every == 0 or step == train.steps):
@@ -199,10 +208,13 @@ def _question_rows(rng: random.Random, index: Sequence[int], qa: Sequence[Sequen
 
 
 def _freeze_all_but(model: Any, booster: GaussianSmoothnessBooster, stage: str) -> torch.nn.Module:
-    """Freeze the MLLM and the booster except ``stage``; refuse boosters told a fixed noise level."""
-    module = getattr(booster, stage)
-    if module is None:
-        raise ValueError(f"booster has no {stage} to train (GSBConfig(use_{stage}=True))")
+    """Freeze the MLLM and the booster except ``stage`` (both parts for "joint"), returned as one module;
+    refuse boosters told a fixed noise level."""
+    parts = ("denoiser", "mapper") if stage == "joint" else (stage,)
+    for part in parts:
+        if getattr(booster, part) is None:
+            raise ValueError(f"booster has no {part} to train (GSBConfig(use_{part}=True))")
+    module = getattr(booster, stage) if len(parts) == 1 else torch.nn.ModuleList([booster.denoiser, booster.mapper])
     if booster.config.noise_level == "given":
         raise ValueError("booster: utility training needs noise_level='estimated' (told 'given', clean images would be "
                          "told sigma and the identity term would fight denoising); train one with --noise-level estimated")
@@ -232,25 +244,32 @@ def train_mapper_utility(model: Any, tokenizer: Any, booster: GaussianSmoothness
         clean = bank["clean"][index].float()
         residual = booster.mapper.residual(clean, bank["clean_levels"][index])
         identity = (residual.pow(2).flatten(1).sum(1) / clean.pow(2).flatten(1).sum(1)).mean()
-        return answer_loss(model, smoothed, rows, image_id), identity, _consistency(smoothed, clean)
+        terms = {"utility": answer_loss(model, smoothed, rows, image_id), "identity": identity,
+                 "consistency": _consistency(smoothed, clean)}
+        return {**terms, "stats": stats_matching_loss(smoothed, clean)} if train.stats_weight > 0 else terms
 
     return _train_utility(booster, mapper, batch_losses, train, output_dir, progress)
 
 
-def train_denoiser_utility(model: Any, processor: Any, booster: GaussianSmoothnessBooster, images01: torch.Tensor,
-                           qa: Sequence[Sequence[tuple[str, list[str]]]], prompt_fn: Any, image_id: int,
-                           train: UtilityTrainConfig, output_dir: Optional[str] = None, progress: bool = True) -> dict:
-    """Train ``booster.denoiser`` through the frozen tower, projector and language model, on the smoothed
-    path ``patch_model`` deploys (``train.n_copies`` noisy copies per image, fresh noise every step: the
-    step is the noise seed). ``model`` must be unpatched; it is patched for training and unpatched after.
-    Identity: relative squared change of clean pixels (told the level measured on them, ~0)."""
+def train_path_utility(model: Any, processor: Any, booster: GaussianSmoothnessBooster, images01: torch.Tensor,
+                       qa: Sequence[Sequence[tuple[str, list[str]]]], prompt_fn: Any, image_id: int,
+                       train: UtilityTrainConfig, output_dir: Optional[str] = None, progress: bool = True) -> dict:
+    """Train ``booster.denoiser`` (``train.stage="denoiser"``) or the denoiser and the mapper together ("joint")
+    through the frozen tower, projector and language model, on the smoothed path ``patch_model`` deploys
+    (``train.n_copies`` noisy copies per image, fresh noise every step: the step is the noise seed). ``model``
+    must be unpatched; it is patched for training and unpatched after. Identity: relative squared change of clean
+    pixels through the denoiser (told the level measured on them, ~0), plus, for "joint", of clean features
+    through the mapper."""
     from ..adapters import get_adapter
     from ..attacks import image_features, noise_seed
     from ..patching import is_patched, patch_model, unpatch_model
 
     if is_patched(model):
-        raise ValueError("train_denoiser_utility needs the unpatched model (it patches it with the booster itself)")
-    denoiser = _freeze_all_but(model, booster, "denoiser")
+        raise ValueError("train_path_utility needs the unpatched model (it patches it with the booster itself)")
+    if train.stage not in PATH_STAGES:
+        raise ValueError(f"train_path_utility trains the stages {PATH_STAGES} on the smoothed path, got stage={train.stage!r} "
+                         "(the mapper alone trains on a feature bank: train_mapper_utility)")
+    trained = _freeze_all_but(model, booster, train.stage)
     # another feature size or a sigma outside the booster's range fails before any work
     booster.check_compatible(get_adapter(model).feature_dim(model), train.sigma)
     with torch.no_grad():
@@ -265,12 +284,19 @@ def train_denoiser_utility(model: Any, processor: Any, booster: GaussianSmoothne
         pixels = images01[index]
         with noise_seed(model, step_seed):  # fresh noise every step
             smoothed = image_features(model, pixels, processor=processor)
-        denoised = booster.denoise(pixels, booster.noise_level(pixels, train.sigma))
+        clean_level = booster.noise_level(pixels, train.sigma)
+        denoised = booster.denoise(pixels, clean_level)
         identity = ((denoised - pixels).pow(2).flatten(1).sum(1) / pixels.pow(2).flatten(1).sum(1).clamp_min(1e-6)).mean()
-        return answer_loss(model, smoothed, rows, image_id), identity, _consistency(smoothed.float(), clean[index])
+        if train.stage == "joint":
+            features = clean[index]
+            residual = booster.mapper.residual(features, clean_level)
+            identity = identity + (residual.pow(2).flatten(1).sum(1) / features.pow(2).flatten(1).sum(1)).mean()
+        terms = {"utility": answer_loss(model, smoothed, rows, image_id), "identity": identity,
+                 "consistency": _consistency(smoothed.float(), clean[index])}
+        return {**terms, "stats": stats_matching_loss(smoothed, clean[index])} if train.stats_weight > 0 else terms
 
     try:
-        return _train_utility(booster, denoiser, batch_losses, train, output_dir, progress)
+        return _train_utility(booster, trained, batch_losses, train, output_dir, progress)
     finally:
         unpatch_model(model)
 
@@ -314,7 +340,8 @@ def write_train_images(folder: str | Path, synthetic: int = 800, seed: int = 0) 
 def train_utility_booster(train: UtilityTrainConfig, output_dir: Union[str, os.PathLike], *, init: Optional[Union[str, os.PathLike]] = None,
                           save_to: Optional[Union[str, os.PathLike]] = None, recipe: Optional[str] = None) -> dict:
     """Train a stage of fs-mini-llava's booster through the frozen language model and save the booster:
-    the mapper (``train.stage="mapper"``; the denoiser is kept from ``init``) or the denoiser.
+    the mapper (``train.stage="mapper"``; the denoiser is kept from ``init``), the denoiser, or both together
+    (``"joint"``; an ``init`` without a mapper gets a fresh identity-initialised one).
 
     ``init``: the booster to start from (default: the shipped one). ``output_dir`` holds the checkpoints
     (and the mapper stage's feature bank): the same call again resumes. ``save_to``: where the trained
@@ -331,13 +358,16 @@ def train_utility_booster(train: UtilityTrainConfig, output_dir: Union[str, os.P
     shipped = GaussianSmoothnessBooster.from_pretrained(init or BOOSTER_DIR).eval()
     examples = training_scenes(train.images, train.seed)
     image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    if train.stage == "denoiser":
+    if train.stage in PATH_STAGES:
         booster, bank_seconds = shipped, None
+        if train.stage == "joint" and shipped.mapper is None:
+            booster = with_mapper(shipped, shipped.config.feature_dim, shipped.config.encoder_id or "fs-mini-llava/projector")
         images = torch.stack([to_tensor01(e.image, IMAGE_SIZE) for e in examples])
-        result = train_denoiser_utility(model, processor, booster, images, [e.qa for e in examples], build_prompt,
-                                        image_id, train, output_dir=str(out))
-        note = ("denoiser fine-tuned through the frozen DINOv2 tower, projector and SmolLM2 on answers of noisy "
-                "synthetic training images (fs_mllm.booster.through_lm, stage denoiser)")
+        result = train_path_utility(model, processor, booster, images, [e.qa for e in examples], build_prompt,
+                                    image_id, train, output_dir=str(out))
+        note = (f"{'denoiser and mapper' if train.stage == 'joint' else 'denoiser'} fine-tuned through the frozen "
+                "DINOv2 tower, projector and SmolLM2 on answers of noisy synthetic training images, fresh noise every "
+                f"step (fs_mllm.booster.through_lm, stage {train.stage})")
     else:
         booster = with_mapper(shipped, shipped.config.feature_dim, shipped.config.encoder_id or "fs-mini-llava/projector")
         bank, bank_seconds = _load_or_build_bank(out / "bank.safetensors", model, processor, booster, examples, train, IMAGE_SIZE, to_tensor01)

@@ -19,13 +19,15 @@ from ..booster.through_lm import STAGES, UtilityTrainConfig, train_utility_boost
 from ..models.mini_llava import BOOSTER_DIR
 
 DESCRIPTION = ("Train a stage of fs-mini-llava's booster through the frozen language model and save the booster: "
-               "the mapper (--stage mapper; the denoiser is kept from --init) or the denoiser (--stage denoiser).")
+               "the mapper (--stage mapper; the denoiser is kept from --init), the denoiser (--stage denoiser), or "
+               "both together on the smoothed path with fresh noise every step (--stage joint).")
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
     defaults = UtilityTrainConfig()
-    kinds = {"seed": non_negative_int, "identity_weight": non_negative_float, "consistency_weight": non_negative_float}
+    kinds = {"seed": non_negative_int, "identity_weight": non_negative_float, "consistency_weight": non_negative_float,
+             "stats_weight": non_negative_float}
     for field in dataclasses.fields(UtilityTrainConfig):
         default = getattr(defaults, field.name)
         if field.name == "stage":
