@@ -93,12 +93,14 @@ def imports_of(name: str, path: Path, modules: Iterable[str]) -> dict[str, int]:
 
 
 def layer_of(name: str) -> Optional[int]:
-    """The index of the layer that holds ``name`` (its longest listed prefix; the package itself only by name),
-    0 = top."""
+    """The index of the layer that holds ``name`` (its longest listed prefix; the package itself, and a package
+    whose modules are listed one by one, such as ``fs_mllm.booster``, only by name), 0 = top."""
+    listed = {member for _, members in LAYERS for member in members}
     best, where = -1, None
     for index, (_, members) in enumerate(LAYERS):
         for member in members:
-            inside = name.startswith(member + ".") and member != PACKAGE
+            split = member == PACKAGE or any(other.startswith(member + ".") for other in listed)
+            inside = name.startswith(member + ".") and not split
             if (name == member or inside) and len(member) > best:
                 best, where = len(member), index
     return where

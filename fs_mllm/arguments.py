@@ -72,17 +72,18 @@ probability = _argtype(lambda text: check_float(text, "value", below_one=True), 
 fraction = _argtype(lambda text: check_float(text, "value", allow_zero=True, below_one=True), "fraction")  # [0, 1)
 
 
+MIN_IMAGE_SIZE = 14  # pixels per side: the smallest patch of the supported towers
 MAX_IMAGE_SIZE = 4096  # pixels per side: larger would need tens of GB per noisy batch
 
 
 def _image_size(text: str) -> int:
-    size = _int(text, 14)
+    size = _int(text, MIN_IMAGE_SIZE)
     if size > MAX_IMAGE_SIZE:
-        raise ValueError(f"value must be an image side in pixels between 14 and {MAX_IMAGE_SIZE}, got {size}")
+        raise ValueError(f"value must be an image side in pixels between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE}, got {size}")
     return size
 
 
-image_size = _argtype(_image_size, "image_size")  # 14: the smallest patch of the supported towers
+image_size = _argtype(_image_size, "image_size")
 
 
 def _device(text: str) -> str:

@@ -75,6 +75,12 @@ def check_n(n: Any, name: str = "n", minimum: int = 2) -> int:
     return n
 
 
+def _check_count(value: Any, name: str, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1 ({what}), got {value!r}")
+    return value
+
+
 def check_seed(seed: Any, name: str = "seed") -> int:
     """Seeds go to torch.Generator.manual_seed, which takes 0 <= seed < 2**63 here."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
@@ -185,7 +191,7 @@ class _CheckedConfig:
         """A copy with some fields changed (this config is left as it is).
 
         Args:
-            **changes: fields and their new values, e.g. ``config.replace(sigma=0.5)``.
+            **changes: fields and their new values, e.g. ``config.replace(alpha=0.01)``.
 
         Returns:
             The new, validated config.
@@ -209,7 +215,8 @@ class CertifyConfig(_CheckedConfig):
         alpha: failure probability of a certificate, in (0, 1). Default 0.001.
         method: lower confidence bound on the robustness score (``fs_mllm.stats``): "hoeffding", "bernstein"
             (default), "betting" or "betting_fixed".
-        n0: certified answers: the noisy copies that select the answer before the ``n`` that certify it, >= 1.
+        n0: certified answers: the noisy copies that select the answer before the ``n`` that certify it, >= 1
+            (and at most ``n``, checked where answers are certified: feature certificates use no n0).
             Default 100 (Cohen et al.).
         max_new_tokens: certified answers, open set: tokens greedily decoded per noisy copy, >= 1. Default 10.
 
@@ -228,7 +235,7 @@ class CertifyConfig(_CheckedConfig):
         "alpha": check_alpha,
         "method": lambda value: check_choice(value, "method", BOUND_METHODS),
         "n0": lambda value: check_n(value, "n0", minimum=1),
-        "max_new_tokens": lambda value: check_n(value, "max_new_tokens", minimum=1),
+        "max_new_tokens": lambda value: _check_count(value, "max_new_tokens", "tokens greedily decoded per noisy copy"),
     }
 
 

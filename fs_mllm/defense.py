@@ -264,18 +264,19 @@ def _identity(settings: DefenseSettings, clean_items: Sequence[EvalItem], attack
 def _one_alpha(folder: Path, saved: Any) -> Any:
     """A checkpoint's settings.json from before DefenseSettings lost its own ``alpha`` (the certificates' failure
     probability is now ``fs.alpha``, the one of the smoothing): the stored alpha drops out where it was fs.alpha,
-    as it was by default; where the two differed, the folder's certificates are of an alpha no setting names now.
+    as it was by default, or where the run certified nothing; where the two differed, the folder's certificates
+    are of an alpha no setting names now.
 
     Raises:
-        SettingsMismatchError: the stored alpha and fs.alpha differ.
+        SettingsMismatchError: the stored alpha and fs.alpha differ and the run certified images.
     """
     from .results import SettingsMismatchError
 
     settings = saved.get("settings") if isinstance(saved, dict) else None
-    if not isinstance(settings, dict) or "alpha" not in settings:
-        return saved
-    smoothing_alpha = settings.get("fs", {}).get("alpha") if isinstance(settings.get("fs"), dict) else None
-    if settings["alpha"] != smoothing_alpha:
+    if not isinstance(settings, dict) or "alpha" not in settings or not isinstance(settings.get("fs"), dict):
+        return saved  # not a file this version wrote: compared as stored, the refusal names what differs
+    smoothing_alpha = settings["fs"].get("alpha")
+    if settings["alpha"] != smoothing_alpha and settings.get("certify_images") != 0:  # with no certificates it decided nothing
         raise SettingsMismatchError(
             f"checkpoint {str(folder)!r} holds certificates at alpha={settings['alpha']!r} while its smoothing's alpha "
             f"(fs.alpha) was {smoothing_alpha!r}; DefenseSettings has one alpha now, fs.alpha, so it cannot resume: "

@@ -40,6 +40,7 @@ def test_the_check_names_upward_imports_cycles_and_an_unlisted_module(tmp_path):
     plant("evaluation/__init__.py", "def _late():\n    from fs_mllm.booster.through_lm import main\n")
     plant("booster/through_lm.py", "def _late():\n    from fs_mllm.evaluation.caption import java_available\n")
     (package / "stray.py").write_text("VALUE = 1\n")
+    (package / "booster" / "stray.py").write_text("VALUE = 1\n")  # a package listed module by module: each is named
     result = run_check(tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     expected = {
@@ -50,6 +51,7 @@ def test_the_check_names_upward_imports_cycles_and_an_unlisted_module(tmp_path):
         "cycle evaluation / through_lm": lambda line: line.startswith("import cycle among fs_mllm.booster.through_lm, fs_mllm.evaluation:"),
         "cycle package / stats": lambda line: line.startswith("import cycle among fs_mllm, ") and "fs_mllm.stats -> fs_mllm " in line,
         "unlisted": lambda line: line.startswith("fs_mllm.stray: in no layer"),
+        "unlisted booster module": lambda line: line.startswith("fs_mllm.booster.stray: in no layer"),
     }
     lines = result.stdout.splitlines()
     for what, matches in expected.items():

@@ -273,8 +273,9 @@ def test_feature_certification_has_a_python_api_with_the_commands_checks(tmp_pat
     from fs_mllm.evaluation.certified_features import FeatureCertifySettings, run_certify_features
 
     for bad, field in (({"n": 1}, "n"), ({"sigma": 0}, "sigma"), ({"method": "x"}, "method"), ({"limit": 0}, "limit"),
-                       ({"radii": ()}, "radii"), ({"booster": str(tmp_path / "none")}, "booster"),
-                       ({"images": str(tmp_path / "none")}, "images")):
+                       ({"radii": ()}, "radii"), ({"radii": 0.25}, "radii"), ({"booster": str(tmp_path / "none")}, "booster"),
+                       ({"booster": 5}, "booster"), ({"images": str(tmp_path / "none")}, "images"), ({"images": 123}, "images"),
+                       ({"model": ""}, "model"), ({"model": None}, "model"), ({"size": 8}, "size"), ({"size": 5000}, "size")):
         with pytest.raises(ValueError, match=field):
             FeatureCertifySettings(**bad)
     settings = FeatureCertifySettings(limit=1, n=10, seed=3, radii=(0.125,))

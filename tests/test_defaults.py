@@ -21,7 +21,7 @@ PACKAGE = Path(fs_mllm.__file__).resolve().parent
 # parameter / field names -> the config value a literal default of theirs would restate
 WATCHED = {
     "n": config.CertifyConfig.n, "certify_n": config.CertifyConfig.n,
-    "alpha": config.CertifyConfig.alpha, "certify_alpha": config.CertifyConfig.alpha,
+    "alpha": config.CertifyConfig.alpha,
     "method": config.CertifyConfig.method,
     "chunk_size": None,  # any number: None means DEFAULT_CHUNK_SIZE
     # attack strength: each entry point's number lives in config.py (ATTACK_STEPS, COMMAND_ATTACK_STEPS, ...)
@@ -84,7 +84,7 @@ def fine(images, n=CertifyConfig.n, alpha=None, chunk_size=None, steps=ATTACK_ST
 def attack(images, steps: int = 20, *, eot_samples=8): ...
 class Settings:
     certify_n: int = 1000
-    certify_alpha: float = CertifyConfig.alpha
+    alpha: float = CertifyConfig.alpha
 parser.add_argument("--alpha", type=float, default=0.001)
 parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
 parser.add_argument("--eot-samples", type=int, default=1)

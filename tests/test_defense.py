@@ -325,8 +325,9 @@ def _resume_setup(**overrides):
 
 
 def test_a_checkpoint_with_its_own_alpha_resumes_where_it_was_fs_alpha(model, tmp_path):
-    """Until 0.3 DefenseSettings had an alpha beside fs.alpha; a checkpoint that stored the two equal (every run
-    did by default) resumes, one whose certificates used another alpha is refused, naming both."""
+    """DefenseSettings used to have an alpha beside fs.alpha; a checkpoint that stored the two equal (every run
+    did by default) resumes, one whose certificates used another alpha is refused, naming both; one that
+    certified nothing resumes whatever its alpha was."""
     from fs_mllm.results import SettingsMismatchError
 
     processor, items, settings = _resume_setup(variants=("fs",), transfer_linf=(), adaptive_l2=())
@@ -341,6 +342,12 @@ def test_a_checkpoint_with_its_own_alpha_resumes_where_it_was_fs_alpha(model, tm
     (folder / "settings.json").write_text(json.dumps(stored))
     with pytest.raises(SettingsMismatchError, match=r"alpha=0\.05 while its smoothing's alpha \(fs\.alpha\) was 0\.001"):
         evaluate_defense(model, processor, items, items, settings, progress=False, checkpoint=folder)
+    from fs_mllm.defense import _one_alpha
+
+    uncertified = {**stored, "settings": {**stored["settings"], "certify_images": 0}}
+    assert "alpha" not in _one_alpha(folder, uncertified)["settings"]
+    for odd in ({"settings": {"alpha": 0.05, "fs": "junk"}}, {"settings": "junk"}, []):
+        assert _one_alpha(folder, odd) == odd  # left as stored: the comparison names what differs
 
 
 def test_a_killed_defense_run_resumes_to_the_same_rows(model, tmp_path, monkeypatch):

@@ -542,8 +542,9 @@ def test_an_eval_folder_of_fs_mllm_0_1_resumes_through_the_upgrade(tmp_path):
 
 
 def test_an_eval_folder_with_certify_alpha_resumes_as_fs_alpha(tmp_path):
-    """Until 0.3 EvalSettings had certify_alpha beside fs.alpha (which certified nothing there); a stored
-    certify_alpha is now the FSConfig's alpha: the same certificates match, another alpha is named."""
+    """EvalSettings used to have certify_alpha beside fs.alpha (which certified nothing there); a stored
+    certify_alpha is now the FSConfig's alpha: the same certificates match, another alpha is named, and an
+    odd stored file is refused naming the field, never a crash."""
     from fs_mllm.results import SettingsMismatchError, shard_path
     from fs_mllm.evaluation.settings import verify_settings
 
@@ -556,6 +557,11 @@ def test_an_eval_folder_with_certify_alpha_resumes_as_fs_alpha(tmp_path):
         verify_settings(tmp_path, {**current, "fs": FSConfig().to_dict()})
     assert EvalSettings.from_dict({k: v for k, v in stored.items() if k != "model"}).fs.alpha == 0.01
     assert "certify_alpha" not in EvalSettings().to_dict()
+    for odd, field in (({"fs": "junk"}, "fs"), ({"fs": {**FSConfig().to_dict(), "bogus": 1}}, "bogus"),
+                       ({"certify_alpha": "0.001"}, "alpha"), ({"certify_alpha": None}, "alpha")):
+        (tmp_path / "settings.json").write_text(json.dumps({**stored, **odd}))
+        with pytest.raises(SettingsMismatchError, match=field):
+            verify_settings(tmp_path, current)
 
 
 def test_answer_length_defaults_are_the_commands_for_each_task():

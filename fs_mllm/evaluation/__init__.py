@@ -10,15 +10,6 @@ import os
 from typing import Any
 
 from .caption import caption_metrics, java_available, simple_tokenize
-from .datasets import (
-    OFFLINE_EVAL_NAME,
-    SYNTHETIC_EVAL_NAME,
-    load_eval_dataset,
-    load_offline_eval,
-    load_offline_photo,
-    load_synthetic_heldout,
-    normalize_eval_columns,
-)
 from .robustness import (
     attack_outcomes,
     attack_success,
@@ -33,6 +24,20 @@ from .robustness import (
     targeted_success,
 )
 from .vqa import normalize_vqa_answer, vqa_accuracy, vqa_score, vqa_scores
+
+# the eval datasets' names, imported on first use: their module imports Hugging Face ``datasets`` (about a second),
+# which a settings class or a command's --help of this package (fs_mllm.evaluation.settings, ...) does not need
+_DATASET_NAMES = ("OFFLINE_EVAL_NAME", "SYNTHETIC_EVAL_NAME", "load_eval_dataset", "load_offline_eval", "load_offline_photo",
+                  "load_synthetic_heldout", "normalize_eval_columns")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _DATASET_NAMES:
+        from . import datasets
+
+        return getattr(datasets, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 METRIC_MODULES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metric_modules")
 METRIC_NAMES = ("vqa_accuracy", "robust_caption")

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from ..arguments import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from ..config import CertifyConfig, FSConfig
 from ..models.loading import DEFAULT_MODEL
 
@@ -69,19 +71,24 @@ class FeatureCertifySettings:
     def __post_init__(self) -> None:
         from ..config import check_n
 
-        self.fs_config()  # sigma, alpha, method, seed, chunk_size and normalize through FSConfig's own checks
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError(f"model must be a model id or a local folder (a non-empty string), got {self.model!r}")
+        fs = self.fs_config()  # sigma, alpha, method, seed, chunk_size and normalize through FSConfig's own checks
+        self.sigma, self.alpha, self.method, self.seed = fs.sigma, fs.alpha, fs.method, fs.seed
         self.n = check_n(self.n)
-        for name in ("limit", "size"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
-        radii = tuple(self.radii) if not isinstance(self.radii, str) else ()
+        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
+            raise ValueError(f"limit must be None or an integer >= 1, got {self.limit!r}")
+        if self.size is not None and (isinstance(self.size, bool) or not isinstance(self.size, int)
+                                      or not MIN_IMAGE_SIZE <= self.size <= MAX_IMAGE_SIZE):
+            raise ValueError(f"size must be None or an image side in pixels between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE}, "
+                             f"got {self.size!r}")
+        radii = tuple(self.radii) if isinstance(self.radii, (list, tuple)) else ()
         if not radii or any(isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < float("inf") for r in radii):
-            raise ValueError(f"radii must be a non-empty list of l2 radii >= 0, got {self.radii!r}")
+            raise ValueError(f"radii must be a non-empty list of l2 radii >= 0 in [0,1] pixel space, got {self.radii!r}")
         self.radii = tuple(float(r) for r in radii)
         for name in ("images", "booster"):
             folder = getattr(self, name)
-            if folder is not None and not Path(folder).is_dir():
+            if folder is not None and (not isinstance(folder, (str, os.PathLike)) or not Path(folder).is_dir()):
                 raise ValueError(f"{name} must be an existing folder, got {folder!r}")
 
     def fs_config(self) -> FSConfig:

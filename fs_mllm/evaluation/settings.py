@@ -180,14 +180,21 @@ _FLAT_FS_FIELDS = ("sigma", "n_samples", "seed")
 
 def upgrade_stored_settings(data: Mapping[str, Any]) -> dict[str, Any]:
     """Settings as older versions stored them, in today's shape, so an old results folder still resumes under
-    the same settings: fs_mllm 0.1 kept sigma/n_samples/seed at the top level, and until 0.3 the certificates'
-    failure probability was ``certify_alpha`` beside the FSConfig's own; all now live in ``fs`` (an FSConfig)."""
+    the same settings: the first versions kept sigma/n_samples/seed at the top level, and later ones the
+    certificates' failure probability as ``certify_alpha`` beside the FSConfig's own; all now live in ``fs`` (an
+    FSConfig)."""
     data = dict(data)
+    if data.get("fs") is not None and not isinstance(data["fs"], dict):
+        return data  # not a settings file this version wrote: compared as stored, the mismatch names the field
     flat = {k: data.pop(k) for k in _FLAT_FS_FIELDS if k in data}
     if "certify_alpha" in data:  # the only alpha an eval used: fs.alpha certified nothing there
         flat["alpha"] = data.pop("certify_alpha")
     if flat:
-        data["fs"] = FSConfig(**{**dict(data.get("fs") or {}), **flat}).to_dict()
+        merged = {**dict(data.get("fs") or {}), **flat}
+        try:
+            data["fs"] = FSConfig(**merged).to_dict()
+        except (TypeError, ValueError):  # an odd stored value: kept as stored, so the refusal names it
+            data["fs"] = merged
     return data
 
 
