@@ -50,18 +50,24 @@ ADAPTIVE_L2 = (0.0625, 0.125, 0.25, 0.5, 1.0)
 ADAPTIVE_LINF = (1 / 255, 2 / 255, 4 / 255)
 
 
-def check_variants(variants: Any) -> tuple[str, ...]:
-    """A non-empty tuple of distinct VARIANTS, from a tuple/list or a comma string ("base,fs+gsb")."""
+def check_variants(variants: Any, name: str = "variants") -> tuple[str, ...]:
+    """A non-empty tuple of distinct VARIANTS, from a tuple/list or a comma string ("base,fs+gsb"): the one check
+    of the defense table's and the evaluations' ``variants`` and the attack pipeline's ``modes`` (``name``)."""
+    given = variants
     if isinstance(variants, str):
-        variants = [v.strip() for v in variants.split(",") if v.strip()]
-    variants = tuple(variants)
+        variants = variants.split(",")
+    try:
+        variants = tuple(str(v).strip() for v in variants if str(v).strip())
+    except TypeError:
+        raise ValueError(f"{name} must be a comma-separated subset of {list(VARIANTS)}, got {given!r}") from None
     if not variants:
-        raise ValueError(f"variants must name at least one of {VARIANTS}")
-    for name in variants:
-        if name not in VARIANTS:
-            raise ValueError(f"variants: unknown variant {name!r}; choose from {VARIANTS}")
+        raise ValueError(f"{name} must name at least one of {list(VARIANTS)}, got {given!r}")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"{name} must be a comma-separated subset of {list(VARIANTS)}, got {given!r} "
+                         f"(unknown: {', '.join(map(repr, unknown))})")
     if len(set(variants)) != len(variants):
-        raise ValueError(f"variants must not repeat a variant, got {variants}")
+        raise ValueError(f"{name} must not repeat a variant, got {given!r}")
     return variants
 
 __all__ = ["VARIANTS", "DefenseCheckpoint", "DefenseSettings", "check_variants", "EvalItem", "answer_metrics", "apply_variant",

@@ -427,7 +427,8 @@ def test_attack_run_from_python_is_the_command(tmp_path):
 
 @pytest.mark.parametrize("fields, needle", [
     ({"modes": "base,fancy"}, "modes must be a comma-separated subset"),
-    ({"modes": ()}, "modes must be"),
+    ({"modes": ()}, "modes must name at least one"),
+    ({"modes": "base,fs,base"}, "modes must not repeat"),
     ({"modes": ("fs+gsb",)}, "modes fs+gsb needs booster"),
     ({"booster": "/no/such/booster"}, "booster: '/no/such/booster' is not a folder"),
     ({"images": "/no/such/folder"}, "images: '/no/such/folder' is not a folder"),

@@ -37,6 +37,8 @@ BAD = [
     (["eval", "vqa", "--attack-eps", "0.5", "nan"], "--attack-eps"),
     (["eval", "caption", "--attack-steps", "0"], "--attack-steps"),
     (["eval", "caption", "--certify-alpha", "1"], "--certify-alpha"),
+    (["eval", "vqa", "--objective", "targeted", "--attack-eps", "0.5"], "--objective='targeted' needs --target"),
+    (["save", "--model", "fs-mini-llava", "--n-samples", "0"], "--n-samples"),
     (["eval-vqa", "--eot-samples", "0"], "--eot-samples"),
     (["eval-caption", "--max-new-tokens", "-3"], "--max-new-tokens"),
     (["train-gsb", "--denoiser-steps", "-1"], "--denoiser-steps"),

@@ -227,7 +227,8 @@ def test_attack_errors_name_the_parameter(model):
     assert weighted._transfer_config(16 / 255).ensemble_weighting == "gradient"
     # variants: one check shared with EvalSettings (a comma string is accepted; empty, unknown, repeated refused)
     assert DefenseSettings(variants="base, fs+gsb").variants == ("base", "fs+gsb")
-    for bad, message in (("", "at least one"), ("base,fs+tta", "unknown variant"), (("fs", "fs"), "repeat")):
+    unknown = r"subset of \['base', 'fs', 'fs\+gsb'\], got 'base,fs\+tta' \(unknown: 'fs\+tta'\)"
+    for bad, message in (("", "at least one"), ("base,fs+tta", unknown), (("fs", "fs"), "repeat"), (5, "subset of")):
         with pytest.raises(ValueError, match=message):
             DefenseSettings(variants=bad)
 

@@ -9,7 +9,7 @@ import os
 from typing import Any, Iterable, Optional
 
 from ..arguments import (add_crop_view_arguments, add_fs_config_arguments, fraction_pair, fs_config_from_args,
-                         non_negative_int, positive_float, positive_int, probability)
+                         non_negative_int, positive_float, positive_int, probability, settings_or_usage_error)
 from ..attacks import NORMS, OBJECTIVES, PROTOCOLS
 from ..config import ATTACK_STEPS, FSConfig
 from ..evaluation.runner import run_eval
@@ -120,10 +120,7 @@ def main(task: str, argv: Optional[Iterable[str]] = None, prog: Optional[str] = 
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     parser = build_parser(task, prog)
     args = parser.parse_args(None if argv is None else list(argv))
-    try:
-        settings = settings_from_args(args, task)
-    except ValueError as exc:
-        parser.error(str(exc))
+    settings = settings_or_usage_error(parser, lambda: settings_from_args(args, task))
     summary = run_eval(settings, args.output_dir, progress=not args.no_progress)
     if summary is not None:
         print(summary["markdown"])

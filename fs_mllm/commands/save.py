@@ -34,7 +34,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> Path:
     """``fs-mllm save``: load (``--model``), patch, save; prints and returns the folder."""
-    from ..arguments import fs_config_from_args
+    from ..arguments import fs_config_from_args, settings_or_usage_error
     from ..booster.model import GaussianSmoothnessBooster
     from ..models.loading import load_model
     from ..patching import patch_model
@@ -49,10 +49,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> Pa
         except (OSError, ValueError) as error:
             raise SystemExit(f"fs-mllm save: --results {path}: {error}") from None
         render_results(results)  # refuse a bad file before loading the model
-    try:
-        config = fs_config_from_args(args)
-    except ValueError as error:
-        parser.error(str(error))
+    config = settings_or_usage_error(parser, lambda: fs_config_from_args(args))
     booster = GaussianSmoothnessBooster.from_pretrained(args.booster) if args.booster else None
     model, processor = load_model(args.model, dtype=args.dtype)
     patch_model(model, config=config, booster=booster, processor=processor)

@@ -45,7 +45,7 @@ from fs_mllm.attacks import AttackConfig, attack, generate_text, without_added_d
 from fs_mllm.config import ATTACK_ANSWER_TOKENS, COMMAND_ATTACK_STEPS, FSConfig, check_choice, check_n, check_sigma
 from fs_mllm.image_io import IMAGE_SUFFIXES, rgb
 from fs_mllm.surrogates import check_ensemble_weighting, check_surrogates
-from fs_mllm.defense import VARIANTS, apply_variant
+from fs_mllm.defense import VARIANTS, apply_variant, check_variants
 from fs_mllm.results import ResultWriter, finite_or_none, folder_kept_only_with_rows, read_rows
 from fs_mllm.evaluation.robustness import attack_outcomes, outcome_rate, summary_table
 from fs_mllm.evaluation.runner import build_prompt_for
@@ -135,11 +135,7 @@ class AttackRun:
             check_choice(self.offline_eval, "offline_eval", OFFLINE_EVAL_TASKS)
         if self.limit is not None:
             check_int(self.limit, "limit")
-        modes = self.modes.split(",") if isinstance(self.modes, str) else list(self.modes)
-        modes = [str(m).strip() for m in modes if str(m).strip()]
-        if not modes or any(m not in MODES for m in modes):
-            raise ValueError(f"modes must be a comma-separated subset of {list(MODES)}, got {self.modes!r}")
-        self.modes = tuple(modes)
+        self.modes = check_variants(self.modes, "modes")
         if self.booster is not None:
             self.booster = os.fspath(self.booster)
             if not os.path.isdir(self.booster):

@@ -136,13 +136,13 @@ class EvalSettings:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         if self.crop_scale is not None:
             self.crop_scale = tuple(float(v) for v in self.crop_scale)
+        if self.objective == "targeted" and self.attack_eps and not (isinstance(self.target, str) and self.target.strip()):
+            raise ValueError("objective='targeted' needs target (the string the attack makes the model say)")
         if self.attack_eps:  # every budget through the attack's own range checks, before any model work
             for eps in self.attack_eps:
                 AttackConfig(norm=self.attack_norm, eps=eps, steps=self.attack_steps, objective=self.objective,
                              target_text=self.target, protocol=self.protocol, crop_scale=self.crop_scale,
                              crop_views=self.crop_views, crop_full_view=self.crop_full_view)
-        if self.objective == "targeted" and self.attack_eps and not (self.target and self.target.strip()):
-            raise ValueError("objective='targeted' needs target (the string the attack makes the model say)")
         if isinstance(self.certify_n, bool) or not isinstance(self.certify_n, int) or self.certify_n < 0 or self.certify_n == 1:
             raise ValueError(f"certify_n must be 0 (no certification) or an integer >= 2, got {self.certify_n!r}")
         self.max_new_tokens = check_int(self.max_new_tokens, "max_new_tokens")
