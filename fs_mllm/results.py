@@ -176,49 +176,64 @@ class ResultWriter:
 
 
 class ResultsFolder:
-    """A resumable run's folder: ``settings.json`` (what its results measured), one append-only rows file (each
-    row with its ``key``, written durably the moment it exists) and one run at a time (the rows file's lock).
+    """A resumable run's folder: ``settings.json`` (what its results measured), append-only rows files (each
+    row with its ``key``, written durably the moment it exists) and one writer per rows file (its lock).
 
-    The one claiming and resume rule of the resumable runs (the defense table's checkpoints, ``fs-mllm certify
-    --answers``): a folder that holds no results is claimed by the run (its ``settings.json`` written over: a
-    first run that stopped before any result computed nothing to mix in); one that holds results resumes only
-    under the same settings (keys in ``may_change`` aside; ``upgrade`` reads a settings.json of an older
-    version), else :class:`SettingsMismatchError` names each differing field. ``done`` maps each key already
-    written to its row as a resume reads it back, so a rerun computes only what is missing.
+    The one claiming and resume rule of the resumable runs (``fs-mllm eval``, the defense table's checkpoints,
+    ``fs-mllm certify --answers``): a folder that holds no results is claimed by the run (its ``settings.json``
+    written over: a first run that stopped before any result computed nothing to mix in); one that holds
+    results resumes only under the same settings (keys in ``may_change`` aside; ``upgrade`` reads a
+    settings.json of an older version), else :class:`SettingsMismatchError` names each differing field.
+    ``done`` maps each key already written to its row as a resume reads it back, so a rerun computes only what
+    is missing.
+
+    Several processes (``accelerate launch``) share a folder as shards: each writes its own ``rows_file`` and
+    reads every file ``shards`` matches (in rank order, the first row of a key wins); only the one that
+    ``claims`` writes settings.json, and ``synchronize`` (a barrier) runs after the claim so that every process
+    checks the same file.
 
     Raises:
-        ResultsBusyError: another run holds the folder.
-        ResultsFolderError: the rows file is corrupt (not only a torn last line).
+        ResultsBusyError: another run holds the rows file.
+        ResultsFolderError: a rows file is corrupt (not only a torn last line).
         SettingsMismatchError: the folder holds results of other settings.
     """
 
     def __init__(self, folder: str | os.PathLike, settings: Mapping[str, Any], *, rows_file: str = "rows.jsonl",
                  may_change: Collection[str] = (), upgrade: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None,
                  label: str = "output_dir", fix: str = "use a new output folder or restore the original settings",
-                 other_results: bool = False) -> None:
+                 other_results: bool = False, shards: Optional[str] = None, claims: bool = True,
+                 synchronize: Callable[[], None] = lambda: None, key: Callable[..., tuple] = lambda *parts: parts) -> None:
         self.folder = Path(folder)
+        self._key = key
         rows_path = self.folder / rows_file
         lock = ResultsLock(rows_path)  # first: the settings.json of a folder another run writes to is never replaced
         try:
             try:
-                rows = read_rows(rows_path)
+                rows = [row for path in self._files(rows_path, shards) for row in read_rows(path)]
             except ValueError as error:
                 raise ResultsFolderError(f"{error}; delete the folder {self.folder} to start the run again") from None
-            claim_settings(self.folder, settings, holds_results=bool(rows) or other_results)
+            if claims:
+                claim_settings(self.folder, settings, holds_results=bool(rows) or other_results)
+            synchronize()
             check_settings(self.folder, settings, may_change=may_change, upgrade=upgrade, label=label, fix=fix)
-            self.done: dict[tuple, dict[str, Any]] = {tuple(row["key"]): row for row in rows}
+            self.done: dict[tuple, dict[str, Any]] = {}
+            for row in rows:
+                self.done.setdefault(key(*row["key"]), row)
             self._writer = ResultWriter(rows_path, lock)
         except BaseException:
             lock.release()
             raise
+
+    def _files(self, rows_path: Path, shards: Optional[str]) -> list[Path]:
+        return [rows_path] if shards is None else shard_files(self.folder, shards)
 
     def put(self, key: Sequence[Any], record: Mapping[str, Any]) -> dict[str, Any]:
         """Write ``record`` under ``key`` (flushed and fsynced: the key counts as done once this returns) and return
         the row as a resumed run reads it back (strict JSON: NaN and inf as None, keys sorted)."""
         row = {**{k: finite_or_none(v) for k, v in record.items()}, "key": list(key)}
         self._writer.write(row)
-        self.done[tuple(key)] = json.loads(json.dumps(row, sort_keys=True))
-        return self.done[tuple(key)]
+        self.done[self._key(*key)] = json.loads(json.dumps(row, sort_keys=True))
+        return self.done[self._key(*key)]
 
     def close(self) -> None:
         """Release the folder (its lock); the rows written stay."""
@@ -348,6 +363,11 @@ def result_key(example_id: str, variant: str, budget: float) -> tuple[str, str, 
     return (str(example_id), str(variant), float(budget))
 
 
+def shard_files(output_dir: str | os.PathLike, pattern: str = SHARD_GLOB) -> list[Path]:
+    """The shard files of an output folder (``results.rank<N>.jsonl``), in rank order."""
+    return sorted(Path(output_dir).glob(pattern), key=lambda p: int(p.stem.split("rank")[-1]))
+
+
 def read_results(output_dir: str | os.PathLike) -> dict[tuple[str, str, float], dict[str, Any]]:
     """All result rows of an output folder, keyed by (example id, variant, budget), each key once.
 
@@ -356,8 +376,7 @@ def read_results(output_dir: str | os.PathLike) -> dict[tuple[str, str, float], 
     order, so the outcome is deterministic.
     """
     out: dict[tuple[str, str, float], dict[str, Any]] = {}
-    files = sorted(Path(output_dir).glob(SHARD_GLOB), key=lambda p: int(p.stem.split("rank")[-1]))
-    for path in files:
+    for path in shard_files(output_dir):
         for row in read_rows(path):
             key = result_key(*row["key"])
             if key not in out:

@@ -602,3 +602,22 @@ def test_a_results_folder_claims_resumes_and_refuses_by_one_rule(tmp_path):
     (folder / "rows.jsonl").write_text("not json\n" + (folder / "rows.jsonl").read_text())
     with pytest.raises(ResultsFolderError, match="line 1 is not a valid result row"):
         ResultsFolder(folder, {"sigma": 0.25, "limit": 1})
+
+
+def test_a_results_folder_of_shards_reads_every_shard_and_claims_once(tmp_path):
+    """Several processes share a folder as shards: each writes its own file, reads all (rank order, first row of a
+    key wins), and only the claiming one writes settings.json, the others check it after the barrier."""
+    from fs_mllm.results import SHARD_GLOB, ResultsFolder, SettingsMismatchError, result_key, shard_path
+
+    calls = []
+    shard = lambda rank, settings, claims: ResultsFolder(  # noqa: E731
+        tmp_path, settings, rows_file=shard_path(tmp_path, rank).name, shards=SHARD_GLOB, claims=claims,
+        synchronize=lambda: calls.append(rank), key=result_key)
+    with shard(1, {"sigma": 0.25}, claims=True) as one:
+        one.put(result_key("q1", "fs", 0), {"prediction": "b"})
+    shard_path(tmp_path, 0).write_text(json.dumps({"key": ["q1", "fs", 0.0], "prediction": "a"}) + "\n")
+    with shard(2, {"sigma": 0.25}, claims=False) as two:
+        assert two.done[("q1", "fs", 0.0)]["prediction"] == "a" and calls == [1, 2]  # rank 0 first
+    with pytest.raises(SettingsMismatchError, match="sigma"):
+        shard(3, {"sigma": 0.5}, claims=False)  # a non-claiming process never writes settings.json
+    assert json.loads((tmp_path / "settings.json").read_text()) == {"sigma": 0.25}

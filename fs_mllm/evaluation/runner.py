@@ -42,12 +42,12 @@ from fs_mllm.certify import certify_model
 from fs_mllm.defense import VARIANTS, apply_variant
 from fs_mllm.evaluation.datasets import load_eval_dataset
 from fs_mllm.results import (
-    ResultsLock, ResultWriter, finite_or_none, folder_kept_only_with_rows, read_results, result_key, shard_path,
+    SHARD_GLOB, ResultsFolder, finite_or_none, folder_kept_only_with_rows, read_results, result_key, shard_path,
 )
 from fs_mllm.evaluation.robustness import normalize_text, targeted_success
 from fs_mllm.image_io import rgb
 from fs_mllm.evaluation.settings import (  # the public names stay importable from here
-    SETTINGS_FILE, EvalSettings, SettingsMismatchError, check_or_write_settings, verify_settings,
+    RESUME_RULE, SETTINGS_FILE, EvalSettings, SettingsMismatchError,
 )
 from fs_mllm.evaluation.summary import summarize
 from fs_mllm.evaluation.vqa import vqa_score
@@ -245,19 +245,12 @@ def _run_eval(settings: EvalSettings, out: Path, model: Any, processor: Any, dat
     attack, attack_name = _resolve_attack(attack_fn)
     # the crop fields added since folders were first written stay out at their old values: older folders resume
     stored = {**without_added_defaults(settings.to_dict()), "attack_impl": attack_name}
-    # the lock comes first: settings.json of a folder another run is writing to is never replaced
-    lock = ResultsLock(shard_path(out, rank))
-    try:
-        check_or_write_settings(out, stored, dist.is_main_process)
-        dist.wait_for_everyone()
-        verify_settings(out, stored)  # every process raises on a mismatch, so none waits forever below
-        writer = ResultWriter(shard_path(out, rank), lock)  # repairs this rank's torn tail before anyone reads
-    except BaseException:
-        lock.release()
-        raise
+    # one shard per process; the main one claims settings.json, every one checks it (so none waits forever below)
+    results = ResultsFolder(out, stored, rows_file=shard_path(out, rank).name, shards=SHARD_GLOB,
+                            claims=dist.is_main_process, synchronize=dist.wait_for_everyone, key=result_key, **RESUME_RULE)
     dist.wait_for_everyone()
     try:
-        done = read_results(out)
+        done = results.done
 
         if dataset is None:
             dataset = load_eval_dataset(settings.dataset, task=settings.task, split=settings.split)
@@ -276,10 +269,10 @@ def _run_eval(settings: EvalSettings, out: Path, model: Any, processor: Any, dat
             elif processor is None:
                 raise ValueError("processor is required when model is passed in memory")
             booster = _load_booster(settings.booster) if "fs+gsb" in settings.variants else None
-            _run_shard(settings, model, processor, dataset, todo, ids, done, writer, attack,
+            _run_shard(settings, model, processor, dataset, todo, ids, results, attack,
                        on_result, progress and dist.is_main_process, booster, rank, world)
     finally:
-        writer.close()
+        results.close()
         if model is not None:
             unpatch_model(model)
     dist.wait_for_everyone()
@@ -290,11 +283,12 @@ def _run_eval(settings: EvalSettings, out: Path, model: Any, processor: Any, dat
 
 
 def _run_shard(settings: EvalSettings, model: Any, processor: Any, dataset: Any, todo: list[int], ids: list[str],
-               done: dict, writer: ResultWriter, attack: AttackFn, on_result: Optional[Callable],
+               results: ResultsFolder, attack: AttackFn, on_result: Optional[Callable],
                show_progress: bool, booster: Any, rank: int, world: int) -> None:
+    done = results.done
+
     def record(key: tuple, row: dict[str, Any]) -> None:
-        writer.write(row)  # durable first: a key counts as done once its row is on disk
-        done[key] = row
+        results.put(key, row)  # durable first: a key counts as done once its row is on disk
         if on_result is not None:
             on_result(row)
 

@@ -19,13 +19,11 @@ from fs_mllm.arguments import check_float, check_int
 from fs_mllm.attacks import NORMS, OBJECTIVES, PROTOCOLS, AttackConfig  # one definition of each
 from fs_mllm.config import COMMAND_ATTACK_STEPS, EVAL_EOT_SAMPLES, FSConfig, check_bool
 from fs_mllm.defense import check_variants
-from fs_mllm.results import (
-    SETTINGS_FILE, SHARD_GLOB, SettingsMismatchError, check_settings, claim_settings, read_rows,
-)
+from fs_mllm.results import SETTINGS_FILE, SettingsMismatchError, check_settings
 from fs_mllm.models.loading import DEFAULT_MODEL
 from fs_mllm.models.mini_llava import BOOSTER_DIR
 
-__all__ = ["TASKS", "SETTINGS_FILE", "EvalSettings", "SettingsMismatchError", "check_or_write_settings", "verify_settings"]
+__all__ = ["TASKS", "SETTINGS_FILE", "RESUME_RULE", "EvalSettings", "SettingsMismatchError", "verify_settings"]
 
 TASKS = ("vqa", "caption")
 ANSWER_TOKENS = {"vqa": 10, "caption": 24}  # tokens generated per answer unless max_new_tokens says otherwise
@@ -198,17 +196,12 @@ def upgrade_stored_settings(data: Mapping[str, Any]) -> dict[str, Any]:
     return data
 
 
-def _has_rows(output_dir: Path) -> bool:
-    return any(read_rows(p) for p in output_dir.glob(SHARD_GLOB))
-
-
-def check_or_write_settings(output_dir: Path, stored_settings: dict[str, Any], is_main: bool) -> None:
-    """Write ``settings.json`` for a fresh folder (no result rows yet); only the main process writes."""
-    if is_main:
-        claim_settings(output_dir, stored_settings, holds_results=_has_rows(output_dir))
+# how an eval folder resumes (fs_mllm.results.ResultsFolder's rule): the keys that only choose rows may change,
+# an older settings.json is upgraded first
+RESUME_RULE = {"may_change": _EXTENSIBLE, "upgrade": upgrade_stored_settings,
+               "fix": "use a new output folder (--output-dir) or restore the original settings"}
 
 
 def verify_settings(output_dir: Path, stored_settings: dict[str, Any]) -> None:
     """Raise :class:`SettingsMismatchError` unless the folder's ``settings.json`` matches (extensible keys aside)."""
-    check_settings(output_dir, stored_settings, may_change=_EXTENSIBLE, upgrade=upgrade_stored_settings,
-                   fix="use a new output folder (--output-dir) or restore the original settings")
+    check_settings(output_dir, stored_settings, **RESUME_RULE)
