@@ -185,7 +185,8 @@ class ResultsFolder:
     results resumes only under the same settings (keys in ``may_change`` aside; ``upgrade`` reads a
     settings.json of an older version), else :class:`SettingsMismatchError` names each differing field.
     ``done`` maps each key already written to its row as a resume reads it back, so a rerun computes only what
-    is missing.
+    is missing. With ``settings=None`` there is no settings.json: each row's key names the settings it was made
+    with (``fs-mllm attack``: a folder holds several runs, a rerun of one skips its own rows).
 
     Several processes (``accelerate launch``) share a folder as shards: each writes its own ``rows_file`` and
     reads every file ``shards`` matches (in rank order, the first row of a key wins); only the one that
@@ -198,7 +199,7 @@ class ResultsFolder:
         SettingsMismatchError: the folder holds results of other settings.
     """
 
-    def __init__(self, folder: str | os.PathLike, settings: Mapping[str, Any], *, rows_file: str = "rows.jsonl",
+    def __init__(self, folder: str | os.PathLike, settings: Optional[Mapping[str, Any]], *, rows_file: str = "rows.jsonl",
                  may_change: Collection[str] = (), upgrade: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None,
                  label: str = "output_dir", fix: str = "use a new output folder or restore the original settings",
                  other_results: bool = False, shards: Optional[str] = None, claims: bool = True,
@@ -212,10 +213,11 @@ class ResultsFolder:
                 rows = [row for path in self._files(rows_path, shards) for row in read_rows(path)]
             except ValueError as error:
                 raise ResultsFolderError(f"{error}; delete the folder {self.folder} to start the run again") from None
-            if claims:
-                claim_settings(self.folder, settings, holds_results=bool(rows) or other_results)
-            synchronize()
-            check_settings(self.folder, settings, may_change=may_change, upgrade=upgrade, label=label, fix=fix)
+            if settings is not None:
+                if claims:
+                    claim_settings(self.folder, settings, holds_results=bool(rows) or other_results)
+                synchronize()
+                check_settings(self.folder, settings, may_change=may_change, upgrade=upgrade, label=label, fix=fix)
             self.done: dict[tuple, dict[str, Any]] = {}
             for row in rows:
                 self.done.setdefault(key(*row["key"]), row)

@@ -46,7 +46,7 @@ from fs_mllm.config import ATTACK_ANSWER_TOKENS, COMMAND_ATTACK_STEPS, FSConfig,
 from fs_mllm.image_io import IMAGE_SUFFIXES, rgb
 from fs_mllm.surrogates import check_ensemble_weighting, check_surrogates
 from fs_mllm.defense import VARIANTS, apply_variant, check_variants
-from fs_mllm.results import ResultWriter, finite_or_none, folder_kept_only_with_rows, read_rows
+from fs_mllm.results import ResultsFolder, finite_or_none, folder_kept_only_with_rows
 from fs_mllm.evaluation.robustness import attack_outcomes, outcome_rate, summary_table
 from fs_mllm.evaluation.runner import build_prompt_for
 from fs_mllm.models.loading import DEFAULT_MODEL, load_model
@@ -305,10 +305,10 @@ def _attack_all(run: AttackRun, out: Path, progress: bool) -> tuple[dict, list]:
     """Attack every (example, mode) not in ``out`` yet; the rows of this command, and its examples."""
     from tqdm.auto import tqdm
 
-    results_path = out / RESULTS_FILE  # the folder exists: folder_kept_only_with_rows made or found it
+    # the folder exists: folder_kept_only_with_rows made or found it
     settings = settings_id(run)
-    with ResultWriter(results_path) as writer:  # locked, torn tail cut, before the rows are read
-        done = {tuple(row["key"]): row for row in read_rows(results_path)}
+    with ResultsFolder(out, None, rows_file=RESULTS_FILE) as results:  # locked; each row's key names its settings
+        done = results.done
         examples = list(iter_examples(run))
         keys = {(e["id"], m): (e["id"], m, settings) for e in examples for m in run.modes}
         rows = {k: done[key] for k, key in keys.items() if key in done}
@@ -332,8 +332,7 @@ def _attack_all(run: AttackRun, out: Path, progress: bool) -> tuple[dict, list]:
                             # not depend on which rows ran before it (a resumed run equals an unbroken one)
                             apply_variant(model, mode, run.fs_config, processor, booster)
                             row = _attack_one(model, processor, example, mode, run, mean, std, out, run_id, settings)
-                            writer.write(row)
-                            rows[(example["id"], mode)] = row
+                            rows[(example["id"], mode)] = results.put(keys[(example["id"], mode)], row)
                             bar.update(1)
             finally:
                 unpatch_model(model)
