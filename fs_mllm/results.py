@@ -1,4 +1,5 @@
-"""Append-only JSONL results store, shared by the eval runner and the ``attack`` command.
+"""Append-only JSONL results store, shared by every resumable run (``fs-mllm eval``, ``fs-mllm attack``, the
+defense table, ``fs-mllm certify --answers``), each through :class:`ResultsFolder`.
 
 Why it is built this way: a long run must survive a kill and be resumed by rerunning the same
 command. Every result is one JSON line with a ``key``, written with flush + fsync the moment it exists;
@@ -10,8 +11,8 @@ file, so each rank locks its own.
 
 The eval runner's folder layout lives here too (:func:`shard_path`, :func:`read_results`): the runner,
 the settings check and the summary all read the same shard files. The ``settings.json`` check of the
-resumable result folders lives here as well (:func:`claim_settings`, :func:`check_settings`; used by
-the eval runner and ``fs_mllm.defense``; booster training checkpoints keep their config in their own
+resumable result folders lives here as well (:func:`claim_settings`, :func:`check_settings`, both run by
+:class:`ResultsFolder`; booster training checkpoints keep their config in their own
 state file but name what differs with the same :func:`describe_changes`): a rerun under other settings
 into a folder that holds results is refused, because results computed under different settings would
 be mixed silently.
@@ -28,9 +29,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Callable, Collection, Iterator, Mapping, Optional, Sequence
 
-__all__ = ["ResultsFolderError", "ResultsBusyError", "SettingsMismatchError", "ResultsLock", "ResultWriter",
+__all__ = ["ResultsFolder", "ResultsFolderError", "ResultsBusyError", "SettingsMismatchError", "ResultsLock", "ResultWriter",
            "repair_tail", "read_rows", "finite_or_none", "durable_replace", "SETTINGS_FILE", "claim_settings", "describe_changes",
-           "check_settings", "SHARD_GLOB", "shard_path", "result_key", "read_results"]
+           "check_settings", "SHARD_GLOB", "shard_path", "shard_files", "result_key", "read_results"]
 
 SHARD_GLOB = "results.rank*.jsonl"  # every file :func:`shard_path` names
 SETTINGS_FILE = "settings.json"
@@ -104,26 +105,22 @@ def repair_tail(path: str | os.PathLike) -> None:
 
 
 def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of one results file (each a dict with a ``key``); a bad *last* line is an interrupted write
-    and is skipped, a bad line elsewhere is corruption and raises ValueError."""
+    """Rows of one results file (each a dict with a ``key``); a last line without its newline is an interrupted
+    write (a row and its newline go in one write) and is skipped, as :func:`repair_tail` cuts it, even where it
+    happens to parse; a bad line elsewhere is corruption and raises ValueError."""
     path = Path(path)
     if not path.exists():
         return []
     rows: list[dict[str, Any]] = []
     with open(path, "rb") as f:
         lines = f.read().split(b"\n")
-    complete_last = bool(lines) and lines[-1] == b""
-    if complete_last:
-        lines.pop()
+    lines.pop()  # b"" after the last newline, or the unterminated tail of an interrupted write
     for i, raw in enumerate(lines):
-        last = i == len(lines) - 1
         try:
             row = json.loads(raw.decode("utf-8"))
             if not isinstance(row, dict) or "key" not in row:
                 raise ValueError("not a result row")
         except (ValueError, UnicodeDecodeError):
-            if last and not complete_last:
-                break  # truncated by a crash mid-write
             raise ValueError(f"{path}: line {i + 1} is not a valid result row; the file is corrupt "
                              "(only a truncated last line is tolerated)") from None
         rows.append(row)
@@ -232,6 +229,8 @@ class ResultsFolder:
     def put(self, key: Sequence[Any], record: Mapping[str, Any]) -> dict[str, Any]:
         """Write ``record`` under ``key`` (flushed and fsynced: the key counts as done once this returns) and return
         the row as a resumed run reads it back (strict JSON: NaN and inf as None, keys sorted)."""
+        if "key" in record and list(record["key"]) != list(key):
+            raise ValueError(f"put: the record's own key {record['key']!r} is not the key it is stored under, {list(key)!r}")
         row = {**{k: finite_or_none(v) for k, v in record.items()}, "key": list(key)}
         self._writer.write(row)
         self.done[self._key(*key)] = json.loads(json.dumps(row, sort_keys=True))

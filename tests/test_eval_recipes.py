@@ -596,6 +596,13 @@ def test_a_results_folder_claims_resumes_and_refuses_by_one_rule(tmp_path):
         handle.write('{"key": ["q1", "fs"], "rad')  # killed mid-write
     with ResultsFolder(folder, {"sigma": 0.25, "limit": 2}, may_change=("limit",)) as results:
         assert results.done == {("q0", "fs"): row}
+        with pytest.raises(ValueError, match="not the key it is stored under"):
+            results.put(("q1", "fs"), {"key": ["q2", "fs"]})
+    with (folder / "rows.jsonl").open("a") as handle:
+        handle.write('{"key": ["q1", "fs"], "radius": 0.5}')  # whole, but its newline never written: cut, not counted
+    with ResultsFolder(folder, {"sigma": 0.25, "limit": 2}, may_change=("limit",)) as results:
+        assert list(results.done) == [("q0", "fs")]
+    assert (folder / "rows.jsonl").read_text().count("\n") == 1 and "radius\": 0.5" not in (folder / "rows.jsonl").read_text()
     with pytest.raises(SettingsMismatchError, match=r"sigma: stored 0\.25, now 0\.5"):
         ResultsFolder(folder, {"sigma": 0.5, "limit": 1}, may_change=("limit",))
     ResultsFolder(folder, {"sigma": 0.25, "limit": 1}).close()  # the refusal above released the folder

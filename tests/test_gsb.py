@@ -707,3 +707,12 @@ def test_a_training_run_checks_the_boosters_shape_before_any_encoder_loads():
         BoosterTrainingRun(output_dir="o", denoiser_depth=1)
     config = BoosterTrainingRun(output_dir="o").booster_config(384, "enc", {"k": 1})
     assert (config.feature_dim, config.encoder_id, config.extra, config.denoiser_channels, config.image_size) == (384, "enc", {"k": 1}, 48, 112)
+
+
+def test_utility_training_settings_are_checked_naming_the_field():
+    from fs_mllm.booster.through_lm import UtilityTrainConfig
+
+    for field, value in (("stats_weight", -1.0), ("stats_weight", float("nan")), ("identity_weight", -3), ("lr", 0),
+                         ("steps", 0), ("n_copies", 1.5), ("sigma", 0), ("seed", -1)):
+        with pytest.raises(ValueError, match=field):
+            UtilityTrainConfig(**{field: value})

@@ -74,8 +74,18 @@ class UtilityTrainConfig:
     stage: str = "mapper"  # which booster stage is trained: "mapper" (after the projector), "denoiser" or "joint" (both)
 
     def __post_init__(self) -> None:
+        from ..arguments import check_float, check_int
+        from ..config import check_seed, check_sigma
+
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        self.sigma = check_sigma(self.sigma)
+        for name in ("n_copies", "images", "steps", "batch_size", "checkpoint_every"):
+            check_int(getattr(self, name), name)
+        self.seed = check_seed(self.seed)
+        self.lr = check_float(self.lr, "lr")
+        for name in ("identity_weight", "consistency_weight", "stats_weight"):
+            setattr(self, name, check_float(getattr(self, name), name, allow_zero=True))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -288,6 +298,9 @@ def train_path_utility(model: Any, processor: Any, booster: GaussianSmoothnessBo
         denoised = booster.denoise(pixels, clean_level)
         identity = ((denoised - pixels).pow(2).flatten(1).sum(1) / pixels.pow(2).flatten(1).sum(1).clamp_min(1e-6)).mean()
         if train.stage == "joint":
+            # the mapper's identity on the clean features themselves, not on the features of denoise(clean) that
+            # it receives (the mapper stage's bank, with its denoiser frozen): the pixel identity above pulls
+            # denoise(clean) to clean, and this costs no extra tower forward per step
             features = clean[index]
             residual = booster.mapper.residual(features, clean_level)
             identity = identity + (residual.pow(2).flatten(1).sum(1) / features.pow(2).flatten(1).sum(1)).mean()

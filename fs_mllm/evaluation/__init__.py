@@ -32,11 +32,15 @@ _DATASET_NAMES = ("OFFLINE_EVAL_NAME", "SYNTHETIC_EVAL_NAME", "load_eval_dataset
 
 
 def __getattr__(name: str) -> Any:
-    if name in _DATASET_NAMES:
+    if name in _DATASET_NAMES or name == "datasets":
         from . import datasets
 
-        return getattr(datasets, name)
+        return datasets if name == "datasets" else getattr(datasets, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_DATASET_NAMES) | {"datasets"})
 
 
 METRIC_MODULES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metric_modules")

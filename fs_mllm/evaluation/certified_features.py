@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,8 +83,11 @@ class FeatureCertifySettings:
                                       or not MIN_IMAGE_SIZE <= self.size <= MAX_IMAGE_SIZE):
             raise ValueError(f"size must be None or an image side in pixels between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE}, "
                              f"got {self.size!r}")
-        radii = tuple(self.radii) if isinstance(self.radii, (list, tuple)) else ()
-        if not radii or any(isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < float("inf") for r in radii):
+        try:
+            radii = () if isinstance(self.radii, (str, bytes)) else tuple(self.radii)
+        except TypeError:
+            radii = ()
+        if not radii or any(isinstance(r, bool) or not isinstance(r, numbers.Real) or not 0 <= r < float("inf") for r in radii):
             raise ValueError(f"radii must be a non-empty list of l2 radii >= 0 in [0,1] pixel space, got {self.radii!r}")
         self.radii = tuple(float(r) for r in radii)
         for name in ("images", "booster"):
