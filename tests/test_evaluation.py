@@ -407,3 +407,28 @@ def test_evaluate_modules_load_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     res = cap.compute(predictions=["a cat on a mat"], references=[["a cat on a mat"]], meteor=False,
                       tokenizer="simple")
     assert res["BLEU-4"] == pytest.approx(1.0, abs=1e-6) and res["METEOR"] is None
+
+
+def test_the_dataset_names_load_on_first_use_in_a_fresh_process():
+    """fs_mllm.evaluation imports Hugging Face datasets only when a dataset name is used (a settings class or a
+    command's --help needs none of it); every way of reaching the names works in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    help_first = (
+        "import sys\n"
+        "import fs_mllm.cli\n"
+        "fs_mllm.cli.build_parser()\n"
+        "assert 'datasets' not in sys.modules, 'fs-mllm --help imported datasets'\n"
+    )
+    code = (
+        "import sys\n"
+        "import fs_mllm.evaluation as evaluation\n"
+        "from fs_mllm.evaluation import datasets, load_eval_dataset, OFFLINE_EVAL_NAME\n"
+        "assert datasets is sys.modules['fs_mllm.evaluation.datasets'] and evaluation.datasets is datasets\n"
+        "assert load_eval_dataset is datasets.load_eval_dataset and 'load_offline_eval' in dir(evaluation)\n"
+        "print(OFFLINE_EVAL_NAME)\n"
+    )
+    for first in (help_first, "from fs_mllm.evaluation import datasets\n", "import fs_mllm.evaluation.datasets\n"):
+        proc = subprocess.run([sys.executable, "-c", first + code], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and proc.stdout.strip() == "fs-offline-eval", proc.stderr[-2000:]

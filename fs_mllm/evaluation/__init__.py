@@ -6,6 +6,7 @@ Plain functions first; the same metrics are also shipped as `evaluate` metric mo
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Any
 
@@ -33,8 +34,8 @@ _DATASET_NAMES = ("OFFLINE_EVAL_NAME", "SYNTHETIC_EVAL_NAME", "load_eval_dataset
 
 def __getattr__(name: str) -> Any:
     if name in _DATASET_NAMES or name == "datasets":
-        from . import datasets
-
+        # import_module, not ``from . import datasets``: that asks this module for the attribute first (recursion)
+        datasets = importlib.import_module(f"{__name__}.datasets")
         return datasets if name == "datasets" else getattr(datasets, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
