@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from fs_mllm.arguments import add_crop_view_arguments, fraction_pair, positive_float, positive_int
+from fs_mllm.arguments import add_crop_view_arguments, existing_folder, fraction_pair, positive_float, positive_int
 from fs_mllm.attacks import ENSEMBLE_WEIGHTINGS
 from fs_mllm.config import ATTACK_EOT_SAMPLES, ATTACK_STEPS, CertifyConfig, FSConfig, TRANSFER_STEPS
 from fs_mllm.defense import (ADAPTIVE_L2, ADAPTIVE_LINF, TRANSFER_LINF, DefenseSettings, defense_table, evaluate_defense,
@@ -99,6 +99,9 @@ def main() -> None:
     parser.add_argument("--certify-images", type=int, default=16, help="attack images certified per FS variant (0 = none)")
     parser.add_argument("--certify-n", type=positive_int, default=CertifyConfig.n, help="noisy samples per certificate")
     parser.add_argument("--variants", default=None, help="comma list of base,fs,fs+gsb (default all three)")
+    parser.add_argument("--booster", type=existing_folder, default=str(BOOSTER_DIR),
+                        help="the fs+gsb variant's booster folder (default: fs-mini-llava's shipped one); the JSON records "
+                             "its fingerprint")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
     parser.add_argument("--out", default="bench_defense.json", help="the JSON written at the end")
@@ -140,7 +143,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a terminated call still records its time (finally below)
     start = time.perf_counter()
     model, processor = load_mini_llava(device=args.device)
-    booster = GaussianSmoothnessBooster.from_pretrained(BOOSTER_DIR).eval().to(args.device)
+    booster = GaussianSmoothnessBooster.from_pretrained(args.booster).eval().to(args.device)
     clean_items, n_images = [], 0
     while len(clean_items) < args.clean_questions:  # every question of each image, until enough
         n_images += 1

@@ -293,3 +293,31 @@ def test_bench_noise_quick(tmp_path):
     assert result["numbers_per_draw"] == 3 * 56 * 56 * 2
     assert figures["torch float32 normal_"]["ratio_min"] == 1.0
     assert all(f["min_ns"] > 0 and f["min_ns"] <= f["median_ns"] for f in figures.values())
+
+
+@pytest.mark.slow
+def test_bench_defense_takes_another_booster_and_records_which(tmp_path):
+    """--booster: the fs+gsb variant runs with that folder's booster (a candidate such as booster v2, measured
+    against the shipped one), and the JSON records its fingerprint; a missing folder is a usage error."""
+    from safetensors.torch import load_file, save_file
+
+    from fs_mllm.booster.model import WEIGHTS_NAME, GaussianSmoothnessBooster
+    from fs_mllm.defense import module_fingerprint
+    from fs_mllm.models.mini_llava import BOOSTER_DIR
+
+    candidate = tmp_path / "candidate"
+    shutil.copytree(BOOSTER_DIR, candidate)
+    weights = load_file(str(candidate / WEIGHTS_NAME))
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}, str(candidate / WEIGHTS_NAME))
+    command = [sys.executable, str(BENCHMARKS / "bench_defense.py"), "--clean-questions", "1", "--attack-images", "1",
+               "--transfer-linf", "none", "--noise-linf", "none", "--adaptive-l2", "none", "--adaptive-linf", "none",
+               "--certify-images", "0", "--variants", "fs+gsb", "--n-samples", "1", "--booster", str(candidate),
+               "--out", "candidate.json"]
+    proc = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, failure(proc)
+    recorded = json.loads((tmp_path / "candidate.json").read_text())["booster"]
+    assert recorded == module_fingerprint(GaussianSmoothnessBooster.from_pretrained(str(candidate)))
+    assert recorded != module_fingerprint(GaussianSmoothnessBooster.from_pretrained(str(BOOSTER_DIR)))
+    proc = subprocess.run(command[:-4] + ["--booster", str(tmp_path / "none"), "--out", "x.json"], cwd=tmp_path, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--booster" in proc.stderr and "is not a folder" in proc.stderr, failure(proc)
