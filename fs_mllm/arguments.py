@@ -76,11 +76,15 @@ MIN_IMAGE_SIZE = 14  # pixels per side: the smallest patch of the supported towe
 MAX_IMAGE_SIZE = 4096  # pixels per side: larger would need tens of GB per noisy batch
 
 
+def check_image_size(value: Any, name: str) -> int:
+    """An image side in pixels, MIN_IMAGE_SIZE..MAX_IMAGE_SIZE (bools are not sizes)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not MIN_IMAGE_SIZE <= value <= MAX_IMAGE_SIZE:
+        raise ValueError(f"{name} must be an image side in pixels between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE}, got {value!r}")
+    return value
+
+
 def _image_size(text: str) -> int:
-    size = _int(text, MIN_IMAGE_SIZE)
-    if size > MAX_IMAGE_SIZE:
-        raise ValueError(f"value must be an image side in pixels between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE}, got {size}")
-    return size
+    return check_image_size(_int(text, MIN_IMAGE_SIZE), "value")
 
 
 image_size = _argtype(_image_size, "image_size")

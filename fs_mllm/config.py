@@ -67,18 +67,13 @@ def check_alpha(alpha: Any, name: str = "alpha") -> float:
     return value
 
 
-def check_n(n: Any, name: str = "n", minimum: int = 2) -> int:
+def check_n(n: Any, name: str = "n", minimum: int = 2, what: str = "number of Monte-Carlo noise samples") -> int:
     """Monte-Carlo sample counts: a certificate's statistics need ``n >= 2``; the copies averaged inside
-    ``generate`` (n0) may be 1 (one noisy copy: an unbiased but high-variance estimate of the smoothed features)."""
+    ``generate`` (n0) may be 1 (one noisy copy: an unbiased but high-variance estimate of the smoothed features).
+    Other counts name what they count in ``what``."""
     if isinstance(n, bool) or not isinstance(n, int) or n < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum} (number of Monte-Carlo noise samples), got {n!r}")
+        raise ValueError(f"{name} must be an integer >= {minimum} ({what}), got {n!r}")
     return n
-
-
-def _check_count(value: Any, name: str, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1 ({what}), got {value!r}")
-    return value
 
 
 def check_seed(seed: Any, name: str = "seed") -> int:
@@ -235,7 +230,7 @@ class CertifyConfig(_CheckedConfig):
         "alpha": check_alpha,
         "method": lambda value: check_choice(value, "method", BOUND_METHODS),
         "n0": lambda value: check_n(value, "n0", minimum=1),
-        "max_new_tokens": lambda value: _check_count(value, "max_new_tokens", "tokens greedily decoded per noisy copy"),
+        "max_new_tokens": lambda value: check_n(value, "max_new_tokens", 1, "tokens greedily decoded per noisy copy"),
     }
 
 

@@ -31,7 +31,7 @@ from typing import IO, Any, Callable, Collection, Iterator, Mapping, Optional, S
 
 __all__ = ["ResultsFolder", "ResultsFolderError", "ResultsBusyError", "SettingsMismatchError", "ResultsLock", "ResultWriter",
            "repair_tail", "read_rows", "finite_or_none", "durable_replace", "SETTINGS_FILE", "claim_settings", "describe_changes",
-           "check_settings", "SHARD_GLOB", "shard_path", "shard_files", "result_key", "read_results"]
+           "check_settings", "SHARD_GLOB", "shard_path", "shard_files", "rows_by_key", "result_key", "read_results"]
 
 SHARD_GLOB = "results.rank*.jsonl"  # every file :func:`shard_path` names
 SETTINGS_FILE = "settings.json"
@@ -176,8 +176,8 @@ class ResultsFolder:
     """A resumable run's folder: ``settings.json`` (what its results measured), append-only rows files (each
     row with its ``key``, written durably the moment it exists) and one writer per rows file (its lock).
 
-    The one claiming and resume rule of the resumable runs (``fs-mllm eval``, the defense table's checkpoints,
-    ``fs-mllm certify --answers``): a folder that holds no results is claimed by the run (its ``settings.json``
+    The one claiming and resume rule of the resumable runs (``fs-mllm eval``, ``fs-mllm attack``, the defense
+    table's checkpoints, ``fs-mllm certify --answers``): a folder that holds no results is claimed by the run (its ``settings.json``
     written over: a first run that stopped before any result computed nothing to mix in); one that holds
     results resumes only under the same settings (keys in ``may_change`` aside; ``upgrade`` reads a
     settings.json of an older version), else :class:`SettingsMismatchError` names each differing field.
@@ -185,8 +185,9 @@ class ResultsFolder:
     is missing. With ``settings=None`` there is no settings.json: each row's key names the settings it was made
     with (``fs-mllm attack``: a folder holds several runs, a rerun of one skips its own rows).
 
-    Several processes (``accelerate launch``) share a folder as shards: each writes its own ``rows_file`` and
-    reads every file ``shards`` matches (in rank order, the first row of a key wins); only the one that
+    Several processes (``accelerate launch``) share a folder as shards (``shards=True``): each writes its own
+    ``rows_file`` and reads every shard file (:func:`shard_files`, in rank order, the first row of a key wins),
+    before the barrier, so no process's writes can reach another's read; only the one that
     ``claims`` writes settings.json, and ``synchronize`` (a barrier) runs after the claim so that every process
     checks the same file.
 
@@ -199,7 +200,7 @@ class ResultsFolder:
     def __init__(self, folder: str | os.PathLike, settings: Optional[Mapping[str, Any]], *, rows_file: str = "rows.jsonl",
                  may_change: Collection[str] = (), upgrade: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None,
                  label: str = "output_dir", fix: str = "use a new output folder or restore the original settings",
-                 other_results: bool = False, shards: Optional[str] = None, claims: bool = True,
+                 other_results: bool = False, shards: bool = False, claims: bool = True,
                  synchronize: Callable[[], None] = lambda: None, key: Callable[..., tuple] = lambda *parts: parts) -> None:
         self.folder = Path(folder)
         self._key = key
@@ -207,24 +208,18 @@ class ResultsFolder:
         lock = ResultsLock(rows_path)  # first: the settings.json of a folder another run writes to is never replaced
         try:
             try:
-                rows = [row for path in self._files(rows_path, shards) for row in read_rows(path)]
+                self.done = rows_by_key(shard_files(self.folder) if shards else [rows_path], key)
             except ValueError as error:
                 raise ResultsFolderError(f"{error}; delete the folder {self.folder} to start the run again") from None
             if settings is not None:
                 if claims:
-                    claim_settings(self.folder, settings, holds_results=bool(rows) or other_results)
+                    claim_settings(self.folder, settings, holds_results=bool(self.done) or other_results)
                 synchronize()
                 check_settings(self.folder, settings, may_change=may_change, upgrade=upgrade, label=label, fix=fix)
-            self.done: dict[tuple, dict[str, Any]] = {}
-            for row in rows:
-                self.done.setdefault(key(*row["key"]), row)
             self._writer = ResultWriter(rows_path, lock)
         except BaseException:
             lock.release()
             raise
-
-    def _files(self, rows_path: Path, shards: Optional[str]) -> list[Path]:
-        return [rows_path] if shards is None else shard_files(self.folder, shards)
 
     def put(self, key: Sequence[Any], record: Mapping[str, Any]) -> dict[str, Any]:
         """Write ``record`` under ``key`` (flushed and fsynced: the key counts as done once this returns) and return
@@ -364,25 +359,27 @@ def result_key(example_id: str, variant: str, budget: float) -> tuple[str, str, 
     return (str(example_id), str(variant), float(budget))
 
 
-def shard_files(output_dir: str | os.PathLike, pattern: str = SHARD_GLOB) -> list[Path]:
+def shard_files(output_dir: str | os.PathLike) -> list[Path]:
     """The shard files of an output folder (``results.rank<N>.jsonl``), in rank order."""
-    return sorted(Path(output_dir).glob(pattern), key=lambda p: int(p.stem.split("rank")[-1]))
+    return sorted(Path(output_dir).glob(SHARD_GLOB), key=lambda p: int(p.stem.split("rank")[-1]))
+
+
+def rows_by_key(paths: Sequence[str | os.PathLike], key: Callable[..., tuple]) -> dict[tuple, dict[str, Any]]:
+    """The rows of ``paths`` keyed by ``key(*row["key"])``, each key once: where two files hold the same key (two
+    processes raced on one example), the first row read wins, files in the order given, so the outcome is
+    deterministic."""
+    out: dict[tuple, dict[str, Any]] = {}
+    for path in paths:
+        for row in read_rows(path):
+            out.setdefault(key(*row["key"]), row)
+    return out
 
 
 def read_results(output_dir: str | os.PathLike) -> dict[tuple[str, str, float], dict[str, Any]]:
-    """All result rows of an output folder, keyed by (example id, variant, budget), each key once.
-
-    If two shard files hold the same key (two processes raced on one example, e.g. a rerun with
-    another process count while the old run was still alive), the first row read wins, files in rank
-    order, so the outcome is deterministic.
-    """
-    out: dict[tuple[str, str, float], dict[str, Any]] = {}
-    for path in shard_files(output_dir):
-        for row in read_rows(path):
-            key = result_key(*row["key"])
-            if key not in out:
-                out[key] = row
-    return out
+    """All result rows of an output folder, keyed by (example id, variant, budget), each key once (the first of
+    the shards in rank order, :func:`rows_by_key`; e.g. a rerun with another process count while the old run
+    was still alive)."""
+    return rows_by_key(shard_files(output_dir), result_key)
 
 
 def write_report(out_dir: Path, title: str, markdown_table: str, extra: Sequence[str] = ()) -> Path:

@@ -614,11 +614,11 @@ def test_a_results_folder_claims_resumes_and_refuses_by_one_rule(tmp_path):
 def test_a_results_folder_of_shards_reads_every_shard_and_claims_once(tmp_path):
     """Several processes share a folder as shards: each writes its own file, reads all (rank order, first row of a
     key wins), and only the claiming one writes settings.json, the others check it after the barrier."""
-    from fs_mllm.results import SHARD_GLOB, ResultsFolder, SettingsMismatchError, result_key, shard_path
+    from fs_mllm.results import ResultsFolder, SettingsMismatchError, result_key, shard_path
 
     calls = []
     shard = lambda rank, settings, claims: ResultsFolder(  # noqa: E731
-        tmp_path, settings, rows_file=shard_path(tmp_path, rank).name, shards=SHARD_GLOB, claims=claims,
+        tmp_path, settings, rows_file=shard_path(tmp_path, rank).name, shards=True, claims=claims,
         synchronize=lambda: calls.append(rank), key=result_key)
     with shard(1, {"sigma": 0.25}, claims=True) as one:
         one.put(result_key("q1", "fs", 0), {"prediction": "b"})

@@ -239,6 +239,19 @@ def _consistency(smoothed: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
     return (1 - torch.nn.functional.cosine_similarity(smoothed.flatten(1), clean.flatten(1), dim=1)).mean()
 
 
+def _mapper_identity(booster: GaussianSmoothnessBooster, clean: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """The mapper's relative squared change of clean features (B, T, D), told ``levels`` (B,)."""
+    residual = booster.mapper.residual(clean, levels)
+    return (residual.pow(2).flatten(1).sum(1) / clean.pow(2).flatten(1).sum(1)).mean()
+
+
+def _loss_terms(train: UtilityTrainConfig, utility: torch.Tensor, identity: torch.Tensor, smoothed: torch.Tensor,
+                clean: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A step's loss terms (what :func:`_train_utility` weighs and logs); the statistics term only when weighted."""
+    terms = {"utility": utility, "identity": identity, "consistency": _consistency(smoothed.float(), clean)}
+    return {**terms, "stats": stats_matching_loss(smoothed, clean)} if train.stats_weight > 0 else terms
+
+
 def train_mapper_utility(model: Any, tokenizer: Any, booster: GaussianSmoothnessBooster, bank: dict[str, torch.Tensor],
                          qa: Sequence[Sequence[tuple[str, list[str]]]], prompt_fn: Any, image_id: int,
                          train: UtilityTrainConfig, output_dir: Optional[str] = None, progress: bool = True) -> dict:
@@ -252,11 +265,8 @@ def train_mapper_utility(model: Any, tokenizer: Any, booster: GaussianSmoothness
         rows = _question_rows(rng, index, qa, tokenizer, prompt_fn, tokens, image_id)
         smoothed = smoothed_bank_features(booster, bank["noisy"][index], bank["levels"][index])
         clean = bank["clean"][index].float()
-        residual = booster.mapper.residual(clean, bank["clean_levels"][index])
-        identity = (residual.pow(2).flatten(1).sum(1) / clean.pow(2).flatten(1).sum(1)).mean()
-        terms = {"utility": answer_loss(model, smoothed, rows, image_id), "identity": identity,
-                 "consistency": _consistency(smoothed, clean)}
-        return {**terms, "stats": stats_matching_loss(smoothed, clean)} if train.stats_weight > 0 else terms
+        identity = _mapper_identity(booster, clean, bank["clean_levels"][index])
+        return _loss_terms(train, answer_loss(model, smoothed, rows, image_id), identity, smoothed, clean)
 
     return _train_utility(booster, mapper, batch_losses, train, output_dir, progress)
 
@@ -301,12 +311,8 @@ def train_path_utility(model: Any, processor: Any, booster: GaussianSmoothnessBo
             # the mapper's identity on the clean features themselves, not on the features of denoise(clean) that
             # it receives (the mapper stage's bank, with its denoiser frozen): the pixel identity above pulls
             # denoise(clean) to clean, and this costs no extra tower forward per step
-            features = clean[index]
-            residual = booster.mapper.residual(features, clean_level)
-            identity = identity + (residual.pow(2).flatten(1).sum(1) / features.pow(2).flatten(1).sum(1)).mean()
-        terms = {"utility": answer_loss(model, smoothed, rows, image_id), "identity": identity,
-                 "consistency": _consistency(smoothed.float(), clean[index])}
-        return {**terms, "stats": stats_matching_loss(smoothed, clean[index])} if train.stats_weight > 0 else terms
+            identity = identity + _mapper_identity(booster, clean[index], clean_level)
+        return _loss_terms(train, answer_loss(model, smoothed, rows, image_id), identity, smoothed, clean[index])
 
     try:
         return _train_utility(booster, trained, batch_losses, train, output_dir, progress)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from ..arguments import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+from ..arguments import check_image_size, check_int
 from ..config import CertifyConfig, FSConfig
 from ..models.loading import DEFAULT_MODEL
 
@@ -77,12 +77,10 @@ class FeatureCertifySettings:
         fs = self.fs_config()  # sigma, alpha, method, seed, chunk_size and normalize through FSConfig's own checks
         self.sigma, self.alpha, self.method, self.seed = fs.sigma, fs.alpha, fs.method, fs.seed
         self.n = check_n(self.n)
-        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
-            raise ValueError(f"limit must be None or an integer >= 1, got {self.limit!r}")
-        if self.size is not None and (isinstance(self.size, bool) or not isinstance(self.size, int)
-                                      or not MIN_IMAGE_SIZE <= self.size <= MAX_IMAGE_SIZE):
-            raise ValueError(f"size must be None or an image side in pixels between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE}, "
-                             f"got {self.size!r}")
+        if self.limit is not None:
+            check_int(self.limit, "limit")
+        if self.size is not None:
+            check_image_size(self.size, "size")
         try:
             radii = () if isinstance(self.radii, (str, bytes)) else tuple(self.radii)
         except TypeError:

@@ -42,7 +42,7 @@ from fs_mllm.certify import certify_model
 from fs_mllm.defense import VARIANTS, apply_variant
 from fs_mllm.evaluation.datasets import load_eval_dataset
 from fs_mllm.results import (
-    SHARD_GLOB, ResultsFolder, finite_or_none, folder_kept_only_with_rows, read_results, result_key, shard_path,
+    ResultsFolder, finite_or_none, folder_kept_only_with_rows, read_results, result_key, shard_path,
 )
 from fs_mllm.evaluation.robustness import normalize_text, targeted_success
 from fs_mllm.image_io import rgb
@@ -245,10 +245,10 @@ def _run_eval(settings: EvalSettings, out: Path, model: Any, processor: Any, dat
     attack, attack_name = _resolve_attack(attack_fn)
     # the crop fields added since folders were first written stay out at their old values: older folders resume
     stored = {**without_added_defaults(settings.to_dict()), "attack_impl": attack_name}
-    # one shard per process; the main one claims settings.json, every one checks it (so none waits forever below)
-    results = ResultsFolder(out, stored, rows_file=shard_path(out, rank).name, shards=SHARD_GLOB,
+    # one shard per process, every shard read before the barrier; the main process claims settings.json, every one
+    # checks it after the barrier (so none waits forever below)
+    results = ResultsFolder(out, stored, rows_file=shard_path(out, rank).name, shards=True,
                             claims=dist.is_main_process, synchronize=dist.wait_for_everyone, key=result_key, **RESUME_RULE)
-    dist.wait_for_everyone()
     try:
         done = results.done
 
